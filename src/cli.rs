@@ -1,0 +1,173 @@
+//! Command-line types only: what the user can say. Behaviour lives in `commands/`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "plyroot",
+    version,
+    about = "Rootless, layered distribution roots with rollback, on any Linux base",
+    long_about = "plyroot stacks read-only, content-addressed layers (rootfs tarballs, OCI images, \
+directories) with kernel overlayfs under a persistent writable upper, and runs programs inside \
+that root through user and mount namespaces. No daemon, no root, no VM.",
+    after_help = "Examples:\n  plyroot import tar:debian.tar.zst\n  plyroot create dev --from tar:debian.tar.zst\n  plyroot run dev -- apt-get install -y gcc\n  plyroot enter dev\n  plyroot doctor"
+)]
+pub(crate) struct Cli {
+    /// The store directory [default: $XDG_DATA_HOME/plyroot]
+    #[arg(long, global = true, env = "PLYROOT_HOME", value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Print only errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Print more about what plyroot does (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Import sources into the store as layers and print their ids
+    #[command(after_help = "Sources:\n  dir:PATH             a directory tree\n  tar:FILE             a tar archive, plain or gzip/xz/zstd (by content); tar:- reads stdin\n  oci:DIR              an OCI image layout: one layer per image layer, bottom first\n  docker-archive:FILE  the output of `docker save` / `podman save`\n  layer:sha256:ID      a layer already in the store\n\nExamples:\n  plyroot import tar:debian-rootfs.tar.zst\n  mmdebstrap --variant=minbase bookworm - | plyroot import tar:-\n  plyroot import oci:./image-layout")]
+    Import {
+        /// One or more sources (see below)
+        #[arg(required = true, value_name = "SOURCE")]
+        sources: Vec<String>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the layers in the store
+    #[command(after_help = "Examples:\n  plyroot layers\n  plyroot layers --json | jq '.[].id'")]
+    Layers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage single layers
+    #[command(subcommand)]
+    Layer(LayerCommand),
+    /// Create an environment from sources, bottom to top
+    #[command(after_help = "Examples:\n  plyroot create dev --from tar:debian.tar.zst\n  plyroot create dev --from tar:debian.tar.zst --from dir:./extra")]
+    Create {
+        /// The environment's name (letters, digits, '.', '_', '-')
+        name: String,
+        /// A source, bottom first; repeat to stack more
+        #[arg(long = "from", required = true, value_name = "SOURCE")]
+        from: Vec<String>,
+    },
+    /// Run a program inside an environment; its exit status is plyroot's
+    #[command(after_help = "Examples:\n  plyroot run dev -- gcc --version\n  plyroot run --root dev -- apt-get install -y make\n  plyroot run --ephemeral --bind ./src:/src dev -- make -C /src\n  plyroot run --no-host home,x11 dev -- sh")]
+    Run {
+        #[command(flatten)]
+        opts: RunOpts,
+        /// The environment
+        name: String,
+        /// The program and its arguments [default: the login shell]
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Start an interactive login shell inside an environment
+    #[command(after_help = "Examples:\n  plyroot enter dev\n  plyroot enter --root dev")]
+    Enter {
+        #[command(flatten)]
+        opts: RunOpts,
+        /// The environment
+        name: String,
+    },
+    /// List environments
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove environments, with their writable upper
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Report what this kernel and user allow, and how to fix what they don't
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script
+    #[command(after_help = "Examples:\n  plyroot completions bash > ~/.local/share/bash-completion/completions/plyroot")]
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages for plyroot and each subcommand into a directory
+    Manpages {
+        /// Target directory
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LayerCommand {
+    /// Remove layers that no environment uses
+    Rm {
+        /// Layer ids (sha256:…, or an unambiguous prefix)
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+/// Host resources shared into an environment by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
+pub(crate) enum HostShare {
+    /// Every item below
+    All,
+    /// /proc
+    Proc,
+    /// a minimal /dev (null, zero, full, random, urandom, tty, pts, shm)
+    Dev,
+    /// GPU device nodes (/dev/dri, /dev/nvidia*)
+    Gpu,
+    /// /sys, read-only
+    Sys,
+    /// /tmp (also carries the X11 socket)
+    Tmp,
+    /// your home directory
+    Home,
+    /// $XDG_RUNTIME_DIR (Wayland, PipeWire/PulseAudio, D-Bus)
+    RuntimeDir,
+    /// the X11 socket and $XAUTHORITY
+    X11,
+    /// /etc/resolv.conf
+    Resolv,
+    /// /etc/hosts
+    Hosts,
+    /// /etc/localtime
+    Localtime,
+    /// /nix, when the host has it
+    Nix,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct RunOpts {
+    /// Be uid 0 inside (you outside)
+    #[arg(long)]
+    pub root: bool,
+    /// Throw writes away when the program ends (a fresh tmpfs upper)
+    #[arg(long, conflicts_with = "read_only")]
+    pub ephemeral: bool,
+    /// Mount the root read-only (no upper)
+    #[arg(long)]
+    pub read_only: bool,
+    /// Give the environment its own pid namespace, with a reaping PID 1
+    #[arg(long)]
+    pub pid: bool,
+    /// Bind a host path inside: SRC:DST[:ro]; repeatable
+    #[arg(long = "bind", value_name = "SRC:DST[:ro]")]
+    pub binds: Vec<String>,
+    /// Do not share these host resources (comma-separated, repeatable)
+    #[arg(long = "no-host", value_name = "WHAT", value_delimiter = ',')]
+    pub no_host: Vec<HostShare>,
+    /// Set an environment variable inside: KEY=VALUE; repeatable
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory inside [default: the current one when it exists inside, else home]
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+}

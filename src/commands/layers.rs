@@ -1,0 +1,126 @@
+//! import, layers, layer rm, create, list, rm.
+
+use std::io::IsTerminal;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use super::{human, out, out_json};
+use crate::progress::Progress;
+use crate::source::Source;
+use crate::store::layer::LayerInfo;
+use crate::store::Store;
+
+fn progress_for(src: &Source) -> Progress {
+    let enabled = crate::diag::level() >= 1 && std::io::stderr().is_terminal();
+    let total = match src {
+        Source::Tar(p) if p.as_os_str() != "-" => std::fs::metadata(p).ok().map(|m| m.len()),
+        _ => None,
+    };
+    Progress::new(&src.to_string(), total, enabled)
+}
+
+fn parse_sources(specs: &[String]) -> Result<Vec<Source>> {
+    specs.iter().map(|s| s.parse::<Source>().map_err(anyhow::Error::from)).collect()
+}
+
+/// Imports sources, returning each source's layers, bottom first.
+fn import_all(store: &Store, sources: &[Source]) -> Result<Vec<LayerInfo>> {
+    let mut all = Vec::new();
+    for src in sources {
+        let mut p = progress_for(src);
+        all.extend(store.import(src, &mut p)?);
+    }
+    Ok(all)
+}
+
+pub(crate) fn import(store: &Store, specs: &[String], json: bool) -> Result<i32> {
+    let sources = parse_sources(specs)?;
+    let layers = import_all(store, &sources)?;
+    if json {
+        out_json(&layers)?;
+    } else {
+        out(&layers.iter().map(|l| format!("{}\n", l.id)).collect::<String>())?;
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct LayerRow {
+    #[serde(flatten)]
+    info: LayerInfo,
+    used_by: Vec<String>,
+}
+
+pub(crate) fn layers(store: &Store, json: bool) -> Result<i32> {
+    let mut rows = Vec::new();
+    for info in store.layers()? {
+        let used_by = store.layer_users(&info.id)?;
+        rows.push(LayerRow { info, used_by });
+    }
+    if json {
+        return out_json(&rows).map(|_| 0);
+    }
+    let mut s = format!("{:<19} {:>10} {:>8}  {:<20} {}\n", "ID", "SIZE", "ENTRIES", "USED BY", "SOURCE");
+    for r in &rows {
+        let used = if r.used_by.is_empty() { "-".to_owned() } else { r.used_by.join(",") };
+        s.push_str(&format!("{:<19} {:>10} {:>8}  {:<20} {}\n", &r.info.id[..19], human(r.info.size), r.info.entries, used, r.info.source));
+    }
+    out(&s).map(|_| 0)
+}
+
+pub(crate) fn layer_rm(store: &Store, ids: &[String]) -> Result<i32> {
+    for id in ids {
+        let id = store.resolve_layer(id)?;
+        store.remove_layer(&id)?;
+        crate::diag::info(&format!("removed layer {id}"));
+    }
+    Ok(0)
+}
+
+pub(crate) fn create(store: &Store, name: &str, from: &[String]) -> Result<i32> {
+    crate::store::env::check_name(name)?;
+    if store.envs_dir().join(name).exists() {
+        anyhow::bail!("environment '{name}' already exists: use another name, or remove it first with `plyroot rm {name}`");
+    }
+    let sources = parse_sources(from)?;
+    let layers = import_all(store, &sources)?;
+    let ids: Vec<String> = layers.iter().map(|l| l.id.clone()).collect();
+    let n = ids.len();
+    store.create_env(name, ids, from.to_vec())?;
+    crate::diag::info(&format!("created environment '{name}' with {n} layer(s); try `plyroot enter {name}`"));
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct EnvRow {
+    name: String,
+    generation: u32,
+    layers: Vec<String>,
+    sources: Vec<String>,
+    upper_bytes: u64,
+}
+
+pub(crate) fn list(store: &Store, json: bool) -> Result<i32> {
+    let mut rows = Vec::new();
+    for env in store.envs()? {
+        let g = env.current()?;
+        rows.push(EnvRow { upper_bytes: env.upper_size(), name: env.name, generation: g.number, layers: g.layers, sources: g.sources });
+    }
+    if json {
+        return out_json(&rows).map(|_| 0);
+    }
+    let mut s = format!("{:<20} {:>4} {:>7} {:>10}  {}\n", "NAME", "GEN", "LAYERS", "UPPER", "SOURCES");
+    for r in &rows {
+        s.push_str(&format!("{:<20} {:>4} {:>7} {:>10}  {}\n", r.name, r.generation, r.layers.len(), human(r.upper_bytes), r.sources.join(" ")));
+    }
+    out(&s).map(|_| 0)
+}
+
+pub(crate) fn rm(store: &Store, names: &[String]) -> Result<i32> {
+    for n in names {
+        store.remove_env(n)?;
+        crate::diag::info(&format!("removed environment '{n}'"));
+    }
+    Ok(0)
+}

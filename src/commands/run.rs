@@ -1,0 +1,129 @@
+//! run and enter: resolve the environment, plan the launch, carry it out.
+
+use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use rustix::fs::{flock, FlockOperation};
+
+use crate::cli::RunOpts;
+use crate::sandbox::identity::{choose, host_subids, HostUser};
+use crate::sandbox::{launch, plan, skel, HostFacts, PlanInput, RunOptions, Upper};
+use crate::store::env::Env;
+use crate::store::Store;
+use crate::sys::{ns, process};
+
+/// Removes the workdirs of runs that have ended (their lock is free). Runs exec away and cannot
+/// clean up after themselves; each launch collects what earlier ones left.
+fn collect_ended_runs(env: &Env) {
+    let Ok(rd) = fs::read_dir(env.dir.join("runs")) else { return };
+    for e in rd.flatten() {
+        let lock = e.path();
+        let Ok(f) = fs::File::open(&lock) else { continue };
+        if flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok() {
+            if let Some(id) = lock.file_stem() {
+                let _ = crate::store::remove_tree(&env.dir.join("work").join(id));
+            }
+            let _ = fs::remove_file(&lock);
+        }
+    }
+}
+
+/// A workdir for this run, locked for as long as the run (and, across exec, its program) lives.
+fn run_workdir(env: &Env) -> Result<(PathBuf, fs::File)> {
+    collect_ended_runs(env);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let id = format!("{}-{nanos}", std::process::id());
+    let lock_path = env.dir.join("runs").join(format!("{id}.lock"));
+    let lock = fs::OpenOptions::new().write(true).create_new(true).mode(0o644).custom_flags(libc::O_CLOEXEC).open(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+    flock(&lock, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    let work = env.dir.join("work").join(&id);
+    fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    Ok((work, lock))
+}
+
+/// Shows a notice once per store (a marker file under notes/ remembers it).
+fn notice_once(store: &Store, key: &str, msg: &str) {
+    let p = store.root.join("notes").join(key);
+    if !p.exists() {
+        crate::diag::info(msg);
+        let _ = fs::create_dir_all(store.root.join("notes"));
+        let _ = fs::write(&p, b"");
+    }
+}
+
+pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>, login: bool) -> Result<i32> {
+    let env = store.env(name)?;
+    let generation = env.current()?;
+    let user = HostUser::current();
+    let real_root = rustix::process::geteuid().is_root();
+    let subids = if real_root { None } else { host_subids(&user) };
+    let inside = choose(&user, real_root, subids, opts.root);
+    if inside.forced_root {
+        notice_once(
+            &store,
+            "single-id",
+            &format!(
+                "note: {} has no subordinate ids in /etc/subuid and /etc/subgid, so only one id can be mapped: you are root inside (and yourself, uid {}, outside). Ask an admin for a range (`usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {}`) to be yourself inside. Shown once.",
+                user.name, user.uid, user.name
+            ),
+        );
+    }
+    let layer_roots: Vec<PathBuf> = generation.layers.iter().rev().map(|l| store.layer_root(l)).collect();
+    if let Some((id, _)) = generation.layers.iter().rev().zip(&layer_roots).find(|(_, p)| !p.is_dir()) {
+        anyhow::bail!("environment '{name}' uses layer {id}, which is missing from the store; run `plyroot verify` or re-create the environment");
+    }
+    let facts = HostFacts::gather();
+    let (skel_dir, shell) = skel::ensure(&store, &env, generation.number, &layer_roots, &user, &inside, &facts)?;
+    let mut lowers = vec![skel_dir];
+    lowers.extend(layer_roots);
+
+    let mut run_lock = None;
+    let upper = if opts.read_only {
+        Upper::None
+    } else if opts.ephemeral {
+        Upper::Ephemeral
+    } else {
+        let (work, lock) = run_workdir(&env)?;
+        run_lock = Some(lock);
+        Upper::Persistent { upper: env.upper(), work }
+    };
+    let run_opts = RunOptions {
+        ephemeral: opts.ephemeral,
+        read_only: opts.read_only,
+        pid: opts.pid,
+        binds: opts.binds.clone(),
+        no_host: opts.no_host.clone(),
+        env: opts.env.clone(),
+        cwd: opts.cwd.clone(),
+        command,
+        login,
+    };
+    let p = plan(PlanInput {
+        env_name: name,
+        lowers,
+        upper,
+        mount_point: env.mount_point(),
+        facts: &facts,
+        opts: &run_opts,
+        inside: &inside,
+        user: &user,
+        shell,
+        host_env: std::env::vars_os().collect(),
+    })?;
+    crate::diag::debug(&format!("plan: {:#?}", p.ops));
+    // The store lock (shared) and this run's lock stay held by the program after exec, so gc and
+    // workdir collection see the run as alive for exactly as long as it is.
+    ns::inherit_fd(&store.lock, &store.root)?;
+    if let Some(l) = &run_lock {
+        ns::inherit_fd(l, &env.dir)?;
+    }
+    match launch::launch(&p, &inside, name)? {
+        Ok(code) => process::exit_like(code),
+        Err(failed) => {
+            eprintln!("plyroot: error: {}", failed.message);
+            Ok(failed.code)
+        }
+    }
+}

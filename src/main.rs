@@ -1,0 +1,73 @@
+//! plyroot: parse, dispatch, and map the result to an exit status.
+//!
+//! Exit statuses: 0 success; for `run`/`enter`, the program's own status (128+N when killed by
+//! signal N, 127 not found, 126 not executable); 125 for plyroot's own errors, printed once as a
+//! one-line cause chain.
+
+mod cli;
+mod commands;
+mod diag;
+mod progress;
+mod sandbox;
+mod source;
+mod store;
+mod sys;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{CommandFactory, Parser};
+
+use cli::{Cli, Command, LayerCommand};
+use store::Store;
+
+/// The status for plyroot's own failures, as podman uses it, apart from a program's statuses.
+const EXIT_ERROR: u8 = 125;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    diag::set_level(if cli.quiet { 0 } else { 1 + cli.verbose });
+    match dispatch(cli) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("plyroot: error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<i32> {
+    let store_root = || -> Result<std::path::PathBuf> {
+        match &cli.store {
+            Some(p) if p.is_absolute() => Ok(p.clone()),
+            Some(p) => Ok(std::env::current_dir()?.join(p)),
+            None => store::default_root(),
+        }
+    };
+    let open = || -> Result<Store> { Store::open(&store_root()?) };
+    match cli.command {
+        Command::Import { ref sources, json } => commands::layers::import(&open()?, sources, json),
+        Command::Layers { json } => commands::layers::layers(&open()?, json),
+        Command::Layer(LayerCommand::Rm { ref ids }) => commands::layers::layer_rm(&open()?, ids),
+        Command::Create { ref name, ref from } => commands::layers::create(&open()?, name, from),
+        Command::Run { ref opts, ref name, ref command } => commands::run::run(open()?, name, opts, command.clone(), false),
+        Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts, Vec::new(), true),
+        Command::List { json } => commands::layers::list(&open()?, json),
+        Command::Rm { ref names } => commands::layers::rm(&open()?, names),
+        Command::Doctor { json } => commands::doctor::doctor(&open()?, json),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "plyroot", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Manpages { ref dir } => {
+            std::fs::create_dir_all(dir)?;
+            let cmd = Cli::command();
+            clap_mangen::generate_to(cmd, dir)?;
+            diag::info(&format!("wrote man pages to {}", dir.display()));
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Who the program is inside: the uid/gid maps and the passwd entry.
+//!
+//! - real root: no user namespace; root inside.
+//! - a user with `/etc/subuid`+`/etc/subgid` ranges and `newuidmap`/`newgidmap`: yourself inside
+//!   (same uid/gid), root inside is the first subordinate id; `--root` maps you to 0 instead.
+//! - a user without ranges: one id can be mapped without a helper, and it is mapped to root.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use crate::sys::ns::IdRange;
+
+/// The invoking user, as the host knows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HostUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub name: String,
+    pub home: PathBuf,
+}
+
+impl HostUser {
+    pub(crate) fn current() -> HostUser {
+        let uid = rustix::process::getuid().as_raw();
+        let gid = rustix::process::getgid().as_raw();
+        let entry = std::fs::read_to_string("/etc/passwd").ok().and_then(|p| passwd_entry(&p, uid));
+        let name = std::env::var("USER").ok().filter(|u| !u.is_empty()).or_else(|| entry.as_ref().map(|e| e.0.clone())).unwrap_or_else(|| format!("u{uid}"));
+        let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from).or_else(|| entry.map(|e| PathBuf::from(e.1))).unwrap_or_else(|| "/".into());
+        HostUser { uid, gid, name, home }
+    }
+}
+
+/// (name, home) of `uid` in a passwd file's text.
+fn passwd_entry(text: &str, uid: u32) -> Option<(String, String)> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 7 && f[2].parse() == Ok(uid)).then(|| (f[0].to_owned(), f[5].to_owned()))
+    })
+}
+
+/// The first range `/etc/subuid`-style text gives `name` or `uid`.
+pub(crate) fn subid_range(text: &str, name: &str, uid: u32) -> Option<(u32, u32)> {
+    text.lines().find_map(|l| {
+        let mut f = l.trim().split(':');
+        let (who, start, count) = (f.next()?, f.next()?.parse().ok()?, f.next()?.parse::<u32>().ok()?);
+        ((who == name || who.parse() == Ok(uid)) && count > 0).then_some((start, count))
+    })
+}
+
+/// How ids are mapped for a launch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Mapping {
+    /// Real root: no user namespace.
+    Host,
+    /// One id, written by ourselves (setgroups denied).
+    Single { inside_uid: u32, inside_gid: u32, uid: u32, gid: u32 },
+    /// Ranges written by newuidmap/newgidmap from outside.
+    Ranges { uids: Vec<IdRange>, gids: Vec<IdRange> },
+}
+
+/// The identity a launch will have inside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Inside {
+    pub mapping: Mapping,
+    pub uid: u32,
+    pub gid: u32,
+    /// True when single-id mode forced root-inside although the user did not ask for it.
+    pub forced_root: bool,
+}
+
+/// Subordinate ranges available to a user, when both files give one and the helpers exist.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SubIds {
+    pub uid: (u32, u32),
+    pub gid: (u32, u32),
+}
+
+pub(crate) fn host_subids(user: &HostUser) -> Option<SubIds> {
+    let uid = subid_range(&std::fs::read_to_string("/etc/subuid").ok()?, &user.name, user.uid)?;
+    let gid = subid_range(&std::fs::read_to_string("/etc/subgid").ok()?, &user.name, user.uid)?;
+    (find_in_path("newuidmap").is_some() && find_in_path("newgidmap").is_some()).then_some(SubIds { uid, gid })
+}
+
+pub(crate) fn find_in_path(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/sbin:/usr/bin:/sbin:/bin"));
+    std::env::split_paths(&path).chain(["/usr/bin".into(), "/usr/sbin".into()]).map(|d| d.join(prog)).find(|p| p.is_file())
+}
+
+/// Maps ids `0..count` inside onto a subordinate range, except `me` inside, which is `me_out`.
+fn ranges_around(me: u32, me_out: u32, sub: (u32, u32)) -> Vec<IdRange> {
+    let (start, count) = sub;
+    let mut v = vec![IdRange { inside: me, outside: me_out, count: 1 }];
+    if me == 0 {
+        v.push(IdRange { inside: 1, outside: start, count });
+    } else if count <= me {
+        v.push(IdRange { inside: 0, outside: start, count });
+    } else {
+        v.push(IdRange { inside: 0, outside: start, count: me });
+        v.push(IdRange { inside: me + 1, outside: start + me, count: count - me });
+    }
+    v
+}
+
+/// Decides the mapping. Pure: the caller passes what the host has.
+pub(crate) fn choose(user: &HostUser, real_root: bool, subids: Option<SubIds>, want_root: bool) -> Inside {
+    if real_root {
+        return Inside { mapping: Mapping::Host, uid: 0, gid: 0, forced_root: false };
+    }
+    match subids {
+        Some(s) => {
+            let (me, meg) = if want_root { (0, 0) } else { (user.uid, user.gid) };
+            Inside {
+                mapping: Mapping::Ranges { uids: ranges_around(me, user.uid, s.uid), gids: ranges_around(meg, user.gid, s.gid) },
+                uid: me,
+                gid: meg,
+                forced_root: false,
+            }
+        }
+        None => Inside {
+            mapping: Mapping::Single { inside_uid: 0, inside_gid: 0, uid: user.uid, gid: user.gid },
+            uid: 0,
+            gid: 0,
+            forced_root: !want_root,
+        },
+    }
+}
+
+/// The passwd and group text an environment sees: the layers' own files plus an entry for the
+/// user when they are not root inside. `shell` is a shell that exists in the root.
+pub(crate) fn passwd_with(base_passwd: &str, base_group: &str, user: &HostUser, inside: &Inside, shell: &str) -> (String, String) {
+    let mut passwd = base_passwd.to_owned();
+    let mut group = base_group.to_owned();
+    if inside.uid != 0 {
+        let has = |text: &str, id: u32| text.lines().any(|l| l.split(':').nth(2).and_then(|f| f.parse().ok()) == Some(id));
+        if !passwd.is_empty() && !passwd.ends_with('\n') {
+            passwd.push('\n');
+        }
+        if !group.is_empty() && !group.ends_with('\n') {
+            group.push('\n');
+        }
+        if !has(&passwd, inside.uid) {
+            passwd.push_str(&format!("{}:x:{}:{}:{}:{}:{}\n", user.name, inside.uid, inside.gid, user.name, user.home.display(), shell));
+        }
+        if !has(&group, inside.gid) {
+            group.push_str(&format!("{}:x:{}:\n", user.name, inside.gid));
+        }
+    }
+    (passwd, group)
+}
+
+/// The login shell of `uid` in a passwd text, if any.
+pub(crate) fn shell_of(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 7 && f[2].parse() == Ok(uid) && !f[6].is_empty()).then(|| f[6].to_owned())
+    })
+}
+
+#[allow(dead_code)]
+pub(crate) fn exists_in(root: &Path, p: &str) -> bool {
+    root.join(p.trim_start_matches('/')).exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> HostUser {
+        HostUser { uid: 1000, gid: 1000, name: "alice".into(), home: "/home/alice".into() }
+    }
+
+    #[test]
+    fn subid_lines_match_by_name_or_uid() {
+        let t = "bob:100000:65536\nalice:165536:65536\n";
+        assert_eq!(subid_range(t, "alice", 1000), Some((165536, 65536)));
+        assert_eq!(subid_range("1000:300000:10\n", "alice", 1000), Some((300000, 10)));
+        assert_eq!(subid_range("carol:1:5\n", "alice", 1000), None);
+        assert_eq!(subid_range("alice:1:0\n", "alice", 1000), None);
+    }
+
+    #[test]
+    fn mapping_table() {
+        let subs = Some(SubIds { uid: (165536, 65536), gid: (165536, 65536) });
+        let cases = [
+            (true, None, false, Mapping::Host, 0, false),
+            (false, None, false, Mapping::Single { inside_uid: 0, inside_gid: 0, uid: 1000, gid: 1000 }, 0, true),
+            (false, None, true, Mapping::Single { inside_uid: 0, inside_gid: 0, uid: 1000, gid: 1000 }, 0, false),
+        ];
+        for (root, sub, want, mapping, uid, forced) in cases {
+            let i = choose(&alice(), root, sub, want);
+            assert_eq!((i.mapping, i.uid, i.forced_root), (mapping, uid, forced));
+        }
+        let i = choose(&alice(), false, subs, false);
+        assert_eq!(i.uid, 1000);
+        let Mapping::Ranges { uids, .. } = i.mapping else { panic!() };
+        assert_eq!(
+            uids,
+            vec![
+                IdRange { inside: 1000, outside: 1000, count: 1 },
+                IdRange { inside: 0, outside: 165536, count: 1000 },
+                IdRange { inside: 1001, outside: 166536, count: 64536 },
+            ]
+        );
+        let i = choose(&alice(), false, subs, true);
+        let Mapping::Ranges { uids, .. } = i.mapping else { panic!() };
+        assert_eq!(uids, vec![IdRange { inside: 0, outside: 1000, count: 1 }, IdRange { inside: 1, outside: 165536, count: 65536 }]);
+    }
+
+    #[test]
+    fn passwd_gets_an_entry_only_when_missing_and_not_root() {
+        let i = choose(&alice(), false, Some(SubIds { uid: (1, 5000), gid: (1, 5000) }), false);
+        let (p, g) = passwd_with("root:x:0:0:root:/root:/bin/sh", "root:x:0:", &alice(), &i, "/bin/sh");
+        assert_eq!(p, "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:alice:/home/alice:/bin/sh\n");
+        assert_eq!(g, "root:x:0:\nalice:x:1000:\n");
+        let (p2, _) = passwd_with(&p, &g, &alice(), &i, "/bin/sh");
+        assert_eq!(p2, p, "no duplicate");
+        let r = choose(&alice(), false, None, false);
+        assert_eq!(passwd_with("root:x:0:0::/root:/bin/sh\n", "", &alice(), &r, "/bin/sh").0, "root:x:0:0::/root:/bin/sh\n");
+    }
+}

@@ -1,0 +1,242 @@
+//! Carries out a [`Plan`]: namespaces, id maps, mounts, pivot_root, exec.
+//!
+//! On the fast path (no pid namespace) this process becomes the program: it unshares, maps,
+//! mounts, pivots and execs, with no waiting parent, so signals and the exit status need no
+//! forwarding. With subordinate ranges a short-lived child runs newuidmap/newgidmap for us and
+//! exits. With `--pid` the program runs under a reaping PID 1, and this process supervises it.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rustix::fs::{Mode, OFlags};
+use rustix::mount::MountAttrFlags;
+
+use super::identity::{Inside, Mapping};
+use super::{Op, Plan, Upper};
+use crate::sys::mount::{self, Kind};
+use crate::sys::{ns, process};
+
+/// How a failed exec ends the run (as shells do: 127 not found, 126 not executable).
+pub(crate) struct ExecFailed {
+    pub code: i32,
+    pub message: String,
+}
+
+/// Sets up the namespaces and id maps for `inside`. Must run while single-threaded.
+fn enter_namespaces(inside: &Inside, pid: bool) -> Result<()> {
+    match &inside.mapping {
+        Mapping::Host => ns::unshare(false, pid)?,
+        Mapping::Single { inside_uid, inside_gid, uid, gid } => {
+            ns::unshare(true, pid)?;
+            ns::map_single(*inside_uid, *uid, *inside_gid, *gid)?;
+        }
+        Mapping::Ranges { uids, gids } => {
+            // newuidmap is setuid and must write our maps from outside the namespace: a child
+            // forked now stays outside, waits until we have unshared, maps us, and exits.
+            let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("cannot create a pipe")?;
+            let parent = rustix::process::getpid().as_raw_nonzero().get();
+            match process::fork()? {
+                process::Fork::Child => {
+                    drop(wr);
+                    let mut b = [0u8; 1];
+                    let go = fs::File::from(rd).read(&mut b).map(|n| n == 1).unwrap_or(false);
+                    if !go {
+                        // SAFETY: _exit in a forked child skips the parent's atexit handlers.
+                        unsafe { libc::_exit(1) };
+                    }
+                    let code = match ns::map_ranges(parent, uids, gids) {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            eprintln!("plyroot: error: {e}");
+                            1
+                        }
+                    };
+                    // SAFETY: as above.
+                    unsafe { libc::_exit(code) };
+                }
+                process::Fork::Parent(child) => {
+                    drop(rd);
+                    let unshared = ns::unshare(true, pid);
+                    let mut w = fs::File::from(wr);
+                    if unshared.is_ok() {
+                        let _ = w.write_all(b"1");
+                    }
+                    drop(w);
+                    let st = process::waitpid(child)?;
+                    unshared?;
+                    if process::status_code(st) != 0 {
+                        bail!("newuidmap/newgidmap could not map the subordinate ids from /etc/subuid and /etc/subgid (see the message above; `plyroot doctor` checks this)");
+                    }
+                    // Host supplementary groups are unmapped inside: drop them.
+                    ns::clear_groups()?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds the root per the plan and returns an fd for it.
+fn build_root(plan: &Plan) -> Result<(OwnedFd, PathBuf)> {
+    let Some(Op::Root { lowers, upper, mount_point }) = plan.ops.first() else { bail!("a plan starts with its root") };
+    let root_path = match upper {
+        Upper::Persistent { upper, work } => {
+            let m = mount::overlay(lowers, Some((upper, work)))?;
+            mount::attach_at(m.as_fd(), mount_point)?;
+            mount_point.clone()
+        }
+        Upper::None => {
+            let m = mount::overlay(lowers, None)?;
+            mount::attach_at(m.as_fd(), mount_point)?;
+            mount_point.clone()
+        }
+        Upper::Ephemeral => {
+            // A tmpfs on the mount point holds the throwaway upper, its workdir and the root.
+            let t = mount::pseudo("tmpfs", &[("mode", "0755")], MountAttrFlags::empty())?;
+            mount::attach_at(t.as_fd(), mount_point)?;
+            for d in ["upper", "work", "root"] {
+                rustix::fs::mkdirat(t.as_fd(), d, Mode::from_raw_mode(0o755)).with_context(|| format!("cannot create {}/{d}", mount_point.display()))?;
+            }
+            let m = mount::overlay(lowers, Some((&mount_point.join("upper"), &mount_point.join("work"))))?;
+            let r = mount_point.join("root");
+            mount::attach_at(m.as_fd(), &r)?;
+            r
+        }
+    };
+    let fd = rustix::fs::open(&root_path, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open {}", root_path.display()))?;
+    Ok((fd, root_path))
+}
+
+fn bind(root: &OwnedFd, src: &Path, dst: &Path, kind: Kind, ro: bool, recursive: bool) -> Result<()> {
+    let tree = mount::clone_tree(src, recursive)?;
+    if ro {
+        mount::set_readonly(tree.as_fd(), src)?;
+    }
+    let target = mount::resolve_in(root.as_fd(), dst, kind, true)?;
+    mount::attach(tree.as_fd(), target.as_fd(), dst)?;
+    Ok(())
+}
+
+fn dev(root: &OwnedFd, gpu: &[PathBuf]) -> Result<()> {
+    let target = mount::resolve_in(root.as_fd(), Path::new("/dev"), Kind::Dir, true)?;
+    let t = mount::pseudo("tmpfs", &[("mode", "0755")], MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
+    mount::attach(t.as_fd(), target.as_fd(), Path::new("/dev"))?;
+    let d = t.as_fd();
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let host = Path::new("/dev").join(node);
+        // Device nodes cannot be made in a user namespace: bind the host's over empty files.
+        drop(rustix::fs::openat(d, node, OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::from_raw_mode(0o666)).with_context(|| format!("cannot create /dev/{node}"))?);
+        let tree = mount::clone_tree(&host, false)?;
+        let tgt = rustix::fs::openat(d, node, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open /dev/{node}"))?;
+        mount::attach(tree.as_fd(), tgt.as_fd(), &host)?;
+    }
+    for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"), ("core", "/proc/kcore")] {
+        rustix::fs::symlinkat(target, d, name).with_context(|| format!("cannot create /dev/{name}"))?;
+    }
+    for (dir, fstype, opts) in [("pts", "devpts", &[("ptmxmode", "0666"), ("mode", "0620")][..]), ("shm", "tmpfs", &[("mode", "1777")][..])] {
+        rustix::fs::mkdirat(d, dir, Mode::from_raw_mode(0o755)).with_context(|| format!("cannot create /dev/{dir}"))?;
+        let m = mount::pseudo(fstype, opts, MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
+        let tgt = rustix::fs::openat(d, dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open /dev/{dir}"))?;
+        mount::attach(m.as_fd(), tgt.as_fd(), Path::new(dir))?;
+    }
+    for g in gpu {
+        let kind = if g.is_dir() { Kind::Dir } else { Kind::File };
+        bind(root, g, g, kind, false, true)?;
+    }
+    Ok(())
+}
+
+fn proc_fresh(root: &OwnedFd) -> Result<()> {
+    let target = mount::resolve_in(root.as_fd(), Path::new("/proc"), Kind::Dir, true)?;
+    let m = mount::pseudo("proc", &[], MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
+    mount::attach(m.as_fd(), target.as_fd(), Path::new("/proc"))?;
+    Ok(())
+}
+
+fn mount_all(plan: &Plan) -> Result<OwnedFd> {
+    let (root, root_path) = build_root(plan)?;
+    for op in &plan.ops[1..] {
+        match op {
+            Op::Root { .. } => bail!("a plan has one root"),
+            Op::Bind { src, dst, kind, ro, recursive } => {
+                bind(&root, src, dst, *kind, *ro, *recursive).with_context(|| format!("cannot bind {} at {}", src.display(), dst.display()))?
+            }
+            Op::Proc => proc_fresh(&root).context("cannot mount a fresh /proc for the pid namespace")?,
+            Op::Dev { gpu } => dev(&root, gpu).context("cannot set up /dev")?,
+        }
+    }
+    crate::diag::debug(&format!("root ready at {}", root_path.display()));
+    Ok(root)
+}
+
+fn enter_cwd(plan: &Plan) -> Result<()> {
+    for dir in &plan.exec.cwd {
+        if process::chdir(dir).is_ok() {
+            return Ok(());
+        }
+    }
+    if plan.exec.cwd_required {
+        bail!("--cwd {}: no such directory inside the environment", plan.exec.cwd[0].display());
+    }
+    Ok(())
+}
+
+fn exec_failed(plan: &Plan, env_name: &str, e: std::io::Error) -> ExecFailed {
+    let prog = plan.exec.argv[0].to_string_lossy();
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => ExecFailed { code: 127, message: format!("'{prog}' was not found in environment '{env_name}' (PATH={})", super::PATH) },
+        _ => ExecFailed { code: 126, message: format!("cannot execute '{prog}' in environment '{env_name}': {e}") },
+    }
+}
+
+/// Carries out the plan and starts the program. Returns only on failure, or, when this process
+/// must supervise (pid namespace), with the program's status.
+pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str) -> Result<std::result::Result<i32, ExecFailed>> {
+    if plan.pid {
+        process::block_signals();
+    }
+    enter_namespaces(inside, plan.pid)?;
+    mount::make_private_recursive()?;
+    if plan.pid {
+        // unshare(CLONE_NEWPID) applies to children: the first one is PID 1 inside.
+        match process::fork()? {
+            process::Fork::Parent(child) => return Ok(Ok(process::supervise(child, false))),
+            process::Fork::Child => {
+                let code = match pid1(plan, env_name) {
+                    Ok(code) => code,
+                    Err(e) => {
+                        eprintln!("plyroot: error: {e:#}");
+                        125
+                    }
+                };
+                std::process::exit(code);
+            }
+        }
+    }
+    let root = mount_all(plan)?;
+    mount::pivot_into(root.as_fd(), Path::new("/"))?;
+    enter_cwd(plan)?;
+    let e = process::exec(&plan.exec.argv, &plan.exec.env);
+    Ok(Err(exec_failed(plan, env_name, e)))
+}
+
+/// PID 1 of the environment's pid namespace: builds the root, starts the program as PID 2, reaps
+/// every orphan until the program ends, and exits with its status.
+fn pid1(plan: &Plan, env_name: &str) -> Result<i32> {
+    let root = mount_all(plan)?;
+    mount::pivot_into(root.as_fd(), Path::new("/"))?;
+    enter_cwd(plan)?;
+    match process::fork()? {
+        process::Fork::Child => {
+            process::unblock_signals();
+            let e = process::exec(&plan.exec.argv, &plan.exec.env);
+            let f = exec_failed(plan, env_name, e);
+            eprintln!("plyroot: error: {}", f.message);
+            std::process::exit(f.code);
+        }
+        process::Fork::Parent(program) => Ok(process::supervise(program, true)),
+    }
+}

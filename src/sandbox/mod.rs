@@ -1,0 +1,367 @@
+//! Policy: what a launch mounts where, who it runs as, and with which environment.
+//!
+//! `plan()` is a pure function from the environment's resolved layers, the run options, the
+//! identity and what the host has, to a list of [`Op`]s and an [`Exec`]; `launch` carries it out.
+//! Everything here is tested as data; no syscall happens in this file.
+
+pub(crate) mod identity;
+pub(crate) mod launch;
+pub(crate) mod skel;
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+use crate::cli::HostShare;
+use crate::sys::mount::Kind;
+use identity::{HostUser, Inside};
+
+/// The writable part of the root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Upper {
+    /// The environment's persistent upper, with this run's own workdir.
+    Persistent { upper: PathBuf, work: PathBuf },
+    /// A tmpfs thrown away when the run ends.
+    Ephemeral,
+    /// No upper: the root is read-only.
+    None,
+}
+
+/// One step of building the root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// The overlay root: `lowers` top first, attached at `mount_point`.
+    Root { lowers: Vec<PathBuf>, upper: Upper, mount_point: PathBuf },
+    /// A host path bound at `dst` inside the root.
+    Bind { src: PathBuf, dst: PathBuf, kind: Kind, ro: bool, recursive: bool },
+    /// A fresh procfs (the run has its own pid namespace).
+    Proc,
+    /// A tmpfs /dev with the safe host nodes, a private devpts and shm, plus `gpu` nodes.
+    Dev { gpu: Vec<PathBuf> },
+}
+
+/// What the host offers, gathered once per launch (a few stats).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct HostFacts {
+    pub cwd: Option<PathBuf>,
+    pub runtime_dir: Option<PathBuf>,
+    pub x11_socket: bool,
+    pub xauthority: Option<PathBuf>,
+    pub nix: bool,
+    pub gpu: Vec<PathBuf>,
+    pub resolv: bool,
+    pub hosts: bool,
+    pub localtime: bool,
+}
+
+impl HostFacts {
+    pub(crate) fn gather() -> HostFacts {
+        let is = |p: &str| Path::new(p).exists();
+        let mut gpu = Vec::new();
+        if is("/dev/dri") {
+            gpu.push(PathBuf::from("/dev/dri"));
+        }
+        if let Ok(rd) = std::fs::read_dir("/dev") {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("nvidia") {
+                    gpu.push(e.path());
+                }
+            }
+        }
+        gpu.sort();
+        HostFacts {
+            cwd: std::env::current_dir().ok(),
+            runtime_dir: std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).filter(|p| p.is_absolute() && p.is_dir()),
+            x11_socket: is("/tmp/.X11-unix"),
+            xauthority: std::env::var_os("XAUTHORITY").map(PathBuf::from).filter(|p| p.is_absolute() && p.is_file()),
+            nix: is("/nix"),
+            gpu,
+            resolv: is("/etc/resolv.conf"),
+            hosts: is("/etc/hosts"),
+            localtime: is("/etc/localtime"),
+        }
+    }
+}
+
+/// Run options after parsing (see `cli::RunOpts`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RunOptions {
+    pub ephemeral: bool,
+    pub read_only: bool,
+    pub pid: bool,
+    pub binds: Vec<String>,
+    pub no_host: Vec<HostShare>,
+    pub env: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    /// Empty: the login shell.
+    pub command: Vec<String>,
+    /// Start the shell as a login shell (`enter`).
+    pub login: bool,
+}
+
+/// The program to start once the root is in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Exec {
+    pub argv: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    /// Directories to try in order; the first that exists inside wins.
+    pub cwd: Vec<PathBuf>,
+    /// `--cwd` was given: failing to enter it is an error, not a fallback.
+    pub cwd_required: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub ops: Vec<Op>,
+    pub exec: Exec,
+    pub pid: bool,
+}
+
+pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Which host shares are on.
+fn shares(no_host: &[HostShare]) -> impl Fn(HostShare) -> bool + '_ {
+    let off: HashSet<HostShare> = no_host.iter().copied().collect();
+    move |s| !off.contains(&HostShare::All) && !off.contains(&s)
+}
+
+/// Parses `SRC:DST[:ro]` (SRC relative to `cwd`).
+pub(crate) fn parse_bind(spec: &str, cwd: Option<&Path>) -> Result<(PathBuf, PathBuf, bool)> {
+    let (rest, ro) = match spec.strip_suffix(":ro") {
+        Some(r) => (r, true),
+        None => (spec.strip_suffix(":rw").unwrap_or(spec), false),
+    };
+    let Some((src, dst)) = rest.split_once(':') else {
+        bail!("--bind '{spec}': expected SRC:DST or SRC:DST:ro");
+    };
+    if src.is_empty() || !dst.starts_with('/') {
+        bail!("--bind '{spec}': SRC must be a host path and DST an absolute path inside");
+    }
+    let src = PathBuf::from(src);
+    let src = if src.is_absolute() { src } else { cwd.unwrap_or(Path::new("/")).join(src) };
+    Ok((src, PathBuf::from(dst), ro))
+}
+
+pub(crate) struct PlanInput<'a> {
+    pub env_name: &'a str,
+    /// Layer trees, top first (the generated skeleton is the first).
+    pub lowers: Vec<PathBuf>,
+    pub upper: Upper,
+    pub mount_point: PathBuf,
+    pub facts: &'a HostFacts,
+    pub opts: &'a RunOptions,
+    pub inside: &'a Inside,
+    pub user: &'a HostUser,
+    /// The inside user's shell, known to exist in the root.
+    pub shell: String,
+    /// The inherited environment.
+    pub host_env: Vec<(OsString, OsString)>,
+}
+
+pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
+    let on = shares(&i.opts.no_host);
+    let f = i.facts;
+    let mut ops = vec![Op::Root { lowers: i.lowers, upper: i.upper, mount_point: i.mount_point }];
+    let bind = |src: &Path, kind, ro, recursive| Op::Bind { src: src.to_owned(), dst: src.to_owned(), kind, ro, recursive };
+    if on(HostShare::Proc) {
+        // A fresh procfs needs a pid namespace we own; without one, the host's /proc is the
+        // truthful view of our pid namespace anyway.
+        ops.push(if i.opts.pid { Op::Proc } else { bind(Path::new("/proc"), Kind::Dir, false, true) });
+    }
+    if on(HostShare::Dev) {
+        ops.push(Op::Dev { gpu: if on(HostShare::Gpu) { f.gpu.clone() } else { Vec::new() } });
+    }
+    if on(HostShare::Sys) {
+        ops.push(bind(Path::new("/sys"), Kind::Dir, true, true));
+    }
+    if on(HostShare::Tmp) {
+        ops.push(bind(Path::new("/tmp"), Kind::Dir, false, false));
+    } else if on(HostShare::X11) && f.x11_socket {
+        ops.push(bind(Path::new("/tmp/.X11-unix"), Kind::Dir, false, false));
+    }
+    if on(HostShare::Nix) && f.nix {
+        ops.push(bind(Path::new("/nix"), Kind::Dir, false, true));
+    }
+    if on(HostShare::Home) {
+        ops.push(bind(&i.user.home, Kind::Dir, false, true));
+    }
+    let runtime_dir = f.runtime_dir.as_ref().filter(|_| on(HostShare::RuntimeDir));
+    if let Some(rd) = runtime_dir {
+        ops.push(bind(rd, Kind::Dir, false, true));
+    }
+    if let Some(xa) = f.xauthority.as_ref().filter(|_| on(HostShare::X11)) {
+        let covered = (on(HostShare::Home) && xa.starts_with(&i.user.home))
+            || runtime_dir.is_some_and(|rd| xa.starts_with(rd))
+            || (on(HostShare::Tmp) && xa.starts_with("/tmp"));
+        if !covered {
+            ops.push(bind(xa, Kind::File, true, false));
+        }
+    }
+    for (share, path, present) in [
+        (HostShare::Resolv, "/etc/resolv.conf", f.resolv),
+        (HostShare::Hosts, "/etc/hosts", f.hosts),
+        (HostShare::Localtime, "/etc/localtime", f.localtime),
+    ] {
+        if on(share) && present {
+            ops.push(bind(Path::new(path), Kind::File, true, false));
+        }
+    }
+    for spec in &i.opts.binds {
+        let (src, dst, ro) = parse_bind(spec, f.cwd.as_deref())?;
+        let kind = if src.is_dir() { Kind::Dir } else { Kind::File };
+        ops.push(Op::Bind { src, dst, kind, ro, recursive: true });
+    }
+
+    let home = if on(HostShare::Home) { i.user.home.clone() } else if i.inside.uid == 0 { "/root".into() } else { i.user.home.clone() };
+    let mut env: Vec<(OsString, OsString)> = i
+        .host_env
+        .into_iter()
+        .filter(|(k, _)| !matches!(k.to_str(), Some("PATH" | "HOME" | "USER" | "LOGNAME" | "SHELL" | "PLYROOT_ENV" | "LD_LIBRARY_PATH" | "LD_PRELOAD")))
+        .collect();
+    let user_name = if i.inside.uid == 0 { "root".to_owned() } else { i.user.name.clone() };
+    for (k, v) in [
+        ("PATH", PATH.to_owned()),
+        ("HOME", home.display().to_string()),
+        ("USER", user_name.clone()),
+        ("LOGNAME", user_name),
+        ("SHELL", i.shell.clone()),
+        ("PLYROOT_ENV", i.env_name.to_owned()),
+    ] {
+        env.push((k.into(), v.into()));
+    }
+    for kv in &i.opts.env {
+        let Some((k, v)) = kv.split_once('=') else { bail!("--env '{kv}': expected KEY=VALUE") };
+        if k.is_empty() {
+            bail!("--env '{kv}': the name is empty");
+        }
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.into(), v.into()));
+    }
+
+    let argv: Vec<OsString> = if i.opts.command.is_empty() {
+        let mut v = vec![OsString::from(&i.shell)];
+        if i.opts.login {
+            v.push("-l".into());
+        }
+        v
+    } else {
+        i.opts.command.iter().map(OsString::from).collect()
+    };
+    let (cwd, cwd_required) = match &i.opts.cwd {
+        Some(c) => (vec![c.clone()], true),
+        None => (f.cwd.iter().cloned().chain([home, PathBuf::from("/")]).collect(), false),
+    };
+    Ok(Plan { ops, exec: Exec { argv, env, cwd, cwd_required }, pid: i.opts.pid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use identity::choose;
+
+    fn user() -> HostUser {
+        HostUser { uid: 1000, gid: 1000, name: "alice".into(), home: "/home/alice".into() }
+    }
+
+    fn facts() -> HostFacts {
+        HostFacts {
+            cwd: Some("/home/alice/src".into()),
+            runtime_dir: Some("/run/user/1000".into()),
+            x11_socket: true,
+            xauthority: Some("/run/user/1000/xauth".into()),
+            nix: true,
+            gpu: vec!["/dev/dri".into()],
+            resolv: true,
+            hosts: true,
+            localtime: false,
+        }
+    }
+
+    fn run(opts: RunOptions, f: &HostFacts) -> Plan {
+        let inside = choose(&user(), false, None, false);
+        plan(PlanInput {
+            env_name: "dev",
+            lowers: vec!["/s/skel".into(), "/s/l2".into(), "/s/l1".into()],
+            upper: Upper::None,
+            mount_point: "/s/mnt".into(),
+            facts: f,
+            opts: &opts,
+            inside: &inside,
+            user: &user(),
+            shell: "/bin/sh".into(),
+            host_env: vec![("TERM".into(), "xterm".into()), ("PATH".into(), "/nix/bin".into())],
+        })
+        .unwrap()
+    }
+
+    fn dsts(p: &Plan) -> Vec<String> {
+        p.ops
+            .iter()
+            .map(|o| match o {
+                Op::Root { .. } => "root".into(),
+                Op::Bind { dst, ro, .. } => format!("{}{}", dst.display(), if *ro { ":ro" } else { "" }),
+                Op::Proc => "proc".into(),
+                Op::Dev { gpu } => format!("dev+{}", gpu.len()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn default_plan_shares_the_host_integration() {
+        let p = run(RunOptions::default(), &facts());
+        assert_eq!(
+            dsts(&p),
+            ["root", "/proc", "dev+1", "/sys:ro", "/tmp", "/nix", "/home/alice", "/run/user/1000", "/etc/resolv.conf:ro", "/etc/hosts:ro"]
+        );
+        assert_eq!(p.exec.argv, vec![OsString::from("/bin/sh")]);
+        assert_eq!(p.exec.cwd[0], PathBuf::from("/home/alice/src"));
+        let get = |k: &str| p.exec.env.iter().find(|(ek, _)| ek == k).map(|(_, v)| v.clone());
+        assert_eq!(get("PATH").unwrap(), PATH);
+        assert_eq!(get("TERM").unwrap(), "xterm");
+        assert_eq!(get("USER").unwrap(), "root", "single-id mode is root inside");
+        assert_eq!(get("PLYROOT_ENV").unwrap(), "dev");
+    }
+
+    #[test]
+    fn host_shares_turn_off_one_by_one_and_all() {
+        let p = run(RunOptions { no_host: vec![HostShare::Home, HostShare::Tmp, HostShare::Gpu], ..Default::default() }, &facts());
+        let d = dsts(&p);
+        assert!(d.contains(&"/tmp/.X11-unix".to_string()), "x11 socket still shared without /tmp: {d:?}");
+        assert!(d.contains(&"dev+0".to_string()));
+        assert!(!d.iter().any(|x| x.starts_with("/home")));
+        let p = run(RunOptions { no_host: vec![HostShare::All], ..Default::default() }, &facts());
+        assert_eq!(dsts(&p), ["root"]);
+        let home = p.exec.env.iter().find(|(k, _)| k == "HOME").unwrap().1.clone();
+        assert_eq!(home, "/root");
+    }
+
+    #[test]
+    fn pid_namespace_gets_a_fresh_proc_and_binds_and_env_parse() {
+        let opts = RunOptions {
+            pid: true,
+            binds: vec!["src:/src:ro".into(), "/data:/data".into()],
+            env: vec!["A=1".into(), "TERM=dumb".into()],
+            command: vec!["make".into(), "-j2".into()],
+            ..Default::default()
+        };
+        let p = run(opts, &facts());
+        let d = dsts(&p);
+        assert_eq!(d[1], "proc");
+        assert!(d.contains(&"/src:ro".to_string()) && d.contains(&"/data".to_string()));
+        let Some(Op::Bind { src, .. }) = p.ops.iter().find(|o| matches!(o, Op::Bind { dst, .. } if dst == Path::new("/src"))) else { panic!() };
+        assert_eq!(src, Path::new("/home/alice/src/src"));
+        assert!(p.exec.env.contains(&("TERM".into(), "dumb".into())) && p.exec.env.contains(&("A".into(), "1".into())));
+        assert_eq!(p.exec.argv, vec![OsString::from("make"), OsString::from("-j2")]);
+    }
+
+    #[test]
+    fn bad_binds_and_env_are_errors_that_name_them() {
+        for b in ["nocolon", "a:relative", ":/x"] {
+            let e = parse_bind(b, None).unwrap_err().to_string();
+            assert!(e.contains(b), "{e}");
+        }
+        assert_eq!(parse_bind("/a:/b:ro", None).unwrap(), ("/a".into(), "/b".into(), true));
+    }
+}

@@ -1,0 +1,218 @@
+//! Sources of layers: parsing `KIND:VALUE`, and unpacking archives, image layouts and directories
+//! into staging directories the store provides.
+//!
+//! Files:
+//! - `mod.rs`: [`Source`], [`Unpacked`], [`LayerSink`] and [`unpack`], the dispatch over kinds.
+//! - `stage.rs`: creating entries inside a staging root safely (kernel-enforced containment via
+//!   `openat2(RESOLVE_IN_ROOT)`, `*at` syscalls on the last component), ownership, xattrs, devices,
+//!   whiteouts, the final directory pass.
+//! - `tar.rs`: [`unpack_tar`], one tar stream into a stage.
+//! - `whiteout.rs`: [`classify`], the OCI whiteout naming rule as a pure function.
+//! - `compress.rs`: [`decompress`] by magic bytes, and a hashing reader for digest checks.
+//! - `oci.rs`: OCI image layouts; `docker_archive.rs`: `docker save` archives; `dir.rs`: directory trees.
+//! - `error.rs`: [`UnpackError`].
+//!
+//! Nothing here spawns a thread: namespaces are created later in the same process.
+
+mod compress;
+mod dir;
+mod docker_archive;
+mod error;
+mod oci;
+mod stage;
+mod tar;
+mod whiteout;
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::progress::Progress;
+use crate::store::meta::{Ownership, Overrides};
+
+pub(crate) use compress::decompress;
+pub(crate) use dir::copy_dir;
+pub(crate) use error::UnpackError;
+pub(crate) use tar::unpack_tar;
+pub(crate) use whiteout::{classify, Whiteout};
+
+/// Where a layer comes from, as written on the command line and in manifests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// A directory tree, copied as is.
+    Dir(PathBuf),
+    /// A tar file, plain or compressed; `-` is stdin.
+    Tar(PathBuf),
+    /// An OCI image layout directory, optionally `DIR:TAG`.
+    Oci(PathBuf),
+    /// A `docker save`/`podman save` archive, optionally `FILE:TAG`.
+    DockerArchive(PathBuf),
+    /// A layer already in the store: `sha256:HEX` or a unique prefix of it.
+    Layer(String),
+    /// The current layers of another environment.
+    Env(String),
+}
+
+const KINDS: &str = "dir:PATH, tar:FILE (or tar:- for stdin), oci:DIR[:TAG], docker-archive:FILE[:TAG], layer:sha256:HEX, env:NAME";
+
+/// Why a source string does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid source '{input}': {reason}; a source is one of {KINDS}")]
+pub(crate) struct ParseSourceError {
+    input: String,
+    reason: &'static str,
+}
+
+impl FromStr for Source {
+    type Err = ParseSourceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason| ParseSourceError { input: s.to_owned(), reason };
+        let (kind, value) = s.split_once(':').ok_or_else(|| err("missing KIND: prefix"))?;
+        if value.is_empty() {
+            return Err(err("nothing after the colon"));
+        }
+        Ok(match kind {
+            "dir" => Source::Dir(value.into()),
+            "tar" => Source::Tar(value.into()),
+            "oci" => Source::Oci(value.into()),
+            "docker-archive" => Source::DockerArchive(value.into()),
+            "layer" => Source::Layer(value.to_owned()),
+            "env" => Source::Env(value.to_owned()),
+            _ => return Err(err("unknown kind")),
+        })
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Dir(p) => write!(f, "dir:{}", p.display()),
+            Source::Tar(p) => write!(f, "tar:{}", p.display()),
+            Source::Oci(p) => write!(f, "oci:{}", p.display()),
+            Source::DockerArchive(p) => write!(f, "docker-archive:{}", p.display()),
+            Source::Layer(id) => write!(f, "layer:{id}"),
+            Source::Env(name) => write!(f, "env:{name}"),
+        }
+    }
+}
+
+/// Result of unpacking one layer into a staging root.
+#[derive(Debug, Default)]
+pub(crate) struct Unpacked {
+    /// What the disk could not hold (owners, devices, xattrs).
+    pub overrides: Overrides,
+    /// Where the layer came from, for messages: e.g. `oci:./img layer 2/3 (sha256:…)`.
+    pub description: String,
+    /// Device nodes recorded in `overrides` instead of created (unprivileged imports).
+    pub skipped_devices: u64,
+    /// xattrs recorded in `overrides` instead of set, plus `user.overlay.*` ones skipped.
+    pub unset_xattrs: u64,
+}
+
+/// Where unpacked layers go. The store implements this.
+pub(crate) trait LayerSink {
+    /// A fresh, empty staging directory for the next layer (an O_DIRECTORY fd, not O_PATH).
+    fn stage(&mut self) -> anyhow::Result<OwnedFd>;
+    /// The layer in the last staging dir is complete.
+    fn finish(&mut self, stage: OwnedFd, unpacked: Unpacked) -> anyhow::Result<()>;
+}
+
+/// Unpacks every layer of a `dir:`, `tar:`, `oci:` or `docker-archive:` source into `sink`,
+/// bottom layer first. An error leaves the current stage unfinished for the caller to discard;
+/// layers finished before it stay finished.
+pub(crate) fn unpack(
+    src: &Source,
+    ownership: Ownership,
+    progress: &mut Progress,
+    sink: &mut dyn LayerSink,
+) -> anyhow::Result<()> {
+    match src {
+        Source::Dir(path) => {
+            let stage = sink.stage()?;
+            let mut unpacked = copy_dir(path, stage.as_fd(), ownership, progress)?;
+            unpacked.description = src.to_string();
+            progress.finish();
+            sink.finish(stage, unpacked)
+        }
+        Source::Tar(path) => {
+            let name = src.to_string();
+            let input: Box<dyn io::Read> = if path == Path::new("-") {
+                progress.set_total(None);
+                Box::new(io::stdin().lock())
+            } else {
+                let file = File::open(path).map_err(|source| UnpackError::Open { path: path.clone(), source })?;
+                progress.set_total(file.metadata().ok().map(|m| m.len()));
+                Box::new(file)
+            };
+            let mut input = decompress(progress.counting(input)).map_err(|e| UnpackError::read(&name, e))?;
+            let stage = sink.stage()?;
+            let mut unpacked = unpack_tar(&mut input, &name, stage.as_fd(), ownership, progress)?;
+            unpacked.description = name;
+            progress.finish();
+            sink.finish(stage, unpacked)
+        }
+        Source::Oci(path) => oci::unpack(path, &src.to_string(), ownership, progress, sink),
+        Source::DockerArchive(path) => docker_archive::unpack(path, &src.to_string(), ownership, progress, sink),
+        Source::Layer(_) | Source::Env(_) => Err(UnpackError::NotUnpackable { name: src.to_string() }.into()),
+    }
+}
+
+/// Splits an optional `:TAG` off a path when the path as written does not exist, so that a
+/// directory whose name contains a colon still works.
+fn split_tag(path: &Path) -> (PathBuf, Option<String>) {
+    if path.exists() {
+        return (path.to_owned(), None);
+    }
+    if let Some((base, tag)) = path.to_str().and_then(|s| s.rsplit_once(':')) {
+        if !base.is_empty() && !tag.is_empty() && !tag.contains('/') {
+            return (base.into(), Some(tag.to_owned()));
+        }
+    }
+    (path.to_owned(), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_round_trips() {
+        for s in [
+            "dir:/tmp/root",
+            "tar:-",
+            "tar:debian.tar.zst",
+            "oci:./img:latest",
+            "docker-archive:img.tar",
+            "layer:sha256:abc",
+            "env:dev",
+        ] {
+            let src: Source = s.parse().unwrap();
+            assert_eq!(src.to_string(), s);
+        }
+        assert_eq!("tar:-".parse::<Source>().unwrap(), Source::Tar("-".into()));
+        assert_eq!("layer:sha256:ab".parse::<Source>().unwrap(), Source::Layer("sha256:ab".into()));
+    }
+
+    #[test]
+    fn rejects_unknown_kinds_naming_input_and_kinds() {
+        for s in ["foo:bar", "debian.tar", "dir:", "docker://debian"] {
+            let msg = s.parse::<Source>().unwrap_err().to_string();
+            assert!(msg.contains(&format!("'{s}'")), "{msg}");
+            assert!(msg.contains("docker-archive:FILE"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn splits_tag_only_when_path_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_colon = dir.path().join("a:b");
+        std::fs::create_dir(&with_colon).unwrap();
+        assert_eq!(split_tag(&with_colon), (with_colon.clone(), None));
+        let tagged = dir.path().join("img:v1");
+        assert_eq!(split_tag(&tagged), (dir.path().join("img"), Some("v1".to_owned())));
+    }
+}

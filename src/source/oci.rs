@@ -1,0 +1,326 @@
+//! `oci:DIR[:TAG]`: an OCI image layout directory (what `skopeo copy … oci:DIR` and `umoci`
+//! write).
+//!
+//! Reads `index.json`, picks one image manifest (by tag, then by host platform, following nested
+//! indexes), reads its config, and unpacks each layer blob into its own stage, bottom first. Every
+//! blob is hashed while it streams and checked against its digest, and each layer's uncompressed
+//! stream against the config's `rootfs.diff_ids`: a mismatch is an error naming the blob and both
+//! digests, and the stage it was written to is never finished.
+//!
+//! The JSON types and blob reading are shared with `docker_archive.rs`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::compress::{decompress, HashingReader};
+use super::error::UnpackError;
+use super::{split_tag, unpack_tar, LayerSink};
+use crate::progress::Progress;
+use crate::store::meta::Ownership;
+
+/// JSON documents (index, manifest, config) are read whole; past this they are not what they
+/// claim to be, and reading them would break the memory budget.
+pub(super) const MAX_JSON: u64 = 16 * 1024 * 1024;
+
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct Descriptor {
+    #[serde(default)]
+    pub media_type: String,
+    pub digest: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub platform: Option<Platform>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct Platform {
+    pub architecture: String,
+    pub os: String,
+}
+
+/// An image index (`index.json`, or a nested multi-platform index / docker manifest list).
+#[derive(Debug, Deserialize)]
+struct Index {
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Manifest {
+    #[serde(default, rename = "mediaType")]
+    media_type: String,
+    /// Present when the document is an index after all (media types are optional in JSON).
+    #[serde(default)]
+    manifests: Option<Vec<Descriptor>>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+/// The part of an image config that names the layers' uncompressed digests.
+#[derive(Debug, Deserialize)]
+pub(super) struct Config {
+    pub rootfs: RootFs,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RootFs {
+    #[serde(default)]
+    pub diff_ids: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Layout {
+    image_layout_version: String,
+}
+
+const INDEX_TYPES: [&str; 2] =
+    ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
+
+/// Layer media types we can unpack; the compression itself is detected from content.
+pub(super) fn layer_type_supported(media_type: &str) -> bool {
+    matches!(
+        media_type,
+        "" | "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+    )
+}
+
+/// `sha256:HEX` with exactly 64 lowercase hex digits: anything else could be a path (`../`) when
+/// turned into a blob file name.
+pub(super) fn check_digest(image: &str, digest: &str) -> Result<(), UnpackError> {
+    let ok = digest
+        .strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    if ok {
+        Ok(())
+    } else {
+        Err(UnpackError::Image { image: image.to_owned(), reason: format!("unsupported or malformed digest '{digest}' (only sha256 is supported)") })
+    }
+}
+
+/// Parses a small JSON document from `r`, refusing more than [`MAX_JSON`] bytes.
+pub(super) fn read_json<T: serde::de::DeserializeOwned>(r: impl Read, what: &str) -> Result<T, UnpackError> {
+    let mut buf = Vec::new();
+    r.take(MAX_JSON + 1).read_to_end(&mut buf).map_err(|e| UnpackError::read(what, e))?;
+    if buf.len() as u64 > MAX_JSON {
+        return Err(UnpackError::Image { image: what.to_owned(), reason: format!("larger than {MAX_JSON} bytes") });
+    }
+    serde_json::from_slice(&buf).map_err(|source| UnpackError::Json { what: what.to_owned(), source })
+}
+
+/// Reads a JSON blob whose content must hash to `digest`.
+pub(super) fn read_json_verified<T: serde::de::DeserializeOwned>(r: impl Read, what: &str, digest: &str) -> Result<T, UnpackError> {
+    let mut buf = Vec::new();
+    let mut hashing = HashingReader::new(r.take(MAX_JSON + 1));
+    hashing.read_to_end(&mut buf).map_err(|e| UnpackError::read(what, e))?;
+    if buf.len() as u64 > MAX_JSON {
+        return Err(UnpackError::Image { image: what.to_owned(), reason: format!("larger than {MAX_JSON} bytes") });
+    }
+    let actual = hashing.drain_and_digest().map_err(|e| UnpackError::read(what, e))?;
+    if actual != digest {
+        return Err(UnpackError::Digest { what: what.to_owned(), expected: digest.to_owned(), actual });
+    }
+    serde_json::from_slice(&buf).map_err(|source| UnpackError::Json { what: what.to_owned(), source })
+}
+
+/// The platform this process runs on, in OCI's words.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    }
+}
+
+/// One layer to unpack: where its bytes are and what they must hash to.
+pub(super) struct LayerBlob<R> {
+    pub reader: R,
+    /// Digest of the blob as stored (compressed), when known.
+    pub digest: Option<String>,
+    /// Digest of the uncompressed tar, from the config.
+    pub diff_id: String,
+    /// For messages and errors: e.g. `oci:./img layer 2/3 (sha256:…)`.
+    pub description: String,
+}
+
+/// Unpacks one layer blob into a new stage, verifying both digests before finishing the stage.
+pub(super) fn unpack_layer<R: Read>(
+    blob: LayerBlob<R>,
+    ownership: Ownership,
+    progress: &mut Progress,
+    sink: &mut dyn LayerSink,
+) -> anyhow::Result<()> {
+    let LayerBlob { reader, digest, diff_id, description } = blob;
+    let read_err = |e| UnpackError::read(&description, e);
+    let stage = sink.stage()?;
+    let mut stored = HashingReader::new(reader);
+    let (mut unpacked, actual_diff) = {
+        let counted = progress.counting(&mut stored);
+        let mut tar = HashingReader::new(decompress(counted).map_err(read_err)?);
+        let unpacked = unpack_tar(&mut tar, &description, stage.as_fd(), ownership, progress)?;
+        // The tar ended at its end-of-archive marker; the diff_id covers the padding after it.
+        (unpacked, tar.drain_and_digest().map_err(read_err)?)
+    };
+    let actual_blob = stored.drain_and_digest().map_err(read_err)?;
+    if let Some(expected) = digest {
+        if actual_blob != expected {
+            return Err(UnpackError::Digest { what: format!("{description}: blob"), expected, actual: actual_blob }.into());
+        }
+    }
+    if actual_diff != diff_id {
+        return Err(UnpackError::Digest { what: format!("{description}: uncompressed layer (diff_id)"), expected: diff_id, actual: actual_diff }.into());
+    }
+    unpacked.description = description;
+    sink.finish(stage, unpacked)
+}
+
+struct Image<'a> {
+    dir: &'a Path,
+    name: &'a str,
+}
+
+impl Image<'_> {
+    fn blob_path(&self, digest: &str) -> Result<PathBuf, UnpackError> {
+        check_digest(self.name, digest)?;
+        Ok(self.dir.join("blobs/sha256").join(&digest["sha256:".len()..]))
+    }
+
+    fn open_blob(&self, digest: &str) -> Result<File, UnpackError> {
+        let path = self.blob_path(digest)?;
+        File::open(&path).map_err(|source| UnpackError::Open { path, source })
+    }
+
+    fn json_blob<T: serde::de::DeserializeOwned>(&self, desc: &Descriptor, what: &str) -> Result<T, UnpackError> {
+        let file = self.open_blob(&desc.digest)?;
+        read_json_verified(file, &format!("{} {what} {}", self.name, desc.digest), &desc.digest)
+    }
+
+    /// Picks the image manifest descriptor from `manifests`: by tag (top level only), then the one
+    /// for this platform, or the only one; follows nested indexes.
+    fn select(&self, manifests: Vec<Descriptor>, tag: Option<&str>, depth: u32) -> Result<Manifest, UnpackError> {
+        let image_err = |reason: String| UnpackError::Image { image: self.name.to_owned(), reason };
+        if depth > 4 {
+            return Err(image_err("image indexes are nested too deeply".into()));
+        }
+        let mut candidates = manifests;
+        if let Some(tag) = tag {
+            let tags: Vec<String> = candidates.iter().filter_map(|d| d.annotations.get(REF_NAME).cloned()).collect();
+            candidates.retain(|d| d.annotations.get(REF_NAME).map(String::as_str) == Some(tag));
+            if candidates.is_empty() {
+                return Err(image_err(format!("no image tagged '{tag}' (tags: {})", list(&tags))));
+            }
+        }
+        let chosen = if candidates.len() == 1 {
+            candidates.remove(0)
+        } else {
+            let arch = host_arch();
+            let pos = candidates
+                .iter()
+                .position(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch));
+            match pos {
+                Some(i) => candidates.swap_remove(i),
+                None if candidates.is_empty() => return Err(image_err("the index lists no manifests".into())),
+                None => {
+                    let tags: Vec<String> = candidates.iter().filter_map(|d| d.annotations.get(REF_NAME).cloned()).collect();
+                    return Err(image_err(format!(
+                        "{} manifests and none for linux/{arch}; choose one with oci:DIR:TAG (tags: {})",
+                        candidates.len(),
+                        list(&tags)
+                    )));
+                }
+            }
+        };
+        let manifest: Manifest = self.json_blob(&chosen, "manifest")?;
+        let nested = INDEX_TYPES.contains(&chosen.media_type.as_str())
+            || INDEX_TYPES.contains(&manifest.media_type.as_str())
+            || (manifest.config.is_none() && manifest.manifests.is_some());
+        if nested {
+            return self.select(manifest.manifests.unwrap_or_default(), None, depth + 1);
+        }
+        Ok(manifest)
+    }
+}
+
+fn list(tags: &[String]) -> String {
+    if tags.is_empty() {
+        "none".to_owned()
+    } else {
+        tags.join(", ")
+    }
+}
+
+/// Unpacks `oci:path` (`name` is the source as written, for messages).
+pub(super) fn unpack(path: &Path, name: &str, ownership: Ownership, progress: &mut Progress, sink: &mut dyn LayerSink) -> anyhow::Result<()> {
+    let (dir, tag) = split_tag(path);
+    let image = Image { dir: &dir, name };
+    let layout_path = dir.join("oci-layout");
+    let layout_file = File::open(&layout_path).map_err(|source| UnpackError::Open { path: layout_path.clone(), source })?;
+    let layout: Layout = read_json(layout_file, &layout_path.display().to_string())?;
+    if !layout.image_layout_version.starts_with("1.") {
+        return Err(UnpackError::Image { image: name.to_owned(), reason: format!("unsupported imageLayoutVersion {}", layout.image_layout_version) }.into());
+    }
+    let index_path = dir.join("index.json");
+    let index_file = File::open(&index_path).map_err(|source| UnpackError::Open { path: index_path.clone(), source })?;
+    let index: Index = read_json(index_file, &index_path.display().to_string())?;
+
+    let manifest = image.select(index.manifests, tag.as_deref(), 0)?;
+    let config_desc = manifest
+        .config
+        .ok_or_else(|| UnpackError::Image { image: name.to_owned(), reason: "the manifest has no config".into() })?;
+    let config: Config = image.json_blob(&config_desc, "config")?;
+    let layers = manifest.layers;
+    check_layer_count(name, layers.len(), config.rootfs.diff_ids.len())?;
+
+    // Check everything cheap before the first stage, so a bad image fails before any work.
+    let mut total = 0;
+    for layer in &layers {
+        check_digest(name, &layer.digest)?;
+        if !layer_type_supported(&layer.media_type) {
+            return Err(UnpackError::Image { image: name.to_owned(), reason: format!("layer {} has unsupported media type {}", layer.digest, layer.media_type) }.into());
+        }
+        total += layer.size;
+    }
+    progress.set_total(Some(total));
+
+    let n = layers.len();
+    for (i, (layer, diff_id)) in layers.into_iter().zip(config.rootfs.diff_ids).enumerate() {
+        let description = format!("{name} layer {}/{n} ({})", i + 1, layer.digest);
+        progress.set_label(&format!("{name} layer {}/{n}", i + 1));
+        let reader = image.open_blob(&layer.digest)?;
+        unpack_layer(LayerBlob { reader, digest: Some(layer.digest), diff_id, description }, ownership, progress, sink)?;
+    }
+    progress.finish();
+    Ok(())
+}
+
+pub(super) fn check_layer_count(name: &str, layers: usize, diff_ids: usize) -> Result<(), UnpackError> {
+    if layers == diff_ids {
+        Ok(())
+    } else {
+        Err(UnpackError::Image {
+            image: name.to_owned(),
+            reason: format!("the manifest lists {layers} layers but the config's rootfs.diff_ids has {diff_ids}"),
+        })
+    }
+}

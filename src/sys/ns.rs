@@ -1,0 +1,93 @@
+//! Namespaces and id maps.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use rustix::thread::UnshareFlags;
+
+use super::{err, Result};
+
+/// One line of an id map: `inside outside count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct IdRange {
+    pub inside: u32,
+    pub outside: u32,
+    pub count: u32,
+}
+
+pub(crate) fn unshare(user: bool, pid: bool) -> Result<()> {
+    let mut flags = UnshareFlags::NEWNS;
+    if user {
+        flags |= UnshareFlags::NEWUSER;
+    }
+    if pid {
+        flags |= UnshareFlags::NEWPID;
+    }
+    // Fails with EINVAL in a multi-threaded process: plyroot never starts a thread before this.
+    // SAFETY: the flags never include CLONE_FILES, the one that can strand fds between threads.
+    unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(|e| err("unshare namespaces", "/", e))
+}
+
+fn write_proc(path: &str, data: &str) -> Result<()> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(data.as_bytes()))
+        .map_err(|e| err("write", path, e))
+}
+
+/// Maps exactly one uid and gid for ourselves. No helper is needed for that, but setgroups must
+/// be denied first, or the kernel refuses an unprivileged gid_map.
+pub(crate) fn map_single(inside_uid: u32, outside_uid: u32, inside_gid: u32, outside_gid: u32) -> Result<()> {
+    write_proc("/proc/self/setgroups", "deny")?;
+    write_proc("/proc/self/uid_map", &format!("{inside_uid} {outside_uid} 1\n"))?;
+    write_proc("/proc/self/gid_map", &format!("{inside_gid} {outside_gid} 1\n"))
+}
+
+/// Real root: the identity map for everything (used when real root asks for a user namespace).
+pub(crate) fn map_identity() -> Result<()> {
+    write_proc("/proc/self/uid_map", "0 0 4294967295\n")?;
+    write_proc("/proc/self/gid_map", "0 0 4294967295\n")
+}
+
+/// Runs `newuidmap`/`newgidmap` (setuid helpers, so they must run outside the new namespace) on
+/// process `pid`.
+pub(crate) fn map_ranges(pid: i32, uids: &[IdRange], gids: &[IdRange]) -> Result<()> {
+    for (tool, ranges) in [("newuidmap", uids), ("newgidmap", gids)] {
+        let mut cmd = std::process::Command::new(tool);
+        cmd.arg(pid.to_string());
+        for r in ranges {
+            cmd.args([r.inside.to_string(), r.outside.to_string(), r.count.to_string()]);
+        }
+        let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| err("run", tool, e))?;
+        if !out.status.success() {
+            let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            return Err(super::SysError {
+                op: "map ids with",
+                path: tool.into(),
+                detail: Some(msg),
+                source: std::io::Error::other(format!("{tool} exited with {}", out.status)),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Drops supplementary groups (possible once a gid range is mapped and setgroups is allowed).
+pub(crate) fn clear_groups() -> Result<()> {
+    // SAFETY: setgroups(0, NULL) reads no memory.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+        return Err(err("setgroups", "/", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Keeps `fd` open across `exec` (the store lock held for the life of a run).
+pub(crate) fn inherit_fd(fd: &impl AsRawFd, shown: &Path) -> Result<()> {
+    // SAFETY: F_SETFD on a valid fd owned by the caller only changes its close-on-exec flag.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+        return Err(err("keep open", shown, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
