@@ -76,8 +76,10 @@ fn probe(store: &Store, pid_ns: bool) -> Vec<(String, bool, String)> {
                 .and_then(|m| mount::attach_at(m.as_fd(), &p.join("mnt")))
                 .map_err(|e| e.to_string());
             say("overlayfs (userxattr, lowerdir+)", ov);
-            let many: Vec<_> = (0..120).map(|_| p.join("l1")).collect();
-            say("overlay with 120 lowers", mount::overlay(&many, None).map(drop).map_err(|e| e.to_string()));
+            // Distinct directories: overlayfs refuses the same lower twice (ELOOP).
+            let many: Vec<_> = (0..200).map(|i| p.join(format!("many/{i}"))).collect();
+            let made = many.iter().try_for_each(|d| fs::create_dir_all(d)).map_err(|e| e.to_string());
+            say("overlay with 200 lowers", made.and_then(|_| mount::overlay(&many, None).map(drop).map_err(|e| e.to_string())));
             unsafe { libc::_exit(0) };
         }
         Ok(process::Fork::Parent(child)) => {
@@ -113,12 +115,13 @@ pub(crate) fn doctor(store: &Store, json: bool) -> Result<i32> {
         }
     }
     for (name, ok, detail) in probe(store, false).into_iter().chain(probe(store, true)) {
-        let essential = !name.contains("pid") && !name.contains("proc") && !name.contains("120");
+        let essential = !name.contains("pid") && !name.contains("proc") && !name.contains("200");
         let fix = (!ok).then(|| match name.as_str() {
             "user namespace" => "enable unprivileged user namespaces (see the checks above), or run plyroot as root".to_owned(),
             "whiteout mknod" => "a kernel ≥ 5.8 allows unprivileged whiteouts; the store's filesystem must support device nodes (not nodev)".to_owned(),
             n if n.starts_with("overlayfs") => format!("overlayfs in user namespaces needs kernel ≥ 5.11 and `lowerdir+` ≥ 6.8; the store ({}) must be on a filesystem overlayfs accepts as upper (ext4, xfs, btrfs, tmpfs)", store.root.display()),
-            _ => "this feature (`--pid`) is unavailable here; other commands work".to_owned(),
+            n if n.contains("200") => "environments with many layers need `lowerdir+` (kernel ≥ 6.8)".to_owned(),
+            _ => "`--pid` is unavailable here; other commands work".to_owned(),
         });
         let name: &'static str = Box::leak(name.into_boxed_str());
         checks.push(Check { name, ok, essential, detail, fix });

@@ -86,17 +86,17 @@ pub(crate) fn find_in_path(prog: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).chain(["/usr/bin".into(), "/usr/sbin".into()]).map(|d| d.join(prog)).find(|p| p.is_file())
 }
 
-/// Maps ids `0..count` inside onto a subordinate range, except `me` inside, which is `me_out`.
+/// Maps inside ids `0..count` onto the subordinate range as `k → start + k`, except `me`
+/// inside, which is `me_out`. The same `k → start + k` rule in every mode keeps files written
+/// by, say, `_apt` (42) owned by the same host id whether the run used `--root` or not.
 fn ranges_around(me: u32, me_out: u32, sub: (u32, u32)) -> Vec<IdRange> {
     let (start, count) = sub;
     let mut v = vec![IdRange { inside: me, outside: me_out, count: 1 }];
-    if me == 0 {
-        v.push(IdRange { inside: 1, outside: start, count });
-    } else if count <= me {
-        v.push(IdRange { inside: 0, outside: start, count });
-    } else {
-        v.push(IdRange { inside: 0, outside: start, count: me });
-        v.push(IdRange { inside: me + 1, outside: start + me, count: count - me });
+    if me > 0 {
+        v.push(IdRange { inside: 0, outside: start, count: me.min(count) });
+    }
+    if count > me + 1 {
+        v.push(IdRange { inside: me + 1, outside: start + me + 1, count: count - me - 1 });
     }
     v
 }
@@ -198,12 +198,18 @@ mod tests {
             vec![
                 IdRange { inside: 1000, outside: 1000, count: 1 },
                 IdRange { inside: 0, outside: 165536, count: 1000 },
-                IdRange { inside: 1001, outside: 166536, count: 64536 },
+                IdRange { inside: 1001, outside: 166537, count: 64535 },
             ]
         );
         let i = choose(&alice(), false, subs, true);
         let Mapping::Ranges { uids, .. } = i.mapping else { panic!() };
-        assert_eq!(uids, vec![IdRange { inside: 0, outside: 1000, count: 1 }, IdRange { inside: 1, outside: 165536, count: 65536 }]);
+        assert_eq!(uids, vec![IdRange { inside: 0, outside: 1000, count: 1 }, IdRange { inside: 1, outside: 165537, count: 65535 }]);
+        // Every id but the mode's own maps to the same host id in both modes.
+        let host_of = |r: &[IdRange], k: u32| r.iter().find(|x| k >= x.inside && k < x.inside + x.count).map(|x| x.outside + k - x.inside);
+        let Mapping::Ranges { uids: def, .. } = choose(&alice(), false, subs, false).mapping else { panic!() };
+        for k in [1, 42, 999, 1001, 65535] {
+            assert_eq!(host_of(&def, k), host_of(&uids, k), "inside id {k}");
+        }
     }
 
     #[test]

@@ -62,7 +62,11 @@ pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBu
         .into_iter()
         .filter(|f| !top_entry(lowers, f).is_some_and(|m| m.file_type().is_file()))
         .collect();
-    let fingerprint = format!("{:?}|{:?}|{}|{}|{:?}|{}", dirs, files, inside.uid, inside.gid, user, shell);
+    // With one id mapped, apt cannot drop to its `_apt` sandbox user (no other id exists): tell it
+    // to stay root, the way apt's own docs advise for containers without id ranges.
+    let single_id = matches!(inside.mapping, super::identity::Mapping::Single { .. });
+    let apt_conf = single_id && lowers.iter().any(|l| l.join("etc/apt/apt.conf.d").is_dir());
+    let fingerprint = format!("{:?}|{:?}|{}|{}|{:?}|{}|{}", dirs, files, inside.uid, inside.gid, user, shell, apt_conf);
     let dir = env.dir.join("skel").join(format!("{generation}-{}-{:016x}", inside.uid, fnv(&fingerprint)));
     if dir.is_dir() {
         return Ok((dir, shell));
@@ -78,6 +82,11 @@ pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBu
     mk(Path::new("etc"))?;
     for f in &files {
         fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(root.join(f)).with_context(|| format!("cannot create {}", root.join(f).display()))?;
+    }
+    if apt_conf {
+        mk(Path::new("etc/apt/apt.conf.d"))?;
+        fs::write(root.join("etc/apt/apt.conf.d/00plyroot-single-id"), "// Written by plyroot: only one id is mapped, so apt cannot switch to _apt.\nAPT::Sandbox::User \"root\";\n")
+            .context("cannot write the skeleton's apt configuration")?;
     }
     let base_group = lowers.iter().map(|l| l.join("etc/group")).find(|p| p.is_file()).and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default();
     let (passwd, group) = passwd_with(&base_passwd, &base_group, user, inside, &shell);

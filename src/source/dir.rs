@@ -29,7 +29,7 @@ pub(crate) fn copy_dir(src: &Path, root: BorrowedFd, ownership: Ownership, progr
     let name = format!("dir:{}", src.display());
     let me = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
     let mut stage = Stage::new(root, &name, ownership, progress);
-    let mut walk = Walk { stage: &mut stage, ownership, me, links: HashMap::new(), xattrs: Vec::new() };
+    let mut walk = Walk { stage: &mut stage, ownership, me, links: HashMap::new(), xattrs: Vec::new(), xattr_buf: Vec::new() };
     let top = fs::symlink_metadata(src).map_err(|source| UnpackError::Open { path: src.to_owned(), source })?;
     if !top.is_dir() {
         return Err(UnpackError::Open { path: src.to_owned(), source: io::Error::from(io::ErrorKind::NotADirectory) });
@@ -46,6 +46,7 @@ struct Walk<'s, 'r, 'p> {
     /// First path seen for each multiply-linked inode.
     links: HashMap<(u64, u64), Vec<u8>>,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    xattr_buf: Vec<u8>,
 }
 
 impl Walk<'_, '_, '_> {
@@ -92,7 +93,7 @@ impl Walk<'_, '_, '_> {
             gid,
             mtime: Timespec { tv_sec: md.mtime(), tv_nsec: md.mtime_nsec() },
         };
-        read_xattrs(path, &mut self.xattrs).map_err(Self::open_err(path))?;
+        read_xattrs(path, &mut self.xattr_buf, &mut self.xattrs).map_err(Self::open_err(path))?;
         let ft = md.file_type();
         if !ft.is_dir() && md.nlink() > 1 {
             if let Some(first) = self.links.get(&(md.dev(), md.ino())) {
@@ -123,30 +124,95 @@ impl Walk<'_, '_, '_> {
     }
 }
 
-/// Reads all xattrs of `path` (not following a symlink) into `out`.
-fn read_xattrs(path: &Path, out: &mut Vec<(Vec<u8>, Vec<u8>)>) -> io::Result<()> {
+/// The kernel's limits on an xattr name list and on one value (`XATTR_LIST_MAX`,
+/// `XATTR_SIZE_MAX`), so one buffer of this size always suffices.
+const XATTR_MAX: usize = 64 * 1024;
+
+/// Reads all xattrs of `path` (not following a symlink) into `out`, using `buf` as scratch.
+fn read_xattrs(path: &Path, buf: &mut Vec<u8>, out: &mut Vec<(Vec<u8>, Vec<u8>)>) -> io::Result<()> {
     out.clear();
-    let size = match rustix::fs::llistxattr(path, &mut [0u8; 0][..]) {
-        Ok(0) => return Ok(()),
+    buf.resize(2 * XATTR_MAX, 0);
+    let (names, value) = buf.split_at_mut(XATTR_MAX);
+    let n = match rustix::fs::llistxattr(path, &mut names[..]) {
         Ok(n) => n,
         Err(rustix::io::Errno::NOTSUP) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    let mut names = vec![0u8; size];
-    let n = rustix::fs::llistxattr(path, &mut names[..])?;
-    names.truncate(n);
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let name = std::ffi::OsStr::from_bytes(name);
-        let len = match rustix::fs::lgetxattr(path, name, &mut [0u8; 0][..]) {
+        let len = match rustix::fs::lgetxattr(path, name, &mut value[..]) {
             Ok(len) => len,
             // Removed since listing, or not readable by us: nothing to copy.
             Err(rustix::io::Errno::NODATA | rustix::io::Errno::PERM | rustix::io::Errno::ACCESS) => continue,
             Err(e) => return Err(e.into()),
         };
-        let mut value = vec![0u8; len];
-        let n = rustix::fs::lgetxattr(path, name, &mut value[..])?;
-        value.truncate(n);
-        out.push((name.as_bytes().to_vec(), value));
+        out.push((name.as_bytes().to_vec(), value[..len].to_vec()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    use super::*;
+    use crate::source::testutil::{is_root, open_dir};
+
+    fn set_mtime(p: &Path, secs: i64) {
+        let t = Timespec { tv_sec: secs, tv_nsec: 7 };
+        let times = rustix::fs::Timestamps { last_access: t, last_modification: t };
+        rustix::fs::utimensat(rustix::fs::CWD, p, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).unwrap();
+    }
+
+    #[test]
+    fn copies_tree_faithfully() {
+        let src = tempfile::tempdir().unwrap();
+        let s = src.path();
+        fs::create_dir(s.join("ro")).unwrap();
+        fs::write(s.join("ro/file"), b"data").unwrap();
+        fs::write(s.join("suid"), b"x").unwrap();
+        fs::set_permissions(s.join("suid"), fs::Permissions::from_mode(0o4755)).unwrap();
+        fs::hard_link(s.join("suid"), s.join("suid-link")).unwrap();
+        symlink("/etc", s.join("etc-link")).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, s.join("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0).unwrap();
+        rustix::fs::setxattr(s.join("ro/file"), "user.k", b"v", rustix::fs::XattrFlags::empty()).unwrap();
+        let foreign = is_root();
+        if foreign {
+            rustix::fs::chown(s.join("ro/file"), Some(rustix::fs::Uid::from_raw(1000)), Some(rustix::fs::Gid::from_raw(1000))).unwrap();
+        }
+        for p in ["ro/file", "suid", "etc-link", "fifo"] {
+            set_mtime(&s.join(p), 1_500_000_000);
+        }
+        fs::set_permissions(s.join("ro"), fs::Permissions::from_mode(0o555)).unwrap();
+        set_mtime(&s.join("ro"), 1_400_000_000);
+
+        let dst = tempfile::tempdir().unwrap();
+        let d = dst.path();
+        let out = copy_dir(s, open_dir(d).as_fd(), Ownership::Record, &mut Progress::hidden()).unwrap();
+        fs::set_permissions(s.join("ro"), fs::Permissions::from_mode(0o755)).unwrap();
+
+        assert_eq!(fs::read(d.join("ro/file")).unwrap(), b"data");
+        let ro = fs::metadata(d.join("ro")).unwrap();
+        assert_eq!((ro.mode() & 0o7777, ro.mtime(), ro.mtime_nsec()), (0o555, 1_400_000_000, 7));
+        assert_eq!(fs::metadata(d.join("suid")).unwrap().mode() & 0o7777, 0o4755);
+        let (a, b) = (fs::metadata(d.join("suid")).unwrap(), fs::metadata(d.join("suid-link")).unwrap());
+        assert_eq!(a.ino(), b.ino());
+        assert_eq!(fs::read_link(d.join("etc-link")).unwrap(), Path::new("/etc"));
+        assert_eq!(fs::symlink_metadata(d.join("etc-link")).unwrap().mtime(), 1_500_000_000);
+        assert!(fs::symlink_metadata(d.join("fifo")).unwrap().file_type().is_fifo());
+        let mut buf = [0u8; 4];
+        assert_eq!(rustix::fs::getxattr(d.join("ro/file"), "user.k", &mut buf[..]).unwrap(), 1);
+        let file_owner = out.overrides.entries.get("ro/file").and_then(|o| o.owner);
+        assert_eq!(file_owner, foreign.then_some((1000, 1000)));
+        assert_eq!(out.overrides.entries.len(), usize::from(foreign), "{:?}", out.overrides);
+        fs::set_permissions(d.join("ro"), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[test]
+    fn missing_source_names_the_path() {
+        let dst = tempfile::tempdir().unwrap();
+        let err = copy_dir(Path::new("/nonexistent/src"), open_dir(dst.path()).as_fd(), Ownership::Record, &mut Progress::hidden()).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/src"), "{err}");
+    }
 }

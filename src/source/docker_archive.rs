@@ -179,3 +179,90 @@ pub(super) fn unpack(path: &Path, name: &str, ownership: Ownership, progress: &m
     progress.finish();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::source::testutil::{check_two_layers, config_json, gzip, sha256, two_layers, DirSink, TarBuilder};
+    use crate::source::{unpack as unpack_source, Source};
+
+    /// A `docker save` archive of [`two_layers`]: the legacy layout (`<id>/layer.tar`, the second
+    /// reached through a symlink, as docker writes for shared layers) or the OCI one.
+    fn archive(oci_layout: bool, diff_ids: Option<Vec<String>>) -> tempfile::NamedTempFile {
+        let (first, second) = two_layers();
+        let diff_ids = diff_ids.unwrap_or_else(|| vec![sha256(&first), sha256(&second)]);
+        let config = config_json(&diff_ids);
+        let mut b = TarBuilder::new();
+        let (config_path, layers) = if oci_layout {
+            let (gz, cfg) = (gzip(&second), sha256(&config));
+            let layers = vec![format!("blobs/sha256/{}", &sha256(&first)[7..]), format!("blobs/sha256/{}", &sha256(&gz)[7..])];
+            b.file(&layers[0], 0o644, &first).file(&layers[1], 0o644, &gz);
+            (format!("blobs/sha256/{}", &cfg[7..]), layers)
+        } else {
+            b.file("aaa/layer.tar", 0o644, &first).file("bbb/layer.tar", 0o644, &gzip(&second)).symlink("ccc/layer.tar", "../bbb/layer.tar");
+            (format!("{}.json", &sha256(&config)[7..]), vec!["aaa/layer.tar".to_owned(), "ccc/layer.tar".to_owned()])
+        };
+        b.file(&config_path, 0o644, &config);
+        let manifest = serde_json::json!([{ "Config": config_path, "RepoTags": ["img:latest"], "Layers": layers }]);
+        b.file("manifest.json", 0o644, &serde_json::to_vec(&manifest).unwrap());
+        let file = tempfile::NamedTempFile::new().unwrap();
+        fs::write(file.path(), b.finish()).unwrap();
+        file
+    }
+
+    fn run(src: &str) -> (anyhow::Result<()>, DirSink) {
+        let mut sink = DirSink::new();
+        let src: Source = src.parse().unwrap();
+        let res = unpack_source(&src, Ownership::Record, &mut Progress::hidden(), &mut sink);
+        (res, sink)
+    }
+
+    #[test]
+    fn legacy_layout_with_symlinked_layer() {
+        let file = archive(false, None);
+        let (res, sink) = run(&format!("docker-archive:{}", file.path().display()));
+        res.unwrap();
+        check_two_layers(&sink);
+        let (res, sink) = run(&format!("docker-archive:{}:latest", file.path().display()));
+        res.unwrap();
+        assert_eq!(sink.finished.len(), 2);
+        let (res, _) = run(&format!("docker-archive:{}:other", file.path().display()));
+        assert!(format!("{:#}", res.unwrap_err()).contains("img:latest"));
+    }
+
+    #[test]
+    fn oci_layout_inside() {
+        let file = archive(true, None);
+        let (res, sink) = run(&format!("docker-archive:{}", file.path().display()));
+        res.unwrap();
+        check_two_layers(&sink);
+    }
+
+    #[test]
+    fn wrong_diff_id_is_an_error() {
+        let wrong = format!("sha256:{}", "f".repeat(64));
+        let file = archive(false, Some(vec![wrong.clone(), wrong.clone()]));
+        let (res, sink) = run(&format!("docker-archive:{}", file.path().display()));
+        let msg = format!("{:#}", res.unwrap_err());
+        assert!(msg.contains(&wrong) && msg.contains("layer 1/2"), "{msg}");
+        assert!(sink.finished.is_empty());
+    }
+
+    #[test]
+    fn compressed_outer_archive_is_refused_with_advice() {
+        let file = archive(false, None);
+        let gz = tempfile::NamedTempFile::new().unwrap();
+        fs::write(gz.path(), gzip(&fs::read(file.path()).unwrap())).unwrap();
+        let (res, _) = run(&format!("docker-archive:{}", gz.path().display()));
+        assert!(format!("{:#}", res.unwrap_err()).contains("decompress it first"));
+    }
+
+    #[test]
+    fn symlink_targets_resolve_lexically() {
+        assert_eq!(resolve_symlink(b"ccc/layer.tar", b"../bbb/layer.tar"), b"bbb/layer.tar");
+        assert_eq!(resolve_symlink(b"a/b", b"/x/./y"), b"x/y");
+        assert_eq!(resolve_symlink(b"a", b"../../x"), b"x");
+    }
+}

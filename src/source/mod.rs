@@ -21,6 +21,8 @@ mod error;
 mod oci;
 mod stage;
 mod tar;
+#[cfg(test)]
+mod testutil;
 mod whiteout;
 
 use std::fmt;

@@ -175,19 +175,22 @@ pub(super) fn unpack_layer<R: Read>(
     let read_err = |e| UnpackError::read(&description, e);
     let stage = sink.stage()?;
     let mut stored = HashingReader::new(reader);
-    let (mut unpacked, actual_diff) = {
+    let unpacked = (|| {
         let counted = progress.counting(&mut stored);
         let mut tar = HashingReader::new(decompress(counted).map_err(read_err)?);
         let unpacked = unpack_tar(&mut tar, &description, stage.as_fd(), ownership, progress)?;
         // The tar ended at its end-of-archive marker; the diff_id covers the padding after it.
-        (unpacked, tar.drain_and_digest().map_err(read_err)?)
-    };
+        Ok::<_, UnpackError>((unpacked, tar.drain_and_digest().map_err(read_err)?))
+    })();
+    // Hash the whole blob even when unpacking failed: a corrupt blob usually shows up as a
+    // decompression or tar error first, and "the blob is corrupt" is the more useful message.
     let actual_blob = stored.drain_and_digest().map_err(read_err)?;
     if let Some(expected) = digest {
         if actual_blob != expected {
             return Err(UnpackError::Digest { what: format!("{description}: blob"), expected, actual: actual_blob }.into());
         }
     }
+    let (mut unpacked, actual_diff) = unpacked?;
     if actual_diff != diff_id {
         return Err(UnpackError::Digest { what: format!("{description}: uncompressed layer (diff_id)"), expected: diff_id, actual: actual_diff }.into());
     }
@@ -322,5 +325,149 @@ pub(super) fn check_layer_count(name: &str, layers: usize, diff_ids: usize) -> R
             image: name.to_owned(),
             reason: format!("the manifest lists {layers} layers but the config's rootfs.diff_ids has {diff_ids}"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::source::testutil::{check_two_layers, config_json, gzip, sha256, two_layers, zstd, DirSink};
+    use crate::source::{unpack as unpack_source, Source};
+
+    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+    /// Writes `data` as a blob and returns its descriptor.
+    fn blob(dir: &Path, media_type: &str, data: &[u8]) -> serde_json::Value {
+        let digest = sha256(data);
+        fs::write(dir.join("blobs/sha256").join(&digest[7..]), data).unwrap();
+        json!({ "mediaType": media_type, "digest": digest, "size": data.len() })
+    }
+
+    /// An image manifest for [`two_layers`] (gzip, then zstd); returns its descriptor.
+    fn image(dir: &Path, diff_ids: Option<Vec<String>>) -> serde_json::Value {
+        let (first, second) = two_layers();
+        let diff_ids = diff_ids.unwrap_or_else(|| vec![sha256(&first), sha256(&second)]);
+        let config = blob(dir, "application/vnd.oci.image.config.v1+json", &config_json(&diff_ids));
+        let layers = [
+            blob(dir, "application/vnd.oci.image.layer.v1.tar+gzip", &gzip(&first)),
+            blob(dir, "application/vnd.oci.image.layer.v1.tar+zstd", &zstd(&second)),
+        ];
+        let manifest = json!({ "schemaVersion": 2, "mediaType": MANIFEST, "config": config, "layers": layers });
+        blob(dir, MANIFEST, &serde_json::to_vec(&manifest).unwrap())
+    }
+
+    fn layout(manifests: impl FnOnce(&Path) -> Vec<serde_json::Value>) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let manifests = manifests(dir);
+        fs::write(dir.join("index.json"), serde_json::to_vec(&json!({ "schemaVersion": 2, "manifests": manifests })).unwrap()).unwrap();
+        tmp
+    }
+
+    fn tagged(mut desc: serde_json::Value, tag: &str) -> serde_json::Value {
+        desc["annotations"] = json!({ REF_NAME: tag });
+        desc
+    }
+
+    fn run(src: &str) -> (anyhow::Result<()>, DirSink) {
+        let mut sink = DirSink::new();
+        let src: Source = src.parse().unwrap();
+        let res = unpack_source(&src, Ownership::Record, &mut Progress::hidden(), &mut sink);
+        (res, sink)
+    }
+
+    #[test]
+    fn two_layers_with_whiteouts() {
+        let img = layout(|d| vec![tagged(image(d, None), "v1")]);
+        let (res, sink) = run(&format!("oci:{}", img.path().display()));
+        res.unwrap();
+        check_two_layers(&sink);
+        let desc = &sink.finished[1].1.description;
+        assert!(desc.contains("layer 2/2 (sha256:"), "{desc}");
+    }
+
+    #[test]
+    fn selects_by_tag() {
+        let img = layout(|d| vec![tagged(image(d, None), "v1"), tagged(image(d, Some(vec![])), "broken")]);
+        let (res, sink) = run(&format!("oci:{}:v1", img.path().display()));
+        res.unwrap();
+        check_two_layers(&sink);
+        let (res, _) = run(&format!("oci:{}:nope", img.path().display()));
+        let msg = format!("{:#}", res.unwrap_err());
+        assert!(msg.contains("nope") && msg.contains("v1, broken"), "{msg}");
+        let (res, _) = run(&format!("oci:{}", img.path().display()));
+        assert!(format!("{:#}", res.unwrap_err()).contains("oci:DIR:TAG"));
+    }
+
+    #[test]
+    fn follows_nested_index_to_host_platform() {
+        let img = layout(|d| {
+            let mut host = image(d, None);
+            host["platform"] = json!({ "os": "linux", "architecture": host_arch() });
+            let mut other = image(d, Some(vec![]));
+            other["platform"] = json!({ "os": "linux", "architecture": "s390x-not-this-one" });
+            let nested = json!({ "schemaVersion": 2, "mediaType": INDEX, "manifests": [other, host] });
+            vec![blob(d, INDEX, &serde_json::to_vec(&nested).unwrap())]
+        });
+        let (res, sink) = run(&format!("oci:{}", img.path().display()));
+        res.unwrap();
+        check_two_layers(&sink);
+    }
+
+    #[test]
+    fn corrupt_blob_is_named_and_nothing_finished() {
+        for flip in [true, false] {
+            corrupt_blob(flip);
+        }
+    }
+
+    fn corrupt_blob(flip: bool) {
+        let (first, _) = two_layers();
+        let mut bad = String::new();
+        let img = layout(|d| {
+            let desc = image(d, None);
+            // Corrupt the first layer blob in place, keeping its name.
+            let manifest: serde_json::Value = serde_json::from_slice(&fs::read(d.join("blobs/sha256").join(&desc["digest"].as_str().unwrap()[7..])).unwrap()).unwrap();
+            bad = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
+            let mut tampered = gzip(&first);
+            if flip {
+                let mid = tampered.len() / 2;
+                tampered[mid] ^= 0x55;
+            } else {
+                tampered.extend_from_slice(b"trailing junk");
+            }
+            fs::write(d.join("blobs/sha256").join(&bad[7..]), tampered).unwrap();
+            vec![desc]
+        });
+        let (res, sink) = run(&format!("oci:{}", img.path().display()));
+        let msg = format!("{:#}", res.unwrap_err());
+        assert!(msg.contains(&bad) && msg.contains("corrupt"), "{msg}");
+        assert!(sink.finished.is_empty());
+    }
+
+    #[test]
+    fn wrong_diff_id_is_an_error() {
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        let img = layout(|d| vec![image(d, Some(vec![wrong.clone(), wrong.clone()]))]);
+        let (res, sink) = run(&format!("oci:{}", img.path().display()));
+        let msg = format!("{:#}", res.unwrap_err());
+        assert!(msg.contains("diff_id") && msg.contains(&wrong), "{msg}");
+        assert!(sink.finished.is_empty());
+    }
+
+    #[test]
+    fn malformed_digest_is_refused() {
+        let img = layout(|_| vec![json!({ "mediaType": MANIFEST, "digest": "sha256:../../../etc/passwd", "size": 1 })]);
+        let (res, sink) = run(&format!("oci:{}", img.path().display()));
+        assert!(format!("{:#}", res.unwrap_err()).contains("malformed digest"));
+        assert!(sink.staged.is_empty());
     }
 }
