@@ -25,6 +25,7 @@ pub(crate) struct Generation {
     pub sources: Vec<String>,
 }
 
+#[derive(Debug)]
 pub(crate) struct Env {
     pub name: String,
     pub dir: PathBuf,

@@ -224,3 +224,6 @@ pub(crate) fn default_root() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context("neither $XDG_DATA_HOME nor $HOME is set: pass --store DIR or set PLYROOT_HOME")?;
     Ok(PathBuf::from(home).join(".local/share/plyroot"))
 }
+
+#[cfg(test)]
+mod tests;
