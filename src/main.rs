@@ -47,7 +47,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
             None => store::default_root(),
         }
     };
-    let open = || -> Result<Store> { Store::open(&store_root()?) };
+    let open = || -> Result<Store> {
+        let mut s = Store::open(&store_root()?)?;
+        s.remover = sandbox::remove_tree_mapped;
+        Ok(s)
+    };
     match cli.command {
         Command::Import { ref sources, json } => commands::layers::import(&open()?, sources, json),
         Command::Layers { json } => commands::layers::layers(&open()?, json),

@@ -26,7 +26,7 @@ pub(crate) struct ExecFailed {
 }
 
 /// Sets up the namespaces and id maps for `inside`. Must run while single-threaded.
-fn enter_namespaces(inside: &Inside, pid: bool) -> Result<()> {
+pub(crate) fn enter_namespaces(inside: &Inside, pid: bool) -> Result<()> {
     match &inside.mapping {
         Mapping::Host => ns::unshare(false, pid)?,
         Mapping::Single { inside_uid, inside_gid, uid, gid } => {

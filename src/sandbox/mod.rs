@@ -18,6 +18,36 @@ use crate::cli::HostShare;
 use crate::sys::mount::Kind;
 use identity::{HostUser, Inside};
 
+/// Removes a tree, also one holding files that runs wrote as subordinate ids (owned by host ids
+/// the user cannot touch directly): those are removed from inside a user namespace that maps
+/// the user's ranges, where the user is root over them.
+pub(crate) fn remove_tree_mapped(path: &Path) -> Result<()> {
+    let first = match crate::store::remove_tree(path) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    let user = identity::HostUser::current();
+    let subids = if rustix::process::geteuid().is_root() { None } else { identity::host_subids(&user) };
+    let Some(subids) = subids else { return Err(first) };
+    let inside = identity::choose(&user, false, Some(subids), true);
+    match crate::sys::process::fork()? {
+        crate::sys::process::Fork::Child => {
+            let r = launch::enter_namespaces(&inside, false).and_then(|_| crate::store::remove_tree(path));
+            if let Err(e) = &r {
+                eprintln!("plyroot: error: {e:#}");
+            }
+            std::process::exit(i32::from(r.is_err()));
+        }
+        crate::sys::process::Fork::Parent(pid) => {
+            let st = crate::sys::process::waitpid(pid)?;
+            if crate::sys::process::status_code(st) != 0 {
+                return Err(first.context("removing it inside a user namespace with your subordinate ids failed too"));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// The writable part of the root.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Upper {

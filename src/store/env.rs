@@ -106,7 +106,7 @@ impl Store {
         let st = self.staging()?;
         let grave = st.path.join("env");
         fs::rename(&env.dir, &grave).with_context(|| format!("cannot remove environment '{name}'"))?;
-        super::remove_tree(&grave).with_context(|| format!("environment '{name}' was removed, but deleting its files in {} failed", grave.display()))?;
+        (self.remover)(&grave).with_context(|| format!("environment '{name}' was removed, but deleting its files in {} failed", grave.display()))?;
         drop(st);
         Ok(())
     }

@@ -41,6 +41,9 @@ use rustix::fs::{flock, FlockOperation};
 pub(crate) struct Store {
     pub root: PathBuf,
     pub lock: File,
+    /// Deletes trees that may hold files runs wrote as other ids. The store knows nothing of
+    /// namespaces: the caller supplies one that does (default: plain [`remove_tree`]).
+    pub remover: fn(&Path) -> Result<()>,
 }
 
 impl Store {
@@ -83,7 +86,7 @@ impl Store {
             ));
             flock(&lock, op).with_context(|| format!("cannot lock {}", lock_path.display()))?;
         }
-        Ok(Store { root: root.to_owned(), lock })
+        Ok(Store { root: root.to_owned(), lock, remover: remove_tree })
     }
 
     pub(crate) fn layers_dir(&self) -> PathBuf {
@@ -128,8 +131,9 @@ impl Store {
                 Ok(f) => flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok(),
                 Err(_) => true,
             };
-            if stale {
-                remove_tree(&path)?;
+            // Best effort: a leftover that cannot be removed now (files of another id) must not
+            // fail the command that happened to find it.
+            if stale && (self.remover)(&path).is_ok() {
                 n += 1;
             }
         }
