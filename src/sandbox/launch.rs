@@ -27,6 +27,17 @@ pub(crate) struct ExecFailed {
 
 /// Sets up the namespaces and id maps for `inside`. Must run while single-threaded.
 pub(crate) fn enter_namespaces(inside: &Inside, pid: bool) -> Result<()> {
+    enter_namespaces_inner(inside, pid).map_err(|e| {
+        let denied = e.chain().any(|c| c.downcast_ref::<crate::sys::SysError>().is_some_and(|s| s.op == "unshare namespaces" && matches!(s.source.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOSPC) | Some(libc::EACCES))));
+        if denied {
+            e.context("this system does not let you create user namespaces (disabled by sysctl, limited by max_user_namespaces, or restricted by AppArmor); `plyroot doctor` says which and how to allow it")
+        } else {
+            e
+        }
+    })
+}
+
+fn enter_namespaces_inner(inside: &Inside, pid: bool) -> Result<()> {
     match &inside.mapping {
         Mapping::Host => ns::unshare(false, pid)?,
         Mapping::Single { inside_uid, inside_gid, uid, gid } => {
@@ -157,7 +168,7 @@ fn proc_fresh(root: &OwnedFd) -> Result<()> {
 }
 
 fn mount_all(plan: &Plan) -> Result<OwnedFd> {
-    let (root, root_path) = build_root(plan)?;
+    let (root, root_path) = build_root(plan).context("cannot mount the environment's root (overlayfs); `plyroot doctor` checks what this kernel allows")?;
     for op in &plan.ops[1..] {
         match op {
             Op::Root { .. } => bail!("a plan has one root"),
