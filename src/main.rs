@@ -7,6 +7,7 @@
 mod cli;
 mod commands;
 mod diag;
+mod manifest;
 mod progress;
 mod sandbox;
 mod source;

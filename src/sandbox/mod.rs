@@ -170,7 +170,7 @@ pub(crate) fn parse_bind(spec: &str, cwd: Option<&Path>) -> Result<(PathBuf, Pat
         bail!("--bind '{spec}': SRC must be a host path and DST an absolute path inside");
     }
     let src = PathBuf::from(src);
-    let src = if src.is_absolute() { src } else { cwd.unwrap_or(Path::new("/")).join(src) };
+    let src = if src.is_absolute() { src } else { cwd.unwrap_or(Path::new("/")).join(src.strip_prefix(".").unwrap_or(&src)) };
     Ok((src, PathBuf::from(dst), ro))
 }
 

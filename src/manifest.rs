@@ -1,0 +1,245 @@
+//! The manifest (`plyroot.toml`): environments as code. `parse` is pure: text in, a checked
+//! [`Manifest`] or an error with file, line and column out; nothing here touches the disk.
+//!
+//! ```toml
+//! [env.dev]
+//! from = ["tar:debian.tar.zst", "dir:./extra"]  # sources, bottom first; paths relative to this file
+//! root = false             # be uid 0 inside by default (run --root)
+//! persist = true           # keep the upper between runs (false: every run is ephemeral)
+//! binds = ["./src:/src", "/data:/data:ro"]
+//! env = { EDITOR = "vi" }
+//! no_host = ["x11"]        # host shares to leave out (see `plyroot run --help`)
+//! init = "/sbin/init"      # the init `boot` starts
+//! exports = ["gcc"]        # programs to export as launchers
+//! ```
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::cli::HostShare;
+
+/// An environment's settings, as recorded in each generation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Settings {
+    #[serde(default)]
+    pub root: bool,
+    #[serde(default = "yes")]
+    pub persist: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_host: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { root: false, persist: true, binds: Vec::new(), env: BTreeMap::new(), no_host: Vec::new(), init: None, exports: Vec::new() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct EnvDecl {
+    pub name: String,
+    /// Sources bottom first, with relative paths made absolute against the manifest's directory.
+    pub sources: Vec<String>,
+    pub settings: Settings,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Manifest {
+    pub envs: Vec<EnvDecl>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{file}:{line}:{column}: {message}")]
+pub(crate) struct ManifestError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, Spanned<RawEnv>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnv {
+    from: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    root: bool,
+    #[serde(default = "yes")]
+    persist: bool,
+    #[serde(default)]
+    binds: Vec<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    no_host: Vec<Spanned<String>>,
+    #[serde(default)]
+    init: Option<Spanned<String>>,
+    #[serde(default)]
+    exports: Vec<Spanned<String>>,
+}
+
+const KINDS: &str = "dir:, tar:, oci:, docker-archive:, layer:, env:";
+
+fn locate(text: &str, file: &Path, span: Option<Range<usize>>, message: String) -> ManifestError {
+    let at = span.map(|s| s.start.min(text.len())).unwrap_or(0);
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    ManifestError { file: file.display().to_string(), line, column, message }
+}
+
+/// Makes `kind:relative/path` absolute against `dir`; other sources are returned as they are.
+fn absolutize(source: &str, dir: &Path) -> String {
+    for kind in ["dir:", "tar:", "oci:", "docker-archive:"] {
+        if let Some(p) = source.strip_prefix(kind) {
+            if p != "-" && !p.starts_with('/') {
+                return format!("{kind}{}", dir.join(p).display());
+            }
+        }
+    }
+    source.to_owned()
+}
+
+/// Parses and checks a manifest. `file` is where it was read from (for messages and to resolve
+/// relative paths); the text is all that is read.
+pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> {
+    let raw: RawManifest = toml::from_str(text).map_err(|e| locate(text, file, e.span(), e.message().trim().to_owned()))?;
+    let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let err = |span: Range<usize>, msg: String| locate(text, file, Some(span), msg);
+    let mut envs = Vec::new();
+    for (name, decl) in raw.env {
+        if let Err(e) = crate::store::env::check_name(name.get_ref()) {
+            return Err(err(name.span(), e.to_string()));
+        }
+        let decl = decl.into_inner();
+        if decl.from.get_ref().is_empty() {
+            return Err(err(decl.from.span(), format!("environment '{}' needs at least one source in `from` ({KINDS})", name.get_ref())));
+        }
+        let mut sources = Vec::new();
+        for s in decl.from.into_inner() {
+            if let Err(e) = s.get_ref().parse::<crate::source::Source>() {
+                return Err(err(s.span(), e.to_string()));
+            }
+            sources.push(absolutize(s.get_ref(), &dir));
+        }
+        let mut binds = Vec::new();
+        for b in decl.binds {
+            let (src, dst, ro) = crate::sandbox::parse_bind(b.get_ref(), Some(&dir)).map_err(|e| err(b.span(), e.to_string()))?;
+            binds.push(format!("{}:{}{}", src.display(), dst.display(), if ro { ":ro" } else { "" }));
+        }
+        let mut no_host = Vec::new();
+        for n in decl.no_host {
+            use clap::ValueEnum;
+            if HostShare::from_str(n.get_ref(), false).is_err() {
+                let accepted: Vec<String> = HostShare::value_variants().iter().filter_map(|v| v.to_possible_value()).map(|v| v.get_name().to_owned()).collect();
+                return Err(err(n.span(), format!("'{}' is not a host share; accepted: {}", n.get_ref(), accepted.join(", "))));
+            }
+            no_host.push(n.into_inner());
+        }
+        if let Some(i) = &decl.init {
+            if !i.get_ref().starts_with('/') {
+                return Err(err(i.span(), format!("init '{}' must be an absolute path inside the environment", i.get_ref())));
+            }
+        }
+        for x in &decl.exports {
+            if x.get_ref().is_empty() || x.get_ref().contains('\0') {
+                return Err(err(x.span(), "an export must name a program".into()));
+            }
+        }
+        envs.push(EnvDecl {
+            name: name.into_inner(),
+            sources,
+            settings: Settings {
+                root: decl.root,
+                persist: decl.persist,
+                binds,
+                env: decl.env,
+                no_host,
+                init: decl.init.map(Spanned::into_inner),
+                exports: decl.exports.into_iter().map(Spanned::into_inner).collect(),
+            },
+        });
+    }
+    Ok(Manifest { envs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Manifest, ManifestError> {
+        parse(text, Path::new("/proj/plyroot.toml"))
+    }
+
+    #[test]
+    fn a_full_environment_parses_with_paths_resolved() {
+        let m = p(r#"
+[env.dev]
+from = ["tar:debian.tar.zst", "dir:/abs/extra", "layer:sha256:abcd"]
+root = true
+persist = false
+binds = ["./src:/src", "/data:/data:ro"]
+env = { EDITOR = "vi" }
+no_host = ["x11", "home"]
+init = "/sbin/init"
+exports = ["gcc"]
+
+[env.min]
+from = ["tar:-"]
+"#)
+        .unwrap();
+        assert_eq!(m.envs.len(), 2);
+        let d = &m.envs[0];
+        assert_eq!(d.name, "dev");
+        assert_eq!(d.sources, ["tar:/proj/debian.tar.zst", "dir:/abs/extra", "layer:sha256:abcd"]);
+        assert_eq!(d.settings.binds, ["/proj/src:/src", "/data:/data:ro"]);
+        assert!(d.settings.root && !d.settings.persist);
+        assert_eq!(d.settings.env["EDITOR"], "vi");
+        assert_eq!(m.envs[1].settings, Settings::default());
+        assert_eq!(m.envs[1].sources, ["tar:-"]);
+    }
+
+    #[test]
+    fn errors_name_file_line_column_and_the_accepted_values() {
+        let cases: &[(&str, usize, usize, &str)] = &[
+            ("[env.dev]\nfrom = [\"tar:a\"]\ncolour = 1\n", 3, 1, "unknown field `colour`"),
+            ("[env.dev]\nfrom = [\"zip:a\"]\n", 2, 9, "dir:"),
+            ("[env.dev]\nfrom = []\n", 2, 8, "at least one source"),
+            ("[env.dev]\nfrom = [\"tar:a\"]\nno_host = [\"x12\"]\n", 3, 12, "accepted: all, proc"),
+            ("[env.dev]\nfrom = [\"tar:a\"]\nbinds = [\"nocolon\"]\n", 3, 10, "SRC:DST"),
+            ("[env.dev]\nfrom = [\"tar:a\"]\ninit = \"sbin/init\"\n", 3, 8, "absolute"),
+            ("[env.\"bad name\"]\nfrom = [\"tar:a\"]\n", 1, 6, "not a valid environment name"),
+            ("[env.dev]\nroot = \"yes\"\nfrom = [\"tar:a\"]\n", 2, 8, "bool"),
+            ("[env.dev]\nfrom = [\"tar:a\"\n", 2, 16, ""),
+            ("[envs.dev]\n", 1, 2, "unknown field `envs`"),
+        ];
+        for (text, line, col, needle) in cases {
+            let e = p(text).unwrap_err();
+            assert_eq!((e.line, e.column), (*line, *col), "{text:?} → {e}");
+            assert!(e.message.contains(needle), "{text:?} → {e}");
+            assert!(e.to_string().starts_with(&format!("/proj/plyroot.toml:{line}:{col}: ")), "{e}");
+        }
+    }
+}
