@@ -43,6 +43,7 @@ impl Progress {
     }
 
     /// Counts but never draws.
+    #[cfg(test)]
     pub(crate) fn hidden() -> Self {
         Self::new("", None, false)
     }
@@ -64,14 +65,6 @@ impl Progress {
     pub(crate) fn add_entry(&mut self) {
         self.entries += 1;
         self.tick();
-    }
-
-    pub(crate) fn bytes(&self) -> u64 {
-        self.bytes.get()
-    }
-
-    pub(crate) fn entries(&self) -> u64 {
-        self.entries
     }
 
     /// Wraps `r` so that every byte read from it is counted: wrap the compressed input, so the
@@ -162,8 +155,8 @@ mod tests {
         p.add_bytes(24);
         p.add_entry();
         p.finish();
-        assert_eq!(p.bytes(), 1024);
-        assert_eq!(p.entries(), 1);
+        assert_eq!(p.bytes.get(), 1024);
+        assert_eq!(p.entries, 1);
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub(crate) fn copy_dir(src: &Path, root: BorrowedFd, ownership: Ownership, progr
     let mut walk = Walk { stage: &mut stage, ownership, me, links: HashMap::new(), xattrs: Vec::new(), xattr_buf: Vec::new() };
     let top = fs::symlink_metadata(src).map_err(|source| UnpackError::Open { path: src.to_owned(), source })?;
     if !top.is_dir() {
-        return Err(UnpackError::Open { path: src.to_owned(), source: io::Error::from(io::ErrorKind::NotADirectory) });
+        return Err(UnpackError::Open { path: src.to_owned(), source: rustix::io::Errno::NOTDIR.into() });
     }
     let mut rel = Vec::new();
     walk.dir(src, &mut rel)?;

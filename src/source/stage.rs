@@ -210,14 +210,6 @@ impl<'r, 'p> Stage<'r, 'p> {
         }
     }
 
-    pub(super) fn archive(&self) -> &'r str {
-        self.archive
-    }
-
-    pub(super) fn progress(&mut self) -> &mut Progress {
-        self.progress
-    }
-
     pub(super) fn unsafe_entry(&self, raw: &[u8], reason: &'static str) -> UnpackError {
         UnpackError::Unsafe { archive: self.archive.to_owned(), entry: key(raw).into_owned(), reason }
     }
@@ -464,6 +456,17 @@ impl<'r, 'p> Stage<'r, 'p> {
         let (tdir, tname) = split(target);
         if tname.is_empty() {
             return Err(self.unsafe_entry(path, "the hardlink target is the layer root"));
+        }
+        // A link to a device that was recorded instead of created is recorded the same way.
+        let recorded_device = self.out.overrides.entries.get(key(target).as_ref()).filter(|o| o.device.is_some()).cloned();
+        if let Some(o) = recorded_device {
+            let at = self.resolver.parent(dir).map_err(fail(self.archive, path, "open parent directory"))?;
+            if remove_existing(at, name).map_err(fail(self.archive, path, "remove existing entry"))? {
+                self.replaced(path);
+            }
+            self.out.overrides.entries.insert(key(path).into_owned(), o);
+            self.out.skipped_devices += 1;
+            return Ok(());
         }
         let link_err = |archive: &str, source: io::Error| UnpackError::LinkTarget {
             archive: archive.to_owned(),

@@ -14,7 +14,7 @@ use tar::EntryType;
 
 use super::error::UnpackError;
 use super::stage::{normalize, Meta, Node, Stage};
-use super::whiteout::{classify, Whiteout};
+use super::{classify, Whiteout};
 use super::Unpacked;
 use crate::progress::Progress;
 use crate::store::meta::Ownership;
@@ -253,14 +253,16 @@ mod tests {
             .file("root-owned", 0o644, b"")
             .node("dev/null", tar::EntryType::Char, 0o666, (1, 3), (0, 0))
             .node("dev/sda", tar::EntryType::Block, 0o660, (8, 0), (0, 6))
+            .hardlink("dev/sda-link", "dev/sda")
             .finish();
         let root = tempfile::tempdir().unwrap();
         let out = unpack(&archive, root.path(), Ownership::Record).unwrap();
         let e = &out.overrides.entries;
         assert_eq!(e["etc/shadow"].owner, Some((0, 42)));
+        assert_eq!(e["dev/sda-link"], e["dev/sda"]);
         assert_eq!(e["home/u/f"].owner, Some((1000, 1000)));
         assert!(!e.contains_key("root-owned"));
-        assert_eq!(out.skipped_devices, 2);
+        assert_eq!(out.skipped_devices, 3);
         let null = e["dev/null"].device.clone().unwrap();
         assert_eq!((null.kind, null.major, null.minor, null.mode, null.mtime), ('c', 1, 3, 0o666, MTIME as i64));
         assert_eq!(e["dev/null"].owner, None);
@@ -394,7 +396,7 @@ mod tests {
     }
 
     fn assert_refused(res: Result<Unpacked, UnpackError>, entry: &str) {
-        let msg = res.err().expect("hostile archive was accepted").to_string();
+        let msg = res.expect_err("hostile archive was accepted").to_string();
         assert!(msg.contains(&format!("'{entry}'")) && msg.contains("test.tar"), "{msg}");
     }
 
