@@ -87,6 +87,83 @@ pub(crate) enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Build the environments a manifest declares into new generations (only where they changed)
+    #[command(after_help = "The manifest (plyroot.toml):\n  [env.dev]\n  from = [\"tar:debian.tar.zst\", \"dir:./extra\"]   # bottom first\n  root = false          # run as uid 0 inside by default\n  persist = true        # keep the upper between runs\n  binds = [\"./src:/src\"]\n  env = { EDITOR = \"vi\" }\n  no_host = [\"x11\"]\n  init = \"/sbin/init\"\n  exports = [\"gcc\"]\n\nA lock file (plyroot.lock) beside the manifest pins each source to its layer ids, so apply\nlater or elsewhere resolves the same layers; --update re-resolves them.\n\nExamples:\n  plyroot apply\n  plyroot apply -f envs/plyroot.toml dev\n  plyroot apply --update")]
+    Apply {
+        /// The manifest [default: ./plyroot.toml]
+        #[arg(short = 'f', long = "file", value_name = "FILE", default_value = "plyroot.toml")]
+        file: PathBuf,
+        /// Re-resolve sources instead of using the lock file's pins
+        #[arg(long)]
+        update: bool,
+        /// Only these environments [default: all in the manifest]
+        envs: Vec<String>,
+    },
+    /// List an environment's generations
+    #[command(after_help = "Examples:\n  plyroot generations dev\n  plyroot generations dev --json")]
+    Generations {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make generation N current (atomically)
+    #[command(after_help = "Examples:\n  plyroot switch dev 3")]
+    Switch { name: String, generation: u32 },
+    /// Make the generation before the current one current
+    Rollback { name: String },
+    /// Show what the upper adds, changes and deletes against the current layers
+    #[command(after_help = "Examples:\n  plyroot diff dev\n  plyroot diff dev /etc\n  plyroot diff dev --json")]
+    Diff {
+        name: String,
+        /// Only paths under these (inside paths)
+        paths: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Turn the upper into a new layer on top, in a new generation, and start a clean upper
+    #[command(after_help = "Examples:\n  plyroot commit dev -m 'gcc and make installed'")]
+    Commit {
+        name: String,
+        /// What the change is
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// Set the upper aside (kept under the environment's saved/ unless --force) and start clean
+    Reset {
+        name: String,
+        /// Delete the upper instead of keeping it
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replay the upper onto the current generation's layers
+    #[command(after_help = "A path the upper changed whose lower content also changed between the upper's\nlayers and the current ones is a conflict: rebase lists them and changes nothing, unless\n--ours (keep the upper's version) or --theirs (take the new layers' version) decides.\n\nExamples:\n  plyroot rebase dev\n  plyroot rebase dev --theirs")]
+    Rebase {
+        name: String,
+        /// Resolve conflicts by keeping the upper's version
+        #[arg(long, conflicts_with = "theirs")]
+        ours: bool,
+        /// Resolve conflicts by taking the new layers' version
+        #[arg(long)]
+        theirs: bool,
+    },
+    /// Prune old generations and delete layers nothing uses
+    #[command(after_help = "Roots: every kept generation of every environment, each upper's base layers, and what\nrunning programs use. The current generation is always kept.\n\nExamples:\n  plyroot gc --dry-run\n  plyroot gc --keep 3\n  plyroot gc --older-than 30d")]
+    Gc {
+        /// Say what would be deleted, delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep the newest N generations of each environment
+        #[arg(long, value_name = "N", conflicts_with = "older_than")]
+        keep: Option<usize>,
+        /// Prune generations older than this (e.g. 12h, 30d, 2w)
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
+    },
+    /// Check every layer against its id
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
     /// Report what this kernel and user allow, and how to fix what they don't
     Doctor {
         #[arg(long)]
@@ -170,4 +247,7 @@ pub(crate) struct RunOpts {
     /// Working directory inside [default: the current one when it exists inside, else home]
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<PathBuf>,
+    /// Use the upper although it was written on other layers than the current generation's
+    #[arg(long)]
+    pub keep_upper: bool,
 }

@@ -62,6 +62,16 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts, Vec::new(), true),
         Command::List { json } => commands::layers::list(&open()?, json),
         Command::Rm { ref names } => commands::layers::rm(&open()?, names),
+        Command::Apply { ref file, update, ref envs } => commands::envs::apply(&open()?, file, update, envs),
+        Command::Generations { ref name, json } => commands::envs::generations(&open()?, name, json),
+        Command::Switch { ref name, generation } => commands::envs::switch(&open()?, name, generation),
+        Command::Rollback { ref name } => commands::envs::rollback(&open()?, name),
+        Command::Diff { ref name, ref paths, json } => commands::upper::diff(&open()?, name, paths, json),
+        Command::Commit { ref name, ref message } => commands::upper::commit(&open()?, name, message.as_deref()),
+        Command::Reset { ref name, force } => commands::upper::reset(&open()?, name, force),
+        Command::Rebase { ref name, ours, theirs } => commands::upper::rebase(&open()?, name, ours, theirs),
+        Command::Gc { dry_run, keep, ref older_than } => commands::gc::gc(&store_root()?, dry_run, keep, older_than.as_deref()),
+        Command::Verify { json } => commands::gc::verify(&open()?, json),
         Command::Doctor { json } => commands::doctor::doctor(&open()?, json),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "plyroot", &mut std::io::stdout());

@@ -54,6 +54,8 @@ impl Default for Settings {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct EnvDecl {
     pub name: String,
+    /// Sources as written in the manifest: the keys of the lock file.
+    pub raw_sources: Vec<String>,
     /// Sources bottom first, with relative paths made absolute against the manifest's directory.
     pub sources: Vec<String>,
     pub settings: Settings,
@@ -138,11 +140,13 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
             return Err(err(decl.from.span(), format!("environment '{}' needs at least one source in `from` ({KINDS})", name.get_ref())));
         }
         let mut sources = Vec::new();
+        let mut raw_sources = Vec::new();
         for s in decl.from.into_inner() {
             if let Err(e) = s.get_ref().parse::<crate::source::Source>() {
                 return Err(err(s.span(), e.to_string()));
             }
             sources.push(absolutize(s.get_ref(), &dir));
+            raw_sources.push(s.into_inner());
         }
         let mut binds = Vec::new();
         for b in decl.binds {
@@ -170,6 +174,7 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
         }
         envs.push(EnvDecl {
             name: name.into_inner(),
+            raw_sources,
             sources,
             settings: Settings {
                 root: decl.root,

@@ -87,7 +87,7 @@ pub(crate) fn create(store: &Store, name: &str, from: &[String]) -> Result<i32> 
     let layers = import_all(store, &sources)?;
     let ids: Vec<String> = layers.iter().map(|l| l.id.clone()).collect();
     let n = ids.len();
-    store.create_env(name, ids, from.to_vec())?;
+    store.create_env(name, ids, from.to_vec(), Default::default(), "create")?;
     crate::diag::info(&format!("created environment '{name}' with {n} layer(s); try `plyroot enter {name}`"));
     Ok(0)
 }

@@ -1,8 +1,11 @@
 //! One function per subcommand: glue between the CLI, the store and the sandbox.
 
 pub(crate) mod doctor;
+pub(crate) mod envs;
+pub(crate) mod gc;
 pub(crate) mod layers;
 pub(crate) mod run;
+pub(crate) mod upper;
 
 use std::io::Write;
 

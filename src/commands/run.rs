@@ -1,21 +1,22 @@
 //! run and enter: resolve the environment, plan the launch, carry it out.
 
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rustix::fs::{flock, FlockOperation};
 
 use crate::cli::RunOpts;
 use crate::sandbox::identity::{choose, host_subids, HostUser};
 use crate::sandbox::{launch, plan, skel, HostFacts, PlanInput, RunOptions, Upper};
-use crate::store::env::Env;
+use crate::store::env::{Env, Generation, RunPin};
 use crate::store::Store;
 use crate::sys::{ns, process};
 
-/// Removes the workdirs of runs that have ended (their lock is free). Runs exec away and cannot
-/// clean up after themselves; each launch collects what earlier ones left.
+/// Removes the pins and workdirs of runs that have ended (their lock is free). Runs exec away
+/// and cannot clean up after themselves; each launch collects what earlier ones left.
 fn collect_ended_runs(env: &Env) {
     let Ok(rd) = fs::read_dir(env.dir.join("runs")) else { return };
     for e in rd.flatten() {
@@ -30,17 +31,37 @@ fn collect_ended_runs(env: &Env) {
     }
 }
 
-/// A workdir for this run, locked for as long as the run (and, across exec, its program) lives.
-fn run_workdir(env: &Env) -> Result<(PathBuf, fs::File)> {
+/// Pins the generation this run uses, for as long as the run (and, across exec, its program)
+/// lives; returns the pin's lock and the run's id.
+fn pin_run(env: &Env, generation: &Generation) -> Result<(fs::File, String)> {
     collect_ended_runs(env);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let id = format!("{}-{nanos}", std::process::id());
     let lock_path = env.dir.join("runs").join(format!("{id}.lock"));
-    let lock = fs::OpenOptions::new().write(true).create_new(true).mode(0o644).custom_flags(libc::O_CLOEXEC).open(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+    let mut lock = fs::OpenOptions::new().write(true).create_new(true).mode(0o644).custom_flags(libc::O_CLOEXEC).open(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
     flock(&lock, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", lock_path.display()))?;
-    let work = env.dir.join("work").join(&id);
-    fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    Ok((work, lock))
+    let pin = RunPin { generation: generation.number, layers: generation.layers.clone() };
+    lock.write_all(&serde_json::to_vec(&pin)?).with_context(|| format!("cannot write {}", lock_path.display()))?;
+    Ok((lock, id))
+}
+
+/// Checks that the upper was written on the current layers (or is empty, or the user accepts).
+fn check_upper(env: &Env, current: &Generation, keep: bool) -> Result<()> {
+    let base = env.upper_base()?;
+    if base == current.layers {
+        return Ok(());
+    }
+    if env.upper_is_empty() || keep {
+        if !env.upper_is_empty() {
+            crate::diag::warn(&format!("using the upper of '{}' on generation {} although it was written on other layers (--keep-upper)", env.name, current.number));
+        }
+        return env.set_upper_base(&current.layers);
+    }
+    let name = &env.name;
+    bail!(
+        "the upper of '{name}' holds changes made on other layers than generation {} (current): choose `plyroot rebase {name}` to replay them onto it, `plyroot reset {name}` to set them aside, or run with --keep-upper to use them as they are",
+        current.number
+    )
 }
 
 /// Shows a notice once per store (a marker file under notes/ remembers it).
@@ -55,11 +76,16 @@ fn notice_once(store: &Store, key: &str, msg: &str) {
 
 pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>, login: bool) -> Result<i32> {
     let env = store.env(name)?;
+    if env.dir.join("upper.new").exists() || env.dir.join("upper.old").exists() {
+        let _lock = env.lock()?;
+        env.recover(store.remover)?;
+    }
     let generation = env.current()?;
+    let settings = &generation.settings;
     let user = HostUser::current();
     let real_root = rustix::process::geteuid().is_root();
     let subids = if real_root { None } else { host_subids(&user) };
-    let inside = choose(&user, real_root, subids, opts.root);
+    let inside = choose(&user, real_root, subids, opts.root || settings.root);
     if inside.forced_root {
         notice_once(
             &store,
@@ -79,23 +105,27 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>
     let mut lowers = vec![skel_dir];
     lowers.extend(layer_roots);
 
-    let mut run_lock = None;
+    let (run_lock, run_id) = pin_run(&env, &generation)?;
     let upper = if opts.read_only {
         Upper::None
-    } else if opts.ephemeral {
+    } else if opts.ephemeral || !settings.persist {
         Upper::Ephemeral
     } else {
-        let (work, lock) = run_workdir(&env)?;
-        run_lock = Some(lock);
+        check_upper(&env, &generation, opts.keep_upper)?;
+        let work = env.dir.join("work").join(&run_id);
+        fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
         Upper::Persistent { upper: env.upper(), work }
     };
+    let mut no_host = opts.no_host.clone();
+    for n in &settings.no_host {
+        use clap::ValueEnum;
+        no_host.extend(crate::cli::HostShare::from_str(n, false).ok());
+    }
     let run_opts = RunOptions {
-        ephemeral: opts.ephemeral,
-        read_only: opts.read_only,
         pid: opts.pid,
-        binds: opts.binds.clone(),
-        no_host: opts.no_host.clone(),
-        env: opts.env.clone(),
+        binds: settings.binds.iter().chain(&opts.binds).cloned().collect(),
+        no_host,
+        env: settings.env.iter().map(|(k, v)| format!("{k}={v}")).chain(opts.env.iter().cloned()).collect(),
         cwd: opts.cwd.clone(),
         command,
         login,
@@ -113,12 +143,11 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>
         host_env: std::env::vars_os().collect(),
     })?;
     crate::diag::debug(&format!("plan: {:#?}", p.ops));
-    // The store lock (shared) and this run's lock stay held by the program after exec, so gc and
-    // workdir collection see the run as alive for exactly as long as it is.
-    ns::inherit_fd(&store.lock, &store.root)?;
-    if let Some(l) = &run_lock {
-        ns::inherit_fd(l, &env.dir)?;
-    }
+    // The run's pin stays held by the program after exec, so gc and workdir collection see the
+    // run as alive for exactly as long as it is. The store lock is close-on-exec: gc waits only
+    // for launches in progress, never for programs that run for days.
+    ns::inherit_fd(&run_lock, &env.dir)?;
+    drop(store);
     match launch::launch(&p, &inside, name)? {
         Ok(code) => process::exit_like(code),
         Err(failed) => {

@@ -26,24 +26,48 @@ pub(crate) fn remove_tree_mapped(path: &Path) -> Result<()> {
         Ok(()) => return Ok(()),
         Err(e) => e,
     };
+    if rustix::process::geteuid().is_root() {
+        return Err(first);
+    }
+    as_root_inside(|| crate::store::remove_tree(path)).map_err(|e| first.context(format!("removing it inside a user namespace failed too: {e:#}")))
+}
+
+/// Runs `f` as root inside a user namespace that maps the user's ids the way `run --root` does
+/// (you → 0, subordinate ids → 1…), in a forked child, and returns its result. There the user
+/// can read and change every file their runs wrote, and owners read as they do inside an
+/// environment. Real root runs `f` directly.
+pub(crate) fn as_root_inside<T: serde::Serialize + serde::de::DeserializeOwned>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    use std::io::{Read, Write};
+    if rustix::process::geteuid().is_root() {
+        return f();
+    }
     let user = identity::HostUser::current();
-    let subids = if rustix::process::geteuid().is_root() { None } else { identity::host_subids(&user) };
-    let Some(subids) = subids else { return Err(first) };
-    let inside = identity::choose(&user, false, Some(subids), true);
+    let inside = identity::choose(&user, false, identity::host_subids(&user), true);
+    let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     match crate::sys::process::fork()? {
         crate::sys::process::Fork::Child => {
-            let r = launch::enter_namespaces(&inside, false).and_then(|_| crate::store::remove_tree(path));
-            if let Err(e) = &r {
-                eprintln!("plyroot: error: {e:#}");
-            }
-            std::process::exit(i32::from(r.is_err()));
+            drop(rd);
+            let r = launch::enter_namespaces(&inside, false).and_then(|_| f());
+            let msg = match r {
+                Ok(v) => serde_json::to_vec(&Ok::<T, String>(v)),
+                Err(e) => serde_json::to_vec(&Err::<T, String>(format!("{e:#}"))),
+            };
+            let mut w = std::fs::File::from(wr);
+            let ok = msg.map(|m| w.write_all(&m).is_ok()).unwrap_or(false);
+            // SAFETY: _exit in a forked child skips the parent's atexit handlers and buffers.
+            unsafe { libc::_exit(i32::from(!ok)) };
         }
         crate::sys::process::Fork::Parent(pid) => {
-            let st = crate::sys::process::waitpid(pid)?;
-            if crate::sys::process::status_code(st) != 0 {
-                return Err(first.context("removing it inside a user namespace with your subordinate ids failed too"));
+            drop(wr);
+            let mut buf = Vec::new();
+            let read = std::fs::File::from(rd).read_to_end(&mut buf);
+            crate::sys::process::waitpid(pid)?;
+            read?;
+            match serde_json::from_slice::<std::result::Result<T, String>>(&buf) {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(anyhow::anyhow!(e)),
+                Err(_) => bail!("the helper process inside the user namespace died without an answer"),
             }
-            Ok(())
         }
     }
 }
@@ -118,8 +142,6 @@ impl HostFacts {
 /// Run options after parsing (see `cli::RunOpts`).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RunOptions {
-    pub ephemeral: bool,
-    pub read_only: bool,
     pub pid: bool,
     pub binds: Vec<String>,
     pub no_host: Vec<HostShare>,

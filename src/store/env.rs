@@ -3,6 +3,13 @@
 //! An environment is a directory under `envs/`; each generation is an immutable JSON record and
 //! `current` is a symlink to one of them, switched by writing a new symlink and renaming it over
 //! the old one, so a crash leaves either the old or the new generation current, never neither.
+//!
+//! The upper remembers the layer stack it was written on (`upper.json`). Replacing the upper
+//! (commit, reset) prepares `upper.new/` + `upper.new.json` first; the switch of `current` is the
+//! commit point, and [`Env::recover`] finishes or undoes a replacement a crash interrupted.
+//!
+//! Every run holds `runs/<id>.lock` (flock) for its whole life, with the generation it uses
+//! written inside: gc keeps those layers, and commit/reset wait for no run.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -12,6 +19,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{now_secs, write_atomic, Store};
+use crate::manifest::Settings;
 
 /// One immutable record of an environment's resolved content.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -23,6 +31,18 @@ pub(crate) struct Generation {
     pub layers: Vec<String>,
     /// The sources the layers were resolved from, as given.
     pub sources: Vec<String>,
+    #[serde(default)]
+    pub settings: Settings,
+    /// Why this generation exists (create, apply, commit message, …).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// What a live run pins.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct RunPin {
+    pub generation: u32,
+    pub layers: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -72,7 +92,7 @@ impl Store {
 
     /// Creates an environment whose first generation holds `layers`. The directory is built under
     /// tmp/ and renamed into place, so a half-created environment is never visible.
-    pub(crate) fn create_env(&self, name: &str, layers: Vec<String>, sources: Vec<String>) -> Result<Env> {
+    pub(crate) fn create_env(&self, name: &str, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str) -> Result<Env> {
         check_name(name)?;
         let dest = self.envs_dir().join(name);
         if dest.exists() {
@@ -83,7 +103,8 @@ impl Store {
         for sub in ["generations", "upper", "work", "runs", "mnt", "skel"] {
             fs::DirBuilder::new().recursive(true).mode(0o755).create(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }
-        let g = Generation { number: 1, created: now_secs(), layers, sources };
+        write_atomic(&dir.join("upper.json"), &serde_json::to_vec(&layers)?)?;
+        let g = Generation { number: 1, created: now_secs(), layers, sources, settings, reason: reason.to_owned() };
         write_atomic(&dir.join("generations/1.json"), &serde_json::to_vec_pretty(&g)?)?;
         std::os::unix::fs::symlink("generations/1.json", dir.join("current")).context("cannot write the current generation link")?;
         fs::create_dir_all(self.envs_dir()).with_context(|| format!("cannot create {}", self.envs_dir().display()))?;
@@ -117,6 +138,148 @@ impl Env {
         read_generation(&self.dir.join("current"))
     }
 
+    pub(crate) fn generation(&self, n: u32) -> Result<Generation> {
+        let p = self.dir.join("generations").join(format!("{n}.json"));
+        if !p.exists() {
+            bail!("environment '{}' has no generation {n} (see `plyroot generations {}`)", self.name, self.name);
+        }
+        read_generation(&p)
+    }
+
+    /// Takes the environment's exclusive lock for a change of its record or upper.
+    pub(crate) fn lock(&self) -> Result<fs::File> {
+        let p = self.dir.join("lock");
+        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).with_context(|| format!("cannot open {}", p.display()))?;
+        if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            crate::diag::info(&format!("waiting for another plyroot command changing '{}'", self.name));
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", p.display()))?;
+        }
+        Ok(f)
+    }
+
+    /// The pins of runs that are alive now.
+    pub(crate) fn live_runs(&self) -> Vec<RunPin> {
+        let Ok(rd) = fs::read_dir(self.dir.join("runs")) else { return Vec::new() };
+        rd.flatten()
+            .filter_map(|e| {
+                let f = fs::File::open(e.path()).ok()?;
+                // A lock we can take belongs to a run that has ended.
+                if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok() {
+                    return None;
+                }
+                serde_json::from_slice(&fs::read(e.path()).ok()?).ok()
+            })
+            .collect()
+    }
+
+    /// Refuses while programs run in the environment (their overlay uses the upper).
+    pub(crate) fn ensure_idle(&self, what: &str) -> Result<()> {
+        let n = self.live_runs().len();
+        if n > 0 {
+            bail!("cannot {what} '{}' while {n} program(s) run in it: end them first (an overlay's upper must not change under a live mount)", self.name);
+        }
+        Ok(())
+    }
+
+    /// The layer stack the upper was written on.
+    pub(crate) fn upper_base(&self) -> Result<Vec<String>> {
+        let p = self.dir.join("upper.json");
+        match fs::read(&p) {
+            Ok(d) => serde_json::from_slice(&d).with_context(|| format!("{} is corrupt", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.current()?.layers),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+        }
+    }
+
+    pub(crate) fn set_upper_base(&self, layers: &[String]) -> Result<()> {
+        write_atomic(&self.dir.join("upper.json"), &serde_json::to_vec(layers)?)
+    }
+
+    pub(crate) fn upper_is_empty(&self) -> bool {
+        fs::read_dir(self.upper()).map(|mut rd| rd.next().is_none()).unwrap_or(true)
+    }
+
+    /// Points `current` at generation `n`: a new symlink renamed over the old one.
+    pub(crate) fn switch(&self, n: u32) -> Result<()> {
+        self.generation(n)?;
+        let tmp = self.dir.join(format!("current.tmp-{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("generations/{n}.json"), &tmp).context("cannot write the current generation link")?;
+        fs::rename(&tmp, self.dir.join("current")).context("cannot switch the current generation")
+    }
+
+    /// Records a new generation after the highest one and makes it current.
+    pub(crate) fn add_generation(&self, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str) -> Result<Generation> {
+        let g = self.write_generation(layers, sources, settings, reason)?;
+        self.switch(g.number)?;
+        Ok(g)
+    }
+
+    /// Writes a new generation record (not yet current).
+    pub(crate) fn write_generation(&self, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str) -> Result<Generation> {
+        let number = self.generations()?.last().map(|g| g.number).unwrap_or(0) + 1;
+        let g = Generation { number, created: now_secs(), layers, sources, settings, reason: reason.to_owned() };
+        write_atomic(&self.dir.join("generations").join(format!("{number}.json")), &serde_json::to_vec_pretty(&g)?)?;
+        Ok(g)
+    }
+
+    /// Prepares an empty replacement upper, based on `layers`, for [`Env::replace_upper`].
+    pub(crate) fn prepare_upper(&self, layers: &[String]) -> Result<()> {
+        let new = self.dir.join("upper.new");
+        super::remove_tree(&new)?;
+        fs::create_dir(&new).with_context(|| format!("cannot create {}", new.display()))?;
+        write_atomic(&self.dir.join("upper.new.json"), &serde_json::to_vec(layers)?)
+    }
+
+    /// Puts the prepared upper in place; the old one is returned (moved to `dest`, or deleted).
+    pub(crate) fn replace_upper(&self, keep_old_at: Option<&Path>, remove: fn(&Path) -> Result<()>) -> Result<()> {
+        let up = self.upper();
+        let old = self.dir.join("upper.old");
+        if up.exists() {
+            fs::rename(&up, &old).with_context(|| format!("cannot move {}", up.display()))?;
+        }
+        fs::rename(self.dir.join("upper.new"), &up).with_context(|| format!("cannot move the new upper into {}", up.display()))?;
+        fs::rename(self.dir.join("upper.new.json"), self.dir.join("upper.json")).context("cannot record the new upper's base")?;
+        if old.exists() {
+            match keep_old_at {
+                Some(dest) => fs::rename(&old, dest).with_context(|| format!("cannot keep the old upper at {}", dest.display()))?,
+                None => remove(&old)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes or undoes an upper replacement a crash interrupted: a prepared upper whose base
+    /// is the current stack was committed (finish); any other was not (drop it).
+    pub(crate) fn recover(&self, remove: fn(&Path) -> Result<()>) -> Result<()> {
+        let new = self.dir.join("upper.new");
+        if new.exists() {
+            let base: Option<Vec<String>> = fs::read(self.dir.join("upper.new.json")).ok().and_then(|d| serde_json::from_slice(&d).ok());
+            if base.is_some_and(|b| b == self.current().map(|g| g.layers).unwrap_or_default()) {
+                self.replace_upper(None, remove)?;
+            } else {
+                remove(&new)?;
+                let _ = fs::remove_file(self.dir.join("upper.new.json"));
+            }
+        }
+        let old = self.dir.join("upper.old");
+        if old.exists() {
+            if self.upper().exists() {
+                // Never delete what an interrupted command was replacing: keep it and say where.
+                let dest = self.saved_dir().join(format!("recovered-{}", now_secs()));
+                fs::create_dir_all(self.saved_dir()).with_context(|| format!("cannot create {}", self.saved_dir().display()))?;
+                fs::rename(&old, &dest).with_context(|| format!("cannot keep {} at {}", old.display(), dest.display()))?;
+                crate::diag::warn(&format!("an interrupted change of '{}' left its previous upper; it is kept at {}", self.name, dest.display()));
+            } else {
+                fs::rename(&old, self.upper()).context("cannot restore the upper")?;
+            }
+        }
+        if !self.upper().exists() {
+            fs::create_dir(self.upper()).with_context(|| format!("cannot create {}", self.upper().display()))?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn generations(&self) -> Result<Vec<Generation>> {
         let mut out = Vec::new();
         let dir = self.dir.join("generations");
@@ -127,6 +290,11 @@ impl Env {
         }
         out.sort_by_key(|g| g.number);
         Ok(out)
+    }
+
+    /// Where `reset` keeps discarded uppers.
+    pub(crate) fn saved_dir(&self) -> PathBuf {
+        self.dir.join("saved")
     }
 
     pub(crate) fn upper(&self) -> PathBuf {

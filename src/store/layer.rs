@@ -101,7 +101,7 @@ impl Store {
         }
         self.clean_leftovers()?;
         let ownership = if rustix::process::geteuid().is_root() { Ownership::Preserve } else { Ownership::Record };
-        let mut imp = Importer { store: self, source: src.to_string(), current: None, pending: Vec::new(), devices: 0, xattrs: 0 };
+        let mut imp = Importer { store: self, current: None, pending: Vec::new(), devices: 0, xattrs: 0 };
         source::unpack(src, ownership, progress, &mut imp).with_context(|| format!("cannot import {src}; the store is unchanged"))?;
         progress.finish();
         if imp.devices > 0 {
@@ -159,7 +159,6 @@ impl Store {
 
 struct Importer<'s> {
     store: &'s Store,
-    source: String,
     current: Option<Staging>,
     pending: Vec<(Staging, LayerInfo)>,
     devices: u64,

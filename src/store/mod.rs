@@ -27,6 +27,7 @@ pub(crate) mod canonical;
 pub(crate) mod env;
 pub(crate) mod layer;
 pub(crate) mod meta;
+pub(crate) mod upper;
 
 use std::fs::{self, File};
 use std::io;
@@ -40,7 +41,8 @@ use rustix::fs::{flock, FlockOperation};
 /// An open store, holding the store lock (shared unless asked otherwise) for as long as it lives.
 pub(crate) struct Store {
     pub root: PathBuf,
-    pub lock: File,
+    /// Held for the life of the value; never read.
+    _lock: File,
     /// Deletes trees that may hold files runs wrote as other ids. The store knows nothing of
     /// namespaces: the caller supplies one that does (default: plain [`remove_tree`]).
     pub remover: fn(&Path) -> Result<()>,
@@ -86,7 +88,7 @@ impl Store {
             ));
             flock(&lock, op).with_context(|| format!("cannot lock {}", lock_path.display()))?;
         }
-        Ok(Store { root: root.to_owned(), lock, remover: remove_tree })
+        Ok(Store { root: root.to_owned(), _lock: lock, remover: remove_tree })
     }
 
     pub(crate) fn layers_dir(&self) -> PathBuf {

@@ -91,11 +91,11 @@ fn environments_are_created_once_listed_and_removed() {
     let store = Store::open(&t.path().join("store")).unwrap();
     tree(&t.path().join("a"), "v1");
     let ids = import(&store, &format!("dir:{}", t.path().join("a").display())).unwrap();
-    store.create_env("dev", ids.clone(), vec!["dir:a".into()]).unwrap();
-    let e = store.create_env("dev", ids.clone(), vec![]).err().unwrap().to_string();
+    store.create_env("dev", ids.clone(), vec!["dir:a".into()], Default::default(), "test").unwrap();
+    let e = store.create_env("dev", ids.clone(), vec![], Default::default(), "test").err().unwrap().to_string();
     assert!(e.contains("already exists") && e.contains("plyroot rm dev"), "{e}");
     for bad in ["", "-x", ".x", "a/b", "a b"] {
-        assert!(store.create_env(bad, ids.clone(), vec![]).is_err(), "{bad:?} accepted");
+        assert!(store.create_env(bad, ids.clone(), vec![], Default::default(), "test").is_err(), "{bad:?} accepted");
     }
     let env = store.env("dev").unwrap();
     assert_eq!(env.current().unwrap().layers, ids);

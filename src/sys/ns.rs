@@ -45,12 +45,6 @@ pub(crate) fn map_single(inside_uid: u32, outside_uid: u32, inside_gid: u32, out
     write_proc("/proc/self/gid_map", &format!("{inside_gid} {outside_gid} 1\n"))
 }
 
-/// Real root: the identity map for everything (used when real root asks for a user namespace).
-pub(crate) fn map_identity() -> Result<()> {
-    write_proc("/proc/self/uid_map", "0 0 4294967295\n")?;
-    write_proc("/proc/self/gid_map", "0 0 4294967295\n")
-}
-
 /// Runs `newuidmap`/`newgidmap` (setuid helpers, so they must run outside the new namespace) on
 /// process `pid`.
 pub(crate) fn map_ranges(pid: i32, uids: &[IdRange], gids: &[IdRange]) -> Result<()> {

@@ -1,6 +1,5 @@
 //! Processes: fork, exec, wait, and passing signals and exit statuses through.
 
-use std::convert::Infallible;
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -146,5 +145,3 @@ pub(crate) fn chdir(dir: &Path) -> Result<()> {
     rustix::process::chdir(dir).map_err(|e| err("chdir", dir, e))
 }
 
-/// `Infallible` spelled for readers of launch code: a function that execs does not return Ok.
-pub(crate) type Never = Infallible;

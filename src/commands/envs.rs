@@ -1,0 +1,174 @@
+//! apply, generations, switch, rollback: environments as code and their history.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::{out, out_json};
+use crate::progress::Progress;
+use crate::source::Source;
+use crate::store::{now_secs, write_atomic, Store};
+
+/// `plyroot.lock`: each source, as written in the manifest, pinned to its layer ids.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct LockFile {
+    version: u32,
+    sources: BTreeMap<String, Vec<String>>,
+}
+
+fn read_lock(path: &Path) -> Result<LockFile> {
+    match std::fs::read(path) {
+        Ok(d) => serde_json::from_slice(&d).with_context(|| format!("{} is not a plyroot lock file: fix or delete it and run `plyroot apply --update`", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LockFile { version: 1, ..Default::default() }),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Resolves one source to layer ids: from the lock when it pins layers the store has, else by
+/// importing it (and checking it still matches the lock, unless updating).
+fn resolve(store: &Store, raw: &str, resolved: &str, pinned: Option<&Vec<String>>, update: bool, lock_path: &Path) -> Result<Vec<String>> {
+    let src: Source = resolved.parse()?;
+    if let (Some(ids), false) = (pinned, update) {
+        if ids.iter().all(|id| store.layer_dir(id).join("layer.json").exists()) {
+            return Ok(ids.clone());
+        }
+    }
+    let enabled = crate::diag::level() >= 1 && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut p = Progress::new(resolved, None, enabled);
+    let ids: Vec<String> = store.import(&src, &mut p)?.into_iter().map(|l| l.id).collect();
+    if let (Some(pinned), false) = (pinned, update) {
+        if *pinned != ids {
+            bail!(
+                "source {raw} no longer matches {}: it pins {} but now gives {}; run `plyroot apply --update` to accept the new content",
+                lock_path.display(),
+                pinned.join(","),
+                ids.join(",")
+            );
+        }
+    }
+    Ok(ids)
+}
+
+pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -> Result<i32> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the manifest {} (create one, or pass -f FILE; see `plyroot apply --help`)", file.display()))?;
+    let abs = if file.is_absolute() { file.to_owned() } else { std::env::current_dir()?.join(file) };
+    let manifest = crate::manifest::parse(&text, &abs)?;
+    for o in only {
+        if !manifest.envs.iter().any(|e| &e.name == o) {
+            bail!("{} declares no environment '{o}' (it declares: {})", file.display(), manifest.envs.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "));
+        }
+    }
+    let lock_path = abs.with_file_name("plyroot.lock");
+    let old_lock = read_lock(&lock_path)?;
+    // Resolve everything before changing anything: an error leaves every environment as it was.
+    let mut new_lock = LockFile { version: 1, sources: BTreeMap::new() };
+    let mut plans = Vec::new();
+    for decl in manifest.envs.iter().filter(|e| only.is_empty() || only.contains(&e.name)) {
+        let mut layers = Vec::new();
+        for (raw, resolved) in decl.raw_sources.iter().zip(&decl.sources) {
+            let ids = match new_lock.sources.get(raw) {
+                Some(ids) => ids.clone(),
+                None => resolve(store, raw, resolved, old_lock.sources.get(raw), update, &lock_path)?,
+            };
+            new_lock.sources.insert(raw.clone(), ids.clone());
+            layers.extend(ids);
+        }
+        plans.push((decl, layers));
+    }
+    // Pins of environments not applied this time stay as they were.
+    for (k, v) in &old_lock.sources {
+        new_lock.sources.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    let mut changed = 0;
+    for (decl, layers) in plans {
+        match store.env(&decl.name) {
+            Ok(env) => {
+                let _lock = env.lock()?;
+                let cur = env.current()?;
+                if cur.layers == layers && cur.settings == decl.settings {
+                    continue;
+                }
+                let g = env.add_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
+                crate::diag::info(&format!("{}: generation {} is current", decl.name, g.number));
+            }
+            Err(_) => {
+                store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
+                crate::diag::info(&format!("{}: created, generation 1 is current", decl.name));
+            }
+        }
+        changed += 1;
+    }
+    if new_lock != old_lock {
+        write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
+    }
+    if changed == 0 {
+        crate::diag::info("nothing to do: every environment is as the manifest declares");
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct GenRow {
+    number: u32,
+    created: u64,
+    current: bool,
+    layers: usize,
+    added: Vec<String>,
+    removed: Vec<String>,
+    reason: String,
+}
+
+fn ago(secs: u64) -> String {
+    let d = now_secs().saturating_sub(secs);
+    match d {
+        0..=119 => format!("{d}s ago"),
+        120..=7199 => format!("{}m ago", d / 60),
+        7200..=172_799 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> {
+    let env = store.env(name)?;
+    let cur = env.current()?.number;
+    let mut prev: Vec<String> = Vec::new();
+    let mut rows = Vec::new();
+    for g in env.generations()? {
+        let added = g.layers.iter().filter(|l| !prev.contains(l)).cloned().collect();
+        let removed = prev.iter().filter(|l| !g.layers.contains(l)).cloned().collect();
+        prev = g.layers.clone();
+        rows.push(GenRow { number: g.number, created: g.created, current: g.number == cur, layers: g.layers.len(), added, removed, reason: g.reason });
+    }
+    if json {
+        return out_json(&rows).map(|_| 0);
+    }
+    let mut s = format!("  {:>4}  {:<10} {:>6}  {:<24} {}\n", "GEN", "CREATED", "LAYERS", "CHANGE", "WHY");
+    for r in &rows {
+        let short = |v: &Vec<String>, sign: char| v.iter().map(|l| format!("{sign}{}", &l[7..19])).collect::<Vec<_>>().join(" ");
+        let change = [short(&r.added, '+'), short(&r.removed, '-')].into_iter().filter(|x| !x.is_empty()).collect::<Vec<_>>().join(" ");
+        s.push_str(&format!("{} {:>4}  {:<10} {:>6}  {:<24} {}\n", if r.current { '*' } else { ' ' }, r.number, ago(r.created), r.layers, change, r.reason));
+    }
+    out(&s).map(|_| 0)
+}
+
+pub(crate) fn switch(store: &Store, name: &str, n: u32) -> Result<i32> {
+    let env = store.env(name)?;
+    let _lock = env.lock()?;
+    env.switch(n)?;
+    crate::diag::info(&format!("{name}: generation {n} is current"));
+    if !env.upper_is_empty() && env.upper_base()? != env.current()?.layers {
+        crate::diag::info(&format!("{name}: its upper holds changes made on other layers; before the next run choose `plyroot rebase {name}` or `plyroot reset {name}`"));
+    }
+    Ok(0)
+}
+
+pub(crate) fn rollback(store: &Store, name: &str) -> Result<i32> {
+    let env = store.env(name)?;
+    let cur = env.current()?.number;
+    let Some(prev) = env.generations()?.into_iter().map(|g| g.number).filter(|&n| n < cur).max() else {
+        bail!("'{name}' is at its oldest generation ({cur}): nothing to roll back to");
+    };
+    switch(store, name, prev)
+}

@@ -1,0 +1,153 @@
+//! gc and verify.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use super::{human, out, out_json};
+use crate::store::{canonical, now_secs, Store};
+
+/// `90s`, `45m`, `12h`, `30d`, `2w` → seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<u64> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("'{s}' is not a duration: use a number and a unit, like 90s, 45m, 12h, 30d or 2w"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" | "" => 86400,
+        "w" => 7 * 86400,
+        _ => bail!("'{s}' is not a duration: the unit must be s, m, h, d or w"),
+    };
+    Ok(n * mult)
+}
+
+pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_than: Option<&str>) -> Result<i32> {
+    let cutoff = older_than.map(parse_duration).transpose()?.map(|d| now_secs().saturating_sub(d));
+    // Exclusive: waits for launches and imports in progress (they hold the lock shared until
+    // their program starts); running programs are seen through their pins instead.
+    let mut store = Store::open_exclusive(store_root)?;
+    store.remover = crate::sandbox::remove_tree_mapped;
+    let mut roots: BTreeSet<String> = BTreeSet::new();
+    let mut pruned = Vec::new();
+    let mut locks = Vec::new();
+    for env in store.envs()? {
+        locks.push(env.lock()?);
+        let cur = env.current()?.number;
+        let mut gens = env.generations()?;
+        gens.sort_by(|a, b| b.number.cmp(&a.number));
+        for (i, g) in gens.iter().enumerate() {
+            let prune = g.number != cur && (keep.is_some_and(|k| i >= k) || cutoff.is_some_and(|c| g.created < c));
+            if prune {
+                pruned.push((env.name.clone(), env.dir.clone(), g.number));
+            } else {
+                roots.extend(g.layers.iter().cloned());
+            }
+        }
+        roots.extend(env.upper_base()?);
+        for pin in env.live_runs() {
+            roots.extend(pin.layers);
+        }
+        if let Ok(d) = fs::read(env.dir.join("commit.json")) {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&d) {
+                roots.extend(v["layer"].as_str().map(str::to_owned));
+                roots.extend(v["base"].as_array().into_iter().flatten().filter_map(|x| x.as_str().map(str::to_owned)));
+            }
+        }
+    }
+    let dead: Vec<_> = store.layers()?.into_iter().filter(|l| !roots.contains(&l.id)).collect();
+    let freed: u64 = dead.iter().map(|l| l.size).sum();
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    let mut s = String::new();
+    for (name, _, n) in &pruned {
+        s.push_str(&format!("{} generation {name}/{n}\n", if dry_run { "would prune" } else { "pruned" }));
+    }
+    for l in &dead {
+        s.push_str(&format!("{verb} layer {} ({}, {})\n", l.id, human(l.size), l.source));
+    }
+    if !dry_run {
+        for (_, dir, n) in &pruned {
+            fs::remove_file(dir.join("generations").join(format!("{n}.json"))).with_context(|| format!("cannot prune generation {n}"))?;
+            if let Ok(rd) = fs::read_dir(dir.join("skel")) {
+                for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{n}-"))) {
+                    (store.remover)(&e.path())?;
+                }
+            }
+        }
+        for l in &dead {
+            // Disappears at once (rename), then is deleted.
+            let st = store.staging()?;
+            fs::rename(store.layer_dir(&l.id), st.path.join("layer")).with_context(|| format!("cannot delete layer {}", l.id))?;
+            (store.remover)(&st.path.join("layer"))?;
+        }
+        store.clean_leftovers()?;
+    }
+    s.push_str(&format!("{} {} generation(s) and {} layer(s), {} {}\n", if dry_run { "would prune" } else { "pruned" }, pruned.len(), dead.len(), if dry_run { "would free" } else { "freed" }, human(freed)));
+    out(&s)?;
+    drop(locks);
+    Ok(0)
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct Verdict {
+    id: String,
+    ok: bool,
+    actual: Option<String>,
+    error: Option<String>,
+}
+
+pub(crate) fn verify(store: &Store, json: bool) -> Result<i32> {
+    let layers: Vec<String> = store.layers()?.into_iter().map(|l| l.id).collect();
+    let mut work = Vec::new();
+    for id in &layers {
+        work.push((id.clone(), store.layer_root(id), store.layer_overrides(id)?));
+    }
+    // Owners read as they do inside, where every id a run wrote is mapped.
+    let verdicts: Vec<Verdict> = crate::sandbox::as_root_inside(move || {
+        Ok(work
+            .into_iter()
+            .map(|(id, root, ov)| match canonical::digest(&root, &ov) {
+                Ok(s) => Verdict { ok: s.id == id, actual: Some(s.id), id, error: None },
+                Err(e) => Verdict { id, ok: false, actual: None, error: Some(e.to_string()) },
+            })
+            .collect())
+    })?;
+    let bad = verdicts.iter().filter(|v| !v.ok).count();
+    if json {
+        out_json(&verdicts)?;
+    } else {
+        let mut s = String::new();
+        for v in &verdicts {
+            match (v.ok, &v.actual, &v.error) {
+                (true, _, _) => s.push_str(&format!("ok       {}\n", v.id)),
+                (false, Some(a), _) => s.push_str(&format!("CORRUPT  {} (its content now digests to {a})\n", v.id)),
+                (false, _, Some(e)) => s.push_str(&format!("CORRUPT  {} ({e})\n", v.id)),
+                _ => {}
+            }
+        }
+        s.push_str(&format!("{} layer(s) checked, {bad} corrupt\n", verdicts.len()));
+        out(&s)?;
+    }
+    if bad > 0 {
+        crate::diag::warn("corrupt layers no longer hold what their id says: re-import their source (`plyroot apply --update` or `plyroot import`) after removing them");
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations() {
+        assert_eq!(super::parse_duration("90s").unwrap(), 90);
+        assert_eq!(super::parse_duration("12h").unwrap(), 43200);
+        assert_eq!(super::parse_duration("2w").unwrap(), 1_209_600);
+        assert_eq!(super::parse_duration("3").unwrap(), 3 * 86400);
+        for bad in ["", "h", "12y", "-1d"] {
+            assert!(super::parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}
