@@ -58,7 +58,7 @@ pub(crate) enum Command {
         #[arg(long = "from", required = true, value_name = "SOURCE")]
         from: Vec<String>,
     },
-    /// Run a program inside an environment; its exit status is plyroot's
+    /// Run a program inside an environment
     #[command(after_help = "Examples:\n  plyroot run dev -- gcc --version\n  plyroot run --root dev -- apt-get install -y make\n  plyroot run --ephemeral --bind ./src:/src dev -- make -C /src\n  plyroot run --no-host home,x11 dev -- sh")]
     Run {
         #[command(flatten)]
@@ -87,7 +87,7 @@ pub(crate) enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// Build the environments a manifest declares into new generations (only where they changed)
+    /// Build a manifest's environments into new generations
     #[command(after_help = "The manifest (plyroot.toml):\n  [env.dev]\n  from = [\"tar:debian.tar.zst\", \"dir:./extra\"]   # bottom first\n  root = false          # run as uid 0 inside by default\n  persist = true        # keep the upper between runs\n  binds = [\"./src:/src\"]\n  env = { EDITOR = \"vi\" }\n  no_host = [\"x11\"]\n  init = \"/sbin/init\"\n  exports = [\"gcc\"]\n\nA lock file (plyroot.lock) beside the manifest pins each source to its layer ids, so apply\nlater or elsewhere resolves the same layers; --update re-resolves them.\n\nExamples:\n  plyroot apply\n  plyroot apply -f envs/plyroot.toml dev\n  plyroot apply --update")]
     Apply {
         /// The manifest [default: ./plyroot.toml]
@@ -109,9 +109,9 @@ pub(crate) enum Command {
     /// Make generation N current (atomically)
     #[command(after_help = "Examples:\n  plyroot switch dev 3")]
     Switch { name: String, generation: u32 },
-    /// Make the generation before the current one current
+    /// Make the previous generation current
     Rollback { name: String },
-    /// Show what the upper adds, changes and deletes against the current layers
+    /// Show what the upper adds, changes and deletes
     #[command(after_help = "Examples:\n  plyroot diff dev\n  plyroot diff dev /etc\n  plyroot diff dev --json")]
     Diff {
         name: String,
@@ -120,7 +120,7 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Turn the upper into a new layer on top, in a new generation, and start a clean upper
+    /// Turn the upper into a new layer and generation
     #[command(after_help = "Examples:\n  plyroot commit dev -m 'gcc and make installed'")]
     Commit {
         name: String,
@@ -128,7 +128,7 @@ pub(crate) enum Command {
         #[arg(short, long)]
         message: Option<String>,
     },
-    /// Set the upper aside (kept under the environment's saved/ unless --force) and start clean
+    /// Set the upper aside (kept unless --force)
     Reset {
         name: String,
         /// Delete the upper instead of keeping it
@@ -164,7 +164,7 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Report what this kernel and user allow, and how to fix what they don't
+    /// Check what this kernel and user allow, and say how to fix it
     Doctor {
         #[arg(long)]
         json: bool,
@@ -172,7 +172,7 @@ pub(crate) enum Command {
     /// Print a shell completion script
     #[command(after_help = "Examples:\n  plyroot completions bash > ~/.local/share/bash-completion/completions/plyroot")]
     Completions { shell: clap_complete::Shell },
-    /// Write man pages for plyroot and each subcommand into a directory
+    /// Write man pages into a directory
     Manpages {
         /// Target directory
         #[arg(default_value = ".")]

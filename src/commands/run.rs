@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use rustix::fs::{flock, FlockOperation};
 
 use crate::cli::RunOpts;
-use crate::sandbox::identity::{choose, host_subids, HostUser};
+use crate::sandbox::identity::{choose, host_subids, HostUser, Mapping};
 use crate::sandbox::{launch, plan, skel, HostFacts, PlanInput, RunOptions, Upper};
 use crate::store::env::{Env, Generation, RunPin};
 use crate::store::Store;
@@ -32,17 +32,42 @@ fn collect_ended_runs(env: &Env) {
 }
 
 /// Pins the generation this run uses, for as long as the run (and, across exec, its program)
-/// lives; returns the pin's lock and the run's id.
-fn pin_run(env: &Env, generation: &Generation) -> Result<(fs::File, String)> {
+/// lives, with our pid and namespace key when others may join us.
+fn pin_run(env: &Env, generation: &Generation, key: Option<String>, id: &str) -> Result<fs::File> {
     collect_ended_runs(env);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let id = format!("{}-{nanos}", std::process::id());
     let lock_path = env.dir.join("runs").join(format!("{id}.lock"));
     let mut lock = fs::OpenOptions::new().write(true).create_new(true).mode(0o644).custom_flags(libc::O_CLOEXEC).open(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
     flock(&lock, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", lock_path.display()))?;
-    let pin = RunPin { generation: generation.number, layers: generation.layers.clone() };
+    let pid = key.as_ref().map(|_| std::process::id() as i32);
+    let pin = RunPin { generation: generation.number, layers: generation.layers.clone(), pid, key };
     lock.write_all(&serde_json::to_vec(&pin)?).with_context(|| format!("cannot write {}", lock_path.display()))?;
-    Ok((lock, id))
+    Ok(lock)
+}
+
+/// A live run of this environment whose namespaces we can join: same key, process still there.
+fn joinable(env: &Env, key: &str) -> Option<std::os::fd::OwnedFd> {
+    for (path, pin) in env.live_pins() {
+        let (Some(pid), Some(k)) = (pin.pid, pin.key.as_deref()) else { continue };
+        if k != key || pid == std::process::id() as i32 {
+            continue;
+        }
+        let Ok(fd) = ns::pidfd(pid) else { continue };
+        // The pidfd pins the process; the pin still being held proves it is the run's own
+        // process and not a recycled pid.
+        if Env::pin_alive(&path) {
+            return Some(fd);
+        }
+    }
+    None
+}
+
+/// Serializes launches of one environment from the join decision until the program starts (the
+/// lock is close-on-exec), so two launches cannot both decide to mount the same upper.
+fn launch_lock(env: &Env) -> Result<fs::File> {
+    let p = env.dir.join("launch.lock");
+    let f = fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o644).custom_flags(libc::O_CLOEXEC).open(&p).with_context(|| format!("cannot open {}", p.display()))?;
+    flock(&f, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", p.display()))?;
+    Ok(f)
 }
 
 /// Checks that the upper was written on the current layers (or is empty, or the user accepts).
@@ -105,16 +130,17 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>
     let mut lowers = vec![skel_dir];
     lowers.extend(layer_roots);
 
-    let (run_lock, run_id) = pin_run(&env, &generation)?;
+    let persistent = !(opts.read_only || opts.ephemeral || !settings.persist);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let run_id = format!("{}-{nanos}", std::process::id());
+    let work = env.dir.join("work").join(&run_id);
     let upper = if opts.read_only {
         Upper::None
-    } else if opts.ephemeral || !settings.persist {
+    } else if !persistent {
         Upper::Ephemeral
     } else {
         check_upper(&env, &generation, opts.keep_upper)?;
-        let work = env.dir.join("work").join(&run_id);
-        fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
-        Upper::Persistent { upper: env.upper(), work }
+        Upper::Persistent { upper: env.upper(), work: work.clone() }
     };
     let mut no_host = opts.no_host.clone();
     for n in &settings.no_host {
@@ -143,12 +169,45 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>
         host_env: std::env::vars_os().collect(),
     })?;
     crate::diag::debug(&format!("plan: {:#?}", p.ops));
+    // Runs that share the persistent upper share one mount: what shaped it is the key (the
+    // per-run workdir aside). A pid namespace is the run's own, so such runs mount their own.
+    let key = (persistent && !p.pid).then(|| {
+        let shape: Vec<String> = p
+            .ops
+            .iter()
+            .map(|o| match o {
+                crate::sandbox::Op::Root { lowers, mount_point, .. } => format!("root {lowers:?} {}", mount_point.display()),
+                o => format!("{o:?}"),
+            })
+            .collect();
+        format!("gen {} | {:?} | {}", generation.number, inside.mapping, shape.join(" | "))
+    });
+    let _launch = key.as_ref().map(|_| launch_lock(&env)).transpose()?;
+    // Join a live run when one fits; its process may be on its way out (a child still holding
+    // the pin), in which case setns fails and nothing has changed yet: mount our own.
+    let joined = key.as_deref().and_then(|k| joinable(&env, k)).is_some_and(|fd| match ns::join(&fd, inside.mapping != Mapping::Host) {
+        Ok(()) => true,
+        Err(e) => {
+            crate::diag::debug(&format!("not joining a run that is ending: {e}"));
+            false
+        }
+    });
+    let run_lock = pin_run(&env, &generation, key, &run_id)?;
+    if !joined && persistent {
+        fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    }
     // The run's pin stays held by the program after exec, so gc and workdir collection see the
     // run as alive for exactly as long as it is. The store lock is close-on-exec: gc waits only
     // for launches in progress, never for programs that run for days.
     ns::inherit_fd(&run_lock, &env.dir)?;
     drop(store);
-    match launch::launch(&p, &inside, name)? {
+    let started = if joined {
+        crate::diag::debug("joined a live run's namespaces");
+        launch::start_joined(&p, &inside, name)?
+    } else {
+        launch::launch(&p, &inside, name)?
+    };
+    match started {
         Ok(code) => process::exit_like(code),
         Err(failed) => {
             eprintln!("plyroot: error: {}", failed.message);

@@ -234,6 +234,18 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str) -> Result<std
     Ok(Err(exec_failed(plan, env_name, e)))
 }
 
+/// Starts the program after joining the namespaces of a live run of the same environment (same
+/// generation, upper, binds and identity) instead of mounting a second overlay over the same
+/// upper: two overlay mounts sharing an upper race when both copy up the same directory.
+pub(crate) fn start_joined(plan: &Plan, inside: &Inside, env_name: &str) -> Result<std::result::Result<i32, ExecFailed>> {
+    if matches!(inside.mapping, Mapping::Ranges { .. }) {
+        ns::clear_groups()?;
+    }
+    enter_cwd(plan)?;
+    let e = process::exec(&plan.exec.argv, &plan.exec.env);
+    Ok(Err(exec_failed(plan, env_name, e)))
+}
+
 /// PID 1 of the environment's pid namespace: builds the root, starts the program as PID 2, reaps
 /// every orphan until the program ends, and exits with its status.
 fn pid1(plan: &Plan, env_name: &str) -> Result<i32> {

@@ -110,6 +110,8 @@ fn key(path: &[u8]) -> Cow<'_, str> {
 struct Resolver<'r> {
     root: BorrowedFd<'r>,
     cached: Option<(Vec<u8>, OwnedFd)>,
+    /// Directories made because an entry below them needed them, not listed themselves.
+    implied: Vec<Vec<u8>>,
 }
 
 impl<'r> Resolver<'r> {
@@ -146,7 +148,7 @@ impl<'r> Resolver<'r> {
         Ok(self.cached.as_ref().map_or(self.root, |(_, fd)| fd.as_fd()))
     }
 
-    fn create_dirs(&self, dir: &[u8]) -> io::Result<OwnedFd> {
+    fn create_dirs(&mut self, dir: &[u8]) -> io::Result<OwnedFd> {
         let mut parent: Option<OwnedFd> = None;
         let mut end = 0;
         loop {
@@ -157,7 +159,10 @@ impl<'r> Resolver<'r> {
                     let at = parent.as_ref().map_or(self.root, |f| f.as_fd());
                     let name = os(split(prefix).1);
                     match rustix::fs::mkdirat(at, name, Mode::from_raw_mode(0o755)) {
-                        Ok(()) => rustix::fs::chmodat(at, name, Mode::from_raw_mode(0o755), AtFlags::empty())?,
+                        Ok(()) => {
+                            rustix::fs::chmodat(at, name, Mode::from_raw_mode(0o755), AtFlags::empty())?;
+                            self.implied.push(prefix.to_vec());
+                        }
                         // A dangling symlink: the open below reports it.
                         Err(Errno::EXIST) => {}
                         Err(e) => return Err(e.into()),
@@ -200,7 +205,7 @@ pub(super) struct Stage<'r, 'p> {
 impl<'r, 'p> Stage<'r, 'p> {
     pub(super) fn new(root: BorrowedFd<'r>, archive: &'r str, ownership: Ownership, progress: &'p mut Progress) -> Self {
         Self {
-            resolver: Resolver { root, cached: None },
+            resolver: Resolver { root, cached: None, implied: Vec::new() },
             archive,
             ownership,
             progress,
@@ -543,7 +548,11 @@ impl<'r, 'p> Stage<'r, 'p> {
     /// Gives directories their modes and mtimes, deepest first, so that neither creating a child
     /// nor a parent's final mode (0555, or 0000) gets in the way, and returns the result.
     pub(super) fn finish(mut self) -> Result<Unpacked, UnpackError> {
-        let mut dirs = std::mem::take(&mut self.dirs);
+        // Implied directories get fixed metadata (0755, mtime 0), so the same archive gives the
+        // same layer id whenever it is unpacked; an entry listing the directory later wins.
+        let implied = std::mem::take(&mut self.resolver.implied);
+        let mut dirs: Vec<DeferredDir> = implied.into_iter().map(|path| DeferredDir { path, mode: 0o755, mtime: Timespec { tv_sec: 0, tv_nsec: 0 } }).collect();
+        dirs.append(&mut self.dirs);
         // Stable sort: duplicates stay in archive order, and the last one wins below.
         dirs.sort_by(|a, b| depth(&b.path).cmp(&depth(&a.path)).then_with(|| a.path.cmp(&b.path)));
         for (i, d) in dirs.iter().enumerate() {

@@ -43,6 +43,12 @@ pub(crate) struct Generation {
 pub(crate) struct RunPin {
     pub generation: u32,
     pub layers: Vec<String>,
+    /// A process in the run's namespaces, and a key of what shaped them: a later run with the
+    /// same key joins them instead of mounting the same upper twice.
+    #[serde(default)]
+    pub pid: Option<i32>,
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 #[derive(Debug)]
@@ -159,6 +165,16 @@ impl Env {
 
     /// The pins of runs that are alive now.
     pub(crate) fn live_runs(&self) -> Vec<RunPin> {
+        self.live_pins().into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Whether the pin file at `path` is still held by a live run.
+    pub(crate) fn pin_alive(path: &Path) -> bool {
+        fs::File::open(path).is_ok_and(|f| rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_err())
+    }
+
+    /// Live pins with their files.
+    pub(crate) fn live_pins(&self) -> Vec<(PathBuf, RunPin)> {
         let Ok(rd) = fs::read_dir(self.dir.join("runs")) else { return Vec::new() };
         rd.flatten()
             .filter_map(|e| {
@@ -167,7 +183,7 @@ impl Env {
                 if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok() {
                     return None;
                 }
-                serde_json::from_slice(&fs::read(e.path()).ok()?).ok()
+                Some((e.path(), serde_json::from_slice(&fs::read(e.path()).ok()?).ok()?))
             })
             .collect()
     }

@@ -15,8 +15,8 @@
 //! │   ├── work/<run>/                  one overlay workdir per run
 //! │   ├── runs/<run>.lock              held (flock) for the life of the run that owns work/<run>
 //! │   └── mnt/                         the root's mount point during a launch (private mount ns)
-//! ├── tmp/<pid>-<n>/                   staging for imports; `.lock` held while in use,
-//! │                                    anything unlocked is a crash leftover and is removed
+//! ├── tmp/<pid>-<n>/                   staging; a directory whose pid is gone is a crash
+//! │                                    leftover and is removed
 //! └── notes/                           one-time notices already shown
 //! ```
 //!
@@ -103,7 +103,7 @@ impl Store {
         self.root.join("tmp")
     }
 
-    /// A fresh staging directory under tmp/, locked for as long as the returned value lives.
+    /// A fresh staging directory under tmp/, named after this process, removed when dropped.
     pub(crate) fn staging(&self) -> Result<Staging> {
         static N: AtomicU32 = AtomicU32::new(0);
         let tmp = self.tmp_dir();
@@ -112,30 +112,28 @@ impl Store {
             let n = N.fetch_add(1, Ordering::Relaxed);
             let path = tmp.join(format!("{}-{n}", std::process::id()));
             match fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => {
-                    let lock = open_lock(&path.join(".lock")).with_context(|| format!("cannot create {}", path.display()))?;
-                    flock(&lock, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", path.display()))?;
-                    return Ok(Staging { path, _lock: lock, keep: false });
-                }
+                Ok(()) => return Ok(Staging { path, keep: false }),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
             }
         }
     }
 
-    /// Removes staging directories left behind by crashed processes (their lock is free).
+    /// Removes staging directories whose process is gone (killed, crashed). The name carries the
+    /// pid, and a directory exists only after its process does, so no live one is taken.
     pub(crate) fn clean_leftovers(&self) -> Result<usize> {
         let mut n = 0;
         let Ok(rd) = fs::read_dir(self.tmp_dir()) else { return Ok(0) };
         for entry in rd.flatten() {
-            let path = entry.path();
-            let stale = match File::open(path.join(".lock")) {
-                Ok(f) => flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok(),
-                Err(_) => true,
-            };
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|s| s.split('-').next()).and_then(|p| p.parse::<i32>().ok());
+            let alive = pid.is_some_and(|pid| {
+                // SAFETY: kill with signal 0 only checks for the process.
+                unsafe { libc::kill(pid, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
+            });
             // Best effort: a leftover that cannot be removed now (files of another id) must not
             // fail the command that happened to find it.
-            if stale && (self.remover)(&path).is_ok() {
+            if !alive && (self.remover)(&entry.path()).is_ok() {
                 n += 1;
             }
         }
@@ -150,7 +148,6 @@ fn open_lock(path: &Path) -> io::Result<File> {
 /// A directory under tmp/ that is removed when dropped unless it was moved into place.
 pub(crate) struct Staging {
     pub path: PathBuf,
-    _lock: File,
     keep: bool,
 }
 
@@ -158,7 +155,6 @@ impl Staging {
     /// Publishes the staging directory at `dest` by rename. Returns false when `dest` already
     /// exists (someone published the same content first); the staging dir is then discarded.
     pub(crate) fn publish(mut self, dest: &Path) -> Result<bool> {
-        let _ = fs::remove_file(self.path.join(".lock"));
         match fs::rename(&self.path, dest) {
             Ok(()) => {
                 self.keep = true;

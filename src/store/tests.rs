@@ -74,11 +74,10 @@ fn leftovers_of_a_crashed_import_are_collected_but_live_staging_is_not() {
     let t = tempfile::tempdir().unwrap();
     let store = Store::open(&t.path().join("store")).unwrap();
     let live = store.staging().unwrap();
-    // What a kill -9 leaves: a staging dir whose lock nobody holds, with a read-only dir inside.
-    let dead = store.root.join("tmp/999999-0");
+    // What a kill -9 leaves: a staging dir whose process is gone, with a read-only dir inside.
+    let dead = store.root.join("tmp/2147483646-0");
     fs::create_dir_all(dead.join("root/ro")).unwrap();
     fs::write(dead.join("root/ro/f"), "x").unwrap();
-    fs::write(dead.join(".lock"), "").unwrap();
     fs::set_permissions(dead.join("root/ro"), std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
     assert_eq!(store.clean_leftovers().unwrap(), 1);
     assert!(!dead.exists());

@@ -85,3 +85,20 @@ pub(crate) fn inherit_fd(fd: &impl AsRawFd, shown: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Joins the user (when `user`) and mount namespaces of process `pid`, through a pidfd so a
+/// recycled pid cannot be joined by mistake once the caller has checked the process is the one
+/// it wants. Afterwards our root and cwd are that namespace's root.
+pub(crate) fn join(pidfd: &std::os::fd::OwnedFd, user: bool) -> Result<()> {
+    use rustix::thread::ThreadNameSpaceType as T;
+    let mut t = T::MOUNT;
+    if user {
+        t |= T::USER;
+    }
+    rustix::thread::move_into_thread_name_spaces(std::os::fd::AsFd::as_fd(pidfd), t).map_err(|e| err("join the namespaces of", "pidfd", e))
+}
+
+pub(crate) fn pidfd(pid: i32) -> Result<std::os::fd::OwnedFd> {
+    let p = rustix::process::Pid::from_raw(pid).ok_or_else(|| err("open", format!("pid {pid}"), std::io::Error::from_raw_os_error(libc::ESRCH)))?;
+    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).map_err(|e| err("open", format!("pid {pid}"), e))
+}
