@@ -26,7 +26,16 @@ use store::Store;
 const EXIT_ERROR: u8 = 125;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors take plyroot's own status too: clap's 2 would be indistinguishable from a
+    // program's exit 2 under `run`.
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => e.exit(),
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
     diag::set_level(if cli.quiet { 0 } else { 1 + cli.verbose });
     match dispatch(cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

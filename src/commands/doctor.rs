@@ -149,7 +149,8 @@ pub(crate) fn doctor(store: &Store, json: bool) -> Result<i32> {
         };
         let fix = (!ok).then(|| {
             if helpers_ok {
-                format!("sudo usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {}", user.name)
+                let (start, end) = free_range();
+                format!("sudo usermod --add-subuids {start}-{end} --add-subgids {start}-{end} {}", user.name)
             } else {
                 "install the uidmap package (newuidmap/newgidmap), e.g. sudo apt-get install uidmap".into()
             }
@@ -172,6 +173,18 @@ pub(crate) fn doctor(store: &Store, json: bool) -> Result<i32> {
         out(&s)?;
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// A 65536-id range past every range /etc/subuid and /etc/subgid already give out.
+pub(crate) fn free_range() -> (u64, u64) {
+    let past = |f: &str| {
+        fs::read_to_string(f).unwrap_or_default().lines().filter_map(|l| {
+            let mut p = l.split(':').skip(1);
+            Some(p.next()?.parse::<u64>().ok()? + p.next()?.parse::<u64>().ok()?)
+        }).max().unwrap_or(0)
+    };
+    let start = past("/etc/subuid").max(past("/etc/subgid")).max(100_000);
+    (start, start + 65535)
 }
 
 fn is_privileged_helper(p: &Path) -> bool {

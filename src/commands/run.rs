@@ -116,8 +116,8 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>
             &store,
             "single-id",
             &format!(
-                "note: {} has no subordinate ids in /etc/subuid and /etc/subgid, so only one id can be mapped: you are root inside (and yourself, uid {}, outside). Ask an admin for a range (`usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {}`) to be yourself inside. Shown once.",
-                user.name, user.uid, user.name
+                "note: {} has no subordinate ids in /etc/subuid and /etc/subgid, so only one id can be mapped: you are root inside (and yourself, uid {}, outside). To be yourself inside, ask an admin for a range (`plyroot doctor` suggests a free one). Shown once.",
+                user.name, user.uid
             ),
         );
     }
