@@ -23,8 +23,10 @@ for t in hyperfine bwrap unshare chroot awk; do
 done
 
 echo "==> cargo build --release" >&2
-cargo build --release --quiet
-plyroot="$here/target/release/plyroot"
+# The binary's path as cargo reports it (it builds for an explicit target: target/<triple>/release).
+plyroot=$(cargo build --release --message-format=json-render-diagnostics 2>/dev/null |
+    grep '"name":"plyroot"' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1)
+[ -x "$plyroot" ] || { echo "$0: cargo build --release failed" >&2; exit 1; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/plyroot-bench.XXXXXX")
 cleanup() { chmod -R u+rwX "$work" 2>/dev/null; rm -rf "$work"; }

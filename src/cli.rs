@@ -57,6 +57,9 @@ pub(crate) enum Command {
         /// A source, bottom first; repeat to stack more
         #[arg(long = "from", required = true, value_name = "SOURCE")]
         from: Vec<String>,
+        /// Put the host's root under the layers: host programs stay visible where layers don't shadow them
+        #[arg(long, value_name = "host", value_parser = ["host"])]
+        base: Option<String>,
     },
     /// Run a program inside an environment
     #[command(after_help = "Examples:\n  plyroot run dev -- gcc --version\n  plyroot run --root dev -- apt-get install -y make\n  plyroot run --ephemeral --bind ./src:/src dev -- make -C /src\n  plyroot run --no-host home,x11 dev -- sh")]
@@ -67,7 +70,7 @@ pub(crate) enum Command {
         name: String,
         /// The program and its arguments [default: the login shell]
         #[arg(last = true, value_name = "COMMAND")]
-        command: Vec<String>,
+        command: Vec<std::ffi::OsString>,
     },
     /// Start an interactive login shell inside an environment
     #[command(after_help = "Examples:\n  plyroot enter dev\n  plyroot enter --root dev")]
@@ -161,6 +164,59 @@ pub(crate) enum Command {
     },
     /// Check every layer against its id
     Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export programs as launchers, or the whole root as a tarball or OCI image
+    #[command(after_help = "A launcher is a host command (a link to plyroot, no script) that runs the program in the\nenvironment. Started inside another environment it composes: the program sees its own\nenvironment's layers on top of the current root's layers and upper; its writes to the root go\nto a throwaway upper (your home, /tmp and binds are shared as always).\n\nExamples:\n  plyroot export dev gcc make                      # ~/.local/bin/gcc, ~/.local/bin/make\n  plyroot export web node --to ~/bin --desktop\n  plyroot export dev -o dev-rootfs.tar.zst          # the merged root, reproducible\n  SOURCE_DATE_EPOCH=0 plyroot export dev -o dev.tar  # mtimes clamped\n  plyroot export dev --oci ./dev-image               # one OCI layer per plyroot layer, plus the upper")]
+    Export {
+        /// The environment
+        name: String,
+        /// Programs to export as launchers (names looked up in PATH inside, or absolute paths)
+        #[arg(value_name = "PROGRAM", conflicts_with_all = ["output", "oci"])]
+        programs: Vec<String>,
+        /// Where launchers go [default: ~/.local/bin]
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+        /// Also install the programs' .desktop entries and icons, launching through plyroot
+        #[arg(long)]
+        desktop: bool,
+        /// Write the merged root (layers, upper, whiteouts applied) as a tarball: .tar, .tar.gz or .tar.zst; - for stdout
+        #[arg(short = 'o', long = "output", value_name = "FILE", conflicts_with = "oci")]
+        output: Option<PathBuf>,
+        /// Write an OCI image layout into DIR
+        #[arg(long, value_name = "DIR")]
+        oci: Option<PathBuf>,
+    },
+    /// List exported launchers
+    Exports {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove launchers (and their desktop entries)
+    #[command(after_help = "Examples:\n  plyroot unexport gcc make\n  plyroot unexport --env dev --all")]
+    Unexport {
+        /// Launcher names
+        names: Vec<String>,
+        /// Only launchers of this environment
+        #[arg(long)]
+        env: Option<String>,
+        /// Every launcher (of --env, or of all environments)
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+    },
+    /// Say which layer provides a path inside an environment, and what it shadows
+    #[command(after_help = "Examples:\n  plyroot which dev /usr/bin/gcc")]
+    Which {
+        name: String,
+        /// A path inside the environment
+        path: PathBuf,
+    },
+    /// List paths that several layers provide with different content (the higher one wins)
+    #[command(after_help = "Given several environments, they are stacked as a launcher composes them: the first on top.\n\nExamples:\n  plyroot conflicts dev\n  plyroot conflicts tools dev")]
+    Conflicts {
+        #[arg(required = true)]
+        names: Vec<String>,
         #[arg(long)]
         json: bool,
     },

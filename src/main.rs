@@ -7,6 +7,7 @@
 mod cli;
 mod commands;
 mod diag;
+mod launcher;
 mod manifest;
 mod progress;
 mod sandbox;
@@ -26,6 +27,13 @@ use store::Store;
 const EXIT_ERROR: u8 = 125;
 
 fn main() -> ExitCode {
+    // Started through a launcher (`gcc` → … → plyroot): run that program, nothing else.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match launcher::invocation(&argv) {
+        Ok(Some(inv)) => return finish(launch_program(inv)),
+        Ok(None) => {}
+        Err(e) => return finish(Err(e)),
+    }
     // Usage errors take plyroot's own status too: clap's 2 would be indistinguishable from a
     // program's exit 2 under `run`.
     let cli = match Cli::try_parse() {
@@ -37,7 +45,28 @@ fn main() -> ExitCode {
         }
     };
     diag::set_level(if cli.quiet { 0 } else { 1 + cli.verbose });
-    match dispatch(cli) {
+    finish(dispatch(cli))
+}
+
+fn launch_program(inv: launcher::Invocation) -> Result<i32> {
+    let mut store = Store::open(&inv.store)?;
+    store.remover = sandbox::remove_tree_mapped;
+    if store.env(&inv.env).is_err() {
+        anyhow::bail!(
+            "this launcher runs '{}' of environment '{}', which is not in {} any more: create it again, or remove the launcher with `plyroot unexport {}`",
+            inv.program,
+            inv.env,
+            inv.store.display(),
+            std::path::Path::new(&inv.program).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        );
+    }
+    let mut command = vec![std::ffi::OsString::from(&inv.program)];
+    command.extend(inv.args);
+    commands::run::run(store, &inv.env, &cli::RunOpts::default(), command, false, true)
+}
+
+fn finish(r: Result<i32>) -> ExitCode {
+    match r {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
@@ -66,9 +95,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Import { ref sources, json } => commands::layers::import(&open()?, sources, json),
         Command::Layers { json } => commands::layers::layers(&open()?, json),
         Command::Layer(LayerCommand::Rm { ref ids }) => commands::layers::layer_rm(&open()?, ids),
-        Command::Create { ref name, ref from } => commands::layers::create(&open()?, name, from),
-        Command::Run { ref opts, ref name, ref command } => commands::run::run(open()?, name, opts, command.clone(), false),
-        Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts, Vec::new(), true),
+        Command::Create { ref name, ref from, ref base } => commands::layers::create(&open()?, name, from, base.as_deref()),
+        Command::Run { ref opts, ref name, ref command } => commands::run::run(open()?, name, opts, command.clone(), false, false),
+        Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts, Vec::new(), true, false),
         Command::List { json } => commands::layers::list(&open()?, json),
         Command::Rm { ref names } => commands::layers::rm(&open()?, names),
         Command::Apply { ref file, update, ref envs } => commands::envs::apply(&open()?, file, update, envs),
@@ -81,6 +110,20 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Rebase { ref name, ours, theirs } => commands::upper::rebase(&open()?, name, ours, theirs),
         Command::Gc { dry_run, keep, ref older_than } => commands::gc::gc(&store_root()?, dry_run, keep, older_than.as_deref()),
         Command::Verify { json } => commands::gc::verify(&open()?, json),
+        Command::Export { ref name, ref programs, ref to, desktop, ref output, ref oci } => {
+            if programs.is_empty() && output.is_none() && oci.is_none() {
+                anyhow::bail!("plyroot export {name}: say what: PROGRAM… for launchers, -o FILE for a rootfs tarball, or --oci DIR for an OCI image layout");
+            }
+            if programs.is_empty() {
+                commands::export::export(&open()?, name, output.as_deref(), oci.as_deref())
+            } else {
+                commands::launchers::export(&open()?, name, programs, to.as_deref(), desktop)
+            }
+        }
+        Command::Exports { json } => commands::launchers::exports(&open()?, json),
+        Command::Unexport { ref names, ref env, all } => commands::launchers::unexport(&open()?, names, env.as_deref(), all),
+        Command::Which { ref name, ref path } => commands::launchers::which(&open()?, name, path),
+        Command::Conflicts { ref names, json } => commands::launchers::conflicts(&open()?, names, json),
         Command::Doctor { json } => commands::doctor::doctor(&open()?, json),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "plyroot", &mut std::io::stdout());

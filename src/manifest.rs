@@ -11,6 +11,7 @@
 //! no_host = ["x11"]        # host shares to leave out (see `plyroot run --help`)
 //! init = "/sbin/init"      # the init `boot` starts
 //! exports = ["gcc"]        # programs to export as launchers
+//! base = "host"            # the host's root under the layers
 //! ```
 
 use std::collections::BTreeMap;
@@ -39,6 +40,9 @@ pub(crate) struct Settings {
     pub init: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<String>,
+    /// `host`: the host's root is the bottom layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 fn yes() -> bool {
@@ -47,7 +51,7 @@ fn yes() -> bool {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { root: false, persist: true, binds: Vec::new(), env: BTreeMap::new(), no_host: Vec::new(), init: None, exports: Vec::new() }
+        Settings { root: false, persist: true, binds: Vec::new(), env: BTreeMap::new(), no_host: Vec::new(), init: None, exports: Vec::new(), base: None }
     }
 }
 
@@ -100,6 +104,8 @@ struct RawEnv {
     init: Option<Spanned<String>>,
     #[serde(default)]
     exports: Vec<Spanned<String>>,
+    #[serde(default)]
+    base: Option<Spanned<String>>,
 }
 
 const KINDS: &str = "dir:, tar:, oci:, docker-archive:, layer:, env:";
@@ -167,6 +173,11 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
                 return Err(err(i.span(), format!("init '{}' must be an absolute path inside the environment", i.get_ref())));
             }
         }
+        if let Some(b) = &decl.base {
+            if b.get_ref() != "host" {
+                return Err(err(b.span(), format!("base '{}' is not known; accepted: host", b.get_ref())));
+            }
+        }
         for x in &decl.exports {
             if x.get_ref().is_empty() || x.get_ref().contains('\0') {
                 return Err(err(x.span(), "an export must name a program".into()));
@@ -184,6 +195,7 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
                 no_host,
                 init: decl.init.map(Spanned::into_inner),
                 exports: decl.exports.into_iter().map(Spanned::into_inner).collect(),
+                base: decl.base.map(Spanned::into_inner),
             },
         });
     }
@@ -239,6 +251,7 @@ from = ["tar:-"]
             ("[env.dev]\nroot = \"yes\"\nfrom = [\"tar:a\"]\n", 2, 8, "bool"),
             ("[env.dev]\nfrom = [\"tar:a\"\n", 2, 16, ""),
             ("[envs.dev]\n", 1, 2, "unknown field `envs`"),
+            ("[env.dev]\nfrom = [\"tar:a\"]\nbase = \"nix\"\n", 3, 8, "accepted: host"),
         ];
         for (text, line, col, needle) in cases {
             let e = p(text).unwrap_err();

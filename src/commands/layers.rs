@@ -78,7 +78,7 @@ pub(crate) fn layer_rm(store: &Store, ids: &[String]) -> Result<i32> {
     Ok(0)
 }
 
-pub(crate) fn create(store: &Store, name: &str, from: &[String]) -> Result<i32> {
+pub(crate) fn create(store: &Store, name: &str, from: &[String], base: Option<&str>) -> Result<i32> {
     crate::store::env::check_name(name)?;
     if store.envs_dir().join(name).exists() {
         anyhow::bail!("environment '{name}' already exists: use another name, or remove it first with `plyroot rm {name}`");
@@ -87,7 +87,8 @@ pub(crate) fn create(store: &Store, name: &str, from: &[String]) -> Result<i32> 
     let layers = import_all(store, &sources)?;
     let ids: Vec<String> = layers.iter().map(|l| l.id.clone()).collect();
     let n = ids.len();
-    store.create_env(name, ids, from.to_vec(), Default::default(), "create")?;
+    let settings = crate::manifest::Settings { base: base.map(str::to_owned), ..Default::default() };
+    store.create_env(name, ids, from.to_vec(), settings, "create")?;
     crate::diag::info(&format!("created environment '{name}' with {n} layer(s); try `plyroot enter {name}`"));
     Ok(0)
 }
@@ -119,6 +120,11 @@ pub(crate) fn list(store: &Store, json: bool) -> Result<i32> {
 
 pub(crate) fn rm(store: &Store, names: &[String]) -> Result<i32> {
     for n in names {
+        store.env(n)?;
+        for r in crate::launcher::receipts(store, Some(n))? {
+            crate::launcher::remove(store, &r)?;
+            crate::diag::info(&format!("removed launcher {}", r.link.display()));
+        }
         store.remove_env(n)?;
         crate::diag::info(&format!("removed environment '{n}'"));
     }

@@ -2,7 +2,9 @@
 
 pub(crate) mod doctor;
 pub(crate) mod envs;
+pub(crate) mod export;
 pub(crate) mod gc;
+pub(crate) mod launchers;
 pub(crate) mod layers;
 pub(crate) mod run;
 pub(crate) mod upper;

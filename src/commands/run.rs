@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use rustix::fs::{flock, FlockOperation};
 
 use crate::cli::RunOpts;
-use crate::sandbox::identity::{choose, host_subids, HostUser, Mapping};
+use crate::sandbox::identity::{self, choose, host_subids, HostUser, Mapping};
 use crate::sandbox::{launch, plan, skel, HostFacts, PlanInput, RunOptions, Upper};
 use crate::store::env::{Env, Generation, RunPin};
 use crate::store::Store;
@@ -99,7 +99,32 @@ fn notice_once(store: &Store, key: &str, msg: &str) {
     }
 }
 
-pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>, login: bool) -> Result<i32> {
+/// Whether this process's root is an environment's root (an overlay plyroot mounted).
+fn root_is_plyroot() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-");
+            f.get(4) == Some(&"/") && sep.is_some_and(|i| f.get(i + 1) == Some(&"overlay") && f.get(i + 2) == Some(&"plyroot"))
+        })
+    })
+}
+
+/// The stack of plain directories (top first) a composing launcher puts under its own layers:
+/// the root it was started from, as that root's launch described it in PLYROOT_STACK.
+fn parent_stack() -> Result<Vec<PathBuf>> {
+    let Some(s) = std::env::var_os("PLYROOT_STACK").filter(|s| !s.is_empty()) else { return Ok(Vec::new()) };
+    let dirs: Vec<PathBuf> = std::env::split_paths(&s).collect();
+    if let Some(missing) = dirs.iter().find(|d| !d.is_dir()) {
+        bail!(
+            "cannot compose with the environment this launcher was started in: {} is not visible here (keep the store under your home, or bind it into that environment)",
+            missing.display()
+        );
+    }
+    Ok(dirs)
+}
+
+pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ffi::OsString>, login: bool, compose: bool) -> Result<i32> {
     let env = store.env(name)?;
     if env.dir.join("upper.new").exists() || env.dir.join("upper.old").exists() {
         let _lock = env.lock()?;
@@ -108,9 +133,12 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>
     let generation = env.current()?;
     let settings = &generation.settings;
     let user = HostUser::current();
-    let real_root = rustix::process::geteuid().is_root();
-    let subids = if real_root { None } else { host_subids(&user) };
-    let inside = choose(&user, real_root, subids, opts.root || settings.root);
+    let inside_env = std::env::var_os("PLYROOT_ENV").is_some() && root_is_plyroot();
+    let real_root = rustix::process::geteuid().is_root() && identity::in_initial_userns();
+    let subids = if real_root || inside_env { None } else { host_subids(&user) };
+    let inside = if inside_env && !real_root { identity::keep_id(user.uid, user.gid) } else { choose(&user, real_root, subids, opts.root || settings.root) };
+    let parent = if compose && inside_env { parent_stack()? } else { Vec::new() };
+    let composed = !parent.is_empty();
     if inside.forced_root {
         notice_once(
             &store,
@@ -126,11 +154,42 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>
         anyhow::bail!("environment '{name}' uses layer {id}, which is missing from the store; run `plyroot verify` or re-create the environment");
     }
     let facts = HostFacts::gather();
-    let (skel_dir, shell) = skel::ensure(&store, &env, generation.number, &layer_roots, &user, &inside, &facts)?;
+    let seen: Vec<PathBuf> = layer_roots.iter().chain(&parent).cloned().collect();
+    let (skel_dir, shell) = skel::ensure(&store, &env, generation.number, &seen, &user, &inside, &facts)?;
     let mut lowers = vec![skel_dir];
     lowers.extend(layer_roots);
+    // A composed root: this environment's layers over the root the launcher started from. A layer
+    // both share (a common base) appears once, at its lowest place, so each side still sees its
+    // own layers over it; overlayfs refuses a repeated lower anyway.
+    lowers.extend(parent);
+    let mut kept: Vec<PathBuf> = Vec::with_capacity(lowers.len());
+    for l in lowers.into_iter().rev() {
+        if !kept.contains(&l) {
+            kept.push(l);
+        }
+    }
+    kept.reverse();
+    let mut lowers = kept;
+    let host_base = !composed && !inside_env && settings.base.as_deref() == Some("host");
 
-    let persistent = !(opts.read_only || opts.ephemeral || !settings.persist);
+    // A composed view has no upper of its own to keep: the parent's is live (it can only be a
+    // lower here), and this environment's belongs to its own runs.
+    let persistent = !(opts.read_only || opts.ephemeral || !settings.persist || composed);
+    let mut stack: Vec<PathBuf> = if persistent { vec![env.upper()] } else { Vec::new() };
+    stack.extend(lowers.iter().cloned());
+    if host_base {
+        use std::os::unix::fs::MetadataExt;
+        let same_fs = |a: &std::path::Path, b: &str| fs::metadata(a).ok().map(|m| m.dev()) == fs::metadata(b).ok().map(|m| m.dev());
+        if same_fs(&store.root, "/") {
+            bail!(
+                "environment '{name}' has base = \"host\", but the store {} is on the same filesystem as /: overlayfs refuses a lower (/) that contains other lowers (the layers). Put the store on another filesystem (a separate /home, a disk, a tmpfs) with --store or PLYROOT_HOME",
+                store.root.display()
+            );
+        }
+        // The host's root at the bottom: its programs show where no layer shadows them. It is
+        // not passed on in PLYROOT_STACK: inside, "/" is the environment's root.
+        lowers.push(PathBuf::from("/"));
+    }
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let run_id = format!("{}-{nanos}", std::process::id());
     let work = env.dir.join("work").join(&run_id);
@@ -151,7 +210,13 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<String>
         pid: opts.pid,
         binds: settings.binds.iter().chain(&opts.binds).cloned().collect(),
         no_host,
-        env: settings.env.iter().map(|(k, v)| format!("{k}={v}")).chain(opts.env.iter().cloned()).collect(),
+        env: settings
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .chain(std::env::join_paths(&stack).ok().and_then(|s| s.into_string().ok()).map(|s| format!("PLYROOT_STACK={s}")))
+            .chain(opts.env.iter().cloned())
+            .collect(),
         cwd: opts.cwd.clone(),
         command,
         login,

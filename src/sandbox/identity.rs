@@ -101,6 +101,18 @@ fn ranges_around(me: u32, me_out: u32, sub: (u32, u32)) -> Vec<IdRange> {
     v
 }
 
+/// Inside an environment already (a launcher or `run` started from a program in one): a nested
+/// user namespace that keeps who we are. newuidmap is the host's and cannot be used from here,
+/// and one id is all a nested launch needs.
+pub(crate) fn keep_id(uid: u32, gid: u32) -> Inside {
+    Inside { mapping: Mapping::Single { inside_uid: uid, inside_gid: gid, uid, gid }, uid, gid, forced_root: false }
+}
+
+/// Whether this process is in the initial user namespace (so euid 0 is real root).
+pub(crate) fn in_initial_userns() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
+}
+
 /// Decides the mapping. Pure: the caller passes what the host has.
 pub(crate) fn choose(user: &HostUser, real_root: bool, subids: Option<SubIds>, want_root: bool) -> Inside {
     if real_root {

@@ -148,7 +148,7 @@ pub(crate) struct RunOptions {
     pub env: Vec<String>,
     pub cwd: Option<PathBuf>,
     /// Empty: the login shell.
-    pub command: Vec<String>,
+    pub command: Vec<OsString>,
     /// Start the shell as a login shell (`enter`).
     pub login: bool,
 }
@@ -270,7 +270,7 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
     let mut env: Vec<(OsString, OsString)> = i
         .host_env
         .into_iter()
-        .filter(|(k, _)| !matches!(k.to_str(), Some("PATH" | "HOME" | "USER" | "LOGNAME" | "SHELL" | "PLYROOT_ENV" | "LD_LIBRARY_PATH" | "LD_PRELOAD")))
+        .filter(|(k, _)| !matches!(k.to_str(), Some("PATH" | "HOME" | "USER" | "LOGNAME" | "SHELL" | "PLYROOT_ENV" | "PLYROOT_STACK" | "LD_LIBRARY_PATH" | "LD_PRELOAD")))
         .collect();
     let user_name = if i.inside.uid == 0 { "root".to_owned() } else { i.user.name.clone() };
     for (k, v) in [
@@ -299,7 +299,7 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         }
         v
     } else {
-        i.opts.command.iter().map(OsString::from).collect()
+        i.opts.command.clone()
     };
     let (cwd, cwd_required) = match &i.opts.cwd {
         Some(c) => (vec![c.clone()], true),

@@ -1,0 +1,159 @@
+//! export (launchers), exports, unexport, which, conflicts.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use super::{out, out_json};
+use crate::launcher::{self, Receipt};
+use crate::store::Store;
+
+pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&Path>, desktop: bool) -> Result<i32> {
+    let made = launcher::export(store, env, programs, to, desktop)?;
+    let mut s = String::new();
+    for r in &made {
+        s.push_str(&format!("{}\n", r.link.display()));
+        for f in &r.files {
+            crate::diag::debug(&format!("installed {}", f.display()));
+        }
+    }
+    out(&s)?;
+    if let Some(dir) = made.first().and_then(|r| r.link.parent()) {
+        let on_path = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d == dir));
+        if !on_path {
+            crate::diag::warn(&format!("{} is not on your PATH: add it to run the launchers by name", dir.display()));
+        }
+    }
+    Ok(0)
+}
+
+pub(crate) fn exports(store: &Store, json: bool) -> Result<i32> {
+    let rs = launcher::receipts(store, None)?;
+    if json {
+        return out_json(&rs).map(|_| 0);
+    }
+    let mut s = format!("{:<16} {:<16} {:<20} {}\n", "NAME", "ENV", "PROGRAM", "COMMAND");
+    for r in &rs {
+        let gone = if store.env(&r.env).is_err() { "  (environment gone)" } else { "" };
+        s.push_str(&format!("{:<16} {:<16} {:<20} {}{gone}\n", r.name, r.env, r.program, r.link.display()));
+    }
+    out(&s).map(|_| 0)
+}
+
+pub(crate) fn unexport(store: &Store, names: &[String], env: Option<&str>, all: bool) -> Result<i32> {
+    if names.is_empty() && !all {
+        bail!("say which launchers: names, or --all (with --env ENV for one environment's)");
+    }
+    let rs: Vec<Receipt> = launcher::receipts(store, env)?;
+    for n in names {
+        if !rs.iter().any(|r| &r.name == n) {
+            bail!("no launcher named '{n}'{} (see `plyroot exports`)", env.map(|e| format!(" for environment '{e}'")).unwrap_or_default());
+        }
+    }
+    for r in rs.iter().filter(|r| all || names.contains(&r.name)) {
+        launcher::remove(store, r)?;
+        crate::diag::info(&format!("removed {}", r.link.display()));
+    }
+    Ok(0)
+}
+
+/// An environment's stack for lookups, top first, each with a label.
+fn stack(store: &Store, names: &[String], with_upper: bool) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for n in names {
+        let env = store.env(n)?;
+        let g = env.current()?;
+        if with_upper {
+            out.push((format!("the upper of {n}"), env.upper()));
+        }
+        for l in g.layers.iter().rev() {
+            let src = store.layer_info(l).map(|i| i.source).unwrap_or_default();
+            out.push((format!("layer {} of {n} ({src})", &l[..19]), store.layer_root(l)));
+        }
+        if g.settings.base.as_deref() == Some("host") {
+            out.push(("the host root (base = \"host\")".into(), PathBuf::from("/")));
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn which(store: &Store, name: &str, path: &Path) -> Result<i32> {
+    let st = stack(store, &[name.to_owned()], true)?;
+    let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
+    let dirs: Vec<PathBuf> = st.iter().map(|(_, d)| d.clone()).collect();
+    let Some((abs, _)) = crate::store::upper::lookup(&dirs, &rel) else {
+        bail!("/{rel} does not exist in environment '{name}'");
+    };
+    let top = st.iter().position(|(_, d)| abs.starts_with(d) && (d != Path::new("/") || st.iter().all(|(_, o)| o == Path::new("/") || !abs.starts_with(o)))).unwrap_or(0);
+    let mut s = format!("/{rel}: {}\n", st[top].0);
+    for (label, d) in &st[top + 1..] {
+        if let Ok(m) = fs::symlink_metadata(d.join(&rel)) {
+            if !(m.file_type().is_char_device() && m.rdev() == 0) {
+                s.push_str(&format!("  shadows {label}\n"));
+            }
+        }
+    }
+    out(&s).map(|_| 0)
+}
+
+#[derive(Serialize)]
+struct Conflict {
+    path: String,
+    winner: String,
+    shadowed: Vec<String>,
+}
+
+/// What a file is, for telling whether two layers provide the same thing.
+fn fingerprint(m: &fs::Metadata, p: &Path) -> (u32, u64, i64, Option<PathBuf>) {
+    (m.mode(), m.len(), m.mtime(), m.file_type().is_symlink().then(|| fs::read_link(p).ok()).flatten())
+}
+
+pub(crate) fn conflicts(store: &Store, names: &[String], json: bool) -> Result<i32> {
+    let st = stack(store, names, false)?;
+    let mut seen: BTreeMap<String, Vec<(usize, (u32, u64, i64, Option<PathBuf>))>> = BTreeMap::new();
+    for (i, (_, dir)) in st.iter().enumerate() {
+        if dir == Path::new("/") {
+            continue; // the host root is not a layer to compare file by file
+        }
+        walk(dir, "", &mut |rel, m, abs| seen.entry(rel.to_owned()).or_default().push((i, fingerprint(m, abs))));
+    }
+    let mut found = Vec::new();
+    for (path, providers) in seen {
+        if providers.len() < 2 {
+            continue;
+        }
+        let first = &providers[0].1;
+        let differing: Vec<String> = providers[1..].iter().filter(|p| &p.1 != first).map(|p| st[p.0].0.clone()).collect();
+        if !differing.is_empty() {
+            found.push(Conflict { path: format!("/{path}"), winner: st[providers[0].0].0.clone(), shadowed: differing });
+        }
+    }
+    if json {
+        return out_json(&found).map(|_| 0);
+    }
+    let mut s = String::new();
+    for c in &found {
+        s.push_str(&format!("{}: {} shadows {}\n", c.path, c.winner, c.shadowed.join("; ")));
+    }
+    out(&s)?;
+    crate::diag::info(&format!("{} path(s) provided differently by more than one layer", found.len()));
+    Ok(0)
+}
+
+/// Calls `f` for every non-directory, non-whiteout entry below `dir`.
+fn walk(dir: &Path, rel: &str, f: &mut dyn FnMut(&str, &fs::Metadata, &Path)) {
+    let Ok(rd) = fs::read_dir(dir.join(rel)) else { return };
+    for e in rd.flatten() {
+        let r = if rel.is_empty() { e.file_name().to_string_lossy().into_owned() } else { format!("{rel}/{}", e.file_name().to_string_lossy()) };
+        let Ok(m) = e.path().symlink_metadata() else { continue };
+        if m.is_dir() {
+            walk(dir, &r, f);
+        } else if !(m.file_type().is_char_device() && m.rdev() == 0) {
+            f(&r, &m, &e.path());
+        }
+    }
+}
