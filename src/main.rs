@@ -7,6 +7,7 @@
 mod cli;
 mod commands;
 mod diag;
+mod export;
 mod launcher;
 mod manifest;
 mod progress;

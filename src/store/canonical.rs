@@ -52,29 +52,22 @@ pub(crate) fn digest(root: &Path, ov: &Overrides) -> Result<Summary, CanonicalEr
 
 /// Writes the canonical tar of `root` to `out`, returning its digest and counts.
 pub(crate) fn write_tar(root: &Path, ov: &Overrides, out: &mut dyn Write) -> Result<Summary, CanonicalError> {
-    let mut devices: HashMap<&str, Vec<(&str, &Device)>> = HashMap::new();
-    for (path, o) in &ov.entries {
-        if let Some(d) = &o.device {
-            let (parent, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
-            devices.entry(parent).or_default().push((name, d));
-        }
-    }
-    let mut w = Writer { out, hash: Sha256::new(), ov, devices, links: HashMap::new(), buf: vec![0; 1 << 20], summary: Summary::default() };
-    w.dir(root, "")?;
-    w.emit(&[0u8; 1024])?;
-    let mut s = w.summary;
-    s.id = format!("sha256:{}", hex::encode(w.hash.finalize()));
-    Ok(s)
+    let mut w = Writer::new(out);
+    w.tree(root, ov)?;
+    w.finish()
 }
 
-struct Writer<'a> {
+/// The canonical serializer, one entry at a time. [`Writer::tree`] walks one layer tree in the
+/// canonical order; `export` drives the same entry methods over a merged stack of layers, so
+/// both write the one format a layer id is the digest of.
+pub(crate) struct Writer<'a> {
     out: &'a mut dyn Write,
     hash: Sha256,
-    ov: &'a Overrides,
-    devices: HashMap<&'a str, Vec<(&'a str, &'a Device)>>,
     links: HashMap<(u64, u64), String>,
     buf: Vec<u8>,
     summary: Summary,
+    /// SOURCE_DATE_EPOCH: no entry's mtime is written later than this.
+    mtime_max: Option<u64>,
 }
 
 enum Child<'a> {
@@ -96,14 +89,43 @@ struct Entry<'e> {
 }
 
 impl<'a> Writer<'a> {
+    pub(crate) fn new(out: &'a mut dyn Write) -> Writer<'a> {
+        Writer { out, hash: Sha256::new(), links: HashMap::new(), buf: vec![0; 1 << 20], summary: Summary::default(), mtime_max: None }
+    }
+
+    /// Clamps every mtime to `max` (reproducible builds' SOURCE_DATE_EPOCH).
+    pub(crate) fn clamp_mtimes(&mut self, max: u64) {
+        self.mtime_max = Some(max);
+    }
+
+    /// Ends the archive and returns its digest and counts.
+    pub(crate) fn finish(mut self) -> Result<Summary, CanonicalError> {
+        self.emit(&[0u8; 1024])?;
+        let mut s = self.summary;
+        s.id = format!("sha256:{}", hex::encode(self.hash.finalize()));
+        Ok(s)
+    }
+
+    /// Writes every entry of the layer tree `root`, whose metadata is `ov`.
+    pub(crate) fn tree(&mut self, root: &Path, ov: &Overrides) -> Result<(), CanonicalError> {
+        let mut devices: HashMap<&str, Vec<(&str, &Device)>> = HashMap::new();
+        for (path, o) in &ov.entries {
+            if let Some(d) = &o.device {
+                let (parent, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+                devices.entry(parent).or_default().push((name, d));
+            }
+        }
+        self.dir(root, "", ov, &devices)
+    }
+
     fn emit(&mut self, b: &[u8]) -> Result<(), CanonicalError> {
         self.hash.update(b);
         self.out.write_all(b).map_err(CanonicalError::Write)
     }
 
-    fn dir(&mut self, abs: &Path, rel: &str) -> Result<(), CanonicalError> {
+    fn dir(&mut self, abs: &Path, rel: &str, ov: &Overrides, devices: &HashMap<&str, Vec<(&str, &Device)>>) -> Result<(), CanonicalError> {
         let rd = fs::read_dir(abs).map_err(|e| CanonicalError::Read { path: shown(rel), source: e })?;
-        let mut kids: Vec<(Vec<u8>, Child<'a>)> = Vec::new();
+        let mut kids: Vec<(Vec<u8>, Child<'_>)> = Vec::new();
         for e in rd {
             let e = e.map_err(|e| CanonicalError::Read { path: shown(rel), source: e })?;
             let name = e.file_name();
@@ -112,73 +134,86 @@ impl<'a> Writer<'a> {
             let emitted = if is_whiteout { [b".wh.", name.as_bytes()].concat() } else { name.as_bytes().to_vec() };
             kids.push((emitted, Child::Disk(name)));
         }
-        if let Some(devs) = self.devices.get(rel) {
+        if let Some(devs) = devices.get(rel) {
             for &(name, d) in devs {
                 kids.push((name.as_bytes().to_vec(), Child::Device(name, d)));
             }
         }
         kids.sort_by(|a, b| a.0.cmp(&b.0));
-        let no_xattrs = BTreeMap::new();
         for (emitted, kid) in kids {
             let rel_kid = join(rel, OsStr::from_bytes(&emitted));
             match kid {
-                Child::Device(name, d) => {
-                    let path = join(rel, OsStr::new(name));
-                    let xattrs = self.xattrs(None, &path);
-                    let kind = if d.kind == 'b' { b'4' } else { b'3' };
-                    let owner = self.ov.owner(&path, (0, 0));
-                    self.header(&Entry { name: path.as_bytes(), mode: d.mode, owner, size: 0, mtime: d.mtime, kind, link: b"", dev: (d.major, d.minor), xattrs: &xattrs })?;
-                }
+                Child::Device(name, d) => self.device(&join(rel, OsStr::new(name)), d, ov)?,
                 Child::Disk(name) => {
                     let kid_abs = abs.join(&name);
                     let path = join(rel, &name);
                     let md = fs::symlink_metadata(&kid_abs).map_err(|e| CanonicalError::Read { path: path.clone(), source: e })?;
-                    let ft = md.file_type();
-                    if ft.is_char_device() && md.rdev() == 0 {
-                        self.header(&Entry { name: rel_kid.as_bytes(), mode: 0, owner: (0, 0), size: 0, mtime: 0, kind: b'0', link: b"", dev: (0, 0), xattrs: &no_xattrs })?;
+                    if md.file_type().is_char_device() && md.rdev() == 0 {
+                        self.marker(&rel_kid)?;
                         continue;
                     }
-                    let xattrs = self.xattrs(Some(&kid_abs), &path);
-                    let owner = self.ov.owner(&path, (md.uid(), md.gid()));
-                    let mode = md.mode() & 0o7777;
-                    let mtime = md.mtime();
-                    self.summary.entries += 1;
-                    if ft.is_dir() {
-                        let name_slash = format!("{path}/");
-                        self.header(&Entry { name: name_slash.as_bytes(), mode, owner, size: 0, mtime, kind: b'5', link: b"", dev: (0, 0), xattrs: &xattrs })?;
+                    self.disk(&kid_abs, &path, &md, ov)?;
+                    if md.is_dir() {
                         if is_opaque(&kid_abs) {
-                            let opq = format!("{path}/.wh..wh..opq");
-                            self.header(&Entry { name: opq.as_bytes(), mode: 0, owner: (0, 0), size: 0, mtime: 0, kind: b'0', link: b"", dev: (0, 0), xattrs: &no_xattrs })?;
+                            self.marker(&format!("{path}/.wh..wh..opq"))?;
                         }
-                        self.dir(&kid_abs, &path)?;
-                    } else if ft.is_symlink() {
-                        let target = fs::read_link(&kid_abs).map_err(|e| CanonicalError::Read { path: path.clone(), source: e })?;
-                        self.header(&Entry { name: path.as_bytes(), mode, owner, size: 0, mtime, kind: b'2', link: target.as_os_str().as_bytes(), dev: (0, 0), xattrs: &xattrs })?;
-                    } else if ft.is_file() {
-                        if md.nlink() > 1 {
-                            if let Some(first) = self.links.get(&(md.dev(), md.ino())).cloned() {
-                                self.header(&Entry { name: path.as_bytes(), mode, owner, size: 0, mtime, kind: b'1', link: first.as_bytes(), dev: (0, 0), xattrs: &xattrs })?;
-                                continue;
-                            }
-                            self.links.insert((md.dev(), md.ino()), path.clone());
-                        }
-                        self.header(&Entry { name: path.as_bytes(), mode, owner, size: md.len(), mtime, kind: b'0', link: b"", dev: (0, 0), xattrs: &xattrs })?;
-                        self.content(&kid_abs, &path, md.len(), md.permissions().mode())?;
-                    } else if ft.is_fifo() {
-                        self.header(&Entry { name: path.as_bytes(), mode, owner, size: 0, mtime, kind: b'6', link: b"", dev: (0, 0), xattrs: &xattrs })?;
-                    } else if ft.is_char_device() || ft.is_block_device() {
-                        let kind = if ft.is_char_device() { b'3' } else { b'4' };
-                        let dev = (libc::major(md.rdev()), libc::minor(md.rdev()));
-                        self.header(&Entry { name: path.as_bytes(), mode, owner, size: 0, mtime, kind, link: b"", dev, xattrs: &xattrs })?;
+                        self.dir(&kid_abs, &path, ov, devices)?;
                     }
-                    // Sockets are not content: tar cannot hold them.
                 }
             }
         }
         Ok(())
     }
 
-    fn xattrs(&self, abs: Option<&Path>, rel: &str) -> BTreeMap<String, Vec<u8>> {
+    /// A whiteout (`.wh.NAME`) or opaque (`.wh..wh..opq`) marker entry: mode 0, owner 0:0, mtime 0.
+    fn marker(&mut self, name: &str) -> Result<(), CanonicalError> {
+        self.header(&Entry { name: name.as_bytes(), mode: 0, owner: (0, 0), size: 0, mtime: 0, kind: b'0', link: b"", dev: (0, 0), xattrs: &BTreeMap::new() })
+    }
+
+    /// A device node that exists only in the layer's metadata.
+    pub(crate) fn device(&mut self, path: &str, d: &Device, ov: &Overrides) -> Result<(), CanonicalError> {
+        let xattrs = self.xattrs(None, path, ov);
+        let kind = if d.kind == 'b' { b'4' } else { b'3' };
+        let owner = ov.owner(path, (0, 0));
+        self.header(&Entry { name: path.as_bytes(), mode: d.mode, owner, size: 0, mtime: d.mtime, kind, link: b"", dev: (d.major, d.minor), xattrs: &xattrs })
+    }
+
+    /// The entry for `abs` (not a whiteout; `md` is its lstat), named `path`, with the metadata
+    /// `ov` of the layer it is in. A directory's own entry only: the caller walks its children.
+    pub(crate) fn disk(&mut self, abs: &Path, path: &str, md: &fs::Metadata, ov: &Overrides) -> Result<(), CanonicalError> {
+        let ft = md.file_type();
+        let xattrs = self.xattrs(Some(abs), path, ov);
+        let owner = ov.owner(path, (md.uid(), md.gid()));
+        let mode = md.mode() & 0o7777;
+        let mtime = md.mtime();
+        self.summary.entries += 1;
+        if ft.is_dir() {
+            let name_slash = format!("{path}/");
+            self.header(&Entry { name: name_slash.as_bytes(), mode, owner, size: 0, mtime, kind: b'5', link: b"", dev: (0, 0), xattrs: &xattrs })?;
+        } else if ft.is_symlink() {
+            let target = fs::read_link(abs).map_err(|e| CanonicalError::Read { path: path.to_owned(), source: e })?;
+            self.header(&Entry { name: path.as_bytes(), mode, owner, size: 0, mtime, kind: b'2', link: target.as_os_str().as_bytes(), dev: (0, 0), xattrs: &xattrs })?;
+        } else if ft.is_file() {
+            if md.nlink() > 1 {
+                if let Some(first) = self.links.get(&(md.dev(), md.ino())).cloned() {
+                    return self.header(&Entry { name: path.as_bytes(), mode, owner, size: 0, mtime, kind: b'1', link: first.as_bytes(), dev: (0, 0), xattrs: &xattrs });
+                }
+                self.links.insert((md.dev(), md.ino()), path.to_owned());
+            }
+            self.header(&Entry { name: path.as_bytes(), mode, owner, size: md.len(), mtime, kind: b'0', link: b"", dev: (0, 0), xattrs: &xattrs })?;
+            self.content(abs, path, md.len(), md.permissions().mode())?;
+        } else if ft.is_fifo() {
+            self.header(&Entry { name: path.as_bytes(), mode, owner, size: 0, mtime, kind: b'6', link: b"", dev: (0, 0), xattrs: &xattrs })?;
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let kind = if ft.is_char_device() { b'3' } else { b'4' };
+            let dev = (libc::major(md.rdev()), libc::minor(md.rdev()));
+            self.header(&Entry { name: path.as_bytes(), mode, owner, size: 0, mtime, kind, link: b"", dev, xattrs: &xattrs })?;
+        }
+        // Sockets are not content: tar cannot hold them.
+        Ok(())
+    }
+
+    fn xattrs(&self, abs: Option<&Path>, rel: &str, ov: &Overrides) -> BTreeMap<String, Vec<u8>> {
         let mut out = BTreeMap::new();
         if let Some(abs) = abs {
             for (k, v) in read_xattrs(abs) {
@@ -187,7 +222,7 @@ impl<'a> Writer<'a> {
                 }
             }
         }
-        if let Some(o) = self.ov.entries.get(rel) {
+        if let Some(o) = ov.entries.get(rel) {
             for (k, v) in &o.xattrs {
                 if let Ok(v) = hex::decode(v) {
                     out.insert(k.clone(), v);
@@ -266,6 +301,7 @@ impl<'a> Writer<'a> {
             self.emit(&body)?;
         }
         let mtime = e.mtime.max(0) as u64;
+        let mtime = self.mtime_max.map_or(mtime, |max| mtime.min(max));
         let h = ustar(
             &e.name[..e.name.len().min(100)],
             e.mode,
@@ -321,7 +357,8 @@ fn ustar(name: &[u8], mode: u32, owner: (u32, u32), size: u64, mtime: u64, kind:
     h
 }
 
-fn join(rel: &str, name: &OsStr) -> String {
+/// The entry name of `name` in the directory `rel` (`""` is the root).
+pub(crate) fn join(rel: &str, name: &OsStr) -> String {
     let name = name.to_string_lossy();
     if rel.is_empty() {
         name.into_owned()
