@@ -87,10 +87,16 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
             Ok(env) => {
                 let _lock = env.lock()?;
                 let cur = env.current()?;
+                // Layers committed since are the user's: they stay on top of the declared ones.
+                let mut layers = layers;
+                layers.extend(cur.commits.iter().filter(|c| !layers.contains(c)).cloned().collect::<Vec<_>>());
                 if cur.layers == layers && cur.settings == decl.settings {
                     continue;
                 }
-                let g = env.add_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
+                let mut g = env.write_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
+                g.commits = cur.commits.clone();
+                env.rewrite_generation(&g)?;
+                env.switch(g.number)?;
                 crate::diag::info(&format!("{}: generation {} is current", decl.name, g.number));
             }
             Err(_) => {

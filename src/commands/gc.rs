@@ -47,7 +47,11 @@ pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_th
                 roots.extend(g.layers.iter().cloned());
             }
         }
-        roots.extend(env.upper_base()?);
+        // An upper with changes needs the layers it was written on (rebase compares against
+        // them); an empty one needs nothing.
+        if !env.upper_is_empty() {
+            roots.extend(env.upper_base()?);
+        }
         for pin in env.live_runs() {
             roots.extend(pin.layers);
         }

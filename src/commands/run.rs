@@ -126,9 +126,10 @@ fn parent_stack() -> Result<Vec<PathBuf>> {
 
 pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ffi::OsString>, login: bool, compose: bool) -> Result<i32> {
     let env = store.env(name)?;
-    if env.dir.join("upper.new").exists() || env.dir.join("upper.old").exists() {
+    if env.dir.join("upper.new").exists() || env.dir.join("upper.old").exists() || crate::commands::upper::commit_interrupted(&env) {
         let _lock = env.lock()?;
         env.recover(store.remover)?;
+        crate::commands::upper::recover_commit(&store, &env)?;
     }
     let generation = env.current()?;
     let settings = &generation.settings;
@@ -155,7 +156,12 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ff
     }
     let facts = HostFacts::gather();
     let seen: Vec<PathBuf> = layer_roots.iter().chain(&parent).cloned().collect();
-    let (skel_dir, shell) = skel::ensure(&store, &env, generation.number, &seen, &user, &inside, &facts)?;
+    let mut bind_points = Vec::new();
+    for spec in settings.binds.iter().chain(&opts.binds) {
+        let (src, dst, _) = crate::sandbox::parse_bind(spec, facts.cwd.as_deref())?;
+        bind_points.push((dst, src.is_dir()));
+    }
+    let (skel_dir, shell) = skel::ensure(&store, &env, generation.number, &seen, &user, &inside, &facts, &bind_points)?;
     let mut lowers = vec![skel_dir];
     lowers.extend(layer_roots);
     // A composed root: this environment's layers over the root the launcher started from. A layer

@@ -30,6 +30,10 @@ fn open_for_change(store: &Store, name: &str, what: &str) -> Result<(Env, fs::Fi
 
 pub(crate) fn diff(store: &Store, name: &str, paths: &[PathBuf], json: bool) -> Result<i32> {
     let env = store.env(name)?;
+    if commit_interrupted(&env) {
+        let _lock = env.lock()?;
+        recover_commit(store, &env)?;
+    }
     let base = env.upper_base()?;
     let lowers = lowers_of(store, &base);
     let upper = env.upper();
@@ -70,26 +74,45 @@ fn staging_dir(env: &Env) -> PathBuf {
     env.dir.join("commit")
 }
 
+/// Whether a commit was interrupted in this environment (cheap: two stats).
+pub(crate) fn commit_interrupted(env: &Env) -> bool {
+    journal_path(env).exists() || staging_dir(env).exists()
+}
+
 /// Finishes a commit that reached its journal, or puts back an upper a crash left half-moved.
-fn recover_commit(store: &Store, env: &Env) -> Result<()> {
+/// Never deletes what the user wrote: what cannot be put back is kept under saved/.
+pub(crate) fn recover_commit(store: &Store, env: &Env) -> Result<()> {
     let staged = staging_dir(env);
     if let Ok(d) = fs::read(journal_path(env)) {
         let j: CommitJournal = serde_json::from_slice(&d).context("the commit journal is corrupt")?;
         if !store.layer_dir(&j.layer).exists() && staged.exists() {
             fs::rename(&staged, store.layer_dir(&j.layer)).context("cannot publish the committed layer")?;
         }
-        let cur = env.current()?;
-        if cur.layers == j.base {
-            finish_commit(env, &j)?;
+        if store.layer_dir(&j.layer).exists() {
+            let cur = env.current()?;
+            let mut want = j.base.clone();
+            want.push(j.layer.clone());
+            if cur.layers != want {
+                // The layer holds the user's changes: record its generation in any case, and
+                // make it current when nothing else moved current meanwhile.
+                let switch = cur.layers == j.base;
+                let n = finish_commit(env, &j, switch)?;
+                crate::diag::info(&format!("{}: finished an interrupted commit as generation {n}{}", env.name, if switch { "" } else { " (not made current)" }));
+            }
         }
         let _ = fs::remove_file(journal_path(env));
     }
     if staged.join("root").exists() {
-        // The upper was moved aside but never became a layer: give it back.
+        // The upper was moved aside but never became a layer: give it back, or keep it.
         let up = env.upper();
         if fs::read_dir(&up).map(|mut d| d.next().is_none()).unwrap_or(true) {
             let _ = fs::remove_dir(&up);
             fs::rename(staged.join("root"), &up).context("cannot restore the upper from an interrupted commit")?;
+        } else {
+            fs::create_dir_all(env.saved_dir())?;
+            let dest = env.saved_dir().join(format!("interrupted-commit-{}", now_secs()));
+            fs::rename(staged.join("root"), &dest).context("cannot keep the upper of an interrupted commit")?;
+            crate::diag::warn(&format!("{}: an interrupted commit's changes are kept at {}", env.name, dest.display()));
         }
     }
     if staged.exists() {
@@ -98,14 +121,20 @@ fn recover_commit(store: &Store, env: &Env) -> Result<()> {
     Ok(())
 }
 
-fn finish_commit(env: &Env, j: &CommitJournal) -> Result<u32> {
+fn finish_commit(env: &Env, j: &CommitJournal, make_current: bool) -> Result<u32> {
     let cur = env.current()?;
     let mut layers = j.base.clone();
     layers.push(j.layer.clone());
     let mut sources = cur.sources.clone();
     sources.push(format!("layer:{}", j.layer));
-    let g = env.add_generation(layers.clone(), sources, cur.settings.clone(), &j.reason)?;
-    env.set_upper_base(&layers)?;
+    let mut g = env.write_generation(layers.clone(), sources, cur.settings.clone(), &j.reason)?;
+    // apply keeps committed layers on top of the declared ones.
+    g.commits = cur.commits.iter().cloned().chain([j.layer.clone()]).collect();
+    env.rewrite_generation(&g)?;
+    if make_current {
+        env.switch(g.number)?;
+        env.set_upper_base(&layers)?;
+    }
     Ok(g.number)
 }
 
@@ -154,7 +183,7 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
     } else {
         fs::rename(&staged, store.layer_dir(&id)).context("cannot publish the committed layer")?;
     }
-    let n = finish_commit(&env, &j)?;
+    let n = finish_commit(&env, &j, true)?;
     let _ = fs::remove_file(journal_path(&env));
     crate::diag::info(&format!("{name}: committed {} ({entries} entries, {}) as generation {n}; the upper is clean", &id[..19], human(size)));
     out(&format!("{id}\n"))?;

@@ -39,7 +39,9 @@ fn fnv(s: &str) -> u64 {
 
 /// Returns the skeleton directory for this generation and identity (building it on first use)
 /// and the shell the inside user gets.
-pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: &HostFacts) -> Result<(PathBuf, String)> {
+/// `binds`: (destination, is a directory) of the run's binds; those the layers lack get their
+/// mount point here, so binding creates nothing in the upper.
+pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: &HostFacts, binds: &[(PathBuf, bool)]) -> Result<(PathBuf, String)> {
     let passwd_src = lowers.iter().map(|l| l.join("etc/passwd")).find(|p| p.is_file());
     let base_passwd = passwd_src.as_ref().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default();
     let shell = shell_of(&base_passwd, inside.uid)
@@ -56,6 +58,18 @@ pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBu
     if facts.nix {
         dirs.push("nix".into());
     }
+    let mut bind_files: Vec<PathBuf> = Vec::new();
+    for (dst, is_dir) in binds {
+        let rel = dst.strip_prefix("/").unwrap_or(dst).to_owned();
+        if rel.as_os_str().is_empty() || exists_in_layers(lowers, &dst.to_string_lossy()) {
+            continue;
+        }
+        if *is_dir {
+            dirs.push(rel);
+        } else {
+            bind_files.push(rel);
+        }
+    }
     // File mount points: needed where the layers have no regular file there (absent, or a
     // symlink such as Debian's /etc/localtime, which must not be followed out of the root).
     let files: Vec<&str> = ["etc/resolv.conf", "etc/hosts", "etc/localtime"]
@@ -66,7 +80,7 @@ pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBu
     // to stay root, the way apt's own docs advise for containers without id ranges.
     let single_id = matches!(inside.mapping, super::identity::Mapping::Single { .. });
     let apt_conf = single_id && lowers.iter().any(|l| l.join("etc/apt/apt.conf.d").is_dir());
-    let fingerprint = format!("{:?}|{:?}|{}|{}|{:?}|{}|{}", dirs, files, inside.uid, inside.gid, user, shell, apt_conf);
+    let fingerprint = format!("{:?}|{:?}|{:?}|{}|{}|{:?}|{}|{}", dirs, files, bind_files, inside.uid, inside.gid, user, shell, apt_conf);
     let dir = env.dir.join("skel").join(format!("{generation}-{}-{:016x}", inside.uid, fnv(&fingerprint)));
     if dir.is_dir() {
         return Ok((dir, shell));
@@ -80,6 +94,12 @@ pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBu
         mk(d)?;
     }
     mk(Path::new("etc"))?;
+    for f in &bind_files {
+        if let Some(parent) = f.parent() {
+            mk(parent)?;
+        }
+        fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o644).open(root.join(f)).with_context(|| format!("cannot create {}", root.join(f).display()))?;
+    }
     for f in &files {
         fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(root.join(f)).with_context(|| format!("cannot create {}", root.join(f).display()))?;
     }

@@ -36,6 +36,9 @@ pub(crate) struct Generation {
     /// Why this generation exists (create, apply, commit message, …).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// Layers `commit` added on top of the declared ones; `apply` keeps them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub commits: Vec<String>,
 }
 
 /// What a live run pins.
@@ -110,7 +113,7 @@ impl Store {
             fs::DirBuilder::new().recursive(true).mode(0o755).create(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }
         write_atomic(&dir.join("upper.json"), &serde_json::to_vec(&layers)?)?;
-        let g = Generation { number: 1, created: now_secs(), layers, sources, settings, reason: reason.to_owned() };
+        let g = Generation { number: 1, created: now_secs(), layers, sources, settings, reason: reason.to_owned(), commits: Vec::new() };
         write_atomic(&dir.join("generations/1.json"), &serde_json::to_vec_pretty(&g)?)?;
         std::os::unix::fs::symlink("generations/1.json", dir.join("current")).context("cannot write the current generation link")?;
         fs::create_dir_all(self.envs_dir()).with_context(|| format!("cannot create {}", self.envs_dir().display()))?;
@@ -224,19 +227,17 @@ impl Env {
         fs::rename(&tmp, self.dir.join("current")).context("cannot switch the current generation")
     }
 
-    /// Records a new generation after the highest one and makes it current.
-    pub(crate) fn add_generation(&self, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str) -> Result<Generation> {
-        let g = self.write_generation(layers, sources, settings, reason)?;
-        self.switch(g.number)?;
-        Ok(g)
-    }
-
     /// Writes a new generation record (not yet current).
     pub(crate) fn write_generation(&self, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str) -> Result<Generation> {
         let number = self.generations()?.last().map(|g| g.number).unwrap_or(0) + 1;
-        let g = Generation { number, created: now_secs(), layers, sources, settings, reason: reason.to_owned() };
-        write_atomic(&self.dir.join("generations").join(format!("{number}.json")), &serde_json::to_vec_pretty(&g)?)?;
+        let g = Generation { number, created: now_secs(), layers, sources, settings, reason: reason.to_owned(), commits: Vec::new() };
+        self.rewrite_generation(&g)?;
         Ok(g)
+    }
+
+    /// Writes a generation record that is not current yet (used while building it).
+    pub(crate) fn rewrite_generation(&self, g: &Generation) -> Result<()> {
+        write_atomic(&self.dir.join("generations").join(format!("{}.json", g.number)), &serde_json::to_vec_pretty(g)?)
     }
 
     /// Prepares an empty replacement upper, based on `layers`, for [`Env::replace_upper`].
