@@ -188,6 +188,31 @@ pub(crate) enum Command {
         #[arg(long, value_name = "DIR")]
         oci: Option<PathBuf>,
     },
+    /// Start the environment's init as PID 1 in the background, and wait until it is ready
+    #[command(after_help = "The init is the manifest's `init` (default /sbin/init). It runs as root inside, in new pid,\nmount, UTS and IPC namespaces (its own hostname), detached; its output goes to the\nenvironment's boot.log. While it is up, `run` and `enter` join it, so systemctl, journalctl\nand services work. Ready means: for systemd, `systemctl is-system-running --wait` says running\nor degraded; for another init, --ready CMD succeeds inside (or at once without it).\n\nExamples:\n  plyroot boot deb\n  plyroot boot svc --ready 'test -S /run/svc.sock' --timeout 30\n  plyroot status\n  plyroot stop deb")]
+    Boot {
+        name: String,
+        /// Seconds to wait for readiness
+        #[arg(long, default_value_t = 90)]
+        timeout: u64,
+        /// A command that succeeds inside once the environment is ready (non-systemd inits)
+        #[arg(long, value_name = "CMD")]
+        ready: Option<String>,
+    },
+    /// List booted environments
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Shut a booted environment down (SIGRTMIN+3 for systemd, SIGTERM otherwise), then kill
+    Stop {
+        name: String,
+        /// Seconds to wait before killing
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Boot the environment when needed and start a login shell in it (usable as a login shell)
+    Login { name: String },
     /// List exported launchers
     Exports {
         #[arg(long)]

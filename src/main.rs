@@ -121,6 +121,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 commands::launchers::export(&open()?, name, programs, to.as_deref(), desktop)
             }
         }
+        Command::Boot { ref name, timeout, ref ready } => commands::boot::boot(open()?, name, timeout, ready.as_deref()),
+        Command::Status { json } => commands::boot::status(&open()?, json),
+        Command::Stop { ref name, timeout } => commands::boot::stop(&open()?, name, timeout),
+        Command::Login { ref name } => commands::boot::login(open()?, name),
         Command::Exports { json } => commands::launchers::exports(&open()?, json),
         Command::Unexport { ref names, ref env, all } => commands::launchers::unexport(&open()?, names, env.as_deref(), all),
         Command::Which { ref name, ref path } => commands::launchers::which(&open()?, name, path),

@@ -1,5 +1,6 @@
 //! One function per subcommand: glue between the CLI, the store and the sandbox.
 
+pub(crate) mod boot;
 pub(crate) mod doctor;
 pub(crate) mod envs;
 pub(crate) mod export;

@@ -124,7 +124,25 @@ fn parent_stack() -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
+/// How `boot` starts an environment's init (see commands::boot).
+pub(crate) struct BootRequest<'a> {
+    pub init: String,
+    pub wait: &'a dyn Fn(&Store, &Env, i32) -> Result<()>,
+}
+
 pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ffi::OsString>, login: bool, compose: bool) -> Result<i32> {
+    run_or_boot(store, name, opts, command, login, compose, None)
+}
+
+pub(crate) fn run_or_boot(
+    store: Store,
+    name: &str,
+    opts: &RunOpts,
+    command: Vec<std::ffi::OsString>,
+    login: bool,
+    compose: bool,
+    boot: Option<BootRequest<'_>>,
+) -> Result<i32> {
     let env = store.env(name)?;
     if env.dir.join("upper.new").exists() || env.dir.join("upper.old").exists() || crate::commands::upper::commit_interrupted(&env) {
         let _lock = env.lock()?;
@@ -137,7 +155,9 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ff
     let inside_env = std::env::var_os("PLYROOT_ENV").is_some() && root_is_plyroot();
     let real_root = rustix::process::geteuid().is_root() && identity::in_initial_userns();
     let subids = if real_root || inside_env { None } else { host_subids(&user) };
-    let inside = if inside_env && !real_root { identity::keep_id(user.uid, user.gid) } else { choose(&user, real_root, subids, opts.root || settings.root) };
+    // A booted environment's namespaces have the default mapping; root inside is a setuid there.
+    let want_root = boot.is_none() && env.booted().is_none() && (opts.root || settings.root);
+    let inside = if inside_env && !real_root { identity::keep_id(user.uid, user.gid) } else { choose(&user, real_root, subids, want_root) };
     let parent = if compose && inside_env { parent_stack()? } else { Vec::new() };
     let composed = !parent.is_empty();
     if inside.forced_root {
@@ -185,6 +205,11 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ff
     stack.extend(lowers.iter().cloned());
     if host_base {
         use std::os::unix::fs::MetadataExt;
+        if !real_root {
+            bail!(
+                "environment '{name}' has base = \"host\", which needs real root for now: in a user namespace the host's / carries locked submounts, and overlayfs refuses such a lower (\"failed to clone lowerpath\"). Run as root, or list the host directories you need as binds"
+            );
+        }
         let same_fs = |a: &std::path::Path, b: &str| fs::metadata(a).ok().map(|m| m.dev()) == fs::metadata(b).ok().map(|m| m.dev());
         if same_fs(&store.root, "/") {
             bail!(
@@ -213,7 +238,7 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ff
         no_host.extend(crate::cli::HostShare::from_str(n, false).ok());
     }
     let run_opts = RunOptions {
-        pid: opts.pid,
+        pid: opts.pid || boot.is_some(),
         binds: settings.binds.iter().chain(&opts.binds).cloned().collect(),
         no_host,
         env: settings
@@ -240,6 +265,27 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ff
         host_env: std::env::vars_os().collect(),
     })?;
     crate::diag::debug(&format!("plan: {:#?}", p.ops));
+    if let Some(b) = boot {
+        return boot_env(store, &env, &generation, p, &inside, &run_id, &work, b);
+    }
+    // A booted environment: join its namespaces (init's), as every run does while it is up.
+    if let Some((pin_path, pid)) = env.booted() {
+        if let Ok(fd) = ns::pidfd(pid) {
+            if Env::pin_alive(&pin_path) {
+                let run_lock = pin_run(&env, &generation, None, &run_id)?;
+                ns::inherit_fd(&run_lock, &env.dir)?;
+                drop(store);
+                crate::diag::debug("joining the booted environment");
+                return match launch::start_in_booted(&fd, &p, &inside, opts.root || settings.root, name)? {
+                    Ok(code) => process::exit_like(code),
+                    Err(failed) => {
+                        eprintln!("plyroot: error: {}", failed.message);
+                        Ok(failed.code)
+                    }
+                };
+            }
+        }
+    }
     // Runs that share the persistent upper share one mount: what shaped it is the key (the
     // per-run workdir aside). A pid namespace is the run's own, so such runs mount their own.
     let key = (persistent && !p.pid).then(|| {
@@ -285,4 +331,40 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ff
             Ok(failed.code)
         }
     }
+}
+
+/// Starts the environment's init as PID 1 in the background and waits until it is ready.
+#[allow(clippy::too_many_arguments)]
+fn boot_env(store: Store, env: &Env, generation: &Generation, mut p: crate::sandbox::Plan, inside: &crate::sandbox::identity::Inside, run_id: &str, work: &std::path::Path, b: BootRequest<'_>) -> Result<i32> {
+    use std::io::Seek;
+    if env.booted().is_some() {
+        crate::diag::info(&format!("'{}' is already booted (`plyroot status`)", env.name));
+        return Ok(0);
+    }
+    // init gets a clean environment, as a container manager gives it.
+    p.exec.argv = vec![b.init.clone().into()];
+    p.exec.env = vec![
+        ("container".into(), "plyroot".into()),
+        ("PATH".into(), crate::sandbox::PATH.into()),
+        ("TERM".into(), "linux".into()),
+        ("HOME".into(), "/root".into()),
+    ];
+    let mut pin = pin_run(env, generation, Some(crate::store::env::BOOT_KEY.to_owned()), run_id)?;
+    if matches!(p.ops.first(), Some(crate::sandbox::Op::Root { upper: Upper::Persistent { .. }, .. })) {
+        fs::create_dir(work).with_context(|| format!("cannot create {}", work.display()))?;
+    }
+    let log_path = env.dir.join("boot.log");
+    let log = fs::OpenOptions::new().create(true).write(true).truncate(true).open(&log_path).with_context(|| format!("cannot open {}", log_path.display()))?;
+    // The pin's lock passes to init (the supervisor and init inherit it): the environment counts
+    // as booted for exactly as long as init lives.
+    ns::inherit_fd(&pin, &env.dir)?;
+    let pid = launch::boot(&p, inside, &env.name, log)?;
+    let record = RunPin { generation: generation.number, layers: generation.layers.clone(), pid: Some(pid), key: Some(crate::store::env::BOOT_KEY.to_owned()) };
+    pin.set_len(0)?;
+    pin.rewind()?;
+    pin.write_all(&serde_json::to_vec(&record)?)?;
+    drop(pin);
+    crate::diag::info(&format!("{}: init {} is PID 1 (host pid {pid}); output in {}", env.name, b.init, log_path.display()));
+    (b.wait)(&store, env, pid)?;
+    Ok(0)
 }

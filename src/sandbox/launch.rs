@@ -27,7 +27,12 @@ pub(crate) struct ExecFailed {
 
 /// Sets up the namespaces and id maps for `inside`. Must run while single-threaded.
 pub(crate) fn enter_namespaces(inside: &Inside, pid: bool) -> Result<()> {
-    enter_namespaces_inner(inside, pid).map_err(|e| {
+    enter_namespaces_with(inside, pid, false)
+}
+
+/// As `enter_namespaces`, plus UTS and IPC namespaces when `machine` (a booted environment).
+pub(crate) fn enter_namespaces_with(inside: &Inside, pid: bool, machine: bool) -> Result<()> {
+    enter_namespaces_inner(inside, pid, machine).map_err(|e| {
         let denied = e.chain().any(|c| c.downcast_ref::<crate::sys::SysError>().is_some_and(|s| s.op == "unshare namespaces" && matches!(s.source.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOSPC) | Some(libc::EACCES))));
         if denied {
             e.context("this system does not let you create user namespaces (disabled by sysctl, limited by max_user_namespaces, or restricted by AppArmor); `plyroot doctor` says which and how to allow it")
@@ -37,11 +42,11 @@ pub(crate) fn enter_namespaces(inside: &Inside, pid: bool) -> Result<()> {
     })
 }
 
-fn enter_namespaces_inner(inside: &Inside, pid: bool) -> Result<()> {
+fn enter_namespaces_inner(inside: &Inside, pid: bool, machine: bool) -> Result<()> {
     match &inside.mapping {
-        Mapping::Host => ns::unshare(false, pid)?,
+        Mapping::Host => ns::unshare_more(false, pid, machine)?,
         Mapping::Single { inside_uid, inside_gid, uid, gid } => {
-            ns::unshare(true, pid)?;
+            ns::unshare_more(true, pid, machine)?;
             ns::map_single(*inside_uid, *uid, *inside_gid, *gid)?;
         }
         Mapping::Ranges { uids, gids } => {
@@ -70,7 +75,7 @@ fn enter_namespaces_inner(inside: &Inside, pid: bool) -> Result<()> {
                 }
                 process::Fork::Parent(child) => {
                     drop(rd);
-                    let unshared = ns::unshare(true, pid);
+                    let unshared = ns::unshare_more(true, pid, machine);
                     let mut w = fs::File::from(wr);
                     if unshared.is_ok() {
                         let _ = w.write_all(b"1");
@@ -261,5 +266,98 @@ fn pid1(plan: &Plan, env_name: &str) -> Result<i32> {
             std::process::exit(f.code);
         }
         process::Fork::Parent(program) => Ok(process::supervise(program, true)),
+    }
+}
+
+/// Boots an environment: a detached supervisor (own session, output to `log`) creates the
+/// namespaces, including UTS and IPC, and starts the plan's program (the init) as PID 1 of the new
+/// pid namespace, as root inside, with `hostname`. Returns init's pid as the host sees it, once
+/// init has been started; the supervisor has exited by then.
+pub(crate) fn boot(plan: &Plan, inside: &Inside, hostname: &str, log: std::fs::File) -> Result<i32> {
+    use std::os::fd::AsRawFd;
+    let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("cannot create a pipe")?;
+    match process::fork()? {
+        process::Fork::Parent(sup) => {
+            drop(wr);
+            let mut buf = Vec::new();
+            let _ = fs::File::from(rd).read_to_end(&mut buf);
+            process::waitpid(sup)?;
+            let text = String::from_utf8_lossy(&buf);
+            match text.strip_prefix("pid ").and_then(|p| p.trim().parse::<i32>().ok()) {
+                Some(pid) => Ok(pid),
+                None => bail!("the environment did not boot: {}", text.trim_start_matches("error ").trim()),
+            }
+        }
+        process::Fork::Child => {
+            drop(rd);
+            let mut report = fs::File::from(wr);
+            let r = (|| -> Result<i32> {
+                rustix::process::setsid().context("cannot start a session")?;
+                let null = fs::File::open("/dev/null").context("cannot open /dev/null")?;
+                // SAFETY: dup2 onto the standard fds of this (single-threaded) child.
+                unsafe {
+                    libc::dup2(null.as_raw_fd(), 0);
+                    libc::dup2(log.as_raw_fd(), 1);
+                    libc::dup2(log.as_raw_fd(), 2);
+                }
+                enter_namespaces_with(inside, true, true)?;
+                mount::make_private_recursive()?;
+                match process::fork()? {
+                    process::Fork::Parent(init) => Ok(init),
+                    process::Fork::Child => {
+                        let e = (|| -> Result<std::io::Error> {
+                            let root = mount_all(plan)?;
+                            mount::pivot_into(root.as_fd(), Path::new("/"))?;
+                            ns::set_hostname(hostname)?;
+                            if matches!(inside.mapping, Mapping::Ranges { .. }) {
+                                // The init runs as root inside (the first subordinate id).
+                                ns::become_id(0, 0)?;
+                                ns::clear_groups()?;
+                            }
+                            process::chdir(Path::new("/"))?;
+                            Ok(process::exec(&plan.exec.argv, &plan.exec.env))
+                        })();
+                        let msg = match e {
+                            Ok(e) => format!("cannot start init {}: {e}", plan.exec.argv[0].to_string_lossy()),
+                            Err(e) => format!("{e:#}"),
+                        };
+                        eprintln!("plyroot: error: {msg}");
+                        std::process::exit(125);
+                    }
+                }
+            })();
+            let msg = match r {
+                Ok(pid) => format!("pid {pid}"),
+                Err(e) => format!("error {e:#}"),
+            };
+            let _ = report.write_all(msg.as_bytes());
+            // SAFETY: _exit in a forked child skips the parent's atexit handlers and buffers.
+            unsafe { libc::_exit(0) };
+        }
+    }
+}
+
+/// Starts the program inside a booted environment: joins all its namespaces through init's
+/// pidfd, forks into its pid namespace, and supervises the program (signals pass through, its
+/// status is ours).
+pub(crate) fn start_in_booted(pidfd: &OwnedFd, plan: &Plan, inside: &Inside, become_root: bool, env_name: &str) -> Result<std::result::Result<i32, ExecFailed>> {
+    process::block_signals();
+    ns::join_with(pidfd, inside.mapping != Mapping::Host, true)?;
+    if matches!(inside.mapping, Mapping::Ranges { .. }) {
+        if become_root {
+            ns::become_id(0, 0)?;
+        }
+        ns::clear_groups()?;
+    }
+    match process::fork()? {
+        process::Fork::Parent(child) => Ok(Ok(process::supervise(child, false))),
+        process::Fork::Child => {
+            process::unblock_signals();
+            enter_cwd(plan)?;
+            let e = process::exec(&plan.exec.argv, &plan.exec.env);
+            let f = exec_failed(plan, env_name, e);
+            eprintln!("plyroot: error: {}", f.message);
+            std::process::exit(f.code);
+        }
     }
 }

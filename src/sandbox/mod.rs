@@ -229,9 +229,11 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         ops.push(bind(Path::new("/sys"), Kind::Dir, true, true));
     }
     if on(HostShare::Tmp) {
-        ops.push(bind(Path::new("/tmp"), Kind::Dir, false, false));
+        // Recursive: /tmp may carry submounts (a home under it); inside an environment they are
+        // locked, and the kernel refuses a non-recursive clone of a mount with locked children.
+        ops.push(bind(Path::new("/tmp"), Kind::Dir, false, true));
     } else if on(HostShare::X11) && f.x11_socket {
-        ops.push(bind(Path::new("/tmp/.X11-unix"), Kind::Dir, false, false));
+        ops.push(bind(Path::new("/tmp/.X11-unix"), Kind::Dir, false, true));
     }
     if on(HostShare::Nix) && f.nix {
         ops.push(bind(Path::new("/nix"), Kind::Dir, false, true));

@@ -41,6 +41,9 @@ pub(crate) struct Generation {
     pub commits: Vec<String>,
 }
 
+/// The pin key of a booted environment's init.
+pub(crate) const BOOT_KEY: &str = "boot";
+
 /// What a live run pins.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct RunPin {
@@ -169,6 +172,11 @@ impl Env {
     /// The pins of runs that are alive now.
     pub(crate) fn live_runs(&self) -> Vec<RunPin> {
         self.live_pins().into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// The booted init of this environment, when it is up: its pin's file and pid.
+    pub(crate) fn booted(&self) -> Option<(PathBuf, i32)> {
+        self.live_pins().into_iter().find_map(|(p, pin)| (pin.key.as_deref() == Some(BOOT_KEY)).then_some(pin.pid).flatten().map(|pid| (p, pid)))
     }
 
     /// Whether the pin file at `path` is still held by a live run.

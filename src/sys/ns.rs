@@ -17,7 +17,16 @@ pub(crate) struct IdRange {
 }
 
 pub(crate) fn unshare(user: bool, pid: bool) -> Result<()> {
+    unshare_more(user, pid, false)
+}
+
+/// As `unshare`, plus UTS and IPC namespaces when `machine` (a booted environment: its own
+/// hostname and System V IPC, so nothing of the host's changes).
+pub(crate) fn unshare_more(user: bool, pid: bool, machine: bool) -> Result<()> {
     let mut flags = UnshareFlags::NEWNS;
+    if machine {
+        flags |= UnshareFlags::NEWUTS | UnshareFlags::NEWIPC;
+    }
     if user {
         flags |= UnshareFlags::NEWUSER;
     }
@@ -90,15 +99,47 @@ pub(crate) fn inherit_fd(fd: &impl AsRawFd, shown: &Path) -> Result<()> {
 /// recycled pid cannot be joined by mistake once the caller has checked the process is the one
 /// it wants. Afterwards our root and cwd are that namespace's root.
 pub(crate) fn join(pidfd: &std::os::fd::OwnedFd, user: bool) -> Result<()> {
-    use rustix::thread::ThreadNameSpaceType as T;
-    let mut t = T::MOUNT;
+    join_with(pidfd, user, false)
+}
+
+/// As `join`, plus the pid, UTS and IPC namespaces of a booted environment (`machine`), all in
+/// one setns. The pid namespace applies to children: the caller must fork to be inside it.
+pub(crate) fn join_with(pidfd: &std::os::fd::OwnedFd, user: bool, machine: bool) -> Result<()> {
+    let mut flags = libc::CLONE_NEWNS;
     if user {
-        t |= T::USER;
+        flags |= libc::CLONE_NEWUSER;
     }
-    rustix::thread::move_into_thread_name_spaces(std::os::fd::AsFd::as_fd(pidfd), t).map_err(|e| err("join the namespaces of", "pidfd", e))
+    if machine {
+        flags |= libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    }
+    // SAFETY: setns on a valid pidfd reads no memory.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(pidfd), flags) };
+    if rc != 0 {
+        return Err(err("join the namespaces of", "pidfd", std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 pub(crate) fn pidfd(pid: i32) -> Result<std::os::fd::OwnedFd> {
     let p = rustix::process::Pid::from_raw(pid).ok_or_else(|| err("open", format!("pid {pid}"), std::io::Error::from_raw_os_error(libc::ESRCH)))?;
     rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).map_err(|e| err("open", format!("pid {pid}"), e))
+}
+
+/// Becomes `uid`/`gid` inside the current user namespace (we hold CAP_SETUID/CAP_SETGID there).
+pub(crate) fn become_id(uid: u32, gid: u32) -> Result<()> {
+    // SAFETY: plain id-changing syscalls; plyroot is single-threaded, so no other thread keeps the
+    // old credentials.
+    unsafe {
+        if libc::setresgid(gid, gid, gid) != 0 {
+            return Err(err("setresgid", format!("{gid}"), std::io::Error::last_os_error()));
+        }
+        if libc::setresuid(uid, uid, uid) != 0 {
+            return Err(err("setresuid", format!("{uid}"), std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn set_hostname(name: &str) -> Result<()> {
+    rustix::system::sethostname(name.as_bytes()).map_err(|e| err("set the hostname", name, e))
 }
