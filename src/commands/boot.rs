@@ -46,11 +46,6 @@ fn inside(store: &Store, name: &str, args: &[&str]) -> Command {
     c
 }
 
-fn alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
-}
-
 /// Runs `c` until it succeeds or the deadline passes; returns its last output.
 fn until_ok(mut c: Command, deadline: Instant) -> Result<(bool, String)> {
     let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("cannot start the readiness check")?;
@@ -93,15 +88,17 @@ pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) 
                 if ok {
                     return Ok(());
                 }
-                if Instant::now() >= deadline || !alive(pid) {
+                let ended = crate::sys::ns::pidfd(pid).map(|fd| wait_exit(&fd, Duration::ZERO)).unwrap_or(true);
+                if Instant::now() >= deadline || ended {
                     bail!("{name}: the readiness check `{cmd}` did not succeed within {timeout}s: {}", text.trim());
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
-        // Any other init: ready once it is running (a failed exec ends it at once).
-        std::thread::sleep(Duration::from_millis(100));
-        if !alive(pid) {
+        // Any other init: ready once it is running (a failed exec ends it at once). A pidfd
+        // turns readable when the process ends, zombie or not; kill(pid, 0) would not tell.
+        let ended = crate::sys::ns::pidfd(pid).map(|fd| wait_exit(&fd, Duration::from_millis(200))).unwrap_or(true);
+        if ended {
             bail!("{name}: init exited right after it started; see {}", _env.dir.join("boot.log").display());
         }
         Ok(())

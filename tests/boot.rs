@@ -1,0 +1,114 @@
+//! Tier 3: booted environments (issue 5) — an init as PID 1 in the background, joined by run.
+
+#[macro_use]
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+/// A busybox environment whose /sbin/init is busybox init, starting one respawned service that
+/// records its pid, and a marker written at sysinit.
+/// `marker` is the service's `sleep` argument, unique per test (tests run in parallel).
+fn svc(marker: u32) -> Result<Booted, String> {
+    userns()?;
+    let s = Store::new();
+    let root = s.path("root");
+    busybox_rootfs(&root)?;
+    let extra = s.path("init");
+    fs::create_dir_all(extra.join("sbin")).unwrap();
+    fs::create_dir_all(extra.join("etc")).unwrap();
+    std::os::unix::fs::symlink("/bin/busybox", extra.join("sbin/init")).unwrap();
+    fs::write(
+        extra.join("etc/inittab"),
+        format!("::sysinit:/bin/sh -c 'echo booted > /run/booted'\n::respawn:/bin/sh -c 'echo $$ > /run/svc.pid; exec sleep {marker}'\n"),
+    )
+    .unwrap();
+    s.create("svc", &[&format!("dir:{}", root.display()), &format!("dir:{}", extra.display())]);
+    Ok(Booted(s))
+}
+
+/// Stops the environment when the test ends, passed or not.
+struct Booted(Store);
+
+impl std::ops::Deref for Booted {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.0
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        let _ = self.0.plyroot(&["stop", "svc", "--timeout", "5"]);
+    }
+}
+
+/// Host pids whose command line is exactly `sleep MARKER` (the service), owned by us.
+fn service_pids(marker: u32) -> Vec<u32> {
+    let want = format!("sleep\0{marker}\0").into_bytes();
+    let me = me().uid;
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else { continue };
+        if cmd == want {
+            use std::os::unix::fs::MetadataExt;
+            // Owned by us, or by one of our subordinate ids: anything this test started.
+            if fs::metadata(e.path()).map(|m| m.uid() == me || m.uid() >= 100_000).unwrap_or(false) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn boot_join_see_the_service_and_stop_leaves_nothing() {
+    let s = need!(svc(4242));
+    let hostname = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    s.plyroot(&["boot", "svc", "--ready", "test -s /run/svc.pid", "--timeout", "30"]).ok();
+    let st = s.plyroot(&["status", "--json"]).ok().json();
+    assert_eq!(st[0]["name"], "svc", "{st}");
+    // run joins the booted namespaces: init is PID 1, the service runs, the hostname is the env's.
+    let o = s.sh("svc", "cat /run/booted; hostname; cat /proc/1/comm; test -d /proc/$(cat /run/svc.pid) && echo svc-up").ok();
+    assert_eq!(o.stdout, "booted\nsvc\ninit\nsvc-up\n", "{o}");
+    assert_eq!(fs::read_to_string("/proc/sys/kernel/hostname").unwrap(), hostname, "the host's hostname changed");
+    // The program's status passes through the join; --root makes you root there.
+    s.sh("svc", "exit 7").code(7);
+    assert_eq!(s.run("svc", &["--root"], &["id", "-u"]).ok().stdout, "0\n");
+    assert!(!service_pids(4242).is_empty(), "the service is not visible from the host");
+    // Booting again is a no-op while it is up.
+    s.plyroot(&["boot", "svc"]).ok();
+    s.plyroot(&["stop", "svc", "--timeout", "10"]).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(service_pids(4242), Vec::<u32>::new(), "processes left after stop");
+    assert_eq!(s.plyroot(&["status", "--json"]).ok().json(), serde_json::json!([]));
+    // After stop, run starts its own root again.
+    assert_eq!(s.sh("svc", "test -e /proc/1 && cat /run/booted").ok().stdout, "booted\n");
+}
+
+#[test]
+fn a_boot_that_is_not_ready_in_time_says_so_and_stop_still_works() {
+    let s = need!(svc(4243));
+    let o = s.plyroot(&["boot", "svc", "--ready", "test -e /never", "--timeout", "2"]).failed();
+    assert!(o.stderr.contains("/never") && o.stderr.contains("2s"), "{o}");
+    s.plyroot(&["stop", "svc", "--timeout", "10"]).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(service_pids(4243), Vec::<u32>::new());
+}
+
+#[test]
+fn a_missing_init_is_an_error_naming_it() {
+    need!(userns());
+    let s = Store::new();
+    let root = s.path("root");
+    need!(busybox_rootfs(&root));
+    s.create("noinit", &[&format!("dir:{}", root.display())]);
+    let o = s.plyroot(&["boot", "noinit", "--timeout", "5"]).failed();
+    let log = fs::read_to_string(s.home.join("envs/noinit/boot.log")).unwrap_or_default();
+    assert!(o.stderr.contains("init") && (o.stderr.contains("boot.log") || log.contains("/sbin/init")), "{o}\nlog: {log}");
+    assert!(Path::new(&s.home.join("envs/noinit")).exists());
+}
