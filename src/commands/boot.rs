@@ -72,12 +72,20 @@ pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) 
     let wait = move |store: &Store, _env: &Env, pid: i32| -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(timeout);
         if systemd {
-            // `is-system-running --wait` returns once boot has finished: running or degraded.
-            let (_, text) = until_ok(inside(store, name, &["systemctl", "is-system-running", "--wait"]), deadline)?;
-            let state = text.trim();
-            if state == "running" || state == "degraded" {
-                crate::diag::info(&format!("{name}: systemd is {state}"));
-                return Ok(());
+            // `is-system-running --wait` returns once boot has finished (running or degraded);
+            // before systemd's bus is up it fails at once, so ask again until the deadline.
+            let mut state = String::new();
+            while Instant::now() < deadline {
+                let (_, text) = until_ok(inside(store, name, &["systemctl", "is-system-running", "--wait"]), deadline)?;
+                state = text.trim().to_owned();
+                if state == "running" || state == "degraded" {
+                    crate::diag::info(&format!("{name}: systemd is {state}"));
+                    return Ok(());
+                }
+                if crate::sys::ns::pidfd(pid).map(|fd| wait_exit(&fd, Duration::ZERO)).unwrap_or(true) {
+                    bail!("{name}: systemd exited while booting; see {}", _env.dir.join("boot.log").display());
+                }
+                std::thread::sleep(Duration::from_millis(200));
             }
             let jobs = inside(store, name, &["systemctl", "list-jobs", "--no-pager"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
             bail!("{name}: systemd did not finish booting within {timeout}s (state: {state}); still starting:\n{jobs}(the environment stays booted: `plyroot stop {name}`)");

@@ -358,7 +358,7 @@ fn boot_env(store: Store, env: &Env, generation: &Generation, mut p: crate::sand
     // The pin's lock passes to init (the supervisor and init inherit it): the environment counts
     // as booted for exactly as long as init lives.
     ns::inherit_fd(&pin, &env.dir)?;
-    let pid = launch::boot(&p, inside, &env.name, log)?;
+    let pid = launch::boot(&p, inside, &env.name, log, &log_path)?;
     let record = RunPin { generation: generation.number, layers: generation.layers.clone(), pid: Some(pid), key: Some(crate::store::env::BOOT_KEY.to_owned()) };
     pin.set_len(0)?;
     pin.rewind()?;

@@ -273,7 +273,7 @@ fn pid1(plan: &Plan, env_name: &str) -> Result<i32> {
 /// namespaces, including UTS and IPC, and starts the plan's program (the init) as PID 1 of the new
 /// pid namespace, as root inside, with `hostname`. Returns init's pid as the host sees it, once
 /// init has been started; the supervisor has exited by then.
-pub(crate) fn boot(plan: &Plan, inside: &Inside, hostname: &str, log: std::fs::File) -> Result<i32> {
+pub(crate) fn boot(plan: &Plan, inside: &Inside, hostname: &str, log: std::fs::File, log_path: &Path) -> Result<i32> {
     use std::os::fd::AsRawFd;
     let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("cannot create a pipe")?;
     match process::fork()? {
@@ -307,6 +307,12 @@ pub(crate) fn boot(plan: &Plan, inside: &Inside, hostname: &str, log: std::fs::F
                     process::Fork::Child => {
                         let e = (|| -> Result<std::io::Error> {
                             let root = mount_all(plan)?;
+                            // An init writes to /dev/console (systemd does, and may die without
+                            // one): make it the boot log.
+                            let console = mount::resolve_in(root.as_fd(), Path::new("/dev/console"), Kind::File, true)?;
+                            // By path: the fd's mount belongs to the namespace we left.
+                            let log_tree = mount::clone_tree(log_path, false)?;
+                            mount::attach(log_tree.as_fd(), console.as_fd(), Path::new("/dev/console"))?;
                             mount::pivot_into(root.as_fd(), Path::new("/"))?;
                             ns::set_hostname(hostname)?;
                             if matches!(inside.mapping, Mapping::Ranges { .. }) {
