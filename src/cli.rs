@@ -31,7 +31,7 @@ pub(crate) struct Cli {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Import sources into the store as layers and print their ids
-    #[command(after_help = "Sources:\n  dir:PATH             a directory tree\n  tar:FILE             a tar archive, plain or gzip/xz/zstd (by content); tar:- reads stdin\n  oci:DIR              an OCI image layout: one layer per image layer, bottom first\n  docker-archive:FILE  the output of `docker save` / `podman save`\n  layer:sha256:ID      a layer already in the store\n\nExamples:\n  plyroot import tar:debian-rootfs.tar.zst\n  mmdebstrap --variant=minbase bookworm - | plyroot import tar:-\n  plyroot import oci:./image-layout")]
+    #[command(after_help = "Sources:\n  dir:PATH             a directory tree\n  tar:FILE             a tar archive, plain or gzip/xz/zstd (by content); tar:- reads stdin\n  oci:DIR              an OCI image layout: one layer per image layer, bottom first\n  docker-archive:FILE  the output of `docker save` / `podman save`\n  docker://REF         an image in a registry: debian:bookworm (Docker Hub), ghcr.io/o/i:tag,\n                       host:port/x/y@sha256:…; credentials from podman/docker login files\n  debootstrap:SUITE    a Debian root built by the host's mmdebstrap (or debootstrap, as root);\n                       options: ?mirror=URL&variant=minbase&include=PKG,PKG&components=C,C&arch=A\n  layer:sha256:ID      a layer already in the store\n\nRegistry settings also come from the environment, for manifests and scripts:\n  PLYROOT_INSECURE_REGISTRIES=host:port,…   registries spoken to over plain HTTP\n  PLYROOT_PLATFORM=os/arch[/variant]        the platform chosen from multi-platform images\n\nExamples:\n  plyroot import docker://debian:bookworm\n  plyroot import --insecure docker://127.0.0.1:5000/team/dev:latest\n  plyroot import 'debootstrap:bookworm?variant=minbase'\n  plyroot import tar:debian-rootfs.tar.zst\n  mmdebstrap --variant=minbase bookworm - | plyroot import tar:-\n  plyroot import oci:./image-layout")]
     Import {
         /// One or more sources (see below)
         #[arg(required = true, value_name = "SOURCE")]
@@ -39,6 +39,32 @@ pub(crate) enum Command {
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        registry: RegistryOpts,
+    },
+    /// Pull an image from a registry (`import docker://REF`)
+    #[command(after_help = "Examples:\n  plyroot pull debian:bookworm\n  plyroot pull --platform linux/arm64 ghcr.io/owner/image:tag\n  plyroot pull --insecure 127.0.0.1:5000/team/dev")]
+    Pull {
+        /// The image: REF or docker://REF
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        registry: RegistryOpts,
+    },
+    /// Push an environment's current generation to a registry as an image
+    #[command(after_help = "Each layer is uploaded as the gzip of its canonical tar, so the image's diff_ids are the\nplyroot layer ids and `plyroot pull` elsewhere gives the same layers. Layers the registry\nalready has are not uploaded again. Uncommitted changes (the upper) are not pushed:\n`plyroot commit ENV` first. Credentials come from `podman login` / `docker login`.\nPrints the manifest's digest.\n\nExamples:\n  plyroot push dev docker://ghcr.io/me/dev:latest\n  plyroot push --insecure dev docker://127.0.0.1:5000/team/dev:v1")]
+    Push {
+        /// The environment
+        name: String,
+        /// Where to: docker://REF
+        #[arg(value_name = "docker://REF")]
+        target: String,
+        /// Talk plain HTTP to the registry (e.g. one on loopback)
+        #[arg(long)]
+        insecure: bool,
     },
     /// List the layers in the store
     #[command(after_help = "Examples:\n  plyroot layers\n  plyroot layers --json | jq '.[].id'")]
@@ -60,6 +86,8 @@ pub(crate) enum Command {
         /// Put the host's root under the layers: host programs stay visible where layers don't shadow them
         #[arg(long, value_name = "host", value_parser = ["host"])]
         base: Option<String>,
+        #[command(flatten)]
+        registry: RegistryOpts,
     },
     /// Run a program inside an environment
     #[command(after_help = "Examples:\n  plyroot run dev -- gcc --version\n  plyroot run --root dev -- apt-get install -y make\n  plyroot run --ephemeral --bind ./src:/src dev -- make -C /src\n  plyroot run --no-host home,x11 dev -- sh")]
@@ -101,6 +129,8 @@ pub(crate) enum Command {
         update: bool,
         /// Only these environments [default: all in the manifest]
         envs: Vec<String>,
+        #[command(flatten)]
+        registry: RegistryOpts,
     },
     /// List an environment's generations
     #[command(after_help = "Examples:\n  plyroot generations dev\n  plyroot generations dev --json")]
@@ -211,7 +241,7 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
-    /// Boot the environment when needed and start a login shell in it (usable as a login shell)
+    /// Boot when needed, then start a login shell inside
     Login { name: String },
     /// List exported launchers
     Exports {
@@ -259,6 +289,17 @@ pub(crate) enum Command {
         #[arg(default_value = ".")]
         dir: PathBuf,
     },
+}
+
+/// How `docker://` sources are fetched.
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct RegistryOpts {
+    /// Talk plain HTTP to the registries of docker:// sources (e.g. one on 127.0.0.1:5000); also PLYROOT_INSECURE_REGISTRIES=host:port,…
+    #[arg(long)]
+    pub insecure: bool,
+    /// The platform to take from multi-platform images [default: this machine's; also PLYROOT_PLATFORM]
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,6 +11,8 @@ mod export;
 mod launcher;
 mod manifest;
 mod progress;
+#[cfg(feature = "registry")]
+mod registry;
 mod sandbox;
 mod source;
 mod store;
@@ -79,6 +81,24 @@ fn finish(r: Result<i32>) -> ExitCode {
     }
 }
 
+/// Hands the command's registry flags to the registry module, which reads them where a
+/// `docker://` source is finally fetched.
+fn set_registry_options(command: &Command) -> Result<()> {
+    let opts = match command {
+        Command::Import { registry, .. } | Command::Pull { registry, .. } | Command::Create { registry, .. } | Command::Apply { registry, .. } => registry.clone(),
+        Command::Push { insecure, .. } => cli::RegistryOpts { insecure: *insecure, platform: None },
+        _ => return Ok(()),
+    };
+    #[cfg(feature = "registry")]
+    {
+        let platform = opts.platform.as_deref().map(registry::Platform::parse).transpose().map_err(|e| anyhow::anyhow!("--platform: {e}"))?;
+        registry::set_options(registry::Options { insecure: opts.insecure, platform });
+    }
+    #[cfg(not(feature = "registry"))]
+    let _ = opts;
+    Ok(())
+}
+
 fn dispatch(cli: Cli) -> Result<i32> {
     let store_root = || -> Result<std::path::PathBuf> {
         match &cli.store {
@@ -92,16 +112,25 @@ fn dispatch(cli: Cli) -> Result<i32> {
         s.remover = sandbox::remove_tree_mapped;
         Ok(s)
     };
+    set_registry_options(&cli.command)?;
     match cli.command {
-        Command::Import { ref sources, json } => commands::layers::import(&open()?, sources, json),
+        Command::Import { ref sources, json, .. } => commands::layers::import(&open()?, sources, json),
+        Command::Pull { ref reference, json, .. } => {
+            let source = if reference.starts_with("docker://") { reference.clone() } else { format!("docker://{reference}") };
+            commands::layers::import(&open()?, &[source], json)
+        }
+        #[cfg(feature = "registry")]
+        Command::Push { ref name, ref target, .. } => commands::push::push(&open()?, name, target),
+        #[cfg(not(feature = "registry"))]
+        Command::Push { .. } => anyhow::bail!("this plyroot was built without registry support (cargo feature `registry`)"),
         Command::Layers { json } => commands::layers::layers(&open()?, json),
         Command::Layer(LayerCommand::Rm { ref ids }) => commands::layers::layer_rm(&open()?, ids),
-        Command::Create { ref name, ref from, ref base } => commands::layers::create(&open()?, name, from, base.as_deref()),
+        Command::Create { ref name, ref from, ref base, .. } => commands::layers::create(&open()?, name, from, base.as_deref()),
         Command::Run { ref opts, ref name, ref command } => commands::run::run(open()?, name, opts, command.clone(), false, false),
         Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts, Vec::new(), true, false),
         Command::List { json } => commands::layers::list(&open()?, json),
         Command::Rm { ref names } => commands::layers::rm(&open()?, names),
-        Command::Apply { ref file, update, ref envs } => commands::envs::apply(&open()?, file, update, envs),
+        Command::Apply { ref file, update, ref envs, .. } => commands::envs::apply(&open()?, file, update, envs),
         Command::Generations { ref name, json } => commands::envs::generations(&open()?, name, json),
         Command::Switch { ref name, generation } => commands::envs::switch(&open()?, name, generation),
         Command::Rollback { ref name } => commands::envs::rollback(&open()?, name),

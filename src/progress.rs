@@ -48,6 +48,14 @@ impl Progress {
         Self::new("", None, false)
     }
 
+    /// A fresh line for one part of the work (a layer of an image): its own label, total and
+    /// counts, drawn where this one would be.
+    #[cfg_attr(not(feature = "registry"), allow(dead_code))]
+    pub(crate) fn sub(&self, label: &str, total_bytes: Option<u64>) -> Self {
+        let draw = self.draw.as_ref().map(|_| DrawState { start: Instant::now(), last: None, drawn: false });
+        Self { label: label.to_owned(), total: total_bytes, bytes: Rc::default(), entries: 0, draw }
+    }
+
     pub(crate) fn set_label(&mut self, label: &str) {
         label.clone_into(&mut self.label);
     }

@@ -7,6 +7,8 @@ pub(crate) mod export;
 pub(crate) mod gc;
 pub(crate) mod launchers;
 pub(crate) mod layers;
+#[cfg(feature = "registry")]
+pub(crate) mod push;
 pub(crate) mod run;
 pub(crate) mod upper;
 

@@ -22,8 +22,11 @@ use sha2::{Digest, Sha256};
 use crate::store::canonical::{CanonicalError, Summary};
 
 pub(crate) const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
+/// What `plyroot push` uploads: registries and their clients expect compressed layers.
+#[cfg_attr(not(feature = "registry"), allow(dead_code))]
+pub(crate) const MEDIA_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
@@ -124,18 +127,8 @@ pub(crate) fn write_layer_blob(layout: &Path, write: impl FnOnce(&mut dyn Write)
     Ok((summary.id, size))
 }
 
-/// Writes a JSON document as a blob and returns its descriptor.
-fn json_blob(layout: &Path, media_type: &'static str, doc: &impl Serialize) -> Result<Descriptor> {
-    let data = serde_json::to_vec(doc)?;
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&data)));
-    let path = blobs_dir(layout).join(digest.trim_start_matches("sha256:"));
-    fs::write(&path, &data).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(Descriptor { media_type, digest, size: data.len() as u64, annotations: BTreeMap::new(), platform: None })
-}
-
-/// Writes the config, the manifest, `index.json` and `oci-layout` into `layout`, whose
-/// `blobs/sha256/` already holds the layer blobs. Returns the manifest's digest.
-pub(crate) fn write_layout(layout: &Path, image: &Image) -> Result<String> {
+/// The image config of `image` as bytes (what its digest is taken of).
+pub(crate) fn config_bytes(image: &Image) -> Result<Vec<u8>> {
     let platform = host_platform();
     let config = Config {
         created: rfc3339(image.created),
@@ -145,14 +138,39 @@ pub(crate) fn write_layout(layout: &Path, image: &Image) -> Result<String> {
         config: RunConfig { env: &image.env, cmd: &image.cmd },
         rootfs: RootFs { kind: "layers", diff_ids: image.layers.iter().map(|(d, _)| d.clone()).collect() },
     };
-    let config = json_blob(layout, MEDIA_CONFIG, &config)?;
-    let layers = image
-        .layers
+    Ok(serde_json::to_vec(&config)?)
+}
+
+/// An image manifest as bytes: the config blob, and layer blobs (digest, size) of `media_type`.
+pub(crate) fn manifest_bytes(config: &[u8], layers: &[(String, u64)], media_type: &'static str) -> Result<Vec<u8>> {
+    let config = Descriptor { media_type: MEDIA_CONFIG, digest: sha256(config), size: config.len() as u64, annotations: BTreeMap::new(), platform: None };
+    let layers = layers
         .iter()
-        .map(|(digest, size)| Descriptor { media_type: MEDIA_LAYER, digest: digest.clone(), size: *size, annotations: BTreeMap::new(), platform: None })
+        .map(|(digest, size)| Descriptor { media_type, digest: digest.clone(), size: *size, annotations: BTreeMap::new(), platform: None })
         .collect();
-    let manifest = Manifest { schema_version: 2, media_type: MEDIA_MANIFEST, config, layers };
-    let mut manifest = json_blob(layout, MEDIA_MANIFEST, &manifest)?;
+    Ok(serde_json::to_vec(&Manifest { schema_version: 2, media_type: MEDIA_MANIFEST, config, layers })?)
+}
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// Writes a blob named by its digest into `layout`; returns its descriptor.
+fn raw_blob(layout: &Path, media_type: &'static str, data: &[u8]) -> Result<Descriptor> {
+    let digest = sha256(data);
+    let path = blobs_dir(layout).join(digest.trim_start_matches("sha256:"));
+    fs::write(&path, data).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Descriptor { media_type, digest, size: data.len() as u64, annotations: BTreeMap::new(), platform: None })
+}
+
+/// Writes the config, the manifest, `index.json` and `oci-layout` into `layout`, whose
+/// `blobs/sha256/` already holds the layer blobs. Returns the manifest's digest.
+pub(crate) fn write_layout(layout: &Path, image: &Image) -> Result<String> {
+    let platform = host_platform();
+    let config = config_bytes(image)?;
+    raw_blob(layout, MEDIA_CONFIG, &config)?;
+    let manifest = manifest_bytes(&config, &image.layers, MEDIA_LAYER)?;
+    let mut manifest = raw_blob(layout, MEDIA_MANIFEST, &manifest)?;
     manifest.annotations.insert(REF_NAME.to_owned(), image.tag.clone());
     manifest.platform = Some(platform);
     let digest = manifest.digest.clone();
@@ -162,6 +180,13 @@ pub(crate) fn write_layout(layout: &Path, image: &Image) -> Result<String> {
     let p = layout.join("oci-layout");
     fs::write(&p, br#"{"imageLayoutVersion":"1.0.0"}"#).with_context(|| format!("cannot write {}", p.display()))?;
     Ok(digest)
+}
+
+/// The running kernel's machine as the image-spec's (Go's) architecture and variant.
+#[cfg_attr(not(feature = "registry"), allow(dead_code))]
+pub(crate) fn host_arch() -> (String, Option<String>) {
+    let p = host_platform();
+    (p.architecture, p.variant)
 }
 
 /// The running kernel's machine in the image-spec's (Go's) names.

@@ -173,7 +173,7 @@ pub(super) fn unpack(path: &Path, name: &str, ownership: Ownership, progress: &m
         let description = format!("{name} layer {}/{n} ({layer})", i + 1);
         progress.set_label(&format!("{name} layer {}/{n}", i + 1));
         let reader = archive.member(layer)?;
-        let blob = LayerBlob { reader, digest: digest_from_name(layer).filter(|_| layer.starts_with("blobs/")), diff_id, description };
+        let blob = LayerBlob { reader, digest: digest_from_name(layer).filter(|_| layer.starts_with("blobs/")), diff_id, description, index: false };
         unpack_layer(blob, ownership, progress, sink)?;
     }
     progress.finish();

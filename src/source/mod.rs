@@ -10,15 +10,20 @@
 //! - `whiteout.rs`: [`classify`], the OCI whiteout naming rule as a pure function.
 //! - `compress.rs`: [`decompress`] by magic bytes, and a hashing reader for digest checks.
 //! - `oci.rs`: OCI image layouts; `docker_archive.rs`: `docker save` archives; `dir.rs`: directory trees.
+//! - `registry.rs`: `docker://` images, streamed from a registry through `oci.rs`'s verified path.
+//! - `debootstrap.rs`: `debootstrap:SUITE`, a Debian root built by the host's mmdebstrap/debootstrap.
 //! - `error.rs`: [`UnpackError`].
 //!
 //! Nothing here spawns a thread: namespaces are created later in the same process.
 
 mod compress;
+mod debootstrap;
 mod dir;
 mod docker_archive;
 mod error;
 mod oci;
+#[cfg(feature = "registry")]
+mod registry;
 mod stage;
 mod tar;
 #[cfg(test)]
@@ -56,9 +61,13 @@ pub(crate) enum Source {
     Layer(String),
     /// The current layers of another environment.
     Env(String),
+    /// An image in a registry: `docker://REF` (`debian:bookworm`, `host:port/x/y@sha256:…`).
+    Docker(String),
+    /// A Debian root bootstrapped by the host's tools: `SUITE[?mirror=URL&variant=V&include=P,P]`.
+    Debootstrap(String),
 }
 
-const KINDS: &str = "dir:PATH, tar:FILE (or tar:- for stdin), oci:DIR[:TAG], docker-archive:FILE[:TAG], layer:sha256:HEX, env:NAME";
+const KINDS: &str = "dir:PATH, tar:FILE (or tar:- for stdin), oci:DIR[:TAG], docker-archive:FILE[:TAG], layer:sha256:HEX, env:NAME, docker://REF, debootstrap:SUITE[?mirror=URL&variant=minbase&include=PKG,…]";
 
 /// Why a source string does not parse.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +93,11 @@ impl FromStr for Source {
             "docker-archive" => Source::DockerArchive(value.into()),
             "layer" => Source::Layer(value.to_owned()),
             "env" => Source::Env(value.to_owned()),
+            "docker" => match value.strip_prefix("//") {
+                Some(r) if !r.is_empty() => Source::Docker(r.to_owned()),
+                _ => return Err(err("a registry image is docker://REF, e.g. docker://debian:bookworm")),
+            },
+            "debootstrap" => Source::Debootstrap(value.to_owned()),
             _ => return Err(err("unknown kind")),
         })
     }
@@ -98,6 +112,8 @@ impl fmt::Display for Source {
             Source::DockerArchive(p) => write!(f, "docker-archive:{}", p.display()),
             Source::Layer(id) => write!(f, "layer:{id}"),
             Source::Env(name) => write!(f, "env:{name}"),
+            Source::Docker(r) => write!(f, "docker://{r}"),
+            Source::Debootstrap(s) => write!(f, "debootstrap:{s}"),
         }
     }
 }
@@ -113,6 +129,10 @@ pub(crate) struct Unpacked {
     pub skipped_devices: u64,
     /// xattrs recorded in `overrides` instead of set, plus `user.overlay.*` ones skipped.
     pub unset_xattrs: u64,
+    /// Digests a registry knows this layer by (its compressed blob's, its diff_id), all verified.
+    /// The store indexes them, so that a later pull skips the download, and publishes such a
+    /// layer at once, so that an interrupted pull keeps the layers it completed.
+    pub aliases: Vec<String>,
 }
 
 /// Where unpacked layers go. The store implements this.
@@ -121,9 +141,17 @@ pub(crate) trait LayerSink {
     fn stage(&mut self) -> anyhow::Result<OwnedFd>;
     /// The layer in the last staging dir is complete.
     fn finish(&mut self, stage: OwnedFd, unpacked: Unpacked) -> anyhow::Result<()>;
+    /// When the store already holds the layer a source knows by one of `digests` (a registry
+    /// blob's, a diff_id), takes it as the next layer (indexing the other digests too) and
+    /// returns its id: the source then skips it. `None`: unpack it.
+    #[cfg_attr(not(feature = "registry"), allow(dead_code))]
+    fn known(&mut self, _digests: &[&str]) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
 }
 
-/// Unpacks every layer of a `dir:`, `tar:`, `oci:` or `docker-archive:` source into `sink`,
+/// Unpacks every layer of a `dir:`, `tar:`, `oci:`, `docker-archive:`, `docker://` or
+/// `debootstrap:` source into `sink`,
 /// bottom layer first. An error leaves the current stage unfinished for the caller to discard;
 /// layers finished before it stay finished.
 pub(crate) fn unpack(
@@ -159,6 +187,11 @@ pub(crate) fn unpack(
         }
         Source::Oci(path) => oci::unpack(path, &src.to_string(), ownership, progress, sink),
         Source::DockerArchive(path) => docker_archive::unpack(path, &src.to_string(), ownership, progress, sink),
+        #[cfg(feature = "registry")]
+        Source::Docker(r) => registry::unpack(r, &src.to_string(), ownership, progress, sink),
+        #[cfg(not(feature = "registry"))]
+        Source::Docker(_) => anyhow::bail!("cannot import {src}: this plyroot was built without registry support (cargo feature `registry`)"),
+        Source::Debootstrap(spec) => debootstrap::unpack(spec, &src.to_string(), ownership, progress, sink),
         Source::Layer(_) | Source::Env(_) => Err(UnpackError::NotUnpackable { name: src.to_string() }.into()),
     }
 }
@@ -191,6 +224,9 @@ mod tests {
             "docker-archive:img.tar",
             "layer:sha256:abc",
             "env:dev",
+            "docker://debian:bookworm",
+            "docker://127.0.0.1:5000/x/y@sha256:abc",
+            "debootstrap:bookworm?variant=minbase",
         ] {
             let src: Source = s.parse().unwrap();
             assert_eq!(src.to_string(), s);
@@ -201,7 +237,7 @@ mod tests {
 
     #[test]
     fn rejects_unknown_kinds_naming_input_and_kinds() {
-        for s in ["foo:bar", "debian.tar", "dir:", "docker://debian"] {
+        for s in ["foo:bar", "debian.tar", "dir:", "docker:debian", "docker://"] {
             let msg = s.parse::<Source>().unwrap_err().to_string();
             assert!(msg.contains(&format!("'{s}'")), "{msg}");
             assert!(msg.contains("docker-archive:FILE"), "{msg}");

@@ -47,6 +47,9 @@ pub(super) struct Descriptor {
 pub(super) struct Platform {
     pub architecture: String,
     pub os: String,
+    #[serde(default)]
+#[cfg_attr(not(feature = "registry"), allow(dead_code))]
+    pub variant: Option<String>,
 }
 
 /// An image index (`index.json`, or a nested multi-platform index / docker manifest list).
@@ -57,15 +60,18 @@ struct Index {
 }
 
 #[derive(Debug, Deserialize)]
-struct Manifest {
+pub(super) struct Manifest {
+    #[serde(default, rename = "schemaVersion")]
+#[cfg_attr(not(feature = "registry"), allow(dead_code))]
+    pub schema_version: u32,
     #[serde(default, rename = "mediaType")]
-    media_type: String,
+    pub media_type: String,
     /// Present when the document is an index after all (media types are optional in JSON).
     #[serde(default)]
-    manifests: Option<Vec<Descriptor>>,
-    config: Option<Descriptor>,
+    pub manifests: Option<Vec<Descriptor>>,
+    pub config: Option<Descriptor>,
     #[serde(default)]
-    layers: Vec<Descriptor>,
+    pub layers: Vec<Descriptor>,
 }
 
 /// The part of an image config that names the layers' uncompressed digests.
@@ -86,7 +92,7 @@ struct Layout {
     image_layout_version: String,
 }
 
-const INDEX_TYPES: [&str; 2] =
+pub(super) const INDEX_TYPES: [&str; 2] =
     ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
 
 /// Layer media types we can unpack; the compression itself is detected from content.
@@ -162,6 +168,9 @@ pub(super) struct LayerBlob<R> {
     pub diff_id: String,
     /// For messages and errors: e.g. `oci:./img layer 2/3 (sha256:…)`.
     pub description: String,
+    /// Index the layer under its digests and publish it at once ([`super::Unpacked::aliases`]):
+    /// for registry layers.
+    pub index: bool,
 }
 
 /// Unpacks one layer blob into a new stage, verifying both digests before finishing the stage.
@@ -171,7 +180,7 @@ pub(super) fn unpack_layer<R: Read>(
     progress: &mut Progress,
     sink: &mut dyn LayerSink,
 ) -> anyhow::Result<()> {
-    let LayerBlob { reader, digest, diff_id, description } = blob;
+    let LayerBlob { reader, digest, diff_id, description, index } = blob;
     let read_err = |e| UnpackError::read(&description, e);
     let stage = sink.stage()?;
     let mut stored = HashingReader::new(reader);
@@ -195,6 +204,9 @@ pub(super) fn unpack_layer<R: Read>(
         return Err(UnpackError::Digest { what: format!("{description}: uncompressed layer (diff_id)"), expected: diff_id, actual: actual_diff }.into());
     }
     unpacked.description = description;
+    if index {
+        unpacked.aliases = registry_aliases(diff_id, &actual_blob);
+    }
     sink.finish(stage, unpacked)
 }
 
@@ -311,10 +323,19 @@ pub(super) fn unpack(path: &Path, name: &str, ownership: Ownership, progress: &m
         let description = format!("{name} layer {}/{n} ({})", i + 1, layer.digest);
         progress.set_label(&format!("{name} layer {}/{n}", i + 1));
         let reader = image.open_blob(&layer.digest)?;
-        unpack_layer(LayerBlob { reader, digest: Some(layer.digest), diff_id, description }, ownership, progress, sink)?;
+        unpack_layer(LayerBlob { reader, digest: Some(layer.digest), diff_id, description, index: false }, ownership, progress, sink)?;
     }
     progress.finish();
     Ok(())
+}
+
+/// The digests a verified registry layer is known by: its blob's and its diff_id.
+fn registry_aliases(diff_id: String, blob: &str) -> Vec<String> {
+    if blob == diff_id {
+        vec![diff_id]
+    } else {
+        vec![blob.to_owned(), diff_id]
+    }
 }
 
 pub(super) fn check_layer_count(name: &str, layers: usize, diff_ids: usize) -> Result<(), UnpackError> {

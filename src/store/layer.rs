@@ -88,7 +88,9 @@ impl Store {
     }
 
     /// Imports a source, returning its layers bottom first. Nothing is published unless every
-    /// layer of the source unpacked and verified.
+    /// layer of the source unpacked and verified, except registry layers: each is verified on its
+    /// own (blob digest and diff_id) and published as it completes, so that an interrupted pull
+    /// resumes after it; layers the store already holds (blob index) are not fetched at all.
     pub(crate) fn import(&self, src: &Source, progress: &mut Progress) -> Result<Vec<LayerInfo>> {
         match src {
             Source::Layer(id) => return Ok(vec![self.layer_info(&self.resolve_layer(id)?)?]),
@@ -101,8 +103,13 @@ impl Store {
         }
         self.clean_leftovers()?;
         let ownership = if rustix::process::geteuid().is_root() { Ownership::Preserve } else { Ownership::Record };
-        let mut imp = Importer { store: self, current: None, pending: Vec::new(), devices: 0, xattrs: 0 };
-        source::unpack(src, ownership, progress, &mut imp).with_context(|| format!("cannot import {src}; the store is unchanged"))?;
+        let mut imp = Importer { store: self, current: None, pending: Vec::new(), devices: 0, xattrs: 0, early: 0 };
+        if let Err(e) = source::unpack(src, ownership, progress, &mut imp) {
+            return Err(match imp.early {
+                0 => e.context(format!("cannot import {src}; the store is unchanged")),
+                n => e.context(format!("cannot import {src}; the {n} complete and verified layer(s) before the failure are kept, so a second try resumes after them")),
+            });
+        }
         progress.finish();
         if imp.devices > 0 {
             crate::diag::warn(&format!(
@@ -119,6 +126,11 @@ impl Store {
         fs::create_dir_all(self.layers_dir()).with_context(|| format!("cannot create {}", self.layers_dir().display()))?;
         let mut out = Vec::new();
         for (staging, info) in imp.pending {
+            // Registry layers were published as they completed (`Importer::finish`).
+            let Some(staging) = staging else {
+                out.push(info);
+                continue;
+            };
             let dest = self.layer_dir(&info.id);
             if dest.exists() {
                 drop(staging);
@@ -160,9 +172,23 @@ impl Store {
 struct Importer<'s> {
     store: &'s Store,
     current: Option<Staging>,
-    pending: Vec<(Staging, LayerInfo)>,
+    /// Layers to publish at the end, bottom first; `None`: already in place.
+    pending: Vec<(Option<Staging>, LayerInfo)>,
     devices: u64,
     xattrs: u64,
+    /// Layers published before the end.
+    early: usize,
+}
+
+impl Importer<'_> {
+    /// Indexes `aliases` as names of layer `id` (best effort: the index only saves downloads).
+    fn index(&self, aliases: &[impl AsRef<str>], id: &str) {
+        for a in aliases {
+            if let Err(e) = self.store.record_blob(a.as_ref(), id) {
+                crate::diag::warn(&format!("{e:#}"));
+            }
+        }
+    }
 }
 
 impl LayerSink for Importer<'_> {
@@ -188,7 +214,24 @@ impl LayerSink for Importer<'_> {
         let info = LayerInfo { id: sum.id, size: sum.size, entries: sum.entries, source: u.description, created: now_secs() };
         write_atomic(&st.path.join("layer.json"), &serde_json::to_vec_pretty(&info)?)?;
         crate::diag::debug(&format!("unpacked {} as {}", info.source, info.id));
-        self.pending.push((st, info));
+        if u.aliases.is_empty() {
+            self.pending.push((Some(st), info));
+            return Ok(());
+        }
+        // A verified registry layer: publish it now, so an interrupted pull keeps it.
+        fs::create_dir_all(self.store.layers_dir()).with_context(|| format!("cannot create {}", self.store.layers_dir().display()))?;
+        let dest = self.store.layer_dir(&info.id);
+        let info = if !dest.exists() && st.publish(&dest)? { info } else { self.store.layer_info(&info.id)? };
+        self.index(&u.aliases, &info.id);
+        self.early += 1;
+        self.pending.push((None, info));
         Ok(())
+    }
+
+    fn known(&mut self, digests: &[&str]) -> Result<Option<String>> {
+        let Some(id) = digests.iter().find_map(|d| self.store.layer_for_blob(d)) else { return Ok(None) };
+        self.index(digests, &id);
+        self.pending.push((None, self.store.layer_info(&id)?));
+        Ok(Some(id))
     }
 }

@@ -15,6 +15,8 @@
 //! │   ├── work/<run>/                  one overlay workdir per run
 //! │   ├── runs/<run>.lock              held (flock) for the life of the run that owns work/<run>
 //! │   └── mnt/                         the root's mount point during a launch (private mount ns)
+//! ├── blobs/<hex>                      registry blob (or diff_id) → the layer it unpacks to (blobs.rs)
+//! ├── blobs/gzip/<layer hex>           the gzip blob `push` made of a layer
 //! ├── tmp/<pid>-<n>/                   staging; a directory whose pid is gone is a crash
 //! │                                    leftover and is removed
 //! └── notes/                           one-time notices already shown
@@ -23,6 +25,7 @@
 //! Publishing is always "write under tmp/, then rename into place", so a crash at any point leaves
 //! either nothing or a complete object visible.
 
+pub(crate) mod blobs;
 pub(crate) mod canonical;
 pub(crate) mod env;
 pub(crate) mod layer;

@@ -1,0 +1,320 @@
+//! The registry API (distribution-spec v2) for one repository: manifests, blobs, uploads, with
+//! anonymous, basic and bearer-token authentication.
+//!
+//! Authentication follows the registry's lead: a request goes out with whatever was learned so
+//! far; a 401's `WWW-Authenticate` says what to do: `Basic` → the user's credentials, `Bearer
+//! realm=…,service=…,scope=…` → GET a token from the realm (with the credentials, when there are
+//! any, else anonymously), then the request is sent again once.
+
+use std::io::Read;
+
+use serde::Deserialize;
+
+use super::auth::{self, Credentials};
+use super::http::{self, Body, HttpError, Response, Url};
+use super::reference::Reference;
+use super::RegistryError;
+
+/// Manifest media types we ask for; the registry answers with the best it has.
+pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Manifests and configs are small; a registry that sends more is not one.
+pub(crate) const MAX_MANIFEST: u64 = 16 * 1024 * 1024;
+
+pub(crate) struct Client {
+    base: Url,
+    pub reference: Reference,
+    /// `pull` or `pull,push`, for token scopes.
+    actions: &'static str,
+    /// Looked up once, when a registry first asks.
+    creds: Option<Option<Credentials>>,
+    /// The `Authorization` value that worked last.
+    authorization: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+}
+
+impl Client {
+    pub(crate) fn new(reference: &Reference, push: bool) -> Result<Client, RegistryError> {
+        let insecure = super::insecure(&reference.registry);
+        let base = Url::parse(&format!("{}://{}/", if insecure { "http" } else { "https" }, reference.api_host()))?;
+        Ok(Client { base, reference: reference.clone(), actions: if push { "pull,push" } else { "pull" }, creds: None, authorization: None })
+    }
+
+    /// `/v2/<repository>/<rest>` on this registry.
+    fn url(&self, rest: &str) -> Url {
+        let mut u = self.base.clone();
+        u.path = format!("/v2/{}/{rest}", self.reference.repository);
+        u
+    }
+
+    fn credentials(&mut self) -> Option<Credentials> {
+        let (reg, repo) = (self.reference.registry.clone(), self.reference.repository.clone());
+        self.creds.get_or_insert_with(|| auth::lookup(&reg, &repo)).clone()
+    }
+
+    /// Sends a request with the current authorization; on a 401 authenticates as the registry
+    /// asks and sends it once more (bodies here are small or empty, so they can be resent).
+    pub(crate) fn request(&mut self, method: &str, url: &Url, headers: &[(&str, String)], body: &[u8]) -> Result<Response, RegistryError> {
+        let send = |auth: &Option<String>| {
+            let mut hs: Vec<(&str, String)> = headers.to_vec();
+            if let Some(a) = auth {
+                hs.push(("Authorization", a.clone()));
+            }
+            http::fetch(method, url, &hs, if body.is_empty() { Body::Empty } else { Body::Bytes(body) })
+        };
+        let resp = send(&self.authorization)?;
+        if resp.status != 401 {
+            return Ok(resp);
+        }
+        let challenge = resp.header("www-authenticate").map(str::to_owned);
+        drop(resp);
+        self.authenticate(challenge.as_deref())?;
+        Ok(send(&self.authorization)?)
+    }
+
+    /// Learns an `Authorization` value from a 401's challenge.
+    fn authenticate(&mut self, challenge: Option<&str>) -> Result<(), RegistryError> {
+        let registry = self.reference.registry.clone();
+        let auth_err = |reason: String| RegistryError::Auth { registry: registry.clone(), reason };
+        let Some(c) = challenge.and_then(auth::parse_challenge) else {
+            return Err(auth_err("it answered 401 without a WWW-Authenticate challenge".into()));
+        };
+        let creds = self.credentials();
+        match c.scheme.as_str() {
+            "basic" => {
+                let creds = creds.ok_or_else(|| auth_err(format!("it asks for a user name and password, and none is stored for it: log in with `podman login {registry}` or `docker login {registry}` (plyroot reads their credential files)")))?;
+                if self.authorization.as_deref() == Some(creds.basic().as_str()) {
+                    return Err(auth_err(format!("it refused the stored credentials of user '{}'", creds.user)));
+                }
+                self.authorization = Some(creds.basic());
+                Ok(())
+            }
+            "bearer" => {
+                let realm = c.params.get("realm").ok_or_else(|| auth_err("its Bearer challenge names no realm".into()))?;
+                let mut realm_url = Url::parse(realm)?;
+                let scope = format!("repository:{}:{}", self.reference.repository, self.actions);
+                let mut query = Vec::new();
+                if let Some(s) = c.params.get("service") {
+                    query.push(format!("service={}", url_encode(s)));
+                }
+                query.push(format!("scope={}", url_encode(&scope)));
+                // A scope the registry names that we did not (another repository, for a mount).
+                if let Some(s) = c.params.get("scope").filter(|s| **s != scope) {
+                    query.push(format!("scope={}", url_encode(s)));
+                }
+                realm_url.path = format!("{}{}{}", realm_url.path, if realm_url.path.contains('?') { "&" } else { "?" }, query.join("&"));
+                let mut headers = Vec::new();
+                if let Some(c) = &creds {
+                    headers.push(("Authorization", c.basic()));
+                }
+                let resp = http::fetch("GET", &realm_url, &headers, Body::Empty)?;
+                if resp.status != 200 {
+                    let status = resp.status;
+                    let detail = resp.snippet();
+                    let who = creds.as_ref().map_or("anonymously".to_owned(), |c| format!("as '{}'", c.user));
+                    let hint = if creds.is_none() { format!("; if the image is private, log in with `podman login {registry}` or `docker login {registry}`") } else { String::new() };
+                    return Err(auth_err(format!("its token service {realm_url} refused a token {who} for {scope} (HTTP {status}: {detail}){hint}")));
+                }
+                let tok: TokenResponse = serde_json::from_slice(&resp.bytes(MAX_MANIFEST)?).map_err(|e| auth_err(format!("its token service answered no JSON token: {e}")))?;
+                let token = tok.token.or(tok.access_token).filter(|t| !t.is_empty()).ok_or_else(|| auth_err("its token service answered no token".into()))?;
+                let value = format!("Bearer {token}");
+                if self.authorization.as_deref() == Some(value.as_str()) {
+                    return Err(auth_err(format!("it refused a fresh token for {scope}")));
+                }
+                self.authorization = Some(value);
+                Ok(())
+            }
+            other => Err(auth_err(format!("it asks for '{other}' authentication, which plyroot does not speak"))),
+        }
+    }
+
+    /// Fetches a manifest (or index) by tag or digest; returns its bytes and media type. A
+    /// manifest fetched by digest is checked against it; one fetched by tag against the
+    /// `Docker-Content-Digest` the registry sends, when it sends one.
+    pub(crate) fn manifest(&mut self, reference: &str) -> Result<(Vec<u8>, String), RegistryError> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let resp = self.request("GET", &url, &[("Accept", MANIFEST_ACCEPT.to_owned())], &[])?;
+        let what = format!("the manifest {}", self.show(reference));
+        let resp = self.ok(resp, &what, &[200])?;
+        let media_type = resp.header("content-type").unwrap_or("").split(';').next().unwrap_or("").trim().to_owned();
+        let claimed = resp.header("docker-content-digest").map(str::to_owned);
+        let body = resp.bytes(MAX_MANIFEST)?;
+        let actual = super::sha256(&body);
+        let expected = if reference.starts_with("sha256:") { Some(reference.to_owned()) } else { claimed.filter(|d| d.starts_with("sha256:")) };
+        if let Some(expected) = expected {
+            if expected != actual {
+                return Err(RegistryError::Digest { what, expected, actual });
+            }
+        }
+        Ok((body, media_type))
+    }
+
+    /// A blob's content, as a stream (following the registry's redirect to storage).
+    pub(crate) fn blob(&mut self, digest: &str) -> Result<Response, RegistryError> {
+        let url = self.url(&format!("blobs/{digest}"));
+        let resp = self.request("GET", &url, &[], &[])?;
+        let what = format!("the blob {digest} of {}", self.reference);
+        self.ok(resp, &what, &[200])
+    }
+
+    /// A small blob (a config) read whole.
+    pub(crate) fn blob_bytes(&mut self, digest: &str) -> Result<Vec<u8>, RegistryError> {
+        let mut resp = self.blob(digest)?;
+        let mut buf = Vec::new();
+        let url = resp.url.to_string();
+        (&mut resp).take(MAX_MANIFEST + 1).read_to_end(&mut buf).map_err(|source| HttpError::Io { method: "GET".into(), url, source })?;
+        let actual = super::sha256(&buf);
+        if actual != digest {
+            return Err(RegistryError::Digest { what: format!("the blob {digest} of {}", self.reference), expected: digest.to_owned(), actual });
+        }
+        Ok(buf)
+    }
+
+    /// Whether the repository has the blob.
+    pub(crate) fn has_blob(&mut self, digest: &str) -> Result<bool, RegistryError> {
+        let url = self.url(&format!("blobs/{digest}"));
+        let resp = self.request("HEAD", &url, &[], &[])?;
+        match resp.status {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => self.ok(resp, &format!("checking for the blob {digest} of {}", self.reference), &[]).map(|_| false),
+        }
+    }
+
+    /// Uploads a blob: POST to open an upload session, then one PUT with the whole content and
+    /// its digest (the "monolithic" upload every registry implements). The POST also settles
+    /// authentication, so the PUT with a file body never needs to be resent.
+    pub(crate) fn upload(&mut self, digest: &str, body: Body<'_>) -> Result<(), RegistryError> {
+        let what = format!("uploading the blob {digest} to {}", self.reference);
+        let url = self.url("blobs/uploads/");
+        let resp = self.request("POST", &url, &[], &[])?;
+        let resp = self.ok(resp, &what, &[202, 201])?;
+        if resp.status == 201 {
+            return Ok(()); // the registry mounted or already had it
+        }
+        let location = resp.header("location").ok_or_else(|| RegistryError::Protocol { what: what.clone(), reason: "the upload session has no Location".into() })?.to_owned();
+        drop(resp);
+        let mut put = url.join(&location)?;
+        put.path = format!("{}{}digest={}", put.path, if put.path.contains('?') { "&" } else { "?" }, url_encode(digest));
+        let mut headers = vec![("Content-Type", "application/octet-stream".to_owned())];
+        if let Some(a) = &self.authorization {
+            // Upload locations may be on another host; `fetch` keeps credentials on one origin
+            // only for redirects, and an upload location is the registry's own answer.
+            headers.push(("Authorization", a.clone()));
+        }
+        let resp = http::fetch("PUT", &put, &headers, body)?;
+        self.ok(resp, &what, &[201, 204, 200]).map(|_| ())
+    }
+
+    /// Uploads a manifest under `reference` (a tag or its digest); returns its digest.
+    pub(crate) fn put_manifest(&mut self, reference: &str, media_type: &str, body: &[u8]) -> Result<String, RegistryError> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let resp = self.request("PUT", &url, &[("Content-Type", media_type.to_owned())], body)?;
+        let what = format!("uploading the manifest of {}", self.show(reference));
+        let resp = self.ok(resp, &what, &[201, 200, 204])?;
+        let digest = super::sha256(body);
+        if let Some(claimed) = resp.header("docker-content-digest").filter(|d| d.starts_with("sha256:")) {
+            if claimed != digest {
+                return Err(RegistryError::Digest { what, expected: digest, actual: claimed.to_owned() });
+            }
+        }
+        Ok(digest)
+    }
+
+    fn show(&self, reference: &str) -> String {
+        format!("{}/{}{}{reference}", self.reference.registry, self.reference.repository, if reference.starts_with("sha256:") { "@" } else { ":" })
+    }
+
+    /// The response when its status is one of `ok` (any 2xx when `ok` is empty), else an error
+    /// that names what was being done, the status and the registry's own words.
+    fn ok(&self, resp: Response, what: &str, ok: &[u16]) -> Result<Response, RegistryError> {
+        let good = if ok.is_empty() { (200..300).contains(&resp.status) } else { ok.contains(&resp.status) };
+        if good {
+            return Ok(resp);
+        }
+        let status = resp.status;
+        let hint = match status {
+            401 | 403 => format!(" (log in with `podman login {}` or `docker login`; plyroot reads their credential files)", self.reference.registry),
+            404 if what.starts_with("the manifest") => " (no such repository or tag; check the name, e.g. with `skopeo list-tags docker://REPOSITORY`)".to_owned(),
+            _ => String::new(),
+        };
+        let detail = resp.snippet();
+        Err(RegistryError::Status { what: what.to_owned(), status, detail, hint })
+    }
+}
+
+/// Percent-encodes a query value.
+pub(crate) fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::http::tests::serve;
+
+    #[test]
+    fn encodes_query_values() {
+        assert_eq!(url_encode("repository:a/b:pull,push"), "repository%3Aa%2Fb%3Apull%2Cpush");
+    }
+
+    /// The bearer flow: 401 with a challenge, a token from the realm (with stored credentials
+    /// sent as basic auth), the request again with the token.
+    #[test]
+    fn bearer_token_flow() {
+        let manifest = br#"{"schemaVersion":2}"#;
+        let digest = crate::registry::sha256(manifest);
+        let (token_addr, token_server) = serve(vec![b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"token\":\"t0k3n\"}".to_vec()]);
+        let (addr, server) = serve(vec![
+            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{token_addr}/token\",service=\"reg\",scope=\"repository:x/y:pull\"\r\nContent-Length: 0\r\n\r\n").into_bytes(),
+            format!("HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nDocker-Content-Digest: {digest}\r\nContent-Length: {}\r\n\r\n{}", manifest.len(), String::from_utf8_lossy(manifest)).into_bytes(),
+        ]);
+        let r = Reference::parse(&format!("{addr}/x/y:t")).unwrap();
+        let mut c = Client::new(&r, false).unwrap();
+        c.base.tls = false;
+        c.creds = Some(Some(Credentials { user: "u".into(), password: "p".into() }));
+        let (body, mt) = c.manifest("t").unwrap();
+        assert_eq!((body.as_slice(), mt.as_str()), (&manifest[..], "application/vnd.oci.image.manifest.v1+json"));
+        let token_req = &token_server.join().unwrap()[0];
+        assert!(token_req.starts_with("GET /token?service=reg&scope=repository%3Ax%2Fy%3Apull HTTP/1.1"), "{token_req}");
+        assert!(token_req.contains("Authorization: Basic dTpw"), "{token_req}");
+        let seen = server.join().unwrap();
+        assert!(!seen[0].contains("Authorization"), "{seen:?}");
+        assert!(seen[1].contains("Authorization: Bearer t0k3n") && seen[1].contains("Accept: application/vnd.oci.image.index.v1+json"), "{seen:?}");
+    }
+
+    #[test]
+    fn errors_name_the_status_and_the_registry_words() {
+        let (addr, server) = serve(vec![
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 51\r\n\r\n{\"errors\":[{\"code\":\"MANIFEST_UNKNOWN\",\"message\":\"x\"}]}".to_vec(),
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"r\"\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            b"HTTP/1.1 200 OK\r\nDocker-Content-Digest: sha256:0000000000000000000000000000000000000000000000000000000000000000\r\nContent-Length: 2\r\n\r\n{}".to_vec(),
+        ]);
+        let r = Reference::parse(&format!("{addr}/x:t")).unwrap();
+        let mut c = Client::new(&r, false).unwrap();
+        c.base.tls = false;
+        c.creds = Some(None);
+        let e = format!("{:#}", anyhow::Error::from(c.manifest("t").unwrap_err()));
+        assert!(e.contains("404") && e.contains("MANIFEST_UNKNOWN") && e.contains(&format!("{addr}/x:t")), "{e}");
+        let e = format!("{:#}", anyhow::Error::from(c.manifest("t").unwrap_err()));
+        assert!(e.contains("podman login") && e.contains(&addr), "{e}");
+        let e = format!("{:#}", anyhow::Error::from(c.manifest("t").unwrap_err()));
+        assert!(e.contains("corrupt") && e.contains("sha256:0000"), "{e}");
+        server.join().unwrap();
+    }
+}

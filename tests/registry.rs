@@ -1,0 +1,539 @@
+//! Registries: `docker://` sources and `plyroot push`, against a real `docker-registry` (the
+//! distribution project's registry, Debian package docker-registry) that each test starts on
+//! loopback with a temp storage directory, as the test's own user.
+//!
+//! - an image built by umoci and pushed by skopeo pulls with the ids `import oci:` gives;
+//! - a pushed environment pulls back into a fresh store with the same ids, reads in skopeo, and
+//!   a second push uploads nothing, a second pull downloads nothing (the registry's access log);
+//! - a multi-platform index: the host's platform by default, `--platform`/`PLYROOT_PLATFORM`;
+//! - a zstd layer;
+//! - a blob corrupted in the registry's storage is refused, and nothing is kept;
+//! - a pull killed with SIGKILL half-way through a layer (a stalling proxy in the test holds the
+//!   download) keeps the finished layers, leaves no partial one, and a second pull resumes;
+//! - `debootstrap:` through mmdebstrap (a tiny `extract` root of busybox-static).
+//!
+//! Runs as root and as unprivileged users with and without subordinate ids (tests/run.sh). A
+//! missing docker-registry, skopeo or umoci is a skip (a failure under PLYROOT_TEST_REQUIRE_NS=1).
+
+#[macro_use]
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+// ---------------------------------------------------------------------------------------------
+// A registry per test
+// ---------------------------------------------------------------------------------------------
+
+struct Registry {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Registry {
+    fn start() -> Result<Registry, String> {
+        let bin = tool("docker-registry")?;
+        let dir = tempdir();
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let config = format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            );
+            fs::write(dir.path().join("config.yml"), config).unwrap();
+            let log = fs::File::create(dir.path().join("log")).unwrap();
+            let mut child = Command::new(&bin)
+                .arg("serve")
+                .arg(dir.path().join("config.yml"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .map_err(|e| format!("cannot start docker-registry: {e}"))?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if http(port, "GET", "/v2/", "").0 == 200 {
+                    return Ok(Registry { child, port, dir });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            last = fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+        }
+        Err(format!("docker-registry did not come up; its log:\n{last}"))
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `docker://127.0.0.1:PORT/REPO`
+    fn image(&self, repo: &str) -> String {
+        format!("docker://{}/{repo}", self.host())
+    }
+
+    /// How many times the registry served GET for this blob (its access log).
+    fn blob_gets(&self, digest: &str) -> usize {
+        let log = fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
+        log.lines().filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} "))).count()
+    }
+
+    /// The file the registry keeps a blob's bytes in.
+    fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir.path().join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
+    }
+
+    /// The manifest of `repo:tag`, as JSON.
+    fn manifest(&self, repo: &str, tag: &str) -> serde_json::Value {
+        let (status, body) = http(self.port, "GET", &format!("/v2/{repo}/manifests/{tag}"), "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json\r\n");
+        assert_eq!(status, 200, "GET manifest {repo}:{tag}: {}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP/1.1 request on loopback; (status, body). Status 0 when nothing answers.
+fn http(port: u16, method: &str, path: &str, headers: &str) -> (u16, Vec<u8>) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, Vec::new()) };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Connection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, Vec::new());
+    }
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let Some(split) = resp.windows(4).position(|w| w == b"\r\n\r\n") else { return (0, Vec::new()) };
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, resp[split + 4..].to_vec())
+}
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+fn skopeo(args: &[&str]) -> Out {
+    let bin = tool("skopeo").unwrap();
+    run_with(Command::new(bin).arg("--insecure-policy").args(args), None, TIMEOUT)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-written images
+// ---------------------------------------------------------------------------------------------
+
+/// A layer tar (ustar, owner 0, fixed mtime) holding `files`.
+fn layer_tar(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(path).unwrap();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_mtime(MTIME as u64);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn zstd(data: &[u8]) -> Vec<u8> {
+    zstd::encode_all(data, 3).unwrap()
+}
+
+/// Writes a blob into an OCI layout; returns its descriptor.
+fn blob(layout: &Path, media_type: &str, data: &[u8]) -> serde_json::Value {
+    let digest = sha256(data);
+    fs::write(layout.join("blobs/sha256").join(&digest[7..]), data).unwrap();
+    serde_json::json!({ "mediaType": media_type, "digest": digest, "size": data.len() })
+}
+
+/// An image of one layer (`tar`, stored as `compressed` of `media_type`) for `arch`; returns its
+/// manifest's descriptor, with the platform.
+fn image(layout: &Path, arch: &str, tar: &[u8], compressed: &[u8], media_type: &str) -> serde_json::Value {
+    let config = serde_json::json!({
+        "architecture": arch, "os": "linux", "config": {},
+        "rootfs": { "type": "layers", "diff_ids": [sha256(tar)] },
+    });
+    let config = blob(layout, "application/vnd.oci.image.config.v1+json", &serde_json::to_vec(&config).unwrap());
+    let layer = blob(layout, media_type, compressed);
+    let manifest = serde_json::json!({ "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": [layer] });
+    let mut desc = blob(layout, "application/vnd.oci.image.manifest.v1+json", &serde_json::to_vec(&manifest).unwrap());
+    desc["platform"] = serde_json::json!({ "os": "linux", "architecture": arch });
+    desc
+}
+
+/// An OCI layout whose tag `t` names `top` (a manifest or an index descriptor).
+fn layout(dir: &Path, top: impl FnOnce(&Path) -> serde_json::Value) -> PathBuf {
+    fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let mut desc = top(dir);
+    desc.as_object_mut().unwrap().remove("platform");
+    desc["annotations"] = serde_json::json!({ "org.opencontainers.image.ref.name": "t" });
+    fs::write(dir.join("index.json"), serde_json::to_vec(&serde_json::json!({ "schemaVersion": 2, "manifests": [desc] })).unwrap()).unwrap();
+    dir.to_owned()
+}
+
+/// The id plyroot gives a plain tar, imported into a throwaway store.
+fn tar_id(tar: &[u8]) -> String {
+    let s = Store::new();
+    let f = s.path("layer.tar");
+    fs::write(&f, tar).unwrap();
+    s.import(&format!("tar:{}", f.display())).remove(0)
+}
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// An environment `t` of two layers: the busybox root and a tar adding /srv/data (`size` bytes
+/// that do not compress). Returns its layer ids.
+fn two_layer_env(s: &Store, size: usize) -> Result<Vec<String>, String> {
+    let root = s.path("rootfs");
+    busybox_rootfs(&root)?;
+    let mut data = Vec::with_capacity(size);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    let extra = s.path("extra.tar");
+    fs::write(&extra, layer_tar(&[("srv/data", &data), ("etc/extra", b"second layer\n")])).unwrap();
+    s.create("t", &[&format!("dir:{}", root.display()), &format!("tar:{}", extra.display())]);
+    let ids: Vec<String> = s.plyroot(&["list", "--json"]).ok().json()[0]["layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids.len(), 2);
+    Ok(ids)
+}
+
+fn pull(s: &Store, image: &str, extra: &[&str]) -> Out {
+    let mut args = vec!["import", "--insecure"];
+    args.extend_from_slice(extra);
+    args.push(image);
+    s.plyroot(&args)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn pulls_an_image_skopeo_pushed_with_the_ids_of_the_oci_layout() {
+    let reg = need!(Registry::start());
+    need!(tool("skopeo"));
+    need!(tool("umoci"));
+    let work = Store::new();
+    let oci = need!(oci_image(work.tmp.path()));
+    let want = work.import(&format!("oci:{}:t", oci.display()));
+    assert_eq!(want.len(), 3);
+    skopeo(&["copy", "-q", "--dest-tls-verify=false", &format!("oci:{}:t", oci.display()), &format!("{}:t", reg.image("x/umoci"))]).ok();
+
+    let s = Store::new();
+    let out = pull(&s, &format!("{}:t", reg.image("x/umoci")), &[]).ok();
+    assert_eq!(out.lines(), want, "the same layers as `import oci:`: {out}");
+    assert!(out.stderr.contains("3 downloaded"), "{out}");
+    s.plyroot(&["verify"]).ok();
+    // By digest too, and through `pull`.
+    let digest = skopeo(&["inspect", "--tls-verify=false", &format!("{}:t", reg.image("x/umoci"))]).ok().json()["Digest"].as_str().unwrap().to_owned();
+    let s2 = Store::new();
+    let out = s2.plyroot(&["pull", "--insecure", &format!("{}/x/umoci@{digest}", reg.host())]).ok();
+    assert_eq!(out.lines(), want, "{out}");
+    // Without --insecure plyroot speaks TLS, and says what to do.
+    Store::new().plyroot(&["import", &format!("{}:t", reg.image("x/umoci"))]).plyroot_error(&["TLS", "--insecure"]);
+    // The environment variable does what --insecure does.
+    let s3 = Store::new();
+    let mut cmd = s3.cmd(&["import", &format!("{}:t", reg.image("x/umoci"))]);
+    cmd.env("PLYROOT_INSECURE_REGISTRIES", reg.host());
+    assert_eq!(run_with(&mut cmd, None, TIMEOUT).ok().lines(), want);
+    // An unknown tag names the reference.
+    Store::new().plyroot(&["import", "--insecure", &format!("{}:nope", reg.image("x/umoci"))]).plyroot_error(&["404", "x/umoci:nope"]);
+}
+
+#[test]
+fn push_pull_round_trip_keeps_ids_and_moves_nothing_twice() {
+    if me().regime != Regime::Root {
+        need!(userns());
+    }
+    let reg = need!(Registry::start());
+    let s = Store::new();
+    let ids = need!(two_layer_env(&s, 256 * 1024));
+    let target = format!("{}:v1", reg.image("team/env"));
+    let out = s.plyroot(&["push", "--insecure", "t", &target]).ok();
+    let digest = out.line();
+    assert_layer_id(&digest);
+    assert!(out.stderr.contains("2 uploaded"), "{out}");
+
+    // The registry holds gzip layers whose diff_ids are the plyroot layer ids.
+    let manifest = reg.manifest("team/env", "v1");
+    assert_eq!(manifest["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    for l in layers {
+        assert_eq!(l["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip");
+    }
+    let blobs: Vec<String> = layers.iter().map(|l| l["digest"].as_str().unwrap().to_owned()).collect();
+
+    // skopeo reads it.
+    if tool("skopeo").is_ok() {
+        let o = skopeo(&["inspect", "--tls-verify=false", &target]).ok();
+        assert_eq!(o.json()["Digest"].as_str(), Some(digest.as_str()), "{o}");
+        assert_eq!(o.json()["Layers"].as_array().unwrap().len(), 2, "{o}");
+        let o = skopeo(&["inspect", "--config", "--tls-verify=false", &target]).ok();
+        let diff_ids: Vec<String> = o.json()["rootfs"]["diff_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+        assert_eq!(diff_ids, ids, "diff_ids are the layer ids: {o}");
+    }
+
+    // Pushing again uploads nothing and gives the same manifest (deterministic gzip).
+    let out = s.plyroot(&["push", "--insecure", "t", &target]).ok();
+    assert_eq!(out.line(), digest);
+    assert!(out.stderr.contains("0 uploaded"), "{out}");
+
+    // A fresh store pulls the same ids; a second pull downloads nothing.
+    let fresh = Store::new();
+    let out = pull(&fresh, &target, &[]).ok();
+    assert_eq!(out.lines(), ids, "{out}");
+    fresh.plyroot(&["verify"]).ok();
+    let gets: Vec<usize> = blobs.iter().map(|b| reg.blob_gets(b)).collect();
+    assert_eq!(gets, [1, 1], "each layer downloaded once");
+    let out = pull(&fresh, &target, &["-v"]).ok();
+    assert_eq!(out.lines(), ids, "{out}");
+    assert!(out.stderr.contains("0 downloaded") && out.stderr.contains("2 already in the store"), "{out}");
+    assert_eq!(blobs.iter().map(|b| reg.blob_gets(b)).collect::<Vec<_>>(), gets, "the second pull downloaded a layer");
+    // `create` takes docker:// sources too, and so does a manifest.
+    fresh.plyroot(&["create", "e", "--insecure", "--from", &target]).ok();
+    assert_eq!(fresh.plyroot(&["list", "--json"]).ok().json()[0]["layers"], serde_json::json!(ids));
+    assert_eq!(blobs.iter().map(|b| reg.blob_gets(b)).collect::<Vec<_>>(), gets);
+    let manifest = fresh.path("plyroot.toml");
+    fs::write(&manifest, format!("[env.m]\nfrom = [\"{target}\"]\n")).unwrap();
+    let mut cmd = fresh.cmd(&["apply", "-f", &manifest.to_string_lossy()]);
+    cmd.env("PLYROOT_INSECURE_REGISTRIES", reg.host());
+    run_with(&mut cmd, None, TIMEOUT).ok();
+    let envs = fresh.plyroot(&["list", "--json"]).ok().json();
+    let m = envs.as_array().unwrap().iter().find(|e| e["name"] == "m").unwrap_or_else(|| panic!("no env m: {envs}"));
+    assert_eq!(m["layers"], serde_json::json!(ids));
+    assert_eq!(blobs.iter().map(|b| reg.blob_gets(b)).collect::<Vec<_>>(), gets);
+    // The store that pushed pulls without downloading: its layers are the diff_ids.
+    let out = pull(&s, &target, &[]).ok();
+    assert!(out.stderr.contains("0 downloaded"), "{out}");
+
+    // Uncommitted changes are not pushed silently.
+    fs::write(s.home.join("envs/t/upper/new-file"), "x").unwrap();
+    s.plyroot(&["push", "--insecure", "t", &target]).plyroot_error(&["plyroot commit t"]);
+}
+
+/// Two platforms in one index (the host's, gzip; another, zstd), copied with `skopeo copy --all`.
+fn multi_platform(reg: &Registry, work: &Path) -> (String, String) {
+    let other = if host_arch() == "arm64" { "amd64" } else { "arm64" };
+    let host_tar = layer_tar(&[("platform", host_arch().as_bytes())]);
+    let other_tar = layer_tar(&[("platform", other.as_bytes()), ("zstd", b"compressed with zstd\n")]);
+    let dir = layout(&work.join("multi"), |d| {
+        let a = image(d, host_arch(), &host_tar, &gzip(&host_tar), "application/vnd.oci.image.layer.v1.tar+gzip");
+        let b = image(d, other, &other_tar, &zstd(&other_tar), "application/vnd.oci.image.layer.v1.tar+zstd");
+        let index = serde_json::json!({ "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [b, a] });
+        blob(d, "application/vnd.oci.image.index.v1+json", &serde_json::to_vec(&index).unwrap())
+    });
+    skopeo(&["copy", "-q", "--all", "--dest-tls-verify=false", &format!("oci:{}:t", dir.display()), &format!("{}:t", reg.image("x/multi"))]).ok();
+    (tar_id(&host_tar), tar_id(&other_tar))
+}
+
+#[test]
+fn a_multi_platform_index_gives_the_host_platform_or_the_one_asked_for() {
+    let reg = need!(Registry::start());
+    need!(tool("skopeo"));
+    let work = tempdir();
+    let (host_id, other_id) = multi_platform(&reg, work.path());
+    let other = if host_arch() == "arm64" { "linux/amd64" } else { "linux/arm64" };
+    let image = format!("{}:t", reg.image("x/multi"));
+    let index = reg.manifest("x/multi", "t");
+    assert_eq!(index["manifests"].as_array().map(Vec::len), Some(2), "the registry holds the index: {index}");
+
+    assert_eq!(pull(&Store::new(), &image, &[]).ok().lines(), vec![host_id]);
+    assert_eq!(pull(&Store::new(), &image, &["--platform", other]).ok().lines(), vec![other_id.clone()]);
+    let s = Store::new();
+    let mut cmd = s.cmd(&["import", "--insecure", &image]);
+    cmd.env("PLYROOT_PLATFORM", other);
+    assert_eq!(run_with(&mut cmd, None, TIMEOUT).ok().lines(), [other_id]);
+    pull(&Store::new(), &image, &["--platform", "linux/s390x"]).plyroot_error(&["linux/s390x", &format!("linux/{}", host_arch()), "--platform"]);
+    Store::new().plyroot(&["import", "--platform", "s390x", &image]).plyroot_error(&["OS/ARCH"]);
+}
+
+#[test]
+fn a_zstd_layer_pulls() {
+    let reg = need!(Registry::start());
+    need!(tool("skopeo"));
+    let work = tempdir();
+    let tar = layer_tar(&[("etc/zstd", b"a zstd layer\n"), ("usr/share/doc/x", &[7u8; 100_000])]);
+    let dir = layout(&work.path().join("z"), |d| image(d, host_arch(), &tar, &zstd(&tar), "application/vnd.oci.image.layer.v1.tar+zstd"));
+    skopeo(&["copy", "-q", "--dest-tls-verify=false", &format!("oci:{}:t", dir.display()), &format!("{}:t", reg.image("x/zstd"))]).ok();
+    let m = reg.manifest("x/zstd", "t");
+    assert_eq!(m["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd", "skopeo kept the zstd layer: {m}");
+    let s = Store::new();
+    assert_eq!(pull(&s, &format!("{}:t", reg.image("x/zstd")), &[]).ok().lines(), [tar_id(&tar)]);
+    s.plyroot(&["verify"]).ok();
+}
+
+#[test]
+fn a_corrupted_blob_is_refused_and_nothing_is_kept() {
+    let reg = need!(Registry::start());
+    need!(tool("skopeo"));
+    let work = tempdir();
+    let tar = layer_tar(&[("etc/data", &[42u8; 300_000]), ("etc/more", b"more\n")]);
+    let dir = layout(&work.path().join("c"), |d| image(d, host_arch(), &tar, &gzip(&tar), "application/vnd.oci.image.layer.v1.tar+gzip"));
+    skopeo(&["copy", "-q", "--dest-tls-verify=false", &format!("oci:{}:t", dir.display()), &format!("{}:t", reg.image("x/bad"))]).ok();
+    let layer = reg.manifest("x/bad", "t")["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let file = reg.blob_file(&layer);
+    let mut data = fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    fs::write(&file, &data).unwrap();
+
+    let s = Store::new();
+    pull(&s, &format!("{}:t", reg.image("x/bad")), &[]).plyroot_error(&[&layer, "corrupt"]);
+    assert_eq!(s.layer_dir_entries(), 0, "a corrupt layer is not kept");
+    let tmp = s.home.join("tmp");
+    assert!(fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0) == 0, "no staging leftovers in {}", tmp.display());
+}
+
+/// A proxy in front of the registry that forwards everything, except that a response whose
+/// request line contains `stall` stops after `after` bytes and then hangs.
+fn stalling_proxy(registry: u16, stall: String, after: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut client) = conn else { continue };
+            let stall = stall.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut b).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", registry)) else { return };
+                upstream.write_all(&head).unwrap();
+                let first = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned();
+                let limit = if first.contains(&stall) { after } else { usize::MAX };
+                let mut sent = 0;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = upstream.read(&mut buf).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    let n = n.min(limit - sent);
+                    if client.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    sent += n;
+                    if sent >= limit {
+                        std::thread::sleep(Duration::from_secs(600));
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn an_interrupted_pull_keeps_finished_layers_and_resumes() {
+    if me().regime != Regime::Root {
+        need!(userns());
+    }
+    let reg = need!(Registry::start());
+    let s = Store::new();
+    let ids = need!(two_layer_env(&s, 4 << 20));
+    s.plyroot(&["push", "--insecure", "t", &format!("{}:v1", reg.image("x/big"))]).ok();
+    let second = reg.manifest("x/big", "v1")["layers"][1]["digest"].as_str().unwrap().to_owned();
+    let proxy = stalling_proxy(reg.port, format!("/blobs/{second}"), 1 << 20);
+
+    // Pull through the proxy: the first layer completes, the second hangs half-way; kill -9.
+    let fresh = Store::new();
+    let mut cmd = fresh.cmd(&["import", "--insecure", &format!("docker://127.0.0.1:{proxy}/x/big:v1")]);
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let tmp = fresh.home.join("tmp");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let staged = |dir: &Path| fs::read_dir(dir).map(|d| d.flatten().any(|e| fs::read_dir(e.path().join("root/srv")).is_ok())).unwrap_or(false);
+    while !(fresh.layer_dir_entries() == 1 && staged(&tmp)) {
+        assert!(Instant::now() < deadline, "the pull did not reach the second layer");
+        assert!(child.try_wait().unwrap().is_none(), "the pull ended before it was killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(fresh.layer_ids(), [ids[0].clone()].into_iter().collect(), "the finished layer is kept, the partial one is not a layer");
+    fresh.plyroot(&["verify"]).ok();
+
+    // Again, straight from the registry: only the missing layer is downloaded.
+    let out = pull(&fresh, &format!("{}:v1", reg.image("x/big")), &[]).ok();
+    assert_eq!(out.lines(), ids, "{out}");
+    assert!(out.stderr.contains("1 downloaded") && out.stderr.contains("1 already in the store"), "{out}");
+    assert_eq!(fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0), 0, "the killed pull's staging directory is gone");
+    fresh.plyroot(&["verify"]).ok();
+}
+
+#[test]
+fn debootstrap_builds_a_root_with_mmdebstrap() {
+    need!(tool("mmdebstrap"));
+    let s = Store::new();
+    let src = "debootstrap:bookworm?variant=extract&include=busybox-static";
+    if me().regime == Regime::NoSubIds {
+        // mmdebstrap's unshare mode maps a subordinate range: without one, a clear error.
+        s.plyroot(&["import", src]).plyroot_error(&["subordinate ids", "/etc/subuid", "mmdebstrap"]);
+        assert_eq!(s.layer_dir_entries(), 0);
+        return;
+    }
+    let out = s.plyroot(&["import", src]);
+    if out.code != 0 && (out.stderr.contains("Temporary failure resolving") || out.stderr.contains("Could not resolve") || out.stderr.contains("Failed to fetch")) {
+        need!(Err::<(), _>(format!("the Debian mirror is unreachable: {out}")));
+    }
+    let id = out.ok().line();
+    assert_layer_id(&id);
+    let root = s.home.join("layers").join(id.trim_start_matches("sha256:")).join("root");
+    assert!(root.join("bin/busybox").is_file(), "busybox-static is in the root");
+    assert!(root.join("var/lib/dpkg").is_dir() || root.join("usr/share/doc/busybox-static").is_dir());
+    s.plyroot(&["verify"]).ok();
+    // A bad option is named before anything runs.
+    s.plyroot(&["import", "debootstrap:bookworm?colour=blue"]).plyroot_error(&["colour"]);
+}
