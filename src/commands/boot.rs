@@ -83,7 +83,14 @@ pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) 
                     return Ok(());
                 }
                 if crate::sys::ns::pidfd(pid).map(|fd| wait_exit(&fd, Duration::ZERO)).unwrap_or(true) {
-                    bail!("{name}: systemd exited while booting; see {}", _env.dir.join("boot.log").display());
+                    let log = _env.dir.join("boot.log");
+                    let cgroups = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("control group"));
+                    let hint = if cgroups {
+                        " (it needs a cgroup of its own, which plyroot makes in the cgroup it runs in when that is writable: as root, or from a delegated one, e.g. `systemd-run --user --scope -p Delegate=yes plyroot boot NAME` on a host with systemd and cgroup v2)"
+                    } else {
+                        ""
+                    };
+                    bail!("{name}: systemd exited while booting{hint}; see {}", log.display());
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }

@@ -233,6 +233,11 @@ pub(crate) fn run_or_boot(
         Upper::Persistent { upper: env.upper(), work: work.clone() }
     };
     let mut no_host = opts.no_host.clone();
+    if boot.is_some() {
+        // A booted system manages its own /tmp and /run: systemd-tmpfiles would empty the host's
+        // /tmp if it were shared. It keeps the home, like WSL.
+        no_host.extend([crate::cli::HostShare::Tmp, crate::cli::HostShare::RuntimeDir, crate::cli::HostShare::X11]);
+    }
     for n in &settings.no_host {
         use clap::ValueEnum;
         no_host.extend(crate::cli::HostShare::from_str(n, false).ok());

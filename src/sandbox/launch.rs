@@ -7,6 +7,8 @@
 
 use std::fs;
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -277,11 +279,11 @@ pub(crate) fn boot(plan: &Plan, inside: &Inside, hostname: &str, log: std::fs::F
     use std::os::fd::AsRawFd;
     let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("cannot create a pipe")?;
     match process::fork()? {
-        process::Fork::Parent(sup) => {
+        process::Fork::Parent(_sup) => {
             drop(wr);
+            // The supervisor stays as the console's drain; it closes the pipe once init runs.
             let mut buf = Vec::new();
             let _ = fs::File::from(rd).read_to_end(&mut buf);
-            process::waitpid(sup)?;
             let text = String::from_utf8_lossy(&buf);
             match text.strip_prefix("pid ").and_then(|p| p.trim().parse::<i32>().ok()) {
                 Some(pid) => Ok(pid),
@@ -291,7 +293,7 @@ pub(crate) fn boot(plan: &Plan, inside: &Inside, hostname: &str, log: std::fs::F
         process::Fork::Child => {
             drop(rd);
             let mut report = fs::File::from(wr);
-            let r = (|| -> Result<i32> {
+            let r = (|| -> Result<(i32, OwnedFd, std::path::PathBuf, Option<(std::path::PathBuf, OwnedFd)>)> {
                 rustix::process::setsid().context("cannot start a session")?;
                 let null = fs::File::open("/dev/null").context("cannot open /dev/null")?;
                 // SAFETY: dup2 onto the standard fds of this (single-threaded) child.
@@ -302,17 +304,37 @@ pub(crate) fn boot(plan: &Plan, inside: &Inside, hostname: &str, log: std::fs::F
                 }
                 enter_namespaces_with(inside, true, true)?;
                 mount::make_private_recursive()?;
+                // A pty for init's console: systemd refuses a console that is not a tty. Its
+                // slave is bound at /dev/console; this supervisor drains the master into the log.
+                let (master, slave_path) = open_console_pty()?;
+                let cgroup = env_cgroup(hostname);
+                // Held from before init pivots: pivot_root moves the root of every process in
+                // the mount namespace, ours too, so paths to the host's cgroups stop resolving.
+                let cgroup_parent = cgroup.as_ref().and_then(|c| c.parent()).and_then(|p| rustix::fs::open(p, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok());
                 match process::fork()? {
-                    process::Fork::Parent(init) => Ok(init),
+                    process::Fork::Parent(init) => Ok((init, master, slave_path, cgroup.zip(cgroup_parent))),
                     process::Fork::Child => {
+                        drop(master);
+                        if let Some(cg) = &cgroup {
+                            // Into the environment's own cgroup, then a cgroup namespace rooted
+                            // there: init manages that subtree as if it were the whole tree.
+                            fs::write(cg.join("cgroup.procs"), b"0").with_context(|| format!("cannot move init into {}", cg.display()))?;
+                            ns::unshare_cgroup()?;
+                        }
                         let e = (|| -> Result<std::io::Error> {
                             let root = mount_all(plan)?;
                             // An init writes to /dev/console (systemd does, and may die without
                             // one): make it the boot log.
                             let console = mount::resolve_in(root.as_fd(), Path::new("/dev/console"), Kind::File, true)?;
                             // By path: the fd's mount belongs to the namespace we left.
-                            let log_tree = mount::clone_tree(log_path, false)?;
+                            let _ = log_path;
+                            let log_tree = mount::clone_tree(&slave_path, false)?;
                             mount::attach(log_tree.as_fd(), console.as_fd(), Path::new("/dev/console"))?;
+                            if cgroup.is_some() {
+                                let target = mount::resolve_in(root.as_fd(), Path::new("/sys/fs/cgroup"), Kind::Dir, false)?;
+                                let cg = mount::pseudo("cgroup2", &[], MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
+                                mount::attach(cg.as_fd(), target.as_fd(), Path::new("/sys/fs/cgroup"))?;
+                            }
                             mount::pivot_into(root.as_fd(), Path::new("/"))?;
                             ns::set_hostname(hostname)?;
                             if matches!(inside.mapping, Mapping::Ranges { .. }) {
@@ -332,11 +354,35 @@ pub(crate) fn boot(plan: &Plan, inside: &Inside, hostname: &str, log: std::fs::F
                     }
                 }
             })();
-            let msg = match r {
-                Ok(pid) => format!("pid {pid}"),
-                Err(e) => format!("error {e:#}"),
+            let (msg, drain) = match r {
+                Ok((pid, master, slave_path, cg)) => (format!("pid {pid}"), Some((pid, master, slave_path, cg))),
+                Err(e) => (format!("error {e:#}"), None),
             };
             let _ = report.write_all(msg.as_bytes());
+            drop(report);
+            if let Some((pid, master, slave_path, cg)) = drain {
+                drain_console(pid, master, &slave_path, &log);
+                // init is our child: reap it, or it lingers as a zombie in its cgroup.
+                let _ = process::waitpid(pid);
+                if let Some((cg, parent)) = cg {
+                    // Empty once init and everything under it ended; leave no trace on the host.
+                    let name = cg.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+                    let mut last = None;
+                    for _ in 0..100 {
+                        match remove_cgroup_at(parent.as_fd(), &name) {
+                            Ok(()) => {
+                                last = None;
+                                break;
+                            }
+                            Err(e) => last = Some(e),
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    if let Some(e) = last {
+                        eprintln!("plyroot: warning: cannot remove the environment's cgroup {}: {e}", cg.display());
+                    }
+                }
+            }
             // SAFETY: _exit in a forked child skips the parent's atexit handlers and buffers.
             unsafe { libc::_exit(0) };
         }
@@ -365,5 +411,94 @@ pub(crate) fn start_in_booted(pidfd: &OwnedFd, plan: &Plan, inside: &Inside, bec
             eprintln!("plyroot: error: {}", f.message);
             std::process::exit(f.code);
         }
+    }
+}
+
+/// Opens a pty pair from the current /dev/ptmx: the master fd and the slave's path.
+fn open_console_pty() -> Result<(OwnedFd, std::path::PathBuf)> {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).context("cannot open a pty for the console")?;
+    grantpt(&master).context("cannot set up the console pty")?;
+    unlockpt(&master).context("cannot unlock the console pty")?;
+    let name = ptsname(&master, Vec::new()).context("cannot name the console pty")?;
+    Ok((master, std::path::PathBuf::from(name.to_string_lossy().into_owned())))
+}
+
+/// Copies init's console output into the log until init ends. Holding the slave open keeps the
+/// master from hanging up while no process inside has the console open.
+fn drain_console(init: i32, master: OwnedFd, slave: &Path, log: &fs::File) {
+    let _slave = fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(slave);
+    let Ok(pidfd) = ns::pidfd(init) else { return };
+    let mut out = log;
+    let mut buf = [0u8; 8192];
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&master), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&pidfd), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: poll on two valid, initialised pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            continue;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            match rustix::io::read(&master, &mut buf) {
+                Ok(k) if k > 0 => {
+                    let _ = out.write_all(&buf[..k]);
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+    }
+}
+
+/// A child cgroup for a booted environment in the cgroup2 hierarchy we are in, when we may make
+/// one (as root, or in a subtree delegated to the user). None otherwise: the init then runs in
+/// ours, and an init that needs its own (systemd) says so in the boot log.
+fn env_cgroup(name: &str) -> Option<std::path::PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount_point = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        (f.get(sep + 1) == Some(&"cgroup2")).then(|| f[4].to_owned())
+    })?;
+    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/').to_owned();
+    let dir = Path::new(&mount_point).join(path).join(format!("plyroot-{name}-{}", std::process::id()));
+    match fs::create_dir(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            crate::diag::debug(&format!("no cgroup of its own for {name}: {}: {e}", dir.display()));
+            None
+        }
+    }
+}
+
+/// Removes cgroup `name` under `parent` and the cgroups an init made in it, deepest first (a
+/// cgroup with children cannot be removed).
+fn remove_cgroup_at(parent: std::os::fd::BorrowedFd<'_>, name: &std::ffi::OsStr) -> rustix::io::Result<()> {
+    match rustix::fs::openat(parent, name, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(dir) => {
+            let mut kids = Vec::new();
+            for e in rustix::fs::Dir::read_from(&dir)?.flatten() {
+                let n = e.file_name().to_bytes();
+                if e.file_type() == rustix::fs::FileType::Directory && n != b"." && n != b".." {
+                    kids.push(std::ffi::OsStr::from_bytes(n).to_os_string());
+                }
+            }
+            for k in kids {
+                remove_cgroup_at(dir.as_fd(), &k)?;
+            }
+        }
+        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match rustix::fs::unlinkat(parent, name, rustix::fs::AtFlags::REMOVEDIR) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e),
     }
 }

@@ -136,6 +136,10 @@ impl Store {
     /// Removes an environment: it disappears at once (renamed into tmp/), then is deleted.
     pub(crate) fn remove_env(&self, name: &str) -> Result<()> {
         let env = self.env(name)?;
+        if env.booted().is_some() {
+            bail!("'{name}' is booted: `plyroot stop {name}` first");
+        }
+        env.ensure_idle("remove")?;
         let st = self.staging()?;
         let grave = st.path.join("env");
         fs::rename(&env.dir, &grave).with_context(|| format!("cannot remove environment '{name}'"))?;

@@ -143,3 +143,9 @@ pub(crate) fn become_id(uid: u32, gid: u32) -> Result<()> {
 pub(crate) fn set_hostname(name: &str) -> Result<()> {
     rustix::system::sethostname(name.as_bytes()).map_err(|e| err("set the hostname", name, e))
 }
+
+/// A new cgroup namespace, rooted at our current cgroup.
+pub(crate) fn unshare_cgroup() -> Result<()> {
+    // SAFETY: CLONE_NEWCGROUP does not touch the fd table (see `unshare`).
+    unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWCGROUP) }.map_err(|e| err("unshare the cgroup namespace", "/", e))
+}
