@@ -15,33 +15,35 @@ use crate::store::env::{Env, Generation, RunPin};
 use crate::store::Store;
 use crate::sys::{ns, process};
 
-/// Removes the pins and workdirs of runs that have ended (their lock is free). Runs exec away
-/// and cannot clean up after themselves; each launch collects what earlier ones left.
-fn collect_ended_runs(env: &Env) {
-    let Ok(rd) = fs::read_dir(env.dir.join("runs")) else { return };
-    for e in rd.flatten() {
-        let lock = e.path();
-        let Ok(f) = fs::File::open(&lock) else { continue };
-        if flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok() {
-            if let Some(id) = lock.file_stem() {
-                let _ = crate::store::remove_tree(&env.dir.join("work").join(id));
-            }
-            let _ = fs::remove_file(&lock);
+/// Takes the first free run slot: `runs/<n>.lock`, flock'd for as long as the run (and, across
+/// exec, its program) lives, with the generation it uses written inside, plus our pid and
+/// namespace key when others may join us. Slots and their overlay workdirs (`work/<n>`) are
+/// reused by later runs, so a launch creates and deletes nothing on disk.
+fn pin_run(env: &Env, generation: &Generation, key: Option<String>) -> Result<(fs::File, String)> {
+    use std::io::Seek;
+    for n in 0..4096u32 {
+        let lock_path = env.dir.join("runs").join(format!("{n}.lock"));
+        let mut lock = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).custom_flags(libc::O_CLOEXEC).open(&lock_path).with_context(|| format!("cannot open {}", lock_path.display()))?;
+        if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue;
         }
+        let pid = key.as_ref().map(|_| std::process::id() as i32);
+        let pin = RunPin { generation: generation.number, layers: generation.layers.clone(), pid, key };
+        let data = serde_json::to_vec(&pin)?;
+        lock.set_len(0).and_then(|_| lock.rewind()).and_then(|_| lock.write_all(&data)).with_context(|| format!("cannot write {}", lock_path.display()))?;
+        return Ok((lock, n.to_string()));
     }
+    bail!("environment '{}' has 4096 runs at once: end some first", env.name)
 }
 
-/// Pins the generation this run uses, for as long as the run (and, across exec, its program)
-/// lives, with our pid and namespace key when others may join us.
-fn pin_run(env: &Env, generation: &Generation, key: Option<String>, id: &str) -> Result<fs::File> {
-    collect_ended_runs(env);
-    let lock_path = env.dir.join("runs").join(format!("{id}.lock"));
-    let mut lock = fs::OpenOptions::new().write(true).create_new(true).mode(0o644).custom_flags(libc::O_CLOEXEC).open(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
-    flock(&lock, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", lock_path.display()))?;
-    let pid = key.as_ref().map(|_| std::process::id() as i32);
-    let pin = RunPin { generation: generation.number, layers: generation.layers.clone(), pid, key };
-    lock.write_all(&serde_json::to_vec(&pin)?).with_context(|| format!("cannot write {}", lock_path.display()))?;
-    Ok(lock)
+/// Gives the plan's persistent upper the run slot's workdir (kept between runs: overlayfs cleans
+/// its contents at mount).
+fn use_workdir(p: &mut crate::sandbox::Plan, work: &std::path::Path) -> Result<()> {
+    if let Some(crate::sandbox::Op::Root { upper: Upper::Persistent { work: w, .. }, .. }) = p.ops.first_mut() {
+        fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
+        *w = work.to_owned();
+    }
+    Ok(())
 }
 
 /// A live run of this environment whose namespaces we can join: same key, process still there.
@@ -221,16 +223,15 @@ pub(crate) fn run_or_boot(
         // not passed on in PLYROOT_STACK: inside, "/" is the environment's root.
         lowers.push(PathBuf::from("/"));
     }
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let run_id = format!("{}-{nanos}", std::process::id());
-    let work = env.dir.join("work").join(&run_id);
+    // The workdir belongs to the run slot taken below; its path is known once the slot is.
+    let work_base = env.dir.join("work");
     let upper = if opts.read_only {
         Upper::None
     } else if !persistent {
         Upper::Ephemeral
     } else {
         check_upper(&env, &generation, opts.keep_upper)?;
-        Upper::Persistent { upper: env.upper(), work: work.clone() }
+        Upper::Persistent { upper: env.upper(), work: PathBuf::new() }
     };
     let mut no_host = opts.no_host.clone();
     if boot.is_some() {
@@ -257,7 +258,7 @@ pub(crate) fn run_or_boot(
         command,
         login,
     };
-    let p = plan(PlanInput {
+    let mut p = plan(PlanInput {
         env_name: name,
         lowers,
         upper,
@@ -271,13 +272,13 @@ pub(crate) fn run_or_boot(
     })?;
     crate::diag::debug(&format!("plan: {:#?}", p.ops));
     if let Some(b) = boot {
-        return boot_env(store, &env, &generation, p, &inside, &run_id, &work, b);
+        return boot_env(store, &env, &generation, p, &inside, &work_base, b);
     }
     // A booted environment: join its namespaces (init's), as every run does while it is up.
     if let Some((pin_path, pid)) = env.booted() {
         if let Ok(fd) = ns::pidfd(pid) {
             if Env::pin_alive(&pin_path) {
-                let run_lock = pin_run(&env, &generation, None, &run_id)?;
+                let (run_lock, _) = pin_run(&env, &generation, None)?;
                 ns::inherit_fd(&run_lock, &env.dir)?;
                 drop(store);
                 crate::diag::debug("joining the booted environment");
@@ -314,9 +315,9 @@ pub(crate) fn run_or_boot(
             false
         }
     });
-    let run_lock = pin_run(&env, &generation, key, &run_id)?;
+    let (run_lock, slot) = pin_run(&env, &generation, key)?;
     if !joined && persistent {
-        fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
+        use_workdir(&mut p, &work_base.join(&slot))?;
     }
     // The run's pin stays held by the program after exec, so gc and workdir collection see the
     // run as alive for exactly as long as it is. The store lock is close-on-exec: gc waits only
@@ -340,7 +341,7 @@ pub(crate) fn run_or_boot(
 
 /// Starts the environment's init as PID 1 in the background and waits until it is ready.
 #[allow(clippy::too_many_arguments)]
-fn boot_env(store: Store, env: &Env, generation: &Generation, mut p: crate::sandbox::Plan, inside: &crate::sandbox::identity::Inside, run_id: &str, work: &std::path::Path, b: BootRequest<'_>) -> Result<i32> {
+fn boot_env(store: Store, env: &Env, generation: &Generation, mut p: crate::sandbox::Plan, inside: &crate::sandbox::identity::Inside, work_base: &std::path::Path, b: BootRequest<'_>) -> Result<i32> {
     use std::io::Seek;
     if env.booted().is_some() {
         crate::diag::info(&format!("'{}' is already booted (`plyroot status`)", env.name));
@@ -354,10 +355,8 @@ fn boot_env(store: Store, env: &Env, generation: &Generation, mut p: crate::sand
         ("TERM".into(), "linux".into()),
         ("HOME".into(), "/root".into()),
     ];
-    let mut pin = pin_run(env, generation, Some(crate::store::env::BOOT_KEY.to_owned()), run_id)?;
-    if matches!(p.ops.first(), Some(crate::sandbox::Op::Root { upper: Upper::Persistent { .. }, .. })) {
-        fs::create_dir(work).with_context(|| format!("cannot create {}", work.display()))?;
-    }
+    let (mut pin, slot) = pin_run(env, generation, Some(crate::store::env::BOOT_KEY.to_owned()))?;
+    use_workdir(&mut p, &work_base.join(&slot))?;
     let log_path = env.dir.join("boot.log");
     let log = fs::OpenOptions::new().create(true).write(true).truncate(true).open(&log_path).with_context(|| format!("cannot open {}", log_path.display()))?;
     // The pin's lock passes to init (the supervisor and init inherit it): the environment counts

@@ -12,8 +12,9 @@
 //! │   ├── current -> generations/<n>.json   switched by an atomic symlink replace
 //! │   ├── skel/<n>-<uid>/              generated top lower: passwd/group entries, mount points
 //! │   ├── upper/                       the persistent writable overlay layer
-//! │   ├── work/<run>/                  one overlay workdir per run
-//! │   ├── runs/<run>.lock              held (flock) for the life of the run that owns work/<run>
+//! │   ├── work/<n>/                    the overlay workdir of run slot n, reused run after run
+//! │   ├── runs/<n>.lock                run slot n: flock'd for the life of the run using it, and
+//! │   │                                what it pins (generation, layers, pid, namespace key)
 //! │   └── mnt/                         the root's mount point during a launch (private mount ns)
 //! ├── blobs/<hex>                      registry blob (or diff_id) → the layer it unpacks to (blobs.rs)
 //! ├── blobs/gzip/<layer hex>           the gzip blob `push` made of a layer
