@@ -14,12 +14,8 @@
 # Env: RUNS (default 5). Needs hyperfine, zstd, tar, GNU time (apt-get install time).
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$here"
-command -v cargo >/dev/null || PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-for t in hyperfine zstd tar sha256sum; do
-    command -v "$t" >/dev/null || { echo "bench/import.sh: needs $t (apt-get install hyperfine zstd)" >&2; exit 1; }
-done
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need "hyperfine zstd" hyperfine zstd tar sha256sum
 [ -x /usr/bin/time ] || { echo "bench/import.sh: needs GNU time (apt-get install time)" >&2; exit 1; }
 
 tarball=${1:-/var/tmp/plyroot-debian.tar.zst}
@@ -30,15 +26,8 @@ if [ ! -f "$tarball" ]; then
 fi
 tarball=$(cd "$(dirname "$tarball")" && pwd)/$(basename "$tarball")
 
-echo "==> cargo build --release" >&2
-# The binary's path as cargo reports it (it builds for an explicit target: target/<triple>/release).
-plyroot=$(cargo build --release --message-format=json-render-diagnostics 2>/dev/null |
-    grep '"name":"plyroot"' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1)
-[ -x "$plyroot" ] || { echo "$0: cargo build --release failed" >&2; exit 1; }
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/plyroot-bench.XXXXXX")
-cleanup() { chmod -R u+rwX "$work" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+build_plyroot
+make_work
 store="$work/store"
 floor="$work/floor"
 # As an unprivileged user tar cannot make the tarball's device nodes or chown; plyroot skips and

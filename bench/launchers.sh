@@ -7,23 +7,12 @@
 #
 #   bench/launchers.sh            RUNS=100 WARMUP=10 tune hyperfine
 set -euo pipefail
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$here"
-command -v cargo >/dev/null || PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-for t in hyperfine bwrap busybox awk; do
-    command -v "$t" >/dev/null || { echo "bench/launchers.sh: needs $t (apt-get install hyperfine bubblewrap busybox-static)" >&2; exit 1; }
-done
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need "hyperfine bubblewrap busybox-static" hyperfine bwrap busybox awk
 runs=${RUNS:-100}
 warmup=${WARMUP:-10}
-
-echo "==> cargo build --release" >&2
-plyroot=$(cargo build --release --message-format=json-render-diagnostics 2>/dev/null |
-    grep '"name":"plyroot"' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1)
-[ -x "$plyroot" ] || { echo "$0: cargo build --release failed" >&2; exit 1; }
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/plyroot-bench.XXXXXX")
-cleanup() { chmod -R u+rwX "$work" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+build_plyroot
+make_work
 export PLYROOT_HOME="$work/store"
 
 root="$work/root"

@@ -15,22 +15,11 @@
 # default root busybox-static.
 set -euo pipefail
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$here"
-command -v cargo >/dev/null || PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-for t in hyperfine bwrap unshare chroot awk; do
-    command -v "$t" >/dev/null || { echo "bench/startup.sh: needs $t (apt-get install hyperfine bubblewrap util-linux coreutils)" >&2; exit 1; }
-done
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+need "hyperfine bubblewrap util-linux coreutils" hyperfine bwrap unshare chroot awk
 
-echo "==> cargo build --release" >&2
-# The binary's path as cargo reports it (it builds for an explicit target: target/<triple>/release).
-plyroot=$(cargo build --release --message-format=json-render-diagnostics 2>/dev/null |
-    grep '"name":"plyroot"' | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | tail -n1)
-[ -x "$plyroot" ] || { echo "$0: cargo build --release failed" >&2; exit 1; }
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/plyroot-bench.XXXXXX")
-cleanup() { chmod -R u+rwX "$work" 2>/dev/null; rm -rf "$work"; }
-trap cleanup EXIT
+build_plyroot
+make_work
 
 root=${1:-}
 if [ -z "$root" ]; then
