@@ -101,6 +101,48 @@ fn notice_once(store: &Store, key: &str, msg: &str) {
     }
 }
 
+/// Host directories that `base = "host"` puts under the layers: every top-level directory of the
+/// host but the API filesystems and the shared ones (bound anyway), each with the layers'
+/// directories of the same name above it (top first), as overlayfs would merge them.
+///
+/// Not `/` itself as one lower: in a user namespace it carries locked submounts, and overlayfs
+/// refuses such a lower ("failed to clone lowerpath"); it would also contain the store.
+fn host_dirs(store: &Store, lowers: &[PathBuf]) -> Result<Vec<(String, Vec<PathBuf>)>> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    const SKIP: &[&str] = &["proc", "sys", "dev", "run", "tmp", "home", "nix", "mnt", "media", "boot", "root", "lost+found", "snap"];
+    let mut names: Vec<String> = fs::read_dir("/").context("cannot list the host's /")?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let mut out = Vec::new();
+    'names: for name in names {
+        let host = PathBuf::from("/").join(&name);
+        if SKIP.contains(&name.as_str()) || !fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) || store.root.starts_with(&host) {
+            continue;
+        }
+        let mut dirs = Vec::new();
+        for l in lowers {
+            match fs::symlink_metadata(l.join(&name)) {
+                Err(_) => continue,
+                // A whiteout or a non-directory in a layer hides the host's too: nothing to union.
+                Ok(m) if !m.is_dir() || (m.file_type().is_char_device() && m.rdev() == 0) => {
+                    if dirs.is_empty() {
+                        continue 'names;
+                    }
+                    break;
+                }
+                Ok(_) => {
+                    dirs.push(l.join(&name));
+                    if crate::store::upper::is_opaque(&l.join(&name)) {
+                        continue 'names;
+                    }
+                }
+            }
+        }
+        dirs.push(host);
+        out.push((name, dirs));
+    }
+    Ok(out)
+}
+
 /// Whether this process's root is an environment's root (an overlay plyroot mounted).
 fn root_is_plyroot() -> bool {
     std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
@@ -183,7 +225,14 @@ pub(crate) fn run_or_boot(
         let (src, dst, _) = crate::sandbox::parse_bind(spec, facts.cwd.as_deref())?;
         bind_points.push((dst, src.is_dir()));
     }
-    let (skel_dir, shell) = skel::ensure(&store, &env, generation.number, &seen, &user, &inside, &facts, &bind_points)?;
+    // base = "host": the host's top-level symlinks (merged /usr) where the layers have nothing.
+    let wants_host = !composed && !inside_env && settings.base.as_deref() == Some("host");
+    let host_links: Vec<(String, PathBuf)> = if wants_host {
+        fs::read_dir("/").into_iter().flatten().flatten().filter_map(|e| Some((e.file_name().into_string().ok()?, fs::read_link(e.path()).ok()?))).collect()
+    } else {
+        Vec::new()
+    };
+    let (skel_dir, shell) = skel::ensure(&store, &env, generation.number, &seen, &user, &inside, &facts, &bind_points, &host_links)?;
     let mut lowers = vec![skel_dir];
     lowers.extend(layer_roots);
     // A composed root: this environment's layers over the root the launcher started from. A layer
@@ -197,32 +246,15 @@ pub(crate) fn run_or_boot(
         }
     }
     kept.reverse();
-    let mut lowers = kept;
-    let host_base = !composed && !inside_env && settings.base.as_deref() == Some("host");
+    let lowers = kept;
+    let host_base = wants_host;
 
     // A composed view has no upper of its own to keep: the parent's is live (it can only be a
     // lower here), and this environment's belongs to its own runs.
     let persistent = !(opts.read_only || opts.ephemeral || !settings.persist || composed);
     let mut stack: Vec<PathBuf> = if persistent { vec![env.upper()] } else { Vec::new() };
     stack.extend(lowers.iter().cloned());
-    if host_base {
-        use std::os::unix::fs::MetadataExt;
-        if !real_root {
-            bail!(
-                "environment '{name}' has base = \"host\", which needs real root for now: in a user namespace the host's / carries locked submounts, and overlayfs refuses such a lower (\"failed to clone lowerpath\"). Run as root, or list the host directories you need as binds"
-            );
-        }
-        let same_fs = |a: &std::path::Path, b: &str| fs::metadata(a).ok().map(|m| m.dev()) == fs::metadata(b).ok().map(|m| m.dev());
-        if same_fs(&store.root, "/") {
-            bail!(
-                "environment '{name}' has base = \"host\", but the store {} is on the same filesystem as /: overlayfs refuses a lower (/) that contains other lowers (the layers). Put the store on another filesystem (a separate /home, a disk, a tmpfs) with --store or PLYROOT_HOME",
-                store.root.display()
-            );
-        }
-        // The host's root at the bottom: its programs show where no layer shadows them. It is
-        // not passed on in PLYROOT_STACK: inside, "/" is the environment's root.
-        lowers.push(PathBuf::from("/"));
-    }
+    let host_dirs = if host_base { host_dirs(&store, &lowers)? } else { Vec::new() };
     // The workdir belongs to the run slot taken below; its path is known once the slot is.
     let work_base = env.dir.join("work");
     let upper = if opts.read_only {
@@ -263,6 +295,7 @@ pub(crate) fn run_or_boot(
         lowers,
         upper,
         mount_point: env.mount_point(),
+        host_dirs,
         facts: &facts,
         opts: &run_opts,
         inside: &inside,

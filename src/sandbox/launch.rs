@@ -167,6 +167,28 @@ fn dev(root: &OwnedFd, gpu: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// One directory of the host under the layers: an overlay of the layers' `name` dirs over the
+/// host's `/name`, whose upper and workdir sit beside the root's (same filesystem, never nested
+/// in each other), so writes there land in the environment's upper like any other.
+fn host_dir(plan: &Plan, root: &OwnedFd, root_path: &Path, name: &str, lowers: &[PathBuf]) -> Result<()> {
+    let Some(Op::Root { upper, mount_point, .. }) = plan.ops.first() else { bail!("a plan starts with its root") };
+    let upper_work = match upper {
+        Upper::Persistent { upper, work } => Some((upper.join(name), work.join(format!("host-{name}")))),
+        // The throwaway upper's tmpfs is mounted at the mount point (build_root).
+        Upper::Ephemeral => Some((mount_point.join("upper").join(name), mount_point.join(format!("work-host-{name}")))),
+        Upper::None => None,
+    };
+    if let Some((u, w)) = &upper_work {
+        fs::create_dir_all(u).with_context(|| format!("cannot create {}", u.display()))?;
+        fs::create_dir_all(w).with_context(|| format!("cannot create {}", w.display()))?;
+    }
+    let m = mount::overlay(lowers, upper_work.as_ref().map(|(u, w)| (u.as_path(), w.as_path())))?;
+    let _ = root_path;
+    let target = mount::resolve_in(root.as_fd(), &Path::new("/").join(name), Kind::Dir, upper_work.is_some())?;
+    mount::attach(m.as_fd(), target.as_fd(), &Path::new("/").join(name))?;
+    Ok(())
+}
+
 fn proc_fresh(root: &OwnedFd) -> Result<()> {
     let target = mount::resolve_in(root.as_fd(), Path::new("/proc"), Kind::Dir, true)?;
     let m = mount::pseudo("proc", &[], MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
@@ -184,6 +206,7 @@ fn mount_all(plan: &Plan) -> Result<OwnedFd> {
             }
             Op::Proc => proc_fresh(&root).context("cannot mount a fresh /proc for the pid namespace")?,
             Op::Dev { gpu } => dev(&root, gpu).context("cannot set up /dev")?,
+            Op::HostDir { name, lowers } => host_dir(plan, &root, &root_path, name, lowers).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?,
         }
     }
     crate::diag::debug(&format!("root ready at {}", root_path.display()));

@@ -94,6 +94,9 @@ pub(crate) enum Op {
     Proc,
     /// A tmpfs /dev with the safe host nodes, a private devpts and shm, plus `gpu` nodes.
     Dev { gpu: Vec<PathBuf> },
+    /// `base = "host"`: the host's directory `/NAME` under the layers' `NAME` directories (top
+    /// first), as its own overlay at `/NAME`; its upper is `NAME` in the root's upper.
+    HostDir { name: String, lowers: Vec<PathBuf> },
 }
 
 /// What the host offers, gathered once per launch (a few stats).
@@ -202,6 +205,8 @@ pub(crate) struct PlanInput<'a> {
     pub lowers: Vec<PathBuf>,
     pub upper: Upper,
     pub mount_point: PathBuf,
+    /// `base = "host"`: the host directories to union, each with the layers' dirs above it.
+    pub host_dirs: Vec<(String, Vec<PathBuf>)>,
     pub facts: &'a HostFacts,
     pub opts: &'a RunOptions,
     pub inside: &'a Inside,
@@ -216,6 +221,7 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
     let on = shares(&i.opts.no_host);
     let f = i.facts;
     let mut ops = vec![Op::Root { lowers: i.lowers, upper: i.upper, mount_point: i.mount_point }];
+    ops.extend(i.host_dirs.into_iter().map(|(name, lowers)| Op::HostDir { name, lowers }));
     let bind = |src: &Path, kind, ro, recursive| Op::Bind { src: src.to_owned(), dst: src.to_owned(), kind, ro, recursive };
     if on(HostShare::Proc) {
         // A fresh procfs needs a pid namespace we own; without one, the host's /proc is the
@@ -340,6 +346,7 @@ mod tests {
             lowers: vec!["/s/skel".into(), "/s/l2".into(), "/s/l1".into()],
             upper: Upper::None,
             mount_point: "/s/mnt".into(),
+            host_dirs: Vec::new(),
             facts: f,
             opts: &opts,
             inside: &inside,
@@ -358,6 +365,7 @@ mod tests {
                 Op::Bind { dst, ro, .. } => format!("{}{}", dst.display(), if *ro { ":ro" } else { "" }),
                 Op::Proc => "proc".into(),
                 Op::Dev { gpu } => format!("dev+{}", gpu.len()),
+                Op::HostDir { name, .. } => format!("host:{name}"),
             })
             .collect()
     }

@@ -41,7 +41,10 @@ fn fnv(s: &str) -> u64 {
 /// and the shell the inside user gets.
 /// `binds`: (destination, is a directory) of the run's binds; those the layers lack get their
 /// mount point here, so binding creates nothing in the upper.
-pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: &HostFacts, binds: &[(PathBuf, bool)]) -> Result<(PathBuf, String)> {
+/// `links`: top-level symlinks to add where the layers have nothing (the host's `/bin → usr/bin`
+/// and the like, for `base = "host"`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: &HostFacts, binds: &[(PathBuf, bool)], links: &[(String, PathBuf)]) -> Result<(PathBuf, String)> {
     let passwd_src = lowers.iter().map(|l| l.join("etc/passwd")).find(|p| p.is_file());
     let base_passwd = passwd_src.as_ref().and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default();
     let shell = shell_of(&base_passwd, inside.uid)
@@ -80,7 +83,8 @@ pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBu
     // to stay root, the way apt's own docs advise for containers without id ranges.
     let single_id = matches!(inside.mapping, super::identity::Mapping::Single { .. });
     let apt_conf = single_id && lowers.iter().any(|l| l.join("etc/apt/apt.conf.d").is_dir());
-    let fingerprint = format!("{:?}|{:?}|{:?}|{}|{}|{:?}|{}|{}", dirs, files, bind_files, inside.uid, inside.gid, user, shell, apt_conf);
+    let links: Vec<&(String, PathBuf)> = links.iter().filter(|(n, _)| top_entry(lowers, n).is_none()).collect();
+    let fingerprint = format!("{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{}|{}", dirs, files, bind_files, links, inside.uid, inside.gid, user, shell, apt_conf);
     let dir = env.dir.join("skel").join(format!("{generation}-{}-{:016x}", inside.uid, fnv(&fingerprint)));
     if dir.is_dir() {
         return Ok((dir, shell));
@@ -94,6 +98,9 @@ pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, lowers: &[PathBu
         mk(d)?;
     }
     mk(Path::new("etc"))?;
+    for (name, target) in &links {
+        std::os::unix::fs::symlink(target, root.join(name)).with_context(|| format!("cannot create the skeleton's /{name}"))?;
+    }
     for f in &bind_files {
         if let Some(parent) = f.parent() {
             mk(parent)?;
