@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -92,7 +92,7 @@ pub(crate) fn which(store: &Store, name: &str, path: &Path) -> Result<i32> {
     let mut s = format!("/{rel}: {}\n", st[top].0);
     for (label, d) in &st[top + 1..] {
         if let Ok(m) = fs::symlink_metadata(d.join(&rel)) {
-            if !(m.file_type().is_char_device() && m.rdev() == 0) {
+            if !crate::store::upper::is_whiteout(&m) {
                 s.push_str(&format!("  shadows {label}\n"));
             }
         }
@@ -152,7 +152,7 @@ fn walk(dir: &Path, rel: &str, f: &mut dyn FnMut(&str, &fs::Metadata, &Path)) {
         let Ok(m) = e.path().symlink_metadata() else { continue };
         if m.is_dir() {
             walk(dir, &r, f);
-        } else if !(m.file_type().is_char_device() && m.rdev() == 0) {
+        } else if !crate::store::upper::is_whiteout(&m) {
             f(&r, &m, &e.path());
         }
     }

@@ -108,7 +108,6 @@ fn notice_once(store: &Store, key: &str, msg: &str) {
 /// Not `/` itself as one lower: in a user namespace it carries locked submounts, and overlayfs
 /// refuses such a lower ("failed to clone lowerpath"); it would also contain the store.
 fn host_dirs(store: &Store, lowers: &[PathBuf]) -> Result<Vec<(String, Vec<PathBuf>)>> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     const SKIP: &[&str] = &["proc", "sys", "dev", "run", "tmp", "home", "nix", "mnt", "media", "boot", "root", "lost+found", "snap"];
     let mut names: Vec<String> = fs::read_dir("/").context("cannot list the host's /")?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
@@ -122,8 +121,8 @@ fn host_dirs(store: &Store, lowers: &[PathBuf]) -> Result<Vec<(String, Vec<PathB
         for l in lowers {
             match fs::symlink_metadata(l.join(&name)) {
                 Err(_) => continue,
-                // A whiteout or a non-directory in a layer hides the host's too: nothing to union.
-                Ok(m) if !m.is_dir() || (m.file_type().is_char_device() && m.rdev() == 0) => {
+                // A non-directory in a layer (a whiteout too) hides the host's: nothing to union.
+                Ok(m) if !m.is_dir() => {
                     if dirs.is_empty() {
                         continue 'names;
                     }

@@ -17,7 +17,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::store::canonical::{join, CanonicalError, Writer};
@@ -66,7 +65,7 @@ enum Found<'t> {
 impl<'t> Merge<'t> {
     fn find(&self, tier: usize, abs: &Path, path: &str) -> Result<Found<'t>, CanonicalError> {
         match fs::symlink_metadata(abs) {
-            Ok(md) if md.file_type().is_char_device() && md.rdev() == 0 => Ok(Found::Whiteout),
+            Ok(md) if crate::store::upper::is_whiteout(&md) => Ok(Found::Whiteout),
             Ok(md) => Ok(Found::Disk(md)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 Ok(match self.tiers[tier].overrides.entries.get(path).and_then(|o| o.device.as_ref()) {

@@ -32,6 +32,26 @@ struct Spec {
     arch: Option<String>,
 }
 
+impl Spec {
+    /// The options both tools take, but the architecture's, whose flag each names its own way.
+    fn options(&self, arch_flag: &str) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(x) = &self.variant {
+            v.push(format!("--variant={x}"));
+        }
+        if !self.include.is_empty() {
+            v.push(format!("--include={}", self.include.join(",")));
+        }
+        if !self.components.is_empty() {
+            v.push(format!("--components={}", self.components.join(",")));
+        }
+        if let Some(a) = &self.arch {
+            v.push(format!("{arch_flag}={a}"));
+        }
+        v
+    }
+}
+
 fn parse_spec(s: &str) -> Result<Spec> {
     let (suite, query) = s.split_once('?').unwrap_or((s, ""));
     let word = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-+._".contains(&b));
@@ -176,18 +196,7 @@ fn mmdebstrap(tool: &Path, spec: &Spec, mirror: &str, root: bool, name: &str, ow
     if crate::diag::level() < 2 {
         cmd.arg("--quiet");
     }
-    if let Some(v) = &spec.variant {
-        cmd.arg(format!("--variant={v}"));
-    }
-    if !spec.include.is_empty() {
-        cmd.arg(format!("--include={}", spec.include.join(",")));
-    }
-    if !spec.components.is_empty() {
-        cmd.arg(format!("--components={}", spec.components.join(",")));
-    }
-    if let Some(a) = &spec.arch {
-        cmd.arg(format!("--architectures={a}"));
-    }
+    cmd.args(spec.options("--architectures"));
     cmd.arg(&spec.suite).arg("-").arg(mirror);
     if !root {
         // Unshare mode works in a temp dir as a subordinate id, which cannot enter a private
@@ -233,18 +242,7 @@ fn debootstrap(tool: &Path, spec: &Spec, mirror: &str, name: &str, ownership: Ow
     let _cleanup = Cleanup(work.clone());
     let target = work.join("root");
     let mut cmd = Command::new(tool);
-    if let Some(v) = &spec.variant {
-        cmd.arg(format!("--variant={v}"));
-    }
-    if !spec.include.is_empty() {
-        cmd.arg(format!("--include={}", spec.include.join(",")));
-    }
-    if !spec.components.is_empty() {
-        cmd.arg(format!("--components={}", spec.components.join(",")));
-    }
-    if let Some(a) = &spec.arch {
-        cmd.arg(format!("--arch={a}"));
-    }
+    cmd.args(spec.options("--arch"));
     cmd.arg(&spec.suite).arg(&target).arg(mirror);
     crate::diag::info(&format!("bootstrapping {} from {mirror} with {} (this takes a few minutes)", spec.suite, tool.display()));
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot run {}", tool.display()))?;

@@ -26,6 +26,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::meta::{Device, Overrides};
+use super::upper::{is_opaque, is_whiteout};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CanonicalError {
@@ -129,8 +130,7 @@ impl<'a> Writer<'a> {
         for e in rd {
             let e = e.map_err(|e| CanonicalError::Read { path: shown(rel), source: e })?;
             let name = e.file_name();
-            let is_whiteout = e.file_type().map(|t| t.is_char_device()).unwrap_or(false)
-                && fs::symlink_metadata(e.path()).map(|m| m.rdev() == 0).unwrap_or(false);
+            let is_whiteout = e.file_type().map(|t| t.is_char_device()).unwrap_or(false) && fs::symlink_metadata(e.path()).is_ok_and(|m| is_whiteout(&m));
             let emitted = if is_whiteout { [b".wh.", name.as_bytes()].concat() } else { name.as_bytes().to_vec() };
             kids.push((emitted, Child::Disk(name)));
         }
@@ -148,7 +148,7 @@ impl<'a> Writer<'a> {
                     let kid_abs = abs.join(&name);
                     let path = join(rel, &name);
                     let md = fs::symlink_metadata(&kid_abs).map_err(|e| CanonicalError::Read { path: path.clone(), source: e })?;
-                    if md.file_type().is_char_device() && md.rdev() == 0 {
+                    if is_whiteout(&md) {
                         self.marker(&rel_kid)?;
                         continue;
                     }
@@ -369,11 +369,6 @@ pub(crate) fn join(rel: &str, name: &OsStr) -> String {
 
 fn shown(rel: &str) -> String {
     if rel.is_empty() { ".".into() } else { rel.to_owned() }
-}
-
-fn is_opaque(dir: &Path) -> bool {
-    let mut b = [0u8; 4];
-    rustix::fs::lgetxattr(dir, "user.overlay.opaque", &mut b).map(|n| &b[..n] == b"y").unwrap_or(false)
 }
 
 /// All xattrs of a path (not following symlinks); unreadable ones are left out.

@@ -123,7 +123,7 @@ pub(crate) fn walk(upper: &Path) -> std::io::Result<Vec<UpperEntry>> {
             let r = if rel.is_empty() { name.to_string_lossy().into_owned() } else { format!("{rel}/{}", name.to_string_lossy()) };
             let m = fs::symlink_metadata(&p)?;
             let t = m.file_type();
-            let node = if t.is_char_device() && m.rdev() == 0 {
+            let node = if is_whiteout(&m) {
                 Node::Whiteout
             } else if t.is_dir() {
                 Node::Dir { opaque: is_opaque(&p) }
@@ -147,6 +147,12 @@ pub(crate) fn walk(upper: &Path) -> std::io::Result<Vec<UpperEntry>> {
     Ok(out)
 }
 
+/// Whether an entry is an overlayfs whiteout (a char device 0:0): the path is deleted.
+pub(crate) fn is_whiteout(m: &fs::Metadata) -> bool {
+    m.file_type().is_char_device() && m.rdev() == 0
+}
+
+/// Whether a directory is opaque (`user.overlay.opaque=y`): lower layers' contents are hidden.
 pub(crate) fn is_opaque(dir: &Path) -> bool {
     let mut b = [0u8; 4];
     rustix::fs::lgetxattr(dir, "user.overlay.opaque", &mut b).map(|n| &b[..n] == b"y").unwrap_or(false)
@@ -164,7 +170,7 @@ pub(crate) fn lookup(lowers: &[PathBuf], rel: &str) -> Option<(PathBuf, fs::Meta
         let mut hits: Vec<(&PathBuf, fs::Metadata)> = Vec::new();
         for l in &candidates {
             let Ok(m) = fs::symlink_metadata(l.join(&prefix)) else { continue };
-            if m.file_type().is_char_device() && m.rdev() == 0 {
+            if is_whiteout(&m) {
                 break;
             }
             let stop = !m.is_dir() || is_opaque(&l.join(&prefix));
