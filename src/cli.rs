@@ -372,4 +372,7 @@ pub(crate) struct RunOpts {
     /// Use the upper although it was written on other layers than the current generation's
     #[arg(long)]
     pub keep_upper: bool,
+    /// Only in the booted environment: fail when it is not booted (boot's readiness checks)
+    #[arg(long, hide = true)]
+    pub booted: bool,
 }

@@ -154,3 +154,51 @@ fn systemd_boots_to_running_and_stops_cleanly() {
         .collect();
     assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
 }
+
+#[test]
+fn stop_returns_when_everything_is_gone_so_boot_right_after_boots() {
+    let s = need!(svc(4244));
+    for round in 0..3 {
+        s.plyroot(&["boot", "svc", "--ready", "test -s /run/svc.pid", "--timeout", "30"]).ok();
+        let o = s.sh("svc", "cat /run/booted; cat /proc/1/comm").ok();
+        assert_eq!(o.stdout, "booted\ninit\n", "round {round}: {o}");
+        s.plyroot(&["stop", "svc", "--timeout", "10"]).ok();
+        // No pause: stop waited for init and its supervisor.
+        assert_eq!(s.plyroot(&["status", "--json"]).ok().json(), serde_json::json!([]), "round {round}");
+        assert_eq!(service_pids(4244), Vec::<u32>::new(), "round {round}");
+    }
+}
+
+#[test]
+fn an_init_that_dies_is_never_ready() {
+    need!(userns());
+    let s = Store::new();
+    let root = s.path("root");
+    need!(busybox_rootfs(&root));
+    let extra = s.path("init");
+    fs::create_dir_all(extra.join("sbin")).unwrap();
+    fs::write(extra.join("sbin/init"), "#!/bin/sh\nsleep 0.5\nexit 3\n").unwrap();
+    fs::set_permissions(extra.join("sbin/init"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    s.create("dies", &[&format!("dir:{}", root.display()), &format!("dir:{}", extra.display())]);
+    // The readiness check outlives init: it must not count, nor may a check run in a fresh root.
+    let o = s.plyroot(&["boot", "dies", "--ready", "sleep 1", "--timeout", "10"]).plyroot_error(&["init exited", "boot.log"]);
+    assert!(!o.stderr.contains("did not succeed within"), "init's death was not noticed first: {o}");
+    assert_eq!(s.plyroot(&["status", "--json"]).ok().json(), serde_json::json!([]));
+    // A missing init with a readiness check that would succeed anywhere.
+    let bare = Store::new();
+    let root = bare.path("root");
+    need!(busybox_rootfs(&root));
+    bare.create("noinit", &[&format!("dir:{}", root.display())]);
+    bare.plyroot(&["boot", "noinit", "--ready", "true", "--timeout", "10"]).failed();
+    assert_eq!(bare.plyroot(&["status", "--json"]).ok().json(), serde_json::json!([]));
+}
+
+#[test]
+fn a_run_that_fails_to_start_in_a_booted_environment_is_one_error() {
+    let s = need!(svc(4245));
+    s.plyroot(&["boot", "svc", "--ready", "test -s /run/svc.pid", "--timeout", "30"]).ok();
+    // The program's child fails before exec: it must end there, not go on as a second supervisor.
+    let o = s.run("svc", &["--cwd", "/no/such/dir"], &["true"]).plyroot_error(&["--cwd", "/no/such/dir"]);
+    assert_eq!(o.stderr.matches("plyroot: error:").count(), 1, "{o}");
+    assert_eq!(s.sh("svc", "echo still-up").ok().stdout, "still-up\n");
+}

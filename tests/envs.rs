@@ -685,8 +685,10 @@ fn a_running_program_keeps_its_generation() {
 
     let running = bg(s, "dev", &[], "cat /etc/fixture", "cat /etc/fixture; test ! -e /etc/two && echo no-two");
     s.plyroot(&["switch", "dev", "2"]).ok();
-    // A new run sees generation 2 while the old one runs.
-    assert_eq!(s.sh("dev", "cat /etc/fixture /etc/two").ok().stdout, "v2\nonly-in-2\n");
+    // The upper is mounted once, on generation 1's layers: a run of generation 2 that would mount
+    // it again is refused, naming the run that holds it; one without the upper sees generation 2.
+    s.sh("dev", "true").plyroot_error(&["generation 1", "pid ", "cat /etc/fixture"]);
+    assert_eq!(s.run("dev", &["--ephemeral"], &["sh", "-c", "cat /etc/fixture /etc/two"]).ok().stdout, "v2\nonly-in-2\n");
     let out = running.finish().ok();
     assert_eq!(out.stdout, "from-the-layer\nready\nfrom-the-layer\nno-two\n", "the running program saw the switch: {out}");
 }
@@ -825,14 +827,16 @@ fn gc_never_deletes_what_a_running_program_uses() {
     s.plyroot(&["switch", "dev", "1"]).ok();
     let running = bg(s, "dev", &[], "cat /x1", "cat /x1 /etc/fixture");
     s.plyroot(&["switch", "dev", "3"]).ok();
-    s.run("dev", &[], &["cat", "/x3"]).ok();
+    s.run("dev", &["--read-only"], &["cat", "/x3"]).ok();
     let out = s.plyroot(&["gc", "--keep", "1"]).ok();
-    assert_eq!(gen_numbers(s, "dev"), [3], "{out}");
+    // Generation 1 is kept (record, layers, skeleton) while its program runs.
+    assert_eq!(gen_numbers(s, "dev"), [1, 3], "{out}");
     assert!(s.layer_ids().contains(&x1), "gc deleted a layer a running program uses: {out}");
     let done = running.finish().ok();
     assert_eq!(done.stdout, "1\nready\n1\nfrom-the-layer\n", "{done}");
-    // Once the program has ended, its layer is garbage.
+    // Once the program has ended, its generation and layer are garbage.
     let out = s.plyroot(&["gc", "--keep", "1"]).ok();
+    assert_eq!(gen_numbers(s, "dev"), [3], "{out}");
     assert_eq!(s.layer_ids(), [&base, &x3].into_iter().cloned().collect(), "{out}");
     verify_ok(s, "after gc");
 }

@@ -567,6 +567,12 @@ fn pid_namespace() {
     // Without --pid, the host's processes are visible.
     let out = s.run("t", &[], &["sh", "-c", "ls /proc | grep -c '^[0-9]'"]).ok();
     assert!(out.line().parse::<u32>().unwrap() > 4, "{out}");
+    // PID 1 failing before the program starts ends there, with one error: a forked child never
+    // goes on in its parent's code path.
+    for opts in [&["--pid", "--cwd", "/no/such/dir"][..], &["--cwd", "/no/such/dir"]] {
+        let o = s.run("t", opts, &["true"]).plyroot_error(&["--cwd", "/no/such/dir"]);
+        assert_eq!(o.stderr.matches("plyroot: error:").count(), 1, "{opts:?}: {o}");
+    }
 }
 
 #[test]

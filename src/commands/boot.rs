@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use super::run::{run_or_boot, BootRequest};
 use super::{out, out_json};
+use crate::sandbox::prepare::{prepare, Prepared, Request};
 use crate::cli::RunOpts;
 use crate::store::env::Env;
 use crate::store::Store;
@@ -39,10 +39,11 @@ fn is_systemd(store: &Store, env: &Env, init: &str) -> bool {
     false
 }
 
-/// `plyroot --store S run NAME -- ARGS…` as a child, for readiness checks inside the booted env.
+/// `plyroot --store S run --booted NAME -- ARGS…` as a child: a readiness check, which runs only
+/// in the booted environment's namespaces (it fails when init is gone, never in a fresh root).
 fn inside(store: &Store, name: &str, args: &[&str]) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("plyroot")));
-    c.arg("--store").arg(&store.root).args(["-q", "run", name, "--"]).args(args).stdin(Stdio::null());
+    c.arg("--store").arg(&store.root).args(["-q", "run", "--booted", name, "--"]).args(args).stdin(Stdio::null());
     c
 }
 
@@ -64,62 +65,84 @@ fn until_ok(mut c: Command, deadline: Instant) -> Result<(bool, String)> {
     }
 }
 
+/// Why a booted init is gone, for the error that says so.
+fn init_died(env: &Env, systemd: bool) -> anyhow::Error {
+    let log = env.dir.join("boot.log");
+    let cgroups = systemd && std::fs::read_to_string(&log).is_ok_and(|l| l.contains("control group"));
+    let hint = if cgroups {
+        " (it needs a cgroup of its own, which plyroot makes in the cgroup it runs in when that is writable: as root, or from a delegated one, e.g. `systemd-run --user --scope -p Delegate=yes plyroot boot NAME` on a host with systemd and cgroup v2)"
+    } else {
+        ""
+    };
+    anyhow::anyhow!("{}: init exited while booting{hint}; see {}", env.name, log.display())
+}
+
+/// Waits until the booted init is ready: systemd says it is running, `--ready CMD` succeeds
+/// inside, or (any other init) it is still there a moment after it started. Init's death is
+/// checked before every check, so a dead init never counts as ready.
+fn wait_ready(store: &Store, env: &Env, init: &std::os::fd::OwnedFd, systemd: bool, ready: Option<&str>, timeout: u64) -> Result<()> {
+    let name = &env.name;
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let check: Option<Vec<&str>> = if systemd { Some(vec!["systemctl", "is-system-running", "--wait"]) } else { ready.map(|c| vec!["sh", "-c", c]) };
+    let Some(check) = check else {
+        // A failed exec ends init at once. A pidfd turns readable when the process ends, zombie
+        // or not; kill(pid, 0) would not tell.
+        if wait_exit(init, Duration::from_millis(200)) {
+            return Err(init_died(env, systemd));
+        }
+        return Ok(());
+    };
+    let mut last;
+    loop {
+        if wait_exit(init, Duration::ZERO) {
+            return Err(init_died(env, systemd));
+        }
+        let (ok, text) = until_ok(inside(store, name, &check), deadline)?;
+        last = text.trim().to_owned();
+        // `is-system-running --wait` returns once boot has finished (running or degraded);
+        // before systemd's bus is up it fails at once, so ask again until the deadline.
+        let done = if systemd { last == "running" || last == "degraded" } else { ok };
+        if done && !wait_exit(init, Duration::ZERO) {
+            if systemd {
+                crate::diag::info(&format!("{name}: systemd is {last}"));
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if wait_exit(init, Duration::ZERO) {
+        return Err(init_died(env, systemd));
+    }
+    if systemd {
+        let jobs = inside(store, name, &["systemctl", "list-jobs", "--no-pager"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        bail!("{name}: systemd did not finish booting within {timeout}s (state: {last}); still starting:\n{jobs}(the environment stays booted: `plyroot stop {name}`)");
+    }
+    bail!("{name}: the readiness check `{}` did not succeed within {timeout}s: {last} (the environment stays booted: `plyroot stop {name}`)", ready.unwrap_or_default())
+}
+
 pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) -> Result<i32> {
     let env = store.env(name)?;
+    super::run::recover(&store, &env)?;
+    if env.booted().is_some() {
+        crate::diag::info(&format!("'{name}' is already booted (`plyroot status`)"));
+        return Ok(0);
+    }
     let init = env.current()?.settings.init.unwrap_or_else(|| "/sbin/init".to_owned());
     let systemd = is_systemd(&store, &env, &init);
-    let ready = ready.map(str::to_owned);
-    let wait = move |store: &Store, _env: &Env, pid: i32| -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(timeout);
-        if systemd {
-            // `is-system-running --wait` returns once boot has finished (running or degraded);
-            // before systemd's bus is up it fails at once, so ask again until the deadline.
-            let mut state = String::new();
-            while Instant::now() < deadline {
-                let (_, text) = until_ok(inside(store, name, &["systemctl", "is-system-running", "--wait"]), deadline)?;
-                state = text.trim().to_owned();
-                if state == "running" || state == "degraded" {
-                    crate::diag::info(&format!("{name}: systemd is {state}"));
-                    return Ok(());
-                }
-                if crate::sys::ns::pidfd(pid).map(|fd| wait_exit(&fd, Duration::ZERO)).unwrap_or(true) {
-                    let log = _env.dir.join("boot.log");
-                    let cgroups = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("control group"));
-                    let hint = if cgroups {
-                        " (it needs a cgroup of its own, which plyroot makes in the cgroup it runs in when that is writable: as root, or from a delegated one, e.g. `systemd-run --user --scope -p Delegate=yes plyroot boot NAME` on a host with systemd and cgroup v2)"
-                    } else {
-                        ""
-                    };
-                    bail!("{name}: systemd exited while booting{hint}; see {}", log.display());
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            let jobs = inside(store, name, &["systemctl", "list-jobs", "--no-pager"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-            bail!("{name}: systemd did not finish booting within {timeout}s (state: {state}); still starting:\n{jobs}(the environment stays booted: `plyroot stop {name}`)");
-        }
-        if let Some(cmd) = &ready {
-            loop {
-                let (ok, text) = until_ok(inside(store, name, &["sh", "-c", cmd]), deadline)?;
-                if ok {
-                    return Ok(());
-                }
-                let ended = crate::sys::ns::pidfd(pid).map(|fd| wait_exit(&fd, Duration::ZERO)).unwrap_or(true);
-                if Instant::now() >= deadline || ended {
-                    bail!("{name}: the readiness check `{cmd}` did not succeed within {timeout}s: {}", text.trim());
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-        // Any other init: ready once it is running (a failed exec ends it at once). A pidfd
-        // turns readable when the process ends, zombie or not; kill(pid, 0) would not tell.
-        let ended = crate::sys::ns::pidfd(pid).map(|fd| wait_exit(&fd, Duration::from_millis(200))).unwrap_or(true);
-        if ended {
-            bail!("{name}: init exited right after it started; see {}", _env.dir.join("boot.log").display());
-        }
-        Ok(())
+    let req = Request { boot: Some(init.clone()), ..Request::default() };
+    let Prepared::Launch { plan, inside, recording: Some(recording), held } = prepare(&store, &env, &req)? else {
+        bail!("'{name}' is already booted (`plyroot status`)");
     };
-    let opts = RunOpts::default();
-    run_or_boot(store, name, &opts, Vec::new(), false, false, Some(BootRequest { init, wait: &wait }))
+    let log_path = env.dir.join("boot.log");
+    let log = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&log_path).with_context(|| format!("cannot open {}", log_path.display()))?;
+    let booted = crate::sandbox::boot::boot(&plan, &inside, name, log, recording, held)?;
+    crate::diag::info(&format!("{name}: init {init} is PID 1 (host pid {}); output in {}", booted.init, log_path.display()));
+    let fd = crate::sys::ns::pidfd(booted.init).map_err(|_| init_died(&env, systemd))?;
+    wait_ready(&store, &env, &fd, systemd, ready, timeout)?;
+    Ok(0)
 }
 
 #[derive(Serialize)]
@@ -132,9 +155,8 @@ struct Booted {
 pub(crate) fn status(store: &Store, json: bool) -> Result<i32> {
     let mut rows = Vec::new();
     for env in store.envs()? {
-        if let Some((pin, pid)) = env.booted() {
-            let since = std::fs::metadata(&pin).and_then(|m| m.modified()).ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or(0);
-            rows.push(Booted { name: env.name, pid, since });
+        if let Some(b) = env.booted() {
+            rows.push(Booted { name: env.name, pid: b.record.pid, since: b.record.started });
         }
     }
     if json {
@@ -149,12 +171,16 @@ pub(crate) fn status(store: &Store, json: bool) -> Result<i32> {
 
 pub(crate) fn stop(store: &Store, name: &str, timeout: u64) -> Result<i32> {
     let env = store.env(name)?;
-    let Some((_, pid)) = env.booted() else {
+    let Some(b) = env.booted() else {
         crate::diag::info(&format!("'{name}' is not booted"));
         return Ok(0);
     };
+    let pid = b.record.pid;
     let init = env.current()?.settings.init.unwrap_or_else(|| "/sbin/init".to_owned());
     let fd = crate::sys::ns::pidfd(pid).context("cannot reach the environment's init")?;
+    // Its supervisor ends after init (it drains the console and removes init's cgroup): stop
+    // returns when both are gone, so a `boot` right after it starts afresh.
+    let supervisor = b.record.supervisor.and_then(|s| crate::sys::ns::pidfd(s).ok());
     // systemd shuts down on SIGRTMIN+3 (as on `machinectl poweroff`); other inits on SIGTERM.
     let sig = if is_systemd(store, &env, &init) { libc::SIGRTMIN() + 3 } else { libc::SIGTERM };
     send(&fd, sig)?;
@@ -166,28 +192,22 @@ pub(crate) fn stop(store: &Store, name: &str, timeout: u64) -> Result<i32> {
         }
     }
     // PID 1's end takes the whole pid namespace with it: nothing of the environment is left.
+    if let Some(s) = supervisor {
+        if !wait_exit(&s, Duration::from_secs(10)) {
+            crate::diag::warn(&format!("{name}: init stopped, but its supervisor (pid {}) is still there", b.record.supervisor.unwrap_or(0)));
+        }
+    }
     crate::diag::info(&format!("{name}: stopped"));
     Ok(0)
 }
 
 fn send(fd: &std::os::fd::OwnedFd, sig: i32) -> Result<()> {
-    // SAFETY: pidfd_send_signal on a valid pidfd with a null siginfo.
-    let rc = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(fd), sig, std::ptr::null::<libc::siginfo_t>(), 0) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ESRCH) {
-            return Err(e).context("cannot signal the environment's init");
-        }
-    }
-    Ok(())
+    crate::sys::process::pidfd_signal(fd, sig).context("cannot signal the environment's init")
 }
 
-/// Waits until the pidfd's process has ended (the pidfd turns readable).
+/// Waits until the pidfd's process has ended; true when it has.
 fn wait_exit(fd: &std::os::fd::OwnedFd, within: Duration) -> bool {
-    let mut p = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(fd), events: libc::POLLIN, revents: 0 };
-    // SAFETY: poll on one valid pollfd.
-    let n = unsafe { libc::poll(&mut p, 1, within.as_millis().min(i32::MAX as u128) as i32) };
-    n > 0
+    crate::sys::process::pidfd_wait(fd, within)
 }
 
 pub(crate) fn login(store: Store, name: &str) -> Result<i32> {

@@ -1,7 +1,6 @@
 //! doctor: what this kernel and user allow, probed for real, and how to fix what they don't.
 
 use std::fs;
-use std::io::Read;
 use std::os::fd::AsFd;
 use std::path::Path;
 
@@ -28,7 +27,7 @@ fn read_num(p: &str) -> Option<i64> {
     fs::read_to_string(p).ok()?.trim().parse().ok()
 }
 
-/// Probes in a forked child (namespaces cannot be undone), reporting lines back through a pipe.
+/// Probes in a forked child (namespaces cannot be undone), which returns what it found.
 fn probe(store: &Store, pid_ns: bool) -> Vec<(String, bool, String)> {
     let user = HostUser::current();
     let inside = choose(&user, rustix::process::geteuid().is_root(), None, true);
@@ -36,66 +35,44 @@ fn probe(store: &Store, pid_ns: bool) -> Vec<(String, bool, String)> {
     for d in ["l1", "l2", "up", "wk", "mnt"] {
         let _ = fs::create_dir(st.path.join(d));
     }
-    let Ok((rd, wr)) = rustix::pipe::pipe() else { return Vec::new() };
-    match process::fork() {
-        Ok(process::Fork::Child) => {
-            drop(rd);
-            let mut w = fs::File::from(wr);
-            let mut say = |name: &str, r: std::result::Result<(), String>| {
-                use std::io::Write;
-                let (ok, d) = match r { Ok(()) => (true, String::new()), Err(e) => (false, e) };
-                let _ = writeln!(w, "{name}\t{ok}\t{}", d.replace('\n', " "));
-            };
-            let userns = if inside.mapping == crate::sandbox::identity::Mapping::Host {
-                ns::unshare(false, pid_ns).map_err(|e| e.to_string())
-            } else {
-                ns::unshare(true, pid_ns).and_then(|_| ns::map_single(0, user.uid, 0, user.gid)).map_err(|e| e.to_string())
-            };
-            say(if pid_ns { "pid namespace" } else { "user namespace" }, userns.clone());
-            if userns.is_err() {
-                unsafe { libc::_exit(0) };
-            }
-            if pid_ns {
-                // The first child is PID 1 of the new namespace and may mount a fresh procfs.
-                if let Ok(process::Fork::Child) = process::fork() {
-                    let r = mount::make_private_recursive()
-                        .and_then(|_| mount::pseudo("proc", &[], rustix::mount::MountAttrFlags::empty()))
-                        .map(drop)
-                        .map_err(|e| e.to_string());
-                    say("fresh /proc", r);
-                    unsafe { libc::_exit(0) };
-                }
-                let _ = unsafe { libc::wait(std::ptr::null_mut()) };
-                unsafe { libc::_exit(0) };
-            }
-            let _ = mount::make_private_recursive();
-            let p = &st.path;
-            let wh = rustix::fs::mknodat(rustix::fs::CWD, &p.join("l2/wh"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0);
-            say("whiteout mknod", wh.map_err(|e| format!("mknod char 0:0: {e}")));
-            let ov = mount::overlay(&[p.join("l2"), p.join("l1")], Some((&p.join("up"), &p.join("wk"))))
-                .and_then(|m| mount::attach_at(m.as_fd(), &p.join("mnt")))
-                .map_err(|e| e.to_string());
-            say("overlayfs (userxattr, lowerdir+)", ov);
-            // Distinct directories: overlayfs refuses the same lower twice (ELOOP).
-            let many: Vec<_> = (0..200).map(|i| p.join(format!("many/{i}"))).collect();
-            let made = many.iter().try_for_each(|d| fs::create_dir_all(d)).map_err(|e| e.to_string());
-            say("overlay with 200 lowers", made.and_then(|_| mount::overlay(&many, None).map(drop).map_err(|e| e.to_string())));
-            unsafe { libc::_exit(0) };
+    let p = st.path.clone();
+    let found = process::in_child(move || {
+        let mut out = Vec::new();
+        let mut say = |name: &str, r: std::result::Result<(), String>| out.push((name.to_owned(), r.is_ok(), r.err().unwrap_or_default().replace('\n', " ")));
+        let userns = if inside.mapping == crate::sandbox::identity::Mapping::Host {
+            ns::unshare(false, pid_ns).map_err(|e| e.to_string())
+        } else {
+            ns::unshare(true, pid_ns).and_then(|_| ns::map_single(0, user.uid, 0, user.gid)).map_err(|e| e.to_string())
+        };
+        say(if pid_ns { "pid namespace" } else { "user namespace" }, userns.clone());
+        if userns.is_err() {
+            return Ok(out);
         }
-        Ok(process::Fork::Parent(child)) => {
-            drop(wr);
-            let mut s = String::new();
-            let _ = fs::File::from(rd).read_to_string(&mut s);
-            let _ = process::waitpid(child);
-            s.lines()
-                .filter_map(|l| {
-                    let mut f = l.splitn(3, '\t');
-                    Some((f.next()?.to_owned(), f.next()? == "true", f.next().unwrap_or("").to_owned()))
-                })
-                .collect()
+        if pid_ns {
+            // The first child is PID 1 of the new namespace and may mount a fresh procfs.
+            let r = process::in_child(|| {
+                mount::make_private_recursive()?;
+                mount::pseudo("proc", &[], rustix::mount::MountAttrFlags::empty())?;
+                Ok(())
+            });
+            say("fresh /proc", r.map_err(|e| format!("{e:#}")));
+            return Ok(out);
         }
-        Err(e) => vec![("fork".into(), false, e.to_string())],
-    }
+        let _ = mount::make_private_recursive();
+        let wh = rustix::fs::mknodat(rustix::fs::CWD, &p.join("l2/wh"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0);
+        say("whiteout mknod", wh.map_err(|e| format!("mknod char 0:0: {e}")));
+        let ov = mount::overlay(&[p.join("l2"), p.join("l1")], Some((&p.join("up"), &p.join("wk"))))
+            .and_then(|m| mount::attach_at(m.as_fd(), &p.join("mnt")))
+            .map_err(|e| e.to_string());
+        say("overlayfs (userxattr, lowerdir+)", ov);
+        // Distinct directories: overlayfs refuses the same lower twice (ELOOP).
+        let many: Vec<_> = (0..200).map(|i| p.join(format!("many/{i}"))).collect();
+        let made = many.iter().try_for_each(|d| fs::create_dir_all(d)).map_err(|e| e.to_string());
+        say("overlay with 200 lowers", made.and_then(|_| mount::overlay(&many, None).map(drop).map_err(|e| e.to_string())));
+        Ok(out)
+    });
+    drop(st);
+    found.unwrap_or_else(|e| vec![("probe".into(), false, format!("{e:#}"))])
 }
 
 pub(crate) fn doctor(store: &Store, json: bool) -> Result<i32> {

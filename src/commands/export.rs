@@ -70,7 +70,7 @@ fn upper_to_export(env: &Env, generation: &Generation) -> Result<Option<PathBuf>
             generation.number
         );
     }
-    let live = env.live_runs().len();
+    let live = env.live().len();
     if live > 0 {
         crate::diag::warn(&format!("{live} program(s) run in '{name}': the export reads its upper as it is now, while they may change it"));
     }

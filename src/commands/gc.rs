@@ -2,12 +2,13 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use super::{human, out, out_json};
+use crate::store::runs::Usage;
 use crate::store::{canonical, now_secs, Store};
 
 /// `90s`, `45m`, `12h`, `30d`, `2w` → seconds.
@@ -34,13 +35,24 @@ pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_th
     let mut roots: BTreeSet<String> = BTreeSet::new();
     let mut pruned = Vec::new();
     let mut locks = Vec::new();
+    // What live mounts are made of, in every namespace we can see (runs, programs they left
+    // behind, launchers composing inside environments): none of it is collected.
+    let usage = Usage::scan();
+    let in_use: BTreeSet<PathBuf> = usage.dirs().cloned().collect();
+    for l in store.layers()? {
+        if in_use.contains(&store.layer_root(&l.id)) {
+            roots.insert(l.id);
+        }
+    }
     for env in store.envs()? {
         locks.push(env.lock()?);
         let cur = env.current()?.number;
+        let live_gens: BTreeSet<u32> = env.live().iter().map(|r| r.record.generation).collect();
         let mut gens = env.generations()?;
         gens.sort_by(|a, b| b.number.cmp(&a.number));
         for (i, g) in gens.iter().enumerate() {
-            let prune = g.number != cur && (keep.is_some_and(|k| i >= k) || cutoff.is_some_and(|c| g.created < c));
+            // A generation a run uses is kept, record and all, until the run ends.
+            let prune = g.number != cur && !live_gens.contains(&g.number) && (keep.is_some_and(|k| i >= k) || cutoff.is_some_and(|c| g.created < c));
             if prune {
                 pruned.push((env.name.clone(), env.dir.clone(), g.number));
             } else {
@@ -52,8 +64,8 @@ pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_th
         if !env.upper_is_empty() {
             roots.extend(env.upper_base()?);
         }
-        for pin in env.live_runs() {
-            roots.extend(pin.layers);
+        for r in env.live() {
+            roots.extend(r.record.layers);
         }
         if let Ok(d) = fs::read(env.dir.join("commit.json")) {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&d) {
@@ -76,7 +88,7 @@ pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_th
         for (_, dir, n) in &pruned {
             fs::remove_file(dir.join("generations").join(format!("{n}.json"))).with_context(|| format!("cannot prune generation {n}"))?;
             if let Ok(rd) = fs::read_dir(dir.join("skel")) {
-                for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{n}-"))) {
+                for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{n}-")) && !in_use.contains(&e.path())) {
                     (store.remover)(&e.path())?;
                 }
             }

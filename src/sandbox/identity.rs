@@ -4,9 +4,15 @@
 //! - a user with `/etc/subuid`+`/etc/subgid` ranges and `newuidmap`/`newgidmap`: yourself inside
 //!   (same uid/gid), root inside is the first subordinate id; `--root` maps you to 0 instead.
 //! - a user without ranges: one id can be mapped without a helper, and it is mapped to root.
+//!
+//! Every run of an environment's shared mount is in one *base* user namespace (the one the mount
+//! belongs to), so runs with different identities can use the one overlay. With ranges the base
+//! maps you to 0 and the subordinate range to 1…, and each run's identity is a user namespace
+//! nested in it, whose maps a helper in the base writes (no setuid helper needed at that level):
+//! the host sees exactly the owners it saw when each run mapped its own ids directly.
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::sys::ns::IdRange;
 
@@ -61,7 +67,11 @@ pub(crate) enum Mapping {
 /// The identity a launch will have inside.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Inside {
+    /// The base user namespace's mapping: what the shared mount of an environment belongs to.
     pub mapping: Mapping,
+    /// With ranges: the run's own identity, a user namespace nested in the base one (maps in the
+    /// base's ids: you are the base's 0, subordinate id k is the base's k + 1).
+    pub nested: Option<(Vec<IdRange>, Vec<IdRange>)>,
     pub uid: u32,
     pub gid: u32,
     /// True when single-id mode forced root-inside although the user did not ask for it.
@@ -105,7 +115,7 @@ fn ranges_around(me: u32, me_out: u32, sub: (u32, u32)) -> Vec<IdRange> {
 /// user namespace that keeps who we are. newuidmap is the host's and cannot be used from here,
 /// and one id is all a nested launch needs.
 pub(crate) fn keep_id(uid: u32, gid: u32) -> Inside {
-    Inside { mapping: Mapping::Single { inside_uid: uid, inside_gid: gid, uid, gid }, uid, gid, forced_root: false }
+    Inside { mapping: Mapping::Single { inside_uid: uid, inside_gid: gid, uid, gid }, nested: None, uid, gid, forced_root: false }
 }
 
 /// Whether this process is in the initial user namespace (so euid 0 is real root).
@@ -116,13 +126,16 @@ pub(crate) fn in_initial_userns() -> bool {
 /// Decides the mapping. Pure: the caller passes what the host has.
 pub(crate) fn choose(user: &HostUser, real_root: bool, subids: Option<SubIds>, want_root: bool) -> Inside {
     if real_root {
-        return Inside { mapping: Mapping::Host, uid: 0, gid: 0, forced_root: false };
+        return Inside { mapping: Mapping::Host, nested: None, uid: 0, gid: 0, forced_root: false };
     }
     match subids {
         Some(s) => {
             let (me, meg) = if want_root { (0, 0) } else { (user.uid, user.gid) };
+            // In the base: 0 is you, k + 1 is subordinate id k; the nested maps say the same.
+            let base = |me_out: u32, (start, count): (u32, u32)| vec![IdRange { inside: 0, outside: me_out, count: 1 }, IdRange { inside: 1, outside: start, count }];
             Inside {
-                mapping: Mapping::Ranges { uids: ranges_around(me, user.uid, s.uid), gids: ranges_around(meg, user.gid, s.gid) },
+                mapping: Mapping::Ranges { uids: base(user.uid, s.uid), gids: base(user.gid, s.gid) },
+                nested: Some((ranges_around(me, 0, (1, s.uid.1)), ranges_around(meg, 0, (1, s.gid.1)))),
                 uid: me,
                 gid: meg,
                 forced_root: false,
@@ -130,6 +143,7 @@ pub(crate) fn choose(user: &HostUser, real_root: bool, subids: Option<SubIds>, w
         }
         None => Inside {
             mapping: Mapping::Single { inside_uid: 0, inside_gid: 0, uid: user.uid, gid: user.gid },
+            nested: None,
             uid: 0,
             gid: 0,
             forced_root: !want_root,
@@ -137,12 +151,39 @@ pub(crate) fn choose(user: &HostUser, real_root: bool, subids: Option<SubIds>, w
     }
 }
 
+/// The one-level mapping `run --root` gives, for helpers that read and change what runs wrote
+/// (owners read as they do inside: you are 0, subordinate id k is k): ranges mapped directly by
+/// newuidmap, no nesting.
+pub(crate) fn root_view(user: &HostUser, subids: Option<SubIds>) -> Mapping {
+    match subids {
+        Some(s) => Mapping::Ranges { uids: ranges_around(0, user.uid, s.uid), gids: ranges_around(0, user.gid, s.gid) },
+        None => Mapping::Single { inside_uid: 0, inside_gid: 0, uid: user.uid, gid: user.gid },
+    }
+}
+
+/// A mapping in which every id runs may have written is mapped (you, and the whole subordinate
+/// range): for removing trees, where the view of owners does not matter.
+pub(crate) fn all_ids(user: &HostUser, subids: Option<SubIds>) -> Mapping {
+    choose(user, false, subids, true).mapping
+}
+
+/// Whether the invoking user exists inside as themselves (so the skeleton's passwd names them),
+/// in at least some runs of an environment: with ranges, or nested inside another environment.
+pub(crate) fn user_inside(inside: &Inside, user: &HostUser) -> bool {
+    match &inside.mapping {
+        Mapping::Host => false,
+        Mapping::Ranges { .. } => true,
+        Mapping::Single { inside_uid, .. } => *inside_uid == user.uid && user.uid != 0,
+    }
+}
+
 /// The passwd and group text an environment sees: the layers' own files plus an entry for the
-/// user when they are not root inside. `shell` is a shell that exists in the root.
-pub(crate) fn passwd_with(base_passwd: &str, base_group: &str, user: &HostUser, inside: &Inside, shell: &str) -> (String, String) {
+/// user when they exist inside as themselves (`add_user`). `shell` is a shell that exists in the
+/// root.
+pub(crate) fn passwd_with(base_passwd: &str, base_group: &str, user: &HostUser, add_user: bool, shell: &str) -> (String, String) {
     let mut passwd = base_passwd.to_owned();
     let mut group = base_group.to_owned();
-    if inside.uid != 0 {
+    if add_user {
         let has = |text: &str, id: u32| text.lines().any(|l| l.split(':').nth(2).and_then(|f| f.parse().ok()) == Some(id));
         if !passwd.is_empty() && !passwd.ends_with('\n') {
             passwd.push('\n');
@@ -150,11 +191,11 @@ pub(crate) fn passwd_with(base_passwd: &str, base_group: &str, user: &HostUser, 
         if !group.is_empty() && !group.ends_with('\n') {
             group.push('\n');
         }
-        if !has(&passwd, inside.uid) {
-            passwd.push_str(&format!("{}:x:{}:{}:{}:{}:{}\n", user.name, inside.uid, inside.gid, user.name, user.home.display(), shell));
+        if !has(&passwd, user.uid) {
+            passwd.push_str(&format!("{}:x:{}:{}:{}:{}:{}\n", user.name, user.uid, user.gid, user.name, user.home.display(), shell));
         }
-        if !has(&group, inside.gid) {
-            group.push_str(&format!("{}:x:{}:\n", user.name, inside.gid));
+        if !has(&group, user.gid) {
+            group.push_str(&format!("{}:x:{}:\n", user.name, user.gid));
         }
     }
     (passwd, group)
@@ -166,11 +207,6 @@ pub(crate) fn shell_of(passwd: &str, uid: u32) -> Option<String> {
         let f: Vec<&str> = l.split(':').collect();
         (f.len() >= 7 && f[2].parse() == Ok(uid) && !f[6].is_empty()).then(|| f[6].to_owned())
     })
-}
-
-#[allow(dead_code)]
-pub(crate) fn exists_in(root: &Path, p: &str) -> bool {
-    root.join(p.trim_start_matches('/')).exists()
 }
 
 #[cfg(test)]
@@ -200,39 +236,45 @@ mod tests {
         ];
         for (root, sub, want, mapping, uid, forced) in cases {
             let i = choose(&alice(), root, sub, want);
-            assert_eq!((i.mapping, i.uid, i.forced_root), (mapping, uid, forced));
+            assert_eq!((i.mapping, i.nested, i.uid, i.forced_root), (mapping, None, uid, forced));
         }
-        let i = choose(&alice(), false, subs, false);
-        assert_eq!(i.uid, 1000);
-        let Mapping::Ranges { uids, .. } = i.mapping else { panic!() };
-        assert_eq!(
-            uids,
-            vec![
-                IdRange { inside: 1000, outside: 1000, count: 1 },
-                IdRange { inside: 0, outside: 165536, count: 1000 },
-                IdRange { inside: 1001, outside: 166537, count: 64535 },
-            ]
-        );
-        let i = choose(&alice(), false, subs, true);
-        let Mapping::Ranges { uids, .. } = i.mapping else { panic!() };
-        assert_eq!(uids, vec![IdRange { inside: 0, outside: 1000, count: 1 }, IdRange { inside: 1, outside: 165537, count: 65535 }]);
-        // Every id but the mode's own maps to the same host id in both modes.
-        let host_of = |r: &[IdRange], k: u32| r.iter().find(|x| k >= x.inside && k < x.inside + x.count).map(|x| x.outside + k - x.inside);
-        let Mapping::Ranges { uids: def, .. } = choose(&alice(), false, subs, false).mapping else { panic!() };
+        // The base is the same whoever the run is: one mount serves both identities.
+        let (def, root) = (choose(&alice(), false, subs, false), choose(&alice(), false, subs, true));
+        assert_eq!(def.mapping, root.mapping);
+        let Mapping::Ranges { uids: base, .. } = &def.mapping else { panic!() };
+        assert_eq!(base, &vec![IdRange { inside: 0, outside: 1000, count: 1 }, IdRange { inside: 1, outside: 165536, count: 65536 }]);
+        assert_eq!((def.uid, root.uid), (1000, 0));
+        // Host id of inside id k: through the nested map into the base, then the base's map.
+        let through = |r: &[IdRange], k: u32| r.iter().find(|x| k >= x.inside && k < x.inside + x.count).map(|x| x.outside + k - x.inside);
+        let host = |i: &Inside, k: u32| through(&i.nested.as_ref().unwrap().0, k).and_then(|b| through(base, b));
+        assert_eq!(host(&def, 1000), Some(1000), "you are you");
+        assert_eq!(host(&def, 0), Some(165536), "root is the first subordinate id");
+        assert_eq!(host(&root, 0), Some(1000), "--root: root is you");
+        assert_eq!(host(&root, 1000), Some(165536 + 1000));
+        // Every id but the mode's own maps to the same host id in both modes, and as before
+        // nesting: k → start + k.
         for k in [1, 42, 999, 1001, 65535] {
-            assert_eq!(host_of(&def, k), host_of(&uids, k), "inside id {k}");
+            assert_eq!(host(&def, k), host(&root, k), "inside id {k}");
+            assert_eq!(host(&def, k), Some(165536 + k));
+        }
+        // The one-level view helpers use is the --root view.
+        let Mapping::Ranges { uids, .. } = root_view(&alice(), subs) else { panic!() };
+        for k in [0, 1, 42, 1000, 65535] {
+            assert_eq!(through(&uids, k), host(&root, k), "root view of {k}");
         }
     }
 
     #[test]
-    fn passwd_gets_an_entry_only_when_missing_and_not_root() {
-        let i = choose(&alice(), false, Some(SubIds { uid: (1, 5000), gid: (1, 5000) }), false);
-        let (p, g) = passwd_with("root:x:0:0:root:/root:/bin/sh", "root:x:0:", &alice(), &i, "/bin/sh");
+    fn passwd_gets_an_entry_only_when_missing_and_the_user_is_inside() {
+        let (p, g) = passwd_with("root:x:0:0:root:/root:/bin/sh", "root:x:0:", &alice(), true, "/bin/sh");
         assert_eq!(p, "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:alice:/home/alice:/bin/sh\n");
         assert_eq!(g, "root:x:0:\nalice:x:1000:\n");
-        let (p2, _) = passwd_with(&p, &g, &alice(), &i, "/bin/sh");
+        let (p2, _) = passwd_with(&p, &g, &alice(), true, "/bin/sh");
         assert_eq!(p2, p, "no duplicate");
-        let r = choose(&alice(), false, None, false);
-        assert_eq!(passwd_with("root:x:0:0::/root:/bin/sh\n", "", &alice(), &r, "/bin/sh").0, "root:x:0:0::/root:/bin/sh\n");
+        assert_eq!(passwd_with("root:x:0:0::/root:/bin/sh\n", "", &alice(), false, "/bin/sh").0, "root:x:0:0::/root:/bin/sh\n");
+        let subs = Some(SubIds { uid: (1, 5000), gid: (1, 5000) });
+        assert!(user_inside(&choose(&alice(), false, subs, true), &alice()), "--root runs share the skeleton of runs as you");
+        assert!(!user_inside(&choose(&alice(), false, None, false), &alice()));
+        assert!(user_inside(&keep_id(1000, 1000), &alice()));
     }
 }

@@ -1,11 +1,16 @@
 //! Policy: what a launch mounts where, who it runs as, and with which environment.
 //!
-//! `plan()` is a pure function from the environment's resolved layers, the run options, the
-//! identity and what the host has, to a list of [`Op`]s and an [`Exec`]; `launch` carries it out.
-//! Everything here is tested as data; no syscall happens in this file.
+//! [`prepare`] decides everything a launch needs (identity, lowers, skeleton, the upper and
+//! whether to join the environment's live mount) and [`plan`] turns it, purely, into a [`Plan`]:
+//! a [`RootSpec`], a list of per-run [`Op`]s and an [`Exec`]. `launch` carries it out. The plan is
+//! tested as data.
 
+pub(crate) mod boot;
 pub(crate) mod identity;
 pub(crate) mod launch;
+pub(crate) mod mounts;
+pub(crate) mod namespaces;
+pub(crate) mod prepare;
 pub(crate) mod skel;
 
 use std::collections::HashSet;
@@ -20,7 +25,7 @@ use identity::{HostUser, Inside};
 
 /// Removes a tree, also one holding files that runs wrote as subordinate ids (owned by host ids
 /// the user cannot touch directly): those are removed from inside a user namespace that maps
-/// the user's ranges, where the user is root over them.
+/// every id the user has, where the user is root over them.
 pub(crate) fn remove_tree_mapped(path: &Path) -> Result<()> {
     let first = match crate::store::remove_tree(path) {
         Ok(()) => return Ok(()),
@@ -29,7 +34,14 @@ pub(crate) fn remove_tree_mapped(path: &Path) -> Result<()> {
     if rustix::process::geteuid().is_root() {
         return Err(first);
     }
-    as_root_inside(|| crate::store::remove_tree(path)).map_err(|e| first.context(format!("removing it inside a user namespace failed too: {e:#}")))
+    let user = identity::HostUser::current();
+    let all = identity::all_ids(&user, identity::host_subids(&user));
+    let path = path.to_owned();
+    crate::sys::process::in_child(move || {
+        namespaces::enter_one_level(&all)?;
+        crate::store::remove_tree(&path)
+    })
+    .map_err(|e| first.context(format!("removing it inside a user namespace failed too: {e:#}")))
 }
 
 /// Runs `f` as root inside a user namespace that maps the user's ids the way `run --root` does
@@ -37,66 +49,72 @@ pub(crate) fn remove_tree_mapped(path: &Path) -> Result<()> {
 /// can read and change every file their runs wrote, and owners read as they do inside an
 /// environment. Real root runs `f` directly.
 pub(crate) fn as_root_inside<T: serde::Serialize + serde::de::DeserializeOwned>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    use std::io::{Read, Write};
     if rustix::process::geteuid().is_root() {
         return f();
     }
     let user = identity::HostUser::current();
-    let inside = identity::choose(&user, false, identity::host_subids(&user), true);
-    let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    match crate::sys::process::fork()? {
-        crate::sys::process::Fork::Child => {
-            drop(rd);
-            let r = launch::enter_namespaces(&inside, false).and_then(|_| f());
-            let msg = match r {
-                Ok(v) => serde_json::to_vec(&Ok::<T, String>(v)),
-                Err(e) => serde_json::to_vec(&Err::<T, String>(format!("{e:#}"))),
-            };
-            let mut w = std::fs::File::from(wr);
-            let ok = msg.map(|m| w.write_all(&m).is_ok()).unwrap_or(false);
-            // SAFETY: _exit in a forked child skips the parent's atexit handlers and buffers.
-            unsafe { libc::_exit(i32::from(!ok)) };
-        }
-        crate::sys::process::Fork::Parent(pid) => {
-            drop(wr);
-            let mut buf = Vec::new();
-            let read = std::fs::File::from(rd).read_to_end(&mut buf);
-            crate::sys::process::waitpid(pid)?;
-            read?;
-            match serde_json::from_slice::<std::result::Result<T, String>>(&buf) {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(anyhow::anyhow!(e)),
-                Err(_) => bail!("the helper process inside the user namespace died without an answer"),
-            }
-        }
-    }
+    let view = identity::root_view(&user, identity::host_subids(&user));
+    crate::sys::process::in_child(move || {
+        namespaces::enter_one_level(&view)?;
+        f()
+    })
 }
 
 /// The writable part of the root.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Upper {
-    /// The environment's persistent upper, with this run's own workdir.
-    Persistent { upper: PathBuf, work: PathBuf },
+    /// The environment's persistent upper, through its one shared overlay mount, whose workdir is
+    /// `work` (a run slot's).
+    Shared { upper: PathBuf, work: PathBuf },
     /// A tmpfs thrown away when the run ends.
     Ephemeral,
     /// No upper: the root is read-only.
     None,
 }
 
-/// One step of building the root.
+/// Where the skeleton (the root's top lower) is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Skel {
+    /// Built in the store, cached per generation.
+    Dir(PathBuf),
+    /// Written to a tmpfs at launch (the store is read-only here: inside an environment).
+    Tmpfs(skel::Spec),
+}
+
+/// A live run whose overlay a launch clones instead of mounting a second one over the same upper.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Join {
+    /// A process in the run's mount namespace.
+    pub pid: i32,
+    pub mnt_ns: u64,
+    /// The environment's base user namespace (0: none).
+    pub user_ns: u64,
+}
+
+/// The root: an overlay of `lowers` (top first, the skeleton on top of them) with `upper`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct RootSpec {
+    pub lowers: Vec<PathBuf>,
+    pub skel: Skel,
+    pub upper: Upper,
+    /// Where the root is put together before the pivot.
+    pub mount_point: PathBuf,
+    /// `base = "host"`: each host directory `/NAME` under the layers' `NAME` directories (top
+    /// first), as an overlay of its own; with an upper, its upper is `NAME` in the root's.
+    pub host_dirs: Vec<(String, Vec<PathBuf>)>,
+    /// With a shared upper: the live run to take the mount from; none: mount it.
+    pub join: Option<Join>,
+}
+
+/// One per-run step of building the root, after the overlay is in place.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Op {
-    /// The overlay root: `lowers` top first, attached at `mount_point`.
-    Root { lowers: Vec<PathBuf>, upper: Upper, mount_point: PathBuf },
     /// A host path bound at `dst` inside the root.
     Bind { src: PathBuf, dst: PathBuf, kind: Kind, ro: bool, recursive: bool },
     /// A fresh procfs (the run has its own pid namespace).
     Proc,
     /// A tmpfs /dev with the safe host nodes, a private devpts and shm, plus `gpu` nodes.
     Dev { gpu: Vec<PathBuf> },
-    /// `base = "host"`: the host's directory `/NAME` under the layers' `NAME` directories (top
-    /// first), as its own overlay at `/NAME`; its upper is `NAME` in the root's upper.
-    HostDir { name: String, lowers: Vec<PathBuf> },
 }
 
 /// What the host offers, gathered once per launch (a few stats).
@@ -169,6 +187,7 @@ pub(crate) struct Exec {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Plan {
+    pub root: RootSpec,
     pub ops: Vec<Op>,
     pub exec: Exec,
     pub pid: bool,
@@ -201,14 +220,11 @@ pub(crate) fn parse_bind(spec: &str, cwd: Option<&Path>) -> Result<(PathBuf, Pat
 
 pub(crate) struct PlanInput<'a> {
     pub env_name: &'a str,
-    /// Layer trees, top first (the generated skeleton is the first).
-    pub lowers: Vec<PathBuf>,
-    pub upper: Upper,
-    pub mount_point: PathBuf,
-    /// `base = "host"`: the host directories to union, each with the layers' dirs above it.
-    pub host_dirs: Vec<(String, Vec<PathBuf>)>,
+    pub root: RootSpec,
+    /// The store: bound read-only wherever a host share makes it visible inside.
+    pub store: Option<PathBuf>,
     pub facts: &'a HostFacts,
-    pub opts: &'a RunOptions,
+    pub opts: RunOptions,
     pub inside: &'a Inside,
     pub user: &'a HostUser,
     /// The inside user's shell, known to exist in the root.
@@ -220,8 +236,7 @@ pub(crate) struct PlanInput<'a> {
 pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
     let on = shares(&i.opts.no_host);
     let f = i.facts;
-    let mut ops = vec![Op::Root { lowers: i.lowers, upper: i.upper, mount_point: i.mount_point }];
-    ops.extend(i.host_dirs.into_iter().map(|(name, lowers)| Op::HostDir { name, lowers }));
+    let mut ops = Vec::new();
     let bind = |src: &Path, kind, ro, recursive| Op::Bind { src: src.to_owned(), dst: src.to_owned(), kind, ro, recursive };
     if on(HostShare::Proc) {
         // A fresh procfs needs a pid namespace we own; without one, the host's /proc is the
@@ -273,6 +288,20 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         let kind = if src.is_dir() { Kind::Dir } else { Kind::File };
         ops.push(Op::Bind { src, dst, kind, ro, recursive: true });
     }
+    // Programs inside must not change layers or records: where a share makes the store
+    // visible, it is visible read-only (a launcher composing inside needs only to read it).
+    if let Some(store) = &i.store {
+        let under: Vec<PathBuf> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Bind { src, dst, kind: Kind::Dir, .. } => store.strip_prefix(src).ok().map(|rest| if rest.as_os_str().is_empty() { dst.clone() } else { dst.join(rest) }),
+                _ => None,
+            })
+            .collect();
+        for dst in under {
+            ops.push(Op::Bind { src: store.clone(), dst, kind: Kind::Dir, ro: true, recursive: true });
+        }
+    }
 
     let home = if on(HostShare::Home) { i.user.home.clone() } else if i.inside.uid == 0 { "/root".into() } else { i.user.home.clone() };
     let mut env: Vec<(OsString, OsString)> = i
@@ -313,7 +342,7 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         Some(c) => (vec![c.clone()], true),
         None => (f.cwd.iter().cloned().chain([home, PathBuf::from("/")]).collect(), false),
     };
-    Ok(Plan { ops, exec: Exec { argv, env, cwd, cwd_required }, pid: i.opts.pid })
+    Ok(Plan { root: i.root, ops, exec: Exec { argv, env, cwd, cwd_required }, pid: i.opts.pid })
 }
 
 #[cfg(test)]
@@ -343,12 +372,17 @@ mod tests {
         let inside = choose(&user(), false, None, false);
         plan(PlanInput {
             env_name: "dev",
-            lowers: vec!["/s/skel".into(), "/s/l2".into(), "/s/l1".into()],
-            upper: Upper::None,
-            mount_point: "/s/mnt".into(),
-            host_dirs: Vec::new(),
+            root: RootSpec {
+                lowers: vec!["/s/l2".into(), "/s/l1".into()],
+                skel: Skel::Dir("/s/skel".into()),
+                upper: Upper::None,
+                mount_point: "/s/mnt".into(),
+                host_dirs: Vec::new(),
+                join: None,
+            },
+            store: Some("/home/alice/.local/share/plyroot".into()),
             facts: f,
-            opts: &opts,
+            opts,
             inside: &inside,
             user: &user(),
             shell: "/bin/sh".into(),
@@ -361,11 +395,9 @@ mod tests {
         p.ops
             .iter()
             .map(|o| match o {
-                Op::Root { .. } => "root".into(),
                 Op::Bind { dst, ro, .. } => format!("{}{}", dst.display(), if *ro { ":ro" } else { "" }),
                 Op::Proc => "proc".into(),
                 Op::Dev { gpu } => format!("dev+{}", gpu.len()),
-                Op::HostDir { name, .. } => format!("host:{name}"),
             })
             .collect()
     }
@@ -375,7 +407,7 @@ mod tests {
         let p = run(RunOptions::default(), &facts());
         assert_eq!(
             dsts(&p),
-            ["root", "/proc", "dev+1", "/sys:ro", "/tmp", "/nix", "/home/alice", "/run/user/1000", "/etc/resolv.conf:ro", "/etc/hosts:ro"]
+            ["/proc", "dev+1", "/sys:ro", "/tmp", "/nix", "/home/alice", "/run/user/1000", "/etc/resolv.conf:ro", "/etc/hosts:ro", "/home/alice/.local/share/plyroot:ro"]
         );
         assert_eq!(p.exec.argv, vec![OsString::from("/bin/sh")]);
         assert_eq!(p.exec.cwd[0], PathBuf::from("/home/alice/src"));
@@ -394,7 +426,7 @@ mod tests {
         assert!(d.contains(&"dev+0".to_string()));
         assert!(!d.iter().any(|x| x.starts_with("/home")));
         let p = run(RunOptions { no_host: vec![HostShare::All], ..Default::default() }, &facts());
-        assert_eq!(dsts(&p), ["root"]);
+        assert_eq!(dsts(&p), Vec::<String>::new(), "nothing shared, the store included");
         let home = p.exec.env.iter().find(|(k, _)| k == "HOME").unwrap().1.clone();
         assert_eq!(home, "/root");
     }
@@ -410,7 +442,7 @@ mod tests {
         };
         let p = run(opts, &facts());
         let d = dsts(&p);
-        assert_eq!(d[1], "proc");
+        assert_eq!(d[0], "proc");
         assert!(d.contains(&"/src:ro".to_string()) && d.contains(&"/data".to_string()));
         let Some(Op::Bind { src, .. }) = p.ops.iter().find(|o| matches!(o, Op::Bind { dst, .. } if dst == Path::new("/src"))) else { panic!() };
         assert_eq!(src, Path::new("/home/alice/src/src"));

@@ -8,8 +8,7 @@
 //! (commit, reset) prepares `upper.new/` + `upper.new.json` first; the switch of `current` is the
 //! commit point, and [`Env::recover`] finishes or undoes a replacement a crash interrupted.
 //!
-//! Every run holds `runs/<id>.lock` (flock) for its whole life, with the generation it uses
-//! written inside: gc keeps those layers, and commit/reset wait for no run.
+//! Runs record themselves in run slots (`runs.rs`); what is alive is read from the kernel.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -39,22 +38,6 @@ pub(crate) struct Generation {
     /// Layers `commit` added on top of the declared ones; `apply` keeps them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub commits: Vec<String>,
-}
-
-/// The pin key of a booted environment's init.
-pub(crate) const BOOT_KEY: &str = "boot";
-
-/// What a live run pins.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub(crate) struct RunPin {
-    pub generation: u32,
-    pub layers: Vec<String>,
-    /// A process in the run's namespaces, and a key of what shaped them: a later run with the
-    /// same key joins them instead of mounting the same upper twice.
-    #[serde(default)]
-    pub pid: Option<i32>,
-    #[serde(default)]
-    pub key: Option<String>,
 }
 
 #[derive(Debug)]
@@ -139,7 +122,7 @@ impl Store {
         if env.booted().is_some() {
             bail!("'{name}' is booted: `plyroot stop {name}` first");
         }
-        env.ensure_idle("remove")?;
+        env.ensure_unused("remove")?;
         let st = self.staging()?;
         let grave = st.path.join("env");
         fs::rename(&env.dir, &grave).with_context(|| format!("cannot remove environment '{name}'"))?;
@@ -171,45 +154,6 @@ impl Env {
             rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", p.display()))?;
         }
         Ok(f)
-    }
-
-    /// The pins of runs that are alive now.
-    pub(crate) fn live_runs(&self) -> Vec<RunPin> {
-        self.live_pins().into_iter().map(|(_, p)| p).collect()
-    }
-
-    /// The booted init of this environment, when it is up: its pin's file and pid.
-    pub(crate) fn booted(&self) -> Option<(PathBuf, i32)> {
-        self.live_pins().into_iter().find_map(|(p, pin)| (pin.key.as_deref() == Some(BOOT_KEY)).then_some(pin.pid).flatten().map(|pid| (p, pid)))
-    }
-
-    /// Whether the pin file at `path` is still held by a live run.
-    pub(crate) fn pin_alive(path: &Path) -> bool {
-        fs::File::open(path).is_ok_and(|f| rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_err())
-    }
-
-    /// Live pins with their files.
-    pub(crate) fn live_pins(&self) -> Vec<(PathBuf, RunPin)> {
-        let Ok(rd) = fs::read_dir(self.dir.join("runs")) else { return Vec::new() };
-        rd.flatten()
-            .filter_map(|e| {
-                let f = fs::File::open(e.path()).ok()?;
-                // A lock we can take belongs to a run that has ended.
-                if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_ok() {
-                    return None;
-                }
-                Some((e.path(), serde_json::from_slice(&fs::read(e.path()).ok()?).ok()?))
-            })
-            .collect()
-    }
-
-    /// Refuses while programs run in the environment (their overlay uses the upper).
-    pub(crate) fn ensure_idle(&self, what: &str) -> Result<()> {
-        let n = self.live_runs().len();
-        if n > 0 {
-            bail!("cannot {what} '{}' while {n} program(s) run in it: end them first (an overlay's upper must not change under a live mount)", self.name);
-        }
-        Ok(())
     }
 
     /// The layer stack the upper was written on.

@@ -12,9 +12,12 @@
 //! │   ├── current -> generations/<n>.json   switched by an atomic symlink replace
 //! │   ├── skel/<n>-<uid>/              generated top lower: passwd/group entries, mount points
 //! │   ├── upper/                       the persistent writable overlay layer
-//! │   ├── work/<n>/                    the overlay workdir of run slot n, reused run after run
-//! │   ├── runs/<n>.lock                run slot n: flock'd for the life of the run using it, and
-//! │   │                                what it pins (generation, layers, pid, namespace key)
+//! │   ├── work/<n>/                    the workdir of the shared overlay mounted by run slot n
+//! │   ├── runs/<n>.json                run slot n: a launch's pid, mount and user namespaces,
+//! │   │                                generation, skeleton, and which shared mount it uses;
+//! │   │                                alive while a process is in that mount namespace (runs.rs)
+//! │   ├── lock                         flock: changes of the upper and records, and launches
+//! │   │                                until their root is mounted
 //! │   └── mnt/                         the root's mount point during a launch (private mount ns)
 //! ├── blobs/<hex>                      registry blob (or diff_id) → the layer it unpacks to (blobs.rs)
 //! ├── blobs/gzip/<layer hex>           the gzip blob `push` made of a layer
@@ -31,6 +34,7 @@ pub(crate) mod canonical;
 pub(crate) mod env;
 pub(crate) mod layer;
 pub(crate) mod meta;
+pub(crate) mod runs;
 pub(crate) mod upper;
 
 use std::fs::{self, File};
@@ -95,6 +99,12 @@ impl Store {
         Ok(Store { root: root.to_owned(), _lock: lock, remover: remove_tree })
     }
 
+    /// Another fd on the store lock (the same lock): a launch keeps it until its root is mounted,
+    /// so gc, which takes the lock exclusively, never collects what a launch is about to mount.
+    pub(crate) fn lock_file(&self) -> Result<File> {
+        self._lock.try_clone().context("cannot hold the store lock")
+    }
+
     pub(crate) fn layers_dir(&self) -> PathBuf {
         self.root.join("layers")
     }
@@ -146,7 +156,11 @@ impl Store {
 }
 
 fn open_lock(path: &Path) -> io::Result<File> {
-    fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).custom_flags(libc::O_CLOEXEC).open(path)
+    match fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).custom_flags(libc::O_CLOEXEC).open(path) {
+        // Inside an environment the store is bound read-only; a lock needs no write access.
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => fs::File::open(path),
+        r => r,
+    }
 }
 
 /// A directory under tmp/ that is removed when dropped unless it was moved into place.

@@ -4,6 +4,7 @@
 pub(crate) mod mount;
 pub(crate) mod ns;
 pub(crate) mod process;
+pub(crate) mod procs;
 
 use std::io;
 use std::path::PathBuf;

@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 
 use rustix::thread::UnshareFlags;
 
@@ -54,19 +53,25 @@ pub(crate) fn map_single(inside_uid: u32, outside_uid: u32, inside_gid: u32, out
     write_proc("/proc/self/gid_map", &format!("{inside_gid} {outside_gid} 1\n"))
 }
 
-/// Runs `newuidmap`/`newgidmap` (setuid helpers, so they must run outside the new namespace) on
-/// process `pid`.
+/// Runs `newuidmap` and `newgidmap` (setuid helpers, so they must run outside the new namespace)
+/// on process `pid`, both at once: each is a short exec of its own.
 pub(crate) fn map_ranges(pid: i32, uids: &[IdRange], gids: &[IdRange]) -> Result<()> {
+    let mut running = Vec::new();
     for (tool, ranges) in [("newuidmap", uids), ("newgidmap", gids)] {
         let mut cmd = std::process::Command::new(tool);
         cmd.arg(pid.to_string());
         for r in ranges {
             cmd.args([r.inside.to_string(), r.outside.to_string(), r.count.to_string()]);
         }
-        let out = cmd.stdin(std::process::Stdio::null()).output().map_err(|e| err("run", tool, e))?;
-        if !out.status.success() {
+        let child = cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().map_err(|e| err("run", tool, e))?;
+        running.push((tool, child));
+    }
+    let mut first_error = None;
+    for (tool, child) in running {
+        let out = child.wait_with_output().map_err(|e| err("run", tool, e))?;
+        if !out.status.success() && first_error.is_none() {
             let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-            return Err(super::SysError {
+            first_error = Some(super::SysError {
                 op: "map ids with",
                 path: tool.into(),
                 detail: Some(msg),
@@ -74,7 +79,7 @@ pub(crate) fn map_ranges(pid: i32, uids: &[IdRange], gids: &[IdRange]) -> Result
             });
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Drops supplementary groups (possible once a gid range is mapped and setgroups is allowed).
@@ -86,24 +91,8 @@ pub(crate) fn clear_groups() -> Result<()> {
     Ok(())
 }
 
-/// Keeps `fd` open across `exec` (the store lock held for the life of a run).
-pub(crate) fn inherit_fd(fd: &impl AsRawFd, shown: &Path) -> Result<()> {
-    // SAFETY: F_SETFD on a valid fd owned by the caller only changes its close-on-exec flag.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
-        return Err(err("keep open", shown, std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-/// Joins the user (when `user`) and mount namespaces of process `pid`, through a pidfd so a
-/// recycled pid cannot be joined by mistake once the caller has checked the process is the one
-/// it wants. Afterwards our root and cwd are that namespace's root.
-pub(crate) fn join(pidfd: &std::os::fd::OwnedFd, user: bool) -> Result<()> {
-    join_with(pidfd, user, false)
-}
-
-/// As `join`, plus the pid, UTS and IPC namespaces of a booted environment (`machine`), all in
-/// one setns. The pid namespace applies to children: the caller must fork to be inside it.
+/// Joins the user (when `user`) and mount namespaces of the process a pidfd refers to, plus its
+/// pid, UTS and IPC namespaces (`machine`: a booted environment), all in one setns. The pid namespace applies to children: the caller must fork to be inside it.
 pub(crate) fn join_with(pidfd: &std::os::fd::OwnedFd, user: bool, machine: bool) -> Result<()> {
     let mut flags = libc::CLONE_NEWNS;
     if user {
@@ -148,4 +137,52 @@ pub(crate) fn set_hostname(name: &str) -> Result<()> {
 pub(crate) fn unshare_cgroup() -> Result<()> {
     // SAFETY: CLONE_NEWCGROUP does not touch the fd table (see `unshare`).
     unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWCGROUP) }.map_err(|e| err("unshare the cgroup namespace", "/", e))
+}
+
+/// A namespace of a process, held by an fd: `/proc/PID/ns/KIND` opened, so the namespace stays
+/// what it was when checked, whatever happens to the pid afterwards.
+pub(crate) fn open_ns(pid: i32, kind: &str) -> Result<std::os::fd::OwnedFd> {
+    let path = format!("/proc/{pid}/ns/{kind}");
+    rustix::fs::open(&path, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).map_err(|e| err("open", path, e))
+}
+
+/// The inode number that names a namespace (what `/proc/PID/ns/KIND` links read as `kind:[N]`).
+pub(crate) fn ns_ino(fd: &impl std::os::fd::AsFd) -> Result<u64> {
+    rustix::fs::fstat(fd).map(|s| s.st_ino).map_err(|e| err("stat", "a namespace fd", e))
+}
+
+/// The user namespace that owns the namespace `fd` refers to (`NS_GET_USERNS`).
+pub(crate) fn owner_userns(fd: &impl AsRawFd) -> Result<std::os::fd::OwnedFd> {
+    ns_ioctl(fd, libc::NS_GET_USERNS, "find the owner of")
+}
+
+/// The parent of user namespace `fd` (`NS_GET_PARENT`).
+pub(crate) fn parent_userns(fd: &impl AsRawFd) -> Result<std::os::fd::OwnedFd> {
+    ns_ioctl(fd, libc::NS_GET_PARENT, "find the parent of")
+}
+
+fn ns_ioctl(fd: &impl AsRawFd, request: libc::Ioctl, op: &'static str) -> Result<std::os::fd::OwnedFd> {
+    // SAFETY: NS_GET_USERNS/NS_GET_PARENT take no argument and return a new fd (or -1); the fd
+    // is owned by nobody else, so wrapping it in an OwnedFd is sound.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request) };
+    if rc < 0 {
+        return Err(err(op, "a namespace fd", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `rc` is a fresh fd the kernel just returned to us.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(rc) })
+}
+
+/// Joins the namespace `fd` refers to (`setns`). Joining a user namespace needs a
+/// single-threaded process; plyroot starts no thread.
+pub(crate) fn enter(fd: &impl std::os::fd::AsFd, kind: rustix::thread::LinkNameSpaceType) -> Result<()> {
+    rustix::thread::move_into_link_name_space(fd.as_fd(), Some(kind)).map_err(|e| err("join", format!("{kind:?} namespace"), e))
+}
+
+/// Writes the uid and gid maps of process `pid` (a process in a user namespace nested in ours,
+/// written from ours, where we hold CAP_SETUID/CAP_SETGID). setgroups stays allowed, so the
+/// process can drop the host's supplementary groups afterwards.
+pub(crate) fn write_maps(pid: i32, uids: &[IdRange], gids: &[IdRange]) -> Result<()> {
+    let text = |r: &[IdRange]| r.iter().map(|x| format!("{} {} {}\n", x.inside, x.outside, x.count)).collect::<String>();
+    write_proc(&format!("/proc/{pid}/uid_map"), &text(uids))?;
+    write_proc(&format!("/proc/{pid}/gid_map"), &text(gids))
 }

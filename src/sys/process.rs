@@ -22,6 +22,86 @@ pub(crate) enum Fork {
     Parent(libc::pid_t),
 }
 
+/// Forks a child that runs `f` and ends with the status it returns, through `_exit`: a forked
+/// child never returns into its parent's code path (no unwinding through `main`, no second writer
+/// on a report pipe, no atexit handlers or stdio buffers of the parent run twice). An error is
+/// printed as plyroot's own (`plyroot: error: …`, status 125). Returns the child's pid.
+pub(crate) fn spawn(f: impl FnOnce() -> anyhow::Result<i32>) -> Result<libc::pid_t> {
+    match fork()? {
+        Fork::Parent(pid) => Ok(pid),
+        Fork::Child => {
+            let code = match f() {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("plyroot: error: {e:#}");
+                    125
+                }
+            };
+            exit_child(code)
+        }
+    }
+}
+
+/// Ends a forked child at once with `code`.
+pub(crate) fn exit_child(code: i32) -> ! {
+    // SAFETY: _exit ends the process without running the parent's atexit handlers or flushing
+    // stdio buffers it inherited; that is what a forked child must do.
+    unsafe { libc::_exit(code) }
+}
+
+/// Runs `f` in a forked child and returns its result, passed back as JSON over a pipe (the one
+/// child→parent protocol). For work that must not change this process: entering namespaces, or
+/// probing what the kernel allows.
+pub(crate) fn in_child<T: serde::Serialize + serde::de::DeserializeOwned>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    let (rd, wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| err("create a pipe", "/", e))?;
+    // Each process keeps its own end: the child's copy of the parent's end is dropped in the
+    // child, and the other way round (a Cell, since both run the same captured values).
+    let (rd, wr) = (std::cell::Cell::new(Some(rd)), std::cell::Cell::new(Some(wr)));
+    let child = spawn(|| {
+        drop(rd.take());
+        let sent = wr.take().is_some_and(|w| send_reply(w, f()));
+        Ok(i32::from(!sent))
+    })?;
+    drop(wr.take());
+    let reply = rd.take().map(read_reply::<T>);
+    let status = waitpid(child)?;
+    match reply {
+        Some(Ok(Some(v))) => Ok(v),
+        Some(Err(e)) => Err(e),
+        _ => anyhow::bail!("a helper process of plyroot ended without an answer (status {})", status_code(status)),
+    }
+}
+
+/// Sends a child's result to its parent over the pipe `w` (closed afterwards): the one
+/// child→parent protocol, JSON of `Ok(value)` or `Err(message)`.
+pub(crate) fn send_reply<T: serde::Serialize>(w: impl Into<std::os::fd::OwnedFd>, r: anyhow::Result<T>) -> bool {
+    use std::io::Write;
+    let reply = match r {
+        Ok(v) => Reply::Ok(v),
+        Err(e) => Reply::Err(format!("{e:#}")),
+    };
+    let mut w = std::fs::File::from(w.into());
+    serde_json::to_vec(&reply).is_ok_and(|m| w.write_all(&m).is_ok())
+}
+
+/// Reads what [`send_reply`] sent: Ok(None) when the child ended without an answer.
+pub(crate) fn read_reply<T: serde::de::DeserializeOwned>(rd: impl Into<std::os::fd::OwnedFd>) -> anyhow::Result<Option<T>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::from(rd.into()).read_to_end(&mut buf).map_err(|e| err("read the reply of", "a helper process", e))?;
+    match serde_json::from_slice::<Reply<T>>(&buf) {
+        Ok(Reply::Ok(v)) => Ok(Some(v)),
+        Ok(Reply::Err(e)) => Err(anyhow::anyhow!(e)),
+        Err(_) => Ok(None),
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Reply<T> {
+    Ok(T),
+    Err(String),
+}
+
 /// fork(2). plyroot is single-threaded whenever it forks, so the child may do anything.
 pub(crate) fn fork() -> Result<Fork> {
     // SAFETY: the process has one thread (plyroot starts none), so the child inherits no lock
@@ -145,3 +225,23 @@ pub(crate) fn chdir(dir: &Path) -> Result<()> {
     rustix::process::chdir(dir).map_err(|e| err("chdir", dir, e))
 }
 
+
+/// Sends signal `sig` to the process a pidfd refers to; a process already gone is not an error.
+pub(crate) fn pidfd_signal(pidfd: &impl std::os::fd::AsFd, sig: libc::c_int) -> Result<()> {
+    // SAFETY: `sig` is a signal number the caller took from libc (real-time ones from
+    // libc::SIGRTMIN(), past those glibc reserves); it is only sent to another process.
+    let s = unsafe { rustix::process::Signal::from_raw_unchecked(sig) };
+    match rustix::process::pidfd_send_signal(pidfd, s) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(err("signal", "a process", e)),
+    }
+}
+
+/// Waits until the process a pidfd refers to has ended (the pidfd turns readable, zombie or
+/// not), for at most `within`; true when it has.
+pub(crate) fn pidfd_wait(pidfd: &impl std::os::fd::AsFd, within: std::time::Duration) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let t = Timespec { tv_sec: within.as_secs() as i64, tv_nsec: i64::from(within.subsec_nanos()) };
+    let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+    poll(&mut fds, Some(&t)).is_ok_and(|n| n > 0)
+}

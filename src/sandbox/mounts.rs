@@ -1,0 +1,239 @@
+//! The root's mounts: the overlay (the environment's one shared mount, or a run's own), the host
+//! shares of the plan, and the switch into it.
+//!
+//! The shared overlay is made once per environment and upper. The first run mounts it in the
+//! environment's base namespaces; a later run clones it, as a detached mount, from the mount
+//! namespace of a live run (`open_tree` of that namespace's root, entered with `setns`), so there
+//! is exactly one overlay superblock over an upper however many runs, identities and binds use it.
+//! Either way the overlay arrives as a detached mount and is attached in the run's own mount
+//! namespace, with the per-run mounts on top: nothing a run binds is seen by another.
+
+use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use rustix::fs::{Mode, OFlags};
+use rustix::mount::MountAttrFlags;
+use rustix::thread::LinkNameSpaceType;
+
+use super::namespaces::Base;
+use super::{Op, Plan, RootSpec, Skel, Upper};
+use crate::sys::mount::{self, Kind};
+use crate::sys::ns;
+
+/// The environment's shared overlay and its `base = "host"` overlays, as detached mounts.
+pub(crate) struct Shared {
+    root: OwnedFd,
+    host_dirs: Vec<(String, OwnedFd)>,
+}
+
+/// Mounts the shared overlay fresh, or clones it from the joined run (see the module header).
+/// Runs in the base namespaces; returns None for a root without a shared upper.
+pub(crate) fn shared(root: &RootSpec, base: &Base) -> Result<Option<Shared>> {
+    let Upper::Shared { upper, work } = &root.upper else { return Ok(None) };
+    match &base.joined {
+        None => {
+            let Skel::Dir(skel) = &root.skel else { bail!("the shared mount needs its skeleton in the store") };
+            let lowers: Vec<PathBuf> = std::iter::once(skel.clone()).chain(root.lowers.iter().cloned()).collect();
+            fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
+            let m = mount::overlay(&lowers, Some((upper, work))).context("cannot mount the environment's root (overlayfs); `plyroot doctor` checks what this kernel allows")?;
+            let mut host_dirs = Vec::new();
+            for (name, lowers) in &root.host_dirs {
+                let (u, w) = (upper.join(name), work.join(format!("host-{name}")));
+                for d in [&u, &w] {
+                    fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+                }
+                let h = mount::overlay(lowers, Some((&u, &w))).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
+                host_dirs.push((name.clone(), h));
+            }
+            Ok(Some(Shared { root: m, host_dirs }))
+        }
+        Some(theirs) => {
+            let own = ns::open_ns(rustix::process::getpid().as_raw_nonzero().get(), "mnt")?;
+            // In their namespace our root is theirs: "/" is the overlay, "/usr" a host-dir one.
+            ns::enter(theirs, LinkNameSpaceType::Mount)?;
+            let cloned = (|| -> Result<Shared> {
+                let m = clone_overlay(Path::new("/"))?;
+                let mut host_dirs = Vec::new();
+                for (name, _) in &root.host_dirs {
+                    host_dirs.push((name.clone(), clone_overlay(&Path::new("/").join(name))?));
+                }
+                Ok(Shared { root: m, host_dirs })
+            })();
+            ns::enter(&own, LinkNameSpaceType::Mount)?;
+            Ok(Some(cloned.context("cannot take the root of the live run of this environment")?))
+        }
+    }
+}
+
+/// A detached copy of the overlay mounted at `path` (only that mount, not what is on it).
+fn clone_overlay(path: &Path) -> Result<OwnedFd> {
+    let m = mount::clone_tree(path, false)?;
+    let st = rustix::fs::fstatfs(&m).map_err(|e| crate::sys::err("statfs", path, e))?;
+    // OVERLAYFS_SUPER_MAGIC: anything else is a mount a program put over the root.
+    if st.f_type as i64 != 0x794c_7630 {
+        bail!("{} in the live run is not its overlay (something is mounted over it)", path.display());
+    }
+    Ok(m)
+}
+
+/// Builds the root per the plan (with `shared` when the upper is the environment's) and returns
+/// an fd for it, ready for [`pivot`].
+pub(crate) fn build(plan: &Plan, shared: Option<Shared>) -> Result<OwnedFd> {
+    let r = &plan.root;
+    let mp = &r.mount_point;
+    // Every host path is copied before the root is attached at its mount point: a recursive copy
+    // of a share that holds the store (the home, /tmp) must not carry the root itself along, or
+    // each nested launch would copy every mount of the one it started in.
+    let sources = clone_sources(&plan.ops)?;
+    let (root, host_dirs) = match (&r.upper, shared) {
+        (Upper::Shared { .. }, Some(s)) => {
+            mount::attach_at(s.root.as_fd(), mp)?;
+            (open_dir(mp)?, Some(s.host_dirs))
+        }
+        (Upper::Shared { .. }, None) => bail!("the shared mount of this environment is missing"),
+        (upper, _) => {
+            // A tmpfs at the mount point holds what the run throws away: the upper and its
+            // workdir, the skeleton when the store cannot hold it, and the root itself.
+            let scratch = matches!(upper, Upper::Ephemeral) || matches!(r.skel, Skel::Tmpfs(_));
+            let mut lowers = r.lowers.clone();
+            let root_path = if scratch {
+                let t = mount::pseudo("tmpfs", &[("mode", "0755")], MountAttrFlags::empty())?;
+                mount::attach_at(t.as_fd(), mp)?;
+                for d in ["upper", "work", "root"] {
+                    rustix::fs::mkdirat(t.as_fd(), d, Mode::from_raw_mode(0o755)).with_context(|| format!("cannot create {}/{d}", mp.display()))?;
+                }
+                mp.join("root")
+            } else {
+                mp.clone()
+            };
+            match &r.skel {
+                Skel::Dir(d) => lowers.insert(0, d.clone()),
+                Skel::Tmpfs(spec) => {
+                    super::skel::materialize(spec, &mp.join("skel"))?;
+                    lowers.insert(0, mp.join("skel"));
+                }
+            }
+            let work = matches!(upper, Upper::Ephemeral).then(|| (mp.join("upper"), mp.join("work")));
+            let m = mount::overlay(&lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path()))).context("cannot mount the environment's root (overlayfs); `plyroot doctor` checks what this kernel allows")?;
+            mount::attach_at(m.as_fd(), &root_path)?;
+            (open_dir(&root_path)?, None)
+        }
+    };
+    for (name, lowers) in &r.host_dirs {
+        let at = Path::new("/").join(name);
+        let m = match &host_dirs {
+            Some(shared) => shared.iter().find(|(n, _)| n == name).map(|(_, m)| m.try_clone()).context("a host directory's mount is missing")??,
+            None => {
+                let work = matches!(r.upper, Upper::Ephemeral).then(|| (mp.join("upper").join(name), mp.join(format!("work-host-{name}"))));
+                if let Some((u, w)) = &work {
+                    for d in [u, w] {
+                        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+                    }
+                }
+                mount::overlay(lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path())))?
+            }
+        };
+        let target = mount::resolve_in(root.as_fd(), &at, Kind::Dir, !matches!(r.upper, Upper::None))?;
+        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
+    }
+    for (op, source) in plan.ops.iter().zip(sources) {
+        match (op, source) {
+            (Op::Bind { src, dst, kind, .. }, Source::Tree(tree)) => {
+                if r.join.is_some() && mount::resolve_in(root.as_fd(), dst, *kind, false).is_err() {
+                    // The live mount's skeleton was made for other binds; it cannot change now.
+                    crate::diag::info(&format!("{} does not exist in the environment's live mount: its mount point is made in the upper", dst.display()));
+                }
+                let target = mount::resolve_in(root.as_fd(), dst, *kind, true)?;
+                mount::attach(tree.as_fd(), target.as_fd(), dst).with_context(|| format!("cannot bind {} at {}", src.display(), dst.display()))?
+            }
+            (Op::Proc, _) => proc_fresh(&root).context("cannot mount a fresh /proc for the pid namespace")?,
+            (Op::Dev { .. }, Source::Dev(nodes)) => dev(&root, nodes).context("cannot set up /dev")?,
+            _ => bail!("a mount's source does not match its step"),
+        }
+    }
+    Ok(root)
+}
+
+/// A per-run mount's host side, copied before the root exists.
+enum Source {
+    Tree(OwnedFd),
+    /// /dev's host nodes (name, copy) and GPU nodes (path, copy, kind).
+    Dev(DevNodes),
+    None,
+}
+
+type DevNodes = (Vec<(&'static str, OwnedFd)>, Vec<(PathBuf, OwnedFd, Kind)>);
+
+fn clone_sources(ops: &[Op]) -> Result<Vec<Source>> {
+    ops.iter()
+        .map(|op| {
+            Ok(match op {
+                Op::Bind { src, dst, ro, recursive, .. } => {
+                    let tree = mount::clone_tree(src, *recursive).with_context(|| format!("cannot bind {} at {}", src.display(), dst.display()))?;
+                    if *ro {
+                        mount::set_readonly(tree.as_fd(), src)?;
+                    }
+                    Source::Tree(tree)
+                }
+                Op::Dev { gpu } => {
+                    let mut nodes = Vec::new();
+                    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+                        nodes.push((node, mount::clone_tree(&Path::new("/dev").join(node), false).context("cannot set up /dev")?));
+                    }
+                    let mut gpus = Vec::new();
+                    for g in gpu {
+                        let kind = if g.is_dir() { Kind::Dir } else { Kind::File };
+                        gpus.push((g.clone(), mount::clone_tree(g, true).context("cannot set up /dev")?, kind));
+                    }
+                    Source::Dev((nodes, gpus))
+                }
+                Op::Proc => Source::None,
+            })
+        })
+        .collect()
+}
+
+fn open_dir(p: &Path) -> Result<OwnedFd> {
+    rustix::fs::open(p, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open {}", p.display()))
+}
+
+fn dev(root: &OwnedFd, (nodes, gpus): DevNodes) -> Result<()> {
+    let target = mount::resolve_in(root.as_fd(), Path::new("/dev"), Kind::Dir, true)?;
+    let t = mount::pseudo("tmpfs", &[("mode", "0755")], MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
+    mount::attach(t.as_fd(), target.as_fd(), Path::new("/dev"))?;
+    let d = t.as_fd();
+    for (node, tree) in nodes {
+        // Device nodes cannot be made in a user namespace: bind the host's over empty files.
+        drop(rustix::fs::openat(d, node, OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::from_raw_mode(0o666)).with_context(|| format!("cannot create /dev/{node}"))?);
+        let tgt = rustix::fs::openat(d, node, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open /dev/{node}"))?;
+        mount::attach(tree.as_fd(), tgt.as_fd(), &Path::new("/dev").join(node))?;
+    }
+    for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"), ("core", "/proc/kcore")] {
+        rustix::fs::symlinkat(target, d, name).with_context(|| format!("cannot create /dev/{name}"))?;
+    }
+    for (dir, fstype, opts) in [("pts", "devpts", &[("ptmxmode", "0666"), ("mode", "0620")][..]), ("shm", "tmpfs", &[("mode", "1777")][..])] {
+        rustix::fs::mkdirat(d, dir, Mode::from_raw_mode(0o755)).with_context(|| format!("cannot create /dev/{dir}"))?;
+        let m = mount::pseudo(fstype, opts, MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
+        let tgt = rustix::fs::openat(d, dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open /dev/{dir}"))?;
+        mount::attach(m.as_fd(), tgt.as_fd(), Path::new(dir))?;
+    }
+    for (g, tree, kind) in gpus {
+        let target = mount::resolve_in(root.as_fd(), &g, kind, true)?;
+        mount::attach(tree.as_fd(), target.as_fd(), &g)?;
+    }
+    Ok(())
+}
+
+fn proc_fresh(root: &OwnedFd) -> Result<()> {
+    let target = mount::resolve_in(root.as_fd(), Path::new("/proc"), Kind::Dir, true)?;
+    let m = mount::pseudo("proc", &[], MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
+    mount::attach(m.as_fd(), target.as_fd(), Path::new("/proc"))?;
+    Ok(())
+}
+
+/// Makes the built root this process's (and its mount namespace's) root.
+pub(crate) fn pivot(root: &OwnedFd) -> Result<()> {
+    Ok(mount::pivot_into(root.as_fd(), Path::new("/"))?)
+}

@@ -1,0 +1,224 @@
+//! Namespaces and id maps for a launch.
+//!
+//! A launch is in three steps, each in the namespaces the previous one made:
+//! 1. the environment's *base* user namespace with a mount namespace of its own — made fresh
+//!    (`unshare`, maps written by newuidmap/newgidmap or by ourselves), or joined (`setns` into the
+//!    base of a live run of the environment, then a mount namespace of our own);
+//! 2. (the shared overlay is mounted or cloned here, in the base: see `mounts`);
+//! 3. with ranges, the run's identity: a user namespace nested in the base, whose maps a helper
+//!    still in the base writes, plus a mount namespace of its own.
+//!
+//! Everything here must run while plyroot is single-threaded: `unshare(CLONE_NEWUSER)` and
+//! `setns` into a user namespace refuse a threaded process.
+
+use std::cell::Cell;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+
+use anyhow::{bail, Context, Result};
+use rustix::thread::LinkNameSpaceType;
+
+use super::identity::{Inside, Mapping};
+use super::Join;
+use crate::sys::ns::{self, IdRange};
+use crate::sys::process;
+
+/// The live run a launch was to join ended before it could (nothing has changed yet: decide
+/// again).
+#[derive(Debug, thiserror::Error)]
+#[error("the live run (pid {0}) of this environment ended while this one started; try again")]
+pub(crate) struct JoinGone(pub i32);
+
+/// What step 1 found or made.
+pub(crate) struct Base {
+    /// The base user namespace's inode (0 when there is none: real root).
+    pub user_ns: u64,
+    /// The joined run's mount namespace, to clone the shared overlay from.
+    pub joined: Option<OwnedFd>,
+}
+
+/// A helper process that writes id maps for us: newuidmap/newgidmap for the base (they are
+/// setuid, so they must run outside it), then the nested identity's maps from inside the base.
+struct Mapper {
+    pid: i32,
+    go: fs::File,
+    done: fs::File,
+}
+
+impl Mapper {
+    /// Forks the helper. `base`: ranges for newuidmap/newgidmap (a fresh base); `nested`: the
+    /// identity's maps, written once the caller has unshared its nested namespace.
+    fn start(base: Option<(Vec<IdRange>, Vec<IdRange>)>, nested: Option<(Vec<IdRange>, Vec<IdRange>)>) -> Result<Mapper> {
+        let parent = rustix::process::getpid().as_raw_nonzero().get();
+        let (go_rd, go_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("cannot create a pipe")?;
+        let (done_rd, done_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("cannot create a pipe")?;
+        // The parent's ends, dropped in the child; the child's, dropped in the parent.
+        let (go_wr, done_rd) = (Cell::new(Some(go_wr)), Cell::new(Some(done_rd)));
+        let (theirs_go, theirs_done) = (&go_wr, &done_rd);
+        let pid = process::spawn(move || {
+            drop((theirs_go.take(), theirs_done.take()));
+            let (mut go, mut done) = (fs::File::from(go_rd), fs::File::from(done_wr));
+            let mut step = |f: &mut dyn FnMut() -> Result<()>| -> Result<bool> {
+                let mut b = [0u8; 1];
+                if go.read(&mut b)? != 1 {
+                    return Ok(false); // the launch gave up
+                }
+                f()?;
+                done.write_all(b"1")?;
+                Ok(true)
+            };
+            if let Some((uids, gids)) = &base {
+                let mapped = step(&mut || {
+                    ns::map_ranges(parent, uids, gids)?;
+                    // Into the base, where the nested maps are written from.
+                    ns::enter(&ns::open_ns(parent, "user")?, LinkNameSpaceType::User)?;
+                    Ok(())
+                })?;
+                if !mapped {
+                    return Ok(1);
+                }
+            }
+            if let Some((uids, gids)) = &nested {
+                step(&mut || Ok(ns::write_maps(parent, uids, gids)?))?;
+            }
+            Ok(0)
+        })?;
+        let (go, done) = (go_wr.take().context("lost a pipe")?, done_rd.take().context("lost a pipe")?);
+        Ok(Mapper { pid, go: fs::File::from(go), done: fs::File::from(done) })
+    }
+
+    /// Lets the helper do its next step and waits until it has.
+    fn step(&mut self, what: &str) -> Result<()> {
+        let mut b = [0u8; 1];
+        let ok = self.go.write_all(b"1").is_ok() && self.done.read(&mut b).map(|n| n == 1).unwrap_or(false);
+        if !ok {
+            let status = process::waitpid(self.pid).map(process::status_code).unwrap_or(-1);
+            bail!("{what} failed (the id-mapping helper ended with status {status}; see the message above; `plyroot doctor` checks subordinate ids)");
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        drop(self.go);
+        process::waitpid(self.pid)?;
+        Ok(())
+    }
+}
+
+fn unshare(flags: rustix::thread::UnshareFlags) -> Result<()> {
+    // SAFETY: the flags never include CLONE_FILES, the one that can strand fds between threads;
+    // plyroot is single-threaded here.
+    unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(|e| {
+        let denied = matches!(e, rustix::io::Errno::PERM | rustix::io::Errno::NOSPC | rustix::io::Errno::ACCESS) && flags.contains(rustix::thread::UnshareFlags::NEWUSER);
+        let e = anyhow::Error::new(crate::sys::err("unshare namespaces", "/", e));
+        if denied {
+            e.context("this system does not let you create user namespaces (disabled by sysctl, limited by max_user_namespaces, or restricted by AppArmor); `plyroot doctor` says which and how to allow it")
+        } else {
+            e
+        }
+    })
+}
+
+fn flags(user: bool, pid: bool, machine: bool) -> rustix::thread::UnshareFlags {
+    use rustix::thread::UnshareFlags as F;
+    let mut f = F::NEWNS;
+    if user {
+        f |= F::NEWUSER;
+    }
+    if pid {
+        f |= F::NEWPID;
+    }
+    if machine {
+        f |= F::NEWUTS | F::NEWIPC;
+    }
+    f
+}
+
+/// The inode of our own namespace of `kind`.
+fn own_ns(kind: &str) -> Result<u64> {
+    Ok(ns::ns_ino(&ns::open_ns(rustix::process::getpid().as_raw_nonzero().get(), kind)?)?)
+}
+
+/// Steps 1 and 3 together, with the shared overlay obtained in between by `between` (which runs
+/// in the base, with the joined run's mount namespace when there is one). `pid` and `machine`
+/// (UTS, IPC) namespaces are made at the innermost level, so they belong to the run's identity.
+pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, pid: bool, machine: bool, between: impl FnOnce(&Base) -> Result<T>) -> Result<(Base, T)> {
+    let nested = inside.nested.clone();
+    let innermost = nested.is_none();
+    let mut mapper = None;
+    let base = match join {
+        Some(j) => {
+            let mnt = ns::open_ns(j.pid, "mnt").ok().filter(|m| ns::ns_ino(m).ok() == Some(j.mnt_ns)).ok_or(JoinGone(j.pid))?;
+            if inside.mapping != Mapping::Host {
+                // The run's mount namespace belongs to its identity's user namespace, nested in
+                // the base (ranges), or to the base itself.
+                let owner = ns::owner_userns(&mnt)?;
+                let base = if nested.is_some() { ns::parent_userns(&owner)? } else { owner };
+                if ns::ns_ino(&base)? != j.user_ns {
+                    bail!("the live run (pid {}) of this environment is not in its user namespace", j.pid);
+                }
+                ns::enter(&base, LinkNameSpaceType::User)?;
+            }
+            unshare(flags(false, pid && innermost, machine && innermost))?;
+            Base { user_ns: j.user_ns, joined: Some(mnt) }
+        }
+        None => {
+            match &inside.mapping {
+                Mapping::Host => unshare(flags(false, pid && innermost, machine && innermost))?,
+                Mapping::Single { inside_uid, inside_gid, uid, gid } => {
+                    unshare(flags(true, pid && innermost, machine && innermost))?;
+                    ns::map_single(*inside_uid, *uid, *inside_gid, *gid)?;
+                }
+                Mapping::Ranges { uids, gids } => {
+                    let mut m = Mapper::start(Some((uids.clone(), gids.clone())), nested.clone())?;
+                    unshare(flags(true, pid && innermost, machine && innermost))?;
+                    m.step("mapping the subordinate ids from /etc/subuid and /etc/subgid with newuidmap/newgidmap")?;
+                    mapper = Some(m);
+                }
+            }
+            let user_ns = if inside.mapping == Mapping::Host { 0 } else { own_ns("user")? };
+            Base { user_ns, joined: None }
+        }
+    };
+    crate::sys::mount::make_private_recursive()?;
+    let shared = between(&base)?;
+    if let Some(ids) = nested {
+        let mut m = match mapper {
+            Some(m) => m,
+            None => Mapper::start(None, Some(ids))?,
+        };
+        unshare(flags(true, pid, machine))?;
+        m.step("mapping the run's own ids")?;
+        m.finish()?;
+        // Host supplementary groups are unmapped inside: drop them.
+        ns::clear_groups()?;
+        crate::sys::mount::make_private_recursive()?;
+    }
+    Ok((base, shared))
+}
+
+/// One user namespace with `mapping` and a mount namespace (for helpers that read or remove
+/// what runs wrote; not for launches).
+pub(crate) fn enter_one_level(mapping: &Mapping) -> Result<()> {
+    match mapping {
+        Mapping::Host => unshare(flags(false, false, false))?,
+        Mapping::Single { inside_uid, inside_gid, uid, gid } => {
+            unshare(flags(true, false, false))?;
+            ns::map_single(*inside_uid, *uid, *inside_gid, *gid)?;
+        }
+        Mapping::Ranges { uids, gids } => {
+            let mut m = Mapper::start(Some((uids.clone(), gids.clone())), None)?;
+            unshare(flags(true, false, false))?;
+            m.step("mapping the subordinate ids from /etc/subuid and /etc/subgid with newuidmap/newgidmap")?;
+            m.finish()?;
+            ns::clear_groups()?;
+        }
+    }
+    Ok(())
+}
+
+/// The inode of our current mount namespace (a run's, once it is made).
+pub(crate) fn mnt_ns() -> Result<u64> {
+    own_ns("mnt")
+}

@@ -1,0 +1,193 @@
+//! Run slots, and what is alive in an environment.
+//!
+//! Every launch that mounts or joins an environment's root records itself in a run slot,
+//! `runs/<n>.json`: the pid that launched, the mount namespace it made, the environment's base user
+//! namespace, the generation, and — when it uses the persistent upper — the slot whose workdir the
+//! shared overlay mount uses. Slot files are reused, never deleted, so a launch creates nothing.
+//!
+//! A record says nothing about liveness by itself. A run is alive while any process is in its
+//! mount namespace, whatever that process did with its fds (a daemon that closed them all and left
+//! its session is still there): first the recorded pid is checked, then every process in `/proc`.
+//! What the commands that change an environment need is stronger still — nothing may hold its
+//! upper at all, also through a namespace a program made inside — so they ask the kernel which
+//! overlay mounts exist in every namespace we can see ([`Usage`]).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Seek, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::env::Env;
+use crate::sys::procs;
+
+/// One run slot's record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RunRecord {
+    /// The process that launched (it became the program, or supervises it).
+    pub pid: i32,
+    /// Its mount namespace: the run lives while any process is in it.
+    pub mnt_ns: u64,
+    /// The environment's base user namespace, which every run of the shared mount is in or under
+    /// (0 for real root, which needs none).
+    pub user_ns: u64,
+    pub generation: u32,
+    /// The generation's layer ids, bottom first.
+    pub layers: Vec<String>,
+    /// The skeleton directory the run's root has as its top lower.
+    #[serde(default)]
+    pub skel: Option<PathBuf>,
+    /// Set when the run uses the persistent upper: the slot whose workdir the environment's one
+    /// shared overlay mount uses (its own slot when this run mounted it).
+    #[serde(default)]
+    pub shared: Option<u32>,
+    /// The environment's booted init (pid is init's).
+    #[serde(default)]
+    pub boot: bool,
+    /// A booted init's supervisor (it drains the console and ends after init).
+    #[serde(default)]
+    pub supervisor: Option<i32>,
+    /// Seconds since the epoch.
+    #[serde(default)]
+    pub started: u64,
+}
+
+/// A record whose run is alive, with a pid that is in its mount namespace now.
+#[derive(Clone, Debug)]
+pub(crate) struct LiveRun {
+    pub slot: u32,
+    pub record: RunRecord,
+    pub pid: i32,
+}
+
+impl Env {
+    fn runs_dir(&self) -> PathBuf {
+        self.dir.join("runs")
+    }
+
+    fn slot_path(&self, slot: u32) -> PathBuf {
+        self.runs_dir().join(format!("{slot}.json"))
+    }
+
+    /// Every record in the run slots, alive or not.
+    pub(crate) fn records(&self) -> Vec<(u32, RunRecord)> {
+        let Ok(rd) = fs::read_dir(self.runs_dir()) else { return Vec::new() };
+        let mut out: Vec<(u32, RunRecord)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name();
+                let slot = name.to_str()?.strip_suffix(".json")?.parse().ok()?;
+                // An empty or half-written record is a slot nobody uses.
+                let rec = serde_json::from_slice(&fs::read(e.path()).ok()?).ok()?;
+                Some((slot, rec))
+            })
+            .collect();
+        out.sort_by_key(|(n, _)| *n);
+        out
+    }
+
+    /// The records whose runs are alive now.
+    pub(crate) fn live(&self) -> Vec<LiveRun> {
+        let mut namespaces: Option<BTreeMap<u64, i32>> = None;
+        let upper = self.upper();
+        self.records()
+            .into_iter()
+            .filter_map(|(slot, record)| {
+                let pid = if procs::mnt_ns(record.pid) == Some(record.mnt_ns) {
+                    record.pid
+                } else {
+                    // The launching process is gone; something it started may still be there.
+                    *namespaces.get_or_insert_with(procs::mount_namespaces).get(&record.mnt_ns)?
+                };
+                // The kernel hands a freed namespace's inode number to the next namespace made:
+                // the one found must hold this run's overlay, or it is someone else's.
+                let ours = procs::overlays(pid).iter().any(|o| o.dirs().any(|d| record.skel.as_ref() == Some(d) || (record.shared.is_some() && *d == upper)));
+                ours.then_some(LiveRun { slot, record, pid })
+            })
+            .collect()
+    }
+
+    /// The booted init, when there is one.
+    pub(crate) fn booted(&self) -> Option<LiveRun> {
+        self.live().into_iter().find(|r| r.record.boot && procs::mnt_ns(r.record.pid) == Some(r.record.mnt_ns))
+    }
+
+    /// A slot for a new run: not alive, and not the workdir of a shared mount that is.
+    pub(crate) fn free_slot(&self, live: &[LiveRun]) -> u32 {
+        let used: Vec<u32> = live.iter().flat_map(|r| [Some(r.slot), r.record.shared]).flatten().collect();
+        (0..).find(|n| !used.contains(n)).unwrap_or(0)
+    }
+
+    /// Opens slot `n`'s record file for the launch that takes it (written once the run's
+    /// namespaces exist, with [`write_record`]).
+    pub(crate) fn open_slot(&self, slot: u32) -> Result<fs::File> {
+        let p = self.slot_path(slot);
+        fs::create_dir_all(self.runs_dir()).with_context(|| format!("cannot create {}", self.runs_dir().display()))?;
+        fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).with_context(|| format!("cannot open {}", p.display()))
+    }
+
+    /// Where the shared overlay of slot `n` keeps its workdir.
+    pub(crate) fn workdir(&self, slot: u32) -> PathBuf {
+        self.dir.join("work").join(slot.to_string())
+    }
+
+    /// Refuses while anything uses the environment's upper: a run, a program it left behind, or a
+    /// composed launch that reads it. Names one process and says how to end it.
+    pub(crate) fn ensure_idle(&self, what: &str) -> Result<()> {
+        let usage = Usage::scan();
+        let (upper, work) = (self.upper(), self.dir.join("work"));
+        if let Some(pid) = usage.user_of(|d| d.starts_with(&upper) || d.starts_with(&work)) {
+            bail!("{}", busy_message(&self.name, what, pid));
+        }
+        Ok(())
+    }
+
+    /// Refuses while anything uses the environment at all (its upper, its skeletons).
+    pub(crate) fn ensure_unused(&self, what: &str) -> Result<()> {
+        let usage = Usage::scan();
+        if let Some(pid) = usage.user_of(|d| d.starts_with(&self.dir)) {
+            bail!("{}", busy_message(&self.name, what, pid));
+        }
+        Ok(())
+    }
+}
+
+fn busy_message(name: &str, what: &str, pid: i32) -> String {
+    format!(
+        "cannot {what} '{name}' while it is in use: pid {pid} (`{}`) runs in it; end it first (exit it, or `kill {pid}`; `plyroot stop {name}` if it is booted) — an overlay's upper must not change under a live mount",
+        procs::cmdline(pid)
+    )
+}
+
+/// Writes a run's record into its slot file, replacing what a finished run left there.
+pub(crate) fn write_record(file: &mut fs::File, record: &RunRecord, shown: &Path) -> Result<()> {
+    let data = serde_json::to_vec(record)?;
+    file.set_len(0).and_then(|_| file.rewind()).and_then(|_| file.write_all(&data)).with_context(|| format!("cannot write {}", shown.display()))
+}
+
+/// Every overlay mount in every mount namespace we can see, with one pid in each namespace.
+pub(crate) struct Usage {
+    mounts: Vec<(i32, procs::Overlay)>,
+}
+
+impl Usage {
+    pub(crate) fn scan() -> Usage {
+        let mut mounts = Vec::new();
+        for (_, pid) in procs::mount_namespaces() {
+            mounts.extend(procs::overlays(pid).into_iter().map(|o| (pid, o)));
+        }
+        Usage { mounts }
+    }
+
+    /// A process whose namespace holds an overlay made of a directory `is(dir)` accepts.
+    pub(crate) fn user_of(&self, is: impl Fn(&Path) -> bool) -> Option<i32> {
+        self.mounts.iter().find(|(_, o)| o.dirs().any(|d| is(d))).map(|(pid, _)| *pid)
+    }
+
+    /// Every directory a live overlay mount is made of.
+    pub(crate) fn dirs(&self) -> impl Iterator<Item = &PathBuf> {
+        self.mounts.iter().flat_map(|(_, o)| o.dirs())
+    }
+}

@@ -1,0 +1,177 @@
+//! Processes as `/proc` shows them: the mount namespace each one is in, the overlay mounts that
+//! namespace holds, and a command line to name the process by.
+//!
+//! This is how plyroot knows what is alive: a run, and whatever it started (a daemon that closed
+//! every fd and left its session included), lives exactly as long as some process is in a mount
+//! namespace that holds the run's overlay. Processes of other users are not readable and are
+//! skipped; they cannot be in our namespaces anyway, except as ids we map, which we can read.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+
+/// The inode of `/proc/PID/ns/mnt`: which mount namespace `pid` is in (None: gone, a zombie, or
+/// not ours to read).
+pub(crate) fn mnt_ns(pid: i32) -> Option<u64> {
+    ns_link_ino(&fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?.to_string_lossy())
+}
+
+/// `mnt:[4026531841]` → 4026531841.
+fn ns_link_ino(link: &str) -> Option<u64> {
+    link.split_once(":[")?.1.strip_suffix(']')?.parse().ok()
+}
+
+/// Every mount namespace some readable process is in, with one pid in it (the lowest).
+pub(crate) fn mount_namespaces() -> BTreeMap<u64, i32> {
+    let mut out = BTreeMap::new();
+    let Ok(rd) = fs::read_dir("/proc") else { return out };
+    let mut pids: Vec<i32> = rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    pids.sort_unstable();
+    for pid in pids {
+        if let Some(ino) = mnt_ns(pid) {
+            out.entry(ino).or_insert(pid);
+        }
+    }
+    out
+}
+
+/// One overlay mount in a mount namespace, with the directories it was made of (as given at mount
+/// time: plyroot always passes absolute paths).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Overlay {
+    pub lowers: Vec<PathBuf>,
+    pub upper: Option<PathBuf>,
+    pub work: Option<PathBuf>,
+}
+
+impl Overlay {
+    /// Every directory the overlay holds on to.
+    pub(crate) fn dirs(&self) -> impl Iterator<Item = &PathBuf> {
+        self.lowers.iter().chain(&self.upper).chain(&self.work)
+    }
+}
+
+/// The overlay mounts in the mount namespace of `pid` (empty when it cannot be read).
+pub(crate) fn overlays(pid: i32) -> Vec<Overlay> {
+    fs::read_to_string(format!("/proc/{pid}/mountinfo")).map(|t| parse_overlays(&t)).unwrap_or_default()
+}
+
+/// The overlay lines of a mountinfo text. Fields: `id parent maj:min root mount-point options
+/// [optional…] - fstype source super-options`; overlayfs lists its directories in the super
+/// options (`lowerdir+=…,upperdir=…,workdir=…`, or one `lowerdir=a:b` from mount(2)).
+pub(crate) fn parse_overlays(mountinfo: &str) -> Vec<Overlay> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((_, tail)) = line.split_once(" - ") else { continue };
+        let mut f = tail.splitn(3, ' ');
+        if f.next() != Some("overlay") {
+            continue;
+        }
+        let (_source, opts) = (f.next(), f.next().unwrap_or(""));
+        let mut o = Overlay::default();
+        for opt in split_options(opts) {
+            let Some((k, v)) = opt.split_once('=') else { continue };
+            let v = unescape(v);
+            match k {
+                "lowerdir+" => o.lowers.push(PathBuf::from(v)),
+                "lowerdir" => o.lowers.extend(v.split(':').filter(|s| !s.is_empty()).map(PathBuf::from)),
+                "upperdir" => o.upper = Some(PathBuf::from(v)),
+                "workdir" => o.work = Some(PathBuf::from(v)),
+                _ => {}
+            }
+        }
+        out.push(o);
+    }
+    out
+}
+
+/// Splits super options at commas; overlayfs escapes a comma inside a path as `\,`.
+fn split_options(s: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                out.last_mut().unwrap().push(c);
+                if let Some(n) = chars.next() {
+                    out.last_mut().unwrap().push(n);
+                }
+            }
+            ',' => out.push(String::new()),
+            c => out.last_mut().unwrap().push(c),
+        }
+    }
+    out
+}
+
+/// Undoes mountinfo's escapes: `\040` (octal) for space, tab, newline and backslash, and
+/// overlayfs's own `\,` and `\:`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else if b[i] == b'\\' && i + 1 < b.len() && matches!(b[i + 1], b',' | b':' | b'\\') {
+            out.push(b[i + 1]);
+            i += 2;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A process's command line for messages: arguments joined by spaces, control characters shown
+/// as `?`, at most 120 characters.
+pub(crate) fn cmdline(pid: i32) -> String {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut s: String = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if s.is_empty() {
+        s = fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| format!("[{}]", c.trim())).unwrap_or_else(|_| "?".into());
+    }
+    if s.chars().count() > 120 {
+        s = s.chars().take(117).collect::<String>() + "...";
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_lines_give_their_directories() {
+        let text = "\
+66 42 0:39 / / rw,relatime - overlay plyroot rw,lowerdir+=/s/envs/t1/skel/1-0-79,lowerdir+=/s/layers/29d0/root,upperdir=/s/envs/t1/upper,workdir=/s/envs/t1/work/0,redirect_dir=nofollow,uuid=on,userxattr
+67 66 0:5 / /proc rw,nosuid - proc proc rw
+68 66 0:40 / /usr rw shared:3 - overlay overlay rw,lowerdir=/a\\040b:/c,upperdir=/u\\,v,workdir=/w
+";
+        let o = parse_overlays(text);
+        assert_eq!(o.len(), 2);
+        assert_eq!(o[0].lowers, [PathBuf::from("/s/envs/t1/skel/1-0-79"), PathBuf::from("/s/layers/29d0/root")]);
+        assert_eq!(o[0].upper.as_deref(), Some(std::path::Path::new("/s/envs/t1/upper")));
+        assert_eq!(o[0].work.as_deref(), Some(std::path::Path::new("/s/envs/t1/work/0")));
+        assert_eq!(o[1].lowers, [PathBuf::from("/a b"), PathBuf::from("/c")]);
+        assert_eq!(o[1].upper.as_deref(), Some(std::path::Path::new("/u,v")));
+        assert_eq!(o[1].dirs().count(), 4);
+    }
+
+    #[test]
+    fn namespace_links_parse_and_this_process_is_seen() {
+        assert_eq!(ns_link_ino("mnt:[4026531841]"), Some(4026531841));
+        assert_eq!(ns_link_ino("mnt:4026531841"), None);
+        let me = std::process::id() as i32;
+        let ns = mnt_ns(me).expect("our own mount namespace");
+        assert!(mount_namespaces().contains_key(&ns));
+        assert!(!cmdline(me).is_empty());
+    }
+}

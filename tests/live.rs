@@ -1,0 +1,240 @@
+//! What is alive in an environment, and one overlay per upper (issue "lose nothing").
+//!
+//! - A run stays alive for as long as anything is in it, whatever it does with its fds: a daemon
+//!   that leaves its session and closes every fd keeps `commit`, `reset`, `rebase` and `rm`
+//!   refusing (naming it), keeps `gc` away from its layers, and later runs join its mount.
+//! - Runs of one environment share one overlay mount over its upper whatever their flags: the
+//!   common pair `enter` (you) + `run --root` sees each other's writes at once, and the root has
+//!   one device number (one overlay superblock) in every run.
+//! - The store is read-only inside every run.
+//!
+//! Runs as root and as unprivileged users with and without /etc/subuid ranges.
+
+#[macro_use]
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A store with one busybox environment `t`, or a skip.
+fn env() -> Result<Store, String> {
+    userns()?;
+    let s = Store::new();
+    s.busybox_env("t")?;
+    Ok(s)
+}
+
+/// A run in the background that prints `ready` once it started, then waits for `/tmp/<go>` (the
+/// shared /tmp: the test creates it) before running `after`.
+struct Bg {
+    child: Child,
+    out: std::sync::mpsc::Receiver<String>,
+    go: PathBuf,
+}
+
+fn bg(s: &Store, args: &[&str], before: &str, after: &str) -> Bg {
+    let go = s.path(&format!("go-{}", std::process::id()));
+    let _ = fs::remove_file(&go);
+    let script = format!("{before}; echo ready; while [ ! -e {} ]; do sleep 0.05; done; {after}", go.display());
+    let mut full: Vec<&str> = args.to_vec();
+    full.extend_from_slice(&["--", "sh", "-c", &script]);
+    let mut child = s.cmd(&full).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let b = Bg { child, out: rx, go };
+    b.expect("ready");
+    b
+}
+
+impl Bg {
+    fn expect(&self, line: &str) {
+        let got = self.out.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("the background run did not print {line:?}"));
+        assert_eq!(got, line);
+    }
+
+    /// Lets it go on and returns the rest of its output and its status.
+    fn finish(mut self) -> (Vec<String>, i32) {
+        fs::write(&self.go, b"").unwrap();
+        let st = self.child.wait().unwrap();
+        // The reader thread ends with the pipe: take every line it still has.
+        let mut rest = Vec::new();
+        while let Ok(line) = self.out.recv_timeout(Duration::from_secs(10)) {
+            rest.push(line);
+        }
+        (rest, status_code(st))
+    }
+}
+
+/// The device number of the root in a run: one per overlay superblock.
+fn root_dev(s: &Store, opts: &[&str]) -> String {
+    s.run("t", opts, &["stat", "-c", "%d", "/"]).ok().line()
+}
+
+// ---------------------------------------------------------------------------------------------
+// One overlay per upper
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn enter_and_run_root_share_one_mount_and_see_each_others_writes() {
+    let s = need!(env());
+    // Terminal 1: an interactive shell as you (whatever you are in this regime), fed on stdin.
+    let mut enter = s.cmd(&["enter", "t"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = enter.stdin.take().unwrap();
+    let go = s.path("go-enter");
+    writeln!(stdin, "echo from-enter > /from-enter; stat -c %d / > {}; echo ready", s.path("dev-enter").display()).unwrap();
+    let mut out = BufReader::new(enter.stdout.take().unwrap());
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while line.trim() != "ready" {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline, "enter did not start");
+    }
+    // Terminal 2, while the shell is open: root, with other flags than the shell's.
+    let o = s.run("t", &["--root"], &["sh", "-c", "cat /from-enter; echo from-root > /from-root; id -u; stat -c %d /"]).ok();
+    let lines = o.lines();
+    assert_eq!(lines[..2], ["from-enter", "0"], "run --root does not see the shell's write: {o}");
+    let dev_enter = {
+        writeln!(stdin, "while [ ! -e {} ]; do sleep 0.05; done; cat /from-root; exit", go.display()).unwrap();
+        fs::read_to_string(s.path("dev-enter")).unwrap().trim().to_string()
+    };
+    assert_eq!(lines[2], dev_enter, "run --root mounted a second overlay over the upper: {o}");
+    // Other flags join the same mount too.
+    for opts in [&["--pid"][..], &["--no-host", "tmp"], &["--bind", "/etc:/hostetc:ro"], &["-e", "X=1", "--root", "--pid"]] {
+        assert_eq!(root_dev(&s, opts), dev_enter, "{opts:?} mounted a second overlay over the upper");
+    }
+    fs::write(&go, b"").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let st = enter.wait().unwrap();
+    assert_eq!(status_code(st), 0);
+    assert_eq!(rest.trim(), "from-root", "the shell does not see run --root's write");
+    // Nothing runs now: the next run mounts afresh (a new superblock), and sees everything.
+    assert_eq!(s.sh("t", "cat /from-enter /from-root").ok().stdout, "from-enter\nfrom-root\n");
+}
+
+#[test]
+fn a_run_of_another_generation_is_refused_while_the_upper_is_mounted() {
+    let s = need!(env());
+    s.sh("t", "echo two > /two").ok();
+    s.plyroot(&["commit", "t", "-m", "two"]).ok();
+    s.plyroot(&["switch", "t", "1"]).ok();
+    let running = bg(&s, &["run", "t"], "true", "test ! -e /two && echo gen1");
+    s.plyroot(&["switch", "t", "2"]).ok();
+    s.sh("t", "true").plyroot_error(&["generation 1", "pid ", "--ephemeral"]);
+    // Without the upper it runs, on the new generation.
+    assert_eq!(s.run("t", &["--read-only"], &["cat", "/two"]).ok().stdout, "two\n");
+    let (rest, code) = running.finish();
+    assert_eq!((rest, code), (vec!["gen1".to_string()], 0));
+    assert_eq!(s.sh("t", "cat /two").ok().stdout, "two\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A daemon that closes its fds
+// ---------------------------------------------------------------------------------------------
+
+/// Starts a daemon inside `t` the way start-stop-daemon would: a new session, every fd closed,
+/// the run that started it gone. It appends to /daemon.log every 50 ms until /tmp/<stop> exists.
+/// Returns the device number of the daemon's root (its overlay).
+fn daemon(s: &Store, stop: &std::path::Path) -> String {
+    let dev = s.path("daemon-dev");
+    let script = format!(
+        "setsid sh -c 'stat -c %d / > {}; exec 0<&- 1>&- 2>&-; for fd in 3 4 5 6 7 8 9; do eval \"exec $fd>&-\"; done; while [ ! -e {} ]; do echo x >> /daemon.log; sleep 0.05; done' & sleep 0.3; echo started",
+        dev.display(),
+        stop.display()
+    );
+    assert_eq!(s.sh("t", &script).ok().stdout, "started\n");
+    fs::read_to_string(dev).unwrap().trim().to_string()
+}
+
+/// The pid a plyroot error names (`pid N`).
+fn named_pid(stderr: &str) -> i32 {
+    let at = stderr.find("pid ").unwrap_or_else(|| panic!("no pid named: {stderr}"));
+    stderr[at + 4..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_daemon_that_closes_its_fds_keeps_the_environment_in_use() {
+    let s = need!(env());
+    let stop = s.path("stop-daemon");
+    struct Stop(PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = fs::write(&self.0, b"");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let _stop = Stop(stop.clone());
+    let dev = daemon(&s, &stop);
+    // A later run joins the daemon's mount (one overlay, so its workdir slot is not reused)...
+    assert_eq!(root_dev(&s, &[]), dev, "a run mounted a second overlay over the upper while the daemon runs");
+    // ...and sees it still writing, though the run that started it has ended.
+    let grows = |s: &Store| {
+        let a = s.sh("t", "wc -c < /daemon.log").ok().line();
+        std::thread::sleep(Duration::from_millis(300));
+        let b = s.sh("t", "wc -c < /daemon.log").ok().line();
+        (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap())
+    };
+    let (a, b) = grows(&s);
+    assert!(b > a, "a later run does not see the daemon's writes (a second overlay?): {a} then {b}");
+    // Every command that would change the upper under it refuses, naming it.
+    let c = s.plyroot(&["commit", "t"]).plyroot_error(&["in use", "pid ", "sh -c"]);
+    let pid = named_pid(&c.stderr);
+    assert!(fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap().contains("daemon.log"), "the named pid is not the daemon: {c}");
+    s.plyroot(&["reset", "t", "--force"]).plyroot_error(&["in use", &format!("pid {pid}")]);
+    s.plyroot(&["rm", "t"]).plyroot_error(&["in use", &format!("pid {pid}")]);
+    s.plyroot(&["rebase", "t"]).plyroot_error(&["in use", &format!("pid {pid}")]);
+    let layers = s.layer_ids();
+    s.plyroot(&["gc"]).ok();
+    assert_eq!(s.layer_ids(), layers, "gc deleted layers a daemon uses");
+    assert_eq!(s.plyroot(&["list"]).ok().stdout.lines().filter(|l| l.starts_with("t ")).count(), 1);
+    // Stopped, the environment is free again: commit takes what it wrote, and verify is clean.
+    fs::write(&stop, b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::metadata(format!("/proc/{pid}")).is_ok() {
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.plyroot(&["commit", "t", "-m", "daemon"]).ok();
+    assert!(s.sh("t", "test -s /daemon.log && echo kept").ok().stdout == "kept\n");
+    let v = s.plyroot(&["verify"]).ok();
+    assert!(!v.stdout.contains("CORRUPT"), "{v}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store inside
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_store_is_read_only_inside_every_run() {
+    let s = need!(env());
+    let id = s.layer_ids().into_iter().next().unwrap();
+    let layer_file = s.home.join("layers").join(id.trim_start_matches("sha256:")).join("root/etc/passwd");
+    assert!(layer_file.is_file(), "fixture: {} missing", layer_file.display());
+    let record = s.home.join("envs/t/generations/1.json");
+    let before = (fs::read(&layer_file).unwrap(), fs::read(&record).unwrap());
+    for opts in [&[][..], &["--root"], &["--ephemeral"], &["--pid"], &["--read-only"]] {
+        let script = format!(
+            "test -r {l} || exit 3; echo x >> {l} && exit 4; echo x >> {r} && exit 5; mkdir {h}/intruder && exit 6; echo refused",
+            l = layer_file.display(),
+            r = record.display(),
+            h = s.home.display()
+        );
+        let o = s.run("t", opts, &["sh", "-c", &script]);
+        assert_eq!((o.code, o.stdout.trim()), (0, "refused"), "{opts:?}: the store is writable inside: {o}");
+    }
+    assert_eq!((fs::read(&layer_file).unwrap(), fs::read(&record).unwrap()), before);
+    assert!(!s.home.join("intruder").exists());
+    let v = s.plyroot(&["verify"]).ok();
+    assert!(!v.stdout.contains("CORRUPT"), "{v}");
+}
