@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::{out, out_json};
 use crate::progress::Progress;
 use crate::source::Source;
+use crate::store::layer::short_id;
 use crate::store::{now_secs, write_atomic, Store};
 
 /// `plyroot.lock`: each source, as written in the manifest, pinned to its layer ids.
@@ -19,8 +20,13 @@ struct LockFile {
 }
 
 fn read_lock(path: &Path) -> Result<LockFile> {
+    let fix = "fix or delete it and run `plyroot apply --update`";
     match std::fs::read(path) {
-        Ok(d) => serde_json::from_slice(&d).with_context(|| format!("{} is not a plyroot lock file: fix or delete it and run `plyroot apply --update`", path.display())),
+        Ok(d) => {
+            let lock: LockFile = serde_json::from_slice(&d).with_context(|| format!("{} is not a plyroot lock file: {fix}", path.display()))?;
+            crate::store::layer::check_ids(lock.sources.values().flatten(), path, fix)?;
+            Ok(lock)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LockFile { version: 1, ..Default::default() }),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
@@ -152,7 +158,7 @@ pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> 
     }
     let mut s = format!("  {:>4}  {:<10} {:>6}  {:<24} {}\n", "GEN", "CREATED", "LAYERS", "CHANGE", "WHY");
     for r in &rows {
-        let short = |v: &Vec<String>, sign: char| v.iter().map(|l| format!("{sign}{}", &l[7..19])).collect::<Vec<_>>().join(" ");
+        let short = |v: &Vec<String>, sign: char| v.iter().map(|l| format!("{sign}{}", short_id(l).trim_start_matches("sha256:"))).collect::<Vec<_>>().join(" ");
         let change = [short(&r.added, '+'), short(&r.removed, '-')].into_iter().filter(|x| !x.is_empty()).collect::<Vec<_>>().join(" ");
         s.push_str(&format!("{} {:>4}  {:<10} {:>6}  {:<24} {}\n", if r.current { '*' } else { ' ' }, r.number, ago(r.created), r.layers, change, r.reason));
     }

@@ -72,7 +72,7 @@ fn stack(store: &Store, names: &[String], with_upper: bool) -> Result<Vec<(Strin
         }
         for l in g.layers.iter().rev() {
             let src = store.layer_info(l).map(|i| i.source).unwrap_or_default();
-            out.push((format!("layer {} of {n} ({src})", &l[..19]), store.layer_root(l)));
+            out.push((format!("layer {} of {n} ({src})", crate::store::layer::short_id(l)), store.layer_root(l)));
         }
         if g.settings.base.as_deref() == Some("host") {
             out.push(("the host root (base = \"host\")".into(), PathBuf::from("/")));

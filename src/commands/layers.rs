@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{human, out, out_json};
 use crate::progress::Progress;
 use crate::source::Source;
-use crate::store::layer::LayerInfo;
+use crate::store::layer::{short_id, LayerInfo};
 use crate::store::Store;
 
 fn progress_for(src: &Source) -> Progress {
@@ -64,7 +64,7 @@ pub(crate) fn layers(store: &Store, json: bool) -> Result<i32> {
     let mut s = format!("{:<19} {:>10} {:>8}  {:<20} {}\n", "ID", "SIZE", "ENTRIES", "USED BY", "SOURCE");
     for r in &rows {
         let used = if r.used_by.is_empty() { "-".to_owned() } else { r.used_by.join(",") };
-        s.push_str(&format!("{:<19} {:>10} {:>8}  {:<20} {}\n", &r.info.id[..19], human(r.info.size), r.info.entries, used, r.info.source));
+        s.push_str(&format!("{:<19} {:>10} {:>8}  {:<20} {}\n", short_id(&r.info.id), human(r.info.size), r.info.entries, used, r.info.source));
     }
     out(&s).map(|_| 0)
 }
