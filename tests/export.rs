@@ -514,6 +514,15 @@ fn export_to_a_fifo_or_a_link_to_one_feeds_its_reader() {
     let out = s.cmd(&["export", "t", "-o", "/proc/self/fd/1"]).stdin(Stdio::null()).stderr(Stdio::piped()).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout == reference, "-o /proc/self/fd/1 wrote {} bytes, not the {} of the file export", out.stdout.len(), reference.len());
+    // Stdout redirected to a file and named by a link (`-o /dev/stdout > FILE`): written through
+    // stdout, the file the shell opened is not replaced.
+    let redirected = s.path("redirected.tar");
+    let file = fs::File::create(&redirected).unwrap();
+    let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata().unwrap());
+    let out = s.cmd(&["export", "t", "-o", "/proc/self/fd/1"]).stdin(Stdio::null()).stdout(file).stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::os::unix::fs::MetadataExt::ino(&fs::metadata(&redirected).unwrap()), inode, "the redirected file was replaced");
+    assert!(fs::read(&redirected).unwrap() == reference, "the redirected file is not the tarball");
 }
 
 #[test]

@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -106,10 +105,7 @@ fn export_tar(env: &Env, generation: &Generation, mut tiers: Vec<Tier>, upper: O
         }
         exp::Output::Stream(sink) => {
             // The id goes to stdout, unless the tarball does (`-o /dev/stdout`).
-            let is_stdout = match (sink.metadata(), rustix::fs::fstat(std::io::stdout())) {
-                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.st_dev, b.st_ino),
-                _ => false,
-            };
+            let is_stdout = sink.metadata().is_ok_and(|m| exp::is_stdout(&m));
             (sink, None, !is_stdout)
         }
         exp::Output::File(pending) => (pending.handle()?, Some(pending), true),

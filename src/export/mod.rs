@@ -128,6 +128,7 @@ fn dir_of(path: &Path) -> &Path {
 /// - `-`: standard output.
 /// - a character device, a FIFO (or a link to one: `/dev/stdout`, a shell's `>(…)`): written
 ///   through, as `cat > PATH` would; replacing it would break `/dev/null` for the whole machine.
+///   A link to the file stdout is open on (`-o /dev/stdout > FILE`) is stdout.
 /// - a new name or a regular file: written beside it and renamed over it at the end.
 /// - anything else is refused. A link to a regular file (or to nothing) is refused rather than
 ///   followed: replacing the link would lose it, and following it would replace a file the user
@@ -158,6 +159,9 @@ impl Output {
             let target = fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
             return match fs::metadata(path) {
                 Ok(m) if is_stream(&m.file_type()) => Output::stream(path),
+                // `-o /dev/stdout > FILE`: the file the shell opened for us, written through our
+                // own stdout as with `-o -`.
+                Ok(m) if is_stdout(&m) => Ok(Output::Stdout),
                 Ok(m) if m.is_dir() => bail!("cannot write {shown}: it is a symbolic link to the directory {target}; give a file name, e.g. {shown}/rootfs.tar.zst"),
                 Ok(_) => bail!("cannot write {shown}: it is a symbolic link (to {target}); plyroot replaces neither a link nor the file behind it: give the file's own path, or remove the link"),
                 Err(_) => bail!("cannot write {shown}: it is a symbolic link to {target}, which does not exist; give the file's own path, or remove the link"),
@@ -190,6 +194,12 @@ impl Output {
         }
         Ok(Output::Stream(file))
     }
+}
+
+/// Whether `m` describes the file our stdout is open on.
+pub(crate) fn is_stdout(m: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    rustix::fs::fstat(std::io::stdout()).is_ok_and(|s| (s.st_dev, s.st_ino) == (m.dev(), m.ino()))
 }
 
 /// Outputs written through rather than replaced: character devices, FIFOs (and sockets, which
