@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use serde_json::json;
 
 /// The subcommands a `--help` text lists under `Commands:` (without `help`).
 fn subcommands(help: &str) -> Vec<String> {
@@ -211,4 +212,172 @@ fn create_list_rm() {
     s.plyroot(&["create", "one", "--from", &src]).plyroot_error(&["one"]);
     s.plyroot(&["rm", "one", "two"]).ok();
     assert_eq!(s.plyroot(&["list", "--json"]).ok().json(), serde_json::json!([]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Damaged records: a clear error naming the file, never a panic
+// ---------------------------------------------------------------------------------------------
+
+/// A store with environment `t` applied from `proj/plyroot.toml` (so a lock file pins its one
+/// layer), a file in its upper, and a launcher of `sh` in `bin/`. Needs no namespaces.
+fn records() -> Result<(Store, std::path::PathBuf, String), String> {
+    let s = Store::new();
+    let proj = s.path("proj");
+    busybox_rootfs(&proj.join("rootfs"))?;
+    std::fs::write(proj.join("plyroot.toml"), "[env.t]\nfrom = [\"dir:rootfs\"]\n").unwrap();
+    let mut c = s.cmd(&["apply"]);
+    c.current_dir(&proj);
+    run_with(&mut c, None, TIMEOUT).ok();
+    std::fs::write(s.home.join("envs/t/upper/made-in-a-run"), "x\n").unwrap();
+    s.plyroot(&["export", "t", "sh", "--to", &s.path("bin").to_string_lossy()]).ok();
+    let id = s.layer_ids().into_iter().next().unwrap();
+    Ok((s, proj, id))
+}
+
+/// Writes each of `contents` into `file` in turn and runs each command (in `cwd`): every one must
+/// fail with plyroot's own status and exactly one `plyroot: error:` line that names the file.
+/// The file's content is restored after.
+fn refused_naming(s: &Store, cwd: &std::path::Path, file: &std::path::Path, contents: &[String], commands: &[&[&str]]) {
+    let saved = std::fs::read(file).ok();
+    let shown = file.display().to_string();
+    for content in contents {
+        std::fs::write(file, content).unwrap();
+        for args in commands {
+            let mut c = s.cmd(args);
+            c.current_dir(cwd);
+            let out = run_with(&mut c, None, TIMEOUT);
+            assert!(!out.stderr.contains("panicked"), "plyroot panicked on a damaged {shown} holding {content:?}: {out}");
+            assert_eq!(out.code, 125, "a damaged {shown} holding {content:?}: {out}");
+            // (A once-per-store note may come first, e.g. about identity.)
+            let errors: Vec<&str> = out.stderr.lines().filter(|l| l.contains("error")).collect();
+            assert_eq!(errors.len(), 1, "expected one error line on stderr for {shown} holding {content:?}: {out}");
+            assert!(errors[0].starts_with("plyroot: error: ") && errors[0].contains(&shown), "the error must name {shown} (holding {content:?}): {out}");
+            assert_eq!(out.stderr.trim_end().lines().last(), Some(errors[0]), "the error is the last word: {out}");
+        }
+    }
+    match saved {
+        Some(d) => std::fs::write(file, d).unwrap(),
+        None => std::fs::remove_file(file).unwrap(),
+    }
+}
+
+/// A JSON record with `key` set to `value`.
+fn with(record: &serde_json::Value, key: &str, value: serde_json::Value) -> String {
+    let mut r = record.clone();
+    r[key] = value;
+    r.to_string()
+}
+
+#[test]
+fn damaged_generation_records_are_named_never_a_panic() {
+    let (s, proj, id) = need!(records());
+    let file = s.home.join("envs/t/generations/1.json");
+    let g: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let damaged = [
+        with(&g, "layers", json!(["sha256:abc"])),
+        with(&g, "layers", json!(["abc"])),
+        with(&g, "layers", json!([""])),
+        with(&g, "layers", json!(["sha256:../../../../../../tmp"])),
+        with(&g, "layers", json!([id.to_uppercase()])),
+        with(&g, "layers", json!(id)),
+        with(&g, "layers", json!([5])),
+        with(&g, "commits", json!(["sha256:abc"])),
+        with(&g, "number", json!(7)),
+        with(&g, "number", json!("one")),
+        "not json\n".to_string(),
+        String::new(),
+    ];
+    let current: &[&[&str]] = &[
+        &["generations", "t"],
+        &["generations", "t", "--json"],
+        &["list"],
+        &["layers"],
+        &["gc", "--dry-run"],
+        &["run", "t", "--", "true"],
+        &["apply"],
+        &["export", "t", "-o", "x.tar"],
+        &["rollback", "t"],
+        &["switch", "t", "1"],
+        &["diff", "t"],
+    ];
+    refused_naming(&s, &proj, &file, &damaged, current);
+    // A record that is not the current one: everything that reads every generation.
+    let other = s.home.join("envs/t/generations/2.json");
+    let damaged2: Vec<String> = damaged.iter().map(|d| d.replace("\"number\":1", "\"number\":2")).collect();
+    refused_naming(&s, &proj, &other, &damaged2, &[&["generations", "t"], &["layers"], &["gc", "--dry-run"]]);
+    // Restored, everything works again and nothing was lost.
+    assert!(!proj.join("x.tar").exists());
+    s.plyroot(&["generations", "t"]).ok();
+    assert_eq!(s.plyroot(&["list", "--json"]).ok().json()[0]["layers"], json!([id]));
+}
+
+#[test]
+fn a_damaged_upper_record_is_named() {
+    let (s, proj, id) = need!(records());
+    let file = s.home.join("envs/t/upper.json");
+    let damaged = ["[\"sha256:abc\"]".to_string(), format!("[\"{}\"]", &id[..20]), "[\"sha256:../../x\"]".into(), format!("\"{id}\""), "{}".into(), "[1]".into(), "garbage".into()];
+    refused_naming(&s, &proj, &file, &damaged, &[&["run", "t", "--", "true"], &["export", "t", "-o", "x.tar"], &["gc", "--dry-run"], &["switch", "t", "1"], &["diff", "t"]]);
+    assert!(!proj.join("x.tar").exists());
+    // The error says how to fix it: without the file, the upper counts as written on the
+    // current generation.
+    std::fs::write(&file, "garbage").unwrap();
+    let out = s.plyroot(&["gc", "--dry-run"]).plyroot_error(&["upper.json", "delete it"]);
+    assert!(out.stderr.contains("current generation"), "{out}");
+    std::fs::remove_file(&file).unwrap();
+    s.plyroot(&["gc", "--dry-run"]).ok();
+}
+
+#[test]
+fn a_damaged_lock_file_is_named() {
+    let (s, proj, id) = need!(records());
+    let file = proj.join("plyroot.lock");
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let damaged = [
+        with(&lock, "sources", json!({"dir:rootfs": ["sha256:abc"]})),
+        with(&lock, "sources", json!({"dir:rootfs": ["sha256:../../../x"]})),
+        with(&lock, "sources", json!({"dir:rootfs": id})),
+        with(&lock, "sources", json!([])),
+        "{".to_string(),
+    ];
+    refused_naming(&s, &proj, &file, &damaged, &[&["apply"], &["apply", "--update"]]);
+    let mut c = s.cmd(&["apply"]);
+    c.current_dir(&proj);
+    run_with(&mut c, None, TIMEOUT).ok();
+}
+
+#[test]
+fn a_damaged_layer_record_is_named() {
+    let (s, proj, id) = need!(records());
+    let hex = id.trim_start_matches("sha256:");
+    let file = s.home.join("layers").join(hex).join("layer.json");
+    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let damaged = [
+        with(&info, "id", json!("sha256:abc")),
+        with(&info, "id", json!("")),
+        with(&info, "id", json!(format!("sha256:{}", "e".repeat(64)))),
+        with(&info, "id", json!("sha256:../../../../x")),
+        with(&info, "id", json!(5)),
+        with(&info, "size", json!("big")),
+        "[]".to_string(),
+        "\u{0}\u{1}".to_string(),
+    ];
+    let prefix = &id[..19];
+    let layer_src = format!("layer:{id}");
+    refused_naming(&s, &proj, &file, &damaged, &[&["layers"], &["layers", "--json"], &["gc", "--dry-run"], &["verify"], &["layer", "rm", prefix], &["import", &layer_src], &["create", "u", "--from", &layer_src]]);
+    assert_eq!(s.layer_ids().into_iter().collect::<Vec<_>>(), [id.clone()]);
+    assert_eq!(s.plyroot(&["list", "--json"]).ok().json().as_array().unwrap().len(), 1, "no environment was created or removed");
+}
+
+#[test]
+fn a_damaged_launcher_receipt_is_named() {
+    let (s, proj, _) = need!(records());
+    let file = s.home.join("launchers/t/sh.json");
+    assert!(file.is_file(), "the receipt lives at {}", file.display());
+    let damaged = ["garbage".to_string(), "{\"env\": 5}".into(), "[]".into()];
+    refused_naming(&s, &proj, &file, &damaged, &[&["exports"], &["unexport", "--all"], &["rm", "t"]]);
+    // `rm` refused before removing anything: the environment and its launcher are still there.
+    assert_eq!(s.plyroot(&["list", "--json"]).ok().json().as_array().unwrap().len(), 1);
+    assert!(std::fs::symlink_metadata(s.path("bin/sh")).is_ok());
+    s.plyroot(&["rm", "t"]).ok();
+    assert!(std::fs::symlink_metadata(s.path("bin/sh")).is_err());
 }

@@ -1134,3 +1134,120 @@ fn verify_detects_a_corrupted_layer() {
     assert_ne!(out.code, 0, "verify missed an added file: {out}");
     assert!(out.stdout.lines().any(|l| l.contains("CORRUPT") && l.contains(&top)), "{out}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// All or nothing: every check before the first change
+// ---------------------------------------------------------------------------------------------
+
+/// What `current` of `env` points at, read from the store itself (no plyroot command).
+fn current_link(s: &Store, env: &str) -> PathBuf {
+    fs::read_link(s.home.join("envs").join(env).join("current")).unwrap()
+}
+
+#[test]
+fn rm_of_a_running_environment_removes_nothing() {
+    let p = need!(proj());
+    let s = &p.s;
+    p.manifest("[env.dev]\nfrom = [\"dir:base\"]\n\n[env.spare]\nfrom = [\"dir:base\"]\n");
+    p.apply(&[]).ok();
+    let bin = s.path("bin");
+    s.plyroot(&["export", "dev", "sh", "--to", &bin.to_string_lossy()]).ok();
+    let running = bg(s, "dev", &[], "true", "echo done");
+    let snap = snapshot(s);
+    // `spare` comes first and could go; `dev` cannot: neither goes, and dev keeps its launcher.
+    s.plyroot(&["rm", "spare", "dev"]).plyroot_error(&["'dev'", "remove"]);
+    assert!(fs::symlink_metadata(bin.join("sh")).is_ok(), "rm removed the launcher of an environment it then refused to remove");
+    assert_eq!(s.plyroot(&["exports", "--json"]).ok().json().as_array().unwrap().len(), 1);
+    assert_eq!(snapshot(s), snap, "a refused rm changed the store");
+    assert_eq!(running.finish().ok().stdout, "ready\ndone\n");
+    s.plyroot(&["rm", "spare", "dev"]).ok();
+    assert!(fs::symlink_metadata(bin.join("sh")).is_err());
+    assert_eq!(s.plyroot(&["list", "--json"]).ok().json(), serde_json::json!([]));
+}
+
+/// `plyroot apply` in the project directory while that directory cannot be written: read-only
+/// in a private mount namespace as root (permissions do not stop root), mode 0555 otherwise.
+fn apply_read_only(p: &Proj) -> Out {
+    let dir = shell_quote(&p.dir.to_string_lossy());
+    let plyroot = shell_quote(&bin().to_string_lossy());
+    let mut c = if me().regime == Regime::Root {
+        let mut c = Command::new(tool("unshare").unwrap_or_else(|e| panic!("{e}")));
+        let script = format!("mount --make-rprivate / && mount --bind {dir} {dir} && mount -o remount,bind,ro {dir} && cd {dir} && exec {plyroot} apply");
+        c.args(["-m", "sh", "-c", &script]);
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-c", &format!("chmod 555 {dir} && cd {dir} && {plyroot} apply; rc=$?; chmod 755 {dir}; exit $rc")]);
+        c
+    };
+    c.env("PLYROOT_HOME", &p.s.home).env_remove("PLYROOT_STORE");
+    run_with(&mut c, None, TIMEOUT)
+}
+
+#[test]
+fn apply_that_cannot_write_its_lock_file_changes_no_environment() {
+    let p = need!(proj());
+    let s = &p.s;
+    p.manifest(&dev_manifest(&["dir:base"], ""));
+    p.apply(&[]).ok();
+    // A new source (so the lock must change), a changed environment and a new one.
+    p.dir_source("extra", &[("opt/extra", "extra\n")]);
+    p.manifest("[env.dev]\nfrom = [\"dir:base\", \"dir:extra\"]\n\n[env.more]\nfrom = [\"dir:base\"]\n");
+    let snap = snapshot(s);
+    let lock = p.lock();
+    let lock_path = p.dir.join("plyroot.lock");
+    apply_read_only(&p).plyroot_error(&[&lock_path.to_string_lossy(), "nothing was applied"]);
+    assert_eq!(gen_numbers(s, "dev"), [1], "apply changed an environment, then failed");
+    let names: Vec<String> = s.plyroot(&["list", "--json"]).ok().json().as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(names, ["dev"], "apply created an environment, then failed");
+    assert_eq!(p.lock(), lock);
+    assert_eq!(fs::read_dir(&p.dir).unwrap().count(), 4, "no probe or temporary file is left beside the manifest");
+    // Only the layers it imported are new (gc collects them if they stay unused).
+    assert_ne!(snapshot(s), snap);
+    // Writable again, the same apply does it all.
+    p.apply(&[]).ok();
+    assert_eq!(gen_numbers(s, "dev"), [1, 2]);
+    assert_eq!(s.run("more", &[], &["cat", "/etc/fixture"]).ok().stdout, "from-the-layer\n");
+    assert_eq!(s.run("dev", &[], &["cat", "/opt/extra"]).ok().stdout, "extra\n");
+}
+
+#[test]
+fn apply_checks_every_environment_before_changing_one() {
+    let p = need!(proj());
+    let s = &p.s;
+    p.manifest("[env.a]\nfrom = [\"dir:base\"]\n\n[env.b]\nfrom = [\"dir:base\"]\n");
+    p.apply(&[]).ok();
+    // A damaged record in b (one that is not current): b cannot get a new generation.
+    let planted = s.home.join("envs/b/generations/2.json");
+    fs::write(&planted, "garbage\n").unwrap();
+    p.manifest("[env.a]\nfrom = [\"dir:base\"]\nenv = { X = \"1\" }\n\n[env.b]\nfrom = [\"dir:base\"]\nenv = { X = \"1\" }\n");
+    p.apply(&[]).plyroot_error(&[&planted.to_string_lossy()]);
+    assert_eq!(current_link(s, "a"), Path::new("generations/1.json"), "apply changed a, then failed on b");
+    assert!(!s.home.join("envs/a/generations/2.json").exists());
+    fs::remove_file(&planted).unwrap();
+    p.apply(&[]).ok();
+    assert_eq!((gen_numbers(s, "a"), gen_numbers(s, "b")), (vec![1, 2], vec![1, 2]));
+}
+
+#[test]
+fn switch_checks_before_switching() {
+    let p = need!(three_generations());
+    let s = &p.s;
+    s.sh("dev", "echo mine > /etc/mine").ok();
+    // A damaged upper record: the switch is refused, not done and then reported as failed.
+    let upper_json = s.home.join("envs/dev/upper.json");
+    let saved = fs::read(&upper_json).unwrap();
+    fs::write(&upper_json, "[\"sha256:abc\"]").unwrap();
+    s.plyroot(&["switch", "dev", "1"]).plyroot_error(&[&upper_json.to_string_lossy()]);
+    assert_eq!(current_link(s, "dev"), Path::new("generations/3.json"));
+    fs::write(&upper_json, saved).unwrap();
+    // A generation whose layer is gone from the store: refused, naming the layer.
+    let x1 = p.pinned("dir:x1")[0].clone();
+    let layer = s.home.join("layers").join(x1.trim_start_matches("sha256:"));
+    fs::rename(&layer, s.path("x1-layer")).unwrap();
+    s.plyroot(&["switch", "dev", "1"]).plyroot_error(&[&x1, "not in the store"]);
+    assert_eq!(current_link(s, "dev"), Path::new("generations/3.json"));
+    fs::rename(s.path("x1-layer"), &layer).unwrap();
+    s.plyroot(&["switch", "dev", "2"]).ok();
+    assert_eq!(current_link(s, "dev"), Path::new("generations/2.json"));
+}

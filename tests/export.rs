@@ -427,3 +427,145 @@ fn errors_name_the_problem_and_leave_nothing_behind() {
     assert!(fs::read(s.path("root.tar")).unwrap() == good, "a failed export changed the existing file");
     assert_eq!(listing(), before, "a failed export leaves no temporary file");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Where `-o` writes: through devices and FIFOs, never replacing them; links refused
+// ---------------------------------------------------------------------------------------------
+
+/// A store with the busybox environment `t`, its export as a file, and the id that export printed.
+fn simple() -> Result<(Store, Vec<u8>, String), String> {
+    userns()?;
+    let s = Store::new();
+    s.busybox_env("t")?;
+    let out = s.plyroot(&["export", "t", "-o", "ref.tar"]).ok();
+    let data = fs::read(s.path("ref.tar")).unwrap();
+    assert_eq!(out.line(), sha256(&data), "the id printed is the digest of the tarball");
+    Ok((s, data, out.line()))
+}
+
+fn listing(dir: &Path) -> std::collections::BTreeSet<String> {
+    fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
+/// (kind, rdev) of a path, not following a link: what must not change.
+fn node(p: &Path) -> (String, u64) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let t = m.file_type();
+    let kind = if t.is_char_device() { "char" } else if t.is_fifo() { "fifo" } else if t.is_symlink() { "link" } else if t.is_file() { "file" } else { "other" };
+    (kind.to_string(), m.rdev())
+}
+
+const NULL_DEV: u64 = (1 << 8) | 3;
+
+#[test]
+fn export_to_a_char_device_writes_through_it() {
+    let (s, _, id) = need!(simple());
+    if me().regime == Regime::Root {
+        // A null device of our own: as root, replacing it would have been possible.
+        let dev = s.path("null");
+        sh(&format!("mknod {} c 1 3", shell_quote(&dev.to_string_lossy()))).ok();
+        let before = listing(s.tmp.path());
+        let out = s.plyroot(&["export", "t", "-o", &dev.to_string_lossy()]).ok();
+        assert_eq!(out.line(), id, "the whole tarball went through the device: {out}");
+        assert_eq!(node(&dev), ("char".to_string(), NULL_DEV), "the device was replaced");
+        assert_eq!(listing(s.tmp.path()), before, "an export through a device leaves no file beside it");
+        // The real /dev/null, with /dev read-only in a private mount namespace: writing through
+        // the device works there, creating or renaming anything in /dev cannot (and so cannot
+        // harm this machine if this ever regresses).
+        let script = format!(
+            "mount --make-rprivate / && mount --bind /dev /dev && mount -o remount,bind,ro /dev && exec {} export t -o /dev/null",
+            shell_quote(&bin().to_string_lossy())
+        );
+        let unshare = need!(tool("unshare"));
+        let mut c = Command::new(unshare);
+        c.args(["-m", "sh", "-c", &script]).env("PLYROOT_HOME", &s.home).current_dir(s.tmp.path());
+        let out = run_with(&mut c, None, TIMEOUT).ok();
+        assert_eq!(out.line(), id, "{out}");
+    } else {
+        // Unprivileged, /dev is not writable: the export must not need to create anything there.
+        let out = s.plyroot(&["export", "t", "-o", "/dev/null"]).ok();
+        assert_eq!(out.line(), id, "{out}");
+    }
+    assert_eq!(node(Path::new("/dev/null")), ("char".to_string(), NULL_DEV));
+}
+
+#[test]
+fn export_to_a_fifo_or_a_link_to_one_feeds_its_reader() {
+    let (s, reference, id) = need!(simple());
+    let fifo = s.path("fifo");
+    sh(&format!("mkfifo {}", shell_quote(&fifo.to_string_lossy()))).ok();
+    std::os::unix::fs::symlink("fifo", s.path("to-fifo")).unwrap();
+    for target in ["fifo", "to-fifo"] {
+        let before = listing(s.tmp.path());
+        // The reader opens the FIFO in a thread: it blocks until plyroot opens the other end.
+        let path = fifo.clone();
+        let reader = std::thread::spawn(move || fs::read(path).unwrap());
+        let out = s.plyroot(&["export", "t", "-o", target]);
+        assert_eq!(node(&fifo).0, "fifo", "-o {target}: the FIFO was replaced: {out}");
+        assert_eq!(node(&s.path("to-fifo")).0, "link", "-o {target}: the link was replaced: {out}");
+        let out = out.ok();
+        assert_eq!(out.line(), id);
+        let got = reader.join().unwrap();
+        assert!(got == reference, "-o {target}: the reader got {} bytes, not the {} of the file export", got.len(), reference.len());
+        assert_eq!(listing(s.tmp.path()), before, "-o {target} left a file beside the FIFO");
+    }
+    // Stdout by name (`-o /dev/stdout` resolves to this): the tarball alone, no id after it.
+    let out = s.cmd(&["export", "t", "-o", "/proc/self/fd/1"]).stdin(Stdio::null()).stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout == reference, "-o /proc/self/fd/1 wrote {} bytes, not the {} of the file export", out.stdout.len(), reference.len());
+    // Stdout redirected to a file and named by a link (`-o /dev/stdout > FILE`): written through
+    // stdout, the file the shell opened is not replaced.
+    let redirected = s.path("redirected.tar");
+    let file = fs::File::create(&redirected).unwrap();
+    let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata().unwrap());
+    let out = s.cmd(&["export", "t", "-o", "/proc/self/fd/1"]).stdin(Stdio::null()).stdout(file).stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::os::unix::fs::MetadataExt::ino(&fs::metadata(&redirected).unwrap()), inode, "the redirected file was replaced");
+    assert!(fs::read(&redirected).unwrap() == reference, "the redirected file is not the tarball");
+}
+
+#[test]
+fn export_refuses_a_link_and_leaves_it_and_its_target_as_they_were() {
+    let (s, _, _) = need!(simple());
+    fs::write(s.path("mine.tar"), "mine").unwrap();
+    fs::create_dir(s.path("emptydir")).unwrap();
+    std::os::unix::fs::symlink("mine.tar", s.path("to-file")).unwrap();
+    std::os::unix::fs::symlink("nowhere.tar", s.path("dangling")).unwrap();
+    std::os::unix::fs::symlink("emptydir", s.path("to-dir")).unwrap();
+    let before = listing(s.tmp.path());
+    for link in ["to-file", "dangling", "to-dir"] {
+        s.plyroot(&["export", "t", "-o", link]).plyroot_error(&[link, "symbolic link"]);
+        s.plyroot(&["export", "t", "--oci", link]).plyroot_error(&[link, "symbolic link"]);
+    }
+    assert_eq!(listing(s.tmp.path()), before, "a refused export left something behind");
+    assert_eq!(fs::read_link(s.path("to-file")).unwrap(), Path::new("mine.tar"));
+    assert_eq!(fs::read_link(s.path("dangling")).unwrap(), Path::new("nowhere.tar"));
+    assert_eq!(fs::read_link(s.path("to-dir")).unwrap(), Path::new("emptydir"));
+    assert_eq!(fs::read_to_string(s.path("mine.tar")).unwrap(), "mine");
+    assert!(fs::read_dir(s.path("emptydir")).unwrap().next().is_none(), "the link's target directory was written");
+    // An image layout never replaces a file or a device either.
+    s.plyroot(&["export", "t", "--oci", "mine.tar"]).plyroot_error(&["mine.tar", "not a directory"]);
+    s.plyroot(&["export", "t", "--oci", "/dev/null"]).plyroot_error(&["/dev/null", "not a directory"]);
+    assert_eq!(fs::read_to_string(s.path("mine.tar")).unwrap(), "mine");
+    assert_eq!(node(Path::new("/dev/null")), ("char".to_string(), NULL_DEV));
+    assert_eq!(listing(s.tmp.path()), before);
+}
+
+#[test]
+fn an_export_failing_mid_write_leaves_no_temporary_file() {
+    let (s, reference, _) = need!(simple());
+    fs::write(s.path("old.tar"), "old").unwrap();
+    let before = listing(s.tmp.path());
+    // A file size limit far below the tarball's size: the write fails half way (EFBIG, with
+    // SIGXFSZ ignored so that it is an error, not a kill).
+    for target in ["new.tar", "old.tar"] {
+        let script = format!("trap '' XFSZ; ulimit -f 64; exec {} export t -o {target}", shell_quote(&bin().to_string_lossy()));
+        let mut c = Command::new("sh");
+        c.args(["-c", &script]).env("PLYROOT_HOME", &s.home).current_dir(s.tmp.path());
+        run_with(&mut c, None, TIMEOUT).plyroot_error(&[target, "nothing was written"]);
+        assert_eq!(listing(s.tmp.path()), before, "-o {target}: a failed export left a file behind");
+        assert_eq!(fs::read_to_string(s.path("old.tar")).unwrap(), "old");
+    }
+    assert!(reference.len() > 64 * 1024, "the limit must cut the tarball");
+}

@@ -448,3 +448,23 @@ fn hardlinks_inside_the_archive_work() {
     let ids = s.import(&src("tar", &p));
     assert_eq!(ids.len(), 1);
 }
+
+#[test]
+fn layer_rm_removes_none_when_one_is_refused() {
+    let s = Store::new();
+    let t = need!(trees(&s));
+    let unused = s.import(&src("tar", &t.gz)).remove(0);
+    let other = s.path("other");
+    fs::create_dir_all(other.join("etc")).unwrap();
+    fs::write(other.join("etc/other"), "another layer\n").unwrap();
+    let used = s.import(&format!("dir:{}", other.display())).remove(0);
+    assert_ne!(used, unused);
+    s.create("user-of-layer", &[&format!("layer:{used}")]);
+    let before = s.layer_ids();
+    s.plyroot(&["layer", "rm", &unused, &used]).plyroot_error(&[&used, "user-of-layer"]);
+    s.plyroot(&["layer", "rm", &unused, "sha256:0000000000"]).plyroot_error(&["sha256:0000000000"]);
+    assert_eq!(s.layer_ids(), before, "a refused `layer rm` removed a layer");
+    // The same layer twice (id and prefix) is one removal.
+    s.plyroot(&["layer", "rm", &unused, &unused[..19]]).ok();
+    assert_eq!(s.layer_ids().into_iter().collect::<Vec<_>>(), [used]);
+}

@@ -159,3 +159,30 @@ fn base_host_puts_the_host_root_under_the_layers() {
     let d = s.plyroot(&["diff", "hb", "/usr/share"]).ok();
     assert!(d.stdout.contains("A /usr/share/plyroot-test/new"), "{d}");
 }
+
+#[test]
+fn exporting_several_launchers_installs_none_when_one_is_refused() {
+    let s = Store::new();
+    need!(s.busybox_env("t"));
+    let bin = s.path("bin");
+    fs::create_dir_all(&bin).unwrap();
+    fs::write(bin.join("ls"), "mine").unwrap();
+    let to = bin.to_string_lossy().to_string();
+    // `sh` could be installed, `ls` not: neither is.
+    s.plyroot(&["export", "t", "sh", "ls", "--to", &to]).plyroot_error(&[&bin.join("ls").to_string_lossy(), "not a plyroot launcher"]);
+    // Two programs that would be one launcher.
+    s.plyroot(&["export", "t", "cat", "/bin/sh", "/usr/bin/sh", "--to", &to]).plyroot_error(&["/bin/sh", "/usr/bin/sh", "'sh'"]);
+    // A launcher of another environment in the way.
+    s.plyroot(&["create", "u", "--from", "env:t"]).ok();
+    s.plyroot(&["export", "u", "tail", "--to", &to]).ok();
+    s.plyroot(&["export", "t", "head", "tail", "--to", &to]).plyroot_error(&["tail", "'u'", "unexport"]);
+    let mut names: Vec<String> = fs::read_dir(&bin).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["ls", "tail"], "a refused export installed launchers");
+    assert_eq!(fs::read_to_string(bin.join("ls")).unwrap(), "mine");
+    let receipts = s.plyroot(&["exports", "--json"]).ok().json();
+    assert_eq!(receipts.as_array().unwrap().len(), 1, "{receipts}");
+    // Nothing in the way: all are installed.
+    s.plyroot(&["export", "t", "sh", "cat", "--to", &to]).ok();
+    assert_eq!(s.plyroot(&["exports", "--json"]).ok().json().as_array().unwrap().len(), 3);
+}

@@ -7,8 +7,11 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{out, out_json};
+use crate::manifest::EnvDecl;
 use crate::progress::Progress;
 use crate::source::Source;
+use crate::store::env::{Env, Generation};
+use crate::store::layer::short_id;
 use crate::store::{now_secs, write_atomic, Store};
 
 /// `plyroot.lock`: each source, as written in the manifest, pinned to its layer ids.
@@ -19,8 +22,13 @@ struct LockFile {
 }
 
 fn read_lock(path: &Path) -> Result<LockFile> {
+    let fix = "fix or delete it and run `plyroot apply --update`";
     match std::fs::read(path) {
-        Ok(d) => serde_json::from_slice(&d).with_context(|| format!("{} is not a plyroot lock file: fix or delete it and run `plyroot apply --update`", path.display())),
+        Ok(d) => {
+            let lock: LockFile = serde_json::from_slice(&d).with_context(|| format!("{} is not a plyroot lock file: {fix}", path.display()))?;
+            crate::store::layer::check_ids(lock.sources.values().flatten(), path, fix)?;
+            Ok(lock)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LockFile { version: 1, ..Default::default() }),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
@@ -51,6 +59,14 @@ fn resolve(store: &Store, raw: &str, resolved: &str, pinned: Option<&Vec<String>
     Ok(ids)
 }
 
+/// What `apply` will do to one declared environment, decided before anything changes.
+enum Change<'m> {
+    Create { decl: &'m EnvDecl, layers: Vec<String> },
+    /// A new generation on top of `cur`; `_lock` keeps commits and other applies out from the
+    /// check to the switch.
+    Update { decl: &'m EnvDecl, layers: Vec<String>, env: Env, cur: Generation, _lock: std::fs::File },
+}
+
 pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -> Result<i32> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the manifest {} (create one, or pass -f FILE; see `plyroot apply --help`)", file.display()))?;
     let abs = if file.is_absolute() { file.to_owned() } else { std::env::current_dir()?.join(file) };
@@ -62,7 +78,8 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     }
     let lock_path = abs.with_file_name("plyroot.lock");
     let old_lock = read_lock(&lock_path)?;
-    // Resolve everything before changing anything: an error leaves every environment as it was.
+    // Resolve and check everything before changing anything: an error leaves every environment
+    // and the lock file as they were (imports only add layers, which gc collects if unused).
     let mut new_lock = LockFile { version: 1, sources: BTreeMap::new() };
     let mut plans = Vec::new();
     for decl in manifest.envs.iter().filter(|e| only.is_empty() || only.contains(&e.name)) {
@@ -81,38 +98,74 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     for (k, v) in &old_lock.sources {
         new_lock.sources.entry(k.clone()).or_insert_with(|| v.clone());
     }
-    let mut changed = 0;
+    let lock_changes = new_lock != old_lock;
+    if lock_changes {
+        check_writable(&lock_path)?;
+    }
+    // By name: two applies lock the environments they share in the same order.
+    plans.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let mut changes = Vec::new();
     for (decl, layers) in plans {
-        match store.env(&decl.name) {
-            Ok(env) => {
-                let _lock = env.lock()?;
-                let cur = env.current()?;
-                // Layers committed since are the user's: they stay on top of the declared ones.
-                let mut layers = layers;
-                layers.extend(cur.commits.iter().filter(|c| !layers.contains(c)).cloned().collect::<Vec<_>>());
-                if cur.layers == layers && cur.settings == decl.settings {
-                    continue;
-                }
+        if std::fs::symlink_metadata(store.envs_dir().join(&decl.name)).is_err() {
+            changes.push(Change::Create { decl, layers });
+            continue;
+        }
+        let env = store.env(&decl.name)?;
+        let lock = env.lock()?;
+        let cur = env.current()?;
+        // Layers committed since are the user's: they stay on top of the declared ones.
+        let mut layers = layers;
+        layers.extend(cur.commits.iter().filter(|c| !layers.contains(c)).cloned().collect::<Vec<_>>());
+        if cur.layers == layers && cur.settings == decl.settings {
+            continue;
+        }
+        // A new generation is numbered after every record there: read them all now.
+        env.generations()?;
+        changes.push(Change::Update { decl, layers, env, cur, _lock: lock });
+    }
+    let changed = changes.len();
+    for change in changes {
+        match change {
+            Change::Update { decl, layers, env, cur, _lock } => {
                 let mut g = env.write_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
                 g.commits = cur.commits.clone();
                 env.rewrite_generation(&g)?;
                 env.switch(g.number)?;
                 crate::diag::info(&format!("{}: generation {} is current", decl.name, g.number));
             }
-            Err(_) => {
+            Change::Create { decl, layers } => {
                 store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
                 crate::diag::info(&format!("{}: created, generation 1 is current", decl.name));
             }
         }
-        changed += 1;
     }
-    if new_lock != old_lock {
+    if lock_changes {
         write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
     }
     if changed == 0 {
         crate::diag::info("nothing to do: every environment is as the manifest declares");
     }
     Ok(0)
+}
+
+/// Whether the lock file can be written where it lives (beside the manifest), by creating and
+/// removing a file there, as writing it will (a new file renamed over the old).
+fn check_writable(lock_path: &Path) -> Result<()> {
+    let dir = lock_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let probe = dir.join(format!(".plyroot.lock.probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot write {} (apply records there the layers each source resolved to), so nothing was applied: make {} writable, or apply a copy of the manifest from a directory you can write",
+                lock_path.display(),
+                dir.display()
+            )
+        }),
+    }
 }
 
 #[derive(Serialize)]
@@ -152,7 +205,7 @@ pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> 
     }
     let mut s = format!("  {:>4}  {:<10} {:>6}  {:<24} {}\n", "GEN", "CREATED", "LAYERS", "CHANGE", "WHY");
     for r in &rows {
-        let short = |v: &Vec<String>, sign: char| v.iter().map(|l| format!("{sign}{}", &l[7..19])).collect::<Vec<_>>().join(" ");
+        let short = |v: &Vec<String>, sign: char| v.iter().map(|l| format!("{sign}{}", short_id(l).trim_start_matches("sha256:"))).collect::<Vec<_>>().join(" ");
         let change = [short(&r.added, '+'), short(&r.removed, '-')].into_iter().filter(|x| !x.is_empty()).collect::<Vec<_>>().join(" ");
         s.push_str(&format!("{} {:>4}  {:<10} {:>6}  {:<24} {}\n", if r.current { '*' } else { ' ' }, r.number, ago(r.created), r.layers, change, r.reason));
     }
@@ -162,9 +215,16 @@ pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> 
 pub(crate) fn switch(store: &Store, name: &str, n: u32) -> Result<i32> {
     let env = store.env(name)?;
     let _lock = env.lock()?;
+    // Everything read before the switch: a damaged record or a missing layer leaves the
+    // current generation as it was.
+    let target = env.generation(n)?;
+    if let Some(missing) = target.layers.iter().find(|l| !store.layer_dir(l).join("layer.json").is_file()) {
+        bail!("generation {n} of '{name}' uses layer {missing}, which is not in the store (see `plyroot verify`); '{name}' stays on its current generation");
+    }
+    let stale = !env.upper_is_empty() && env.upper_base()? != target.layers;
     env.switch(n)?;
     crate::diag::info(&format!("{name}: generation {n} is current"));
-    if !env.upper_is_empty() && env.upper_base()? != env.current()?.layers {
+    if stale {
         crate::diag::info(&format!("{name}: its upper holds changes made on other layers; before the next run choose `plyroot rebase {name}` or `plyroot reset {name}`"));
     }
     Ok(0)

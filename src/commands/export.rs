@@ -3,6 +3,7 @@
 //! this is the glue: which tiers, where the output goes, and reading where owners read as they
 //! do inside (runs may have written files only subordinate ids can read).
 
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{human, out};
 use crate::export::merge::{self, Tier};
-use crate::export::{self as exp, oci, Compression, Encoder, PendingDir, PendingFile};
+use crate::export::{self as exp, oci, Compression, Encoder, PendingDir};
 use crate::sandbox::as_root_inside;
 use crate::store::canonical::{self, Writer};
 use crate::store::env::{Env, Generation};
@@ -92,48 +93,57 @@ fn export_tar(env: &Env, generation: &Generation, mut tiers: Vec<Tier>, upper: O
         let s = w.finish()?;
         Ok(Written { id: s.id, entries: s.entries, size: s.size, broken_pipe: false })
     };
-    if file == Path::new("-") {
-        if rustix::termios::isatty(std::io::stdout()) {
-            bail!("refusing to write a tarball to a terminal: redirect stdout, or give -o FILE");
-        }
-        let w = as_root_inside(move || {
-            let mut sink = exp::buffered(std::io::stdout().lock());
-            let r = write(&mut sink).and_then(|w| sink.flush().map(|_| w).context("cannot write to stdout"));
-            match r {
-                Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => {
-                    Ok(Written { id: String::new(), entries: 0, size: 0, broken_pipe: true })
-                }
-                r => r,
+    let compression = Compression::for_path(file)?;
+    let shown = file.display().to_string();
+    // Where the bytes go; a regular file is put in place only once it is complete.
+    let (sink, pending, id_to_stdout) = match exp::Output::open(file)? {
+        exp::Output::Stdout => {
+            if rustix::termios::isatty(std::io::stdout()) {
+                bail!("refusing to write a tarball to a terminal: redirect stdout, or give -o FILE");
             }
-        })?;
-        if !w.broken_pipe {
-            crate::diag::info(&format!("exported '{name}' generation {}: {} entries, {} of files; as a layer: {}", generation.number, w.entries, human(w.size), w.id));
+            (File::from(rustix::io::dup(std::io::stdout()).context("cannot write to stdout")?), None, false)
         }
+        exp::Output::Stream(sink) => {
+            // The id goes to stdout, unless the tarball does (`-o /dev/stdout`).
+            let is_stdout = sink.metadata().is_ok_and(|m| exp::is_stdout(&m));
+            (sink, None, !is_stdout)
+        }
+        exp::Output::File(pending) => (pending.handle()?, Some(pending), true),
+    };
+    let w = as_root_inside(move || {
+        let r = (|| -> Result<Written> {
+            let mut enc = Encoder::new(compression, exp::buffered(sink))?;
+            let w = write(&mut enc)?;
+            let buf = enc.finish().context("cannot write the tarball")?;
+            buf.into_inner().map_err(|e| e.into_error()).context("cannot write the tarball")?;
+            Ok(w)
+        })();
+        match r {
+            // The reader of a stream went away (`| head`): not an error worth a word.
+            Err(e) if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) => {
+                Ok(Written { id: String::new(), entries: 0, size: 0, broken_pipe: true })
+            }
+            r => r,
+        }
+    })
+    .with_context(|| match (&pending, file == Path::new("-")) {
+        (Some(_), _) => format!("cannot export '{name}' to {shown}; nothing was written"),
+        (None, true) => format!("cannot export '{name}' to stdout; what was written is incomplete"),
+        (None, false) => format!("cannot export '{name}' to {shown}; what was written there is incomplete"),
+    })?;
+    if w.broken_pipe {
         return Ok(0);
     }
-    let compression = Compression::for_path(file)?;
-    let pending = PendingFile::create(file)?;
-    let handle = pending.handle()?;
-    let shown = pending.path().display().to_string();
-    let w = as_root_inside(move || {
-        let mut enc = Encoder::new(compression, exp::buffered(handle))?;
-        let w = write(&mut enc)?;
-        let buf = enc.finish().with_context(|| format!("cannot write {shown}"))?;
-        buf.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {shown}"))?;
-        Ok(w)
-    })
-    .with_context(|| format!("cannot export '{name}' to {}; nothing was written", file.display()))?;
-    let bytes = pending.commit()?;
-    crate::diag::info(&format!(
-        "exported '{name}' generation {} to {} ({} entries, {} of files, {} written)",
-        generation.number,
-        file.display(),
-        w.entries,
-        human(w.size),
-        human(bytes)
-    ));
-    // The data of this command: the id `plyroot import` gives the tarball.
-    out(&format!("{}\n", w.id))?;
+    let written = match pending {
+        Some(p) => format!(", {} written", human(p.commit()?)),
+        None => String::new(),
+    };
+    let to = if file == Path::new("-") { String::new() } else { format!(" to {shown}") };
+    crate::diag::info(&format!("exported '{name}' generation {}{to} ({} entries, {} of files{written}); as a layer: {}", generation.number, w.entries, human(w.size), w.id));
+    if id_to_stdout {
+        // The data of this command: the id `plyroot import` gives the tarball.
+        out(&format!("{}\n", w.id))?;
+    }
     Ok(0)
 }
 

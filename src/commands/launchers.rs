@@ -13,6 +13,8 @@ use crate::launcher::{self, Receipt};
 use crate::store::Store;
 
 pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&Path>, desktop: bool) -> Result<i32> {
+    store.env(env)?;
+    check_free(store, env, programs, to)?;
     let made = launcher::export(store, env, programs, to, desktop)?;
     let mut s = String::new();
     for r in &made {
@@ -29,6 +31,38 @@ pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&
         }
     }
     Ok(0)
+}
+
+/// What `launcher::export` refuses for one program, checked for every program before the first
+/// launcher is installed, so that a refusal installs none.
+fn check_free(store: &Store, env: &str, programs: &[String], to: Option<&Path>) -> Result<()> {
+    let dir = match to {
+        Some(t) => t.to_owned(),
+        None => match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            Some(home) => PathBuf::from(home).join(".local/bin"),
+            None => return Ok(()), // launcher::export says what is missing
+        },
+    };
+    // Receipts record the resolved directory; a directory not there yet holds nothing.
+    let dir = fs::canonicalize(&dir).unwrap_or(dir);
+    let receipts = launcher::receipts(store, None)?;
+    let mut names: BTreeMap<String, &String> = BTreeMap::new();
+    for program in programs {
+        let name = Path::new(program).file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| !n.is_empty() && n != "plyroot");
+        let Some(name) = name else { bail!("'{program}' cannot be a launcher name: give a program name or path (and not `plyroot`); no launcher was installed") };
+        if let Some(first) = names.insert(name.clone(), program).filter(|first| *first != program) {
+            bail!("'{first}' and '{program}' would both be launched as '{name}': export them one at a time, each with its own --to DIR; no launcher was installed");
+        }
+        let link = dir.join(&name);
+        if let Some(other) = receipts.iter().find(|r| r.link == link && r.env != env) {
+            bail!("{} already launches '{}' of environment '{}': `plyroot unexport {}` first; no launcher was installed", link.display(), other.program, other.env, other.name);
+        }
+        let ours = store.root.join("launchers").join(env).join(&name);
+        if fs::symlink_metadata(&link).is_ok() && fs::read_link(&link).ok().as_deref() != Some(ours.as_path()) {
+            bail!("{} exists and is not a plyroot launcher: refusing to replace it (use --to DIR, or remove it); no launcher was installed", link.display());
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn exports(store: &Store, json: bool) -> Result<i32> {
@@ -72,7 +106,7 @@ fn stack(store: &Store, names: &[String], with_upper: bool) -> Result<Vec<(Strin
         }
         for l in g.layers.iter().rev() {
             let src = store.layer_info(l).map(|i| i.source).unwrap_or_default();
-            out.push((format!("layer {} of {n} ({src})", &l[..19]), store.layer_root(l)));
+            out.push((format!("layer {} of {n} ({src})", crate::store::layer::short_id(l)), store.layer_root(l)));
         }
         if g.settings.base.as_deref() == Some("host") {
             out.push(("the host root (base = \"host\")".into(), PathBuf::from("/")));

@@ -2,13 +2,13 @@
 
 use std::io::IsTerminal;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::{human, out, out_json};
 use crate::progress::Progress;
 use crate::source::Source;
-use crate::store::layer::LayerInfo;
+use crate::store::layer::{short_id, LayerInfo};
 use crate::store::Store;
 
 fn progress_for(src: &Source) -> Progress {
@@ -64,14 +64,27 @@ pub(crate) fn layers(store: &Store, json: bool) -> Result<i32> {
     let mut s = format!("{:<19} {:>10} {:>8}  {:<20} {}\n", "ID", "SIZE", "ENTRIES", "USED BY", "SOURCE");
     for r in &rows {
         let used = if r.used_by.is_empty() { "-".to_owned() } else { r.used_by.join(",") };
-        s.push_str(&format!("{:<19} {:>10} {:>8}  {:<20} {}\n", &r.info.id[..19], human(r.info.size), r.info.entries, used, r.info.source));
+        s.push_str(&format!("{:<19} {:>10} {:>8}  {:<20} {}\n", short_id(&r.info.id), human(r.info.size), r.info.entries, used, r.info.source));
     }
     out(&s).map(|_| 0)
 }
 
 pub(crate) fn layer_rm(store: &Store, ids: &[String]) -> Result<i32> {
-    for id in ids {
-        let id = store.resolve_layer(id)?;
+    // Every id is resolved and checked before the first removal: one that cannot go leaves all
+    // of them in place.
+    let mut resolved: Vec<String> = Vec::new();
+    for given in ids {
+        let id = store.resolve_layer(given)?;
+        if resolved.contains(&id) {
+            continue;
+        }
+        let users = store.layer_users(&id)?;
+        if !users.is_empty() {
+            bail!("layer {id} is used by environment(s) {}: remove them first (`plyroot rm NAME`); no layer was removed", users.join(", "));
+        }
+        resolved.push(id);
+    }
+    for id in resolved {
         store.remove_layer(&id)?;
         crate::diag::info(&format!("removed layer {id}"));
     }
@@ -119,9 +132,23 @@ pub(crate) fn list(store: &Store, json: bool) -> Result<i32> {
 }
 
 pub(crate) fn rm(store: &Store, names: &[String]) -> Result<i32> {
+    // Every name is checked (it exists, nothing runs in it, it is not booted, its launchers'
+    // receipts read) before anything is removed: a refusal leaves every environment and launcher
+    // as it was. `remove_env` checks again, for a run that starts in between.
+    let mut plan: Vec<(&String, Vec<crate::launcher::Receipt>)> = Vec::new();
     for n in names {
-        store.env(n)?;
-        for r in crate::launcher::receipts(store, Some(n))? {
+        if plan.iter().any(|(m, _)| *m == n) {
+            continue;
+        }
+        let env = store.env(n)?;
+        if env.booted().is_some() {
+            bail!("'{n}' is booted: `plyroot stop {n}` first; nothing was removed");
+        }
+        env.ensure_idle("remove")?;
+        plan.push((n, crate::launcher::receipts(store, Some(n))?));
+    }
+    for (n, receipts) in plan {
+        for r in receipts {
             crate::launcher::remove(store, &r)?;
             crate::diag::info(&format!("removed launcher {}", r.link.display()));
         }

@@ -3,9 +3,10 @@
 //! tars ([`oci`]). Both go through the canonical serializer (`store::canonical`), so what is
 //! exported is exactly what a layer id is the digest of.
 //!
-//! Outputs are written under a temporary name beside the destination and renamed into place at
-//! the end ([`PendingFile`], [`PendingDir`]): a failed export leaves no partial file, and an
-//! existing one untouched.
+//! Files and directories are built unnamed or under a temporary name beside the destination and
+//! renamed into place at the end ([`PendingFile`], [`PendingDir`]): a failed export leaves no
+//! partial file, and an existing one untouched. Devices and FIFOs are written through, never
+//! replaced ([`Output`]).
 
 pub(crate) mod merge;
 pub(crate) mod oci;
@@ -111,23 +112,129 @@ pub(crate) fn source_date_epoch() -> Result<Option<u64>> {
 /// A temporary name beside `dest`, in the same directory so that the final rename is atomic.
 fn temp_beside(dest: &Path) -> Result<PathBuf> {
     let name = dest.file_name().with_context(|| format!("cannot write {}: it names no file", dest.display()))?;
-    let dir = match dest.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    Ok(dir.join(format!(".{}.plyroot-{}.tmp", name.to_string_lossy(), std::process::id())))
+    Ok(dir_of(dest).join(format!(".{}.plyroot-{}.tmp", name.to_string_lossy(), std::process::id())))
 }
 
-/// An output file written under a temporary name and renamed over `dest` by [`commit`]; dropped
-/// uncommitted, the temporary file is removed.
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Where `export -o` writes a tarball. What the user named decides how, so that an export never
+/// replaces something it does not own:
+///
+/// - `-`: standard output.
+/// - a character device, a FIFO (or a link to one: `/dev/stdout`, a shell's `>(…)`): written
+///   through, as `cat > PATH` would; replacing it would break `/dev/null` for the whole machine.
+///   A link to the file stdout is open on (`-o /dev/stdout > FILE`) is stdout.
+/// - a new name or a regular file: written beside it and renamed over it at the end.
+/// - anything else is refused. A link to a regular file (or to nothing) is refused rather than
+///   followed: replacing the link would lose it, and following it would replace a file the user
+///   did not name (in a shared directory, a link someone else planted).
+#[derive(Debug)]
+pub(crate) enum Output {
+    Stdout,
+    Stream(File),
+    File(PendingFile),
+}
+
+impl Output {
+    pub(crate) fn open(path: &Path) -> Result<Output> {
+        if path == Path::new("-") {
+            return Ok(Output::Stdout);
+        }
+        let shown = path.display();
+        let meta = match fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return PendingFile::create(path).map(Output::File),
+            Err(e) => return Err(e).with_context(|| format!("cannot write {shown}")),
+            Ok(m) => m,
+        };
+        let kind = meta.file_type();
+        if kind.is_file() {
+            return PendingFile::create(path).map(Output::File);
+        }
+        if kind.is_symlink() {
+            let target = fs::read_link(path).map(|t| t.display().to_string()).unwrap_or_default();
+            return match fs::metadata(path) {
+                Ok(m) if is_stream(&m.file_type()) => Output::stream(path),
+                // `-o /dev/stdout > FILE`: the file the shell opened for us, written through our
+                // own stdout as with `-o -`.
+                Ok(m) if is_stdout(&m) => Ok(Output::Stdout),
+                Ok(m) if m.is_dir() => bail!("cannot write {shown}: it is a symbolic link to the directory {target}; give a file name, e.g. {shown}/rootfs.tar.zst"),
+                Ok(_) => bail!("cannot write {shown}: it is a symbolic link (to {target}); plyroot replaces neither a link nor the file behind it: give the file's own path, or remove the link"),
+                Err(_) => bail!("cannot write {shown}: it is a symbolic link to {target}, which does not exist; give the file's own path, or remove the link"),
+            };
+        }
+        if is_stream(&kind) {
+            return Output::stream(path);
+        }
+        if kind.is_dir() {
+            bail!("cannot write {shown}: it is a directory (give a file name, e.g. {shown}/rootfs.tar.zst)");
+        }
+        bail!("cannot write {shown}: it is {}, not a file; plyroot writes a tarball to a new or regular file, a FIFO or a character device (or -o - for stdout)", kind_name(&kind))
+    }
+
+    fn stream(path: &Path) -> Result<Output> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let shown = path.display();
+        if fs::metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            bail!("cannot write {shown}: it is a socket, which cannot be opened by name; redirect stdout to it and give -o -");
+        }
+        // No O_CREAT, no O_TRUNC: this only ever opens what is there. A FIFO blocks here until a
+        // reader opens it, as with `cat > FIFO`.
+        let file = fs::OpenOptions::new().write(true).custom_flags(libc::O_NOCTTY).open(path).with_context(|| format!("cannot write {shown}"))?;
+        let meta = file.metadata().with_context(|| format!("cannot write {shown}"))?;
+        if !is_stream(&meta.file_type()) {
+            bail!("cannot write {shown}: it was replaced while plyroot opened it; nothing was written, try again");
+        }
+        if rustix::termios::isatty(&file) {
+            bail!("refusing to write a tarball to the terminal {shown}: give -o FILE, or redirect stdout and give -o -");
+        }
+        Ok(Output::Stream(file))
+    }
+}
+
+/// Whether `m` describes the file our stdout is open on.
+pub(crate) fn is_stdout(m: &fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    rustix::fs::fstat(std::io::stdout()).is_ok_and(|s| (s.st_dev, s.st_ino) == (m.dev(), m.ino()))
+}
+
+/// Outputs written through rather than replaced: character devices, FIFOs (and sockets, which
+/// are refused by name with their own message).
+fn is_stream(kind: &fs::FileType) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    kind.is_char_device() || kind.is_fifo() || kind.is_socket()
+}
+
+fn kind_name(kind: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "something other than a file"
+    }
+}
+
+/// An output file written unnamed (`O_TMPFILE`) or under a temporary name, and put in place over
+/// `dest` by [`commit`]. Dropped uncommitted, nothing is left: an unnamed file disappears with the
+/// process, however it ends (kill -9 included), and a named one is removed. Where the filesystem
+/// has no `O_TMPFILE` (or `/proc` is missing, which linking it needs) the named one is used.
 ///
 /// [`commit`]: PendingFile::commit
 #[derive(Debug)]
 pub(crate) struct PendingFile {
     dest: PathBuf,
+    /// The temporary name: the file's from the start, or (unnamed) the one it is linked to at
+    /// commit for the rename.
     tmp: PathBuf,
     file: File,
-    done: bool,
+    unnamed: bool,
+    named: bool,
 }
 
 impl PendingFile {
@@ -136,37 +243,60 @@ impl PendingFile {
             bail!("cannot write {}: it is a directory (give a file name, e.g. {}/rootfs.tar.zst)", dest.display(), dest.display());
         }
         let tmp = temp_beside(dest)?;
-        let _ = fs::remove_file(&tmp);
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {} (creating {} failed)", dest.display(), tmp.display()))?;
-        Ok(PendingFile { dest: dest.to_owned(), tmp, file, done: false })
+        let dir = dir_of(dest);
+        let unnamed = Path::new("/proc/self/fd").is_dir().then(|| {
+            use rustix::fs::{Mode, OFlags, CWD};
+            rustix::fs::openat(CWD, dir, OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC, Mode::from_raw_mode(0o666))
+        });
+        let file = match unnamed {
+            Some(Ok(fd)) => return Ok(PendingFile { dest: dest.to_owned(), tmp, file: File::from(fd), unnamed: true, named: false }),
+            // The filesystem has no O_TMPFILE: a named temporary file instead.
+            Some(Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::ISDIR | rustix::io::Errno::INVAL)) | None => {
+                let _ = fs::remove_file(&tmp);
+                fs::OpenOptions::new().write(true).create_new(true).open(&tmp)
+            }
+            Some(Err(e)) => Err(io::Error::from(e)),
+        };
+        let file = file.with_context(|| format!("cannot write {} (creating a file in {} failed)", dest.display(), dir.display()))?;
+        Ok(PendingFile { dest: dest.to_owned(), tmp, file, unnamed: false, named: true })
     }
 
     /// A handle on the temporary file (for a helper process to write through).
     pub(crate) fn handle(&self) -> Result<File> {
-        self.file.try_clone().with_context(|| format!("cannot write {}", self.tmp.display()))
+        self.file.try_clone().with_context(|| format!("cannot write {}", self.dest.display()))
     }
 
-    pub(crate) fn path(&self) -> &Path {
-        &self.dest
-    }
-
-    /// Makes the file durable and puts it in place.
+    /// Makes the file durable and puts it in place; returns its size.
     pub(crate) fn commit(mut self) -> Result<u64> {
-        self.file.sync_all().with_context(|| format!("cannot write {}", self.tmp.display()))?;
+        let dest = self.dest.display().to_string();
+        self.file.sync_all().with_context(|| format!("cannot write {dest}"))?;
         let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-        fs::rename(&self.tmp, &self.dest).with_context(|| format!("cannot write {} (renaming {} failed)", self.dest.display(), self.tmp.display()))?;
-        self.done = true;
+        // What was a regular file (or nothing) when the export began may have been replaced
+        // since; a rename would replace that too.
+        if fs::symlink_metadata(&self.dest).is_ok_and(|m| !m.is_file()) {
+            bail!("cannot write {dest}: it was replaced by something other than a file during the export; it is left as it is");
+        }
+        if self.unnamed {
+            // linkat cannot replace a name: link to the temporary name, then rename that.
+            let _ = fs::remove_file(&self.tmp);
+            let fd = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.file));
+            rustix::fs::linkat(rustix::fs::CWD, fd.as_str(), rustix::fs::CWD, &self.tmp, rustix::fs::AtFlags::SYMLINK_FOLLOW)
+                .with_context(|| format!("cannot write {dest} (linking the new file as {} failed)", self.tmp.display()))?;
+            self.named = true;
+        }
+        fs::rename(&self.tmp, &self.dest).with_context(|| format!("cannot write {dest} (renaming {} failed)", self.tmp.display()))?;
+        self.named = false;
+        // The rename is durable once the directory is.
+        if let Ok(d) = File::open(dir_of(&self.dest)) {
+            let _ = d.sync_all();
+        }
         Ok(len)
     }
 }
 
 impl Drop for PendingFile {
     fn drop(&mut self) {
-        if !self.done {
+        if self.named {
             let _ = fs::remove_file(&self.tmp);
         }
     }
@@ -224,7 +354,13 @@ fn check_free(dest: &Path) -> Result<()> {
             }
             Ok(())
         }
-        Ok(_) => bail!("cannot write an OCI image layout into {}: it exists and is not a directory", dest.display()),
+        // A link (even to an empty directory) is not followed: the layout would land wherever
+        // it points, and replacing it would lose the link.
+        Ok(m) if m.file_type().is_symlink() => {
+            let target = fs::read_link(dest).map(|t| t.display().to_string()).unwrap_or_default();
+            bail!("cannot write an OCI image layout into {}: it is a symbolic link (to {target}); give the directory's own path, or a new name", dest.display())
+        }
+        Ok(_) => bail!("cannot write an OCI image layout into {}: it exists and is not a directory; give a new name", dest.display()),
     }
 }
 
@@ -286,6 +422,44 @@ mod tests {
         p.commit().unwrap();
         assert_eq!(fs::read(&dest).unwrap(), b"new");
         assert_eq!(fs::read_dir(t.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn output_writes_through_fifos_and_refuses_links() {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        assert!(matches!(Output::open(Path::new("-")).unwrap(), Output::Stdout));
+        assert!(matches!(Output::open(&p("new.tar")).unwrap(), Output::File(_)));
+        fs::write(p("old.tar"), "old").unwrap();
+        assert!(matches!(Output::open(&p("old.tar")).unwrap(), Output::File(_)));
+        rustix::fs::mknodat(rustix::fs::CWD, &p("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0).unwrap();
+        // A reader first, so that opening the write end does not wait.
+        let _reader = rustix::fs::open(&p("fifo"), rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK, rustix::fs::Mode::empty()).unwrap();
+        std::os::unix::fs::symlink("fifo", p("to-fifo")).unwrap();
+        assert!(matches!(Output::open(&p("fifo")).unwrap(), Output::Stream(_)));
+        assert!(matches!(Output::open(&p("to-fifo")).unwrap(), Output::Stream(_)));
+        std::os::unix::fs::symlink("old.tar", p("to-file")).unwrap();
+        std::os::unix::fs::symlink("nothing", p("dangling")).unwrap();
+        for refused in ["to-file", "dangling"] {
+            let e = Output::open(&p(refused)).unwrap_err().to_string();
+            assert!(e.contains("symbolic link") && e.contains(refused), "{e}");
+        }
+        assert!(Output::open(t.path()).unwrap_err().to_string().contains("directory"));
+        let names: Vec<_> = fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 5, "opening made no file: {names:?}");
+        assert_eq!(fs::read(p("old.tar")).unwrap(), b"old");
+    }
+
+    #[test]
+    fn pending_file_does_not_replace_what_took_the_files_place() {
+        let t = tempfile::tempdir().unwrap();
+        let dest = t.path().join("out.tar");
+        let p = PendingFile::create(&dest).unwrap();
+        p.handle().unwrap().write_all(b"new").unwrap();
+        std::os::unix::fs::symlink("elsewhere", &dest).unwrap();
+        assert!(p.commit().unwrap_err().to_string().contains("replaced"));
+        assert_eq!(fs::read_link(&dest).unwrap(), Path::new("elsewhere"));
+        assert_eq!(fs::read_dir(t.path()).unwrap().count(), 1, "no temporary file left");
     }
 
     #[test]

@@ -159,8 +159,13 @@ impl Env {
     /// The layer stack the upper was written on.
     pub(crate) fn upper_base(&self) -> Result<Vec<String>> {
         let p = self.dir.join("upper.json");
+        let fix = "delete it, and plyroot takes the upper as written on the current generation";
         match fs::read(&p) {
-            Ok(d) => serde_json::from_slice(&d).with_context(|| format!("{} is corrupt", p.display())),
+            Ok(d) => {
+                let ids: Vec<String> = serde_json::from_slice(&d).with_context(|| format!("{} is damaged (not a list of layer ids); {fix}", p.display()))?;
+                super::layer::check_ids(&ids, &p, fix)?;
+                Ok(ids)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(self.current()?.layers),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
         }
@@ -294,7 +299,22 @@ impl Env {
     }
 }
 
+/// Reads a generation record, checked: every layer id well formed (ids become paths), and the
+/// number the one its file is named by (`switch` and gc go by the name).
 fn read_generation(path: &Path) -> Result<Generation> {
+    // `current` is a link: name the record itself in errors, which is what the user must fix.
+    let path = &match fs::read_link(path) {
+        Ok(target) => path.parent().unwrap_or(Path::new("/")).join(target),
+        Err(_) => path.to_owned(),
+    };
     let data = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_slice(&data).with_context(|| format!("{} is corrupt", path.display()))
+    let env = path.parent().and_then(Path::parent).and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "ENV".into());
+    let fix = format!("it was changed outside plyroot: restore it, or delete it (if it is the current generation, `plyroot switch {env} N` to another one first)");
+    let g: Generation = serde_json::from_slice(&data).with_context(|| format!("{} is damaged (not a generation record); {fix}", path.display()))?;
+    super::layer::check_ids(g.layers.iter().chain(&g.commits), path, &fix)?;
+    let named = path.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u32>().ok());
+    if named.is_some_and(|n| n != g.number) {
+        bail!("{} is damaged: it records generation {} under another number; {fix}", path.display(), g.number);
+    }
+    Ok(g)
 }

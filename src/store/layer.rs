@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,37 @@ pub(crate) struct LayerInfo {
     pub created: u64,
 }
 
+/// Whether `id` is a layer id as the store writes it: `sha256:` and 64 lowercase hex digits.
+/// Ids read back from records become path names under `layers/`, so nothing else may pass.
+pub(crate) fn is_layer_id(id: &str) -> bool {
+    id.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+}
+
+/// Checks the layer ids a record read from `file` holds; an error names the file, shows the
+/// first bad value, and ends with `fix` (what the user can do about it).
+pub(crate) fn check_ids<'a>(ids: impl IntoIterator<Item = &'a String>, file: &Path, fix: &str) -> Result<()> {
+    match ids.into_iter().find(|id| !is_layer_id(id)) {
+        None => Ok(()),
+        Some(bad) => bail!("{} is damaged: {} is not a layer id (sha256: and 64 lowercase hex digits); {fix}", file.display(), shown(bad)),
+    }
+}
+
+/// A value from a damaged record as it can be shown on one line: quoted, escaped, cut short.
+fn shown(v: &str) -> String {
+    let cut: String = v.chars().take(80).collect();
+    if cut.len() < v.len() {
+        format!("{cut:?}…")
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+/// The first 12 hex digits of an id, for tables (`sha256:` + 12 = 19 characters); never panics,
+/// whatever the string.
+pub(crate) fn short_id(id: &str) -> &str {
+    id.get(..19).unwrap_or(id)
+}
+
 impl Store {
     /// The directory of layer `id` (`sha256:<hex>`).
     pub(crate) fn layer_dir(&self, id: &str) -> PathBuf {
@@ -40,7 +71,15 @@ impl Store {
     pub(crate) fn layer_info(&self, id: &str) -> Result<LayerInfo> {
         let p = self.layer_dir(id).join("layer.json");
         let data = fs::read(&p).with_context(|| format!("layer {id} is not in the store ({})", p.display()))?;
-        serde_json::from_slice(&data).with_context(|| format!("{} is corrupt", p.display()))
+        let fix = format!("restore it, or remove the directory {} and import its source again", self.layer_dir(id).display());
+        let info: LayerInfo = serde_json::from_slice(&data).with_context(|| format!("{} is damaged (not a layer record); {fix}", p.display()))?;
+        // The directory's name is the id the rest of the store refers to; a record that says
+        // otherwise would make gc and `layer rm` act on another path.
+        if info.id != id {
+            check_ids([&info.id], &p, &fix)?;
+            bail!("{} is damaged: it names layer {} but lies in the directory of {id}; {fix}", p.display(), info.id);
+        }
+        Ok(info)
     }
 
     pub(crate) fn layer_overrides(&self, id: &str) -> Result<Overrides> {
@@ -61,9 +100,9 @@ impl Store {
             Err(e) => return Err(e).with_context(|| format!("cannot list {}", self.layers_dir().display())),
         };
         for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.len() == 64 {
-                out.push(self.layer_info(&format!("sha256:{name}"))?);
+            let id = format!("sha256:{}", e.file_name().to_string_lossy());
+            if is_layer_id(&id) {
+                out.push(self.layer_info(&id)?);
             }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -72,14 +111,15 @@ impl Store {
 
     /// Resolves a full id or an unambiguous prefix (with or without `sha256:`).
     pub(crate) fn resolve_layer(&self, id: &str) -> Result<String> {
-        let hex = id.trim_start_matches("sha256:");
+        let hex = id.trim_start_matches("sha256:").to_ascii_lowercase();
+        let hex = hex.as_str();
         if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             bail!("'{id}' is not a layer id: expected sha256:<hex> or a prefix of one (see `plyroot layers`)");
         }
         if hex.len() == 64 && self.layer_dir(hex).join("layer.json").exists() {
             return Ok(format!("sha256:{hex}"));
         }
-        let hits: Vec<_> = self.layers()?.into_iter().filter(|l| l.id["sha256:".len()..].starts_with(hex)).collect();
+        let hits: Vec<_> = self.layers()?.into_iter().filter(|l| l.id.trim_start_matches("sha256:").starts_with(hex)).collect();
         match hits.len() {
             0 => bail!("no layer {id} in the store (see `plyroot layers`)"),
             1 => Ok(hits[0].id.clone()),
@@ -233,5 +273,28 @@ impl LayerSink for Importer<'_> {
         self.index(digests, &id);
         self.pending.push((None, self.store.layer_info(&id)?));
         Ok(Some(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_ids_are_checked_and_shortened_without_panics() {
+        let good = format!("sha256:{}", "0123456789abcdef".repeat(4));
+        assert!(is_layer_id(&good));
+        for bad in ["", "sha256:", "sha256:abc", &good[7..], &good.to_uppercase(), &format!("{good}0"), "sha256:../../../../../../../../../../../../../../../../../../etc", &good.replace('0', "é")] {
+            assert!(!is_layer_id(bad), "{bad:?}");
+        }
+        let file = Path::new("/s/envs/t/generations/1.json");
+        let e = check_ids(&[good.clone(), "sha256:ab\ncd".to_owned()], file, "restore it").unwrap_err().to_string();
+        assert!(e.starts_with("/s/envs/t/generations/1.json is damaged: \"sha256:ab\\ncd\" is not a layer id") && e.ends_with("restore it") && !e.contains('\n'), "{e}");
+        let long = "x".repeat(500);
+        assert!(check_ids(&[long], file, "fix").unwrap_err().to_string().len() < 250, "a huge value is cut short");
+        assert_eq!(short_id(&good), &good[..19]);
+        for s in ["", "sha256:ab", "ééééééééééé"] {
+            assert_eq!(short_id(s), s);
+        }
     }
 }
