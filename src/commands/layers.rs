@@ -144,7 +144,7 @@ pub(crate) fn rm(store: &Store, names: &[String]) -> Result<i32> {
         if env.booted().is_some() {
             bail!("'{n}' is booted: `plyroot stop {n}` first; nothing was removed");
         }
-        env.ensure_idle("remove")?;
+        env.ensure_unused("remove")?;
         plan.push((n, crate::launcher::receipts(store, Some(n))?));
     }
     for (n, receipts) in plan {
