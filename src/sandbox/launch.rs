@@ -33,9 +33,10 @@ pub(crate) struct Recording {
 
 impl Recording {
     /// Fills in what only the running launch knows and writes the record.
-    pub(crate) fn write(mut self, pid: i32, user_ns: u64, mnt_ns: u64) -> Result<()> {
+    pub(crate) fn write(mut self, pid: i32, user_ns: u64, (mnt_ns, mnt_ns_id): (u64, u64)) -> Result<()> {
         self.record.pid = pid;
         self.record.mnt_ns = mnt_ns;
+        self.record.mnt_ns_id = mnt_ns_id;
         self.record.user_ns = user_ns;
         write_record(&mut self.file, &self.record, &self.path)
     }

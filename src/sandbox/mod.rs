@@ -87,6 +87,8 @@ pub(crate) struct Join {
     /// A process in the run's mount namespace.
     pub pid: i32,
     pub mnt_ns: u64,
+    /// Its id (0: not known); checked instead of the inode where known.
+    pub mnt_ns_id: u64,
     /// The environment's base user namespace (0: none).
     pub user_ns: u64,
 }

@@ -149,7 +149,9 @@ pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, pid: bool, machine:
     let mut mapper = None;
     let base = match join {
         Some(j) => {
-            let mnt = ns::open_ns(j.pid, "mnt").ok().filter(|m| ns::ns_ino(m).ok() == Some(j.mnt_ns)).ok_or(JoinGone(j.pid))?;
+            // Through an fd: once it is checked, the namespace is the run's whatever the pid does.
+            let same = |m: &OwnedFd| if j.mnt_ns_id != 0 { ns::mnt_ns_id(m).ok() == Some(j.mnt_ns_id) } else { ns::ns_ino(m).ok() == Some(j.mnt_ns) };
+            let mnt = ns::open_ns(j.pid, "mnt").ok().filter(same).ok_or(JoinGone(j.pid))?;
             if inside.mapping != Mapping::Host {
                 // The run's mount namespace belongs to its identity's user namespace, nested in
                 // the base (ranges), or to the base itself.
@@ -218,7 +220,9 @@ pub(crate) fn enter_one_level(mapping: &Mapping) -> Result<()> {
     Ok(())
 }
 
-/// The inode of our current mount namespace (a run's, once it is made).
-pub(crate) fn mnt_ns() -> Result<u64> {
-    own_ns("mnt")
+/// The inode and the id of our current mount namespace (a run's, once it is made); the id is 0
+/// where the kernel has none to give.
+pub(crate) fn mnt_ns() -> Result<(u64, u64)> {
+    let fd = ns::open_ns(rustix::process::getpid().as_raw_nonzero().get(), "mnt")?;
+    Ok((ns::ns_ino(&fd)?, ns::mnt_ns_id(&fd).unwrap_or(0)))
 }

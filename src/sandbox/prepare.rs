@@ -263,7 +263,7 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
                         r.record.generation
                     );
                 }
-                (Some(Join { pid: r.pid, mnt_ns: r.record.mnt_ns, user_ns: r.record.user_ns }), r.record.shared)
+                (Some(Join { pid: r.pid, mnt_ns: r.record.mnt_ns, mnt_ns_id: r.record.mnt_ns_id, user_ns: r.record.user_ns }), r.record.shared)
             }
             _ if persistent => {
                 check_upper(env, &generation, req.keep_upper)?;
@@ -275,6 +275,7 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
         let record = RunRecord {
             pid: 0,
             mnt_ns: 0,
+            mnt_ns_id: 0,
             user_ns: 0,
             generation: generation.number,
             layers: generation.layers.clone(),

@@ -28,8 +28,11 @@ use crate::sys::procs;
 pub(crate) struct RunRecord {
     /// The process that launched (it became the program, or supervises it).
     pub pid: i32,
-    /// Its mount namespace: the run lives while any process is in it.
+    /// Its mount namespace (inode): the run lives while the namespace does.
     pub mnt_ns: u64,
+    /// The mount namespace's id, which the kernel never reuses (0: not known).
+    #[serde(default)]
+    pub mnt_ns_id: u64,
     /// The environment's base user namespace, which every run of the shared mount is in or under
     /// (0 for real root, which needs none).
     pub user_ns: u64,
@@ -88,30 +91,43 @@ impl Env {
         out
     }
 
-    /// The records whose runs are alive now.
+    /// The records whose runs are alive now, each with a process in its mount namespace.
     pub(crate) fn live(&self) -> Vec<LiveRun> {
         let mut namespaces: Option<BTreeMap<u64, i32>> = None;
         let upper = self.upper();
         self.records()
             .into_iter()
             .filter_map(|(slot, record)| {
-                let pid = if procs::mnt_ns(record.pid) == Some(record.mnt_ns) {
-                    record.pid
+                let id = record.mnt_ns_id;
+                let pid = if id != 0 {
+                    // Exact and cheap: does the namespace still exist? Then who is in it.
+                    match crate::sys::ns::mnt_ns_alive(id) {
+                        Some(false) => return None,
+                        Some(true) if procs::mnt_ns_id(record.pid) == Some(id) => record.pid,
+                        _ => procs::find_in_mnt_ns(id)?,
+                    }
                 } else {
-                    // The launching process is gone; something it started may still be there.
-                    *namespaces.get_or_insert_with(procs::mount_namespaces).get(&record.mnt_ns)?
+                    let pid = if procs::mnt_ns(record.pid) == Some(record.mnt_ns) {
+                        record.pid
+                    } else {
+                        *namespaces.get_or_insert_with(procs::mount_namespaces).get(&record.mnt_ns)?
+                    };
+                    // Without an id: the kernel hands a freed namespace's inode number to the next
+                    // one made, so the namespace found must hold this run's overlay.
+                    let ours = procs::overlays(pid).iter().any(|o| o.dirs().any(|d| record.skel.as_ref() == Some(d) || (record.shared.is_some() && *d == upper)));
+                    if !ours {
+                        return None;
+                    }
+                    pid
                 };
-                // The kernel hands a freed namespace's inode number to the next namespace made:
-                // the one found must hold this run's overlay, or it is someone else's.
-                let ours = procs::overlays(pid).iter().any(|o| o.dirs().any(|d| record.skel.as_ref() == Some(d) || (record.shared.is_some() && *d == upper)));
-                ours.then_some(LiveRun { slot, record, pid })
+                Some(LiveRun { slot, record, pid })
             })
             .collect()
     }
 
     /// The booted init, when there is one.
     pub(crate) fn booted(&self) -> Option<LiveRun> {
-        self.live().into_iter().find(|r| r.record.boot && procs::mnt_ns(r.record.pid) == Some(r.record.mnt_ns))
+        self.live().into_iter().find(|r| r.record.boot && r.pid == r.record.pid)
     }
 
     /// A slot for a new run: not alive, and not the workdir of a shared mount that is.

@@ -21,6 +21,17 @@ fn ns_link_ino(link: &str) -> Option<u64> {
     link.split_once(":[")?.1.strip_suffix(']')?.parse().ok()
 }
 
+/// The id of the mount namespace `pid` is in (None: gone, or not ours to read).
+pub(crate) fn mnt_ns_id(pid: i32) -> Option<u64> {
+    super::ns::mnt_ns_id(&super::ns::open_ns(pid, "mnt").ok()?).ok()
+}
+
+/// A process in the mount namespace with id `id`, by a look through every process.
+pub(crate) fn find_in_mnt_ns(id: u64) -> Option<i32> {
+    let rd = fs::read_dir("/proc").ok()?;
+    rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).find(|&pid| mnt_ns_id(pid) == Some(id))
+}
+
 /// Every mount namespace some readable process is in, with one pid in it (the lowest).
 pub(crate) fn mount_namespaces() -> BTreeMap<u64, i32> {
     let mut out = BTreeMap::new();
