@@ -633,3 +633,16 @@ fn default_command_is_a_shell() {
     let out = s.plyroot_stdin(&["run", "t"], b"echo from-default-shell\n").ok();
     assert!(out.stdout.contains("from-default-shell"), "{out}");
 }
+
+#[test]
+fn host_device_nodes_work_but_cannot_be_changed_from_inside() {
+    let s = need!(env());
+    use std::os::unix::fs::MetadataExt;
+    let before = fs::metadata("/dev/null").unwrap();
+    // As root inside (real root too): the node is the host's inode, so a chmod would be the
+    // host's. It must fail, and writing through it must still work.
+    let o = s.run("t", &["--root"], &["sh", "-c", "echo x > /dev/null && echo wrote; chmod 700 /dev/null && echo changed; chown 1:1 /dev/zero && echo changed; true"]).ok();
+    assert_eq!(o.stdout, "wrote\n", "{o}");
+    let after = fs::metadata("/dev/null").unwrap();
+    assert_eq!((after.mode(), after.uid(), after.gid()), (before.mode(), before.uid(), before.gid()), "the host's /dev/null changed");
+}

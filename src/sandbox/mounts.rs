@@ -180,7 +180,12 @@ fn clone_sources(ops: &[Op]) -> Result<Vec<Source>> {
                 Op::Dev { gpu } => {
                     let mut nodes = Vec::new();
                     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
-                        nodes.push((node, mount::clone_tree(&Path::new("/dev").join(node), false).context("cannot set up /dev")?));
+                        let host = Path::new("/dev").join(node);
+                        let tree = mount::clone_tree(&host, false).context("cannot set up /dev")?;
+                        // Read-only binds: the devices still read and write, but their inodes are
+                        // the host's, and real root inside must not chmod or chown them.
+                        mount::set_readonly(tree.as_fd(), &host)?;
+                        nodes.push((node, tree));
                     }
                     let mut gpus = Vec::new();
                     for g in gpu {
