@@ -56,6 +56,18 @@ fn bg(s: &Store, args: &[&str], before: &str, after: &str) -> Bg {
     b
 }
 
+impl Drop for Bg {
+    /// A test that fails halfway must not leave the run waiting forever.
+    fn drop(&mut self) {
+        let _ = fs::write(&self.go, b"");
+        if matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Bg {
     fn expect(&self, line: &str) {
         let got = self.out.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("the background run did not print {line:?}"));
@@ -66,6 +78,7 @@ impl Bg {
     fn finish(mut self) -> (Vec<String>, i32) {
         fs::write(&self.go, b"").unwrap();
         let st = self.child.wait().unwrap();
+        let _ = fs::remove_file(&self.go);
         // The reader thread ends with the pipe: take every line it still has.
         let mut rest = Vec::new();
         while let Ok(line) = self.out.recv_timeout(Duration::from_secs(10)) {
@@ -88,11 +101,19 @@ fn root_dev(s: &Store, opts: &[&str]) -> String {
 fn enter_and_run_root_share_one_mount_and_see_each_others_writes() {
     let s = need!(env());
     // Terminal 1: an interactive shell as you (whatever you are in this regime), fed on stdin.
-    let mut enter = s.cmd(&["enter", "t"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut stdin = enter.stdin.take().unwrap();
     let go = s.path("go-enter");
+    struct Kill(Child, PathBuf);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = fs::write(&self.1, b"");
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut enter = Kill(s.cmd(&["enter", "t"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), go.clone());
+    let mut stdin = enter.0.stdin.take().unwrap();
     writeln!(stdin, "echo from-enter > /from-enter; stat -c %d / > {}; echo ready", s.path("dev-enter").display()).unwrap();
-    let mut out = BufReader::new(enter.stdout.take().unwrap());
+    let mut out = BufReader::new(enter.0.stdout.take().unwrap());
     let mut line = String::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while line.trim() != "ready" {
@@ -116,7 +137,7 @@ fn enter_and_run_root_share_one_mount_and_see_each_others_writes() {
     drop(stdin);
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
-    let st = enter.wait().unwrap();
+    let st = enter.0.wait().unwrap();
     assert_eq!(status_code(st), 0);
     assert_eq!(rest.trim(), "from-root", "the shell does not see run --root's write");
     // Nothing runs now: the next run mounts afresh (a new superblock), and sees everything.
