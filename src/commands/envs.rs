@@ -81,11 +81,17 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     for (k, v) in &old_lock.sources {
         new_lock.sources.entry(k.clone()).or_insert_with(|| v.clone());
     }
+    // The lock file first: an apply that cannot write it changes nothing, and one interrupted
+    // after it converges when run again (the pins are those of layers already in the store).
+    if new_lock != old_lock {
+        write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
+    }
     let mut changed = 0;
     for (decl, layers) in plans {
         match store.env(&decl.name) {
             Ok(env) => {
                 let _lock = env.lock()?;
+                env.recover(store.remover)?;
                 let cur = env.current()?;
                 // Layers committed since are the user's: they stay on top of the declared ones.
                 let mut layers = layers;
@@ -93,11 +99,9 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
                 if cur.layers == layers && cur.settings == decl.settings {
                     continue;
                 }
-                let mut g = env.write_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
-                g.commits = cur.commits.clone();
-                env.rewrite_generation(&g)?;
-                env.switch(g.number)?;
-                crate::diag::info(&format!("{}: generation {} is current", decl.name, g.number));
+                let g = env.next_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply", cur.commits.clone())?;
+                let n = env.add_generation(cur.number, g, "apply", store.remover)?;
+                crate::diag::info(&format!("{}: generation {n} is current", decl.name));
             }
             Err(_) => {
                 store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
@@ -105,9 +109,6 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
             }
         }
         changed += 1;
-    }
-    if new_lock != old_lock {
-        write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
     }
     if changed == 0 {
         crate::diag::info("nothing to do: every environment is as the manifest declares");
@@ -162,6 +163,7 @@ pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> 
 pub(crate) fn switch(store: &Store, name: &str, n: u32) -> Result<i32> {
     let env = store.env(name)?;
     let _lock = env.lock()?;
+    env.recover(store.remover)?;
     env.switch(n)?;
     crate::diag::info(&format!("{name}: generation {n} is current"));
     if !env.upper_is_empty() && env.upper_base()? != env.current()?.layers {
