@@ -22,7 +22,7 @@ fn mode(p: &Path) -> u32 {
     fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o7777
 }
 
-/// An environment `dev` from a one-file directory source (no namespaces needed).
+/// An environment `dev` from a one-file directory source (no run needed).
 fn small_env(s: &Store) {
     let src = s.path("src");
     fs::create_dir_all(src.join("etc")).unwrap();
@@ -37,21 +37,27 @@ fn the_store_and_every_upper_are_private() {
     let s = Store::new();
     // Only the store's own modes may protect it: the temp dir above it is open to all.
     fs::set_permissions(s.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    small_env(&s);
+    need!(s.busybox_env("dev"));
     let (env, up) = (s.home.join("envs/dev"), s.home.join("envs/dev/upper"));
-    for p in [&s.home, &s.home.join("envs"), &env, &up] {
+    for p in [&s.home, &s.home.join("envs"), &env] {
         assert_eq!(mode(p), 0o700, "{} is not private", p.display());
     }
-    // Uppers made later (by reset, by commit) and saved ones too.
-    fs::create_dir_all(up.join("etc")).unwrap();
-    fs::write(up.join("etc/secret"), "mine\n").unwrap();
-    let out = s.plyroot(&["reset", "dev"]).ok();
-    assert_eq!(mode(&up), 0o700, "reset made a shared upper: {out}");
+    // The upper is the environment's `/`: open inside (services that drop root must enter it),
+    // guarded by the environment's directory outside.
+    let root_mode = |what: &str| {
+        let o = s.run("dev", &[], &["stat", "-c", "%a", "/"]).ok();
+        assert_eq!(o.stdout, "755\n", "{what}: / inside the environment: {o}");
+        assert_eq!(mode(&up), 0o755, "{what}");
+    };
+    root_mode("created");
+    s.sh("dev", "echo mine > /etc/secret").ok();
+    s.plyroot(&["reset", "dev"]).ok();
     assert_eq!(mode(&env.join("saved")), 0o700, "reset keeps uppers where others can read them");
-    fs::write(up.join("secret2"), "mine\n").unwrap();
+    root_mode("after reset");
+    s.sh("dev", "echo mine > /etc/secret2").ok();
     s.plyroot(&["commit", "dev"]).ok();
-    assert_eq!(mode(&up), 0o700, "commit made a shared upper");
-    fs::write(up.join("secret3"), "mine\n").unwrap();
+    root_mode("after commit");
+    s.sh("dev", "echo mine > /etc/secret3").ok();
 
     if me().regime != Regime::Root {
         return;
@@ -59,7 +65,7 @@ fn the_store_and_every_upper_are_private() {
     // Another local user can neither list the upper nor read a file in it by name.
     let runuser = need!(tool("runuser"));
     let other = ["plyci-nosub", "nobody"].into_iter().find(|u| Command::new("id").arg(u).output().is_ok_and(|o| o.status.success())).expect("no other local user");
-    for args in [vec!["ls", up.to_str().unwrap()], vec!["cat", up.join("secret3").to_str().unwrap()], vec!["ls", env.join("saved").to_str().unwrap()]] {
+    for args in [vec!["ls", up.to_str().unwrap()], vec!["cat", up.join("etc/secret3").to_str().unwrap()], vec!["ls", env.join("saved").to_str().unwrap()]] {
         let o = run_with(Command::new(&runuser).args(["-u", other, "--"]).args(&args), None, TIMEOUT);
         assert_ne!(o.code, 0, "{other} could read another user's environment: {o}");
         assert!(o.stderr.contains("Permission denied"), "{o}");

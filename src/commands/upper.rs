@@ -11,7 +11,7 @@ use crate::store::layer::LayerInfo;
 use crate::store::meta::Overrides;
 use crate::store::upper::{self, UpperEntry};
 use crate::store::journal::Journal;
-use crate::store::{canonical, now_secs, private_dir, write_atomic, Store};
+use crate::store::{canonical, now_secs, private_dir, upper_dir, write_atomic, Store};
 
 fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
     layers.iter().rev().map(|l| store.layer_root(l)).collect()
@@ -89,7 +89,7 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
         // 1. Move the upper aside and give the environment a clean one (undone on failure).
         private_dir(&staged).with_context(|| format!("cannot create {}", staged.display()))?;
         fs::rename(env.upper(), staged.join("root")).context("cannot move the upper aside")?;
-        private_dir(&env.upper()).context("cannot create a clean upper")?;
+        upper_dir(&env.upper()).context("cannot create a clean upper")?;
         // 2. Digest it where owners read as they do inside (subordinate ids as themselves).
         let root = staged.join("root");
         let (id, size, entries) = as_root_inside(move || {

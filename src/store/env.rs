@@ -8,8 +8,9 @@
 //! (commit, reset, rebase) and new generations are journaled (journal.rs): [`Env::recover`]
 //! finishes or undoes one that a crash interrupted.
 //!
-//! The store, `envs/`, each environment's directory and its upper are 0700: an upper holds what
-//! the user wrote (and setuid files a run made), for no other local user to read.
+//! The store, `envs/` and each environment's directory are 0700: an upper holds what the user
+//! wrote (and setuid files a run made), for no other local user to read. The upper itself is
+//! 0755: it is the mode of the environment's `/`.
 //!
 //! Every run holds `runs/<id>.lock` (flock) for its whole life, with the generation it uses
 //! written inside: gc keeps those layers, and commit/reset wait for no run.
@@ -116,7 +117,7 @@ impl Store {
         let st = self.staging()?;
         let dir = st.path.join("env");
         private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        private_dir(&dir.join("upper")).with_context(|| format!("cannot create {}", dir.join("upper").display()))?;
+        super::upper_dir(&dir.join("upper")).with_context(|| format!("cannot create {}", dir.join("upper").display()))?;
         for sub in ["generations", "work", "runs", "mnt", "skel"] {
             fs::DirBuilder::new().mode(0o755).create(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }

@@ -360,13 +360,13 @@ impl Env {
         Ok(dest)
     }
 
-    /// An environment always has an upper directory (0700: another local user must not read it).
+    /// An environment always has an upper directory.
     fn ensure_upper(&self) -> Result<()> {
         let up = self.upper();
         if up.is_dir() {
             return Ok(());
         }
-        match private_dir(&up) {
+        match super::upper_dir(&up) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e).with_context(|| format!("cannot create {}", up.display())),

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! $PLYROOT_HOME/                       default $XDG_DATA_HOME/plyroot; 0700, like envs/, each
-//! │                                    environment's directory and its upper
+//! │                                    environment's directory and saved/
 //! ├── lock                             flock: shared by every command, exclusive by gc
 //! ├── layers/<sha256 hex>/             one immutable layer, published by rename
 //! │   ├── root/                        the tree (whiteouts are char 0:0, opaque dirs user.overlay.opaque=y)
@@ -16,7 +16,7 @@
 //! │   ├── commit/                      a commit's upper (root/) while it becomes a layer
 //! │   ├── saved/                       uppers that `reset` (or a recovery) set aside
 //! │   ├── skel/<n>-<uid>/              generated top lower: passwd/group entries, mount points
-//! │   ├── upper/                       the persistent writable overlay layer
+//! │   ├── upper/                       the persistent writable overlay layer (0755: its mode is `/`'s)
 //! │   ├── upper.json                   the layer stack the upper was written on
 //! │   ├── work/<n>/                    the overlay workdir of run slot n, reused run after run
 //! │   ├── runs/<n>.lock                run slot n: flock'd for the life of the run using it, and
@@ -206,6 +206,14 @@ fn open_lock(path: &Path) -> io::Result<File> {
 /// umask).
 pub(crate) fn private_dir(path: &Path) -> io::Result<()> {
     fs::DirBuilder::new().mode(0o700).create(path)
+}
+
+/// Creates an upper: mode 0755 whatever the umask, because an overlay's root directory takes the
+/// mode of its upper's, and services that drop root must be able to enter `/`. The environment's
+/// directory around it (0700) keeps other users out.
+pub(crate) fn upper_dir(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(0o755).create(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
 }
 
 /// A directory under tmp/ that is removed when dropped unless it was moved into place.
