@@ -130,10 +130,11 @@ impl Env {
     /// Finishes or undoes whatever change an interrupted command left, and removes temp files
     /// of finished writers. Call with the environment's lock held. Never deletes the user's files.
     pub(crate) fn recover(&self, remove: fn(&Path) -> Result<()>) -> Result<()> {
-        self.recover_change(remove).map(|_| ())
+        self.recover_change(remove, true).map(|_| ())
     }
 
-    pub(crate) fn recover_change(&self, remove: fn(&Path) -> Result<()>) -> Result<Recovered> {
+    /// [`Env::recover`], saying what it did with an interrupted change when `say`.
+    fn recover_change(&self, remove: fn(&Path) -> Result<()>, say: bool) -> Result<Recovered> {
         self.recover_legacy()?;
         let r = match self.journal()? {
             None if self.commit_dir().exists() => {
@@ -146,6 +147,7 @@ impl Env {
                 let r = self.roll(&j, remove)?;
                 self.end()?;
                 match (&j, r) {
+                    _ if !say => {}
                     (_, Recovered::Nothing) => {}
                     (Journal::Reset { saved: Some(s), .. }, Recovered::Finished) => {
                         crate::diag::info(&format!("{}: finished an interrupted reset; the previous upper is at {}", self.name, self.saved_dir().join(s).display()))
@@ -169,7 +171,7 @@ impl Env {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        match self.recover_change(remove) {
+        match self.recover_change(remove, false) {
             Ok(Recovered::Finished) => {
                 crate::diag::warn(&format!("{what} of '{}': a step failed ({err:#}), but a second try finished it", self.name));
                 Ok(())
