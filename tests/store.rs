@@ -159,6 +159,11 @@ fn temp_files_of_dead_writers_are_removed_and_live_ones_kept() {
     gone.extend(dead(&s.home.join("blobs")));
     symlink("generations/1.json", &switch_temp).unwrap();
     gone.push(switch_temp);
+    // The copy of plyroot that exporting a launcher makes.
+    let bin_temp = s.home.join("bin/.plyroot.tmp-999999");
+    fs::create_dir_all(bin_temp.parent().unwrap()).unwrap();
+    fs::write(&bin_temp, "half a binary").unwrap();
+    gone.push(bin_temp);
     // A write in progress (its writer holds the lock), which must stay.
     let live = env.join(format!(".journal.json.plyroot-{}-0.tmp", std::process::id()));
     let lock = held_temp(&live);

@@ -290,7 +290,11 @@ impl Env {
             }
         }
         if !dest.join("layer.json").exists() {
-            bail!("the committed layer {layer} is neither staged at {} nor in the store: cannot record its generation", staged.display());
+            bail!(
+                "the committed layer {layer} is neither staged at {} nor in the store (removed by hand?): its generation cannot be recorded; remove {} to go on without that commit",
+                staged.display(),
+                self.journal_path().display()
+            );
         }
         let g = self.finish_generation(from, generation, |g| Journal::CommitPublish { layer: layer.to_owned(), from, generation: g.clone() })?;
         if self.current()?.number == g.number {

@@ -188,11 +188,13 @@ impl Store {
             clean_temps(&d, None);
         }
         if self.exclusive {
-            // `switch`'s temp links cannot be locked; only a command holding the store lock
-            // (shared) writes them, so with the lock exclusive they are all leftovers.
+            // `switch`'s temp links, and the copy of plyroot that exporting launchers makes
+            // (bin/.plyroot.tmp-PID), are not locked; only commands holding the store lock write
+            // them, so with the lock exclusive they are all leftovers.
             for env in self.envs().unwrap_or_default() {
                 env.remove_switch_temps();
             }
+            clean_temps(&self.root.join("bin"), None);
         }
         Ok(n)
     }
