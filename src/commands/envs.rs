@@ -101,6 +101,9 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     let lock_changes = new_lock != old_lock;
     if lock_changes {
         check_writable(&lock_path)?;
+        // The lock file first: an apply that cannot write it changes nothing, and one interrupted
+        // after it converges when run again (the pins are those of layers already in the store).
+        write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
     }
     // By name: two applies lock the environments they share in the same order.
     plans.sort_by(|a, b| a.0.name.cmp(&b.0.name));
@@ -112,6 +115,7 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
         }
         let env = store.env(&decl.name)?;
         let lock = env.lock()?;
+        env.recover(store.remover)?;
         let cur = env.current()?;
         // Layers committed since are the user's: they stay on top of the declared ones.
         let mut layers = layers;
@@ -127,20 +131,15 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     for change in changes {
         match change {
             Change::Update { decl, layers, env, cur, _lock } => {
-                let mut g = env.write_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
-                g.commits = cur.commits.clone();
-                env.rewrite_generation(&g)?;
-                env.switch(g.number)?;
-                crate::diag::info(&format!("{}: generation {} is current", decl.name, g.number));
+                let g = env.next_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply", cur.commits.clone())?;
+                let n = env.add_generation(cur.number, g, "apply", store.remover)?;
+                crate::diag::info(&format!("{}: generation {n} is current", decl.name));
             }
             Change::Create { decl, layers } => {
                 store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
                 crate::diag::info(&format!("{}: created, generation 1 is current", decl.name));
             }
         }
-    }
-    if lock_changes {
-        write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
     }
     if changed == 0 {
         crate::diag::info("nothing to do: every environment is as the manifest declares");
@@ -215,6 +214,7 @@ pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> 
 pub(crate) fn switch(store: &Store, name: &str, n: u32) -> Result<i32> {
     let env = store.env(name)?;
     let _lock = env.lock()?;
+    env.recover(store.remover)?;
     // Everything read before the switch: a damaged record or a missing layer leaves the
     // current generation as it was.
     let target = env.generation(n)?;

@@ -67,12 +67,8 @@ pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_th
         for r in env.live() {
             roots.extend(r.record.layers);
         }
-        if let Ok(d) = fs::read(env.dir.join("commit.json")) {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&d) {
-                roots.extend(v["layer"].as_str().map(str::to_owned));
-                roots.extend(v["base"].as_array().into_iter().flatten().filter_map(|x| x.as_str().map(str::to_owned)));
-            }
-        }
+        // An interrupted change finishes with these layers.
+        roots.extend(env.pending_layers()?);
     }
     let dead: Vec<_> = store.layers()?.into_iter().filter(|l| !roots.contains(&l.id)).collect();
     let freed: u64 = dead.iter().map(|l| l.size).sum();

@@ -29,12 +29,12 @@ pub(crate) fn request(opts: &RunOpts, command: Vec<std::ffi::OsString>, login: b
     }
 }
 
-/// Finishes or undoes what an interrupted commit or reset left (cheap when there is nothing).
+/// Finishes or undoes what an interrupted commit, reset, rebase or apply left (cheap when there
+/// is nothing: a few stats).
 pub(crate) fn recover(store: &Store, env: &Env) -> Result<()> {
-    if env.dir.join("upper.new").exists() || env.dir.join("upper.old").exists() || crate::commands::upper::commit_interrupted(env) {
+    if env.needs_recovery() {
         let _lock = env.lock()?;
         env.recover(store.remover)?;
-        crate::commands::upper::recover_commit(store, env)?;
     }
     Ok(())
 }

@@ -4,9 +4,13 @@
 //! `current` is a symlink to one of them, switched by writing a new symlink and renaming it over
 //! the old one, so a crash leaves either the old or the new generation current, never neither.
 //!
-//! The upper remembers the layer stack it was written on (`upper.json`). Replacing the upper
-//! (commit, reset) prepares `upper.new/` + `upper.new.json` first; the switch of `current` is the
-//! commit point, and [`Env::recover`] finishes or undoes a replacement a crash interrupted.
+//! The upper remembers the layer stack it was written on (`upper.json`). Changes of the upper
+//! (commit, reset, rebase) and new generations are journaled (journal.rs): [`Env::recover`]
+//! finishes or undoes one that a crash interrupted.
+//!
+//! The store, `envs/` and each environment's directory are 0700: an upper holds what the user
+//! wrote (and setuid files a run made), for no other local user to read. The upper itself is
+//! 0755: it is the mode of the environment's `/`.
 //!
 //! Runs record themselves in run slots (`runs.rs`); what is alive is read from the kernel.
 
@@ -17,7 +21,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{now_secs, write_atomic, Store};
+use super::{now_secs, private_dir, sync_dir, write_atomic, Store};
 use crate::manifest::Settings;
 
 /// One immutable record of an environment's resolved content.
@@ -95,14 +99,20 @@ impl Store {
         }
         let st = self.staging()?;
         let dir = st.path.join("env");
-        for sub in ["generations", "upper", "work", "runs", "mnt", "skel"] {
-            fs::DirBuilder::new().recursive(true).mode(0o755).create(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+        private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        super::upper_dir(&dir.join("upper")).with_context(|| format!("cannot create {}", dir.join("upper").display()))?;
+        for sub in ["generations", "work", "runs", "mnt", "skel"] {
+            fs::DirBuilder::new().mode(0o755).create(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }
         write_atomic(&dir.join("upper.json"), &serde_json::to_vec(&layers)?)?;
         let g = Generation { number: 1, created: now_secs(), layers, sources, settings, reason: reason.to_owned(), commits: Vec::new() };
         write_atomic(&dir.join("generations/1.json"), &serde_json::to_vec_pretty(&g)?)?;
         std::os::unix::fs::symlink("generations/1.json", dir.join("current")).context("cannot write the current generation link")?;
-        fs::create_dir_all(self.envs_dir()).with_context(|| format!("cannot create {}", self.envs_dir().display()))?;
+        match private_dir(&self.envs_dir()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", self.envs_dir().display())),
+        }
         // rename(2) of a directory onto an existing non-empty one fails: a concurrent create of
         // the same name loses cleanly.
         fs::rename(&dir, &dest).map_err(|e| {
@@ -137,8 +147,17 @@ impl Env {
         read_generation(&self.dir.join("current"))
     }
 
+    pub(crate) fn generation_path(&self, n: u32) -> PathBuf {
+        self.dir.join("generations").join(format!("{n}.json"))
+    }
+
+    /// The store this environment belongs to (`<store>/envs/<name>`).
+    pub(crate) fn store_root(&self) -> &Path {
+        self.dir.parent().and_then(Path::parent).unwrap_or(Path::new("/"))
+    }
+
     pub(crate) fn generation(&self, n: u32) -> Result<Generation> {
-        let p = self.dir.join("generations").join(format!("{n}.json"));
+        let p = self.generation_path(n);
         if !p.exists() {
             bail!("environment '{}' has no generation {n} (see `plyroot generations {}`)", self.name, self.name);
         }
@@ -179,83 +198,38 @@ impl Env {
         fs::read_dir(self.upper()).map(|mut rd| rd.next().is_none()).unwrap_or(true)
     }
 
-    /// Points `current` at generation `n`: a new symlink renamed over the old one.
+    /// Points `current` at generation `n`: a new symlink renamed over the old one, made durable.
+    /// Call with the environment's lock held (recovery removes the temp links of dead writers).
     pub(crate) fn switch(&self, n: u32) -> Result<()> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         self.generation(n)?;
-        let tmp = self.dir.join(format!("current.tmp-{}", std::process::id()));
+        let tmp = self.dir.join(format!(".current.plyroot-{}-{}.tmp", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(format!("generations/{n}.json"), &tmp).context("cannot write the current generation link")?;
-        fs::rename(&tmp, self.dir.join("current")).context("cannot switch the current generation")
+        if let Err(e) = fs::rename(&tmp, self.dir.join("current")) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e).context("cannot switch the current generation");
+        }
+        sync_dir(&self.dir)
     }
 
-    /// Writes a new generation record (not yet current).
-    pub(crate) fn write_generation(&self, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str) -> Result<Generation> {
-        let number = self.generations()?.last().map(|g| g.number).unwrap_or(0) + 1;
-        let g = Generation { number, created: now_secs(), layers, sources, settings, reason: reason.to_owned(), commits: Vec::new() };
-        self.rewrite_generation(&g)?;
-        Ok(g)
+    /// The number the next generation gets.
+    pub(crate) fn next_number(&self) -> Result<u32> {
+        Ok(self.generations()?.last().map(|g| g.number).unwrap_or(0) + 1)
     }
 
-    /// Writes a generation record that is not current yet (used while building it).
-    pub(crate) fn rewrite_generation(&self, g: &Generation) -> Result<()> {
-        write_atomic(&self.dir.join("generations").join(format!("{}.json", g.number)), &serde_json::to_vec_pretty(g)?)
+    /// A new generation record, numbered after the last one; not written yet.
+    pub(crate) fn next_generation(&self, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str, commits: Vec<String>) -> Result<Generation> {
+        Ok(Generation { number: self.next_number()?, created: now_secs(), layers, sources, settings, reason: reason.to_owned(), commits })
     }
 
-    /// Prepares an empty replacement upper, based on `layers`, for [`Env::replace_upper`].
-    pub(crate) fn prepare_upper(&self, layers: &[String]) -> Result<()> {
-        let new = self.dir.join("upper.new");
-        super::remove_tree(&new)?;
-        fs::create_dir(&new).with_context(|| format!("cannot create {}", new.display()))?;
-        write_atomic(&self.dir.join("upper.new.json"), &serde_json::to_vec(layers)?)
-    }
-
-    /// Puts the prepared upper in place; the old one is returned (moved to `dest`, or deleted).
-    pub(crate) fn replace_upper(&self, keep_old_at: Option<&Path>, remove: fn(&Path) -> Result<()>) -> Result<()> {
-        let up = self.upper();
-        let old = self.dir.join("upper.old");
-        if up.exists() {
-            fs::rename(&up, &old).with_context(|| format!("cannot move {}", up.display()))?;
-        }
-        fs::rename(self.dir.join("upper.new"), &up).with_context(|| format!("cannot move the new upper into {}", up.display()))?;
-        fs::rename(self.dir.join("upper.new.json"), self.dir.join("upper.json")).context("cannot record the new upper's base")?;
-        if old.exists() {
-            match keep_old_at {
-                Some(dest) => fs::rename(&old, dest).with_context(|| format!("cannot keep the old upper at {}", dest.display()))?,
-                None => remove(&old)?,
-            }
-        }
-        Ok(())
-    }
-
-    /// Finishes or undoes an upper replacement a crash interrupted: a prepared upper whose base
-    /// is the current stack was committed (finish); any other was not (drop it).
-    pub(crate) fn recover(&self, remove: fn(&Path) -> Result<()>) -> Result<()> {
-        let new = self.dir.join("upper.new");
-        if new.exists() {
-            let base: Option<Vec<String>> = fs::read(self.dir.join("upper.new.json")).ok().and_then(|d| serde_json::from_slice(&d).ok());
-            if base.is_some_and(|b| b == self.current().map(|g| g.layers).unwrap_or_default()) {
-                self.replace_upper(None, remove)?;
-            } else {
-                remove(&new)?;
-                let _ = fs::remove_file(self.dir.join("upper.new.json"));
-            }
-        }
-        let old = self.dir.join("upper.old");
-        if old.exists() {
-            if self.upper().exists() {
-                // Never delete what an interrupted command was replacing: keep it and say where.
-                let dest = self.saved_dir().join(format!("recovered-{}", now_secs()));
-                fs::create_dir_all(self.saved_dir()).with_context(|| format!("cannot create {}", self.saved_dir().display()))?;
-                fs::rename(&old, &dest).with_context(|| format!("cannot keep {} at {}", old.display(), dest.display()))?;
-                crate::diag::warn(&format!("an interrupted change of '{}' left its previous upper; it is kept at {}", self.name, dest.display()));
-            } else {
-                fs::rename(&old, self.upper()).context("cannot restore the upper")?;
-            }
-        }
-        if !self.upper().exists() {
-            fs::create_dir(self.upper()).with_context(|| format!("cannot create {}", self.upper().display()))?;
-        }
-        Ok(())
+    /// Writes generation `g` and makes it current, journaled: interrupted, the next command on
+    /// the environment finishes it, with the same number. `from` is the generation current now.
+    /// Call with the environment's lock held, after [`Env::recover`].
+    pub(crate) fn add_generation(&self, from: u32, g: Generation, what: &str, remove: fn(&Path) -> Result<()>) -> Result<u32> {
+        let j = super::journal::Journal::NewGeneration { from, generation: g };
+        self.journaled(&j, what, remove, || self.roll(&j, remove).map(|_| ()))?;
+        Ok(self.current()?.number)
     }
 
     pub(crate) fn generations(&self) -> Result<Vec<Generation>> {
@@ -301,7 +275,7 @@ impl Env {
 
 /// Reads a generation record, checked: every layer id well formed (ids become paths), and the
 /// number the one its file is named by (`switch` and gc go by the name).
-fn read_generation(path: &Path) -> Result<Generation> {
+pub(crate) fn read_generation(path: &Path) -> Result<Generation> {
     // `current` is a link: name the record itself in errors, which is what the user must fix.
     let path = &match fs::read_link(path) {
         Ok(target) => path.parent().unwrap_or(Path::new("/")).join(target),

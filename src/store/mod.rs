@@ -1,7 +1,8 @@
 //! The store: every piece of on-disk state, and nothing about namespaces.
 //!
 //! ```text
-//! $PLYROOT_HOME/                       default $XDG_DATA_HOME/plyroot
+//! $PLYROOT_HOME/                       default $XDG_DATA_HOME/plyroot; 0700, like envs/, each
+//! │                                    environment's directory and saved/
 //! ├── lock                             flock: shared by every command, exclusive by gc
 //! ├── layers/<sha256 hex>/             one immutable layer, published by rename
 //! │   ├── root/                        the tree (whiteouts are char 0:0, opaque dirs user.overlay.opaque=y)
@@ -10,36 +11,43 @@
 //! ├── envs/<name>/                     one environment, created by rename
 //! │   ├── generations/<n>.json         immutable generation records
 //! │   ├── current -> generations/<n>.json   switched by an atomic symlink replace
+//! │   ├── lock                         flock: held by a command changing the environment, and
+//! │   │                                by a launch until its root is mounted and recorded
+//! │   ├── journal.json                 the change of the upper or of `current` in progress (journal.rs)
+//! │   ├── commit/                      a commit's upper (root/) while it becomes a layer
+//! │   ├── saved/                       uppers that `reset` (or a recovery) set aside
 //! │   ├── skel/<n>-<uid>/              generated top lower: passwd/group entries, mount points
-//! │   ├── upper/                       the persistent writable overlay layer
+//! │   ├── upper/                       the persistent writable overlay layer (0755: its mode is `/`'s)
+//! │   ├── upper.json                   the layer stack the upper was written on
 //! │   ├── work/<n>/                    the workdir of the shared overlay mounted by run slot n
 //! │   ├── runs/<n>.json                run slot n: a launch's pid, mount and user namespaces,
 //! │   │                                generation, skeleton, and which shared mount it uses;
-//! │   │                                alive while a process is in that mount namespace (runs.rs)
-//! │   ├── lock                         flock: changes of the upper and records, and launches
-//! │   │                                until their root is mounted
+//! │   │                                alive while its mount namespace is (runs.rs)
 //! │   └── mnt/                         the root's mount point during a launch (private mount ns)
 //! ├── blobs/<hex>                      registry blob (or diff_id) → the layer it unpacks to (blobs.rs)
 //! ├── blobs/gzip/<layer hex>           the gzip blob `push` made of a layer
-//! ├── tmp/<pid>-<n>/                   staging; a directory whose pid is gone is a crash
-//! │                                    leftover and is removed
+//! ├── tmp/<pid>-<n>/                   staging, flock'd (the directory itself) for as long as
+//! │                                    it is used; one whose lock can be taken is a leftover
 //! └── notes/                           one-time notices already shown
 //! ```
 //!
 //! Publishing is always "write under tmp/, then rename into place", so a crash at any point leaves
-//! either nothing or a complete object visible.
+//! either nothing or a complete object visible. Files are replaced by [`write_atomic`]: a locked
+//! temp file `.NAME.plyroot-PID-N.tmp` beside them, fsync'd, renamed over, and the directory
+//! fsync'd. Whoever finds such a temp file unlocked (its writer is gone) removes it.
 
 pub(crate) mod blobs;
 pub(crate) mod canonical;
 pub(crate) mod env;
+pub(crate) mod journal;
 pub(crate) mod layer;
 pub(crate) mod meta;
 pub(crate) mod runs;
 pub(crate) mod upper;
 
 use std::fs::{self, File};
-use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -51,6 +59,9 @@ pub(crate) struct Store {
     pub root: PathBuf,
     /// Held for the life of the value; never read.
     _lock: File,
+    /// The lock is exclusive (gc): no other plyroot command is in the store, so every temp file
+    /// in it is a leftover.
+    exclusive: bool,
     /// Deletes trees that may hold files runs wrote as other ids. The store knows nothing of
     /// namespaces: the caller supplies one that does (default: plain [`remove_tree`]).
     pub remover: fn(&Path) -> Result<()>,
@@ -74,11 +85,16 @@ impl Store {
         let lock = match open_lock(&lock_path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(root)
-                    .with_context(|| format!("cannot create the store at {}", root.display()))?;
+                // The store holds every upper: private to its owner. Its parents (~/.local/share)
+                // are the user's business and keep the usual modes.
+                if let Some(parent) = root.parent() {
+                    fs::create_dir_all(parent).with_context(|| format!("cannot create the store at {}", root.display()))?;
+                }
+                match private_dir(root) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e).with_context(|| format!("cannot create the store at {}", root.display())),
+                }
                 open_lock(&lock_path).with_context(|| format!("cannot open {}", lock_path.display()))?
             }
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", lock_path.display())),
@@ -96,7 +112,7 @@ impl Store {
             ));
             flock(&lock, op).with_context(|| format!("cannot lock {}", lock_path.display()))?;
         }
-        Ok(Store { root: root.to_owned(), _lock: lock, remover: remove_tree })
+        Ok(Store { root: root.to_owned(), _lock: lock, exclusive, remover: remove_tree })
     }
 
     /// Another fd on the store lock (the same lock): a launch keeps it until its root is mounted,
@@ -117,39 +133,77 @@ impl Store {
         self.root.join("tmp")
     }
 
-    /// A fresh staging directory under tmp/, named after this process, removed when dropped.
+    /// A fresh staging directory under tmp/, locked (flock on the directory) until dropped, and
+    /// removed when dropped unless it was moved into place.
     pub(crate) fn staging(&self) -> Result<Staging> {
         static N: AtomicU32 = AtomicU32::new(0);
         let tmp = self.tmp_dir();
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         loop {
             let n = N.fetch_add(1, Ordering::Relaxed);
+            // The pid only makes the name unique in this pid namespace and tells a human whose
+            // it was; liveness is the lock.
             let path = tmp.join(format!("{}-{n}", std::process::id()));
             match fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => return Ok(Staging { path, keep: false }),
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
             }
+            let dir = match File::open(&path) {
+                Ok(d) => d,
+                // A cleaner took it between mkdir and open: it was never ours to use.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+            };
+            flock(&dir, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", path.display()))?;
+            // A cleaner that locked it first removed it (nlink 0): take another name.
+            if dir.metadata().with_context(|| format!("cannot stat {}", path.display()))?.nlink() == 0 {
+                continue;
+            }
+            return Ok(Staging { path, keep: false, _lock: dir });
         }
     }
 
-    /// Removes staging directories whose process is gone (killed, crashed). The name carries the
-    /// pid, and a directory exists only after its process does, so no live one is taken.
+    /// Removes what crashed commands left: staging directories nobody holds locked (their
+    /// command is gone, in whatever pid namespace it ran), unlocked temp files of atomic writes in
+    /// the store's own directories, and under the exclusive lock (gc) `switch`'s temp links.
+    /// Returns the number of staging directories removed.
     pub(crate) fn clean_leftovers(&self) -> Result<usize> {
         let mut n = 0;
-        let Ok(rd) = fs::read_dir(self.tmp_dir()) else { return Ok(0) };
-        for entry in rd.flatten() {
-            let name = entry.file_name();
-            let pid = name.to_str().and_then(|s| s.split('-').next()).and_then(|p| p.parse::<i32>().ok());
-            let alive = pid.is_some_and(|pid| {
-                // SAFETY: kill with signal 0 only checks for the process.
-                unsafe { libc::kill(pid, 0) == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
-            });
-            // Best effort: a leftover that cannot be removed now (files of another id) must not
-            // fail the command that happened to find it.
-            if !alive && (self.remover)(&entry.path()).is_ok() {
-                n += 1;
+        if let Ok(rd) = fs::read_dir(self.tmp_dir()) {
+            for entry in rd.flatten() {
+                let path = entry.path();
+                let Ok(dir) = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY).open(&path) else { continue };
+                if flock(&dir, FlockOperation::NonBlockingLockExclusive).is_err() {
+                    continue;
+                }
+                // Best effort: a leftover that cannot be removed now (files of another id) must not
+                // fail the command that happened to find it.
+                if (self.remover)(&path).is_ok() {
+                    n += 1;
+                }
             }
+        }
+        let mut dirs = vec![self.root.clone(), self.root.join("blobs"), self.root.join("blobs/gzip"), self.root.join("notes")];
+        for parent in [self.envs_dir(), self.root.join("launchers")] {
+            if let Ok(rd) = fs::read_dir(&parent) {
+                for e in rd.flatten() {
+                    dirs.push(e.path());
+                    dirs.push(e.path().join("generations"));
+                }
+            }
+        }
+        for d in dirs {
+            clean_temps(&d, None);
+        }
+        if self.exclusive {
+            // `switch`'s temp links, and the copy of plyroot that exporting launchers makes
+            // (bin/.plyroot.tmp-PID), are not locked; only commands holding the store lock write
+            // them, so with the lock exclusive they are all leftovers.
+            for env in self.envs().unwrap_or_default() {
+                env.remove_switch_temps();
+            }
+            clean_temps(&self.root.join("bin"), None);
         }
         Ok(n)
     }
@@ -163,10 +217,26 @@ fn open_lock(path: &Path) -> io::Result<File> {
     }
 }
 
+/// Creates one directory that only its owner may enter (`mkdir` with mode 0700, whatever the
+/// umask).
+pub(crate) fn private_dir(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(0o700).create(path)
+}
+
+/// Creates an upper: mode 0755 whatever the umask, because an overlay's root directory takes the
+/// mode of its upper's, and services that drop root must be able to enter `/`. The environment's
+/// directory around it (0700) keeps other users out.
+pub(crate) fn upper_dir(path: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(0o755).create(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+}
+
 /// A directory under tmp/ that is removed when dropped unless it was moved into place.
 pub(crate) struct Staging {
     pub path: PathBuf,
     keep: bool,
+    /// The directory itself, flock'd: [`Store::clean_leftovers`] leaves it alone while held.
+    _lock: File,
 }
 
 impl Staging {
@@ -192,8 +262,20 @@ impl Drop for Staging {
     }
 }
 
-/// Removes a tree that may hold read-only directories (a rootfs has 0555 dirs).
+/// Removes a tree that may hold read-only directories (a rootfs has 0555 dirs), or a single
+/// file, symlink or device; a path that is not there is no error.
 pub(crate) fn remove_tree(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Ok(m) if !m.is_dir() => {
+            return match fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+            };
+        }
+        _ => {}
+    }
     match fs::remove_dir_all(path) {
         Ok(()) => return Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -225,11 +307,120 @@ fn make_writable(path: &Path) {
     }
 }
 
-/// Writes `data` to `path` atomically (temp file + rename).
+/// Writes `data` to `path` atomically and durably: a locked temp file beside it, fsync'd,
+/// renamed over `path`, then the directory fsync'd. Not for launch hot paths (two fsyncs).
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    fs::write(&tmp, data).with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    let mut t = TempFile::beside(path)?;
+    t.file.write_all(data).with_context(|| format!("cannot write {}", t.path.display()))?;
+    t.commit()
+}
+
+/// A temp file `.NAME.plyroot-PID-N.tmp` beside its destination, flock'd for as long as it is
+/// being written (so that a later command can tell a leftover from a write in progress, in any pid
+/// namespace), removed when dropped unless committed.
+pub(crate) struct TempFile {
+    pub path: PathBuf,
+    pub file: File,
+    dest: PathBuf,
+    done: bool,
+}
+
+/// The `.NAME.plyroot-` prefix and `.tmp` suffix of the temp files of `NAME`.
+fn temp_affixes(name: &std::ffi::OsStr) -> (String, &'static str) {
+    (format!(".{}.plyroot-", name.to_string_lossy()), ".tmp")
+}
+
+impl TempFile {
+    /// Creates the temp file of `dest`, removing leftovers of earlier writes of `dest` first.
+    pub(crate) fn beside(dest: &Path) -> Result<TempFile> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = dest.file_name().with_context(|| format!("cannot write {}: it names no file", dest.display()))?;
+        let dir = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        clean_temps(dir, Some(name));
+        let (prefix, suffix) = temp_affixes(name);
+        loop {
+            let path = dir.join(format!("{prefix}{}-{}{suffix}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+            let file = match fs::OpenOptions::new().write(true).create_new(true).mode(0o644).custom_flags(libc::O_CLOEXEC).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("cannot write {} (creating {} failed)", dest.display(), path.display())),
+            };
+            flock(&file, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", path.display()))?;
+            // Unlinked by a cleaner between create and lock: take another name.
+            if file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.nlink() == 0 {
+                continue;
+            }
+            return Ok(TempFile { path, file, dest: dest.to_owned(), done: false });
+        }
+    }
+
+    /// Makes the content durable, puts it in place, and makes the new name durable.
+    pub(crate) fn commit(mut self) -> Result<()> {
+        self.file.sync_all().with_context(|| format!("cannot write {} (fsync failed)", self.path.display()))?;
+        fs::rename(&self.path, &self.dest).with_context(|| format!("cannot write {}", self.dest.display()))?;
+        self.done = true;
+        // Past the rename the new content is what everyone reads: failing now would report a
+        // change as not made. Only its durability across a power cut is in doubt; say so.
+        if let Err(e) = sync_dir(self.dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))) {
+            crate::diag::warn(&format!("{} is written, but may not survive a power cut: {e:#}", self.dest.display()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// fsync of a directory: makes the entries created, renamed or removed in it durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    let d = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    d.sync_all().with_context(|| format!("cannot sync {}", dir.display()))
+}
+
+/// Removes temp files of [`TempFile`] (and of plyroot versions before it, `STEM.tmp-PID`) in
+/// `dir` whose writer is gone: only regular files whose lock can be taken, and only the same file
+/// that was locked. `only`: just the temp files of that destination name. Best effort.
+pub(crate) fn clean_temps(dir: &Path, only: Option<&std::ffi::OsStr>) -> usize {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    let wanted = only.map(temp_affixes);
+    let legacy_stem = only.map(|n| Path::new(n).file_stem().unwrap_or(n).to_string_lossy().into_owned());
+    let mut n = 0;
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = match &wanted {
+            Some((prefix, suffix)) => name.starts_with(prefix.as_str()) && name.ends_with(suffix),
+            None => name.starts_with('.') && name.contains(".plyroot-") && name.ends_with(".tmp"),
+        };
+        let legacy = match name.rsplit_once(".tmp-") {
+            Some((stem, pid)) => !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && legacy_stem.as_ref().is_none_or(|s| s == stem),
+            None => false,
+        };
+        if (ours || legacy) && remove_if_unlocked(&e.path()) {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Unlinks `path` if it is a regular file nobody holds an flock on (its writer is gone), and
+/// it is still the file that was locked.
+fn remove_if_unlocked(path: &Path) -> bool {
+    let Ok(f) = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path) else { return false };
+    let Ok(m) = f.metadata() else { return false };
+    if !m.is_file() || flock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
+        return false;
+    }
+    let same = fs::symlink_metadata(path).is_ok_and(|now| now.dev() == m.dev() && now.ino() == m.ino());
+    same && fs::remove_file(path).is_ok()
 }
 
 pub(crate) fn now_secs() -> u64 {

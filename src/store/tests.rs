@@ -107,3 +107,135 @@ fn environments_are_created_once_listed_and_removed() {
     store.remove_layer(&ids[0]).unwrap();
     assert!(store.layers().unwrap().is_empty());
 }
+
+/// An environment `dev` on one small layer, with `store.remover` the plain one.
+fn env_with_layer(t: &Path) -> (Store, super::env::Env) {
+    let store = Store::open(&t.join("store")).unwrap();
+    tree(&t.join("a"), "v1");
+    let ids = import(&store, &format!("dir:{}", t.join("a").display())).unwrap();
+    store.create_env("dev", ids, vec![], Default::default(), "test").unwrap();
+    let env = store.env("dev").unwrap();
+    (store, env)
+}
+
+fn put(dir: &Path, file: &str, content: &str) {
+    fs::create_dir_all(dir).unwrap();
+    fs::write(dir.join(file), content).unwrap();
+}
+
+/// Every file under saved/ and in the upper, as (where, name, content).
+fn kept(env: &super::env::Env) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for (place, dir) in [("upper", env.upper())].into_iter().chain(fs::read_dir(env.saved_dir()).into_iter().flatten().flatten().map(|e| ("saved", e.path()))) {
+        for f in entries(&dir) {
+            out.push((place.to_string(), f.clone(), fs::read_to_string(dir.join(&f)).unwrap_or_default()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn what_older_versions_left_half_replaced_is_put_back_never_deleted() {
+    // The states the pre-journal reset/commit could die in: (upper, upper.old, upper.new), each
+    // None (absent) or the one file it holds; and where the user's files must end up.
+    type Dirs<'a> = (Option<&'a str>, Option<&'a str>, Option<&'a str>);
+    let cases: &[(Dirs, &[(&str, &str)])] = &[
+        ((Some("mine"), None, Some("")), &[("upper", "mine")]),
+        ((None, Some("mine"), Some("")), &[("upper", "mine")]),
+        ((Some(""), Some("mine"), None), &[("upper", "mine")]),
+        ((None, Some("mine"), None), &[("upper", "mine")]),
+        ((Some("later"), Some("mine"), None), &[("saved", "mine"), ("upper", "later")]),
+        ((Some("mine"), None, Some("stray")), &[("saved", "stray"), ("upper", "mine")]),
+    ];
+    for ((up, old, new), want) in cases {
+        let t = tempfile::tempdir().unwrap();
+        let (store, env) = env_with_layer(t.path());
+        fs::remove_dir(env.upper()).unwrap();
+        for (dir, content) in [(env.upper(), up), (env.dir.join("upper.old"), old), (env.dir.join("upper.new"), new)] {
+            match content {
+                Some("") => fs::create_dir(&dir).unwrap(),
+                Some(c) => put(&dir, c, c),
+                None => {}
+            }
+        }
+        fs::write(env.dir.join("upper.new.json"), "[]").unwrap();
+        assert!(env.needs_recovery());
+        env.recover(store.remover).unwrap();
+        let got: Vec<(String, String)> = kept(&env).into_iter().map(|(place, name, _)| (place, name)).collect();
+        let want: Vec<(String, String)> = want.iter().map(|(p, n)| (p.to_string(), n.to_string())).collect();
+        assert_eq!(got, want, "{:?}", (up, old, new));
+        assert!(!env.needs_recovery(), "{:?}", (up, old, new));
+    }
+}
+
+#[test]
+fn a_corrupt_journal_stops_recovery_and_names_the_file() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, env) = env_with_layer(t.path());
+    put(&env.upper(), "f", "mine");
+    fs::write(env.journal_path(), "{\"op\": \"reset\", \"ba").unwrap();
+    let e = format!("{:#}", env.recover(store.remover).unwrap_err());
+    assert!(e.contains("journal.json") && e.contains("corrupt"), "{e}");
+    assert_eq!(kept(&env), [("upper".to_string(), "f".to_string(), "mine".to_string())]);
+}
+
+#[test]
+fn a_rebase_journal_never_removes_outside_the_upper() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, env) = env_with_layer(t.path());
+    put(&env.upper(), "f", "mine");
+    let victim = env.dir.join("victim");
+    fs::write(&victim, "x").unwrap();
+    let j = super::journal::Journal::Rebase { onto: vec![], remove: vec!["../victim".into()] };
+    env.begin(&j).unwrap();
+    let e = format!("{:#}", env.recover(store.remover).unwrap_err());
+    assert!(e.contains("not a path inside the upper"), "{e}");
+    assert!(victim.exists());
+}
+
+#[test]
+fn finishing_a_new_generation_twice_writes_it_once() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, env) = env_with_layer(t.path());
+    let cur = env.current().unwrap();
+    let g = env.next_generation(cur.layers.clone(), vec!["again".into()], Default::default(), "test", vec![]).unwrap();
+    let j = super::journal::Journal::NewGeneration { from: cur.number, generation: g.clone() };
+    // Written and switched, then the command died before clearing its journal: twice over.
+    env.begin(&j).unwrap();
+    env.roll(&j, store.remover).unwrap();
+    env.roll(&j, store.remover).unwrap();
+    env.recover(store.remover).unwrap();
+    assert_eq!(env.generations().unwrap().iter().map(|g| g.number).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(env.current().unwrap(), g);
+    // A record another command wrote under the journaled number is kept; ours takes the next.
+    let mut h = env.next_generation(cur.layers.clone(), vec!["mine".into()], Default::default(), "test", vec![]).unwrap();
+    let j = super::journal::Journal::NewGeneration { from: 2, generation: h.clone() };
+    env.begin(&j).unwrap();
+    let mut other = h.clone();
+    other.reason = "someone else".into();
+    fs::write(env.generation_path(3), serde_json::to_vec(&other).unwrap()).unwrap();
+    env.recover(store.remover).unwrap();
+    h.number = 4;
+    assert_eq!(env.generation(3).unwrap(), other);
+    assert_eq!(env.current().unwrap(), h);
+}
+
+#[test]
+fn an_older_versions_commit_journal_is_finished_once() {
+    let t = tempfile::tempdir().unwrap();
+    let (store, env) = env_with_layer(t.path());
+    // Its layer published, its generation not yet switched to, when the old plyroot died.
+    tree(&t.path().join("b"), "committed");
+    let layer = import(&store, &format!("dir:{}", t.path().join("b").display())).unwrap().remove(0);
+    let base = env.current().unwrap().layers;
+    fs::write(env.dir.join("commit.json"), serde_json::json!({"layer": layer, "base": base, "reason": "commit: old"}).to_string()).unwrap();
+    assert_eq!(env.pending_layers().unwrap(), [vec![layer.clone()], base.clone()].concat());
+    env.recover(store.remover).unwrap();
+    env.recover(store.remover).unwrap();
+    let cur = env.current().unwrap();
+    assert_eq!((cur.number, cur.layers.clone(), cur.reason.as_str()), (2, [base, vec![layer.clone()]].concat(), "commit: old"));
+    assert_eq!(cur.commits, [layer]);
+    assert_eq!(env.generations().unwrap().len(), 2);
+    assert!(!env.dir.join("commit.json").exists() && env.journal().unwrap().is_none());
+}
