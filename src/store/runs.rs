@@ -99,28 +99,20 @@ impl Env {
             .into_iter()
             .filter_map(|(slot, record)| {
                 let id = record.mnt_ns_id;
-                let pid = if id != 0 {
-                    // Exact and cheap: does the namespace still exist? Then who is in it.
-                    match crate::sys::ns::mnt_ns_alive(id) {
-                        Some(false) => return None,
-                        Some(true) if procs::mnt_ns_id(record.pid) == Some(id) => record.pid,
-                        _ => procs::find_in_mnt_ns(id)?,
-                    }
+                if id != 0 && procs::mnt_ns_id(record.pid) == Some(id) {
+                    return Some(LiveRun { slot, pid: record.pid, record });
+                }
+                // The launching process is gone; something it started may still be there.
+                let pid = *namespaces.get_or_insert_with(procs::mount_namespaces).get(&record.mnt_ns)?;
+                // The kernel hands a freed namespace's inode number to the next namespace made:
+                // the one found must be this run's, by its id (never reused), or, for a record
+                // without one, by the overlay it holds.
+                let ours = if id != 0 {
+                    procs::mnt_ns_id(pid) == Some(id)
                 } else {
-                    let pid = if procs::mnt_ns(record.pid) == Some(record.mnt_ns) {
-                        record.pid
-                    } else {
-                        *namespaces.get_or_insert_with(procs::mount_namespaces).get(&record.mnt_ns)?
-                    };
-                    // Without an id: the kernel hands a freed namespace's inode number to the next
-                    // one made, so the namespace found must hold this run's overlay.
-                    let ours = procs::overlays(pid).iter().any(|o| o.dirs().any(|d| record.skel.as_ref() == Some(d) || (record.shared.is_some() && *d == upper)));
-                    if !ours {
-                        return None;
-                    }
-                    pid
+                    procs::overlays(pid).iter().any(|o| o.dirs().any(|d| record.skel.as_ref() == Some(d) || (record.shared.is_some() && *d == upper)))
                 };
-                Some(LiveRun { slot, record, pid })
+                ours.then_some(LiveRun { slot, record, pid })
             })
             .collect()
     }

@@ -26,12 +26,6 @@ pub(crate) fn mnt_ns_id(pid: i32) -> Option<u64> {
     super::ns::mnt_ns_id(&super::ns::open_ns(pid, "mnt").ok()?).ok()
 }
 
-/// A process in the mount namespace with id `id`, by a look through every process.
-pub(crate) fn find_in_mnt_ns(id: u64) -> Option<i32> {
-    let rd = fs::read_dir("/proc").ok()?;
-    rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).find(|&pid| mnt_ns_id(pid) == Some(id))
-}
-
 /// Every mount namespace some readable process is in, with one pid in it (the lowest).
 pub(crate) fn mount_namespaces() -> BTreeMap<u64, i32> {
     let mut out = BTreeMap::new();
@@ -64,7 +58,18 @@ impl Overlay {
 
 /// The overlay mounts in the mount namespace of `pid` (empty when it cannot be read).
 pub(crate) fn overlays(pid: i32) -> Vec<Overlay> {
-    fs::read_to_string(format!("/proc/{pid}/mountinfo")).map(|t| parse_overlays(&t)).unwrap_or_default()
+    read_proc(pid, "mountinfo").map(|t| parse_overlays(&String::from_utf8_lossy(&t))).unwrap_or_default()
+}
+
+/// Reads `/proc/PID/NAME`, opened with `openat2` so no symlink is followed on the way. (It also
+/// keeps a scan whose length depends on what else runs out of the `openat` calls of the command,
+/// whose order the fault-injection tests count on.)
+fn read_proc(pid: i32, name: &str) -> Option<Vec<u8>> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let fd = rustix::fs::openat2(rustix::fs::CWD, format!("/proc/{pid}/{name}"), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::NO_SYMLINKS).ok()?;
+    let mut s = Vec::new();
+    std::io::Read::read_to_end(&mut fs::File::from(fd), &mut s).ok()?;
+    Some(s)
 }
 
 /// The overlay lines of a mountinfo text. Fields: `id parent maj:min root mount-point options
@@ -139,7 +144,7 @@ fn unescape(s: &str) -> String {
 /// A process's command line for messages: arguments joined by spaces, control characters shown
 /// as `?`, at most 120 characters.
 pub(crate) fn cmdline(pid: i32) -> String {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let raw = read_proc(pid, "cmdline").unwrap_or_default();
     let mut s: String = raw
         .split(|&b| b == 0)
         .filter(|a| !a.is_empty())
@@ -147,7 +152,7 @@ pub(crate) fn cmdline(pid: i32) -> String {
         .collect::<Vec<_>>()
         .join(" ");
     if s.is_empty() {
-        s = fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| format!("[{}]", c.trim())).unwrap_or_else(|_| "?".into());
+        s = read_proc(pid, "comm").map(|c| format!("[{}]", String::from_utf8_lossy(&c).trim())).unwrap_or_else(|| "?".into());
     }
     if s.chars().count() > 120 {
         s = s.chars().take(117).collect::<String>() + "...";
