@@ -202,3 +202,22 @@ fn a_run_that_fails_to_start_in_a_booted_environment_is_one_error() {
     assert_eq!(o.stderr.matches("plyroot: error:").count(), 1, "{o}");
     assert_eq!(s.sh("svc", "echo still-up").ok().stdout, "still-up\n");
 }
+
+#[test]
+fn runs_without_the_upper_do_not_join_and_another_generation_is_refused() {
+    let s = need!(svc(4246));
+    s.plyroot(&["boot", "svc", "--ready", "test -s /run/svc.pid", "--timeout", "30"]).ok();
+    // --ephemeral and --read-only runs have no upper: they must not write the booted system's.
+    s.run("svc", &["--ephemeral"], &["sh", "-c", "echo x > /ephemeral-write"]).ok();
+    s.run("svc", &["--read-only"], &["sh", "-c", "echo x > /readonly-write 2>/dev/null; true"]).ok();
+    let d = s.plyroot(&["diff", "svc"]).ok();
+    assert!(!d.stdout.contains("ephemeral-write") && !d.stdout.contains("readonly-write"), "{d}");
+    // Booted on generation 1: a run of generation 2 is refused, naming init.
+    s.plyroot(&["stop", "svc", "--timeout", "10"]).ok();
+    s.sh("svc", "echo two > /two").ok();
+    s.plyroot(&["commit", "svc", "-m", "two"]).ok();
+    s.plyroot(&["switch", "svc", "1"]).ok();
+    s.plyroot(&["boot", "svc", "--ready", "test -s /run/svc.pid", "--timeout", "30"]).ok();
+    s.plyroot(&["switch", "svc", "2"]).ok();
+    s.sh("svc", "cat /two").plyroot_error(&["booted on generation 1", "plyroot stop svc"]);
+}

@@ -254,8 +254,83 @@ fn the_store_is_read_only_inside_every_run() {
         let o = s.run("t", opts, &["sh", "-c", &script]);
         assert_eq!((o.code, o.stdout.trim()), (0, "refused"), "{opts:?}: the store is writable inside: {o}");
     }
+    // Whichever way the store is reached: a bind of a directory in it, of the live upper, of a
+    // symlink to it; and root inside cannot unmount its way to the writable store beneath (real
+    // root, with no user namespace, can: a known limit).
+    let link = s.path("link-to-store");
+    std::os::unix::fs::symlink(&s.home, &link).unwrap();
+    let binds = [
+        format!("{}:/L", s.home.join("layers").display()),
+        format!("{}:/U", s.home.join("envs/t/upper").display()),
+        format!("{}:/S", link.display()),
+    ];
+    let unmount = if me().regime == Regime::Root { String::new() } else { format!("umount {h} 2>/dev/null; umount {h} 2>/dev/null; umount -l {h} 2>/dev/null; ", h = s.home.display()) };
+    let script = format!(
+        "{unmount}for p in /L/intruder /U/intruder /S/intruder {h}/intruder {l}.x; do mkdir $p 2>/dev/null && echo wrote $p; done; echo done",
+        h = s.home.display(),
+        l = layer_file.display()
+    );
+    let o = s.run("t", &["--root", "--bind", &binds[0], "--bind", &binds[1], "--bind", &binds[2]], &["sh", "-c", &script]).ok();
+    assert_eq!(o.stdout, "done\n", "the store is writable inside: {o}");
     assert_eq!((fs::read(&layer_file).unwrap(), fs::read(&record).unwrap()), before);
-    assert!(!s.home.join("intruder").exists());
+    assert!(!s.home.join("intruder").exists() && !s.home.join("layers/intruder").exists() && !s.home.join("envs/t/upper/intruder").exists());
     let v = s.plyroot(&["verify"]).ok();
     assert!(!v.stdout.contains("CORRUPT"), "{v}");
+}
+
+/// Starts, as root inside `t`, a daemon that leaves the run's mount namespace: `unshare -m` into a
+/// namespace of its own, and with `pivot` also onto a tmpfs root, unmounting the environment's
+/// root and keeping only an open file on it. It appends to /var/escaped.log through that file
+/// until `stop` exists.
+fn escaped_daemon(s: &Store, stop: &std::path::Path, pivot: bool) {
+    let dir = stop.parent().unwrap().display().to_string();
+    let name = stop.file_name().unwrap().to_string_lossy().into_owned();
+    let leave = if pivot {
+        // The tmpfs root gets busybox (for sleep) and the stop file's directory, bound in.
+        format!("mkdir -p /tmp/esc && mount -t tmpfs esc /tmp/esc && cp /bin/busybox /tmp/esc/ && mkdir /tmp/esc/old /tmp/esc/ctl && mount --bind {dir} /tmp/esc/ctl && cd /tmp/esc && pivot_root . old && umount -l /old && while [ ! -e /ctl/{name} ]; do echo x >&3; /busybox sleep 0.05; done")
+    } else {
+        format!("while [ ! -e {dir}/{name} ]; do echo x >&3; sleep 0.05; done")
+    };
+    let script = format!("setsid unshare -m sh -c 'exec 3>>/var/escaped.log 0<&- 1>&- 2>&-; {leave}' & sleep 0.7; echo started");
+    assert_eq!(s.run("t", &["--root"], &["sh", "-c", &script]).ok().stdout, "started\n");
+}
+
+#[test]
+fn a_program_that_leaves_the_runs_mount_namespace_still_holds_the_environment() {
+    let s = need!(env());
+    let root = me().regime == Regime::Root;
+    for pivot in [false, true] {
+        if pivot && root {
+            // Real root has no user namespace to find such a program by (a known limit).
+            continue;
+        }
+        let stop = s.path(&format!("stop-escaped-{pivot}"));
+        let _ = fs::remove_file(&stop);
+        struct Stop(PathBuf);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                let _ = fs::write(&self.0, b"");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+        let guard = Stop(stop.clone());
+        escaped_daemon(&s, &stop, pivot);
+        // It writes on, with nothing left of the run that started it.
+        let c = s.plyroot(&["commit", "t", "-m", "no"]).plyroot_error(&["pid "]);
+        if !root {
+            // A new run would mount a second overlay over the upper it writes: refused.
+            s.sh("t", "true").plyroot_error(&["pid ", "--ephemeral"]);
+            s.plyroot(&["reset", "t", "--force"]).plyroot_error(&["pid "]);
+        }
+        assert!(!c.stderr.is_empty());
+        drop(guard);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.plyroot(&["commit", "t", "-m", &format!("escaped {pivot}")]).code != 0 {
+            assert!(Instant::now() < deadline, "the environment stayed in use after the daemon stopped");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let v = s.plyroot(&["verify"]).ok();
+        assert!(!v.stdout.contains("CORRUPT"), "{pivot}: {v}");
+        assert!(s.sh("t", "test -s /var/escaped.log && echo kept").ok().stdout == "kept\n");
+    }
 }

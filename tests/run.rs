@@ -646,3 +646,30 @@ fn host_device_nodes_work_but_cannot_be_changed_from_inside() {
     let after = fs::metadata("/dev/null").unwrap();
     assert_eq!((after.mode(), after.uid(), after.gid()), (before.mode(), before.uid(), before.gid()), "the host's /dev/null changed");
 }
+
+#[test]
+fn kill_9_of_a_pid_namespace_run_leaves_nothing() {
+    let s = need!(env());
+    // The program would outlive its supervisor if PID 1 were not tied to it.
+    let marker = format!("{}.{}", 31 + std::process::id() % 1000, rand_suffix() % 1000);
+    let mut child = s.cmd(&["run", "--pid", "t", "--", "sleep", &marker]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let find = || -> Vec<u32> {
+        fs::read_dir("/proc").unwrap().flatten().filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = fs::read(e.path().join("cmdline")).ok()?;
+            (cmd == format!("sleep\0{marker}\0").into_bytes()).then_some(pid)
+        }).collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while find().is_empty() {
+        assert!(Instant::now() < deadline, "the program did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !find().is_empty() {
+        assert!(Instant::now() < deadline, "the program outlived its killed supervisor: {:?}", find());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

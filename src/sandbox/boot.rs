@@ -84,7 +84,7 @@ fn start(plan: &Plan, inside: &Inside, hostname: &str, log: &fs::File, recording
     rustix::stdio::dup2_stdin(&null).context("cannot redirect stdin")?;
     rustix::stdio::dup2_stdout(log).context("cannot redirect stdout to the boot log")?;
     rustix::stdio::dup2_stderr(log).context("cannot redirect stderr to the boot log")?;
-    let (base, shared) = namespaces::enter(inside, plan.root.join.as_ref(), true, true, |b| mounts::shared(&plan.root, b))?;
+    let (base, shared) = namespaces::enter(inside, plan.root.join.as_ref(), plan.store.as_deref(), true, true, |b| mounts::shared(&plan.root, b))?;
     // Now: once init pivots, our root is the environment's too, and its /proc another one.
     let mnt_ns = namespaces::mnt_ns()?;
     // A pty for init's console: systemd refuses a console that is not a tty. Its slave is bound
@@ -117,7 +117,7 @@ fn start(plan: &Plan, inside: &Inside, hostname: &str, log: &fs::File, recording
         }
         mounts::pivot(&root)?;
         ns::set_hostname(hostname)?;
-        if inside.nested.is_some() {
+        if matches!(inside.nested, Some(super::identity::Nested::Maps(..))) {
             // The init runs as root inside (the first subordinate id).
             ns::become_id(0, 0)?;
             ns::clear_groups()?;
@@ -134,7 +134,7 @@ fn start(plan: &Plan, inside: &Inside, hostname: &str, log: &fs::File, recording
     if let Some(mut r) = recording {
         r.record.boot = true;
         r.record.supervisor = Some(rustix::process::getpid().as_raw_nonzero().get());
-        if let Err(e) = r.write(init, base.user_ns, mnt_ns) {
+        if let Err(e) = r.write(init, &base, mnt_ns) {
             // An init nobody can find would run on unseen: end it with the boot.
             if let Ok(fd) = ns::pidfd(init) {
                 let _ = process::pidfd_signal(&fd, libc::SIGKILL);

@@ -69,13 +69,24 @@ pub(crate) enum Mapping {
 pub(crate) struct Inside {
     /// The base user namespace's mapping: what the shared mount of an environment belongs to.
     pub mapping: Mapping,
-    /// With ranges: the run's own identity, a user namespace nested in the base one (maps in the
-    /// base's ids: you are the base's 0, subordinate id k is the base's k + 1).
-    pub nested: Option<(Vec<IdRange>, Vec<IdRange>)>,
+    /// The run's own user namespace, nested in the base one (None: none, real root or a launch
+    /// inside an environment). Mounts made in the base (the read-only store) are locked in it:
+    /// root inside cannot take them away.
+    pub nested: Option<Nested>,
     pub uid: u32,
     pub gid: u32,
     /// True when single-id mode forced root-inside although the user did not ask for it.
     pub forced_root: bool,
+}
+
+/// The maps of a run's nested user namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Nested {
+    /// With ranges, who the run is, in the base's ids (you are the base's 0, subordinate id k is
+    /// the base's k + 1); a helper left in the base writes them.
+    Maps(Vec<IdRange>, Vec<IdRange>),
+    /// One id, the same as in the base (0): the run maps itself (setgroups denied).
+    Same,
 }
 
 /// Subordinate ranges available to a user, when both files give one and the helpers exist.
@@ -135,7 +146,7 @@ pub(crate) fn choose(user: &HostUser, real_root: bool, subids: Option<SubIds>, w
             let base = |me_out: u32, (start, count): (u32, u32)| vec![IdRange { inside: 0, outside: me_out, count: 1 }, IdRange { inside: 1, outside: start, count }];
             Inside {
                 mapping: Mapping::Ranges { uids: base(user.uid, s.uid), gids: base(user.gid, s.gid) },
-                nested: Some((ranges_around(me, 0, (1, s.uid.1)), ranges_around(meg, 0, (1, s.gid.1)))),
+                nested: Some(Nested::Maps(ranges_around(me, 0, (1, s.uid.1)), ranges_around(meg, 0, (1, s.gid.1)))),
                 uid: me,
                 gid: meg,
                 forced_root: false,
@@ -143,7 +154,7 @@ pub(crate) fn choose(user: &HostUser, real_root: bool, subids: Option<SubIds>, w
         }
         None => Inside {
             mapping: Mapping::Single { inside_uid: 0, inside_gid: 0, uid: user.uid, gid: user.gid },
-            nested: None,
+            nested: Some(Nested::Same),
             uid: 0,
             gid: 0,
             forced_root: !want_root,
@@ -236,7 +247,8 @@ mod tests {
         ];
         for (root, sub, want, mapping, uid, forced) in cases {
             let i = choose(&alice(), root, sub, want);
-            assert_eq!((i.mapping, i.nested, i.uid, i.forced_root), (mapping, None, uid, forced));
+            let nested = if root { None } else { Some(Nested::Same) };
+            assert_eq!((i.mapping, i.nested, i.uid, i.forced_root), (mapping, nested, uid, forced));
         }
         // The base is the same whoever the run is: one mount serves both identities.
         let (def, root) = (choose(&alice(), false, subs, false), choose(&alice(), false, subs, true));
@@ -246,7 +258,10 @@ mod tests {
         assert_eq!((def.uid, root.uid), (1000, 0));
         // Host id of inside id k: through the nested map into the base, then the base's map.
         let through = |r: &[IdRange], k: u32| r.iter().find(|x| k >= x.inside && k < x.inside + x.count).map(|x| x.outside + k - x.inside);
-        let host = |i: &Inside, k: u32| through(&i.nested.as_ref().unwrap().0, k).and_then(|b| through(base, b));
+        let host = |i: &Inside, k: u32| {
+            let Some(Nested::Maps(uids, _)) = &i.nested else { panic!("ranges nest their maps") };
+            through(uids, k).and_then(|b| through(base, b))
+        };
         assert_eq!(host(&def, 1000), Some(1000), "you are you");
         assert_eq!(host(&def, 0), Some(165536), "root is the first subordinate id");
         assert_eq!(host(&root, 0), Some(1000), "--root: root is you");

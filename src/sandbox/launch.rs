@@ -33,11 +33,12 @@ pub(crate) struct Recording {
 
 impl Recording {
     /// Fills in what only the running launch knows and writes the record.
-    pub(crate) fn write(mut self, pid: i32, user_ns: u64, (mnt_ns, mnt_ns_id): (u64, u64)) -> Result<()> {
+    pub(crate) fn write(mut self, pid: i32, base: &namespaces::Base, (mnt_ns, mnt_ns_id): (u64, u64)) -> Result<()> {
         self.record.pid = pid;
         self.record.mnt_ns = mnt_ns;
         self.record.mnt_ns_id = mnt_ns_id;
-        self.record.user_ns = user_ns;
+        self.record.user_ns = base.user_ns;
+        self.record.user_ns_id = base.user_ns_id;
         write_record(&mut self.file, &self.record, &self.path)
     }
 }
@@ -72,10 +73,10 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str, recording: Op
     if plan.pid {
         process::block_signals();
     }
-    let (base, shared) = namespaces::enter(inside, plan.root.join.as_ref(), plan.pid, false, |b| mounts::shared(&plan.root, b))?;
+    let (base, shared) = namespaces::enter(inside, plan.root.join.as_ref(), plan.store.as_deref(), plan.pid, false, |b| mounts::shared(&plan.root, b))?;
     let me = rustix::process::getpid().as_raw_nonzero().get();
     if let Some(r) = recording {
-        r.write(me, base.user_ns, namespaces::mnt_ns()?)?;
+        r.write(me, &base, namespaces::mnt_ns()?)?;
     }
     if plan.pid {
         // unshare(CLONE_NEWPID) applies to children: the first one is PID 1 inside. It builds
@@ -86,6 +87,9 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str, recording: Op
         let held = Cell::new(Some(held));
         let shared = Cell::new(shared);
         let child = process::spawn(|| {
+            // A supervisor killed outright (kill -9) takes PID 1 along, and the kernel the rest
+            // of the pid namespace: nothing of the run is left behind.
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)).context("cannot tie PID 1 to its supervisor")?;
             drop(ready_rd.take());
             let root = mounts::build(plan, shared.take())?;
             mounts::pivot(&root)?;

@@ -190,6 +190,9 @@ pub(crate) struct Exec {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Plan {
     pub root: RootSpec,
+    /// The store, made read-only before any share that holds it is copied in (see
+    /// `namespaces::enter`): programs inside must not change layers or records.
+    pub store: Option<PathBuf>,
     pub ops: Vec<Op>,
     pub exec: Exec,
     pub pid: bool,
@@ -223,7 +226,7 @@ pub(crate) fn parse_bind(spec: &str, cwd: Option<&Path>) -> Result<(PathBuf, Pat
 pub(crate) struct PlanInput<'a> {
     pub env_name: &'a str,
     pub root: RootSpec,
-    /// The store: bound read-only wherever a host share makes it visible inside.
+    /// The store: read-only wherever a host share makes it visible inside.
     pub store: Option<PathBuf>,
     pub facts: &'a HostFacts,
     pub opts: RunOptions,
@@ -290,20 +293,6 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         let kind = if src.is_dir() { Kind::Dir } else { Kind::File };
         ops.push(Op::Bind { src, dst, kind, ro, recursive: true });
     }
-    // Programs inside must not change layers or records: where a share makes the store
-    // visible, it is visible read-only (a launcher composing inside needs only to read it).
-    if let Some(store) = &i.store {
-        let under: Vec<PathBuf> = ops
-            .iter()
-            .filter_map(|o| match o {
-                Op::Bind { src, dst, kind: Kind::Dir, .. } => store.strip_prefix(src).ok().map(|rest| if rest.as_os_str().is_empty() { dst.clone() } else { dst.join(rest) }),
-                _ => None,
-            })
-            .collect();
-        for dst in under {
-            ops.push(Op::Bind { src: store.clone(), dst, kind: Kind::Dir, ro: true, recursive: true });
-        }
-    }
 
     let home = if on(HostShare::Home) { i.user.home.clone() } else if i.inside.uid == 0 { "/root".into() } else { i.user.home.clone() };
     let mut env: Vec<(OsString, OsString)> = i
@@ -344,7 +333,7 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         Some(c) => (vec![c.clone()], true),
         None => (f.cwd.iter().cloned().chain([home, PathBuf::from("/")]).collect(), false),
     };
-    Ok(Plan { root: i.root, ops, exec: Exec { argv, env, cwd, cwd_required }, pid: i.opts.pid })
+    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required }, pid: i.opts.pid })
 }
 
 #[cfg(test)]
@@ -409,7 +398,7 @@ mod tests {
         let p = run(RunOptions::default(), &facts());
         assert_eq!(
             dsts(&p),
-            ["/proc", "dev+1", "/sys:ro", "/tmp", "/nix", "/home/alice", "/run/user/1000", "/etc/resolv.conf:ro", "/etc/hosts:ro", "/home/alice/.local/share/plyroot:ro"]
+            ["/proc", "dev+1", "/sys:ro", "/tmp", "/nix", "/home/alice", "/run/user/1000", "/etc/resolv.conf:ro", "/etc/hosts:ro"]
         );
         assert_eq!(p.exec.argv, vec![OsString::from("/bin/sh")]);
         assert_eq!(p.exec.cwd[0], PathBuf::from("/home/alice/src"));
@@ -428,7 +417,7 @@ mod tests {
         assert!(d.contains(&"dev+0".to_string()));
         assert!(!d.iter().any(|x| x.starts_with("/home")));
         let p = run(RunOptions { no_host: vec![HostShare::All], ..Default::default() }, &facts());
-        assert_eq!(dsts(&p), Vec::<String>::new(), "nothing shared, the store included");
+        assert_eq!(dsts(&p), Vec::<String>::new());
         let home = p.exec.env.iter().find(|(k, _)| k == "HOME").unwrap().1.clone();
         assert_eq!(home, "/root");
     }

@@ -19,7 +19,7 @@ use std::os::fd::OwnedFd;
 use anyhow::{bail, Context, Result};
 use rustix::thread::LinkNameSpaceType;
 
-use super::identity::{Inside, Mapping};
+use super::identity::{Inside, Mapping, Nested};
 use super::Join;
 use crate::sys::ns::{self, IdRange};
 use crate::sys::process;
@@ -34,6 +34,8 @@ pub(crate) struct JoinGone(pub i32);
 pub(crate) struct Base {
     /// The base user namespace's inode (0 when there is none: real root).
     pub user_ns: u64,
+    /// Its id (0: none, or a kernel without namespace ids).
+    pub user_ns_id: u64,
     /// The joined run's mount namespace, to clone the shared overlay from.
     pub joined: Option<OwnedFd>,
 }
@@ -135,17 +137,29 @@ fn flags(user: bool, pid: bool, machine: bool) -> rustix::thread::UnshareFlags {
     f
 }
 
-/// The inode of our own namespace of `kind`.
-fn own_ns(kind: &str) -> Result<u64> {
-    Ok(ns::ns_ino(&ns::open_ns(rustix::process::getpid().as_raw_nonzero().get(), kind)?)?)
+/// Makes the store read-only where it is (in the base's copy of the host's mounts), before any
+/// share that holds it is copied into the run: every copy then carries the read-only mount, and
+/// in the run's nested user namespace it is locked, so root inside cannot unmount it to reach the
+/// writable store beneath, whichever share (home, /tmp, a bind of the store or of a directory in
+/// it, a symlink to it) leads there.
+fn protect(store: &std::path::Path) -> Result<()> {
+    use std::os::fd::AsFd;
+    let tree = crate::sys::mount::clone_tree(store, true).context("cannot make the store read-only inside")?;
+    crate::sys::mount::set_readonly(tree.as_fd(), store)?;
+    crate::sys::mount::attach_at(tree.as_fd(), store).context("cannot make the store read-only inside")?;
+    Ok(())
 }
 
 /// Steps 1 and 3 together, with the shared overlay obtained in between by `between` (which runs
 /// in the base, with the joined run's mount namespace when there is one). `pid` and `machine`
 /// (UTS, IPC) namespaces are made at the innermost level, so they belong to the run's identity.
-pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, pid: bool, machine: bool, between: impl FnOnce(&Base) -> Result<T>) -> Result<(Base, T)> {
+pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, store: Option<&std::path::Path>, pid: bool, machine: bool, between: impl FnOnce(&Base) -> Result<T>) -> Result<(Base, T)> {
     let nested = inside.nested.clone();
     let innermost = nested.is_none();
+    let helper_maps = match &nested {
+        Some(Nested::Maps(u, g)) => Some((u.clone(), g.clone())),
+        _ => None,
+    };
     let mut mapper = None;
     let base = match join {
         Some(j) => {
@@ -160,10 +174,14 @@ pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, pid: bool, machine:
                 if ns::ns_ino(&base)? != j.user_ns {
                     bail!("the live run (pid {}) of this environment is not in its user namespace", j.pid);
                 }
+                let user_ns_id = ns::ns_id(&base).unwrap_or(0);
                 ns::enter(&base, LinkNameSpaceType::User)?;
+                unshare(flags(false, pid && innermost, machine && innermost))?;
+                Base { user_ns: j.user_ns, user_ns_id, joined: Some(mnt) }
+            } else {
+                unshare(flags(false, pid && innermost, machine && innermost))?;
+                Base { user_ns: 0, user_ns_id: 0, joined: Some(mnt) }
             }
-            unshare(flags(false, pid && innermost, machine && innermost))?;
-            Base { user_ns: j.user_ns, joined: Some(mnt) }
         }
         None => {
             match &inside.mapping {
@@ -173,31 +191,50 @@ pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, pid: bool, machine:
                     ns::map_single(*inside_uid, *uid, *inside_gid, *gid)?;
                 }
                 Mapping::Ranges { uids, gids } => {
-                    let mut m = Mapper::start(Some((uids.clone(), gids.clone())), nested.clone())?;
+                    let mut m = Mapper::start(Some((uids.clone(), gids.clone())), helper_maps.clone())?;
                     unshare(flags(true, pid && innermost, machine && innermost))?;
                     m.step("mapping the subordinate ids from /etc/subuid and /etc/subgid with newuidmap/newgidmap")?;
                     mapper = Some(m);
                 }
             }
-            let user_ns = if inside.mapping == Mapping::Host { 0 } else { own_ns("user")? };
-            Base { user_ns, joined: None }
+            let (user_ns, user_ns_id) = if inside.mapping == Mapping::Host { (0, 0) } else { own_user_ns()? };
+            Base { user_ns, user_ns_id, joined: None }
         }
     };
     crate::sys::mount::make_private_recursive()?;
+    // The overlay over the upper first: its upper and workdir must be reached writable.
     let shared = between(&base)?;
-    if let Some(ids) = nested {
-        let mut m = match mapper {
-            Some(m) => m,
-            None => Mapper::start(None, Some(ids))?,
-        };
-        unshare(flags(true, pid, machine))?;
-        m.step("mapping the run's own ids")?;
-        m.finish()?;
-        // Host supplementary groups are unmapped inside: drop them.
-        ns::clear_groups()?;
+    if let Some(store) = store.filter(|s| s.is_dir()) {
+        protect(store)?;
+    }
+    match nested {
+        Some(Nested::Maps(uids, gids)) => {
+            let mut m = match mapper {
+                Some(m) => m,
+                None => Mapper::start(None, Some((uids, gids)))?,
+            };
+            unshare(flags(true, pid, machine))?;
+            m.step("mapping the run's own ids")?;
+            m.finish()?;
+            // Host supplementary groups are unmapped inside: drop them.
+            ns::clear_groups()?;
+        }
+        Some(Nested::Same) => {
+            unshare(flags(true, pid, machine))?;
+            ns::map_single(0, 0, 0, 0)?;
+        }
+        None => {}
+    }
+    if inside.nested.is_some() {
         crate::sys::mount::make_private_recursive()?;
     }
     Ok((base, shared))
+}
+
+/// The inode and id of our user namespace.
+fn own_user_ns() -> Result<(u64, u64)> {
+    let fd = ns::open_ns(rustix::process::getpid().as_raw_nonzero().get(), "user")?;
+    Ok((ns::ns_ino(&fd)?, ns::ns_id(&fd).unwrap_or(0)))
 }
 
 /// One user namespace with `mapping` and a mount namespace (for helpers that read or remove

@@ -226,8 +226,22 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
     };
 
     let mut held: Held = vec![store.lock_file()?];
-    if req.boot.is_none() {
+    // A run with a root of its own (--ephemeral, --read-only) does not join: its writes must not
+    // reach the upper the booted system uses.
+    if req.boot.is_none() && !req.ephemeral && !req.read_only {
         if let Some(b) = env.booted() {
+            if b.record.generation != generation.number {
+                bail!(
+                    "'{}' is booted on generation {} (init is pid {}), not on generation {} (current): stop it (`plyroot stop {}`) and boot again, run with --ephemeral or --read-only, or `plyroot switch {} {}`",
+                    env.name,
+                    b.record.generation,
+                    b.pid,
+                    generation.number,
+                    env.name,
+                    env.name,
+                    b.record.generation
+                );
+            }
             // A booted environment: every run joins its init's namespaces.
             let pidfd = crate::sys::ns::pidfd(b.pid).context("cannot reach the booted environment's init")?;
             let plan = plan(plan_input(store, env, &generation, req, &inside, &user, &facts, no_host, binds, &lowers, skel, Upper::None, None, Vec::new(), Vec::new())?)?;
@@ -247,8 +261,16 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
     let (upper, join, recording) = if persistent || req.boot.is_some() {
         // From here until the program runs, no other launch of this environment decides.
         held.push(env.lock()?);
-        let live = env.live();
+        let survey = env.survey();
+        let live = survey.live;
         let shared = live.iter().find(|r| r.record.shared.is_some());
+        if let (None, Some(pid), true) = (shared, survey.escaped, persistent) {
+            bail!(
+                "a program an earlier run of '{}' started still lives, outside that run's mount namespace (pid {pid}: `{}`), and may hold its overlay over the upper, which must not be mounted twice: end it first (`kill {pid}`), or run with --ephemeral or --read-only",
+                env.name,
+                crate::sys::procs::cmdline(pid)
+            );
+        }
         let (join, work_slot) = match shared {
             Some(r) if persistent => {
                 if r.record.generation != generation.number {
@@ -277,6 +299,7 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
             mnt_ns: 0,
             mnt_ns_id: 0,
             user_ns: 0,
+            user_ns_id: 0,
             generation: generation.number,
             layers: generation.layers.clone(),
             skel: match &skel {

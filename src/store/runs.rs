@@ -36,6 +36,9 @@ pub(crate) struct RunRecord {
     /// The environment's base user namespace, which every run of the shared mount is in or under
     /// (0 for real root, which needs none).
     pub user_ns: u64,
+    /// Its id, never reused (0: none, or not known): whatever the run started lives under it.
+    #[serde(default)]
+    pub user_ns_id: u64,
     pub generation: u32,
     /// The generation's layer ids, bottom first.
     pub layers: Vec<String>,
@@ -55,6 +58,14 @@ pub(crate) struct RunRecord {
     /// Seconds since the epoch.
     #[serde(default)]
     pub started: u64,
+}
+
+/// What is alive of an environment's runs (see [`Env::survey`]).
+pub(crate) struct Survey {
+    pub live: Vec<LiveRun>,
+    /// A process a run of the shared mount started that lives outside every recorded mount
+    /// namespace.
+    pub escaped: Option<i32>,
 }
 
 /// A record whose run is alive, with a pid that is in its mount namespace now.
@@ -93,28 +104,62 @@ impl Env {
 
     /// The records whose runs are alive now, each with a process in its mount namespace.
     pub(crate) fn live(&self) -> Vec<LiveRun> {
+        self.survey().live
+    }
+
+    /// What is alive of the runs recorded here: the live runs, and a process that a run of the
+    /// shared mount started and that lives on outside every recorded namespace (it made its own,
+    /// or left its run's: it may still hold the overlay, where no launch can join it).
+    pub(crate) fn survey(&self) -> Survey {
+        let mut live = Vec::new();
+        let mut gone = Vec::new();
+        for (slot, record) in self.records() {
+            let id = record.mnt_ns_id;
+            if id != 0 && procs::mnt_ns_id(record.pid) == Some(id) {
+                live.push(LiveRun { slot, pid: record.pid, record });
+            } else {
+                gone.push((slot, record));
+            }
+        }
+        // The launching process is gone; what it started may still be there, under its base user
+        // namespace: one look through /proc finds it.
+        let bases: Vec<u64> = gone.iter().map(|(_, r)| r.user_ns_id).filter(|&b| b != 0).collect();
+        let mut escaped = None;
+        let shared_bases: Vec<u64> = gone.iter().filter(|(_, r)| r.shared.is_some()).map(|(_, r)| r.user_ns_id).collect();
+        for (pid, base) in procs::in_user_ns_trees(&bases) {
+            let ns = procs::mnt_ns_id(pid);
+            if let Some(i) = gone.iter().position(|(_, r)| r.user_ns_id == base && ns == Some(r.mnt_ns_id)) {
+                let (slot, record) = gone.remove(i);
+                live.push(LiveRun { slot, record, pid });
+                continue;
+            }
+            if live.iter().any(|l| ns == Some(l.record.mnt_ns_id)) {
+                continue; // another process of a run found alive
+            }
+            // Under a shared mount's base, but in no recorded mount namespace.
+            if escaped.is_none() && shared_bases.contains(&base) {
+                escaped = Some(pid);
+            }
+        }
+        // Records without a base user namespace (real root): by mount namespace, through /proc.
         let mut namespaces: Option<BTreeMap<u64, i32>> = None;
         let upper = self.upper();
-        self.records()
-            .into_iter()
-            .filter_map(|(slot, record)| {
-                let id = record.mnt_ns_id;
-                if id != 0 && procs::mnt_ns_id(record.pid) == Some(id) {
-                    return Some(LiveRun { slot, pid: record.pid, record });
-                }
-                // The launching process is gone; something it started may still be there.
-                let pid = *namespaces.get_or_insert_with(procs::mount_namespaces).get(&record.mnt_ns)?;
-                // The kernel hands a freed namespace's inode number to the next namespace made:
-                // the one found must be this run's, by its id (never reused), or, for a record
-                // without one, by the overlay it holds.
-                let ours = if id != 0 {
-                    procs::mnt_ns_id(pid) == Some(id)
-                } else {
-                    procs::overlays(pid).iter().any(|o| o.dirs().any(|d| record.skel.as_ref() == Some(d) || (record.shared.is_some() && *d == upper)))
-                };
-                ours.then_some(LiveRun { slot, record, pid })
-            })
-            .collect()
+        for (slot, record) in gone.into_iter().filter(|(_, r)| r.user_ns_id == 0) {
+            let Some(&pid) = namespaces.get_or_insert_with(procs::mount_namespaces).get(&record.mnt_ns) else { continue };
+            // The kernel hands a freed namespace's inode number to the next namespace made: the
+            // one found must be this run's, by its id, or, for a record without one, by the
+            // overlay it holds.
+            let ours = if record.mnt_ns_id != 0 {
+                procs::mnt_ns_id(pid) == Some(record.mnt_ns_id)
+            } else {
+                procs::overlays(pid).iter().any(|o| o.dirs().any(|d| record.skel.as_ref() == Some(d) || (record.shared.is_some() && *d == upper)))
+            };
+            if ours {
+                live.push(LiveRun { slot, record, pid });
+            }
+        }
+        live.sort_by_key(|l| l.slot);
+        Survey { live, escaped }
     }
 
     /// The booted init, when there is one.
@@ -146,7 +191,7 @@ impl Env {
     pub(crate) fn ensure_idle(&self, what: &str) -> Result<()> {
         let usage = Usage::scan();
         let (upper, work) = (self.upper(), self.dir.join("work"));
-        if let Some(pid) = usage.user_of(|d| d.starts_with(&upper) || d.starts_with(&work)) {
+        if let Some(pid) = usage.user_of(|d| d.starts_with(&upper) || d.starts_with(&work)).or_else(|| self.survey().escaped) {
             bail!("{}", busy_message(&self.name, what, pid));
         }
         Ok(())
@@ -155,7 +200,8 @@ impl Env {
     /// Refuses while anything uses the environment at all (its upper, its skeletons).
     pub(crate) fn ensure_unused(&self, what: &str) -> Result<()> {
         let usage = Usage::scan();
-        if let Some(pid) = usage.user_of(|d| d.starts_with(&self.dir)) {
+        let survey = self.survey();
+        if let Some(pid) = usage.user_of(|d| d.starts_with(&self.dir)).or(survey.escaped).or(survey.live.first().map(|l| l.pid)) {
             bail!("{}", busy_message(&self.name, what, pid));
         }
         Ok(())

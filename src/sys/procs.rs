@@ -26,6 +26,45 @@ pub(crate) fn mnt_ns_id(pid: i32) -> Option<u64> {
     super::ns::mnt_ns_id(&super::ns::open_ns(pid, "mnt").ok()?).ok()
 }
 
+/// Every process in a user namespace with one of the ids `bases`, or in one nested in it, with
+/// that base's id. Everything a run starts — daemons, and programs that made namespaces of their
+/// own or left the run's mount namespace — stays in that tree for as long as it lives.
+pub(crate) fn in_user_ns_trees(bases: &[u64]) -> Vec<(i32, u64)> {
+    use super::ns;
+    let mut out = Vec::new();
+    if bases.is_empty() {
+        return out;
+    }
+    let me = rustix::process::getpid().as_raw_nonzero().get();
+    let (Ok(ours), Some(own_id)) = (fs::read_link("/proc/self/ns/user"), ns::open_ns(me, "user").ok().and_then(|f| ns::ns_id(&f))) else { return out };
+    let Ok(rd) = fs::read_dir("/proc") else { return out };
+    let mut pids: Vec<i32> = rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+    pids.sort_unstable();
+    for pid in pids {
+        // Most processes are in our own user namespace: one readlink says so.
+        match fs::read_link(format!("/proc/{pid}/ns/user")) {
+            Ok(l) if l != ours => {}
+            _ => continue,
+        }
+        let Ok(mut fd) = ns::open_ns(pid, "user") else { continue };
+        for _ in 0..32 {
+            match ns::ns_id(&fd) {
+                Some(id) if bases.contains(&id) => {
+                    out.push((pid, id));
+                    break;
+                }
+                Some(id) if id != own_id => {}
+                _ => break,
+            }
+            match ns::parent_userns(&fd) {
+                Ok(p) => fd = p,
+                Err(_) => break,
+            }
+        }
+    }
+    out
+}
+
 /// Every mount namespace some readable process is in, with one pid in it (the lowest).
 pub(crate) fn mount_namespaces() -> BTreeMap<u64, i32> {
     let mut out = BTreeMap::new();
