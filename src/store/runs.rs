@@ -127,7 +127,9 @@ impl Env {
         let mut escaped = None;
         let shared_bases: Vec<u64> = gone.iter().filter(|(_, r)| r.shared.is_some()).map(|(_, r)| r.user_ns_id).collect();
         for (pid, base) in procs::in_user_ns_trees(&bases) {
-            let ns = procs::mnt_ns_id(pid);
+            // A zombie (nobody reaped it yet) holds nothing: it has no namespaces left.
+            let Some(ns) = procs::mnt_ns_id(pid) else { continue };
+            let ns = Some(ns);
             if let Some(i) = gone.iter().position(|(_, r)| r.user_ns_id == base && ns == Some(r.mnt_ns_id)) {
                 let (slot, record) = gone.remove(i);
                 live.push(LiveRun { slot, record, pid });

@@ -142,8 +142,12 @@ pub(crate) fn unshare_cgroup() -> Result<()> {
 /// A namespace of a process, held by an fd: `/proc/PID/ns/KIND` opened, so the namespace stays
 /// what it was when checked, whatever happens to the pid afterwards.
 pub(crate) fn open_ns(pid: i32, kind: &str) -> Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
     let path = format!("/proc/{pid}/ns/{kind}");
-    rustix::fs::open(&path, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).map_err(|e| err("open", path, e))
+    // openat2 (the namespace link is a magic link: no resolve flags): a scan of /proc opens as
+    // many as there are processes, which must not count among a command's openat calls, whose
+    // order the fault-injection tests rely on.
+    rustix::fs::openat2(rustix::fs::CWD, &path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty(), ResolveFlags::empty()).map_err(|e| err("open", path, e))
 }
 
 /// The inode number that names a namespace (what `/proc/PID/ns/KIND` links read as `kind:[N]`).
