@@ -287,11 +287,11 @@ fn escaped_daemon(s: &Store, stop: &std::path::Path, pivot: bool) {
     let name = stop.file_name().unwrap().to_string_lossy().into_owned();
     let leave = if pivot {
         // The tmpfs root gets busybox (for sleep) and the stop file's directory, bound in.
-        format!("mkdir -p /tmp/esc && mount -t tmpfs esc /tmp/esc && cp /bin/busybox /tmp/esc/ && mkdir /tmp/esc/old /tmp/esc/ctl && mount --bind {dir} /tmp/esc/ctl && cd /tmp/esc && pivot_root . old && umount -l /old && while [ ! -e /ctl/{name} ]; do echo x >&3; /busybox sleep 0.05; done")
+        format!("mkdir -p /tmp/esc && mount -t tmpfs esc /tmp/esc && cp /bin/busybox /tmp/esc/ && mkdir /tmp/esc/old /tmp/esc/ctl && mount --rbind {dir} /tmp/esc/ctl && cd /tmp/esc && pivot_root . old && umount -l /old && while [ ! -e /ctl/{name} ]; do echo x >&3; /busybox sleep 0.05; done")
     } else {
         format!("while [ ! -e {dir}/{name} ]; do echo x >&3; sleep 0.05; done")
     };
-    let script = format!("setsid unshare -m sh -c 'exec 3>>/var/escaped.log 0<&- 1>&- 2>&-; {leave}' & sleep 0.7; echo started");
+    let script = format!("setsid unshare -m sh -c 'exec 3>>/var/escaped.log 0<&- 1>&- 2>>{dir}/escaped.err; {leave}' & sleep 0.7; echo started");
     assert_eq!(s.run("t", &["--root"], &["sh", "-c", &script]).ok().stdout, "started\n");
 }
 
@@ -316,7 +316,9 @@ fn a_program_that_leaves_the_runs_mount_namespace_still_holds_the_environment() 
         let guard = Stop(stop.clone());
         escaped_daemon(&s, &stop, pivot);
         // It writes on, with nothing left of the run that started it.
-        let c = s.plyroot(&["commit", "t", "-m", "no"]).plyroot_error(&["pid "]);
+        let c = s.plyroot(&["commit", "t", "-m", "no"]);
+        assert_eq!(c.code, 125, "{pivot}: commit while the daemon runs: {c}\ndaemon's stderr: {}", fs::read_to_string(s.path("escaped.err")).unwrap_or_default());
+        let c = c.plyroot_error(&["pid "]);
         if !root {
             // A new run would mount a second overlay over the upper it writes: refused.
             s.sh("t", "true").plyroot_error(&["pid ", "--ephemeral"]);

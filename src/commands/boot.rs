@@ -130,7 +130,12 @@ pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) 
         crate::diag::info(&format!("'{name}' is already booted (`plyroot status`)"));
         return Ok(0);
     }
-    let init = env.current()?.settings.init.unwrap_or_else(|| "/sbin/init".to_owned());
+    let generation = env.current()?;
+    let init = generation.settings.init.clone().unwrap_or_else(|| "/sbin/init".to_owned());
+    let roots: Vec<PathBuf> = std::iter::once(env.upper()).chain(generation.layers.iter().rev().map(|l| store.layer_root(l))).collect();
+    if !crate::sandbox::skel::exists_in_layers(&roots, &init) {
+        bail!("'{name}' has no {init} to boot: install an init in it (e.g. `plyroot run --root {name} -- apt-get install -y systemd-sysv`), or name one with `init = \"…\"` in its manifest");
+    }
     let systemd = is_systemd(&store, &env, &init);
     let req = Request { boot: Some(init.clone()), ..Request::default() };
     let Prepared::Launch { plan, inside, recording: Some(recording), held } = prepare(&store, &env, &req)? else {
