@@ -133,7 +133,11 @@ pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) 
     let generation = env.current()?;
     let init = generation.settings.init.clone().unwrap_or_else(|| "/sbin/init".to_owned());
     let roots: Vec<PathBuf> = std::iter::once(env.upper()).chain(generation.layers.iter().rev().map(|l| store.layer_root(l))).collect();
-    if !crate::sandbox::skel::exists_in_layers(&roots, &init) {
+    // As an entry of the merged tree (a link to an init in another layer counts), merged /usr too.
+    let rel = init.trim_start_matches('/');
+    let usr = ["bin/", "sbin/", "lib/"].iter().any(|p| rel.starts_with(p)).then(|| format!("usr/{rel}"));
+    let present = crate::store::upper::lookup(&roots, rel).is_some() || usr.is_some_and(|u| crate::store::upper::lookup(&roots, &u).is_some());
+    if !present {
         bail!("'{name}' has no {init} to boot: install an init in it (e.g. `plyroot run --root {name} -- apt-get install -y systemd-sysv`), or name one with `init = \"…\"` in its manifest");
     }
     let systemd = is_systemd(&store, &env, &init);
