@@ -144,7 +144,7 @@ impl<'r> Reader<'r> {
                 if self.headers == 0 {
                     return Err(ReadError::NotTar);
                 }
-                return Err(damaged(start, "a header's checksum does not match: the archive is damaged here"));
+                return Err(damaged(start, "a header's checksum does not match"));
             }
             self.headers += 1;
             let flag = block[156];
@@ -268,9 +268,11 @@ impl<'r> Reader<'r> {
         self.left = data_len;
         self.pad = (BLOCK - data_len % BLOCK) % BLOCK;
 
+        // The old GNU map's extension blocks follow the header whatever the member turns out to be.
+        let old_gnu_map = if gnu && flag == b'S' { Some(self.old_gnu_map(block, start)?) } else { None };
         if m.kind == Kind::File {
-            if gnu && flag == b'S' {
-                m.sparse = Some(self.old_gnu_map(block, start)?);
+            if old_gnu_map.is_some() {
+                m.sparse = old_gnu_map;
             } else if sparse.major > 0 || (posix && !sparse.map.is_empty()) {
                 if sparse.major >= 1 {
                     self.pax_1_map(&mut sparse, start)?;
