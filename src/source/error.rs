@@ -46,6 +46,15 @@ pub(crate) enum UnpackError {
         source: io::Error,
     },
 
+    /// A tar stream damaged or malformed where GNU tar reports an error too: a bad checksum after
+    /// the first header, a malformed extended header or sparse map.
+    #[error("cannot unpack {archive}: {reason} (at byte {offset}); the archive is damaged, or was not written by a tar program")]
+    Damaged { archive: String, offset: u64, reason: String },
+
+    /// Input with no tar header before its end: empty, all zeros, or something else entirely.
+    #[error("{archive} is not a tar archive: {reason}")]
+    NotTar { archive: String, reason: &'static str },
+
     /// A blob or an uncompressed layer whose sha256 is not the one it is named by.
     #[error("{what} is corrupt: expected {expected}, got {actual}")]
     Digest { what: String, expected: String, actual: String },

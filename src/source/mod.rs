@@ -6,7 +6,8 @@
 //! - `stage.rs`: creating entries inside a staging root safely (kernel-enforced containment via
 //!   `openat2(RESOLVE_IN_ROOT)`, `*at` syscalls on the last component), ownership, xattrs, devices,
 //!   whiteouts, the final directory pass.
-//! - `tar.rs`: [`unpack_tar`], one tar stream into a stage.
+//! - `tar.rs`: [`unpack_tar`], one tar stream into a stage; `tar_reader.rs`: the stream read as GNU
+//!   tar reads it (formats, extensions, sparse maps).
 //! - `whiteout.rs`: [`classify`], the OCI whiteout naming rule as a pure function.
 //! - `compress.rs`: [`decompress`] by magic bytes, and a hashing reader for digest checks.
 //! - `oci.rs`: OCI image layouts; `docker_archive.rs`: `docker save` archives; `dir.rs`: directory trees.
@@ -26,6 +27,7 @@ mod oci;
 mod registry;
 mod stage;
 mod tar;
+mod tar_reader;
 #[cfg(test)]
 mod testutil;
 mod whiteout;
@@ -133,6 +135,8 @@ pub(crate) struct Unpacked {
     /// The store indexes them, so that a later pull skips the download, and publishes such a
     /// layer at once, so that an interrupted pull keeps the layers it completed.
     pub aliases: Vec<String>,
+    /// Valid tar headers read (tar streams only): 0 means the input was not a tar archive.
+    pub headers: u64,
 }
 
 /// Where unpacked layers go. The store implements this.
@@ -162,8 +166,9 @@ pub(crate) fn unpack(
 ) -> anyhow::Result<()> {
     match src {
         Source::Dir(path) => {
+            let path = follow_top_symlink(path)?;
             let stage = sink.stage()?;
-            let mut unpacked = copy_dir(path, stage.as_fd(), ownership, progress)?;
+            let mut unpacked = copy_dir(&path, stage.as_fd(), ownership, progress)?;
             unpacked.description = src.to_string();
             progress.finish();
             sink.finish(stage, unpacked)
@@ -181,6 +186,11 @@ pub(crate) fn unpack(
             let mut input = decompress(progress.counting(input)).map_err(|e| UnpackError::read(&name, e))?;
             let stage = sink.stage()?;
             let mut unpacked = unpack_tar(&mut input, &name, stage.as_fd(), ownership, progress)?;
+            // Empty input, or only zeros (`tar:/dev/null`, `tar:/dev/zero`, a failed download
+            // piped into `tar:-`), is not an empty layer: the user would get an empty root.
+            if unpacked.headers == 0 {
+                return Err(UnpackError::NotTar { archive: name, reason: "it holds no tar header before its end (empty input, or only zeros)" }.into());
+            }
             unpacked.description = name;
             progress.finish();
             sink.finish(stage, unpacked)
@@ -193,6 +203,15 @@ pub(crate) fn unpack(
         Source::Docker(_) => anyhow::bail!("cannot import {src}: this plyroot was built without registry support (cargo feature `registry`)"),
         Source::Debootstrap(spec) => debootstrap::unpack(spec, &src.to_string(), ownership, progress, sink),
         Source::Layer(_) | Source::Env(_) => Err(UnpackError::NotUnpackable { name: src.to_string() }.into()),
+    }
+}
+
+/// The directory a `dir:` source names: a symlink given as the source itself is followed (only
+/// that one; symlinks inside the tree are copied as symlinks).
+fn follow_top_symlink(path: &Path) -> Result<PathBuf, UnpackError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_symlink() => std::fs::canonicalize(path).map_err(|source| UnpackError::Open { path: path.to_owned(), source }),
+        _ => Ok(path.to_owned()),
     }
 }
 

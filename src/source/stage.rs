@@ -14,7 +14,7 @@
 
 use std::borrow::Cow;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
@@ -22,12 +22,16 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timest
 use rustix::io::Errno;
 
 use super::error::UnpackError;
+use super::tar_reader::Region;
 use super::Unpacked;
 use crate::progress::Progress;
 use crate::store::meta::{Device, Overrides, Ownership};
 
 /// Copy buffer for file data: large enough for throughput, small enough for the RSS budget.
 const COPY_BUF: usize = 1024 * 1024;
+
+/// The bits an unprivileged store needs on a directory to read it back: owner read and search.
+const DIR_READABLE: u32 = 0o500;
 
 /// Overlayfs (mounted with `userxattr`) reads these; an archive must not smuggle them in.
 const OVERLAY_XATTR_PREFIX: &[u8] = b"user.overlay.";
@@ -47,6 +51,8 @@ pub(super) struct Meta {
 pub(super) enum Node<'a> {
     /// A regular file whose contents are read from the stream.
     File(&'a mut dyn Read),
+    /// A sparse file: `data` holds the bytes of each region of `map` in turn; the rest are holes.
+    Sparse { map: &'a [Region], data: &'a mut dyn Read },
     /// A regular file copied from another file (`dir:` sources: lets the kernel copy).
     CopyOf(&'a File),
     Dir,
@@ -233,6 +239,7 @@ impl<'r, 'p> Stage<'r, 'p> {
         let name = os(name);
         match node {
             Node::File(data) => self.put_file(path, dir, name, meta, Data::Stream(data), xattrs),
+            Node::Sparse { map, data } => self.put_file(path, dir, name, meta, Data::Sparse(map, data), xattrs),
             Node::CopyOf(file) => self.put_file(path, dir, name, meta, Data::Copy(file), xattrs),
             Node::Dir => self.put_dir(path, dir, name, meta, xattrs),
             Node::Symlink(target) => {
@@ -361,6 +368,7 @@ impl<'r, 'p> Stage<'r, 'p> {
                 let n = io::copy(&mut &*src, &mut file).map_err(fail(self.archive, path, "copy file"))?;
                 self.progress.add_bytes(n);
             }
+            Data::Sparse(map, data) => self.write_regions(path, &mut file, map, data)?,
         }
         // chown before chmod (chown clears setuid/setgid), xattrs after chown (it clears
         // security.capability), mtime last (everything before may change it).
@@ -372,6 +380,34 @@ impl<'r, 'p> Stage<'r, 'p> {
         self.set_xattrs(path, XattrTarget::Fd(file.as_fd()), xattrs)?;
         let times = Timestamps { last_access: omit(), last_modification: meta.mtime };
         rustix::fs::futimens(&file, &times).map_err(|e| fail(self.archive, path, "set mtime")(e.into()))?;
+        Ok(())
+    }
+
+    /// Writes a sparse file's regions where they belong and leaves holes between them, as GNU
+    /// tar does: seek to each region and write its data; a region of length 0 sets the file's
+    /// size to its offset. The disk holds the archive's data and nothing else, however large the
+    /// file says it is.
+    fn write_regions(&mut self, path: &[u8], file: &mut File, map: &[Region], data: &mut dyn Read) -> Result<(), UnpackError> {
+        for r in map {
+            if r.len == 0 {
+                file.set_len(r.offset).map_err(fail(self.archive, path, "set the size of a sparse file"))?;
+                continue;
+            }
+            file.seek(SeekFrom::Start(r.offset)).map_err(fail(self.archive, path, "seek in a sparse file"))?;
+            let mut left = r.len;
+            while left > 0 {
+                let want = self.buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                let n = match data.read(&mut self.buf[..want]) {
+                    Ok(0) => return Err(fail(self.archive, path, "read file data")(io::ErrorKind::UnexpectedEof.into())),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(fail(self.archive, path, "read file data")(e)),
+                };
+                file.write_all(&self.buf[..n]).map_err(fail(self.archive, path, "write file"))?;
+                left -= n as u64;
+                self.progress.tick();
+            }
+        }
         Ok(())
     }
 
@@ -456,7 +492,13 @@ impl<'r, 'p> Stage<'r, 'p> {
 
     fn put_hardlink(&mut self, path: &[u8], dir: &[u8], name: &std::ffi::OsStr, target: &[u8]) -> Result<(), UnpackError> {
         if target == path {
-            return Ok(());
+            // A link to itself changes nothing, if the file is there: GNU tar does the same, and
+            // refuses it when nothing came before (there is no file to keep).
+            let at = self.resolver.parent(dir).map_err(fail(self.archive, path, "open parent directory"))?;
+            return match rustix::fs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(UnpackError::LinkTarget { archive: self.archive.to_owned(), entry: key(path).into_owned(), target: key(target).into_owned(), source: e.into() }),
+            };
         }
         let (tdir, tname) = split(target);
         if tname.is_empty() {
@@ -565,7 +607,14 @@ impl<'r, 'p> Stage<'r, 'p> {
                 Err(e) if matches!(Errno::from_io_error(&e), Some(Errno::NOENT | Errno::NOTDIR | Errno::LOOP)) => continue,
                 Err(e) => return Err(fail(self.archive, &d.path, "open directory")(e)),
             };
-            rustix::fs::fchmod(&fd, Mode::from_raw_mode(d.mode)).map_err(|e| fail(self.archive, &d.path, "set mode")(e.into()))?;
+            // An unprivileged store could not read back a directory its owner cannot list or
+            // enter (000, 0300, 0111): it keeps such a one owner-readable and records the mode.
+            let mut mode = d.mode;
+            if self.ownership == Ownership::Record && mode & DIR_READABLE != DIR_READABLE {
+                self.out.overrides.entry(&key(&d.path)).dir_mode = Some(mode);
+                mode |= DIR_READABLE;
+            }
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| fail(self.archive, &d.path, "set mode")(e.into()))?;
             let times = Timestamps { last_access: omit(), last_modification: d.mtime };
             rustix::fs::futimens(&fd, &times).map_err(|e| fail(self.archive, &d.path, "set mtime")(e.into()))?;
         }
@@ -576,6 +625,7 @@ impl<'r, 'p> Stage<'r, 'p> {
 enum Data<'a> {
     Stream(&'a mut dyn Read),
     Copy(&'a File),
+    Sparse(&'a [Region], &'a mut dyn Read),
 }
 
 #[derive(Clone, Copy)]

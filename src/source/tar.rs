@@ -1,29 +1,27 @@
 //! [`unpack_tar`]: one (already decompressed) tar stream into one staging root.
 //!
-//! The `tar` crate parses headers (ustar, GNU long names, PAX); everything that touches the
-//! filesystem goes through [`Stage`], which keeps writes inside the root. OCI whiteout entries
-//! are converted here, by [`classify`], into their overlayfs form.
+//! [`Reader`](super::tar_reader::Reader) parses the stream as GNU tar does (every format,
+//! extension and sparse map); everything that touches the filesystem goes through [`Stage`],
+//! which keeps writes inside the root. OCI whiteout entries are converted here, by [`classify`],
+//! into their overlayfs form.
 
 use std::io::Read;
 use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use rustix::fs::Timespec;
-use tar::EntryType;
-
 use super::error::UnpackError;
 use super::stage::{normalize, Meta, Node, Stage};
-use super::{classify, Whiteout};
+use super::tar_reader::{Kind, Member, ReadError, Reader};
 use super::Unpacked;
+use super::{classify, Whiteout};
 use crate::progress::Progress;
 use crate::store::meta::Ownership;
 
-const XATTR_PAX_PREFIX: &[u8] = b"SCHILY.xattr.";
-
 /// Unpacks the tar stream `r` into the directory `root`. `archive_name` names the source in
-/// errors. Streams: memory does not grow with entry or archive size. Returns what the disk could
-/// not hold; `description` is left empty for the caller.
+/// errors. Streams: memory does not grow with entry or archive size, and a sparse file costs the
+/// disk only the data the archive holds. Returns what the disk could not hold; `description` is
+/// left empty for the caller, `headers` counts the archive's valid headers (0: it had none).
 pub(crate) fn unpack_tar(
     r: &mut dyn Read,
     archive_name: &str,
@@ -32,24 +30,16 @@ pub(crate) fn unpack_tar(
     progress: &mut Progress,
 ) -> Result<Unpacked, UnpackError> {
     let mut stage = Stage::new(root, archive_name, ownership, progress);
-    let mut archive = tar::Archive::new(r);
-    let read_err = |e| UnpackError::read(archive_name, e);
+    let mut reader = Reader::new(r);
     // Reused across entries, so a typical entry allocates nothing here.
     let mut path = Vec::new();
     let mut link = Vec::new();
-    let mut xattrs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
 
-    for entry in archive.entries().map_err(read_err)? {
-        let mut entry = entry.map_err(read_err)?;
-        let kind = entry.header().entry_type();
-        if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink) {
+    while let Some(mut m) = reader.next().map_err(|e| read_error(archive_name, e))? {
+        if m.kind == Kind::Skip {
             continue;
         }
-        {
-            let raw = entry.path_bytes();
-            normalize(&raw, &mut path).map_err(|reason| stage.unsafe_entry(&raw, reason))?;
-        }
-
+        entry_path(&stage, &m.name, &mut path)?;
         match classify(Path::new(std::ffi::OsStr::from_bytes(&path))) {
             Whiteout::None => {}
             Whiteout::Remove { dir, name } => {
@@ -63,76 +53,73 @@ pub(crate) fn unpack_tar(
             Whiteout::Ignore => continue,
             Whiteout::Invalid => return Err(stage.unsafe_entry(&path, "a whiteout must name an entry")),
         }
-
-        let header_err = |e| UnpackError::Unpack {
-            archive: archive_name.to_owned(),
-            entry: String::from_utf8_lossy(&path).into_owned(),
-            step: "read header",
-            source: e,
-        };
-        let header = entry.header();
-        let (uid, gid) = (header.uid().map_err(header_err)?, header.gid().map_err(header_err)?);
-        let (Ok(uid), Ok(gid)) = (u32::try_from(uid), u32::try_from(gid)) else {
-            return Err(stage.unsafe_entry(&path, "the owner id does not fit in 32 bits"));
-        };
-        let mut meta = Meta {
-            mode: header.mode().map_err(header_err)? & 0o7777,
-            uid,
-            gid,
-            mtime: Timespec { tv_sec: i64::try_from(header.mtime().map_err(header_err)?).unwrap_or(i64::MAX), tv_nsec: 0 },
-        };
-        let device = match kind {
-            EntryType::Char | EntryType::Block => Some((
-                if kind == EntryType::Char { 'c' } else { 'b' },
-                header.device_major().map_err(header_err)?.unwrap_or(0),
-                header.device_minor().map_err(header_err)?.unwrap_or(0),
-            )),
-            _ => None,
-        };
-
-        xattrs.clear();
-        if let Some(pax) = entry.pax_extensions().map_err(header_err)? {
-            for ext in pax {
-                let ext = ext.map_err(header_err)?;
-                let key = ext.key_bytes();
-                if let Some(name) = key.strip_prefix(XATTR_PAX_PREFIX) {
-                    xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
-                } else if key == b"mtime" {
-                    if let Some(t) = parse_pax_time(ext.value_bytes()) {
-                        meta.mtime = t;
-                    }
-                }
-            }
+        if let Some(flag) = m.unknown_type {
+            crate::diag::warn(&format!(
+                "{archive_name}: '{}' has the unknown type '{}'; unpacked as a regular file, as GNU tar does",
+                String::from_utf8_lossy(&path),
+                flag.escape_ascii()
+            ));
         }
-
-        if matches!(kind, EntryType::Symlink | EntryType::Link) {
-            let Some(target) = entry.link_name_bytes() else {
-                return Err(stage.unsafe_entry(&path, "the link has no target"));
-            };
-            if kind == EntryType::Link {
-                normalize(&target, &mut link).map_err(|reason| stage.unsafe_entry(&path, hardlink_reason(reason)))?;
-            } else {
+        let meta = member_meta(&stage, &m, &path)?;
+        match m.kind {
+            Kind::Hardlink => {
+                normalize(&m.link, &mut link).map_err(|reason| stage.unsafe_entry(&path, hardlink_reason(reason)))?;
+            }
+            Kind::Symlink => {
                 link.clear();
-                link.extend_from_slice(&target);
+                link.extend_from_slice(&m.link);
             }
+            _ => {}
         }
-
-        let node = match kind {
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Node::File(&mut entry),
-            EntryType::Directory => Node::Dir,
-            EntryType::Symlink => Node::Symlink(&link),
-            EntryType::Link => Node::Hardlink(&link),
-            EntryType::Fifo => Node::Fifo,
-            EntryType::Char | EntryType::Block => {
-                let (kind, major, minor) = device.unwrap_or(('c', 0, 0));
-                Node::Device { kind, major, minor }
-            }
-            // Volume labels, multi-volume continuations and unknown types carry no file.
-            _ => continue,
+        let xattrs = std::mem::take(&mut m.xattrs);
+        let node = match m.kind {
+            Kind::File => match m.sparse.take() {
+                Some(map) => {
+                    let mut data = reader.sparse_data(&map);
+                    stage.put(&path, &meta, Node::Sparse { map: &map, data: &mut data }, &xattrs)?;
+                    continue;
+                }
+                None => {
+                    let mut data = reader.data();
+                    stage.put(&path, &meta, Node::File(&mut data), &xattrs)?;
+                    continue;
+                }
+            },
+            Kind::Dir => Node::Dir,
+            Kind::Symlink => Node::Symlink(&link),
+            Kind::Hardlink => Node::Hardlink(&link),
+            Kind::Fifo => Node::Fifo,
+            Kind::Char | Kind::Block => Node::Device { kind: if m.kind == Kind::Char { 'c' } else { 'b' }, major: m.dev.0, minor: m.dev.1 },
+            Kind::Skip => continue,
         };
         stage.put(&path, &meta, node, &xattrs)?;
     }
-    stage.finish()
+    if reader.dangling_extension() {
+        crate::diag::warn(&format!("{archive_name} ends with an extended header (a long name or pax records) that describes no entry; ignored, as GNU tar does"));
+    }
+    let mut out = stage.finish()?;
+    out.headers = reader.headers();
+    Ok(out)
+}
+
+/// The normalized path of a member's name (`./a//b/` is `a/b`), or why it is refused.
+fn entry_path(stage: &Stage, raw: &[u8], out: &mut Vec<u8>) -> Result<(), UnpackError> {
+    normalize(raw, out).map_err(|reason| stage.unsafe_entry(raw, reason))
+}
+
+fn member_meta(stage: &Stage, m: &Member, path: &[u8]) -> Result<Meta, UnpackError> {
+    let (Ok(uid), Ok(gid)) = (u32::try_from(m.uid), u32::try_from(m.gid)) else {
+        return Err(stage.unsafe_entry(path, "the owner id does not fit in 32 bits"));
+    };
+    Ok(Meta { mode: m.mode, uid, gid, mtime: m.mtime })
+}
+
+fn read_error(archive: &str, e: ReadError) -> UnpackError {
+    match e {
+        ReadError::Io(e) => UnpackError::read(archive, e),
+        ReadError::Damaged { offset, reason } => UnpackError::Damaged { archive: archive.to_owned(), offset, reason },
+        ReadError::NotTar => UnpackError::NotTar { archive: archive.to_owned(), reason: "its first block is not a tar header" },
+    }
 }
 
 fn hardlink_reason(reason: &'static str) -> &'static str {
@@ -144,31 +131,6 @@ fn hardlink_reason(reason: &'static str) -> &'static str {
     }
 }
 
-/// Parses a PAX time (`SECONDS[.FRACTION]`, possibly negative) exactly, without floats.
-fn parse_pax_time(v: &[u8]) -> Option<Timespec> {
-    let s = std::str::from_utf8(v).ok()?;
-    let (neg, s) = match s.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, s),
-    };
-    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    if secs.is_empty() || !secs.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let secs: i64 = secs.parse().ok()?;
-    let mut nanos: i64 = 0;
-    for (i, d) in frac.bytes().take(9).enumerate() {
-        nanos += i64::from(d - b'0') * 10i64.pow(8 - i as u32);
-    }
-    Some(if !neg {
-        Timespec { tv_sec: secs, tv_nsec: nanos }
-    } else if nanos == 0 {
-        Timespec { tv_sec: -secs, tv_nsec: 0 }
-    } else {
-        Timespec { tv_sec: -secs - 1, tv_nsec: 1_000_000_000 - nanos }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -177,7 +139,9 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::source::testutil::{is_root, open_dir, TarBuilder, MTIME};
+    use super::super::tar_reader::parse_pax_time;
+    use rustix::fs::Timespec;
+    use crate::source::testutil::{is_root, old_gnu_sparse, open_dir, pax_header, push_data, raw_header, set_checksum, TarBuilder, MTIME};
 
     fn unpack(archive: &[u8], root: &Path, ownership: Ownership) -> Result<Unpacked, UnpackError> {
         let fd = open_dir(root);
@@ -495,13 +459,15 @@ mod tests {
     }
 
     #[test]
-    fn nul_and_empty_names_are_refused() {
-        let (res, _t) = hostile(|b, _| {
+    fn nul_ends_a_name_and_empty_names_are_refused() {
+        // GNU tar reads a pax path (or a long name) as a C string: a NUL ends it.
+        let (res, tmp) = hostile(|b, _| {
             b.pax(&[("path", b"etc/pass\0wd")]);
             b.file("placeholder", 0o644, b"x");
         });
-        let msg = res.err().unwrap().to_string();
-        assert!(msg.contains("NUL") && msg.contains("test.tar"), "{msg}");
+        res.unwrap();
+        assert_eq!(fs::read(tmp.path().join("stage/etc/pass")).unwrap(), b"x");
+        assert!(!tmp.path().join("stage/placeholder").exists());
         let (res, _t) = hostile(|b, _| {
             b.raw(b"", tar::EntryType::Regular, b"", b"x");
         });
@@ -526,5 +492,255 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let err = unpack(&archive[..2000], root.path(), Ownership::Record).unwrap_err();
         assert!(err.to_string().contains("test.tar"), "{err}");
+    }
+
+    fn end(mut v: Vec<u8>) -> Vec<u8> {
+        v.extend_from_slice(&[0; 1024]);
+        v
+    }
+
+    /// Allocated bytes of a file (st_blocks are 512-byte units).
+    fn allocated(p: &Path) -> u64 {
+        fs::metadata(p).unwrap().blocks() * 512
+    }
+
+    /// Whether `p` reads as `data` at each `(offset, data)` and as zeros everywhere else.
+    fn assert_sparse_content(p: &Path, size: u64, regions: &[(u64, &[u8])]) {
+        use std::io::{Read, Seek, SeekFrom};
+        assert_eq!(fs::metadata(p).unwrap().len(), size, "{}", p.display());
+        let mut f = fs::File::open(p).unwrap();
+        for (off, d) in regions {
+            let mut got = vec![0; d.len()];
+            f.seek(SeekFrom::Start(*off)).unwrap();
+            f.read_exact(&mut got).unwrap();
+            assert_eq!(&got, d, "data at {off}");
+        }
+        if size < 64 << 20 {
+            let mut all = Vec::new();
+            f.seek(SeekFrom::Start(0)).unwrap();
+            f.read_to_end(&mut all).unwrap();
+            let mut want = vec![0u8; size as usize];
+            for (off, d) in regions {
+                want[*off as usize..*off as usize + d.len()].copy_from_slice(d);
+            }
+            assert!(all == want, "holes read as zeros");
+        }
+    }
+
+    #[test]
+    fn old_gnu_sparse_writes_holes() {
+        // Six regions: four in the header, two in an extension block; the file ends in a hole
+        // (GNU tar's last region has length 0 at the file's size).
+        let regions: Vec<(u64, &[u8])> = vec![(0, b"head"), (1 << 20, b"a"), (2 << 20, &[7u8; 1000]), (3 << 20, b"c"), (5 << 20, b"d"), (8 << 20, b"")];
+        let mut a = Vec::new();
+        old_gnu_sparse(&mut a, b"lastlog", 8 << 20, &regions);
+        a.extend(TarBuilder::new().file("after", 0o644, b"next member").finish());
+        let root = tempfile::tempdir().unwrap();
+        unpack(&a, root.path(), Ownership::Record).unwrap();
+        let f = root.path().join("lastlog");
+        assert_sparse_content(&f, 8 << 20, &regions);
+        assert!(allocated(&f) <= 6 * 4096 * 2, "holes were written: {} bytes allocated", allocated(&f));
+        assert_eq!(fs::read(root.path().join("after")).unwrap(), b"next member");
+    }
+
+    #[test]
+    fn sixty_gigabytes_of_holes_cost_nothing() {
+        // A few KB of archive describing a 60 GB file: it must take the time and the disk of the
+        // data it holds, not of the size it declares.
+        let size = 60u64 << 30;
+        let mut a = Vec::new();
+        old_gnu_sparse(&mut a, b"huge", size, &[(0, b"first"), (30 << 30, b"middle"), (size - 3, b"end")]);
+        let root = tempfile::tempdir().unwrap();
+        let t = std::time::Instant::now();
+        unpack(&end(a), root.path(), Ownership::Record).unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "took {:?}", t.elapsed());
+        let f = root.path().join("huge");
+        assert_eq!(fs::metadata(&f).unwrap().len(), size);
+        assert!(allocated(&f) <= 3 * 8192, "{} bytes allocated", allocated(&f));
+        assert_sparse_content(&f, size, &[(0, b"first"), (30 << 30, b"middle"), (size - 3, b"end")]);
+    }
+
+    /// The three pax sparse formats, as `tar -S --format=pax --sparse-version=…` writes them.
+    fn pax_sparse(version: &str, name: &str, size: u64, regions: &[(u64, &[u8])]) -> Vec<u8> {
+        let mut a = Vec::new();
+        let map: Vec<String> = regions.iter().flat_map(|(o, d)| [o.to_string(), d.len().to_string()]).collect();
+        let stored_name = format!("./GNUSparseFile.1234/{name}");
+        let size_s = size.to_string();
+        let count = regions.len().to_string();
+        let mut data = Vec::new();
+        let header_name = match version {
+            "0.0" => {
+                let mut recs: Vec<(&str, &[u8])> = vec![("GNU.sparse.size", size_s.as_bytes()), ("GNU.sparse.numblocks", count.as_bytes())];
+                for pair in map.chunks(2) {
+                    recs.push(("GNU.sparse.offset", pair[0].as_bytes()));
+                    recs.push(("GNU.sparse.numbytes", pair[1].as_bytes()));
+                }
+                pax_header(&mut a, b'x', &recs);
+                name.to_owned()
+            }
+            "0.1" => {
+                let joined = map.join(",");
+                pax_header(&mut a, b'x', &[("GNU.sparse.size", size_s.as_bytes()), ("GNU.sparse.numblocks", count.as_bytes()), ("GNU.sparse.name", name.as_bytes()), ("GNU.sparse.map", joined.as_bytes())]);
+                stored_name
+            }
+            _ => {
+                pax_header(&mut a, b'x', &[("GNU.sparse.major", b"1"), ("GNU.sparse.minor", b"0"), ("GNU.sparse.name", name.as_bytes()), ("GNU.sparse.realsize", size_s.as_bytes())]);
+                let mut m = format!("{count}\n").into_bytes();
+                for n in &map {
+                    m.extend_from_slice(format!("{n}\n").as_bytes());
+                }
+                push_data(&mut data, &m);
+                stored_name
+            }
+        };
+        for (_, d) in regions {
+            push_data(&mut data, d);
+        }
+        a.extend_from_slice(&raw_header(header_name.as_bytes(), b'0', data.len() as u64, &[(257, b"ustar\x0000")]));
+        a.extend_from_slice(&data);
+        a
+    }
+
+    #[test]
+    fn pax_sparse_formats_write_holes_under_the_real_name() {
+        let regions: Vec<(u64, &[u8])> = vec![(4096, b"one"), (3 << 20, &[9u8; 700]), (4 << 20, b"")];
+        for version in ["0.0", "0.1", "1.0"] {
+            let a = end(pax_sparse(version, "var/log/lastlog", 4 << 20, &regions));
+            let root = tempfile::tempdir().unwrap();
+            unpack(&a, root.path(), Ownership::Record).unwrap_or_else(|e| panic!("{version}: {e}"));
+            let f = root.path().join("var/log/lastlog");
+            assert_sparse_content(&f, 4 << 20, &regions);
+            assert!(allocated(&f) <= 4 * 4096, "{version}: {} bytes allocated", allocated(&f));
+            let names: Vec<_> = fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(names, ["var"], "{version}: no GNUSparseFile directory");
+        }
+    }
+
+    #[test]
+    fn sparse_maps_that_lie_are_refused() {
+        // A region past the declared size, and regions that need more data than the member has.
+        let mut past = Vec::new();
+        old_gnu_sparse(&mut past, b"s", 100, &[(0, b"hello"), (200, b"abc")]);
+        let mut more = pax_sparse("1.0", "t", 1 << 20, &[(0, &[1u8; 600])]);
+        // Cut the member's size field to one block of data (the map block plus one of two).
+        let h = more.len() - 4 * 512;
+        let mut hdr: [u8; 512] = more[h..h + 512].try_into().unwrap();
+        hdr[124..136].copy_from_slice(format!("{:011o}\0", 1024).as_bytes());
+        set_checksum(&mut hdr);
+        more[h..h + 512].copy_from_slice(&hdr);
+        more.truncate(more.len() - 512);
+        for (what, a) in [("past the end", past), ("more data", more)] {
+            let root = tempfile::tempdir().unwrap();
+            let err = unpack(&end(a), root.path(), Ownership::Record).expect_err(what).to_string();
+            assert!(err.contains("test.tar") && err.contains("sparse"), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn gnu_leniency() {
+        let mut a = Vec::new();
+        // Blank and NUL-only numeric fields read as 0.
+        a.extend_from_slice(&raw_header(b"blank", b'0', 1, &[(108, b"        "), (116, &[0; 8]), (136, b"            ")]));
+        push_data(&mut a, b"b");
+        // Of two long names the last counts, and a NUL ends it.
+        for long in [&b"first-long-name\0"[..], b"second\0ignored\0"] {
+            a.extend_from_slice(&raw_header(b"././@LongLink", b'L', long.len() as u64, &[]));
+            push_data(&mut a, long);
+        }
+        a.extend_from_slice(&raw_header(b"short", b'0', 1, &[]));
+        push_data(&mut a, b"L");
+        // Of two pax headers the last counts, whole.
+        pax_header(&mut a, b'x', &[("path", b"p1"), ("mtime", b"5")]);
+        pax_header(&mut a, b'x', &[("path", b"p2")]);
+        a.extend_from_slice(&raw_header(b"short2", b'0', 1, &[]));
+        push_data(&mut a, b"P");
+        // A regular-file member named with a slash is a directory; a directory's size is no data.
+        a.extend_from_slice(&raw_header(b"olddir/", b'\0', 0, &[]));
+        a.extend_from_slice(&raw_header(b"sized-dir/", b'5', 4096, &[]));
+        a.extend_from_slice(&raw_header(b"sized-dir/f", b'0', 2, &[]));
+        push_data(&mut a, b"in");
+        // An unknown type is a regular file; a base-256 uid is a number.
+        a.extend_from_slice(&raw_header(b"unknown", b'Z', 3, &[]));
+        push_data(&mut a, b"zzz");
+        a.extend_from_slice(&raw_header(b"big-uid", b'0', 0, &[(108, &[0x80, 0, 0, 0, 0, 0, 0x01, 0x00])]));
+        // A self-link after its file is a no-op, and the data stays.
+        a.extend_from_slice(&raw_header(b"second", b'1', 0, &[(157, b"second")]));
+        // A pax header with no member after it is ignored.
+        pax_header(&mut a, b'x', &[("path", b"ghost")]);
+        let root = tempfile::tempdir().unwrap();
+        let out = unpack(&end(a), root.path(), Ownership::Record).unwrap();
+        let r = root.path();
+        assert_eq!(fs::read(r.join("blank")).unwrap(), b"b");
+        assert_eq!(fs::metadata(r.join("blank")).unwrap().mtime(), 0);
+        assert!(!out.overrides.entries.contains_key("blank"), "owner 0:0: {:?}", out.overrides);
+        assert_eq!(fs::read(r.join("second")).unwrap(), b"L");
+        assert_eq!(fs::read(r.join("p2")).unwrap(), b"P");
+        assert_eq!(fs::metadata(r.join("p2")).unwrap().mtime(), MTIME as i64, "nothing of the first pax header");
+        assert!(fs::metadata(r.join("olddir")).unwrap().is_dir());
+        assert_eq!(fs::read(r.join("sized-dir/f")).unwrap(), b"in");
+        assert_eq!(fs::read(r.join("unknown")).unwrap(), b"zzz");
+        assert_eq!(out.overrides.entries["big-uid"].owner, Some((256, 0)));
+        assert!(!r.join("ghost").exists());
+        assert_eq!(out.headers, 14);
+    }
+
+    #[test]
+    fn a_self_link_with_nothing_before_it_is_refused() {
+        let a = end(raw_header(b"me", b'1', 0, &[(157, b"me")]).to_vec());
+        let root = tempfile::tempdir().unwrap();
+        let err = unpack(&a, root.path(), Ownership::Record).unwrap_err().to_string();
+        assert!(err.contains("'me'") && err.contains("hardlink target"), "{err}");
+    }
+
+    #[test]
+    fn damaged_and_empty_input() {
+        let root = tempfile::tempdir().unwrap();
+        for empty in [&[][..], &[0u8; 10240][..]] {
+            assert_eq!(unpack(empty, root.path(), Ownership::Record).unwrap().headers, 0);
+        }
+        let err = unpack(&[b'x'; 1024], root.path(), Ownership::Record).unwrap_err();
+        assert!(matches!(err, UnpackError::NotTar { .. }), "{err}");
+        let mut a = TarBuilder::new().file("ok", 0o644, b"fine").finish();
+        a.truncate(1024);
+        a.extend_from_slice(&[b'x'; 512]);
+        let err = unpack(&a, root.path(), Ownership::Record).unwrap_err().to_string();
+        assert!(err.contains("checksum") && err.contains("at byte 1024") && err.contains("test.tar"), "{err}");
+    }
+
+    #[test]
+    fn unenterable_directories_import_and_keep_their_mode() {
+        let a = TarBuilder::new()
+            .dir("none", 0o000)
+            .file("none/f", 0o644, b"in 000")
+            .dir("wx", 0o300)
+            .dir("wx/x", 0o111)
+            .file("wx/x/f", 0o600, b"deep")
+            .dir("ro", 0o555)
+            .finish();
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let out = unpack(&a, r, if is_root() { Ownership::Preserve } else { Ownership::Record }).unwrap();
+        let out_record = {
+            let root2 = tempfile::tempdir().unwrap();
+            let o = unpack(&a, root2.path(), Ownership::Record).unwrap();
+            assert_eq!(fs::read(root2.path().join("wx/x/f")).unwrap(), b"deep");
+            assert_eq!(mode(&root2.path().join("none")), 0o500);
+            assert_eq!(mode(&root2.path().join("wx")), 0o700);
+            assert_eq!(mode(&root2.path().join("wx/x")), 0o511);
+            assert_eq!(mode(&root2.path().join("ro")), 0o555);
+            o
+        };
+        let e = &out_record.overrides.entries;
+        assert_eq!((e["none"].dir_mode, e["wx"].dir_mode, e["wx/x"].dir_mode), (Some(0), Some(0o300), Some(0o111)));
+        assert!(!e.contains_key("ro"), "a 0555 directory is held as it is");
+        if is_root() {
+            // Real root holds every mode on disk.
+            assert!(out.overrides.is_empty());
+            assert_eq!(mode(&r.join("none")), 0);
+            assert_eq!(mode(&r.join("wx/x")), 0o111);
+        }
+        for d in ["none", "wx/x", "wx"] {
+            fs::set_permissions(r.join(d), fs::Permissions::from_mode(0o755)).unwrap();
+        }
     }
 }

@@ -192,3 +192,97 @@ pub(crate) fn check_two_layers(sink: &DirSink) {
     let n = rustix::fs::getxattr(second.join("o"), "user.overlay.opaque", &mut buf[..]).unwrap();
     assert_eq!(&buf[..n], b"y");
 }
+
+/// One tar header block written field by field, for what no archiver writes (blank numbers,
+/// unknown types, sparse maps): `fields` are `(offset, bytes)` pairs over a GNU header.
+pub(crate) fn raw_header(name: &[u8], flag: u8, size: u64, fields: &[(usize, &[u8])]) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name);
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    h[136..148].copy_from_slice(format!("{MTIME:011o}\0").as_bytes());
+    h[156] = flag;
+    h[257..265].copy_from_slice(b"ustar  \0");
+    for (at, bytes) in fields {
+        h[*at..*at + bytes.len()].copy_from_slice(bytes);
+    }
+    set_checksum(&mut h);
+    h
+}
+
+pub(crate) fn set_checksum(h: &mut [u8; 512]) {
+    h[148..156].fill(b' ');
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+}
+
+/// Appends `data` padded to a block.
+pub(crate) fn push_data(out: &mut Vec<u8>, data: &[u8]) {
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+/// A pax extended header (`x`, or `g` for a global one) holding `records` in order.
+pub(crate) fn pax_header(out: &mut Vec<u8>, flag: u8, records: &[(&str, &[u8])]) {
+    let mut body = Vec::new();
+    for (k, v) in records {
+        let rest = k.len() + v.len() + 3;
+        let mut len = rest + 1;
+        while len != rest + len.to_string().len() {
+            len = rest + len.to_string().len();
+        }
+        body.extend_from_slice(format!("{len} {k}=").as_bytes());
+        body.extend_from_slice(v);
+        body.push(b'\n');
+    }
+    out.extend_from_slice(&raw_header(b"PaxHeader", flag, body.len() as u64, &[(257, b"ustar\x0000")]));
+    push_data(out, &body);
+}
+
+/// An old GNU sparse member (`S`): `regions` of the file of `size` bytes, each region's data
+/// starting on a block boundary as GNU tar writes them; more than four regions go to
+/// extension blocks.
+pub(crate) fn old_gnu_sparse(out: &mut Vec<u8>, name: &[u8], size: u64, regions: &[(u64, &[u8])]) {
+    let entry = |offset: u64, len: usize| {
+        let mut e = [0u8; 24];
+        e[..12].copy_from_slice(&number12(offset));
+        e[12..].copy_from_slice(&number12(len as u64));
+        e
+    };
+    let stored: u64 = regions.iter().map(|(_, d)| (d.len() as u64).div_ceil(512) * 512).sum();
+    let mut h = raw_header(name, b'S', stored, &[(483, &number12(size))]);
+    for (i, (off, d)) in regions.iter().take(4).enumerate() {
+        h[386 + i * 24..386 + (i + 1) * 24].copy_from_slice(&entry(*off, d.len()));
+    }
+    h[482] = u8::from(regions.len() > 4);
+    set_checksum(&mut h);
+    out.extend_from_slice(&h);
+    let mut rest = regions.get(4..).unwrap_or_default();
+    while !rest.is_empty() {
+        let (now, later) = rest.split_at(rest.len().min(21));
+        let mut ext = [0u8; 512];
+        for (i, (off, d)) in now.iter().enumerate() {
+            ext[i * 24..(i + 1) * 24].copy_from_slice(&entry(*off, d.len()));
+        }
+        ext[504] = u8::from(!later.is_empty());
+        out.extend_from_slice(&ext);
+        rest = later;
+    }
+    for (_, d) in regions {
+        push_data(out, d);
+    }
+}
+
+/// A 12-byte numeric field as GNU tar writes it: octal when it fits, else base-256.
+pub(crate) fn number12(v: u64) -> [u8; 12] {
+    let mut f = [0u8; 12];
+    if v < 1 << 33 {
+        f.copy_from_slice(format!("{v:011o}\0").as_bytes());
+    } else {
+        f[0] = 0x80;
+        f[4..].copy_from_slice(&v.to_be_bytes());
+    }
+    f
+}

@@ -184,7 +184,7 @@ impl<'a> Writer<'a> {
         let ft = md.file_type();
         let xattrs = self.xattrs(Some(abs), path, ov);
         let owner = ov.owner(path, (md.uid(), md.gid()));
-        let mode = md.mode() & 0o7777;
+        let mode = ov.mode(path, md.mode() & 0o7777);
         let mtime = md.mtime();
         self.summary.entries += 1;
         if ft.is_dir() {

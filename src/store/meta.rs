@@ -43,6 +43,11 @@ pub(crate) struct Override {
     /// A device node that is absent from disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<Device>,
+    /// A directory's mode (07777) where the disk holds another: an unprivileged store keeps each
+    /// directory readable and searchable by its owner (the mode | 0500), so that the layer can be
+    /// digested, verified, exported and removed; the archive's mode (000, 0300, 0111…) is this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir_mode: Option<u32>,
 }
 
 /// Per-layer overrides, keyed by the entry's path relative to the layer root, without a leading
@@ -78,6 +83,11 @@ impl Overrides {
             None if self.flattened => (0, 0),
             None => disk,
         }
+    }
+
+    /// The permission bits the canonical form gives `path`, whose on-disk bits are `disk`.
+    pub(crate) fn mode(&self, path: &str, disk: u32) -> u32 {
+        self.entries.get(path).and_then(|o| o.dir_mode).unwrap_or(disk)
     }
 
     pub(crate) fn is_empty(&self) -> bool {
