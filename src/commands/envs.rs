@@ -206,7 +206,7 @@ pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> 
     for r in &rows {
         let short = |v: &Vec<String>, sign: char| v.iter().map(|l| format!("{sign}{}", short_id(l).trim_start_matches("sha256:"))).collect::<Vec<_>>().join(" ");
         let change = [short(&r.added, '+'), short(&r.removed, '-')].into_iter().filter(|x| !x.is_empty()).collect::<Vec<_>>().join(" ");
-        s.push_str(&format!("{} {:>4}  {:<10} {:>6}  {:<24} {}\n", if r.current { '*' } else { ' ' }, r.number, ago(r.created), r.layers, change, r.reason));
+        s.push_str(&format!("{} {:>4}  {:<10} {:>6}  {:<24} {}\n", if r.current { '*' } else { ' ' }, r.number, ago(r.created), r.layers, change, crate::text::field(&r.reason)));
     }
     out(&s).map(|_| 0)
 }

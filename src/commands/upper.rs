@@ -12,6 +12,7 @@ use crate::store::meta::Overrides;
 use crate::store::upper::{self, UpperEntry};
 use crate::store::journal::Journal;
 use crate::store::{canonical, now_secs, private_dir, upper_dir, write_atomic, Store};
+use crate::text::field;
 
 fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
     layers.iter().rev().map(|l| store.layer_root(l)).collect()
@@ -47,7 +48,7 @@ pub(crate) fn diff(store: &Store, name: &str, paths: &[PathBuf], json: bool) -> 
     let mut s = String::new();
     for e in &entries {
         let size = if e.kind == 'f' { format!("  ({})", human(e.size)) } else { String::new() };
-        s.push_str(&format!("{} {}{}{}\n", e.change.letter(), e.path, if e.kind == 'd' { "/" } else { "" }, size));
+        s.push_str(&format!("{} {}{}{}\n", e.change.letter(), field(&e.path), if e.kind == 'd' { "/" } else { "" }, size));
     }
     out(&s)?;
     if base != env.current()?.layers {
@@ -170,7 +171,7 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     if !conflicts.is_empty() && !ours && !theirs {
         let mut s = String::new();
         for c in &conflicts {
-            s.push_str(&format!("C /{c}\n"));
+            s.push_str(&format!("C /{}\n", field(c)));
         }
         out(&s)?;
         bail!(
