@@ -109,9 +109,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Resolves a full id or an unambiguous prefix (with or without `sha256:`).
+    /// Resolves a full id or an unambiguous prefix (with or without `sha256:`), in any case: ids
+    /// are copied from tools that print hex in capitals, and `SHA256:` is the same algorithm.
     pub(crate) fn resolve_layer(&self, id: &str) -> Result<String> {
-        let hex = id.trim_start_matches("sha256:").to_ascii_lowercase();
+        let hex = match id.get(..7) {
+            Some(p) if p.eq_ignore_ascii_case("sha256:") => &id[7..],
+            _ => id,
+        };
+        let hex = hex.to_ascii_lowercase();
         let hex = hex.as_str();
         if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             bail!("'{id}' is not a layer id: expected sha256:<hex> or a prefix of one (see `plyroot layers`)");
