@@ -101,6 +101,16 @@ pub(crate) fn create(store: &Store, name: &str, from: &[String], base: Option<&s
     let layers = import_all(store, &sources)?;
     let ids: Vec<String> = layers.iter().map(|l| l.id.clone()).collect();
     let n = ids.len();
+    // After the import: only then is the number known (an image's layers). The layers stay in
+    // the store, so the fix below reuses them.
+    crate::store::limits::check(
+        name,
+        n,
+        &format!(
+            "nothing was created, and the layers are imported: create an environment from the first {} (`--from layer:ID`, see `plyroot layers`), `plyroot squash` it, and create '{name}' from its one layer and the rest",
+            crate::store::limits::MAX_LAYERS
+        ),
+    )?;
     let settings = crate::manifest::Settings { base: base.map(str::to_owned), ..Default::default() };
     store.create_env(name, ids, from.to_vec(), settings, "create")?;
     crate::diag::info(&format!("created environment '{name}' with {n} layer(s); try `plyroot enter {name}`"));

@@ -67,6 +67,11 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
         crate::diag::info(&format!("nothing to commit: the upper of '{name}' is empty"));
         return Ok(0);
     }
+    crate::store::limits::check(
+        name,
+        cur.layers.len() + 1,
+        &format!("nothing was committed: `plyroot squash {name}` merges its layers into one (the upper is kept as it is), then commit again"),
+    )?;
     let reason = match message {
         Some(m) => format!("commit: {m}"),
         None => "commit".to_owned(),
