@@ -137,6 +137,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Rollback { ref name } => commands::envs::rollback(&open()?, name),
         Command::Diff { ref name, ref paths, json } => commands::upper::diff(&open()?, name, paths, json),
         Command::Commit { ref name, ref message } => commands::upper::commit(&open()?, name, message.as_deref()),
+        Command::Squash { ref name, from } => commands::squash::squash(&open()?, name, from as usize),
         Command::Reset { ref name, force } => commands::upper::reset(&open()?, name, force),
         Command::Rebase { ref name, ours, theirs } => commands::upper::rebase(&open()?, name, ours, theirs),
         Command::Gc { dry_run, keep, ref older_than } => commands::gc::gc(&store_root()?, dry_run, keep, older_than.as_deref()),
