@@ -138,7 +138,7 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
     let err = |span: Range<usize>, msg: String| locate(text, file, Some(span), msg);
     let mut envs = Vec::new();
     // Per environment, the `env:` sources it names and where: checked for cycles at the end.
-    let mut env_refs: Vec<(String, Vec<(String, Range<usize>)>)> = Vec::new();
+    let mut env_refs: EnvRefs = Vec::new();
     for (name, decl) in raw.env {
         if let Err(e) = crate::store::env::check_name(name.get_ref()) {
             return Err(err(name.span(), e.to_string()));
@@ -230,17 +230,15 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
     Ok(Manifest { envs })
 }
 
+/// Each environment of a manifest with the `env:` sources it names, and where each is written.
+type EnvRefs = Vec<(String, Vec<(String, Range<usize>)>)>;
+
 /// The first cycle of `env:` references among the manifest's environments (names in order, the
 /// first repeated at the end) and where the source that closes it is written. References to
 /// environments the manifest does not declare cannot close a cycle: their layers are fixed.
-fn env_cycle(refs: &[(String, Vec<(String, Range<usize>)>)]) -> Option<(Vec<String>, Range<usize>)> {
-    fn visit<'a>(
-        name: &'a str,
-        refs: &'a [(String, Vec<(String, Range<usize>)>)],
-        path: &mut Vec<&'a str>,
-        done: &mut Vec<&'a str>,
-    ) -> Option<(Vec<String>, Range<usize>)> {
-        let Some((_, out)) = refs.iter().find(|(n, _)| n == name) else { return None };
+fn env_cycle(refs: &EnvRefs) -> Option<(Vec<String>, Range<usize>)> {
+    fn visit<'a>(name: &'a str, refs: &'a EnvRefs, path: &mut Vec<&'a str>, done: &mut Vec<&'a str>) -> Option<(Vec<String>, Range<usize>)> {
+        let (_, out) = refs.iter().find(|(n, _)| n == name)?;
         path.push(name);
         for (next, span) in out {
             if let Some(i) = path.iter().position(|p| p == next) {
