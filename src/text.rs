@@ -80,14 +80,14 @@ pub(crate) fn field(s: &str) -> Cow<'_, str> {
     }
 }
 
-/// An error and its causes on one line, each separated by `: `, a cause left out when the text
-/// before it already says it (an error that shows its source in its own message, as an
-/// `io::Error` wrapped with its text does, would otherwise print the OS's words twice).
+/// An error and its causes on one line, each separated by `: `, a cause left out when the line
+/// already ends with it: an error that shows its source in its own message (`cannot read x:
+/// {source}`) and also returns it as its source would otherwise print the OS's words twice.
 pub(crate) fn chain(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let m = cause.to_string();
-        if m.is_empty() || out.contains(&m) {
+        if m.is_empty() || out.ends_with(&m) {
             continue;
         }
         if !out.is_empty() {
