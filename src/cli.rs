@@ -161,6 +161,14 @@ pub(crate) enum Command {
         #[arg(short, long)]
         message: Option<String>,
     },
+    /// Merge an environment's layers into one, in a new generation (the upper is kept)
+    #[command(after_help = "overlayfs mounts at most 500 lower layers, so an environment may have at most 435 (one lower\nis the skeleton every launch adds, 64 are kept for launchers composing over it). create, apply\nand commit refuse to go past that; squash gets back under it. The merged layer is the canonical\ntar of the merged layers (whiteouts applied): squashing every layer gives the id\n`plyroot export -o` gives them. Squashing the upper layers only keeps what they delete of the\nones below. The root the environment shows does not change, so the upper stays as it is.\n\nExamples:\n  plyroot squash dev             # every layer into one\n  plyroot squash dev --from 3    # the 3rd layer (bottom = 1) up to the top")]
+    Squash {
+        name: String,
+        /// The first layer to merge, counting from the bottom (1) [default: 1, every layer]
+        #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        from: u32,
+    },
     /// Set the upper aside (kept unless --force)
     Reset {
         name: String,

@@ -147,7 +147,11 @@ pub(crate) fn remove(store: &Store, r: &Receipt) -> Result<()> {
 }
 
 /// `.desktop` entries of the environment that start `program`, rewritten to start the launcher,
-/// and the icons they name.
+/// and the icons they name. Only regular files inside the stack are read or copied: the stack
+/// (an upper included, which programs in the environment write) may hold symlinks to host files
+/// such as `icon.png -> /home/me/.ssh/id_ed25519`, and following one would copy a host file into
+/// the user's desktop directories. Every path is opened beneath its layer's root with no symlink
+/// on the way ([`open_beneath`]).
 fn install_desktop(store: &Store, env: &str, program: &str, launcher: &Path) -> Result<Vec<PathBuf>> {
     let e = store.env(env)?;
     let g = e.current()?;
@@ -159,8 +163,8 @@ fn install_desktop(store: &Store, env: &str, program: &str, launcher: &Path) -> 
     let mut installed = Vec::new();
     let mut names: Vec<String> = Vec::new();
     for layer in &stack {
-        for f in fs::read_dir(layer.join("usr/share/applications")).into_iter().flatten().flatten() {
-            let fname = f.file_name().to_string_lossy().into_owned();
+        for (fname, _) in list_beneath(layer, Path::new("usr/share/applications")) {
+            let fname = fname.to_string_lossy().into_owned();
             if fname.ends_with(".desktop") && !names.contains(&fname) {
                 names.push(fname);
             }
@@ -169,7 +173,8 @@ fn install_desktop(store: &Store, env: &str, program: &str, launcher: &Path) -> 
     for fname in names {
         let rel = format!("usr/share/applications/{fname}");
         let Some((abs, _)) = crate::store::upper::lookup(&stack, &rel) else { continue };
-        let Ok(text) = fs::read_to_string(&abs) else { continue };
+        let Some(tier) = stack.iter().find(|t| abs.starts_with(t)) else { continue };
+        let Some(text) = read_regular(tier, Path::new(&rel)).and_then(|b| String::from_utf8(b).ok()) else { continue };
         let starts_it = text.lines().any(|l| {
             l.strip_prefix("Exec=").and_then(|x| x.split_whitespace().next()).is_some_and(|cmd| Path::new(cmd).file_name().is_some_and(|n| n.to_string_lossy() == base))
         });
@@ -196,7 +201,7 @@ fn install_desktop(store: &Store, env: &str, program: &str, launcher: &Path) -> 
         let dest = apps.join(format!("plyroot-{env}-{fname}"));
         fs::write(&dest, out).with_context(|| format!("cannot write {}", dest.display()))?;
         installed.push(dest);
-        for icon in icons.iter().filter(|i| !i.contains('/')) {
+        for icon in icons.iter().filter(|i| !i.contains('/') && !i.is_empty() && *i != "." && *i != "..") {
             installed.extend(copy_icons(&stack, icon, &home)?);
         }
     }
@@ -206,35 +211,85 @@ fn install_desktop(store: &Store, env: &str, program: &str, launcher: &Path) -> 
     Ok(installed)
 }
 
+/// Copies the regular files named `icon.*` under `usr/share/icons` of each layer (top first; the
+/// first copy of a path wins) to `~/.local/share/icons`.
 fn copy_icons(stack: &[PathBuf], icon: &str, home: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    fn walk(layer: &Path, rel: &Path, icon: &str, found: &mut Vec<PathBuf>) {
-        for e in fs::read_dir(layer.join(rel)).into_iter().flatten().flatten() {
-            let r = rel.join(e.file_name());
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                walk(layer, &r, icon, found);
-            } else if Path::new(&e.file_name()).file_stem().is_some_and(|s| s.to_string_lossy() == icon) {
+    /// Depth of an icon theme (`hicolor/48x48/apps/x.png`) with room to spare; deeper is not an
+    /// icon theme, and the bound keeps the walk's open directories few.
+    const MAX_DEPTH: usize = 8;
+    fn walk(layer: &Path, rel: &Path, icon: &str, depth: usize, found: &mut Vec<PathBuf>) {
+        for (name, kind) in list_beneath(layer, rel) {
+            let r = rel.join(&name);
+            if kind == rustix::fs::FileType::Directory && depth < MAX_DEPTH {
+                walk(layer, &r, icon, depth + 1, found);
+            } else if kind == rustix::fs::FileType::RegularFile && Path::new(&name).file_stem().is_some_and(|s| s.to_string_lossy() == icon) {
                 found.push(r);
             }
         }
     }
     for layer in stack {
         let mut found = Vec::new();
-        walk(layer, Path::new("usr/share/icons"), icon, &mut found);
+        walk(layer, Path::new("usr/share/icons"), icon, 0, &mut found);
         for rel in found {
             let dest = home.join(".local/share/icons").join(rel.strip_prefix("usr/share/icons").unwrap_or(&rel));
-            if dest.exists() {
+            if fs::symlink_metadata(&dest).is_ok() {
                 continue;
             }
+            // Read through an fd opened beneath the layer: what was listed as a regular file may
+            // have been replaced by a link since (an upper is written by running programs).
+            let Some(data) = read_regular(layer, &rel) else { continue };
             if let Some(p) = dest.parent() {
-                fs::create_dir_all(p)?;
+                fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
             }
-            if fs::copy(layer.join(&rel), &dest).is_ok() {
+            // create_new: never write through a link someone put at the destination.
+            let written = fs::OpenOptions::new().write(true).create_new(true).open(&dest).and_then(|mut f| std::io::Write::write_all(&mut f, &data));
+            if written.is_ok() {
                 out.push(dest);
             }
         }
     }
     Ok(out)
+}
+
+/// Opens `rel` beneath `root` (a layer's tree or an upper) without following any symlink or
+/// leaving `root` (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`): what is found is inside the layer.
+/// `O_NONBLOCK` so that a FIFO where a file was expected does not hang the export.
+fn open_beneath(root: &Path, rel: &Path, flags: rustix::fs::OFlags) -> Option<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+    let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    rustix::fs::openat2(&dir, rel, flags | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC, Mode::empty(), how).ok()
+}
+
+/// The content of `rel` beneath `root` when it is a regular file there; `None` for anything
+/// else (a symlink, a device, a FIFO, a directory, nothing).
+fn read_regular(root: &Path, rel: &Path) -> Option<Vec<u8>> {
+    let fd = open_beneath(root, rel, rustix::fs::OFlags::RDONLY)?;
+    if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd).ok()?.st_mode) != rustix::fs::FileType::RegularFile {
+        return None;
+    }
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut fs::File::from(fd), &mut data).ok()?;
+    Some(data)
+}
+
+/// The entries of the directory `rel` beneath `root` (opened as [`open_beneath`] does), with
+/// their types as `lstat` gives them; empty when it is not a directory inside `root`.
+fn list_beneath(root: &Path, rel: &Path) -> Vec<(std::ffi::OsString, rustix::fs::FileType)> {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(fd) = open_beneath(root, rel, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY) else { return Vec::new() };
+    let Ok(dir) = rustix::fs::Dir::read_from(&fd) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let name = e.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let Ok(st) = rustix::fs::statat(&fd, e.file_name(), rustix::fs::AtFlags::SYMLINK_NOFOLLOW) else { continue };
+        out.push((std::ffi::OsStr::from_bytes(name).to_owned(), rustix::fs::FileType::from_raw_mode(st.st_mode)));
+    }
+    out
 }
 
 /// What a launcher invocation resolves to.

@@ -2,7 +2,7 @@
 //!
 //! Exit statuses: 0 success; for `run`/`enter`, the program's own status (128+N when killed by
 //! signal N, 127 not found, 126 not executable); 125 for plyroot's own errors, printed once as a
-//! one-line cause chain.
+//! one-line cause chain, each cause once, escaped ([`text::chain`], [`text::escape`]).
 
 mod cli;
 mod commands;
@@ -17,6 +17,7 @@ mod sandbox;
 mod source;
 mod store;
 mod sys;
+mod text;
 
 use std::process::ExitCode;
 
@@ -75,7 +76,7 @@ fn finish(r: Result<i32>) -> ExitCode {
             if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("plyroot: error: {e:#}");
+            eprintln!("plyroot: error: {}", text::escape(&text::chain(&e)));
             ExitCode::from(EXIT_ERROR)
         }
     }
@@ -136,6 +137,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Rollback { ref name } => commands::envs::rollback(&open()?, name),
         Command::Diff { ref name, ref paths, json } => commands::upper::diff(&open()?, name, paths, json),
         Command::Commit { ref name, ref message } => commands::upper::commit(&open()?, name, message.as_deref()),
+        Command::Squash { ref name, from } => commands::squash::squash(&open()?, name, from as usize),
         Command::Reset { ref name, force } => commands::upper::reset(&open()?, name, force),
         Command::Rebase { ref name, ours, theirs } => commands::upper::rebase(&open()?, name, ours, theirs),
         Command::Gc { dry_run, keep, ref older_than } => commands::gc::gc(&store_root()?, dry_run, keep, older_than.as_deref()),

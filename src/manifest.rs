@@ -97,7 +97,7 @@ struct RawEnv {
     #[serde(default)]
     binds: Vec<Spanned<String>>,
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    env: BTreeMap<Spanned<String>, Spanned<String>>,
     #[serde(default)]
     no_host: Vec<Spanned<String>>,
     #[serde(default)]
@@ -137,6 +137,8 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let err = |span: Range<usize>, msg: String| locate(text, file, Some(span), msg);
     let mut envs = Vec::new();
+    // Per environment, the `env:` sources it names and where: checked for cycles at the end.
+    let mut env_refs: EnvRefs = Vec::new();
     for (name, decl) in raw.env {
         if let Err(e) = crate::store::env::check_name(name.get_ref()) {
             return Err(err(name.span(), e.to_string()));
@@ -147,9 +149,12 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
         }
         let mut sources = Vec::new();
         let mut raw_sources = Vec::new();
+        let mut refs = Vec::new();
         for s in decl.from.into_inner() {
-            if let Err(e) = s.get_ref().parse::<crate::source::Source>() {
-                return Err(err(s.span(), e.to_string()));
+            match s.get_ref().parse::<crate::source::Source>() {
+                Err(e) => return Err(err(s.span(), e.to_string())),
+                Ok(crate::source::Source::Env(other)) => refs.push((other, s.span())),
+                Ok(_) => {}
             }
             sources.push(absolutize(s.get_ref(), &dir));
             raw_sources.push(s.into_inner());
@@ -178,11 +183,25 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
                 return Err(err(b.span(), format!("base '{}' is not known; accepted: host", b.get_ref())));
             }
         }
+        let mut vars = BTreeMap::new();
+        for (k, v) in decl.env {
+            // A key becomes `KEY=VALUE` in the program's environment: an empty key or one with
+            // `=` would be read back as another variable, and a NUL cannot be passed at all.
+            let key = k.get_ref();
+            if key.is_empty() || key.contains(['=', '\0']) {
+                return Err(err(k.span(), format!("{key:?} is not an environment variable name: it must be non-empty, without '=' or NUL")));
+            }
+            if v.get_ref().contains('\0') {
+                return Err(err(v.span(), format!("the value of {key} contains a NUL byte, which no program's environment can hold")));
+            }
+            vars.insert(k.into_inner(), v.into_inner());
+        }
         for x in &decl.exports {
             if x.get_ref().is_empty() || x.get_ref().contains('\0') {
                 return Err(err(x.span(), "an export must name a program".into()));
             }
         }
+        env_refs.push((name.get_ref().clone(), refs));
         envs.push(EnvDecl {
             name: name.into_inner(),
             raw_sources,
@@ -191,7 +210,7 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
                 root: decl.root,
                 persist: decl.persist,
                 binds,
-                env: decl.env,
+                env: vars,
                 no_host,
                 init: decl.init.map(Spanned::into_inner),
                 exports: decl.exports.into_iter().map(Spanned::into_inner).collect(),
@@ -199,7 +218,53 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
             },
         });
     }
+    if let Some((cycle, span)) = env_cycle(&env_refs) {
+        return Err(err(
+            span,
+            format!(
+                "`env:` sources form a cycle: {}; each apply would stack these environments on each other again, without end: replace one of these sources with the other environment's own sources (or a `layer:`)",
+                cycle.join(" → ")
+            ),
+        ));
+    }
     Ok(Manifest { envs })
+}
+
+/// Each environment of a manifest with the `env:` sources it names, and where each is written.
+type EnvRefs = Vec<(String, Vec<(String, Range<usize>)>)>;
+
+/// The first cycle of `env:` references among the manifest's environments (names in order, the
+/// first repeated at the end) and where the source that closes it is written. References to
+/// environments the manifest does not declare cannot close a cycle: their layers are fixed.
+fn env_cycle(refs: &EnvRefs) -> Option<(Vec<String>, Range<usize>)> {
+    fn visit<'a>(name: &'a str, refs: &'a EnvRefs, path: &mut Vec<&'a str>, done: &mut Vec<&'a str>) -> Option<(Vec<String>, Range<usize>)> {
+        let (_, out) = refs.iter().find(|(n, _)| n == name)?;
+        path.push(name);
+        for (next, span) in out {
+            if let Some(i) = path.iter().position(|p| p == next) {
+                let mut cycle: Vec<String> = path[i..].iter().map(|p| p.to_string()).collect();
+                cycle.push(next.clone());
+                return Some((cycle, span.clone()));
+            }
+            if !done.contains(&next.as_str()) {
+                if let Some(c) = visit(next, refs, path, done) {
+                    return Some(c);
+                }
+            }
+        }
+        path.pop();
+        done.push(name);
+        None
+    }
+    let mut done = Vec::new();
+    for (name, _) in refs {
+        if !done.contains(&name.as_str()) {
+            if let Some(c) = visit(name, refs, &mut Vec::new(), &mut done) {
+                return Some(c);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -239,6 +304,12 @@ from = ["tar:-"]
     }
 
     #[test]
+    fn env_sources_without_a_cycle_parse() {
+        let m = p("[env.base]\nfrom = [\"tar:x\"]\n[env.a]\nfrom = [\"env:base\", \"env:outside\"]\n[env.b]\nfrom = [\"env:a\", \"env:base\"]\n").unwrap();
+        assert_eq!(m.envs.len(), 3);
+    }
+
+    #[test]
     fn errors_name_file_line_column_and_the_accepted_values() {
         let cases: &[(&str, usize, usize, &str)] = &[
             ("[env.dev]\nfrom = [\"tar:a\"]\ncolour = 1\n", 3, 1, "unknown field `colour`"),
@@ -252,6 +323,13 @@ from = ["tar:-"]
             ("[env.dev]\nfrom = [\"tar:a\"\n", 2, 16, ""),
             ("[envs.dev]\n", 1, 2, "unknown field `envs`"),
             ("[env.dev]\nfrom = [\"tar:a\"]\nbase = \"nix\"\n", 3, 8, "accepted: host"),
+            ("[env.dev]\nfrom = [\"tar:a\"]\nenv = { \"\" = \"x\" }\n", 3, 9, "not an environment variable name"),
+            ("[env.dev]\nfrom = [\"tar:a\"]\nenv = { \"A=B\" = \"x\" }\n", 3, 9, "without '='"),
+            ("[env.dev]\nfrom = [\"tar:a\"]\n[env.dev.env]\nOK = \"1\"\n\"X=Y\" = \"2\"\n", 5, 1, "\"X=Y\""),
+            ("[env.dev]\nfrom = [\"tar:a\"]\nenv = { A = \"a\\u0000b\" }\n", 3, 13, "NUL"),
+            ("[env.a]\nfrom = [\"env:b\"]\n[env.b]\nfrom = [\"tar:x\", \"env:a\"]\n", 4, 18, "cycle: a → b → a"),
+            ("[env.a]\nfrom = [\"tar:x\", \"env:a\"]\n", 2, 18, "cycle: a → a"),
+            ("[env.a]\nfrom = [\"env:b\"]\n[env.b]\nfrom = [\"env:c\"]\n[env.c]\nfrom = [\"env:a\"]\n", 6, 9, "a → b → c → a"),
         ];
         for (text, line, col, needle) in cases {
             let e = p(text).unwrap_err();

@@ -3,6 +3,7 @@
 //! Owns the progress line only: bytes consumed (compressed input where there is one), entries
 //! written and the rate, redrawn in place with `\r` at most ten times a second, and only when
 //! stderr is a terminal and the caller enabled it. Otherwise every call is a counter increment.
+//! The label (a source, an image's layer) is outside text: it is escaped when set.
 //!
 //! There is deliberately no ticker thread: plyroot later creates user namespaces, and
 //! `unshare(CLONE_NEWUSER)` fails in a multi-threaded process. Redraws happen from the calls the
@@ -39,7 +40,7 @@ impl Progress {
     pub(crate) fn new(label: &str, total_bytes: Option<u64>, enabled: bool) -> Self {
         let draw = (enabled && rustix::termios::isatty(io::stderr()))
             .then(|| DrawState { start: Instant::now(), last: None, drawn: false });
-        Self { label: label.to_owned(), total: total_bytes, bytes: Rc::default(), entries: 0, draw }
+        Self { label: crate::text::escape(label).into_owned(), total: total_bytes, bytes: Rc::default(), entries: 0, draw }
     }
 
     /// Counts but never draws.
@@ -53,11 +54,11 @@ impl Progress {
     #[cfg_attr(not(feature = "registry"), allow(dead_code))]
     pub(crate) fn sub(&self, label: &str, total_bytes: Option<u64>) -> Self {
         let draw = self.draw.as_ref().map(|_| DrawState { start: Instant::now(), last: None, drawn: false });
-        Self { label: label.to_owned(), total: total_bytes, bytes: Rc::default(), entries: 0, draw }
+        Self { label: crate::text::escape(label).into_owned(), total: total_bytes, bytes: Rc::default(), entries: 0, draw }
     }
 
     pub(crate) fn set_label(&mut self, label: &str) {
-        label.clone_into(&mut self.label);
+        self.label = crate::text::escape(label).into_owned();
     }
 
     /// The expected number of input bytes, when it becomes known after `new`.

@@ -1,7 +1,7 @@
 //! Tier 3: fault injection into every command that changes an environment or the store (issue 9,
-//! item 3): `reset`, `reset --force`, `commit`, `rebase --ours`, `rebase --theirs`, `apply` and
-//! `gc`, each on a fresh copy of a small busybox fixture store whose upper holds a file the user
-//! wrote.
+//! item 3): `reset`, `reset --force`, `commit`, `rebase --ours`, `rebase --theirs`, `apply`,
+//! `squash` and `gc`, each on a fresh copy of a small busybox fixture store whose upper holds a
+//! file the user wrote.
 //!
 //! 1. A clean run under strace lists the injection points: every call of a syscall that changes
 //!    the file system (rename*, mkdir*, unlink*, rmdir, symlink*, link*, open/openat with
@@ -484,6 +484,17 @@ fn faults_in_apply() {
         dev(f);
         f.source("extra", "opt/extra", "extra\n");
         fs::write(f.proj.join("plyroot.toml"), "[env.dev]\nfrom = [\"dir:base\", \"dir:extra\"]\n").unwrap();
+    });
+}
+
+#[test]
+fn faults_in_squash() {
+    fault_injection(Op { args: &["squash", "dev", "--from", "2"], in_proj: false, partial: false, deletes: false }, |f| {
+        f.source("x1", "opt/x", "one\n");
+        f.source("x2", "opt/y", "two\n");
+        f.apply(&["dir:base", "dir:x1", "dir:x2"]);
+        f.s.run("dev", &[], &["true"]).ok();
+        f.user_files();
     });
 }
 

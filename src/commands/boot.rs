@@ -118,7 +118,8 @@ fn wait_ready(store: &Store, env: &Env, init: &std::os::fd::OwnedFd, systemd: bo
     }
     if systemd {
         let jobs = inside(store, name, &["systemctl", "list-jobs", "--no-pager"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-        bail!("{name}: systemd did not finish booting within {timeout}s (state: {last}); still starting:\n{jobs}(the environment stays booted: `plyroot stop {name}`)");
+        crate::diag::quote(&jobs);
+        bail!("{name}: systemd did not finish booting within {timeout}s (state: {last}; the jobs still starting are above); the environment stays booted: `plyroot stop {name}`");
     }
     bail!("{name}: the readiness check `{}` did not succeed within {timeout}s: {last} (the environment stays booted: `plyroot stop {name}`)", ready.unwrap_or_default())
 }

@@ -92,6 +92,10 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
             new_lock.sources.insert(raw.clone(), ids.clone());
             layers.extend(ids);
         }
+        // Before the lock file is written: a stack over the limit changes nothing. Checked again
+        // with the commits under the environment's lock below.
+        let commits = store.env(&decl.name).and_then(|e| e.current()).map(|g| g.commits).unwrap_or_default();
+        check_limit(&decl.name, &layers, &commits)?;
         plans.push((decl, layers));
     }
     // Pins of environments not applied this time stay as they were.
@@ -118,6 +122,7 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
         env.recover(store.remover)?;
         let cur = env.current()?;
         // Layers committed since are the user's: they stay on top of the declared ones.
+        check_limit(&decl.name, &layers, &cur.commits)?;
         let mut layers = layers;
         layers.extend(cur.commits.iter().filter(|c| !layers.contains(c)).cloned().collect::<Vec<_>>());
         if cur.layers == layers && cur.settings == decl.settings {
@@ -145,6 +150,22 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
         crate::diag::info("nothing to do: every environment is as the manifest declares");
     }
     Ok(0)
+}
+
+/// Refuses a declared stack that, with the layers committed on top of it, is over the limit.
+fn check_limit(name: &str, declared: &[String], commits: &[String]) -> Result<()> {
+    let n = declared.len() + commits.iter().filter(|c| !declared.contains(c)).count();
+    let commits = match commits.len() {
+        0 => String::new(),
+        c => format!(" ({} declared, {c} committed)", n - c),
+    };
+    crate::store::limits::check(
+        name,
+        n,
+        &format!(
+            "nothing was applied{commits}: declare fewer layers, e.g. `plyroot squash` an environment made of some of these sources and name its one layer (`layer:sha256:…`) in `from` instead"
+        ),
+    )
 }
 
 /// Whether the lock file can be written where it lives (beside the manifest), by creating and
@@ -206,7 +227,7 @@ pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> 
     for r in &rows {
         let short = |v: &Vec<String>, sign: char| v.iter().map(|l| format!("{sign}{}", short_id(l).trim_start_matches("sha256:"))).collect::<Vec<_>>().join(" ");
         let change = [short(&r.added, '+'), short(&r.removed, '-')].into_iter().filter(|x| !x.is_empty()).collect::<Vec<_>>().join(" ");
-        s.push_str(&format!("{} {:>4}  {:<10} {:>6}  {:<24} {}\n", if r.current { '*' } else { ' ' }, r.number, ago(r.created), r.layers, change, r.reason));
+        s.push_str(&format!("{} {:>4}  {:<10} {:>6}  {:<24} {}\n", if r.current { '*' } else { ' ' }, r.number, ago(r.created), r.layers, change, crate::text::field(&r.reason)));
     }
     out(&s).map(|_| 0)
 }

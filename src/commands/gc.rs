@@ -14,8 +14,10 @@ use crate::store::{canonical, now_secs, Store};
 /// `90s`, `45m`, `12h`, `30d`, `2w` → seconds.
 pub(crate) fn parse_duration(s: &str) -> Result<u64> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| anyhow::anyhow!("'{s}' is not a duration: use a number and a unit, like 90s, 45m, 12h, 30d or 2w"))?;
-    let mult = match unit {
+    if num.is_empty() {
+        bail!("'{s}' is not a duration: use a number and a unit, like 90s, 45m, 12h, 30d or 2w");
+    }
+    let mult: u64 = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
@@ -23,7 +25,10 @@ pub(crate) fn parse_duration(s: &str) -> Result<u64> {
         "w" => 7 * 86400,
         _ => bail!("'{s}' is not a duration: the unit must be s, m, h, d or w"),
     };
-    Ok(n * mult)
+    // A number of any length is digits; one that does not fit (or whose seconds do not) is not
+    // "forever": it is refused, rather than wrapped round to some short age that prunes generations.
+    let too_long = || anyhow::anyhow!("'{s}' is too long a duration (at most {} days): to keep every generation, leave --older-than out", u64::MAX / 86400);
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult)).ok_or_else(too_long)
 }
 
 pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_than: Option<&str>) -> Result<i32> {
@@ -161,5 +166,11 @@ mod tests {
         for bad in ["", "h", "12y", "-1d"] {
             assert!(super::parse_duration(bad).is_err(), "{bad}");
         }
+        // Overflowing values are refused, not wrapped to a short age (or a panic).
+        for huge in ["30500000000000000w", "213503982334602d", "18446744073709551616s", "99999999999999999999999d"] {
+            let e = super::parse_duration(huge).unwrap_err().to_string();
+            assert!(e.contains("too long") && e.contains(huge), "{huge}: {e}");
+        }
+        assert_eq!(super::parse_duration("18446744073709551615s").unwrap(), u64::MAX);
     }
 }

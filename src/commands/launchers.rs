@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::{out, out_json};
 use crate::launcher::{self, Receipt};
 use crate::store::Store;
+use crate::text::field;
 
 pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&Path>, desktop: bool) -> Result<i32> {
     store.env(env)?;
@@ -18,7 +19,7 @@ pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&
     let made = launcher::export(store, env, programs, to, desktop)?;
     let mut s = String::new();
     for r in &made {
-        s.push_str(&format!("{}\n", r.link.display()));
+        s.push_str(&format!("{}\n", field(&r.link.display().to_string())));
         for f in &r.files {
             crate::diag::debug(&format!("installed {}", f.display()));
         }
@@ -73,7 +74,7 @@ pub(crate) fn exports(store: &Store, json: bool) -> Result<i32> {
     let mut s = format!("{:<16} {:<16} {:<20} {}\n", "NAME", "ENV", "PROGRAM", "COMMAND");
     for r in &rs {
         let gone = if store.env(&r.env).is_err() { "  (environment gone)" } else { "" };
-        s.push_str(&format!("{:<16} {:<16} {:<20} {}{gone}\n", r.name, r.env, r.program, r.link.display()));
+        s.push_str(&format!("{:<16} {:<16} {:<20} {}{gone}\n", field(&r.name), r.env, field(&r.program), field(&r.link.display().to_string())));
     }
     out(&s).map(|_| 0)
 }
@@ -115,20 +116,47 @@ fn stack(store: &Store, names: &[String], with_upper: bool) -> Result<Vec<(Strin
     Ok(out)
 }
 
+/// The path `which` asks about, relative to the environment's root: `/` and `.` dropped, `..`
+/// refused. Lexically, `..` could climb out of a layer into the store or the host (`which dev
+/// ../../etc/shadow` answered from the host's file), and inside a root it depends on the symlinks
+/// on the way, which `which` does not follow: so it is not guessed at.
+fn inside_path(name: &str, path: &Path) -> Result<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(n) => parts.push(n.to_string_lossy().into_owned()),
+            Component::ParentDir | Component::Prefix(_) => {
+                bail!("'{}' has a '..' component, which could leave the root of environment '{name}': give the path inside it without '..', e.g. /etc/passwd", path.display())
+            }
+        }
+    }
+    Ok(parts.join("/"))
+}
+
 pub(crate) fn which(store: &Store, name: &str, path: &Path) -> Result<i32> {
+    let rel = inside_path(name, path)?;
     let st = stack(store, &[name.to_owned()], true)?;
-    let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
     let dirs: Vec<PathBuf> = st.iter().map(|(_, d)| d.clone()).collect();
     let Some((abs, _)) = crate::store::upper::lookup(&dirs, &rel) else {
+        // A link on the way is not followed (it may point anywhere on the host as seen from
+        // here): say which one, so the user can ask about its target.
+        let comps: Vec<&str> = rel.split('/').collect();
+        for i in 1..comps.len() {
+            let prefix = comps[..i].join("/");
+            if let Some((p, _)) = crate::store::upper::lookup(&dirs, &prefix).filter(|(_, m)| m.file_type().is_symlink()) {
+                let target = fs::read_link(&p).map(|t| t.display().to_string()).unwrap_or_default();
+                bail!("/{prefix} is a symbolic link (to {target}) in environment '{name}': `plyroot which` does not follow links; ask about the path it leads to");
+            }
+        }
         bail!("/{rel} does not exist in environment '{name}'");
     };
     let top = st.iter().position(|(_, d)| abs.starts_with(d) && (d != Path::new("/") || st.iter().all(|(_, o)| o == Path::new("/") || !abs.starts_with(o)))).unwrap_or(0);
-    let mut s = format!("/{rel}: {}\n", st[top].0);
+    let mut s = format!("/{}: {}\n", field(&rel), field(&st[top].0));
     for (label, d) in &st[top + 1..] {
-        if let Ok(m) = fs::symlink_metadata(d.join(&rel)) {
-            if !crate::store::upper::is_whiteout(&m) {
-                s.push_str(&format!("  shadows {label}\n"));
-            }
+        // Looked up in that tier alone, by the same rules (no link followed, a whiteout is none).
+        if crate::store::upper::lookup(std::slice::from_ref(d), &rel).is_some() {
+            s.push_str(&format!("  shadows {}\n", field(label)));
         }
     }
     out(&s).map(|_| 0)
@@ -171,7 +199,8 @@ pub(crate) fn conflicts(store: &Store, names: &[String], json: bool) -> Result<i
     }
     let mut s = String::new();
     for c in &found {
-        s.push_str(&format!("{}: {} shadows {}\n", c.path, c.winner, c.shadowed.join("; ")));
+        let shadowed: Vec<_> = c.shadowed.iter().map(|l| field(l)).collect();
+        s.push_str(&format!("{}: {} shadows {}\n", field(&c.path), field(&c.winner), shadowed.join("; ")));
     }
     out(&s)?;
     crate::diag::info(&format!("{} path(s) provided differently by more than one layer", found.len()));

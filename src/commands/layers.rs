@@ -10,6 +10,7 @@ use crate::progress::Progress;
 use crate::source::Source;
 use crate::store::layer::{short_id, LayerInfo};
 use crate::store::Store;
+use crate::text::field;
 
 fn progress_for(src: &Source) -> Progress {
     let enabled = crate::diag::level() >= 1 && std::io::stderr().is_terminal();
@@ -64,7 +65,7 @@ pub(crate) fn layers(store: &Store, json: bool) -> Result<i32> {
     let mut s = format!("{:<19} {:>10} {:>8}  {:<20} {}\n", "ID", "SIZE", "ENTRIES", "USED BY", "SOURCE");
     for r in &rows {
         let used = if r.used_by.is_empty() { "-".to_owned() } else { r.used_by.join(",") };
-        s.push_str(&format!("{:<19} {:>10} {:>8}  {:<20} {}\n", short_id(&r.info.id), human(r.info.size), r.info.entries, used, r.info.source));
+        s.push_str(&format!("{:<19} {:>10} {:>8}  {:<20} {}\n", short_id(&r.info.id), human(r.info.size), r.info.entries, used, field(&r.info.source)));
     }
     out(&s).map(|_| 0)
 }
@@ -100,6 +101,16 @@ pub(crate) fn create(store: &Store, name: &str, from: &[String], base: Option<&s
     let layers = import_all(store, &sources)?;
     let ids: Vec<String> = layers.iter().map(|l| l.id.clone()).collect();
     let n = ids.len();
+    // After the import: only then is the number known (an image's layers). The layers stay in
+    // the store, so the fix below reuses them.
+    crate::store::limits::check(
+        name,
+        n,
+        &format!(
+            "nothing was created, and the layers are imported: create an environment from the first {} (`--from layer:ID`, see `plyroot layers`), `plyroot squash` it, and create '{name}' from its one layer and the rest",
+            crate::store::limits::MAX_LAYERS
+        ),
+    )?;
     let settings = crate::manifest::Settings { base: base.map(str::to_owned), ..Default::default() };
     store.create_env(name, ids, from.to_vec(), settings, "create")?;
     crate::diag::info(&format!("created environment '{name}' with {n} layer(s); try `plyroot enter {name}`"));
@@ -126,7 +137,8 @@ pub(crate) fn list(store: &Store, json: bool) -> Result<i32> {
     }
     let mut s = format!("{:<20} {:>4} {:>7} {:>10}  {}\n", "NAME", "GEN", "LAYERS", "UPPER", "SOURCES");
     for r in &rows {
-        s.push_str(&format!("{:<20} {:>4} {:>7} {:>10}  {}\n", r.name, r.generation, r.layers.len(), human(r.upper_bytes), r.sources.join(" ")));
+        let sources: Vec<_> = r.sources.iter().map(|s| field(s)).collect();
+        s.push_str(&format!("{:<20} {:>4} {:>7} {:>10}  {}\n", r.name, r.generation, r.layers.len(), human(r.upper_bytes), sources.join(" ")));
     }
     out(&s).map(|_| 0)
 }

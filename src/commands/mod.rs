@@ -10,6 +10,7 @@ pub(crate) mod layers;
 #[cfg(feature = "registry")]
 pub(crate) mod push;
 pub(crate) mod run;
+pub(crate) mod squash;
 pub(crate) mod upper;
 
 use std::io::Write;

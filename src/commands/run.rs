@@ -80,7 +80,7 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ff
     match started {
         Ok(code) => process::exit_like(code),
         Err(failed) => {
-            eprintln!("plyroot: error: {}", failed.message);
+            eprintln!("plyroot: error: {}", crate::text::escape(&failed.message));
             Ok(failed.code)
         }
     }

@@ -12,6 +12,7 @@ use crate::store::meta::Overrides;
 use crate::store::upper::{self, UpperEntry};
 use crate::store::journal::Journal;
 use crate::store::{canonical, now_secs, private_dir, upper_dir, write_atomic, Store};
+use crate::text::field;
 
 fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
     layers.iter().rev().map(|l| store.layer_root(l)).collect()
@@ -47,7 +48,7 @@ pub(crate) fn diff(store: &Store, name: &str, paths: &[PathBuf], json: bool) -> 
     let mut s = String::new();
     for e in &entries {
         let size = if e.kind == 'f' { format!("  ({})", human(e.size)) } else { String::new() };
-        s.push_str(&format!("{} {}{}{}\n", e.change.letter(), e.path, if e.kind == 'd' { "/" } else { "" }, size));
+        s.push_str(&format!("{} {}{}{}\n", e.change.letter(), field(&e.path), if e.kind == 'd' { "/" } else { "" }, size));
     }
     out(&s)?;
     if base != env.current()?.layers {
@@ -66,6 +67,11 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
         crate::diag::info(&format!("nothing to commit: the upper of '{name}' is empty"));
         return Ok(0);
     }
+    crate::store::limits::check(
+        name,
+        cur.layers.len() + 1,
+        &format!("nothing was committed: `plyroot squash {name}` merges its layers into one (the upper is kept as it is), then commit again"),
+    )?;
     let reason = match message {
         Some(m) => format!("commit: {m}"),
         None => "commit".to_owned(),
@@ -170,7 +176,7 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     if !conflicts.is_empty() && !ours && !theirs {
         let mut s = String::new();
         for c in &conflicts {
-            s.push_str(&format!("C /{c}\n"));
+            s.push_str(&format!("C /{}\n", field(c)));
         }
         out(&s)?;
         bail!(

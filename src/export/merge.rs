@@ -12,9 +12,16 @@
 //! The walk emits entries in the canonical order (depth first, names sorted by their bytes), and
 //! every entry goes through the canonical [`Writer`], so the export of a stack is byte for byte
 //! the canonical tar of the tree it unpacks to: `import` of it computes its sha256 as the id.
+//!
+//! [`write_squashed`] is the same merge for part of a stack (`plyroot squash --from N`): the
+//! tiers become one layer that goes on top of other layers, so what they delete of those must
+//! stay deleted. Where the merged directory still lets the layers below show through, a name the
+//! tiers delete is written as a whiteout, and a directory that hides what is below it (opaque, or
+//! standing over a whiteout or a non-directory of a lower tier) is written opaque.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -32,6 +39,17 @@ pub(crate) struct Tier {
 
 /// Writes the merged tree of `tiers` (bottom first) to `w`.
 pub(crate) fn write_merged(tiers: &[Tier], w: &mut Writer<'_>) -> Result<(), CanonicalError> {
+    write(tiers, w, false)
+}
+
+/// Writes `tiers` (bottom first) merged into one layer for the top of a stack: as
+/// [`write_merged`], keeping what they delete of the layers below them (see the module header).
+pub(crate) fn write_squashed(tiers: &[Tier], w: &mut Writer<'_>) -> Result<(), CanonicalError> {
+    write(tiers, w, true)
+}
+
+/// `below`: there are layers under the tiers whose content their deletions must keep hiding.
+fn write(tiers: &[Tier], w: &mut Writer<'_>, below: bool) -> Result<(), CanonicalError> {
     let mut devices: Vec<HashMap<&str, Vec<&str>>> = Vec::with_capacity(tiers.len());
     for t in tiers {
         let mut by_parent: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -45,7 +63,7 @@ pub(crate) fn write_merged(tiers: &[Tier], w: &mut Writer<'_>) -> Result<(), Can
     }
     // The root merges every tier: overlayfs never treats a layer's root as opaque.
     let roots: Vec<(usize, PathBuf)> = tiers.iter().enumerate().rev().map(|(i, t)| (i, t.root.clone())).collect();
-    Merge { tiers, devices }.dir(w, "", &roots)
+    Merge { tiers, devices }.dir(w, "", &roots, below)
 }
 
 struct Merge<'t> {
@@ -78,8 +96,9 @@ impl<'t> Merge<'t> {
     }
 
     /// Writes the children of the merged directory `rel`, whose contributing directories are
-    /// `dirs` (tier index and path, top first).
-    fn dir(&self, w: &mut Writer<'_>, rel: &str, dirs: &[(usize, PathBuf)]) -> Result<(), CanonicalError> {
+    /// `dirs` (tier index and path, top first). `below`: content under the tiers shows through
+    /// this directory, so deletions are written (whiteouts, opaque directories).
+    fn dir(&self, w: &mut Writer<'_>, rel: &str, dirs: &[(usize, PathBuf)], below: bool) -> Result<(), CanonicalError> {
         let shown = || if rel.is_empty() { ".".to_owned() } else { rel.to_owned() };
         let mut names: BTreeSet<OsString> = BTreeSet::new();
         for (tier, dir) in dirs {
@@ -91,17 +110,31 @@ impl<'t> Merge<'t> {
                 names.extend(devs.iter().map(OsString::from));
             }
         }
-        // On Unix an OsString orders by its bytes: the canonical order.
+        // Each name as the tar names it: itself, or `.wh.NAME` for a deletion that is written.
+        let mut entries = Vec::with_capacity(names.len());
         for name in names {
             let path = join(rel, &name);
-            let (top, below) = self.resolve(dirs, &name, &path)?;
+            let (top, merged, cut) = self.resolve(dirs, &name, &path)?;
+            let key = match &top {
+                Some(_) => name.as_bytes().to_vec(),
+                None if below && cut => [b".wh.".as_slice(), name.as_bytes()].concat(),
+                None => continue,
+            };
+            entries.push((key, path, top, merged, cut));
+        }
+        // By bytes: the canonical order.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, path, top, merged, cut) in entries {
             match top {
-                None => {}
+                None => w.marker(&join(rel, OsStr::from_bytes(&key)))?,
                 Some((tier, _, Found::Device(d))) => w.device(&path, d, &self.tiers[tier].overrides)?,
                 Some((tier, abs, Found::Disk(md))) => {
                     w.disk(&abs, &path, &md, &self.tiers[tier].overrides)?;
                     if md.is_dir() {
-                        self.dir(w, &path, &below)?;
+                        if below && cut {
+                            w.marker(&format!("{path}/.wh..wh..opq"))?;
+                        }
+                        self.dir(w, &path, &merged, below && !cut)?;
                     }
                 }
                 Some((_, _, Found::Absent | Found::Whiteout)) => unreachable!("resolve never provides an absent entry"),
@@ -110,12 +143,15 @@ impl<'t> Merge<'t> {
         Ok(())
     }
 
-    /// The tier that provides `name` in the merged directory (none: deleted), and when that is a
-    /// directory, the directories merged into it, top first.
+    /// The tier that provides `name` in the merged directory (none: deleted, or absent), when
+    /// that is a directory the directories merged into it (top first), and whether the tiers cut
+    /// off what is below them at `name`: a whiteout, an opaque directory, or a directory over a
+    /// lower non-directory. (A non-directory on top also hides what is below, by being there.)
     #[allow(clippy::type_complexity)]
-    fn resolve(&self, dirs: &[(usize, PathBuf)], name: &OsStr, path: &str) -> Result<(Option<(usize, PathBuf, Found<'t>)>, Vec<(usize, PathBuf)>), CanonicalError> {
+    fn resolve(&self, dirs: &[(usize, PathBuf)], name: &OsStr, path: &str) -> Result<(Option<(usize, PathBuf, Found<'t>)>, Vec<(usize, PathBuf)>, bool), CanonicalError> {
         let mut top: Option<(usize, PathBuf, Found<'t>)> = None;
         let mut below: Vec<(usize, PathBuf)> = Vec::new();
+        let mut cut = false;
         for (tier, dir) in dirs {
             let abs = dir.join(name);
             let found = self.find(*tier, &abs, path)?;
@@ -123,7 +159,10 @@ impl<'t> Merge<'t> {
             match (&top, found) {
                 (_, Found::Absent) => continue,
                 // A whiteout deletes the name in every tier below it.
-                (_, Found::Whiteout) => break,
+                (_, Found::Whiteout) => {
+                    cut = true;
+                    break;
+                }
                 (None, found) => {
                     top = Some((*tier, abs.clone(), found));
                     if !is_dir {
@@ -132,14 +171,18 @@ impl<'t> Merge<'t> {
                     below.push((*tier, abs.clone()));
                 }
                 // A directory hides a lower non-directory and everything under it.
-                (Some(_), _) if !is_dir => break,
+                (Some(_), _) if !is_dir => {
+                    cut = true;
+                    break;
+                }
                 (Some(_), _) => below.push((*tier, abs.clone())),
             }
             if is_opaque(&abs) {
+                cut = true;
                 break;
             }
         }
-        Ok((top, below))
+        Ok((top, below, cut))
     }
 }
 
@@ -238,6 +281,63 @@ mod tests {
                 assert_eq!(e.header().device_major().unwrap(), Some(8));
             }
         }
+    }
+
+    /// The fixture of `overlay_rules_whiteouts_opaque_dirs_and_shadowing`: three tiers whose
+    /// top two delete, replace and hide things of the bottom one.
+    fn deleting_tiers(t: &Path) -> [Tier; 3] {
+        let (bot, mid, top) = (t.join("bot"), t.join("mid"), t.join("top"));
+        for d in [&bot, &mid, &top] {
+            fs::create_dir_all(d.join("etc")).unwrap();
+        }
+        fs::write(bot.join("etc/a"), "bottom").unwrap();
+        fs::write(bot.join("etc/b"), "bottom").unwrap();
+        fs::create_dir_all(bot.join("opt/x")).unwrap();
+        fs::write(bot.join("opt/y"), "y").unwrap();
+        fs::create_dir_all(bot.join("srv/old")).unwrap();
+        fs::write(bot.join("file-then-dir"), "f").unwrap();
+        fs::create_dir_all(bot.join("dir-then-file/inner")).unwrap();
+        fs::write(mid.join("etc/a"), "middle").unwrap();
+        whiteout(&top.join("etc/b"));
+        fs::create_dir_all(mid.join("opt/z")).unwrap();
+        rustix::fs::lsetxattr(mid.join("opt"), "user.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
+        fs::create_dir_all(top.join("file-then-dir/sub")).unwrap();
+        fs::write(mid.join("dir-then-file"), "now a file").unwrap();
+        whiteout(&mid.join("srv"));
+        fs::create_dir_all(top.join("srv/new")).unwrap();
+        fs::create_dir(bot.join("dev")).unwrap();
+        fs::create_dir(top.join("dev")).unwrap();
+        whiteout(&top.join("dev/gone"));
+        let mut b = tier(&bot);
+        b.overrides.entry("dev/gone").device = Some(Device { kind: 'c', major: 1, minor: 5, mode: 0o666, mtime: 1 });
+        [b, tier(&mid), tier(&top)]
+    }
+
+    #[test]
+    fn squashed_tiers_keep_their_deletions_of_what_is_below() {
+        let t = tempfile::tempdir().unwrap();
+        let [bot, mid, top] = deleting_tiers(t.path());
+        let mut squashed = Vec::new();
+        let mut w = Writer::new(&mut squashed);
+        write_squashed(&[mid.clone(), top.clone()], &mut w).unwrap();
+        let id = w.finish().unwrap().id;
+        assert_eq!(
+            names(&squashed),
+            [
+                "dev", "dev/.wh.gone", "dir-then-file", "etc", "etc/.wh.b", "etc/a", "file-then-dir", "file-then-dir/sub", "opt", "opt/.wh..wh..opq", "opt/z", "srv",
+                "srv/.wh..wh..opq", "srv/new",
+            ]
+        );
+        // Unpacked as a layer (as `plyroot squash` imports it) and stacked on the bottom tier, it
+        // shows exactly what the two tiers showed there; and its id is its tar's digest.
+        let root = t.path().join("squashed");
+        fs::create_dir(&root).unwrap();
+        let fd = rustix::fs::open(&root, rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty()).unwrap();
+        let own = if rustix::process::geteuid().is_root() { crate::store::meta::Ownership::Preserve } else { crate::store::meta::Ownership::Record };
+        let u = crate::source::unpack_tar(&mut &squashed[..], "squashed", std::os::fd::AsFd::as_fd(&fd), own, &mut crate::progress::Progress::hidden()).unwrap();
+        let layer = Tier { root, overrides: u.overrides };
+        assert_eq!(canonical::digest(&layer.root, &layer.overrides).unwrap().id, id);
+        assert_eq!(merged(&[bot.clone(), layer]), merged(&[bot, mid, top]));
     }
 
     #[test]

@@ -119,7 +119,7 @@ fn pid1(plan: &Plan, env_name: &str) -> Result<i32> {
         process::unblock_signals();
         let e = process::exec(&plan.exec.argv, &plan.exec.env);
         let f = exec_failed(plan, env_name, e);
-        eprintln!("plyroot: error: {}", f.message);
+        eprintln!("plyroot: error: {}", crate::text::escape(&f.message));
         Ok(f.code)
     })?;
     Ok(process::supervise(program, true))
@@ -144,7 +144,7 @@ pub(crate) fn start_in_booted(pidfd: &OwnedFd, plan: &Plan, inside: &Inside, bec
         enter_cwd(plan)?;
         let e = process::exec(&plan.exec.argv, &plan.exec.env);
         let f = exec_failed(plan, env_name, e);
-        eprintln!("plyroot: error: {}", f.message);
+        eprintln!("plyroot: error: {}", crate::text::escape(&f.message));
         Ok(f.code)
     })?;
     drop(held.take());

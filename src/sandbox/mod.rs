@@ -206,14 +206,17 @@ fn shares(no_host: &[HostShare]) -> impl Fn(HostShare) -> bool + '_ {
     move |s| !off.contains(&HostShare::All) && !off.contains(&s)
 }
 
-/// Parses `SRC:DST[:ro]` (SRC relative to `cwd`).
+/// Parses `SRC:DST[:ro|:rw]` (SRC relative to `cwd`). Neither path may hold a `:`: a third field
+/// is the option, and one plyroot does not know is refused rather than taken as part of DST
+/// (`/a:/b:bogus` would otherwise bind `/b:bogus`, read-write).
 pub(crate) fn parse_bind(spec: &str, cwd: Option<&Path>) -> Result<(PathBuf, PathBuf, bool)> {
-    let (rest, ro) = match spec.strip_suffix(":ro") {
-        Some(r) => (r, true),
-        None => (spec.strip_suffix(":rw").unwrap_or(spec), false),
-    };
-    let Some((src, dst)) = rest.split_once(':') else {
-        bail!("--bind '{spec}': expected SRC:DST or SRC:DST:ro");
+    let (src, dst, ro) = match spec.split(':').collect::<Vec<_>>()[..] {
+        [src, dst] => (src, dst, false),
+        [src, dst, "ro"] => (src, dst, true),
+        [src, dst, "rw"] => (src, dst, false),
+        [_, _, opt] => bail!("--bind '{spec}': '{opt}' is not a bind option: use SRC:DST, SRC:DST:ro or SRC:DST:rw"),
+        [_] => bail!("--bind '{spec}': expected SRC:DST or SRC:DST:ro"),
+        _ => bail!("--bind '{spec}': too many ':': use SRC:DST, SRC:DST:ro or SRC:DST:rw (paths with ':' cannot be bound)"),
     };
     if src.is_empty() || !dst.starts_with('/') {
         bail!("--bind '{spec}': SRC must be a host path and DST an absolute path inside");
@@ -443,10 +446,13 @@ mod tests {
 
     #[test]
     fn bad_binds_and_env_are_errors_that_name_them() {
-        for b in ["nocolon", "a:relative", ":/x"] {
+        for b in ["nocolon", "a:relative", ":/x", "/a:/b:bogus", "/a:/b:ro:rw", "/a:/b:"] {
             let e = parse_bind(b, None).unwrap_err().to_string();
             assert!(e.contains(b), "{e}");
         }
+        assert!(parse_bind("/a:/b:bogus", None).unwrap_err().to_string().contains("'bogus' is not a bind option"));
         assert_eq!(parse_bind("/a:/b:ro", None).unwrap(), ("/a".into(), "/b".into(), true));
+        assert_eq!(parse_bind("/a:/b:rw", None).unwrap(), ("/a".into(), "/b".into(), false));
+        assert_eq!(parse_bind("/a:/b", None).unwrap(), ("/a".into(), "/b".into(), false));
     }
 }

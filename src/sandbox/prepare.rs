@@ -189,6 +189,9 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
         }
     }
     lowers.reverse();
+    // Environments are kept under the kernel's limit when made; this catches one made before
+    // that, and two that are too large together.
+    crate::store::limits::check_launch(&env.name, generation.layers.len(), lowers.len())?;
 
     let facts = HostFacts::gather();
     let mut no_host = req.no_host.clone();

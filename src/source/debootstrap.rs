@@ -221,7 +221,8 @@ fn mmdebstrap(tool: &Path, spec: &Spec, mirror: &str, root: bool, name: &str, ow
     let log = fs::read_to_string(&stderr_path).unwrap_or_default();
     let _ = fs::remove_file(&stderr_path);
     if !status.success() {
-        bail!("{} failed ({status}) bootstrapping {} from {mirror}:\n{}", tool.display(), spec.suite, tail(&log));
+        crate::diag::quote(&tail(&log));
+        bail!("{} failed ({status}) bootstrapping {} from {mirror} (its last lines are above)", tool.display(), spec.suite);
     }
     let mut unpacked = unpacked?;
     progress.finish();
@@ -252,7 +253,8 @@ fn debootstrap(tool: &Path, spec: &Spec, mirror: &str, name: &str, ownership: Ow
         if let Ok(l) = fs::read_to_string(target.join("debootstrap/debootstrap.log")) {
             log.push_str(&l);
         }
-        bail!("{} failed ({}) bootstrapping {} from {mirror}:\n{}", tool.display(), out.status, spec.suite, tail(&log));
+        crate::diag::quote(&tail(&log));
+        bail!("{} failed ({}) bootstrapping {} from {mirror} (its last lines are above)", tool.display(), out.status, spec.suite);
     }
     let stage = sink.stage()?;
     let mut unpacked = copy_dir(&target, stage.as_fd(), ownership, progress)?;
@@ -275,9 +277,10 @@ fn stderr_file() -> Result<(PathBuf, fs::File)> {
 }
 
 /// The last lines of a tool's log, indented.
+/// The last 15 non-empty lines of a tool's log (errors print them above a one-line message).
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(15)..].iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+    lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
 #[cfg(test)]

@@ -141,6 +141,16 @@ pub(super) fn unpack(path: &Path, name: &str, ownership: Ownership, progress: &m
     let members = index(&file, name)?;
     let archive = Archive { file, name, members };
 
+    if !archive.members.contains_key(b"manifest.json".as_slice()) {
+        // Without it this is some other tar: say what it is likely to be instead.
+        let oci = archive.members.contains_key(b"index.json".as_slice()) && archive.members.contains_key(b"oci-layout".as_slice());
+        let hint = if oci {
+            "it holds an OCI image layout (index.json, oci-layout): extract it and import oci:DIR"
+        } else {
+            "for a root filesystem tarball use tar:FILE"
+        };
+        return Err(archive.err(format!("it has no manifest.json, so it is not a `docker save` / `podman save` archive; {hint}")).into());
+    }
     let images: Vec<ImageEntry> = read_json(archive.member("manifest.json")?, &format!("{name}: manifest.json"))?;
     let all_tags = || images.iter().flat_map(|i| i.repo_tags.iter().flatten().cloned()).collect::<Vec<_>>().join(", ");
     let image = match tag {
@@ -257,6 +267,25 @@ mod tests {
         fs::write(gz.path(), gzip(&fs::read(file.path()).unwrap())).unwrap();
         let (res, _) = run(&format!("docker-archive:{}", gz.path().display()));
         assert!(format!("{:#}", res.unwrap_err()).contains("decompress it first"));
+    }
+
+    #[test]
+    fn an_archive_without_manifest_json_says_so() {
+        let (first, _) = two_layers();
+        for (oci, hint) in [(false, "tar:FILE"), (true, "oci:DIR")] {
+            let mut b = TarBuilder::new();
+            b.file("etc/hostname", 0o644, b"x\n").file("layer.tar", 0o644, &first);
+            if oci {
+                b.file("index.json", 0o644, b"{}").file("oci-layout", 0o644, b"{}");
+            }
+            let file = tempfile::NamedTempFile::new().unwrap();
+            fs::write(file.path(), b.finish()).unwrap();
+            let (res, sink) = run(&format!("docker-archive:{}", file.path().display()));
+            let msg = format!("{:#}", res.unwrap_err());
+            assert!(msg.contains("no manifest.json") && msg.contains("docker save") && msg.contains(hint), "{msg}");
+            assert!(!msg.contains("names 'manifest.json'"), "{msg}");
+            assert!(sink.finished.is_empty());
+        }
     }
 
     #[test]

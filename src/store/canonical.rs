@@ -166,7 +166,7 @@ impl<'a> Writer<'a> {
     }
 
     /// A whiteout (`.wh.NAME`) or opaque (`.wh..wh..opq`) marker entry: mode 0, owner 0:0, mtime 0.
-    fn marker(&mut self, name: &str) -> Result<(), CanonicalError> {
+    pub(crate) fn marker(&mut self, name: &str) -> Result<(), CanonicalError> {
         self.header(&Entry { name: name.as_bytes(), mode: 0, owner: (0, 0), size: 0, mtime: 0, kind: b'0', link: b"", dev: (0, 0), xattrs: &BTreeMap::new() })
     }
 

@@ -12,6 +12,7 @@
 //! | commit, publish | `commit/` → `layers/<id>`; `generations/<n>.json`; `current`; upper.json | forward |
 //! | rebase --theirs | remove the conflicting paths the user chose to drop; upper.json | forward |
 //! | new generation (apply) | `generations/<n>.json`; `current` | forward |
+//! | squash | (its layer is published before the journal) `generations/<n>.json`; `current`; upper.json if it was on the old layers | forward |
 //!
 //! Rewriting the journal from commit-staging to commit-publish is the commit's commit point. A
 //! generation's number is chosen before the journal is written, so finishing a change twice
@@ -54,6 +55,10 @@ pub(crate) enum Journal {
     /// A new generation (`apply`): written, then made current if generation `from` still is.
     /// Finished.
     NewGeneration { from: u32, generation: Generation },
+    /// `squash`: a new generation whose layers show what `before` (generation `from`'s) show,
+    /// some merged into one. Written and made current as a new generation is; an upper written
+    /// on `before` is then written on its layers too (the same tree under it). Finished.
+    Squash { from: u32, before: Vec<String>, generation: Generation },
 }
 
 impl Journal {
@@ -65,6 +70,7 @@ impl Journal {
             Journal::CommitPublish { layer, generation, .. } => generation.layers.iter().chain([layer]).cloned().collect(),
             Journal::Rebase { onto, .. } => onto.clone(),
             Journal::NewGeneration { generation, .. } => generation.layers.clone(),
+            Journal::Squash { before, generation, .. } => generation.layers.iter().chain(before).cloned().collect(),
         }
     }
 }
@@ -226,6 +232,15 @@ impl Env {
             }
             Journal::NewGeneration { from, generation } => {
                 self.finish_generation(*from, generation.clone(), |g| Journal::NewGeneration { from: *from, generation: g.clone() })?;
+                Ok(Recovered::Finished)
+            }
+            Journal::Squash { from, before, generation } => {
+                let g = self.finish_generation(*from, generation.clone(), |g| Journal::Squash { from: *from, before: before.clone(), generation: g.clone() })?;
+                // Only an upper that was not stale already: one written on yet other layers stays
+                // for the user to rebase, as before the squash.
+                if self.current()?.number == g.number && self.upper_base()? == *before {
+                    self.set_upper_base(&g.layers)?;
+                }
                 Ok(Recovered::Finished)
             }
         }
@@ -462,6 +477,7 @@ fn describe(j: &Journal) -> &'static str {
         Journal::CommitStaging | Journal::CommitPublish { .. } => "commit",
         Journal::Rebase { .. } => "rebase",
         Journal::NewGeneration { .. } => "switch to a new generation",
+        Journal::Squash { .. } => "squash",
     }
 }
 

@@ -109,9 +109,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Resolves a full id or an unambiguous prefix (with or without `sha256:`).
+    /// Resolves a full id or an unambiguous prefix (with or without `sha256:`), in any case: ids
+    /// are copied from tools that print hex in capitals, and `SHA256:` is the same algorithm.
     pub(crate) fn resolve_layer(&self, id: &str) -> Result<String> {
-        let hex = id.trim_start_matches("sha256:").to_ascii_lowercase();
+        let hex = match id.get(..7) {
+            Some(p) if p.eq_ignore_ascii_case("sha256:") => &id[7..],
+            _ => id,
+        };
+        let hex = hex.to_ascii_lowercase();
         let hex = hex.as_str();
         if hex.is_empty() || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             bail!("'{id}' is not a layer id: expected sha256:<hex> or a prefix of one (see `plyroot layers`)");
@@ -132,6 +137,12 @@ impl Store {
     /// own (blob digest and diff_id) and published as it completes, so that an interrupted pull
     /// resumes after it; layers the store already holds (blob index) are not fetched at all.
     pub(crate) fn import(&self, src: &Source, progress: &mut Progress) -> Result<Vec<LayerInfo>> {
+        self.import_as(src, None, progress)
+    }
+
+    /// [`Store::import`], recording `source` as where new layers came from instead of `src`
+    /// (a squash's temporary tar is no source a user could import again).
+    pub(crate) fn import_as(&self, src: &Source, source: Option<&str>, progress: &mut Progress) -> Result<Vec<LayerInfo>> {
         match src {
             Source::Layer(id) => return Ok(vec![self.layer_info(&self.resolve_layer(id)?)?]),
             Source::Env(name) => {
@@ -143,7 +154,7 @@ impl Store {
         }
         self.clean_leftovers()?;
         let ownership = if rustix::process::geteuid().is_root() { Ownership::Preserve } else { Ownership::Record };
-        let mut imp = Importer { store: self, current: None, pending: Vec::new(), devices: 0, xattrs: 0, early: 0 };
+        let mut imp = Importer { store: self, current: None, pending: Vec::new(), devices: 0, xattrs: 0, early: 0, source };
         if let Err(e) = source::unpack(src, ownership, progress, &mut imp) {
             return Err(match imp.early {
                 0 => e.context(format!("cannot import {src}; the store is unchanged")),
@@ -218,6 +229,8 @@ struct Importer<'s> {
     xattrs: u64,
     /// Layers published before the end.
     early: usize,
+    /// What to record as the layers' source, instead of the unpacker's description.
+    source: Option<&'s str>,
 }
 
 impl Importer<'_> {
@@ -251,7 +264,8 @@ impl LayerSink for Importer<'_> {
         if !u.overrides.is_empty() || u.overrides.flattened {
             write_atomic(&st.path.join("overrides.json"), &serde_json::to_vec(&u.overrides)?)?;
         }
-        let info = LayerInfo { id: sum.id, size: sum.size, entries: sum.entries, source: u.description, created: now_secs() };
+        let source = self.source.map_or(u.description, str::to_owned);
+        let info = LayerInfo { id: sum.id, size: sum.size, entries: sum.entries, source, created: now_secs() };
         write_atomic(&st.path.join("layer.json"), &serde_json::to_vec_pretty(&info)?)?;
         crate::diag::debug(&format!("unpacked {} as {}", info.source, info.id));
         if u.aliases.is_empty() {

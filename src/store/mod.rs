@@ -41,6 +41,7 @@ pub(crate) mod canonical;
 pub(crate) mod env;
 pub(crate) mod journal;
 pub(crate) mod layer;
+pub(crate) mod limits;
 pub(crate) mod meta;
 pub(crate) mod runs;
 pub(crate) mod upper;

@@ -11,8 +11,12 @@ use std::path::PathBuf;
 
 /// A failed kernel operation: what was attempted, on which path, and the kernel's own words
 /// (the fs-context error text) where it gave any.
+///
+/// The OS error is the `source`, not part of this message: `main` prints the cause chain, and a
+/// message that also quoted it printed `…: No such file or directory (os error 2): No such file
+/// or directory (os error 2)`.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} {}: {source}{}", path.display(), kernel_msg(.detail))]
+#[error("{op} {}{}", path.display(), kernel_msg(.detail))]
 pub(crate) struct SysError {
     pub op: &'static str,
     pub path: PathBuf,
@@ -32,4 +36,18 @@ pub(crate) type Result<T> = std::result::Result<T, SysError>;
 
 pub(crate) fn err(op: &'static str, path: impl Into<PathBuf>, source: impl Into<io::Error>) -> SysError {
     SysError { op, path: path.into(), detail: None, source: source.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_os_error_is_said_once() {
+        let e = anyhow::Error::new(super::err("open", "/nonexistent", std::io::Error::from_raw_os_error(libc::ENOENT)));
+        let os = std::io::Error::from_raw_os_error(libc::ENOENT).to_string();
+        let line = format!("{e:#}");
+        assert_eq!(line, format!("open /nonexistent: {os}"));
+        let mut k = super::err("add overlay lower", "/l", std::io::Error::from_raw_os_error(libc::EINVAL));
+        k.detail = Some("overlayfs: too many lower directories".into());
+        assert_eq!(format!("{:#}", anyhow::Error::new(k)).matches("os error").count(), 1);
+    }
 }

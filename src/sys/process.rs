@@ -33,7 +33,7 @@ pub(crate) fn spawn(f: impl FnOnce() -> anyhow::Result<i32>) -> Result<libc::pid
             let code = match f() {
                 Ok(code) => code,
                 Err(e) => {
-                    eprintln!("plyroot: error: {e:#}");
+                    eprintln!("plyroot: error: {}", crate::text::escape(&crate::text::chain(&e)));
                     125
                 }
             };

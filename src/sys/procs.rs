@@ -180,18 +180,18 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A process's command line for messages: arguments joined by spaces, control characters shown
-/// as `?`, at most 120 characters.
+/// A process's command line for messages: arguments joined by spaces, control characters and
+/// bytes that are not UTF-8 escaped ([`crate::text::escape_bytes`]), at most 120 characters.
 pub(crate) fn cmdline(pid: i32) -> String {
     let raw = read_proc(pid, "cmdline").unwrap_or_default();
     let mut s: String = raw
         .split(|&b| b == 0)
         .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>())
+        .map(crate::text::escape_bytes)
         .collect::<Vec<_>>()
         .join(" ");
     if s.is_empty() {
-        s = read_proc(pid, "comm").map(|c| format!("[{}]", String::from_utf8_lossy(&c).trim())).unwrap_or_else(|| "?".into());
+        s = read_proc(pid, "comm").map(|c| format!("[{}]", crate::text::escape_bytes(c.trim_ascii()))).unwrap_or_else(|| "?".into());
     }
     if s.chars().count() > 120 {
         s = s.chars().take(117).collect::<String>() + "...";
