@@ -117,15 +117,20 @@ fn stack(store: &Store, names: &[String], with_upper: bool) -> Result<Vec<(Strin
 
 pub(crate) fn which(store: &Store, name: &str, path: &Path) -> Result<i32> {
     let st = stack(store, &[name.to_owned()], true)?;
-    let rel = path.to_string_lossy().trim_start_matches('/').to_owned();
+    // Names are bytes: a path that is not UTF-8 is looked up as it is, and shown escaped.
+    let mut rel = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    while let [b'/', rest @ ..] = rel {
+        rel = rest;
+    }
+    let (rel_path, shown) = (Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(rel)), crate::store::tree::shown(rel));
     let dirs: Vec<PathBuf> = st.iter().map(|(_, d)| d.clone()).collect();
-    let Some((abs, _)) = crate::store::upper::lookup(&dirs, &rel) else {
-        bail!("/{rel} does not exist in environment '{name}'");
+    let Some((abs, _)) = crate::store::upper::lookup(&dirs, rel) else {
+        bail!("/{shown} does not exist in environment '{name}'");
     };
     let top = st.iter().position(|(_, d)| abs.starts_with(d) && (d != Path::new("/") || st.iter().all(|(_, o)| o == Path::new("/") || !abs.starts_with(o)))).unwrap_or(0);
-    let mut s = format!("/{rel}: {}\n", st[top].0);
+    let mut s = format!("/{shown}: {}\n", st[top].0);
     for (label, d) in &st[top + 1..] {
-        if let Ok(m) = fs::symlink_metadata(d.join(&rel)) {
+        if let Ok(m) = fs::symlink_metadata(d.join(rel_path)) {
             if !crate::store::upper::is_whiteout(&m) {
                 s.push_str(&format!("  shadows {label}\n"));
             }

@@ -2,26 +2,26 @@
 //! at the root of a run, without the overlay's bookkeeping (no `.wh.` entries, no opaque
 //! markers), each entry with the metadata of the layer that provides it.
 //!
-//! The resolution rules are overlayfs's (and [`crate::store::upper::lookup`]'s), applied to whole
+//! The resolution rules are overlayfs's ([`crate::store::tree::resolve`]), applied to whole
 //! directories at once: for every name in a directory, the top-most tier that has it provides
 //! it; a whiteout (char 0:0) deletes it and everything below; a non-directory, or a directory
 //! that is opaque or stands over a lower non-directory, hides the tiers below it; directories
 //! merge. A device recorded only in a layer's [`Overrides`] is an entry of that layer like any
-//! on disk.
+//! on disk. All tiers are walked together through one [`Cursor`]: names as bytes, any depth,
+//! a bounded number of open directories.
 //!
 //! The walk emits entries in the canonical order (depth first, names sorted by their bytes), and
 //! every entry goes through the canonical [`Writer`], so the export of a stack is byte for byte
 //! the canonical tar of the tree it unpacks to: `import` of it computes its sha256 as the id.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ffi::{OsStr, OsString};
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::store::canonical::{join, CanonicalError, Writer};
+use rustix::fs::FileType;
+
+use crate::store::canonical::{recorded_devices, CanonicalError, Writer};
 use crate::store::meta::{Device, Overrides};
-use crate::store::upper::is_opaque;
+use crate::store::tree::{self, join, kind, resolve, shown, Cursor, Found, Lend};
 
 /// One layer of a stack as the merge reads it: a tree and what its disk could not hold.
 #[derive(Clone, Debug)]
@@ -30,117 +30,74 @@ pub(crate) struct Tier {
     pub overrides: Overrides,
 }
 
+fn read_err(path: &[u8]) -> impl FnOnce(std::io::Error) -> CanonicalError + '_ {
+    move |source| CanonicalError::Read { path: if path.is_empty() { ".".into() } else { shown(path) }, source }
+}
+
 /// Writes the merged tree of `tiers` (bottom first) to `w`.
 pub(crate) fn write_merged(tiers: &[Tier], w: &mut Writer<'_>) -> Result<(), CanonicalError> {
-    let mut devices: Vec<HashMap<&str, Vec<&str>>> = Vec::with_capacity(tiers.len());
-    for t in tiers {
-        let mut by_parent: HashMap<&str, Vec<&str>> = HashMap::new();
-        for (path, o) in &t.overrides.entries {
-            if o.device.is_some() {
-                let (parent, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
-                by_parent.entry(parent).or_default().push(name);
-            }
-        }
-        devices.push(by_parent);
+    if tiers.is_empty() {
+        return Ok(());
     }
-    // The root merges every tier: overlayfs never treats a layer's root as opaque.
-    let roots: Vec<(usize, PathBuf)> = tiers.iter().enumerate().rev().map(|(i, t)| (i, t.root.clone())).collect();
-    Merge { tiers, devices }.dir(w, "", &roots)
-}
-
-struct Merge<'t> {
-    tiers: &'t [Tier],
-    /// Per tier: parent directory → names of the devices recorded only in its metadata.
-    devices: Vec<HashMap<&'t str, Vec<&'t str>>>,
-}
-
-/// What one tier has at a path.
-enum Found<'t> {
-    Absent,
-    Whiteout,
-    Device(&'t Device),
-    Disk(fs::Metadata),
-}
-
-impl<'t> Merge<'t> {
-    fn find(&self, tier: usize, abs: &Path, path: &str) -> Result<Found<'t>, CanonicalError> {
-        match fs::symlink_metadata(abs) {
-            Ok(md) if crate::store::upper::is_whiteout(&md) => Ok(Found::Whiteout),
-            Ok(md) => Ok(Found::Disk(md)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Ok(match self.tiers[tier].overrides.entries.get(path).and_then(|o| o.device.as_ref()) {
-                    Some(d) => Found::Device(d),
-                    None => Found::Absent,
-                })
+    // Per tier: parent directory → the devices recorded only in its metadata.
+    let devices: Vec<HashMap<Vec<u8>, Vec<(Vec<u8>, &Device)>>> = tiers.iter().map(|t| recorded_devices(&t.overrides)).collect();
+    let roots: Vec<&Path> = tiers.iter().map(|t| t.root.as_path()).collect();
+    let mut cur = Cursor::new(&roots, Lend::Read).map_err(|source| CanonicalError::Read { path: tiers[0].root.display().to_string(), source })?;
+    // The root merges every tier, top first: overlayfs never treats a layer's root as opaque.
+    let top_first: Vec<usize> = (0..tiers.len()).rev().collect();
+    let mut rel: Vec<u8> = Vec::new();
+    struct Level {
+        /// Names still to write, reversed.
+        names: Vec<Vec<u8>>,
+        /// The tiers whose directories merge here, top first.
+        tiers: Vec<usize>,
+        parent_len: usize,
+    }
+    let names = |cur: &mut Cursor, tiers_here: &[usize], rel: &[u8]| -> Result<Vec<Vec<u8>>, CanonicalError> {
+        let mut set: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for &t in tiers_here {
+            set.extend(tree::list(cur.dir(t).map_err(read_err(rel))?).map_err(read_err(rel))?.into_iter().map(|e| e.0));
+            if let Some(devs) = devices[t].get(rel) {
+                set.extend(devs.iter().map(|d| d.0.clone()));
             }
-            Err(e) => Err(CanonicalError::Read { path: path.to_owned(), source: e }),
+        }
+        Ok(set.into_iter().rev().collect())
+    };
+    let mut levels = vec![Level { names: names(&mut cur, &top_first, &rel)?, tiers: top_first, parent_len: 0 }];
+    while let Some(level) = levels.last_mut() {
+        let Some(name) = level.names.pop() else {
+            let parent_len = level.parent_len;
+            levels.pop();
+            if !levels.is_empty() {
+                cur.leave().map_err(read_err(&rel))?;
+                rel.truncate(parent_len);
+            }
+            continue;
+        };
+        let here = level.tiers.clone();
+        let path = join(&rel, &name);
+        let r = resolve(&mut cur, &here, &name, |t| tiers[t].overrides.get(&path).and_then(|o| o.device.as_ref())).map_err(read_err(&path))?;
+        match r.top {
+            None => {}
+            Some((t, Found::Recorded(d))) => w.device(&path, d, &tiers[t].overrides)?,
+            Some((t, Found::Disk(st))) if kind(&st) != FileType::Directory => {
+                let at = cur.dir(t).map_err(read_err(&rel))?;
+                w.disk(at, &name, &path, &st, &tiers[t].overrides)?;
+            }
+            Some((t, Found::Disk(st))) => {
+                let with: Vec<(usize, &rustix::fs::Stat)> = r.dirs.iter().map(|(t, s)| (*t, s)).collect();
+                cur.enter(&name, &with).map_err(read_err(&path))?;
+                let fd = cur.dir(t).map_err(read_err(&path))?;
+                w.dir(fd, &path, &st, &tiers[t].overrides)?;
+                let below: Vec<usize> = r.dirs.iter().map(|d| d.0).collect();
+                let parent_len = rel.len();
+                rel = path;
+                let names = names(&mut cur, &below, &rel)?;
+                levels.push(Level { names, tiers: below, parent_len });
+            }
         }
     }
-
-    /// Writes the children of the merged directory `rel`, whose contributing directories are
-    /// `dirs` (tier index and path, top first).
-    fn dir(&self, w: &mut Writer<'_>, rel: &str, dirs: &[(usize, PathBuf)]) -> Result<(), CanonicalError> {
-        let shown = || if rel.is_empty() { ".".to_owned() } else { rel.to_owned() };
-        let mut names: BTreeSet<OsString> = BTreeSet::new();
-        for (tier, dir) in dirs {
-            let rd = fs::read_dir(dir).map_err(|e| CanonicalError::Read { path: shown(), source: e })?;
-            for e in rd {
-                names.insert(e.map_err(|e| CanonicalError::Read { path: shown(), source: e })?.file_name());
-            }
-            if let Some(devs) = self.devices[*tier].get(rel) {
-                names.extend(devs.iter().map(OsString::from));
-            }
-        }
-        // On Unix an OsString orders by its bytes: the canonical order.
-        for name in names {
-            let path = join(rel, &name);
-            let (top, below) = self.resolve(dirs, &name, &path)?;
-            match top {
-                None => {}
-                Some((tier, _, Found::Device(d))) => w.device(&path, d, &self.tiers[tier].overrides)?,
-                Some((tier, abs, Found::Disk(md))) => {
-                    w.disk(&abs, &path, &md, &self.tiers[tier].overrides)?;
-                    if md.is_dir() {
-                        self.dir(w, &path, &below)?;
-                    }
-                }
-                Some((_, _, Found::Absent | Found::Whiteout)) => unreachable!("resolve never provides an absent entry"),
-            }
-        }
-        Ok(())
-    }
-
-    /// The tier that provides `name` in the merged directory (none: deleted), and when that is a
-    /// directory, the directories merged into it, top first.
-    #[allow(clippy::type_complexity)]
-    fn resolve(&self, dirs: &[(usize, PathBuf)], name: &OsStr, path: &str) -> Result<(Option<(usize, PathBuf, Found<'t>)>, Vec<(usize, PathBuf)>), CanonicalError> {
-        let mut top: Option<(usize, PathBuf, Found<'t>)> = None;
-        let mut below: Vec<(usize, PathBuf)> = Vec::new();
-        for (tier, dir) in dirs {
-            let abs = dir.join(name);
-            let found = self.find(*tier, &abs, path)?;
-            let is_dir = matches!(&found, Found::Disk(md) if md.is_dir());
-            match (&top, found) {
-                (_, Found::Absent) => continue,
-                // A whiteout deletes the name in every tier below it.
-                (_, Found::Whiteout) => break,
-                (None, found) => {
-                    top = Some((*tier, abs.clone(), found));
-                    if !is_dir {
-                        break;
-                    }
-                    below.push((*tier, abs.clone()));
-                }
-                // A directory hides a lower non-directory and everything under it.
-                (Some(_), _) if !is_dir => break,
-                (Some(_), _) => below.push((*tier, abs.clone())),
-            }
-            if is_opaque(&abs) {
-                break;
-            }
-        }
-        Ok((top, below))
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -148,6 +105,7 @@ mod tests {
     use super::*;
     use crate::store::canonical;
     use crate::store::meta::Device;
+    use std::fs;
 
     fn whiteout(p: &Path) {
         rustix::fs::mknodat(rustix::fs::CWD, p, rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
