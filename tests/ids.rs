@@ -687,6 +687,7 @@ fn random_tree(seed: u64) -> Vec<Ent> {
     let mut dirs: Vec<Vec<u8>> = vec![Vec::new()];
     let mut files: Vec<Vec<u8>> = Vec::new();
     let mut taken = std::collections::BTreeSet::new();
+    let mut opaque = std::collections::BTreeSet::new();
     let n = 8 + r.below(20);
     for _ in 0..n {
         let parent = r.pick(&dirs);
@@ -708,6 +709,13 @@ fn random_tree(seed: u64) -> Vec<Ent> {
             3 if !files.is_empty() => Ent { link: r.pick(&files), ..Ent::new(&path, b'1') },
             4 if r.chance(30) => Ent { mode: 0o640, ..Ent::new(&path, b'6') },
             4 if r.chance(30) => Ent { mode: 0o660, dev: (1 + r.below(200) as u32, r.below(300) as u32), ..Ent::new(&path, if r.chance(50) { b'3' } else { b'4' }) },
+            // OCI markers: a whiteout of a name nothing else uses, an opaque directory (never the
+            // root, which is refused).
+            5 if r.chance(40) => {
+                let at = path.len() - path.rsplit(|&b| b == b'/').next().unwrap().len();
+                Ent::file(&[&path[..at], b".wh.", &path[at..]].concat(), b"")
+            }
+            6 if r.chance(40) && !parent.is_empty() && opaque.insert(parent.clone()) => Ent::file(&[parent.as_slice(), b"/.wh..wh..opq"].concat(), b""),
             _ => {
                 let data = match r.below(6) {
                     0 => Vec::new(),
@@ -731,6 +739,11 @@ fn random_tree(seed: u64) -> Vec<Ent> {
         if e.kind == b'1' {
             e.mode = 0;
         }
+        if is_marker(&e) {
+            // A marker's own metadata is no content: the importer takes only its name.
+            ents.push(e);
+            continue;
+        }
         e.mtime = r.pick(&TIMES);
         if r.chance(20) {
             e.nsec = r.below(1_000_000_000) as u32;
@@ -752,6 +765,11 @@ fn random_tree(seed: u64) -> Vec<Ent> {
 /// The mutations of a tree that must each change its id: one byte of a name, one mode bit, one
 /// second, one xattr byte, one link-target byte, one content byte, a hardlink made a copy, an
 /// owner, a moved data byte, one more empty file.
+/// Whether an entry is a whiteout or opaque marker (whose mode, owner and mtime are not content).
+fn is_marker(e: &Ent) -> bool {
+    e.name.rsplit(|&b| b == b'/').next().unwrap().starts_with(b".wh.")
+}
+
 fn mutations(ents: &[Ent], seed: u64) -> Vec<(String, Vec<Ent>)> {
     let mut r = Rng(seed ^ 0x5DEE_CE66);
     let mut out = Vec::new();
@@ -763,7 +781,8 @@ fn mutations(ents: &[Ent], seed: u64) -> Vec<(String, Vec<Ent>)> {
         m[i].name[at] = if m[i].name[at] == b'z' { b'y' } else { b'z' };
         with("a name byte", m);
     }
-    let i = r.below(ents.len() as u64) as usize;
+    let plain: Vec<usize> = (0..ents.len()).filter(|&i| !is_marker(&ents[i])).collect();
+    let i = r.pick(&plain);
     if ents[i].kind != b'1' && ents[i].kind != b'2' {
         let mut m = ents.to_vec();
         m[i].mode ^= 0o001;
@@ -817,7 +836,8 @@ fn mutations(ents: &[Ent], seed: u64) -> Vec<(String, Vec<Ent>)> {
     out
 }
 
-/// Seeds that once failed, kept as regression cases (with what they found).
+/// Seeds that once failed, kept as regression cases (with what they found). None past the default
+/// range so far: 300 seeds pass as root, 150 as each CI user.
 const REGRESSIONS: &[u64] = &[];
 
 #[test]
@@ -829,7 +849,10 @@ fn property_random_trees_round_trip_and_every_difference_shows() {
     let archives: Vec<Vec<u8>> = seeds.iter().map(|&seed| tar(&random_tree(seed))).collect();
     let ids = import_all(&s, &archives);
     let exports = export_layers(&s, &ids);
-    assert_eq!(export(&s, &[ids[0].as_str()]), exports[0], "the rootfs export of one layer is its canonical tar");
+    // Without markers, the rootfs export of one layer is its canonical tar (with them, it drops
+    // them: the merged root has no whiteouts).
+    let unmarked = seeds.iter().position(|&seed| !random_tree(seed).iter().any(is_marker)).expect("a seed without markers");
+    assert_eq!(export(&s, &[ids[unmarked].as_str()]), exports[unmarked], "the rootfs export of one layer is its canonical tar");
     let again: Vec<Vec<u8>> = exports.iter().map(|e| desparse(e)).collect();
     let ids2 = import_all(&s, &again);
     for ((seed, id), id2) in seeds.iter().zip(&ids).zip(&ids2) {
