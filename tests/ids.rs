@@ -56,6 +56,7 @@ fn pax_record(key: &[u8], value: &[u8]) -> Vec<u8> {
     [format!("{len} ").as_bytes(), key, b"=", value, b"\n"].concat()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn header(name: &[u8], kind: u8, mode: u32, owner: (u32, u32), size: u64, mtime: u64, link: &[u8], dev: (u32, u32)) -> [u8; 512] {
     let mut h = [0u8; 512];
     let put = |h: &mut [u8; 512], off: usize, b: &[u8]| h[off..off + b.len()].copy_from_slice(b);
@@ -124,7 +125,9 @@ fn tar(ents: &[Ent]) -> Vec<u8> {
 fn desparse(tar: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = 0;
-    let mut pending_pax: Option<(Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>)> = None;
+    // The raw PAX header before the current member, and its records.
+    type Pax = (Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>);
+    let mut pending_pax: Option<Pax> = None;
     let size_of = |h: &[u8]| u64::from_str_radix(std::str::from_utf8(&h[124..135]).unwrap().trim_matches(|c: char| c == '\0' || c == ' '), 8).unwrap();
     while i + 512 <= tar.len() {
         let h = &tar[i..i + 512];

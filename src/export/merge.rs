@@ -14,13 +14,13 @@
 //! every entry goes through the canonical [`Writer`], so the export of a stack is byte for byte
 //! the canonical tar of the tree it unpacks to: `import` of it computes its sha256 as the id.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use rustix::fs::FileType;
 
-use crate::store::canonical::{recorded_devices, CanonicalError, Writer};
-use crate::store::meta::{Device, Overrides};
+use crate::store::canonical::{recorded_devices, CanonicalError, RecordedDevices, Writer};
+use crate::store::meta::Overrides;
 use crate::store::tree::{self, join, kind, resolve, shown, Cursor, Found, Lend};
 
 /// One layer of a stack as the merge reads it: a tree and what its disk could not hold.
@@ -40,7 +40,7 @@ pub(crate) fn write_merged(tiers: &[Tier], w: &mut Writer<'_>) -> Result<(), Can
         return Ok(());
     }
     // Per tier: parent directory → the devices recorded only in its metadata.
-    let devices: Vec<HashMap<Vec<u8>, Vec<(Vec<u8>, &Device)>>> = tiers.iter().map(|t| recorded_devices(&t.overrides)).collect();
+    let devices: Vec<RecordedDevices<'_>> = tiers.iter().map(|t| recorded_devices(&t.overrides)).collect();
     let roots: Vec<&Path> = tiers.iter().map(|t| t.root.as_path()).collect();
     let mut cur = Cursor::new(&roots, Lend::Read).map_err(|source| CanonicalError::Read { path: tiers[0].root.display().to_string(), source })?;
     // The root merges every tier, top first: overlayfs never treats a layer's root as opaque.

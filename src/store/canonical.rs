@@ -212,7 +212,7 @@ impl<'a> Writer<'a> {
     }
 
     /// The children of the current directory (`rel`), in reverse canonical order.
-    fn kids<'o>(&self, cur: &mut Cursor, rel: &[u8], devices: &HashMap<Vec<u8>, Vec<(Vec<u8>, &'o Device)>>) -> Result<Vec<Kid<'o>>, CanonicalError> {
+    fn kids<'o>(&self, cur: &mut Cursor, rel: &[u8], devices: &RecordedDevices<'o>) -> Result<Vec<Kid<'o>>, CanonicalError> {
         let dir = cur.dir(0).map_err(read_err(rel))?;
         let mut kids: Vec<(Vec<u8>, Kid<'o>)> = Vec::new();
         for (name, ft) in tree::list(dir).map_err(read_err(rel))? {
@@ -344,9 +344,9 @@ impl<'a> Writer<'a> {
             Err(Errno::ACCESS) if !rustix::process::geteuid().is_root() => {
                 // Not a link (O_NOFOLLOW would have said ELOOP), so following `name` is harmless.
                 rustix::fs::chmodat(at, name_os, Mode::from_raw_mode(mode | 0o400), AtFlags::empty()).map_err(|e| read_err(path)(e.into()))?;
-                let opened = open().map_err(io::Error::from).and_then(|fd| {
+                let opened = open().map_err(io::Error::from).map(|fd| {
                     let x = self.xattrs(Some(Target::Fd(fd.as_fd())), path, ov);
-                    Ok((fd, x))
+                    (fd, x)
                 });
                 let restored = rustix::fs::chmodat(at, name_os, Mode::from_raw_mode(mode), AtFlags::empty());
                 let (fd, xattrs) = opened.map_err(read_err(path))?;
@@ -473,9 +473,12 @@ impl<'a> Writer<'a> {
     }
 }
 
+/// Devices recorded only in a layer's metadata: parent directory → (name, device).
+pub(crate) type RecordedDevices<'o> = HashMap<Vec<u8>, Vec<(Vec<u8>, &'o Device)>>;
+
 /// The devices recorded only in `ov`, by parent directory.
-pub(crate) fn recorded_devices(ov: &Overrides) -> HashMap<Vec<u8>, Vec<(Vec<u8>, &Device)>> {
-    let mut devices: HashMap<Vec<u8>, Vec<(Vec<u8>, &Device)>> = HashMap::new();
+pub(crate) fn recorded_devices(ov: &Overrides) -> RecordedDevices<'_> {
+    let mut devices = RecordedDevices::new();
     for (k, o) in &ov.entries {
         if let Some(d) = &o.device {
             let path = unkey(k);

@@ -371,8 +371,7 @@ pub(crate) fn remove_dir_tree(path: &Path) -> Result<(), (Vec<u8>, io::Error)> {
     let err = |rel: &[u8], e: io::Error| (rel.to_vec(), e);
     let mut levels: Vec<Vec<(Vec<u8>, FileType)>> = vec![list(cur.dir(0).map_err(|e| err(&rel, e))?).map_err(|e| err(&rel, e))?];
     let mut lens: Vec<usize> = Vec::new();
-    loop {
-        let Some(level) = levels.last_mut() else { break };
+    while let Some(level) = levels.last_mut() {
         match level.pop() {
             Some((name, ft)) => {
                 let at = cur.dir(0).map_err(|e| err(&rel, e))?;

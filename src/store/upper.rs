@@ -295,15 +295,15 @@ mod tests {
 
     #[test]
     fn diff_table() {
-        let (dir, file) = (fp('d', 0), fp('f', 1));
+        let (dir, file) = (&[fp('d', 0)], &[fp('f', 1)]);
         let entries = vec![
-            e("etc", Node::Dir { opaque: false }, &[dir.clone()]),
+            e("etc", Node::Dir { opaque: false }, dir),
             e("etc/new.conf", Node::File { size: 10 }, &[None]),
-            e("etc/passwd", Node::File { size: 900 }, &[file.clone()]),
-            e("etc/gone", Node::Whiteout, &[file.clone()]),
+            e("etc/passwd", Node::File { size: 900 }, file),
+            e("etc/gone", Node::Whiteout, file),
             e("etc/never", Node::Whiteout, &[None]),
             e("opt", Node::Dir { opaque: false }, &[None]),
-            e("var/cache", Node::Dir { opaque: true }, &[dir.clone()]),
+            e("var/cache", Node::Dir { opaque: true }, dir),
             e("usr/bin/cc", Node::Symlink, &[None]),
             e(b"a\xffb", Node::File { size: 1 }, &[None]),
         ];
@@ -339,7 +339,7 @@ mod tests {
         }
         fs::write(p("up/etc/a"), "mine").unwrap();
         fs::write(p("up/etc/new"), "mine").unwrap();
-        rustix::fs::mknodat(rustix::fs::CWD, &p("up/etc/b"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, p("up/etc/b"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
         fs::write(p("base/etc/a"), "base").unwrap();
         fs::write(p("base/etc/b"), "base").unwrap();
         fs::write(p("new/etc/a"), "changed upstream").unwrap();

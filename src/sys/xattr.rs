@@ -36,7 +36,7 @@ fn list_into(t: Target<'_>, buf: &mut [u8]) -> rustix::io::Result<usize> {
     match t {
         Target::Fd(fd) => rustix::fs::flistxattr(fd, buf),
         Target::Path(p) => rustix::fs::llistxattr(p, buf),
-        Target::At(dir, name) => rustix::fs::llistxattr(&at_path(dir, name), buf),
+        Target::At(dir, name) => rustix::fs::llistxattr(at_path(dir, name), buf),
     }
 }
 
@@ -44,7 +44,7 @@ fn get_into(t: Target<'_>, name: &OsStr, buf: &mut [u8]) -> rustix::io::Result<u
     match t {
         Target::Fd(fd) => rustix::fs::fgetxattr(fd, name, buf),
         Target::Path(p) => rustix::fs::lgetxattr(p, name, buf),
-        Target::At(dir, n) => rustix::fs::lgetxattr(&at_path(dir, n), name, buf),
+        Target::At(dir, n) => rustix::fs::lgetxattr(at_path(dir, n), name, buf),
     }
 }
 

@@ -120,7 +120,7 @@ fn canonical_tar_round_trips_through_the_tar_crate() {
     let long = "d".repeat(120);
     fs::create_dir_all(root.join(&long)).unwrap();
     fs::write(root.join(&long).join("f"), b"data").unwrap();
-    rustix::fs::mknodat(rustix::fs::CWD, &root.join("gone"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
+    rustix::fs::mknodat(rustix::fs::CWD, root.join("gone"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
     let mut ov = Overrides { flattened: true, ..Default::default() };
     ov.entry(&format!("{long}/f")).owner = Some((1000, 1000));
     ov.entry("dev/null").device = Some(Device { kind: 'c', major: 1, minor: 3, mode: 0o666, mtime: 5 });
