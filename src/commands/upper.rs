@@ -12,7 +12,7 @@ use crate::store::layer::LayerInfo;
 use crate::store::meta::Overrides;
 use crate::store::upper::{self, UpperEntry};
 use crate::store::journal::Journal;
-use crate::store::meta::key;
+use crate::store::meta::{key, unkey};
 use crate::store::tree::shown;
 use crate::store::{canonical, now_secs, private_dir, upper_dir, write_atomic, Store};
 
@@ -202,8 +202,10 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     // Read only, where the user can read every file their runs wrote.
     let conflicts = as_root_inside(move || {
         let entries: Vec<UpperEntry> = upper::walk(&up, &[&old, &new]).with_context(|| format!("cannot read {}", up.display()))?;
-        Ok(upper::conflicts(&entries))
+        // As metadata keys across the pipe: compact, and exact for bytes that are not UTF-8.
+        Ok(upper::conflicts(&entries).iter().map(|c| key(c).into_owned()).collect::<Vec<String>>())
     })?;
+    let conflicts: Vec<Vec<u8>> = conflicts.iter().map(|c| unkey(c).into_owned()).collect();
     if !conflicts.is_empty() && !ours && !theirs {
         let mut s = String::new();
         for c in &conflicts {

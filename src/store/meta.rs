@@ -1,9 +1,11 @@
-//! Layer metadata: what an unprivileged store cannot hold faithfully on disk.
+//! Layer metadata: what the store's disk cannot hold faithfully.
 //!
 //! A layer unpacked by an unprivileged user has every file owned by that user, cannot hold device
-//! nodes, and cannot set `security.*`/`trusted.*` xattrs. The original values are kept here, beside
-//! the layer tree, so that the layer's id, `verify`, `export` and a push still describe the original
-//! content. A layer unpacked by real root holds everything on disk and records (almost) nothing.
+//! nodes, and cannot set `security.*`/`trusted.*` xattrs; and a filesystem may not hold every mtime
+//! (ext4 with 128-byte inodes keeps 1901 to 2038 only), whoever unpacks. The original values are
+//! kept here, beside the layer tree, so that the layer's id, `verify`, `export` and a push still
+//! describe the original content. A layer unpacked by real root on a filesystem that holds its
+//! times records (almost) nothing. Paths and xattr names are keys made by [`key`]: names are bytes.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;

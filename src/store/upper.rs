@@ -70,13 +70,28 @@ impl Change {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct DiffEntry {
-    /// `/` and the path, as bytes.
+    /// `/` and the path, as bytes (serialized as a metadata key: compact, and exact).
+    #[serde(with = "as_key")]
     pub path: Vec<u8>,
     pub change: Change,
     /// `f` file, `d` directory, `l` symlink, `s` special, `-` deleted.
     #[serde(rename = "type")]
     pub kind: char,
     pub size: u64,
+}
+
+/// Bytes as a [`super::meta::key`] string: the diff crosses a pipe from the process that reads
+/// the upper, and a deep tree's paths as JSON arrays of numbers would be four times their size.
+mod as_key {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::store::meta::key(b))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        Ok(crate::store::meta::unkey(&String::deserialize(d)?).into_owned())
+    }
 }
 
 /// Whether `path` is `filter` or below it, or above it (component-wise); no filters means
