@@ -14,8 +14,9 @@
 //!   `hdrcharset=BINARY`), a number does not fit its ustar field (`uid`, `gid`, `size`, and `mtime`
 //!   before 1970 or after 2242), the entry has xattrs (`SCHILY.xattr.NAME`), or the file is sparse
 //!   (below); records sorted by key;
-//! - sparse files: a regular file of at least [`HOLE`] bytes that has one or more all-zero
-//!   [`HOLE`]-sized, [`HOLE`]-aligned chunks is written in the PAX sparse format 1.0 (GNU tar's
+//! - sparse files: cut a regular file of at least [`HOLE`] bytes into chunks of [`HOLE`] bytes at
+//!   multiples of [`HOLE`] (the last one may be shorter); when one or more chunks are all zeros,
+//!   the file is written in the PAX sparse format 1.0 (GNU tar's
 //!   `-S --format=pax`): records `GNU.sparse.major=1`, `GNU.sparse.minor=0`, `GNU.sparse.name`
 //!   (the real name) and `GNU.sparse.realsize`; the ustar name `DIR/GNUSparseFile.0/NAME`; the
 //!   member's data the map (`COUNT\n` then `OFFSET\nLENGTH\n` per data region, NUL-padded to 512)
@@ -53,7 +54,8 @@ use crate::sys::xattr::{self, Target};
 
 /// The sparse granularity: a regular file's holes in the canonical form are its all-zero chunks
 /// of this size at multiples of it. Large, so that ordinary files (whose zero runs are short)
-/// keep the plain form and the ids they always had.
+/// keep the plain form and the ids they always had: no file of a Debian minbase root has such a
+/// chunk, where nine (ELF libraries among them) have an all-zero 4 KiB page.
 pub(crate) const HOLE: u64 = 64 * 1024;
 
 const MAX7: u64 = 0o7777777;
