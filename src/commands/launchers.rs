@@ -1,7 +1,9 @@
 //! export (launchers), exports, unexport, which, conflicts.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -118,11 +120,11 @@ fn stack(store: &Store, names: &[String], with_upper: bool) -> Result<Vec<(Strin
 pub(crate) fn which(store: &Store, name: &str, path: &Path) -> Result<i32> {
     let st = stack(store, &[name.to_owned()], true)?;
     // Names are bytes: a path that is not UTF-8 is looked up as it is, and shown escaped.
-    let mut rel = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let mut rel = path.as_os_str().as_bytes();
     while let [b'/', rest @ ..] = rel {
         rel = rest;
     }
-    let (rel_path, shown) = (Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(rel)), crate::store::tree::shown(rel));
+    let (rel_path, shown) = (Path::new(OsStr::from_bytes(rel)), crate::store::tree::shown(rel));
     let dirs: Vec<PathBuf> = st.iter().map(|(_, d)| d.clone()).collect();
     let Some((abs, _)) = crate::store::upper::lookup(&dirs, rel) else {
         bail!("/{shown} does not exist in environment '{name}'");
