@@ -618,7 +618,6 @@ fn a_sparse_file_costs_the_store_only_its_data() {
 }
 
 #[test]
-#[ignore = "needs the sparse canonical form (issue 10, identity part): until it lands the digest reads 60 GB of zeros"]
 fn sixty_gigabytes_declared_import_in_the_time_of_their_data() {
     let s = Store::new();
     let size = 60u64 << 30;

@@ -167,5 +167,6 @@ pub(crate) fn free_range() -> (u64, u64) {
 fn is_privileged_helper(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     let setuid = fs::metadata(p).map(|m| m.permissions().mode() & 0o4000 != 0).unwrap_or(false);
-    setuid || crate::store::canonical::read_xattrs(p).iter().any(|(k, _)| k == "security.capability")
+    let mut xattrs = Vec::new();
+    setuid || (crate::sys::xattr::read_all(crate::sys::xattr::Target::Path(p), &mut xattrs).is_ok() && xattrs.iter().any(|(k, _)| k == b"security.capability"))
 }

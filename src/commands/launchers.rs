@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -120,39 +121,41 @@ fn stack(store: &Store, names: &[String], with_upper: bool) -> Result<Vec<(Strin
 /// refused. Lexically, `..` could climb out of a layer into the store or the host (`which dev
 /// ../../etc/shadow` answered from the host's file), and inside a root it depends on the symlinks
 /// on the way, which `which` does not follow: so it is not guessed at.
-fn inside_path(name: &str, path: &Path) -> Result<String> {
-    let mut parts: Vec<String> = Vec::new();
+fn inside_path(name: &str, path: &Path) -> Result<Vec<u8>> {
+    let mut parts: Vec<&[u8]> = Vec::new();
     for c in path.components() {
         match c {
             Component::RootDir | Component::CurDir => {}
-            Component::Normal(n) => parts.push(n.to_string_lossy().into_owned()),
+            // Names are bytes: a path that is not UTF-8 is looked up as it is, and shown escaped.
+            Component::Normal(n) => parts.push(n.as_bytes()),
             Component::ParentDir | Component::Prefix(_) => {
-                bail!("'{}' has a '..' component, which could leave the root of environment '{name}': give the path inside it without '..', e.g. /etc/passwd", path.display())
+                bail!("'{}' has a '..' component, which could leave the root of environment '{name}': give the path inside it without '..', e.g. /etc/passwd", crate::store::tree::shown(path.as_os_str().as_bytes()))
             }
         }
     }
-    Ok(parts.join("/"))
+    Ok(parts.join(&b'/'))
 }
 
 pub(crate) fn which(store: &Store, name: &str, path: &Path) -> Result<i32> {
     let rel = inside_path(name, path)?;
     let st = stack(store, &[name.to_owned()], true)?;
     let dirs: Vec<PathBuf> = st.iter().map(|(_, d)| d.clone()).collect();
+    let shown = crate::store::tree::shown(&rel);
     let Some((abs, _)) = crate::store::upper::lookup(&dirs, &rel) else {
         // A link on the way is not followed (it may point anywhere on the host as seen from
         // here): say which one, so the user can ask about its target.
-        let comps: Vec<&str> = rel.split('/').collect();
+        let comps: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
         for i in 1..comps.len() {
-            let prefix = comps[..i].join("/");
+            let prefix = comps[..i].join(&b'/');
             if let Some((p, _)) = crate::store::upper::lookup(&dirs, &prefix).filter(|(_, m)| m.file_type().is_symlink()) {
-                let target = fs::read_link(&p).map(|t| t.display().to_string()).unwrap_or_default();
-                bail!("/{prefix} is a symbolic link (to {target}) in environment '{name}': `plyroot which` does not follow links; ask about the path it leads to");
+                let target = fs::read_link(&p).map(|t| crate::store::tree::shown(t.as_os_str().as_bytes())).unwrap_or_default();
+                bail!("/{} is a symbolic link (to {target}) in environment '{name}': `plyroot which` does not follow links; ask about the path it leads to", crate::store::tree::shown(&prefix));
             }
         }
-        bail!("/{rel} does not exist in environment '{name}'");
+        bail!("/{shown} does not exist in environment '{name}'");
     };
     let top = st.iter().position(|(_, d)| abs.starts_with(d) && (d != Path::new("/") || st.iter().all(|(_, o)| o == Path::new("/") || !abs.starts_with(o)))).unwrap_or(0);
-    let mut s = format!("/{}: {}\n", field(&rel), field(&st[top].0));
+    let mut s = format!("/{shown}: {}\n", field(&st[top].0));
     for (label, d) in &st[top + 1..] {
         // Looked up in that tier alone, by the same rules (no link followed, a whiteout is none).
         if crate::store::upper::lookup(std::slice::from_ref(d), &rel).is_some() {

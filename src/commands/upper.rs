@@ -1,6 +1,7 @@
 //! diff, commit, reset, rebase: the upper's lifecycle.
 
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -11,8 +12,9 @@ use crate::store::layer::LayerInfo;
 use crate::store::meta::Overrides;
 use crate::store::upper::{self, UpperEntry};
 use crate::store::journal::Journal;
+use crate::store::meta::{key, unkey};
+use crate::store::tree::shown;
 use crate::store::{canonical, now_secs, private_dir, upper_dir, write_atomic, Store};
-use crate::text::field;
 
 fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
     layers.iter().rev().map(|l| store.layer_root(l)).collect()
@@ -36,25 +38,59 @@ pub(crate) fn diff(store: &Store, name: &str, paths: &[PathBuf], json: bool) -> 
     let base = env.upper_base()?;
     let lowers = lowers_of(store, &base);
     let upper = env.upper();
-    let filters: Vec<String> = paths.iter().map(|p| p.to_string_lossy().trim_matches('/').to_owned()).collect();
+    let filters: Vec<Vec<u8>> = paths.iter().map(|p| trim_slashes(p.as_os_str().as_bytes()).to_vec()).collect();
     // Runs may have written files only their ids can read: walk where we are root over them.
     let entries = as_root_inside(move || {
-        let entries = upper::walk(&upper).with_context(|| format!("cannot read {}", upper.display()))?;
-        Ok(upper::diff(&entries, |p| upper::lookup(&lowers, p).map(|(_, m)| m.is_dir()), &filters))
+        let entries = upper::walk(&upper, &[&lowers]).with_context(|| format!("cannot read {}", upper.display()))?;
+        Ok(upper::diff(&entries, &filters))
     })?;
     if json {
-        return out_json(&entries).map(|_| 0);
+        let shown: Vec<ShownDiff> = entries.iter().map(ShownDiff::from).collect();
+        return out_json(&shown).map(|_| 0);
     }
     let mut s = String::new();
     for e in &entries {
         let size = if e.kind == 'f' { format!("  ({})", human(e.size)) } else { String::new() };
-        s.push_str(&format!("{} {}{}{}\n", e.change.letter(), field(&e.path), if e.kind == 'd' { "/" } else { "" }, size));
+        s.push_str(&format!("{} {}{}{}\n", e.change.letter(), shown(&e.path), if e.kind == 'd' { "/" } else { "" }, size));
     }
     out(&s)?;
     if base != env.current()?.layers {
         crate::diag::info(&format!("(against the layers the upper was written on, not generation {}'s: see `plyroot rebase {name}`)", env.current()?.number));
     }
     Ok(0)
+}
+
+/// A diff entry as `diff --json` gives it: the path as a string (as is when it is UTF-8; else
+/// with the bytes that are not as `\\xNN`, and `path_hex` holding the exact bytes).
+#[derive(serde::Serialize)]
+struct ShownDiff {
+    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path_hex: Option<String>,
+    change: upper::Change,
+    #[serde(rename = "type")]
+    kind: char,
+    size: u64,
+}
+
+impl From<&upper::DiffEntry> for ShownDiff {
+    fn from(e: &upper::DiffEntry) -> Self {
+        let (path, path_hex) = match std::str::from_utf8(&e.path) {
+            Ok(p) => (p.to_owned(), None),
+            Err(_) => (shown(&e.path), Some(hex::encode(&e.path))),
+        };
+        ShownDiff { path, path_hex, change: e.change, kind: e.kind, size: e.size }
+    }
+}
+
+fn trim_slashes(mut p: &[u8]) -> &[u8] {
+    while let [b'/', rest @ ..] = p {
+        p = rest;
+    }
+    while let [rest @ .., b'/'] = p {
+        p = rest;
+    }
+    p
 }
 
 pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result<i32> {
@@ -170,13 +206,15 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     let (old, new, up) = (lowers_of(store, &base), lowers_of(store, &cur.layers), env.upper());
     // Read only, where the user can read every file their runs wrote.
     let conflicts = as_root_inside(move || {
-        let entries: Vec<UpperEntry> = upper::walk(&up)?;
-        Ok(upper::conflicts(&entries, |p| upper::fingerprint(&old, p), |p| upper::fingerprint(&new, p)))
+        let entries: Vec<UpperEntry> = upper::walk(&up, &[&old, &new]).with_context(|| format!("cannot read {}", up.display()))?;
+        // As metadata keys across the pipe: compact, and exact for bytes that are not UTF-8.
+        Ok(upper::conflicts(&entries).iter().map(|c| key(c).into_owned()).collect::<Vec<String>>())
     })?;
+    let conflicts: Vec<Vec<u8>> = conflicts.iter().map(|c| unkey(c).into_owned()).collect();
     if !conflicts.is_empty() && !ours && !theirs {
         let mut s = String::new();
         for c in &conflicts {
-            s.push_str(&format!("C /{}\n", field(c)));
+            s.push_str(&format!("C /{}\n", shown(c)));
         }
         out(&s)?;
         bail!(
@@ -188,12 +226,14 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
         // Taking theirs drops the upper's version so the new layers' shows through: the user's
         // explicit choice, journaled so that an interruption finishes it rather than leave the
         // upper half rebased (a directory's conflicting children go with it).
-        let mut remove: Vec<String> = Vec::new();
+        let mut below: Vec<&[u8]> = Vec::new();
         for c in &conflicts {
-            if !remove.iter().any(|r| c.starts_with(&format!("{r}/"))) {
-                remove.push(c.clone());
+            if !below.iter().any(|r| c.starts_with(r) && c.get(r.len()) == Some(&b'/')) {
+                below.push(c);
             }
         }
+        // The journal holds names as store keys: bytes that are not UTF-8 survive the record.
+        let remove: Vec<String> = below.iter().map(|c| key(c).into_owned()).collect();
         let j = Journal::Rebase { onto: cur.layers.clone(), remove: remove.clone() };
         env.journaled(&j, "rebase", store.remover, || env.finish_rebase(&cur.layers, &remove, store.remover))?;
     } else {

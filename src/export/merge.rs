@@ -2,12 +2,13 @@
 //! at the root of a run, without the overlay's bookkeeping (no `.wh.` entries, no opaque
 //! markers), each entry with the metadata of the layer that provides it.
 //!
-//! The resolution rules are overlayfs's (and [`crate::store::upper::lookup`]'s), applied to whole
+//! The resolution rules are overlayfs's ([`crate::store::tree::resolve`]), applied to whole
 //! directories at once: for every name in a directory, the top-most tier that has it provides
 //! it; a whiteout (char 0:0) deletes it and everything below; a non-directory, or a directory
 //! that is opaque or stands over a lower non-directory, hides the tiers below it; directories
 //! merge. A device recorded only in a layer's [`Overrides`] is an entry of that layer like any
-//! on disk.
+//! on disk. All tiers are walked together through one [`Cursor`]: names as bytes, any depth,
+//! a bounded number of open directories.
 //!
 //! The walk emits entries in the canonical order (depth first, names sorted by their bytes), and
 //! every entry goes through the canonical [`Writer`], so the export of a stack is byte for byte
@@ -19,22 +20,24 @@
 //! tiers delete is written as a whiteout, and a directory that hides what is below it (opaque, or
 //! standing over a whiteout or a non-directory of a lower tier) is written opaque.
 
-use std::collections::{BTreeSet, HashMap};
-use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::OsStrExt;
-use std::fs;
-use std::io;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::store::canonical::{join, CanonicalError, Writer};
-use crate::store::meta::{Device, Overrides};
-use crate::store::upper::is_opaque;
+use rustix::fs::FileType;
+
+use crate::store::canonical::{recorded_devices, CanonicalError, RecordedDevices, Writer};
+use crate::store::meta::Overrides;
+use crate::store::tree::{self, join, kind, resolve, shown, Cursor, Found, Lend};
 
 /// One layer of a stack as the merge reads it: a tree and what its disk could not hold.
 #[derive(Clone, Debug)]
 pub(crate) struct Tier {
     pub root: PathBuf,
     pub overrides: Overrides,
+}
+
+fn read_err(path: &[u8]) -> impl FnOnce(std::io::Error) -> CanonicalError + '_ {
+    move |source| CanonicalError::Read { path: if path.is_empty() { ".".into() } else { shown(path) }, source }
 }
 
 /// Writes the merged tree of `tiers` (bottom first) to `w`.
@@ -48,142 +51,98 @@ pub(crate) fn write_squashed(tiers: &[Tier], w: &mut Writer<'_>) -> Result<(), C
     write(tiers, w, true)
 }
 
-/// `below`: there are layers under the tiers whose content their deletions must keep hiding.
-fn write(tiers: &[Tier], w: &mut Writer<'_>, below: bool) -> Result<(), CanonicalError> {
-    let mut devices: Vec<HashMap<&str, Vec<&str>>> = Vec::with_capacity(tiers.len());
-    for t in tiers {
-        let mut by_parent: HashMap<&str, Vec<&str>> = HashMap::new();
-        for (path, o) in &t.overrides.entries {
-            if o.device.is_some() {
-                let (parent, name) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
-                by_parent.entry(parent).or_default().push(name);
-            }
-        }
-        devices.push(by_parent);
+/// `squash`: there are layers under the tiers whose content their deletions must keep hiding.
+fn write(tiers: &[Tier], w: &mut Writer<'_>, squash: bool) -> Result<(), CanonicalError> {
+    if tiers.is_empty() {
+        return Ok(());
     }
-    // The root merges every tier: overlayfs never treats a layer's root as opaque.
-    let roots: Vec<(usize, PathBuf)> = tiers.iter().enumerate().rev().map(|(i, t)| (i, t.root.clone())).collect();
-    Merge { tiers, devices }.dir(w, "", &roots, below)
-}
-
-struct Merge<'t> {
-    tiers: &'t [Tier],
-    /// Per tier: parent directory → names of the devices recorded only in its metadata.
-    devices: Vec<HashMap<&'t str, Vec<&'t str>>>,
-}
-
-/// What one tier has at a path.
-enum Found<'t> {
-    Absent,
-    Whiteout,
-    Device(&'t Device),
-    Disk(fs::Metadata),
-}
-
-impl<'t> Merge<'t> {
-    fn find(&self, tier: usize, abs: &Path, path: &str) -> Result<Found<'t>, CanonicalError> {
-        match fs::symlink_metadata(abs) {
-            Ok(md) if crate::store::upper::is_whiteout(&md) => Ok(Found::Whiteout),
-            Ok(md) => Ok(Found::Disk(md)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Ok(match self.tiers[tier].overrides.entries.get(path).and_then(|o| o.device.as_ref()) {
-                    Some(d) => Found::Device(d),
-                    None => Found::Absent,
-                })
-            }
-            Err(e) => Err(CanonicalError::Read { path: path.to_owned(), source: e }),
-        }
+    // Per tier: parent directory → the devices recorded only in its metadata.
+    let devices: Vec<RecordedDevices<'_>> = tiers.iter().map(|t| recorded_devices(&t.overrides)).collect();
+    let roots: Vec<&Path> = tiers.iter().map(|t| t.root.as_path()).collect();
+    let mut cur = Cursor::new(&roots, Lend::Read).map_err(|source| CanonicalError::Read { path: tiers[0].root.display().to_string(), source })?;
+    // The root merges every tier, top first: overlayfs never treats a layer's root as opaque.
+    let top_first: Vec<usize> = (0..tiers.len()).rev().collect();
+    let mut rel: Vec<u8> = Vec::new();
+    struct Level {
+        /// Entries still to write, reversed: (the name the tar gives it, the name in the tiers);
+        /// they differ for a deletion written as a whiteout.
+        names: Vec<(Vec<u8>, Vec<u8>)>,
+        /// The tiers whose directories merge here, top first.
+        tiers: Vec<usize>,
+        parent_len: usize,
+        /// Layers below the tiers still show through here (squash only).
+        below: bool,
     }
-
-    /// Writes the children of the merged directory `rel`, whose contributing directories are
-    /// `dirs` (tier index and path, top first). `below`: content under the tiers shows through
-    /// this directory, so deletions are written (whiteouts, opaque directories).
-    fn dir(&self, w: &mut Writer<'_>, rel: &str, dirs: &[(usize, PathBuf)], below: bool) -> Result<(), CanonicalError> {
-        let shown = || if rel.is_empty() { ".".to_owned() } else { rel.to_owned() };
-        let mut names: BTreeSet<OsString> = BTreeSet::new();
-        for (tier, dir) in dirs {
-            let rd = fs::read_dir(dir).map_err(|e| CanonicalError::Read { path: shown(), source: e })?;
-            for e in rd {
-                names.insert(e.map_err(|e| CanonicalError::Read { path: shown(), source: e })?.file_name());
-            }
-            if let Some(devs) = self.devices[*tier].get(rel) {
-                names.extend(devs.iter().map(OsString::from));
+    let names = |cur: &mut Cursor, tiers_here: &[usize], rel: &[u8], below: bool| -> Result<Vec<(Vec<u8>, Vec<u8>)>, CanonicalError> {
+        let mut set: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for &t in tiers_here {
+            set.extend(tree::list(cur.dir(t).map_err(read_err(rel))?).map_err(read_err(rel))?.into_iter().map(|e| e.0));
+            if let Some(devs) = devices[t].get(rel) {
+                set.extend(devs.iter().map(|d| d.0.clone()));
             }
         }
-        // Each name as the tar names it: itself, or `.wh.NAME` for a deletion that is written.
-        let mut entries = Vec::with_capacity(names.len());
-        for name in names {
-            let path = join(rel, &name);
-            let (top, merged, cut) = self.resolve(dirs, &name, &path)?;
-            let key = match &top {
-                Some(_) => name.as_bytes().to_vec(),
-                None if below && cut => [b".wh.".as_slice(), name.as_bytes()].concat(),
-                None => continue,
-            };
-            entries.push((key, path, top, merged, cut));
-        }
-        // By bytes: the canonical order.
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        for (key, path, top, merged, cut) in entries {
-            match top {
-                None => w.marker(&join(rel, OsStr::from_bytes(&key)))?,
-                Some((tier, _, Found::Device(d))) => w.device(&path, d, &self.tiers[tier].overrides)?,
-                Some((tier, abs, Found::Disk(md))) => {
-                    w.disk(&abs, &path, &md, &self.tiers[tier].overrides)?;
-                    if md.is_dir() {
-                        if below && cut {
-                            w.marker(&format!("{path}/.wh..wh..opq"))?;
-                        }
-                        self.dir(w, &path, &merged, below && !cut)?;
+        let mut out = Vec::with_capacity(set.len());
+        for name in set {
+            if below {
+                // A deletion of what lies below the tiers is an entry of its own: `.wh.NAME`.
+                let path = join(rel, &name);
+                let r = resolve(cur, tiers_here, &name, |t| tiers[t].overrides.get(&path).and_then(|o| o.device.as_ref())).map_err(read_err(&path))?;
+                if r.top.is_none() {
+                    if r.cut {
+                        out.push(([b".wh.".as_slice(), &name].concat(), name));
                     }
+                    continue;
                 }
-                Some((_, _, Found::Absent | Found::Whiteout)) => unreachable!("resolve never provides an absent entry"),
+            }
+            out.push((name.clone(), name));
+        }
+        // By the bytes of the names the tar gives them: the canonical order.
+        out.sort_by(|a, b| b.0.cmp(&a.0));
+        Ok(out)
+    };
+    let mut levels = vec![Level { names: names(&mut cur, &top_first, &rel, squash)?, tiers: top_first, parent_len: 0, below: squash }];
+    while let Some(level) = levels.last_mut() {
+        let Some((key, name)) = level.names.pop() else {
+            let parent_len = level.parent_len;
+            levels.pop();
+            if !levels.is_empty() {
+                cur.leave().map_err(read_err(&rel))?;
+                rel.truncate(parent_len);
+            }
+            continue;
+        };
+        if key != name {
+            w.marker(&join(&rel, &key))?;
+            continue;
+        }
+        let (here, below_here) = (level.tiers.clone(), level.below);
+        let path = join(&rel, &name);
+        let r = resolve(&mut cur, &here, &name, |t| tiers[t].overrides.get(&path).and_then(|o| o.device.as_ref())).map_err(read_err(&path))?;
+        match r.top {
+            None => {}
+            Some((t, Found::Recorded(d))) => w.device(&path, d, &tiers[t].overrides)?,
+            Some((t, Found::Disk(st))) if kind(&st) != FileType::Directory => {
+                let at = cur.dir(t).map_err(read_err(&rel))?;
+                w.disk(at, &name, &path, &st, &tiers[t].overrides)?;
+            }
+            Some((t, Found::Disk(st))) => {
+                let with: Vec<(usize, &rustix::fs::Stat)> = r.dirs.iter().map(|(t, s)| (*t, s)).collect();
+                cur.enter(&name, &with).map_err(read_err(&path))?;
+                let fd = cur.dir(t).map_err(read_err(&path))?;
+                w.dir(fd, &path, &st, &tiers[t].overrides)?;
+                if below_here && r.cut {
+                    w.marker(&[path.as_slice(), b"/.wh..wh..opq"].concat())?;
+                }
+                let merging: Vec<usize> = r.dirs.iter().map(|d| d.0).collect();
+                let parent_len = rel.len();
+                rel = path;
+                let below = below_here && !r.cut;
+                let names = names(&mut cur, &merging, &rel, below)?;
+                levels.push(Level { names, tiers: merging, parent_len, below });
             }
         }
-        Ok(())
     }
-
-    /// The tier that provides `name` in the merged directory (none: deleted, or absent), when
-    /// that is a directory the directories merged into it (top first), and whether the tiers cut
-    /// off what is below them at `name`: a whiteout, an opaque directory, or a directory over a
-    /// lower non-directory. (A non-directory on top also hides what is below, by being there.)
-    #[allow(clippy::type_complexity)]
-    fn resolve(&self, dirs: &[(usize, PathBuf)], name: &OsStr, path: &str) -> Result<(Option<(usize, PathBuf, Found<'t>)>, Vec<(usize, PathBuf)>, bool), CanonicalError> {
-        let mut top: Option<(usize, PathBuf, Found<'t>)> = None;
-        let mut below: Vec<(usize, PathBuf)> = Vec::new();
-        let mut cut = false;
-        for (tier, dir) in dirs {
-            let abs = dir.join(name);
-            let found = self.find(*tier, &abs, path)?;
-            let is_dir = matches!(&found, Found::Disk(md) if md.is_dir());
-            match (&top, found) {
-                (_, Found::Absent) => continue,
-                // A whiteout deletes the name in every tier below it.
-                (_, Found::Whiteout) => {
-                    cut = true;
-                    break;
-                }
-                (None, found) => {
-                    top = Some((*tier, abs.clone(), found));
-                    if !is_dir {
-                        break;
-                    }
-                    below.push((*tier, abs.clone()));
-                }
-                // A directory hides a lower non-directory and everything under it.
-                (Some(_), _) if !is_dir => {
-                    cut = true;
-                    break;
-                }
-                (Some(_), _) => below.push((*tier, abs.clone())),
-            }
-            if is_opaque(&abs) {
-                cut = true;
-                break;
-            }
-        }
-        Ok((top, below, cut))
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -191,6 +150,7 @@ mod tests {
     use super::*;
     use crate::store::canonical;
     use crate::store::meta::Device;
+    use std::fs;
 
     fn whiteout(p: &Path) {
         rustix::fs::mknodat(rustix::fs::CWD, p, rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
@@ -283,8 +243,24 @@ mod tests {
         }
     }
 
-    /// The fixture of `overlay_rules_whiteouts_opaque_dirs_and_shadowing`: three tiers whose
-    /// top two delete, replace and hide things of the bottom one.
+    #[test]
+    fn mtimes_are_clamped_when_asked() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("l");
+        fs::create_dir_all(root.join("d")).unwrap();
+        fs::write(root.join("d/f"), "f").unwrap();
+        let ts = |s| rustix::fs::Timestamps { last_access: rustix::fs::Timespec { tv_sec: s, tv_nsec: 0 }, last_modification: rustix::fs::Timespec { tv_sec: s, tv_nsec: 0 } };
+        rustix::fs::utimensat(rustix::fs::CWD, root.join("d/f"), &ts(500), rustix::fs::AtFlags::empty()).unwrap();
+        rustix::fs::utimensat(rustix::fs::CWD, root.join("d"), &ts(2000), rustix::fs::AtFlags::empty()).unwrap();
+        let mut out = Vec::new();
+        let mut w = Writer::new(&mut out);
+        w.clamp_mtimes(1000);
+        write_merged(&[tier(&root)], &mut w).unwrap();
+        w.finish().unwrap();
+        let mtimes: Vec<u64> = tar::Archive::new(&out[..]).entries().unwrap().map(|e| e.unwrap().header().mtime().unwrap()).collect();
+        assert_eq!(mtimes, [1000, 500]);
+    }
+
     fn deleting_tiers(t: &Path) -> [Tier; 3] {
         let (bot, mid, top) = (t.join("bot"), t.join("mid"), t.join("top"));
         for d in [&bot, &mid, &top] {
@@ -338,23 +314,5 @@ mod tests {
         let layer = Tier { root, overrides: u.overrides };
         assert_eq!(canonical::digest(&layer.root, &layer.overrides).unwrap().id, id);
         assert_eq!(merged(&[bot.clone(), layer]), merged(&[bot, mid, top]));
-    }
-
-    #[test]
-    fn mtimes_are_clamped_when_asked() {
-        let t = tempfile::tempdir().unwrap();
-        let root = t.path().join("l");
-        fs::create_dir_all(root.join("d")).unwrap();
-        fs::write(root.join("d/f"), "f").unwrap();
-        let ts = |s| rustix::fs::Timestamps { last_access: rustix::fs::Timespec { tv_sec: s, tv_nsec: 0 }, last_modification: rustix::fs::Timespec { tv_sec: s, tv_nsec: 0 } };
-        rustix::fs::utimensat(rustix::fs::CWD, root.join("d/f"), &ts(500), rustix::fs::AtFlags::empty()).unwrap();
-        rustix::fs::utimensat(rustix::fs::CWD, root.join("d"), &ts(2000), rustix::fs::AtFlags::empty()).unwrap();
-        let mut out = Vec::new();
-        let mut w = Writer::new(&mut out);
-        w.clamp_mtimes(1000);
-        write_merged(&[tier(&root)], &mut w).unwrap();
-        w.finish().unwrap();
-        let mtimes: Vec<u64> = tar::Archive::new(&out[..]).entries().unwrap().map(|e| e.unwrap().header().mtime().unwrap()).collect();
-        assert_eq!(mtimes, [1000, 500]);
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Symlinks are copied, never followed; hardlinks are kept by (dev, ino); file data is copied by
 //! the kernel (`copy_file_range` through `io::copy`). The tree is taken literally: `.wh.` names
-//! are not whiteouts here, but char 0:0 nodes are (they are one already).
+//! are not whiteouts here, but char 0:0 nodes are (they are one already). Names, link targets
+//! and xattrs are bytes, as on disk; every xattr is copied, whatever their number and size.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -19,6 +20,7 @@ use super::stage::{Meta, Node, Stage};
 use super::Unpacked;
 use crate::progress::Progress;
 use crate::store::meta::Ownership;
+use crate::sys::xattr::Target;
 
 /// Copies the tree at `src` into the directory `root`.
 ///
@@ -29,7 +31,7 @@ pub(crate) fn copy_dir(src: &Path, root: BorrowedFd, ownership: Ownership, progr
     let name = format!("dir:{}", src.display());
     let me = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
     let mut stage = Stage::new(root, &name, ownership, progress);
-    let mut walk = Walk { stage: &mut stage, ownership, me, links: HashMap::new(), xattrs: Vec::new(), xattr_buf: Vec::new() };
+    let mut walk = Walk { stage: &mut stage, ownership, me, links: HashMap::new(), xattrs: Vec::new() };
     let top = fs::symlink_metadata(src).map_err(|source| UnpackError::Open { path: src.to_owned(), source })?;
     if !top.is_dir() {
         return Err(UnpackError::Open { path: src.to_owned(), source: rustix::io::Errno::NOTDIR.into() });
@@ -46,7 +48,6 @@ struct Walk<'s, 'r, 'p> {
     /// First path seen for each multiply-linked inode.
     links: HashMap<(u64, u64), Vec<u8>>,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-    xattr_buf: Vec<u8>,
 }
 
 impl Walk<'_, '_, '_> {
@@ -93,7 +94,7 @@ impl Walk<'_, '_, '_> {
             gid,
             mtime: Timespec { tv_sec: md.mtime(), tv_nsec: md.mtime_nsec() },
         };
-        read_xattrs(path, &mut self.xattr_buf, &mut self.xattrs).map_err(Self::open_err(path))?;
+        crate::sys::xattr::read_all(Target::Path(path), &mut self.xattrs).map_err(Self::open_err(path))?;
         let ft = md.file_type();
         if !ft.is_dir() && md.nlink() > 1 {
             if let Some(first) = self.links.get(&(md.dev(), md.ino())) {
@@ -122,33 +123,6 @@ impl Walk<'_, '_, '_> {
             Ok(())
         }
     }
-}
-
-/// The kernel's limits on an xattr name list and on one value (`XATTR_LIST_MAX`,
-/// `XATTR_SIZE_MAX`), so one buffer of this size always suffices.
-const XATTR_MAX: usize = 64 * 1024;
-
-/// Reads all xattrs of `path` (not following a symlink) into `out`, using `buf` as scratch.
-fn read_xattrs(path: &Path, buf: &mut Vec<u8>, out: &mut Vec<(Vec<u8>, Vec<u8>)>) -> io::Result<()> {
-    out.clear();
-    buf.resize(2 * XATTR_MAX, 0);
-    let (names, value) = buf.split_at_mut(XATTR_MAX);
-    let n = match rustix::fs::llistxattr(path, &mut names[..]) {
-        Ok(n) => n,
-        Err(rustix::io::Errno::NOTSUP) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let name = std::ffi::OsStr::from_bytes(name);
-        let len = match rustix::fs::lgetxattr(path, name, &mut value[..]) {
-            Ok(len) => len,
-            // Removed since listing, or not readable by us: nothing to copy.
-            Err(rustix::io::Errno::NODATA | rustix::io::Errno::PERM | rustix::io::Errno::ACCESS) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        out.push((name.as_bytes().to_vec(), value[..len].to_vec()));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

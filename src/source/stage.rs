@@ -105,9 +105,15 @@ fn os(bytes: &[u8]) -> &std::ffi::OsStr {
     std::ffi::OsStr::from_bytes(bytes)
 }
 
-/// The key of an entry in [`Overrides`].
+/// The key of an entry (or of an xattr name) in [`Overrides`]: its bytes, kept apart from every
+/// other name's (see [`crate::store::meta::key`]).
 fn key(path: &[u8]) -> Cow<'_, str> {
-    String::from_utf8_lossy(path)
+    crate::store::meta::key(path)
+}
+
+/// An entry's name as an error message shows it.
+fn shown(path: &[u8]) -> String {
+    crate::store::tree::shown(path)
 }
 
 /// Opens directories inside the root, caching the last one: archives list a directory's entries
@@ -222,7 +228,7 @@ impl<'r, 'p> Stage<'r, 'p> {
     }
 
     pub(super) fn unsafe_entry(&self, raw: &[u8], reason: &'static str) -> UnpackError {
-        UnpackError::Unsafe { archive: self.archive.to_owned(), entry: key(raw).into_owned(), reason }
+        UnpackError::Unsafe { archive: self.archive.to_owned(), entry: shown(raw), reason }
     }
 
     /// Creates the entry at normalized `path`, replacing whatever an earlier entry left there.
@@ -295,7 +301,7 @@ impl<'r, 'p> Stage<'r, 'p> {
         path.extend_from_slice(name);
         self.put_whiteout_node(&path, dir, os(name)).map_err(|e| match e {
             UnpackError::Unpack { archive, step, source, .. } => {
-                UnpackError::Unpack { archive, entry: key(entry).into_owned(), step, source }
+                UnpackError::Unpack { archive, entry: shown(entry), step, source }
             }
             e => e,
         })
@@ -314,9 +320,15 @@ impl<'r, 'p> Stage<'r, 'p> {
     /// `dir/.wh..wh..opq`: marks `dir` (created if missing) opaque for overlayfs.
     pub(super) fn opaque(&mut self, dir: &[u8], entry: &[u8]) -> Result<(), UnpackError> {
         self.progress.add_entry();
-        let fd = if dir.is_empty() {
-            None
-        } else {
+        if dir.is_empty() {
+            // Overlayfs ignores the mark on a layer's root, so the lower layers would stay
+            // visible while the id said otherwise: refused, never silently dropped.
+            return Err(self.unsafe_entry(
+                entry,
+                "an opaque marker at the layer's root ('hide every layer below') cannot be honoured, as overlayfs ignores it there, and is refused rather than ignored; remove this entry from the archive (a layer meant to replace everything below is an environment of its own: `plyroot create NAME --from` it alone)",
+            ));
+        }
+        let fd = {
             let opened = match self.resolver.open(dir, OFlags::RDONLY) {
                 Err(e) if e.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => {
                     self.resolver.parent(dir).map_err(fail(self.archive, entry, "create directory"))?;
@@ -324,9 +336,8 @@ impl<'r, 'p> Stage<'r, 'p> {
                 }
                 r => r,
             };
-            Some(opened.map_err(fail(self.archive, entry, "open directory"))?)
+            opened.map_err(fail(self.archive, entry, "open directory"))?
         };
-        let fd = fd.as_ref().map_or(self.resolver.root, |f| f.as_fd());
         rustix::fs::fsetxattr(fd, OPAQUE_XATTR, b"y", XattrFlags::empty())
             .map_err(|e| fail(self.archive, entry, "set user.overlay.opaque")(e.into()))
     }
@@ -380,6 +391,19 @@ impl<'r, 'p> Stage<'r, 'p> {
         self.set_xattrs(path, XattrTarget::Fd(file.as_fd()), xattrs)?;
         let times = Timestamps { last_access: omit(), last_modification: meta.mtime };
         rustix::fs::futimens(&file, &times).map_err(|e| fail(self.archive, path, "set mtime")(e.into()))?;
+        self.held_mtime(path, meta.mtime, rustix::fs::fstat(&file))
+    }
+
+    /// Records the archive's mtime in the layer's metadata when the disk holds another (`held`
+    /// is the entry's stat after setting it): the store's filesystem could not represent it
+    /// (ext4 with 128-byte inodes stops at 2038), and the id must not depend on that.
+    fn held_mtime(&mut self, path: &[u8], wanted: Timespec, held: rustix::io::Result<rustix::fs::Stat>) -> Result<(), UnpackError> {
+        let held = held.map_err(|e| fail(self.archive, path, "inspect mtime")(e.into()))?;
+        if held.st_mtime != wanted.tv_sec {
+            self.out.overrides.entry(&key(path)).mtime = Some(wanted.tv_sec);
+        } else if let Some(o) = self.out.overrides.entries.get_mut(key(path).as_ref()) {
+            o.mtime = None;
+        }
         Ok(())
     }
 
@@ -486,8 +510,9 @@ impl<'r, 'p> Stage<'r, 'p> {
         let at = self.resolver.parent(dir).map_err(fail(self.archive, path, "open parent directory"))?;
         let times = Timestamps { last_access: omit(), last_modification: meta.mtime };
         rustix::fs::utimensat(at, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| fail(self.archive, path, "set mtime")(e.into()))?;
+        let held = rustix::fs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW);
         self.record_owner(path, meta);
-        Ok(())
+        self.held_mtime(path, meta.mtime, held)
     }
 
     fn put_hardlink(&mut self, path: &[u8], dir: &[u8], name: &std::ffi::OsStr, target: &[u8]) -> Result<(), UnpackError> {
@@ -517,8 +542,8 @@ impl<'r, 'p> Stage<'r, 'p> {
         }
         let link_err = |archive: &str, source: io::Error| UnpackError::LinkTarget {
             archive: archive.to_owned(),
-            entry: key(path).into_owned(),
-            target: key(target).into_owned(),
+            entry: shown(path),
+            target: shown(target),
             source,
         };
         // The target's directory is resolved inside the root like any parent; `linkat` with
@@ -617,6 +642,7 @@ impl<'r, 'p> Stage<'r, 'p> {
             rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| fail(self.archive, &d.path, "set mode")(e.into()))?;
             let times = Timestamps { last_access: omit(), last_modification: d.mtime };
             rustix::fs::futimens(&fd, &times).map_err(|e| fail(self.archive, &d.path, "set mtime")(e.into()))?;
+            self.held_mtime(&d.path, d.mtime, rustix::fs::fstat(&fd))?;
         }
         Ok(self.out)
     }
@@ -637,7 +663,7 @@ enum XattrTarget<'a> {
 /// Builds the error for a failed `step` on `path`, for `map_err`.
 fn fail(archive: &str, path: &[u8], step: &'static str) -> impl FnOnce(io::Error) -> UnpackError {
     let archive = archive.to_owned();
-    let entry = key(path).into_owned();
+    let entry = shown(path);
     move |source| UnpackError::Unpack { archive, entry, step, source }
 }
 

@@ -25,6 +25,7 @@
 //! `upper.new`, `commit.json`) without deleting anything.
 
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -347,10 +348,13 @@ impl Env {
     pub(crate) fn finish_rebase(&self, onto: &[String], paths: &[String], remove: fn(&Path) -> Result<()>) -> Result<()> {
         let up = self.upper();
         for p in paths {
-            if Path::new(p).components().any(|c| !matches!(c, Component::Normal(_))) {
+            // A path is recorded as a store key (see `meta::key`): bytes that are not UTF-8 too.
+            let bytes = super::meta::unkey(p);
+            let rel = Path::new(std::ffi::OsStr::from_bytes(&bytes));
+            if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
                 bail!("{} names {p:?}, which is not a path inside the upper: not removing it", self.journal_path().display());
             }
-            remove(&up.join(p)).with_context(|| format!("cannot take the layers' version of /{p}"))?;
+            remove(&up.join(rel)).with_context(|| format!("cannot take the layers' version of /{}", super::tree::shown(&bytes)))?;
         }
         self.set_upper_base(onto)
     }

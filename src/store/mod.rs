@@ -44,6 +44,7 @@ pub(crate) mod layer;
 pub(crate) mod limits;
 pub(crate) mod meta;
 pub(crate) mod runs;
+pub(crate) mod tree;
 pub(crate) mod upper;
 
 use std::fs::{self, File};
@@ -263,8 +264,10 @@ impl Drop for Staging {
     }
 }
 
-/// Removes a tree that may hold read-only directories (a rootfs has 0555 dirs), or a single
-/// file, symlink or device; a path that is not there is no error.
+/// Removes a tree that may hold read-only directories (a rootfs has 0555 dirs, an archive may
+/// have 0000 ones), or a single file, symlink or device; a path that is not there is no error.
+/// Any depth: the walk goes by `*at` calls with a bounded number of open directories (a run can
+/// make a tree deeper than a path can name), lending its owner write access on the way down.
 pub(crate) fn remove_tree(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -277,35 +280,10 @@ pub(crate) fn remove_tree(path: &Path) -> Result<()> {
         }
         _ => {}
     }
-    match fs::remove_dir_all(path) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(_) => {}
-    }
-    make_writable(path);
-    match fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
-    }
-}
-
-fn make_writable(path: &Path) {
-    let Ok(md) = fs::symlink_metadata(path) else { return };
-    if !md.is_dir() {
-        return;
-    }
-    let mode = md.permissions().mode();
-    if mode & 0o700 != 0o700 {
-        let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o700));
-    }
-    if let Ok(rd) = fs::read_dir(path) {
-        for e in rd.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                make_writable(&e.path());
-            }
-        }
-    }
+    tree::remove_dir_tree(path).map_err(|(rel, e)| {
+        let at = if rel.is_empty() { path.display().to_string() } else { format!("{}/{}", path.display(), tree::shown(&rel)) };
+        anyhow::Error::new(e).context(format!("cannot remove {at}"))
+    })
 }
 
 /// Writes `data` to `path` atomically and durably: a locked temp file beside it, fsync'd,

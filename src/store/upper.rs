@@ -1,12 +1,19 @@
 //! Reading an upper against layer stacks: what it adds, changes and deletes (`diff`), and which
 //! of its paths conflict with a new stack (`rebase`). The decisions are pure functions of the
-//! upper's entries and a lookup into the lowers; the walks that feed them are thin.
+//! upper's entries, each of which carries what it is in the lowers; [`walk`] reads the upper and
+//! the lowers together (names as bytes, any depth).
 
+use std::ffi::OsStr;
 use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::FileType;
 use serde::{Deserialize, Serialize};
+
+use super::tree::{self, join, kind, resolve, stat_at, Cursor, Found, Lend};
 
 /// One entry of an upper, as overlayfs wrote it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,9 +30,11 @@ pub(crate) enum Node {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct UpperEntry {
-    /// Relative to the root, no leading slash.
-    pub path: String,
+    /// Relative to the root, no leading slash; bytes, as on disk.
+    pub path: Vec<u8>,
     pub node: Node,
+    /// What the path is in each stack of lowers the walk was given (see [`walk`]).
+    pub below: Vec<Option<Fingerprint>>,
 }
 
 /// What a path is in a stack of lowers, enough to tell whether it changed between two stacks.
@@ -35,7 +44,7 @@ pub(crate) struct Fingerprint {
     pub size: u64,
     pub mode: u32,
     pub mtime: i64,
-    pub target: Option<PathBuf>,
+    pub target: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +70,9 @@ impl Change {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct DiffEntry {
-    pub path: String,
+    /// `/` and the path, as bytes (serialized as a metadata key: compact, and exact).
+    #[serde(with = "as_key")]
+    pub path: Vec<u8>,
     pub change: Change,
     /// `f` file, `d` directory, `l` symlink, `s` special, `-` deleted.
     #[serde(rename = "type")]
@@ -69,17 +80,33 @@ pub(crate) struct DiffEntry {
     pub size: u64,
 }
 
-/// Whether `path` is `filter` or below it (component-wise); no filters means everything.
-fn wanted(path: &str, filters: &[String]) -> bool {
-    filters.is_empty() || filters.iter().any(|f| f.is_empty() || path == f || path.starts_with(&format!("{f}/")) || f.starts_with(&format!("{path}/")))
+/// Bytes as a [`super::meta::key`] string: the diff crosses a pipe from the process that reads
+/// the upper, and a deep tree's paths as JSON arrays of numbers would be four times their size.
+mod as_key {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&crate::store::meta::key(b))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        Ok(crate::store::meta::unkey(&String::deserialize(d)?).into_owned())
+    }
 }
 
-/// The diff of an upper against the lowers it was written on. Pure: `lower(path)` says whether
-/// the lowers have `path` (and whether it is a directory).
-pub(crate) fn diff(entries: &[UpperEntry], lower: impl Fn(&str) -> Option<bool>, filters: &[String]) -> Vec<DiffEntry> {
+/// Whether `path` is `filter` or below it, or above it (component-wise); no filters means
+/// everything.
+fn wanted(path: &[u8], filters: &[Vec<u8>]) -> bool {
+    let below = |a: &[u8], b: &[u8]| a.len() > b.len() && a.starts_with(b) && a[b.len()] == b'/';
+    filters.is_empty() || filters.iter().any(|f| f.is_empty() || path == f.as_slice() || below(path, f) || below(f, path))
+}
+
+/// The diff of an upper against the lowers it was written on (the first stack its entries were
+/// walked with). Pure.
+pub(crate) fn diff(entries: &[UpperEntry], filters: &[Vec<u8>]) -> Vec<DiffEntry> {
     let mut out = Vec::new();
     for e in entries {
-        let below = lower(&e.path);
+        let below = e.below.first().and_then(|b| b.as_ref()).map(|fp| fp.kind == 'd');
         let (change, kind, size) = match (&e.node, below) {
             (Node::Whiteout, Some(_)) => (Change::Deleted, '-', 0),
             // A whiteout over nothing hides nothing: not a change anyone made visible.
@@ -93,58 +120,131 @@ pub(crate) fn diff(entries: &[UpperEntry], lower: impl Fn(&str) -> Option<bool>,
             (Node::Special, b) => (if b.is_some() { Change::Modified } else { Change::Added }, 's', 0),
         };
         // Filters select the paths shown; entries below a shown directory are shown too.
-        let shown = format!("/{}", e.path);
         if wanted(&e.path, filters) {
-            out.push(DiffEntry { path: shown, change, kind, size });
+            out.push(DiffEntry { path: [b"/", e.path.as_slice()].concat(), change, kind, size });
         }
     }
     out
 }
 
-/// Paths whose lower content differs between the stack the upper was written on (`old`) and
-/// the new one, among the paths the upper itself changed. Plain (non-opaque) directories merge
-/// and never conflict by themselves. Pure, like [`diff`].
-pub(crate) fn conflicts(entries: &[UpperEntry], old: impl Fn(&str) -> Option<Fingerprint>, new: impl Fn(&str) -> Option<Fingerprint>) -> Vec<String> {
+/// Paths whose lower content differs between the stack the upper was written on (the first
+/// stack its entries were walked with) and the new one (the second), among the paths the upper
+/// itself changed. Plain (non-opaque) directories merge and never conflict by themselves. Pure.
+pub(crate) fn conflicts(entries: &[UpperEntry]) -> Vec<Vec<u8>> {
     entries
         .iter()
         .filter(|e| !matches!(e.node, Node::Dir { opaque: false }))
-        .filter(|e| old(&e.path) != new(&e.path))
+        .filter(|e| e.below.first() != e.below.get(1))
         .map(|e| e.path.clone())
         .collect()
 }
 
-/// Reads an upper into entries, parents before children, names sorted.
-pub(crate) fn walk(upper: &Path) -> std::io::Result<Vec<UpperEntry>> {
-    fn go(dir: &Path, rel: &str, out: &mut Vec<UpperEntry>) -> std::io::Result<()> {
-        let mut names: Vec<_> = fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<Result<_, _>>()?;
-        names.sort();
-        for name in names {
-            let p = dir.join(&name);
-            let r = if rel.is_empty() { name.to_string_lossy().into_owned() } else { format!("{rel}/{}", name.to_string_lossy()) };
-            let m = fs::symlink_metadata(&p)?;
-            let t = m.file_type();
-            let node = if is_whiteout(&m) {
-                Node::Whiteout
-            } else if t.is_dir() {
-                Node::Dir { opaque: is_opaque(&p) }
-            } else if t.is_file() {
-                Node::File { size: m.len() }
-            } else if t.is_symlink() {
-                Node::Symlink
-            } else {
-                Node::Special
+/// Reads an upper into entries, parents before children, names sorted by their bytes, each with
+/// what it is in every stack of `stacks` (lower layer roots, top first; overlayfs's rules). The
+/// upper and the stacks are walked together, with `*at` calls: any depth, bounded fds, and no
+/// lookup of a path from the top per entry.
+pub(crate) fn walk(upper: &Path, stacks: &[&[PathBuf]]) -> io::Result<Vec<UpperEntry>> {
+    // Tier 0 is the upper; every distinct lower root one more tier.
+    let mut roots: Vec<&Path> = vec![upper];
+    let mut per_stack: Vec<Vec<usize>> = Vec::new();
+    for stack in stacks {
+        let mut tiers = Vec::new();
+        for l in stack.iter() {
+            let t = match roots.iter().position(|r| *r == l.as_path()) {
+                Some(t) => t,
+                None => {
+                    roots.push(l);
+                    roots.len() - 1
+                }
             };
-            let is_dir = t.is_dir();
-            out.push(UpperEntry { path: r.clone(), node });
-            if is_dir {
-                go(&p, &r, out)?;
+            tiers.push(t);
+        }
+        per_stack.push(tiers);
+    }
+    let mut cur = Cursor::new(&roots, Lend::Read)?;
+    let mut out = Vec::new();
+    let mut rel: Vec<u8> = Vec::new();
+    struct Level {
+        names: Vec<Vec<u8>>,
+        /// Per stack: the lower tiers whose directories merge here, top first.
+        lowers: Vec<Vec<usize>>,
+        parent_len: usize,
+    }
+    let names = |cur: &mut Cursor| -> io::Result<Vec<Vec<u8>>> {
+        let mut n: Vec<Vec<u8>> = tree::list(cur.dir(0)?)?.into_iter().map(|e| e.0).collect();
+        n.sort_by(|a, b| b.cmp(a));
+        Ok(n)
+    };
+    let mut levels = vec![Level { names: names(&mut cur)?, lowers: per_stack, parent_len: 0 }];
+    while let Some(level) = levels.last_mut() {
+        let Some(name) = level.names.pop() else {
+            let parent_len = level.parent_len;
+            levels.pop();
+            if !levels.is_empty() {
+                cur.leave()?;
+                rel.truncate(parent_len);
+            }
+            continue;
+        };
+        let lowers = level.lowers.clone();
+        let path = join(&rel, &name);
+        let st = stat_at(cur.dir(0)?, &name)?;
+        let t = kind(&st);
+        let node = if tree::is_whiteout(&st) {
+            Node::Whiteout
+        } else if t == FileType::Directory {
+            Node::Dir { opaque: tree::is_opaque_at(cur.dir(0)?, &name)? }
+        } else if t == FileType::RegularFile {
+            Node::File { size: st.st_size as u64 }
+        } else if t == FileType::Symlink {
+            Node::Symlink
+        } else {
+            Node::Special
+        };
+        let mut below = Vec::with_capacity(lowers.len());
+        let mut merged: Vec<Vec<usize>> = Vec::with_capacity(lowers.len());
+        let mut enter: Vec<(usize, rustix::fs::Stat)> = vec![(0, st)];
+        for tiers in &lowers {
+            let r = resolve::<()>(&mut cur, tiers, &name, |_| None)?;
+            below.push(match &r.top {
+                Some((tier, Found::Disk(lst))) => Some(fingerprint(&mut cur, *tier, &name, lst)?),
+                _ => None,
+            });
+            merged.push(r.dirs.iter().map(|d| d.0).collect());
+            for d in r.dirs {
+                if !enter.iter().any(|e| e.0 == d.0) {
+                    enter.push(d);
+                }
             }
         }
-        Ok(())
+        let is_dir = matches!(node, Node::Dir { .. });
+        out.push(UpperEntry { path: path.clone(), node, below });
+        if is_dir {
+            let with: Vec<(usize, &rustix::fs::Stat)> = enter.iter().map(|(t, s)| (*t, s)).collect();
+            cur.enter(&name, &with)?;
+            let parent_len = rel.len();
+            rel = path;
+            let names = names(&mut cur)?;
+            levels.push(Level { names, lowers: merged, parent_len });
+        }
     }
-    let mut out = Vec::new();
-    go(upper, "", &mut out)?;
     Ok(out)
+}
+
+fn fingerprint(cur: &mut Cursor, tier: usize, name: &[u8], st: &rustix::fs::Stat) -> io::Result<Fingerprint> {
+    let t = kind(st);
+    let k = if t == FileType::Directory { 'd' } else if t == FileType::Symlink { 'l' } else if t == FileType::RegularFile { 'f' } else { 's' };
+    let target = match t {
+        FileType::Symlink => Some(rustix::fs::readlinkat(cur.dir(tier)?, OsStr::from_bytes(name), Vec::new())?.into_bytes()),
+        _ => None,
+    };
+    Ok(Fingerprint {
+        kind: k,
+        size: if t == FileType::RegularFile { st.st_size as u64 } else { 0 },
+        mode: st.st_mode & 0o7777,
+        mtime: if t == FileType::Directory { 0 } else { st.st_mtime },
+        target,
+    })
 }
 
 /// Whether an entry is an overlayfs whiteout (a char device 0:0): the path is deleted.
@@ -160,13 +260,14 @@ pub(crate) fn is_opaque(dir: &Path) -> bool {
 
 /// Resolves `rel` in a stack of layer trees (top first) the way overlayfs merges them: the
 /// top-most entry wins, a whiteout deletes, a non-directory or an opaque directory hides the
-/// layers below it.
-pub(crate) fn lookup(lowers: &[PathBuf], rel: &str) -> Option<(PathBuf, fs::Metadata)> {
-    let comps: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+/// layers below it. `rel` is bytes (a `&str` will do). For single lookups by name (`which`,
+/// launchers); walks resolve as they go instead (see [`walk`]).
+pub(crate) fn lookup(lowers: &[PathBuf], rel: impl AsRef<[u8]>) -> Option<(PathBuf, fs::Metadata)> {
+    let comps: Vec<&[u8]> = rel.as_ref().split(|&b| b == b'/').filter(|c| !c.is_empty()).collect();
     let mut candidates: Vec<&PathBuf> = lowers.iter().collect();
     let mut prefix = PathBuf::new();
     for (i, c) in comps.iter().enumerate() {
-        prefix.push(c);
+        prefix.push(OsStr::from_bytes(c));
         let mut hits: Vec<(&PathBuf, fs::Metadata)> = Vec::new();
         for l in &candidates {
             let Ok(m) = fs::symlink_metadata(l.join(&prefix)) else { continue };
@@ -195,79 +296,82 @@ pub(crate) fn lookup(lowers: &[PathBuf], rel: &str) -> Option<(PathBuf, fs::Meta
     None
 }
 
-pub(crate) fn fingerprint(lowers: &[PathBuf], rel: &str) -> Option<Fingerprint> {
-    let (abs, m) = lookup(lowers, rel)?;
-    let t = m.file_type();
-    let kind = if t.is_dir() { 'd' } else if t.is_symlink() { 'l' } else if t.is_file() { 'f' } else { 's' };
-    Some(Fingerprint {
-        kind,
-        size: if t.is_file() { m.len() } else { 0 },
-        mode: m.mode() & 0o7777,
-        mtime: if t.is_dir() { 0 } else { m.mtime() },
-        target: t.is_symlink().then(|| fs::read_link(&abs).ok()).flatten(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn e(path: &str, node: Node) -> UpperEntry {
-        UpperEntry { path: path.into(), node }
+    fn fp(kind: char, size: u64) -> Option<Fingerprint> {
+        Some(Fingerprint { kind, size, mode: 0o644, mtime: 1, target: None })
+    }
+
+    fn e(path: impl AsRef<[u8]>, node: Node, below: &[Option<Fingerprint>]) -> UpperEntry {
+        UpperEntry { path: path.as_ref().to_vec(), node, below: below.to_vec() }
     }
 
     #[test]
     fn diff_table() {
+        let (dir, file) = (&[fp('d', 0)], &[fp('f', 1)]);
         let entries = vec![
-            e("etc", Node::Dir { opaque: false }),
-            e("etc/new.conf", Node::File { size: 10 }),
-            e("etc/passwd", Node::File { size: 900 }),
-            e("etc/gone", Node::Whiteout),
-            e("etc/never", Node::Whiteout),
-            e("opt", Node::Dir { opaque: false }),
-            e("var/cache", Node::Dir { opaque: true }),
-            e("usr/bin/cc", Node::Symlink),
+            e("etc", Node::Dir { opaque: false }, dir),
+            e("etc/new.conf", Node::File { size: 10 }, &[None]),
+            e("etc/passwd", Node::File { size: 900 }, file),
+            e("etc/gone", Node::Whiteout, file),
+            e("etc/never", Node::Whiteout, &[None]),
+            e("opt", Node::Dir { opaque: false }, &[None]),
+            e("var/cache", Node::Dir { opaque: true }, dir),
+            e("usr/bin/cc", Node::Symlink, &[None]),
+            e(b"a\xffb", Node::File { size: 1 }, &[None]),
         ];
-        let lower = |p: &str| match p {
-            "etc" | "var/cache" => Some(true),
-            "etc/passwd" | "etc/gone" => Some(false),
-            _ => None,
-        };
-        let d: Vec<(String, char)> = diff(&entries, lower, &[]).into_iter().map(|d| (d.path, d.change.letter())).collect();
-        assert_eq!(
-            d,
-            [("/etc/new.conf", 'A'), ("/etc/passwd", 'M'), ("/etc/gone", 'D'), ("/opt", 'A'), ("/var/cache", 'R'), ("/usr/bin/cc", 'A')]
-                .map(|(p, c)| (p.to_string(), c))
-        );
-        let only_etc: Vec<String> = diff(&entries, lower, &["etc".into()]).into_iter().map(|d| d.path).collect();
-        assert_eq!(only_etc, ["/etc/new.conf", "/etc/passwd", "/etc/gone"]);
+        let d: Vec<(Vec<u8>, char)> = diff(&entries, &[]).into_iter().map(|d| (d.path, d.change.letter())).collect();
+        let want: Vec<(Vec<u8>, char)> = [("/etc/new.conf", 'A'), ("/etc/passwd", 'M'), ("/etc/gone", 'D'), ("/opt", 'A'), ("/var/cache", 'R'), ("/usr/bin/cc", 'A')]
+            .map(|(p, c)| (p.as_bytes().to_vec(), c))
+            .into_iter()
+            .chain([(b"/a\xffb".to_vec(), 'A')])
+            .collect();
+        assert_eq!(d, want);
+        let only_etc: Vec<Vec<u8>> = diff(&entries, &[b"etc".to_vec()]).into_iter().map(|d| d.path).collect();
+        assert_eq!(only_etc, [&b"/etc/new.conf"[..], b"/etc/passwd", b"/etc/gone"]);
     }
 
     #[test]
     fn conflicts_are_upper_paths_whose_lower_changed() {
-        let fp = |size| Some(Fingerprint { kind: 'f', size, mode: 0o644, mtime: 1, target: None });
         let entries = vec![
-            e("etc", Node::Dir { opaque: false }),
-            e("etc/a", Node::File { size: 1 }),
-            e("etc/b", Node::File { size: 1 }),
-            e("etc/c", Node::Whiteout),
-            e("etc/d", Node::Dir { opaque: true }),
+            e("etc", Node::Dir { opaque: false }, &[fp('d', 0), None]),
+            e("etc/a", Node::File { size: 1 }, &[fp('f', 5), fp('f', 5)]),
+            e("etc/b", Node::File { size: 1 }, &[fp('f', 5), fp('f', 6)]),
+            e("etc/c", Node::Whiteout, &[fp('f', 7), fp('f', 8)]),
+            e("etc/d", Node::Dir { opaque: true }, &[None, fp('f', 1)]),
         ];
-        let old = |p: &str| match p {
-            "etc/a" => fp(5),
-            "etc/b" => fp(5),
-            "etc/c" => fp(7),
-            "etc" => Some(Fingerprint { kind: 'd', size: 0, mode: 0o755, mtime: 0, target: None }),
-            _ => None,
-        };
-        let new = |p: &str| match p {
-            "etc/a" => fp(5),
-            "etc/b" => fp(6),
-            "etc/c" => fp(8),
-            "etc/d" => fp(1),
-            _ => None,
-        };
-        assert_eq!(conflicts(&entries, old, new), ["etc/b", "etc/c", "etc/d"]);
+        assert_eq!(conflicts(&entries), [&b"etc/b"[..], b"etc/c", b"etc/d"]);
+    }
+
+    #[test]
+    fn walk_resolves_every_entry_in_every_stack() {
+        let t = tempfile::tempdir().unwrap();
+        let p = |n: &str| t.path().join(n);
+        for d in ["up/etc", "old/etc", "new/etc", "base/etc"] {
+            fs::create_dir_all(p(d)).unwrap();
+        }
+        fs::write(p("up/etc/a"), "mine").unwrap();
+        fs::write(p("up/etc/new"), "mine").unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, p("up/etc/b"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
+        fs::write(p("base/etc/a"), "base").unwrap();
+        fs::write(p("base/etc/b"), "base").unwrap();
+        fs::write(p("new/etc/a"), "changed upstream").unwrap();
+        std::os::unix::fs::symlink("x", p("old/etc/b")).unwrap();
+        let old = vec![p("old"), p("base")];
+        let new = vec![p("new"), p("base")];
+        let entries = walk(&p("up"), &[&old, &new]).unwrap();
+        let paths: Vec<&[u8]> = entries.iter().map(|e| e.path.as_slice()).collect();
+        assert_eq!(paths, [&b"etc"[..], b"etc/a", b"etc/b", b"etc/new"]);
+        let b = &entries[2];
+        assert_eq!(b.node, Node::Whiteout);
+        assert_eq!(b.below[0].as_ref().unwrap().target.as_deref(), Some(&b"x"[..]), "the old stack's top is the link");
+        assert_eq!(b.below[1].as_ref().unwrap().kind, 'f');
+        assert_eq!(entries[1].below[0].as_ref().unwrap().size, 4, "old: base's etc/a");
+        assert_eq!(entries[1].below[1].as_ref().unwrap().size, 16, "new: its own etc/a");
+        assert_eq!(entries[3].below, [None, None]);
+        assert_eq!(conflicts(&entries), [&b"etc/a"[..], b"etc/b"]);
     }
 
     #[test]

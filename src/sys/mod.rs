@@ -5,6 +5,7 @@ pub(crate) mod mount;
 pub(crate) mod ns;
 pub(crate) mod process;
 pub(crate) mod procs;
+pub(crate) mod xattr;
 
 use std::io;
 use std::path::PathBuf;
