@@ -23,10 +23,7 @@ use common::*;
 
 /// A store with one busybox environment `t`, or a skip.
 fn env() -> Result<Store, String> {
-    userns()?;
-    let s = Store::new();
-    s.busybox_env("t")?;
-    Ok(s)
+    Store::with_busybox_env()
 }
 
 /// A run in the background that prints `ready` once it started, then waits for `/tmp/<go>` (the

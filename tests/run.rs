@@ -19,10 +19,7 @@ use common::*;
 
 /// A store with one busybox environment `t` (from a `dir:` source), or a skip.
 fn env() -> Result<Store, String> {
-    userns()?;
-    let s = Store::new();
-    s.busybox_env("t")?;
-    Ok(s)
+    Store::with_busybox_env()
 }
 
 fn src(kind: &str, p: &Path) -> String {

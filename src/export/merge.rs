@@ -192,35 +192,12 @@ mod tests {
     #[test]
     fn overlay_rules_whiteouts_opaque_dirs_and_shadowing() {
         let t = tempfile::tempdir().unwrap();
-        let (bot, mid, top) = (t.path().join("bot"), t.path().join("mid"), t.path().join("top"));
-        for d in [&bot, &mid, &top] {
-            fs::create_dir_all(d.join("etc")).unwrap();
-        }
-        fs::write(bot.join("etc/a"), "bottom").unwrap();
-        fs::write(bot.join("etc/b"), "bottom").unwrap();
-        fs::create_dir_all(bot.join("opt/x")).unwrap();
-        fs::write(bot.join("opt/y"), "y").unwrap();
-        fs::create_dir_all(bot.join("srv/old")).unwrap();
-        fs::write(bot.join("file-then-dir"), "f").unwrap();
-        fs::create_dir_all(bot.join("dir-then-file/inner")).unwrap();
-        fs::write(mid.join("etc/a"), "middle").unwrap();
-        whiteout(&top.join("etc/b"));
-        fs::create_dir_all(mid.join("opt/z")).unwrap();
-        rustix::fs::lsetxattr(mid.join("opt"), "user.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
-        fs::create_dir_all(top.join("file-then-dir/sub")).unwrap();
-        fs::write(mid.join("dir-then-file"), "now a file").unwrap();
-        whiteout(&mid.join("srv"));
-        fs::create_dir_all(top.join("srv/new")).unwrap();
-        // A whiteout in the bottom tier deletes nothing and is no entry.
-        whiteout(&bot.join("never"));
-        // A device only in the bottom tier's metadata, deleted by the top; another kept.
-        let mut b = tier(&bot);
-        fs::create_dir(bot.join("dev")).unwrap();
-        b.overrides.entry("dev/gone").device = Some(Device { kind: 'c', major: 1, minor: 5, mode: 0o666, mtime: 1 });
+        let [mut b, mid, top] = deleting_tiers(t.path());
+        // A whiteout in the bottom tier deletes nothing and is no entry; a device only in the
+        // bottom tier's metadata is kept (another, dev/gone, the top deletes).
+        whiteout(&b.root.join("never"));
         b.overrides.entry("dev/kept").device = Some(Device { kind: 'b', major: 8, minor: 0, mode: 0o660, mtime: 1 });
-        fs::create_dir(top.join("dev")).unwrap();
-        whiteout(&top.join("dev/gone"));
-        let tar = merged(&[b, tier(&mid), tier(&top)]);
+        let tar = merged(&[b, mid, top]);
         assert_eq!(
             names(&tar),
             [

@@ -481,6 +481,14 @@ impl Store {
         acc
     }
 
+    /// A fresh store with one busybox environment `t` (from a `dir:` source), or the reason to skip.
+    pub fn with_busybox_env() -> Result<Store, String> {
+        userns()?;
+        let s = Store::new();
+        s.busybox_env("t")?;
+        Ok(s)
+    }
+
     /// A busybox env built from a `dir:` source; returns the rootfs path.
     pub fn busybox_env(&self, name: &str) -> Result<PathBuf, String> {
         let root = self.path(&format!("{name}-rootfs"));
