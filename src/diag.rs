@@ -15,23 +15,39 @@ pub(crate) fn level() -> u8 {
     LEVEL.load(Ordering::Relaxed)
 }
 
-pub(crate) fn warn(msg: &str) {
-    if level() >= 1 {
-        eprintln!("plyroot: warning: {}", crate::text::escape(msg));
-    }
+/// Writes one diagnostic line; called by the macros below once the level let it through.
+pub(crate) fn emit(prefix: &str, msg: std::fmt::Arguments<'_>) {
+    eprintln!("plyroot: {prefix}{}", crate::text::escape(&msg.to_string()));
 }
 
-pub(crate) fn info(msg: &str) {
-    if level() >= 1 {
-        eprintln!("plyroot: {}", crate::text::escape(msg));
-    }
+/// `warn!("...", args)`: a warning, shown unless `-q`. The message is formatted only when shown.
+macro_rules! warn_ {
+    ($($arg:tt)*) => {
+        if $crate::diag::level() >= 1 {
+            $crate::diag::emit("warning: ", format_args!($($arg)*))
+        }
+    };
 }
 
-pub(crate) fn debug(msg: &str) {
-    if level() >= 2 {
-        eprintln!("plyroot: {}", crate::text::escape(msg));
-    }
+/// `info!("...", args)`: a line of progress or a note, shown unless `-q`.
+macro_rules! info {
+    ($($arg:tt)*) => {
+        if $crate::diag::level() >= 1 {
+            $crate::diag::emit("", format_args!($($arg)*))
+        }
+    };
 }
+
+/// `debug!("...", args)`: shown with `-v`; nothing is formatted otherwise.
+macro_rules! debug {
+    ($($arg:tt)*) => {
+        if $crate::diag::level() >= 2 {
+            $crate::diag::emit("", format_args!($($arg)*))
+        }
+    };
+}
+
+pub(crate) use {debug, info, warn_ as warn};
 
 /// Quotes another program's output (a log's last lines) under the error that follows it, one
 /// escaped line each, indented; shown even with `-q`, as the error is.

@@ -206,7 +206,7 @@ fn install_desktop(store: &Store, env: &str, program: &str, launcher: &Path) -> 
         }
     }
     if installed.is_empty() {
-        crate::diag::warn(&format!("no .desktop entry in environment '{env}' starts '{program}'; only the command was installed"));
+        crate::diag::warn!("no .desktop entry in environment '{env}' starts '{program}'; only the command was installed");
     }
     Ok(installed)
 }

@@ -169,7 +169,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             std::fs::create_dir_all(dir)?;
             let cmd = Cli::command();
             clap_mangen::generate_to(cmd, dir)?;
-            diag::info(&format!("wrote man pages to {}", dir.display()));
+            diag::info!("wrote man pages to {}", dir.display());
             Ok(0)
         }
     }

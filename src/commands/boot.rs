@@ -104,7 +104,7 @@ fn wait_ready(store: &Store, env: &Env, init: &std::os::fd::OwnedFd, systemd: bo
         let done = if systemd { last == "running" || last == "degraded" } else { ok };
         if done && !wait_exit(init, Duration::ZERO) {
             if systemd {
-                crate::diag::info(&format!("{name}: systemd is {last}"));
+                crate::diag::info!("{name}: systemd is {last}");
             }
             return Ok(());
         }
@@ -128,7 +128,7 @@ pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) 
     let env = store.env(name)?;
     super::run::recover(&store, &env)?;
     if env.booted().is_some() {
-        crate::diag::info(&format!("'{name}' is already booted (`plyroot status`)"));
+        crate::diag::info!("'{name}' is already booted (`plyroot status`)");
         return Ok(0);
     }
     let generation = env.current()?;
@@ -149,7 +149,7 @@ pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) 
     let log_path = env.dir.join("boot.log");
     let log = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&log_path).with_context(|| format!("cannot open {}", log_path.display()))?;
     let booted = crate::sandbox::boot::boot(&plan, &inside, name, log, recording, held)?;
-    crate::diag::info(&format!("{name}: init {init} is PID 1 (host pid {}); output in {}", booted.init, log_path.display()));
+    crate::diag::info!("{name}: init {init} is PID 1 (host pid {}); output in {}", booted.init, log_path.display());
     let fd = crate::sys::ns::pidfd(booted.init).map_err(|_| init_died(&env, systemd))?;
     wait_ready(&store, &env, &fd, systemd, ready, timeout)?;
     Ok(0)
@@ -182,7 +182,7 @@ pub(crate) fn status(store: &Store, json: bool) -> Result<i32> {
 pub(crate) fn stop(store: &Store, name: &str, timeout: u64) -> Result<i32> {
     let env = store.env(name)?;
     let Some(b) = env.booted() else {
-        crate::diag::info(&format!("'{name}' is not booted"));
+        crate::diag::info!("'{name}' is not booted");
         return Ok(0);
     };
     let pid = b.record.pid;
@@ -195,7 +195,7 @@ pub(crate) fn stop(store: &Store, name: &str, timeout: u64) -> Result<i32> {
     let sig = if is_systemd(store, &env, &init) { libc::SIGRTMIN() + 3 } else { libc::SIGTERM };
     send(&fd, sig)?;
     if !wait_exit(&fd, Duration::from_secs(timeout)) {
-        crate::diag::warn(&format!("{name}: init did not stop within {timeout}s; killing every process in it"));
+        crate::diag::warn!("{name}: init did not stop within {timeout}s; killing every process in it");
         send(&fd, libc::SIGKILL)?;
         if !wait_exit(&fd, Duration::from_secs(10)) {
             bail!("{name}: init (pid {pid}) survived SIGKILL");
@@ -204,10 +204,10 @@ pub(crate) fn stop(store: &Store, name: &str, timeout: u64) -> Result<i32> {
     // PID 1's end takes the whole pid namespace with it: nothing of the environment is left.
     if let Some(s) = supervisor {
         if !wait_exit(&s, Duration::from_secs(10)) {
-            crate::diag::warn(&format!("{name}: init stopped, but its supervisor (pid {}) is still there", b.record.supervisor.unwrap_or(0)));
+            crate::diag::warn!("{name}: init stopped, but its supervisor (pid {}) is still there", b.record.supervisor.unwrap_or(0));
         }
     }
-    crate::diag::info(&format!("{name}: stopped"));
+    crate::diag::info!("{name}: stopped");
     Ok(0)
 }
 

@@ -138,16 +138,16 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
             Change::Update { decl, layers, env, cur, _lock } => {
                 let g = env.next_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply", cur.commits.clone())?;
                 let n = env.add_generation(cur.number, g, "apply", store.remover)?;
-                crate::diag::info(&format!("{}: generation {n} is current", decl.name));
+                crate::diag::info!("{}: generation {n} is current", decl.name);
             }
             Change::Create { decl, layers } => {
                 store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
-                crate::diag::info(&format!("{}: created, generation 1 is current", decl.name));
+                crate::diag::info!("{}: created, generation 1 is current", decl.name);
             }
         }
     }
     if changed == 0 {
-        crate::diag::info("nothing to do: every environment is as the manifest declares");
+        crate::diag::info!("nothing to do: every environment is as the manifest declares");
     }
     Ok(0)
 }
@@ -244,9 +244,9 @@ pub(crate) fn switch(store: &Store, name: &str, n: u32) -> Result<i32> {
     }
     let stale = !env.upper_is_empty() && env.upper_base()? != target.layers;
     env.switch(n)?;
-    crate::diag::info(&format!("{name}: generation {n} is current"));
+    crate::diag::info!("{name}: generation {n} is current");
     if stale {
-        crate::diag::info(&format!("{name}: its upper holds changes made on other layers; before the next run choose `plyroot rebase {name}` or `plyroot reset {name}`"));
+        crate::diag::info!("{name}: its upper holds changes made on other layers; before the next run choose `plyroot rebase {name}` or `plyroot reset {name}`");
     }
     Ok(0)
 }

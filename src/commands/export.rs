@@ -39,7 +39,7 @@ pub(crate) fn export(store: &Store, name: &str, output: Option<&Path>, oci: Opti
     let _lock = env.lock()?;
     let generation = env.current()?;
     if generation.settings.base.as_deref() == Some("host") {
-        crate::diag::warn(&format!("'{name}' runs on the host's root (base = \"host\"): the export holds its layers and upper, not the host's files"));
+        crate::diag::warn!("'{name}' runs on the host's root (base = \"host\"): the export holds its layers and upper, not the host's files");
     }
     let upper = upper_to_export(&env, &generation)?;
     let epoch = exp::source_date_epoch()?;
@@ -73,7 +73,7 @@ fn upper_to_export(env: &Env, generation: &Generation) -> Result<Option<PathBuf>
     }
     let live = env.live().len();
     if live > 0 {
-        crate::diag::warn(&format!("{live} program(s) run in '{name}': the export reads its upper as it is now, while they may change it"));
+        crate::diag::warn!("{live} program(s) run in '{name}': the export reads its upper as it is now, while they may change it");
     }
     Ok(Some(env.upper()))
 }
@@ -139,7 +139,7 @@ fn export_tar(env: &Env, generation: &Generation, mut tiers: Vec<Tier>, upper: O
         None => String::new(),
     };
     let to = if file == Path::new("-") { String::new() } else { format!(" to {shown}") };
-    crate::diag::info(&format!("exported '{name}' generation {}{to} ({} entries, {} of files{written}); as a layer: {}", generation.number, w.entries, human(w.size), w.id));
+    crate::diag::info!("exported '{name}' generation {}{to} ({} entries, {} of files{written}); as a layer: {}", generation.number, w.entries, human(w.size), w.id);
     if id_to_stdout {
         // The data of this command: the id `plyroot import` gives the tarball.
         out(&format!("{}\n", w.id))?;
@@ -194,14 +194,14 @@ fn export_oci(env: &Env, generation: &Generation, tiers: Vec<Tier>, upper: Optio
     let image = oci::Image { layers, env: vars, cmd: vec!["/bin/sh".to_owned()], created: epoch.unwrap_or(0), tag: tag.to_owned() };
     let digest = oci::write_layout(&pending.tmp, &image)?;
     pending.commit()?;
-    crate::diag::info(&format!(
+    crate::diag::info!(
         "exported '{name}' generation {} as an OCI image in {} ({} layer(s){}), tag {tag}: e.g. `skopeo inspect oci:{}:{tag}`",
         generation.number,
         dir.display(),
         generation.layers.len(),
         if has_upper { " plus the upper" } else { "" },
         dir.display()
-    ));
+    );
     out(&format!("{digest}\n"))?;
     Ok(0)
 }

@@ -149,7 +149,7 @@ pub(crate) fn verify(store: &Store, json: bool) -> Result<i32> {
         out(&s)?;
     }
     if bad > 0 {
-        crate::diag::warn("corrupt layers no longer hold what their id says: re-import their source (`plyroot apply --update` or `plyroot import`) after removing them");
+        crate::diag::warn!("corrupt layers no longer hold what their id says: re-import their source (`plyroot apply --update` or `plyroot import`) after removing them");
         return Ok(1);
     }
     Ok(0)

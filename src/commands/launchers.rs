@@ -22,14 +22,14 @@ pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&
     for r in &made {
         s.push_str(&format!("{}\n", field(&r.link.display().to_string())));
         for f in &r.files {
-            crate::diag::debug(&format!("installed {}", f.display()));
+            crate::diag::debug!("installed {}", f.display());
         }
     }
     out(&s)?;
     if let Some(dir) = made.first().and_then(|r| r.link.parent()) {
         let on_path = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d == dir));
         if !on_path {
-            crate::diag::warn(&format!("{} is not on your PATH: add it to run the launchers by name", dir.display()));
+            crate::diag::warn!("{} is not on your PATH: add it to run the launchers by name", dir.display());
         }
     }
     Ok(0)
@@ -92,7 +92,7 @@ pub(crate) fn unexport(store: &Store, names: &[String], env: Option<&str>, all: 
     }
     for r in rs.iter().filter(|r| all || names.contains(&r.name)) {
         launcher::remove(store, r)?;
-        crate::diag::info(&format!("removed {}", r.link.display()));
+        crate::diag::info!("removed {}", r.link.display());
     }
     Ok(0)
 }
@@ -206,7 +206,7 @@ pub(crate) fn conflicts(store: &Store, names: &[String], json: bool) -> Result<i
         s.push_str(&format!("{}: {} shadows {}\n", field(&c.path), field(&c.winner), shadowed.join("; ")));
     }
     out(&s)?;
-    crate::diag::info(&format!("{} path(s) provided differently by more than one layer", found.len()));
+    crate::diag::info!("{} path(s) provided differently by more than one layer", found.len());
     Ok(0)
 }
 

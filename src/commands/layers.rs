@@ -87,7 +87,7 @@ pub(crate) fn layer_rm(store: &Store, ids: &[String]) -> Result<i32> {
     }
     for id in resolved {
         store.remove_layer(&id)?;
-        crate::diag::info(&format!("removed layer {id}"));
+        crate::diag::info!("removed layer {id}");
     }
     Ok(0)
 }
@@ -113,7 +113,7 @@ pub(crate) fn create(store: &Store, name: &str, from: &[String], base: Option<&s
     )?;
     let settings = crate::manifest::Settings { base: base.map(str::to_owned), ..Default::default() };
     store.create_env(name, ids, from.to_vec(), settings, "create")?;
-    crate::diag::info(&format!("created environment '{name}' with {n} layer(s); try `plyroot enter {name}`"));
+    crate::diag::info!("created environment '{name}' with {n} layer(s); try `plyroot enter {name}`");
     Ok(0)
 }
 
@@ -162,10 +162,10 @@ pub(crate) fn rm(store: &Store, names: &[String]) -> Result<i32> {
     for (n, receipts) in plan {
         for r in receipts {
             crate::launcher::remove(store, &r)?;
-            crate::diag::info(&format!("removed launcher {}", r.link.display()));
+            crate::diag::info!("removed launcher {}", r.link.display());
         }
         store.remove_env(n)?;
-        crate::diag::info(&format!("removed environment '{n}'"));
+        crate::diag::info!("removed environment '{n}'");
     }
     Ok(0)
 }

@@ -47,7 +47,7 @@ pub(crate) fn push(store: &Store, name: &str, target: &str) -> Result<i32> {
         bail!("'{name}' has uncommitted changes in its upper: `plyroot commit {name}` to push them as a layer (or `plyroot reset {name}` to set them aside); push sends a generation's layers only");
     }
     if generation.settings.base.as_deref() == Some("host") {
-        crate::diag::warn(&format!("'{name}' runs on the host's root (base = \"host\"): the image holds its layers, not the host's files"));
+        crate::diag::warn!("'{name}' runs on the host's root (base = \"host\"): the image holds its layers, not the host's files");
     }
     let ids = generation.layers.clone();
     if ids.is_empty() {
@@ -66,7 +66,7 @@ pub(crate) fn push(store: &Store, name: &str, target: &str) -> Result<i32> {
     for id in &unique {
         if let Some((digest, size)) = store.pushed_blob(id) {
             if client.has_blob(&digest)? {
-                crate::diag::debug(&format!("layer {id}: the registry has its blob {digest}"));
+                crate::diag::debug!("layer {id}: the registry has its blob {digest}");
                 blobs.insert(id.clone(), (digest, size));
             }
         }
@@ -75,7 +75,7 @@ pub(crate) fn push(store: &Store, name: &str, target: &str) -> Result<i32> {
     let staging = store.staging()?;
     let mut made = Vec::new();
     if !todo.is_empty() {
-        crate::diag::info(&format!("compressing {} layer(s) of '{name}'", todo.len()));
+        crate::diag::info!("compressing {} layer(s) of '{name}'", todo.len());
         let mut tiers = Vec::new();
         for id in &todo {
             tiers.push((id.clone(), store.layer_root(id), store.layer_overrides(id)?));
@@ -104,12 +104,12 @@ pub(crate) fn push(store: &Store, name: &str, target: &str) -> Result<i32> {
     let (mut uploaded, mut sent) = (0, 0);
     for m in &made {
         if let Err(e) = store.record_pushed_blob(&m.id, &m.digest, m.size) {
-            crate::diag::warn(&format!("{e:#}"));
+            crate::diag::warn!("{e:#}");
         }
         if client.has_blob(&m.digest)? {
-            crate::diag::debug(&format!("layer {}: the registry has its blob {}", m.id, m.digest));
+            crate::diag::debug!("layer {}: the registry has its blob {}", m.id, m.digest);
         } else {
-            crate::diag::info(&format!("uploading layer {} ({})", m.id, human(m.size)));
+            crate::diag::info!("uploading layer {} ({})", m.id, human(m.size));
             let mut f = File::open(&m.file).with_context(|| format!("cannot read {}", m.file.display()))?;
             client.upload(&m.digest, Body::File(&mut f, m.size))?;
             uploaded += 1;
@@ -141,13 +141,13 @@ pub(crate) fn push(store: &Store, name: &str, target: &str) -> Result<i32> {
     }
     let put_as = r.tag.clone().unwrap_or_else(|| manifest_digest.clone());
     client.put_manifest(&put_as, oci::MEDIA_MANIFEST, &manifest)?;
-    crate::diag::info(&format!(
+    crate::diag::info!(
         "pushed '{name}' generation {} to {r}: {} layer(s), {uploaded} uploaded ({}), {} already there",
         generation.number,
         ids.len(),
         human(sent),
         unique.len() - uploaded
-    ));
+    );
     out(&format!("{manifest_digest}\n"))?;
     Ok(0)
 }

@@ -60,13 +60,11 @@ pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ff
         tries += 1;
         let started = match prepared {
             Prepared::Booted { pidfd, plan, inside, become_root, held } => {
-                crate::diag::debug("joining the booted environment");
+                crate::diag::debug!("joining the booted environment");
                 launch::start_in_booted(&pidfd, &plan, &inside, become_root, name, held)
             }
             Prepared::Launch { plan, inside, recording, held } => {
-                if crate::diag::level() >= 2 {
-                    crate::diag::debug(&format!("plan: {plan:#?}"));
-                }
+                crate::diag::debug!("plan: {plan:#?}");
                 launch::launch(&plan, &inside, name, recording, held)
             }
         };

@@ -41,7 +41,7 @@ pub(crate) fn squash(store: &Store, name: &str, from: usize) -> Result<i32> {
         bail!("'{name}' has {n} layer(s) in generation {}: --from takes 1 (the bottom) to {n}", cur.number);
     }
     if from == n {
-        crate::diag::info(&format!("nothing to squash: --from {from} names only the top layer of '{name}'"));
+        crate::diag::info!("nothing to squash: --from {from} names only the top layer of '{name}'");
         return Ok(0);
     }
     let range = &cur.layers[from - 1..];
@@ -119,15 +119,15 @@ pub(crate) fn squash(store: &Store, name: &str, from: usize) -> Result<i32> {
     let j = Journal::Squash { from: cur.number, before: cur.layers.clone(), generation };
     env.journaled(&j, "squash", store.remover, || env.roll(&j, store.remover).map(|_| ()))?;
     let now = env.current()?;
-    crate::diag::info(&format!(
+    crate::diag::info!(
         "{name}: squashed layers {from}-{n} into {} ({entries} entries, {}); generation {} has {} layer(s); the upper is untouched",
         short_id(&id),
         human(size),
         now.number,
         now.layers.len()
-    ));
+    );
     if stale {
-        crate::diag::info(&format!("{name}: its upper was already written on other layers than generation {}'s: `plyroot rebase {name}` before the next run", cur.number));
+        crate::diag::info!("{name}: its upper was already written on other layers than generation {}'s: `plyroot rebase {name}` before the next run", cur.number);
     }
     out(&format!("{id}\n"))?;
     Ok(0)

@@ -55,7 +55,7 @@ pub(crate) fn diff(store: &Store, name: &str, paths: &[PathBuf], json: bool) -> 
     }
     out(&s)?;
     if base != env.current()?.layers {
-        crate::diag::info(&format!("(against the layers the upper was written on, not generation {}'s: see `plyroot rebase {name}`)", env.current()?.number));
+        crate::diag::info!("(against the layers the upper was written on, not generation {}'s: see `plyroot rebase {name}`)", env.current()?.number);
     }
     Ok(0)
 }
@@ -100,7 +100,7 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
         bail!("the upper of '{name}' was written on other layers than generation {}: `plyroot rebase {name}` first", cur.number);
     }
     if env.upper_is_empty() {
-        crate::diag::info(&format!("nothing to commit: the upper of '{name}' is empty"));
+        crate::diag::info!("nothing to commit: the upper of '{name}' is empty");
         return Ok(0);
     }
     crate::store::limits::check(
@@ -145,12 +145,12 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
     let n = env.current()?.number;
     match done {
         Some((id, size, entries)) => {
-            crate::diag::info(&format!("{name}: committed {} ({entries} entries, {}) as generation {n}; the upper is clean", &id[..19], human(size)));
+            crate::diag::info!("{name}: committed {} ({entries} entries, {}) as generation {n}; the upper is clean", &id[..19], human(size));
             out(&format!("{id}\n"))?;
         }
         // A step failed past the commit point and recovery finished the commit (it said so).
         None => {
-            crate::diag::info(&format!("{name}: committed as generation {n}; the upper is clean"));
+            crate::diag::info!("{name}: committed as generation {n}; the upper is clean");
             if let Some(id) = env.current()?.commits.last() {
                 out(&format!("{id}\n"))?;
             }
@@ -164,7 +164,7 @@ pub(crate) fn reset(store: &Store, name: &str, force: bool) -> Result<i32> {
     let cur = env.current()?;
     if env.upper_is_empty() {
         env.set_upper_base(&cur.layers)?;
-        crate::diag::info(&format!("the upper of '{name}' is already empty"));
+        crate::diag::info!("the upper of '{name}' is already empty");
         return Ok(0);
     }
     if force {
@@ -178,10 +178,10 @@ pub(crate) fn reset(store: &Store, name: &str, force: bool) -> Result<i32> {
             env.finish_reset(&cur.layers)
         })?;
         if let Err(e) = (store.remover)(&grave) {
-            crate::diag::warn(&format!("{name}: the old upper could not be deleted yet ({e:#}); `plyroot gc` retries"));
+            crate::diag::warn!("{name}: the old upper could not be deleted yet ({e:#}); `plyroot gc` retries");
         }
         drop(st);
-        crate::diag::info(&format!("{name}: upper deleted; runs start from generation {} as it is", cur.number));
+        crate::diag::info!("{name}: upper deleted; runs start from generation {} as it is", cur.number);
     } else {
         let dest = env.new_saved_name(&format!("upper-gen{}", cur.number))?;
         let saved = dest.file_name().map(|n| n.to_string_lossy().into_owned());
@@ -190,7 +190,7 @@ pub(crate) fn reset(store: &Store, name: &str, force: bool) -> Result<i32> {
             fs::rename(env.upper(), &dest).with_context(|| format!("cannot keep the upper at {}", dest.display()))?;
             env.finish_reset(&cur.layers)
         })?;
-        crate::diag::info(&format!("{name}: upper set aside at {} (delete it when you no longer need it)", dest.display()));
+        crate::diag::info!("{name}: upper set aside at {} (delete it when you no longer need it)", dest.display());
     }
     Ok(0)
 }
@@ -200,7 +200,7 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     let cur = env.current()?;
     let base = env.upper_base()?;
     if base == cur.layers {
-        crate::diag::info(&format!("the upper of '{name}' is already on generation {}'s layers", cur.number));
+        crate::diag::info!("the upper of '{name}' is already on generation {}'s layers", cur.number);
         return Ok(0);
     }
     let (old, new, up) = (lowers_of(store, &base), lowers_of(store, &cur.layers), env.upper());
@@ -239,7 +239,7 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     } else {
         env.set_upper_base(&cur.layers)?;
     }
-    crate::diag::info(&format!(
+    crate::diag::info!(
         "{name}: upper rebased onto generation {}{}",
         cur.number,
         match (conflicts.len(), ours) {
@@ -247,6 +247,6 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
             (n, true) => format!(" ({n} conflict(s) kept as yours)"),
             (n, false) => format!(" ({n} conflict(s) resolved with the layers' version)"),
         }
-    ));
+    );
     Ok(0)
 }

@@ -77,11 +77,11 @@ pub(crate) fn lookup(registry: &str, repository: &str) -> Option<Credentials> {
         let Ok(text) = std::fs::read_to_string(&f) else { continue };
         match find_in(&text, registry, repository) {
             Ok(Some(c)) => {
-                crate::diag::debug(&format!("using the credentials for {registry} in {}", f.display()));
+                crate::diag::debug!("using the credentials for {registry} in {}", f.display());
                 return Some(c);
             }
             Ok(None) => {}
-            Err(e) => crate::diag::warn(&format!("ignoring {}: {e}", f.display())),
+            Err(e) => crate::diag::warn!("ignoring {}: {e}", f.display()),
         }
     }
     None

@@ -217,7 +217,7 @@ pub(crate) fn fetch(method: &str, url: &Url, headers: &[(&str, String)], mut bod
         }
         let Some(location) = resp.header("location") else { return Ok(resp) };
         let next = url.join(location)?;
-        crate::diag::debug(&format!("{method} {url}: redirected to {next}"));
+        crate::diag::debug!("{method} {url}: redirected to {next}");
         url = next;
     }
     Err(HttpError::Redirects { url: origin.to_string() })

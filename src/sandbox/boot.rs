@@ -202,7 +202,7 @@ fn env_cgroup(name: &str) -> Option<PathBuf> {
     match fs::create_dir(&dir) {
         Ok(()) => Some(dir),
         Err(e) => {
-            crate::diag::debug(&format!("no cgroup of its own for {name}: {}: {e}", dir.display()));
+            crate::diag::debug!("no cgroup of its own for {name}: {}: {e}", dir.display());
             None
         }
     }

@@ -143,7 +143,7 @@ pub(crate) fn build(plan: &Plan, shared: Option<Shared>) -> Result<OwnedFd> {
             (Op::Bind { src, dst, kind, .. }, Source::Tree(tree)) => {
                 if r.join.is_some() && mount::resolve_in(root.as_fd(), dst, *kind, false).is_err() {
                     // The live mount's skeleton was made for other binds; it cannot change now.
-                    crate::diag::info(&format!("{} does not exist in the environment's live mount: its mount point is made in the upper", dst.display()));
+                    crate::diag::info!("{} does not exist in the environment's live mount: its mount point is made in the upper", dst.display());
                 }
                 let target = mount::resolve_in(root.as_fd(), dst, *kind, true)?;
                 mount::attach(tree.as_fd(), target.as_fd(), dst).with_context(|| format!("cannot bind {} at {}", src.display(), dst.display()))?

@@ -55,7 +55,7 @@ pub(crate) enum Prepared {
 fn notice_once(store: &Store, key: &str, msg: &str) {
     let p = store.root.join("notes").join(key);
     if !p.exists() {
-        crate::diag::info(msg);
+        crate::diag::info!("{}", msg);
         let _ = fs::create_dir_all(store.root.join("notes"));
         let _ = fs::write(&p, b"");
     }
@@ -69,7 +69,7 @@ fn check_upper(env: &Env, current: &Generation, keep: bool) -> Result<()> {
     }
     if env.upper_is_empty() || keep {
         if !env.upper_is_empty() {
-            crate::diag::warn(&format!("using the upper of '{}' on generation {} although it was written on other layers (--keep-upper)", env.name, current.number));
+            crate::diag::warn!("using the upper of '{}' on generation {} although it was written on other layers (--keep-upper)", env.name, current.number);
         }
         return env.set_upper_base(&current.layers);
     }
@@ -222,7 +222,7 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
         Ok(dir) => Skel::Dir(dir),
         // Inside an environment the store is read-only: the skeleton goes on the run's tmpfs.
         Err(e) if inside_env => {
-            crate::diag::debug(&format!("skeleton on a tmpfs: {e:#}"));
+            crate::diag::debug!("skeleton on a tmpfs: {e:#}");
             Skel::Tmpfs(spec)
         }
         Err(e) => return Err(e),

@@ -203,12 +203,12 @@ fn mmdebstrap(tool: &Path, spec: &Spec, mirror: &str, root: bool, name: &str, ow
         // $TMPDIR (0700, as per-user temp dirs are).
         let tmp = std::env::temp_dir();
         if !world_traversable(&tmp) {
-            crate::diag::debug(&format!("{} is not reachable from mmdebstrap's unshared root: using /tmp", tmp.display()));
+            crate::diag::debug!("{} is not reachable from mmdebstrap's unshared root: using /tmp", tmp.display());
             cmd.env("TMPDIR", "/tmp");
         }
     }
-    crate::diag::info(&format!("bootstrapping {} from {mirror} with {} (this takes a minute or more)", spec.suite, tool.display()));
-    crate::diag::debug(&format!("running {cmd:?}"));
+    crate::diag::info!("bootstrapping {} from {mirror} with {} (this takes a minute or more)", spec.suite, tool.display());
+    crate::diag::debug!("running {cmd:?}");
     let (stderr_path, stderr) = stderr_file()?;
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr).spawn().with_context(|| format!("cannot run {}", tool.display()))?;
     let stdout = child.stdout.take().expect("stdout is piped");
@@ -245,7 +245,7 @@ fn debootstrap(tool: &Path, spec: &Spec, mirror: &str, name: &str, ownership: Ow
     let mut cmd = Command::new(tool);
     cmd.args(spec.options("--arch"));
     cmd.arg(&spec.suite).arg(&target).arg(mirror);
-    crate::diag::info(&format!("bootstrapping {} from {mirror} with {} (this takes a few minutes)", spec.suite, tool.display()));
+    crate::diag::info!("bootstrapping {} from {mirror} with {} (this takes a few minutes)", spec.suite, tool.display());
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot run {}", tool.display()))?;
     if !out.status.success() {
         let mut log = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -47,10 +47,10 @@ pub(super) fn unpack(reference: &str, name: &str, ownership: Ownership, progress
     for (i, (layer, diff_id)) in layers.into_iter().zip(config.rootfs.diff_ids).enumerate() {
         let description = format!("{name} layer {}/{n} ({})", i + 1, layer.digest);
         if let Some(id) = sink.known(&[&layer.digest, &diff_id])? {
-            crate::diag::debug(&format!("{description}: already in the store as {id}, not downloaded"));
+            crate::diag::debug!("{description}: already in the store as {id}, not downloaded");
             continue;
         }
-        crate::diag::debug(&format!("{description}: downloading {} bytes", layer.size));
+        crate::diag::debug!("{description}: downloading {} bytes", layer.size);
         let resp = client.blob(&layer.digest)?;
         let mut p = progress.sub(&format!("{name} layer {}/{n}", i + 1), Some(layer.size).filter(|s| *s > 0).or(resp.content_length()));
         // A registry that sends more than the descriptor's size is sending something else.
@@ -61,11 +61,11 @@ pub(super) fn unpack(reference: &str, name: &str, ownership: Ownership, progress
         fetched += 1;
         bytes += layer.size;
     }
-    crate::diag::info(&format!(
+    crate::diag::info!(
         "{name}: {n} layer(s), {fetched} downloaded ({}), {} already in the store",
         crate::commands::human(bytes),
         n - fetched
-    ));
+    );
     Ok(())
 }
 
@@ -89,7 +89,7 @@ fn resolve(client: &mut Client, name: &str, platform: &Platform) -> anyhow::Resu
         }
         let chosen = choose(m.manifests.unwrap_or_default(), platform).map_err(|reason| image_err(name, reason))?;
         check_digest(name, &chosen.digest)?;
-        crate::diag::debug(&format!("{name}: {platform} is {}", chosen.digest));
+        crate::diag::debug!("{name}: {platform} is {}", chosen.digest);
         reference = chosen.digest;
     }
     Err(image_err(name, "image indexes are nested too deeply".into()).into())

@@ -54,11 +54,11 @@ pub(crate) fn unpack_tar(
             Whiteout::Invalid => return Err(stage.unsafe_entry(&path, "a whiteout must name an entry")),
         }
         if let Some(flag) = m.unknown_type {
-            crate::diag::warn(&format!(
+            crate::diag::warn!(
                 "{archive_name}: '{}' has the unknown type '{}'; unpacked as a regular file, as GNU tar does",
                 String::from_utf8_lossy(&path),
                 flag.escape_ascii()
-            ));
+            );
         }
         let meta = member_meta(&stage, &m, &path)?;
         match m.kind {
@@ -95,7 +95,7 @@ pub(crate) fn unpack_tar(
         stage.put(&path, &meta, node, &xattrs)?;
     }
     if reader.dangling_extension() {
-        crate::diag::warn(&format!("{archive_name} ends with an extended header (a long name or pax records) that describes no entry; ignored, as GNU tar does"));
+        crate::diag::warn!("{archive_name} ends with an extended header (a long name or pax records) that describes no entry; ignored, as GNU tar does");
     }
     let mut out = stage.finish()?;
     out.headers = reader.headers();

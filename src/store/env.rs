@@ -169,7 +169,7 @@ impl Env {
         let p = self.dir.join("lock");
         let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).with_context(|| format!("cannot open {}", p.display()))?;
         if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            crate::diag::info(&format!("waiting for another plyroot command changing '{}'", self.name));
+            crate::diag::info!("waiting for another plyroot command changing '{}'", self.name);
             rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", p.display()))?;
         }
         Ok(f)

@@ -157,10 +157,10 @@ impl Env {
                     _ if !say => {}
                     (_, Recovered::Nothing) => {}
                     (Journal::Reset { saved: Some(s), .. }, Recovered::Finished) => {
-                        crate::diag::info(&format!("{}: finished an interrupted reset; the previous upper is at {}", self.name, self.saved_dir().join(s).display()))
+                        crate::diag::info!("{}: finished an interrupted reset; the previous upper is at {}", self.name, self.saved_dir().join(s).display())
                     }
-                    (_, Recovered::Finished) => crate::diag::info(&format!("{}: finished an interrupted {}", self.name, describe(&j))),
-                    (_, Recovered::Undone) => crate::diag::info(&format!("{}: undid an interrupted {}; the upper is as it was", self.name, describe(&j))),
+                    (_, Recovered::Finished) => crate::diag::info!("{}: finished an interrupted {}", self.name, describe(&j)),
+                    (_, Recovered::Undone) => crate::diag::info!("{}: undid an interrupted {}; the upper is as it was", self.name, describe(&j)),
                 }
                 r
             }
@@ -180,7 +180,7 @@ impl Env {
         };
         match self.recover_change(remove, false) {
             Ok(Recovered::Finished) => {
-                crate::diag::warn(&format!("{what} of '{}': a step failed ({err:#}), but a second try finished it", self.name));
+                crate::diag::warn!("{what} of '{}': a step failed ({err:#}), but a second try finished it", self.name);
                 Ok(())
             }
             Ok(_) => Err(err.context(format!("cannot {what} '{}'; nothing was changed", self.name))),
@@ -338,7 +338,7 @@ impl Env {
         if cur == from {
             self.switch(g.number)?;
         } else if cur != g.number {
-            crate::diag::warn(&format!("{}: generation {} is recorded but not made current: generation {cur} was made current meanwhile", self.name, g.number));
+            crate::diag::warn!("{}: generation {} is recorded but not made current: generation {cur} was made current meanwhile", self.name, g.number);
         }
         Ok(g)
     }
@@ -363,7 +363,7 @@ impl Env {
     fn keep_aside(&self, path: &Path, label: &str) -> Result<PathBuf> {
         let dest = self.new_saved_name(label)?;
         fs::rename(path, &dest).with_context(|| format!("cannot keep {} at {}", path.display(), dest.display()))?;
-        crate::diag::warn(&format!("{}: an interrupted change left {}; it is kept at {}", self.name, path.display(), dest.display()));
+        crate::diag::warn!("{}: an interrupted change left {}; it is kept at {}", self.name, path.display(), dest.display());
         Ok(dest)
     }
 

@@ -163,16 +163,16 @@ impl Store {
         }
         progress.finish();
         if imp.devices > 0 {
-            crate::diag::warn(&format!(
+            crate::diag::warn!(
                 "{} device node(s) in {src} cannot be created without privileges; they are recorded in the layer's metadata (and kept by export/push) but absent inside",
                 imp.devices
-            ));
+            );
         }
         if imp.xattrs > 0 {
-            crate::diag::warn(&format!(
+            crate::diag::warn!(
                 "{} extended attribute(s) in {src} (e.g. security.capability) cannot be set without privileges; they are recorded in the layer's metadata",
                 imp.xattrs
-            ));
+            );
         }
         fs::create_dir_all(self.layers_dir()).with_context(|| format!("cannot create {}", self.layers_dir().display()))?;
         let mut out = Vec::new();
@@ -238,7 +238,7 @@ impl Importer<'_> {
     fn index(&self, aliases: &[impl AsRef<str>], id: &str) {
         for a in aliases {
             if let Err(e) = self.store.record_blob(a.as_ref(), id) {
-                crate::diag::warn(&format!("{e:#}"));
+                crate::diag::warn!("{e:#}");
             }
         }
     }
@@ -267,7 +267,7 @@ impl LayerSink for Importer<'_> {
         let source = self.source.map_or(u.description, str::to_owned);
         let info = LayerInfo { id: sum.id, size: sum.size, entries: sum.entries, source, created: now_secs() };
         write_atomic(&st.path.join("layer.json"), &serde_json::to_vec_pretty(&info)?)?;
-        crate::diag::debug(&format!("unpacked {} as {}", info.source, info.id));
+        crate::diag::debug!("unpacked {} as {}", info.source, info.id);
         if u.aliases.is_empty() {
             self.pending.push((Some(st), info));
             return Ok(());

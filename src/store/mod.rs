@@ -107,11 +107,11 @@ impl Store {
             (FlockOperation::LockShared, FlockOperation::NonBlockingLockShared)
         };
         if flock(&lock, nb).is_err() {
-            crate::diag::info(&format!(
+            crate::diag::info!(
                 "waiting for the store lock on {} (another plyroot {} is running)",
                 lock_path.display(),
                 if exclusive { "command" } else { "gc" }
-            ));
+            );
             flock(&lock, op).with_context(|| format!("cannot lock {}", lock_path.display()))?;
         }
         Ok(Store { root: root.to_owned(), _lock: lock, exclusive, remover: remove_tree })
@@ -344,7 +344,7 @@ impl TempFile {
         // Past the rename the new content is what everyone reads: failing now would report a
         // change as not made. Only its durability across a power cut is in doubt; say so.
         if let Err(e) = sync_dir(self.dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))) {
-            crate::diag::warn(&format!("{} is written, but may not survive a power cut: {e:#}", self.dest.display()));
+            crate::diag::warn!("{} is written, but may not survive a power cut: {e:#}", self.dest.display());
         }
         Ok(())
     }
