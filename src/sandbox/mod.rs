@@ -7,6 +7,7 @@
 
 pub(crate) mod boot;
 pub(crate) mod identity;
+pub(crate) mod keeper;
 pub(crate) mod launch;
 pub(crate) mod mounts;
 pub(crate) mod namespaces;
@@ -106,6 +107,9 @@ pub(crate) struct RootSpec {
     pub host_dirs: Vec<(String, Vec<PathBuf>)>,
     /// With a shared upper: the live run to take the mount from; none: mount it.
     pub join: Option<Join>,
+    /// When this launch mounts the shared overlay: how long its keeper waits for the next launch
+    /// (see `keeper`); None: no keeper.
+    pub linger: Option<std::time::Duration>,
 }
 
 /// One per-run step of building the root, after the overlay is in place.
@@ -373,6 +377,7 @@ mod tests {
                 mount_point: "/s/mnt".into(),
                 host_dirs: Vec::new(),
                 join: None,
+                linger: None,
             },
             store: Some("/home/alice/.local/share/plyroot".into()),
             facts: f,

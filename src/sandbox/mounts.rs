@@ -67,6 +67,34 @@ pub(crate) fn shared(root: &RootSpec, base: &Base) -> Result<Option<Shared>> {
     }
 }
 
+impl Shared {
+    /// Its mounts' fds.
+    pub(crate) fn fds(&self) -> impl Iterator<Item = &OwnedFd> {
+        std::iter::once(&self.root).chain(self.host_dirs.iter().map(|(_, m)| m))
+    }
+
+    /// New detached mounts of the same overlays, for a second namespace to attach.
+    pub(crate) fn clone_detached(&self, r: &RootSpec) -> Result<Shared> {
+        let root = mount::clone_detached(self.root.as_fd(), &r.mount_point)?;
+        let host_dirs = self.host_dirs.iter().map(|(n, m)| Ok((n.clone(), mount::clone_detached(m.as_fd(), &Path::new("/").join(n))?))).collect::<Result<_>>()?;
+        Ok(Shared { root, host_dirs })
+    }
+}
+
+/// Attaches the shared overlay at the root's mount point and its `base = "host"` overlays at
+/// their places in it; returns the root.
+pub(crate) fn attach_shared(s: &Shared, r: &RootSpec) -> Result<OwnedFd> {
+    mount::attach_at(s.root.as_fd(), &r.mount_point)?;
+    let root = open_dir(&r.mount_point)?;
+    for (name, m) in &s.host_dirs {
+        let at = Path::new("/").join(name);
+        let target = mount::resolve_in(root.as_fd(), &at, Kind::Dir, true)?;
+        let m = m.try_clone().context("cannot duplicate a mount's fd")?;
+        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
+    }
+    Ok(root)
+}
+
 /// A detached copy of the overlay mounted at `path` (only that mount, not what is on it).
 fn clone_overlay(path: &Path) -> Result<OwnedFd> {
     let m = mount::clone_tree(path, false)?;
@@ -87,11 +115,8 @@ pub(crate) fn build(plan: &Plan, shared: Option<Shared>) -> Result<OwnedFd> {
     // of a share that holds the store (the home, /tmp) must not carry the root itself along, or
     // each nested launch would copy every mount of the one it started in.
     let sources = clone_sources(&plan.ops)?;
-    let (root, host_dirs) = match (&r.upper, shared) {
-        (Upper::Shared { .. }, Some(s)) => {
-            mount::attach_at(s.root.as_fd(), mp)?;
-            (open_dir(mp)?, Some(s.host_dirs))
-        }
+    let root = match (&r.upper, shared) {
+        (Upper::Shared { .. }, Some(s)) => attach_shared(&s, r)?,
         (Upper::Shared { .. }, None) => bail!("the shared mount of this environment is missing"),
         (upper, _) => {
             // A tmpfs at the mount point holds what the run throws away: the upper and its
@@ -118,26 +143,11 @@ pub(crate) fn build(plan: &Plan, shared: Option<Shared>) -> Result<OwnedFd> {
             let work = matches!(upper, Upper::Ephemeral).then(|| (mp.join("upper"), mp.join("work")));
             let m = mount::overlay(&lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path()))).context("cannot mount the environment's root (overlayfs); `plyroot doctor` checks what this kernel allows")?;
             mount::attach_at(m.as_fd(), &root_path)?;
-            (open_dir(&root_path)?, None)
+            let root = open_dir(&root_path)?;
+            own_host_dirs(r, &root)?;
+            root
         }
     };
-    for (name, lowers) in &r.host_dirs {
-        let at = Path::new("/").join(name);
-        let m = match &host_dirs {
-            Some(shared) => shared.iter().find(|(n, _)| n == name).map(|(_, m)| m.try_clone()).context("a host directory's mount is missing")??,
-            None => {
-                let work = matches!(r.upper, Upper::Ephemeral).then(|| (mp.join("upper").join(name), mp.join(format!("work-host-{name}"))));
-                if let Some((u, w)) = &work {
-                    for d in [u, w] {
-                        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-                    }
-                }
-                mount::overlay(lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path())))?
-            }
-        };
-        let target = mount::resolve_in(root.as_fd(), &at, Kind::Dir, !matches!(r.upper, Upper::None))?;
-        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
-    }
     for (op, source) in plan.ops.iter().zip(sources) {
         match (op, source) {
             (Op::Bind { src, dst, kind, .. }, Source::Tree(tree)) => {
@@ -154,6 +164,24 @@ pub(crate) fn build(plan: &Plan, shared: Option<Shared>) -> Result<OwnedFd> {
         }
     }
     Ok(root)
+}
+
+/// The `base = "host"` overlays of a root without a shared upper: a run's own.
+fn own_host_dirs(r: &RootSpec, root: &OwnedFd) -> Result<()> {
+    let mp = &r.mount_point;
+    for (name, lowers) in &r.host_dirs {
+        let at = Path::new("/").join(name);
+        let work = matches!(r.upper, Upper::Ephemeral).then(|| (mp.join("upper").join(name), mp.join(format!("work-host-{name}"))));
+        if let Some((u, w)) = &work {
+            for d in [u, w] {
+                fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            }
+        }
+        let m = mount::overlay(lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path())))?;
+        let target = mount::resolve_in(root.as_fd(), &at, Kind::Dir, !matches!(r.upper, Upper::None))?;
+        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
+    }
+    Ok(())
 }
 
 /// A per-run mount's host side, copied before the root exists.

@@ -167,10 +167,10 @@ pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, store: Option<&std:
             let same = |m: &OwnedFd| if j.mnt_ns_id != 0 { ns::mnt_ns_id(m).ok() == Some(j.mnt_ns_id) } else { ns::ns_ino(m).ok() == Some(j.mnt_ns) };
             let mnt = ns::open_ns(j.pid, "mnt").ok().filter(same).ok_or(JoinGone(j.pid))?;
             if inside.mapping != Mapping::Host {
-                // The run's mount namespace belongs to its identity's user namespace, nested in
-                // the base (ranges), or to the base itself.
+                // The run's mount namespace belongs to the base itself (a keeper's, or a run
+                // without a nested identity), or to its identity's user namespace, nested in it.
                 let owner = ns::owner_userns(&mnt)?;
-                let base = if nested.is_some() { ns::parent_userns(&owner)? } else { owner };
+                let base = if ns::ns_ino(&owner)? == j.user_ns { owner } else { ns::parent_userns(&owner)? };
                 if ns::ns_ino(&base)? != j.user_ns {
                     bail!("the live run (pid {}) of this environment is not in its user namespace", j.pid);
                 }
@@ -255,6 +255,11 @@ pub(crate) fn enter_one_level(mapping: &Mapping) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A mount namespace of our own (a copy of the current one), in the current user namespace.
+pub(crate) fn unshare_mount_ns() -> Result<()> {
+    unshare(flags(false, false, false))
 }
 
 /// The inode and the id of our current mount namespace (a run's, once it is made); the id is 0

@@ -18,7 +18,7 @@ use super::launch::{Held, Recording};
 use super::{plan, skel, HostFacts, Join, Plan, PlanInput, RootSpec, RunOptions, Skel, Upper};
 use crate::cli::HostShare;
 use crate::store::env::{Env, Generation};
-use crate::store::runs::RunRecord;
+use crate::store::runs::{LiveRun, RunRecord};
 use crate::store::{now_secs, Store};
 
 /// What the caller asks for (the run options, after parsing).
@@ -166,6 +166,79 @@ fn identity(store: &Store, req: &Request, generation: &Generation, user: &HostUs
     inside
 }
 
+/// The pidfd of a booted environment's init, which every run of it joins, if it runs the current
+/// generation.
+fn booted_init(env: &Env, generation: &Generation, b: &LiveRun) -> Result<OwnedFd> {
+    if b.record.generation != generation.number {
+        bail!(
+            "'{}' is booted on generation {} (init is pid {}), not on generation {} (current): stop it (`plyroot stop {}`) and boot again, run with --ephemeral or --read-only, or `plyroot switch {} {}`",
+            env.name,
+            b.record.generation,
+            b.pid,
+            generation.number,
+            env.name,
+            env.name,
+            b.record.generation
+        );
+    }
+    crate::sys::ns::pidfd(b.pid).context("cannot reach the booted environment's init")
+}
+
+/// What a launch that uses the environment's lock takes: its run slot, and for the persistent
+/// upper the live mount to join or the workdir slot to mount it with (and a slot for its keeper).
+struct Claim {
+    slot: u32,
+    join: Option<Join>,
+    work_slot: Option<u32>,
+    keeper_slot: Option<u32>,
+}
+
+/// Decides, under the environment's lock, whether the launch joins the live shared mount or makes
+/// it. A keeper alone on another generation is ended (it is a cache); a run is not.
+fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool) -> Result<Claim> {
+    let mut survey = env.survey_for_launch();
+    let stale_keeper = |s: &crate::store::runs::Survey| s.live.iter().all(|r| r.record.keeper) && s.live.iter().any(|r| r.record.generation != generation.number);
+    if persistent && stale_keeper(&survey) && env.dismiss_keeper()? {
+        survey = env.survey_for_launch();
+    }
+    let live = &survey.live;
+    // A keeper first: it stays while the runs come and go.
+    let shared = live.iter().filter(|r| r.record.shared.is_some()).min_by_key(|r| !r.record.keeper);
+    if let (None, Some(pid), true) = (shared, survey.escaped, persistent) {
+        bail!(
+            "a program an earlier run of '{}' started still lives, outside that run's mount namespace (pid {pid}: `{}`), and may hold its overlay over the upper, which must not be mounted twice: end it first (`kill {pid}`), or run with --ephemeral or --read-only",
+            env.name,
+            crate::sys::procs::cmdline(pid)
+        );
+    }
+    let slot = env.free_slot(live, &[]);
+    let (join, work_slot, keeper_slot) = match shared {
+        Some(r) if persistent => {
+            if r.record.generation != generation.number {
+                bail!(
+                    "'{}' is in use on generation {} (pid {}: `{}`), and its upper can be mounted on one generation at a time: end that run first, run generation {} without the upper (--ephemeral or --read-only), or `plyroot switch {} {}`",
+                    env.name,
+                    r.record.generation,
+                    r.pid,
+                    crate::sys::procs::cmdline(r.pid),
+                    generation.number,
+                    env.name,
+                    r.record.generation
+                );
+            }
+            (Some(Join { pid: r.pid, mnt_ns: r.record.mnt_ns, mnt_ns_id: r.record.mnt_ns_id, user_ns: r.record.user_ns }), r.record.shared, None)
+        }
+        _ if persistent => {
+            check_upper(env, generation, req.keep_upper)?;
+            // The run that mounts the overlay lends it its own slot's workdir.
+            let keeper = (req.boot.is_none() && !req.pid && super::keeper::linger().is_some()).then(|| env.free_slot(live, &[slot]));
+            (None, Some(slot), keeper)
+        }
+        _ => (None, None, None),
+    };
+    Ok(Claim { slot, join, work_slot, keeper_slot })
+}
+
 /// Decides the launch of `req` in `env` (see the module header).
 pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepared> {
     let generation = env.current()?;
@@ -233,20 +306,7 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
     // reach the upper the booted system uses.
     if req.boot.is_none() && !req.ephemeral && !req.read_only {
         if let Some(b) = env.booted() {
-            if b.record.generation != generation.number {
-                bail!(
-                    "'{}' is booted on generation {} (init is pid {}), not on generation {} (current): stop it (`plyroot stop {}`) and boot again, run with --ephemeral or --read-only, or `plyroot switch {} {}`",
-                    env.name,
-                    b.record.generation,
-                    b.pid,
-                    generation.number,
-                    env.name,
-                    env.name,
-                    b.record.generation
-                );
-            }
-            // A booted environment: every run joins its init's namespaces.
-            let pidfd = crate::sys::ns::pidfd(b.pid).context("cannot reach the booted environment's init")?;
+            let pidfd = booted_init(env, &generation, &b)?;
             let plan = plan(plan_input(store, env, &generation, req, &inside, &user, &facts, no_host, binds, &lowers, skel, Upper::None, None, Vec::new(), Vec::new())?)?;
             return Ok(Prepared::Booted { pidfd, plan, inside, become_root: req.root || settings.root, held });
         }
@@ -264,39 +324,12 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
     let (upper, join, recording) = if persistent || req.boot.is_some() {
         // From here until the program runs, no other launch of this environment decides.
         held.push(env.lock()?);
-        let survey = env.survey();
-        let live = survey.live;
-        let shared = live.iter().find(|r| r.record.shared.is_some());
-        if let (None, Some(pid), true) = (shared, survey.escaped, persistent) {
-            bail!(
-                "a program an earlier run of '{}' started still lives, outside that run's mount namespace (pid {pid}: `{}`), and may hold its overlay over the upper, which must not be mounted twice: end it first (`kill {pid}`), or run with --ephemeral or --read-only",
-                env.name,
-                crate::sys::procs::cmdline(pid)
-            );
-        }
-        let (join, work_slot) = match shared {
-            Some(r) if persistent => {
-                if r.record.generation != generation.number {
-                    bail!(
-                        "'{}' is in use on generation {} (pid {}: `{}`), and its upper can be mounted on one generation at a time: end that run first, run generation {} without the upper (--ephemeral or --read-only), or `plyroot switch {} {}`",
-                        env.name,
-                        r.record.generation,
-                        r.pid,
-                        crate::sys::procs::cmdline(r.pid),
-                        generation.number,
-                        env.name,
-                        r.record.generation
-                    );
-                }
-                (Some(Join { pid: r.pid, mnt_ns: r.record.mnt_ns, mnt_ns_id: r.record.mnt_ns_id, user_ns: r.record.user_ns }), r.record.shared)
-            }
-            _ if persistent => {
-                check_upper(env, &generation, req.keep_upper)?;
-                (None, Some(env.free_slot(&live)))
-            }
-            _ => (None, None),
+        let claim = claim(env, &generation, req, persistent)?;
+        let upper = match claim.work_slot {
+            Some(w) => Upper::Shared { upper: env.upper(), work: env.workdir(w) },
+            None if req.read_only => Upper::None,
+            None => Upper::Ephemeral,
         };
-        let slot = env.free_slot(&live);
         let record = RunRecord {
             pid: 0,
             mnt_ns: 0,
@@ -309,23 +342,25 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
                 Skel::Dir(d) => Some(d.clone()),
                 Skel::Tmpfs(_) => None,
             },
-            shared: work_slot,
+            shared: claim.work_slot,
             boot: false,
             supervisor: None,
             started: now_secs(),
+            keeper: false,
         };
-        let recording = Recording { file: env.open_slot(slot)?, path: env.dir.join("runs").join(format!("{slot}.json")), record };
-        let upper = match work_slot {
-            Some(w) => Upper::Shared { upper: env.upper(), work: env.workdir(w) },
-            None if req.read_only => Upper::None,
-            None => Upper::Ephemeral,
+        let keeper = match claim.keeper_slot {
+            Some(k) => Some((env.open_slot(k)?, env.slot_path(k))),
+            None => None,
         };
-        (upper, join, Some(recording))
+        let recording = Recording { file: env.open_slot(claim.slot)?, path: env.slot_path(claim.slot), record, keeper };
+        (upper, claim.join, Some(recording))
     } else {
         (if req.read_only { Upper::None } else { Upper::Ephemeral }, None, None)
     };
     let stack: Vec<PathBuf> = matches!(upper, Upper::Shared { .. }).then(|| env.upper()).into_iter().chain(lowers.iter().cloned()).collect();
+    let keeps = recording.as_ref().is_some_and(|r| r.keeper.is_some());
     let mut plan = plan(plan_input(store, env, &generation, req, &inside, &user, &facts, no_host, binds, &lowers, skel, upper, join, host_dirs, stack)?)?;
+    plan.root.linger = if keeps { super::keeper::linger() } else { None };
     if let Some(init) = &req.boot {
         // init gets a clean environment, as a container manager gives it.
         plan.exec.argv = vec![init.into()];
@@ -369,7 +404,7 @@ fn plan_input<'a>(
     let opts = RunOptions { pid: req.pid || req.boot.is_some(), binds, no_host, env: env_vars, cwd: req.cwd.clone(), command: req.command.clone(), login: req.login };
     Ok(PlanInput {
         env_name: &env.name,
-        root: RootSpec { lowers: lowers.to_vec(), skel, upper, mount_point: env.mount_point(), host_dirs, join },
+        root: RootSpec { lowers: lowers.to_vec(), skel, upper, mount_point: env.mount_point(), host_dirs, join, linger: None },
         store: Some(store.root.clone()),
         facts,
         opts,

@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -58,6 +57,9 @@ pub(crate) struct RunRecord {
     /// Seconds since the epoch.
     #[serde(default)]
     pub started: u64,
+    /// A keeper of the shared overlay (`sandbox::keeper`), not a program's run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keeper: bool,
 }
 
 /// What is alive of an environment's runs (see [`Env::survey`]).
@@ -81,7 +83,7 @@ impl Env {
         self.dir.join("runs")
     }
 
-    fn slot_path(&self, slot: u32) -> PathBuf {
+    pub(crate) fn slot_path(&self, slot: u32) -> PathBuf {
         self.runs_dir().join(format!("{slot}.json"))
     }
 
@@ -111,6 +113,13 @@ impl Env {
     /// shared mount started and that lives on outside every recorded namespace (it made its own,
     /// or left its run's: it may still hold the overlay, where no launch can join it).
     pub(crate) fn survey(&self) -> Survey {
+        let (live, gone) = self.by_pid();
+        self.survey_rest(live, gone)
+    }
+
+    /// The runs whose recorded process is still in their mount namespace (no look through
+    /// `/proc`), and the other records.
+    fn by_pid(&self) -> (Vec<LiveRun>, Vec<(u32, RunRecord)>) {
         let mut live = Vec::new();
         let mut gone = Vec::new();
         for (slot, record) in self.records() {
@@ -121,6 +130,22 @@ impl Env {
                 gone.push((slot, record));
             }
         }
+        (live, gone)
+    }
+
+    /// What a launch needs: like [`Env::survey`], but when a run of the shared mount is alive by
+    /// its recorded pid the launch joins it, and nothing else can change that: `/proc` is not
+    /// read (it costs a readlink per process on the machine). Then `escaped` is None and `live`
+    /// may miss runs whose launching process ended.
+    pub(crate) fn survey_for_launch(&self) -> Survey {
+        let (live, gone) = self.by_pid();
+        if live.iter().any(|l| l.record.shared.is_some()) {
+            return Survey { live, escaped: None };
+        }
+        self.survey_rest(live, gone)
+    }
+
+    fn survey_rest(&self, mut live: Vec<LiveRun>, mut gone: Vec<(u32, RunRecord)>) -> Survey {
         // The launching process is gone; what it started may still be there, under its base user
         // namespace: one look through /proc finds it.
         let bases: Vec<u64> = gone.iter().map(|(_, r)| r.user_ns_id).filter(|&b| b != 0).collect();
@@ -164,15 +189,44 @@ impl Env {
         Survey { live, escaped }
     }
 
-    /// The booted init, when there is one.
+    /// The booted init, when there is one (alive by its recorded pid).
     pub(crate) fn booted(&self) -> Option<LiveRun> {
-        self.live().into_iter().find(|r| r.record.boot && r.pid == r.record.pid)
+        self.by_pid().0.into_iter().find(|r| r.record.boot)
     }
 
-    /// A slot for a new run: not alive, and not the workdir of a shared mount that is.
-    pub(crate) fn free_slot(&self, live: &[LiveRun]) -> u32 {
-        let used: Vec<u32> = live.iter().flat_map(|r| [Some(r.slot), r.record.shared]).flatten().collect();
+    /// A slot for a new run: not alive, not the workdir of a shared mount that is, and not one of
+    /// `taken`.
+    pub(crate) fn free_slot(&self, live: &[LiveRun], taken: &[u32]) -> u32 {
+        let used: Vec<u32> = live.iter().flat_map(|r| [Some(r.slot), r.record.shared]).flatten().chain(taken.iter().copied()).collect();
         (0..).find(|n| !used.contains(n)).unwrap_or(0)
+    }
+
+    /// Ends the keeper of the shared overlay (`sandbox::keeper`) if nothing else uses the mount:
+    /// no other process is in its base user namespace's tree, and no other mount namespace holds
+    /// an overlay of the upper. True when one was ended. Called under the environment's lock by
+    /// whoever needs the upper unmounted.
+    pub(crate) fn dismiss_keeper(&self) -> Result<bool> {
+        let (live, _) = self.by_pid();
+        let Some(k) = live.iter().find(|r| r.record.keeper) else { return Ok(false) };
+        let base = k.record.user_ns_id;
+        if base != 0 && procs::in_user_ns_trees(&[base]).iter().any(|(pid, _)| *pid != k.pid) {
+            return Ok(false);
+        }
+        let (upper, work) = (self.upper(), self.dir.join("work"));
+        let others = Usage::scan().mounts.into_iter().any(|(pid, o)| o.dirs().any(|d| d.starts_with(&upper) || d.starts_with(&work)) && procs::mnt_ns_id(pid) != Some(k.record.mnt_ns_id));
+        if others {
+            return Ok(false);
+        }
+        let pidfd = crate::sys::ns::pidfd(k.pid)?;
+        // The pid is the keeper's still (not reused) only while it is in the keeper's namespace.
+        if procs::mnt_ns_id(k.pid) != Some(k.record.mnt_ns_id) {
+            return Ok(false);
+        }
+        crate::sys::process::pidfd_signal(&pidfd, libc::SIGKILL)?;
+        if !crate::sys::process::pidfd_wait(&pidfd, std::time::Duration::from_secs(10)) {
+            bail!("the keeper of '{}' (pid {}) did not end", self.name, k.pid);
+        }
+        Ok(true)
     }
 
     /// Opens slot `n`'s record file for the launch that takes it (written once the run's
@@ -191,6 +245,7 @@ impl Env {
     /// Refuses while anything uses the environment's upper: a run, a program it left behind, or a
     /// composed launch that reads it. Names one process and says how to end it.
     pub(crate) fn ensure_idle(&self, what: &str) -> Result<()> {
+        self.dismiss_keeper()?;
         let usage = Usage::scan();
         let (upper, work) = (self.upper(), self.dir.join("work"));
         if let Some(pid) = usage.user_of(|d| d.starts_with(&upper) || d.starts_with(&work)).or_else(|| self.survey().escaped) {
@@ -201,6 +256,7 @@ impl Env {
 
     /// Refuses while anything uses the environment at all (its upper, its skeletons).
     pub(crate) fn ensure_unused(&self, what: &str) -> Result<()> {
+        self.dismiss_keeper()?;
         let usage = Usage::scan();
         let survey = self.survey();
         if let Some(pid) = usage.user_of(|d| d.starts_with(&self.dir)).or(survey.escaped).or(survey.live.first().map(|l| l.pid)) {
@@ -217,10 +273,14 @@ fn busy_message(name: &str, what: &str, pid: i32) -> String {
     )
 }
 
-/// Writes a run's record into its slot file, replacing what a finished run left there.
+/// Writes a run's record into its slot file, replacing what a finished run left there: over it in
+/// place, then cut to length. Emptying the file first would free its block and allocate another
+/// on every launch (with online discard, a synchronous TRIM each time); a reader that meets a
+/// half-written record takes the slot for free, as it would an empty one.
 pub(crate) fn write_record(file: &mut fs::File, record: &RunRecord, shown: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
     let data = serde_json::to_vec(record)?;
-    file.set_len(0).and_then(|_| file.rewind()).and_then(|_| file.write_all(&data)).with_context(|| format!("cannot write {}", shown.display()))
+    file.write_all_at(&data, 0).and_then(|_| file.set_len(data.len() as u64)).with_context(|| format!("cannot write {}", shown.display()))
 }
 
 /// Every overlay mount in every mount namespace we can see, with one pid in each namespace.

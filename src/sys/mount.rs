@@ -83,6 +83,12 @@ pub(crate) fn clone_tree(path: &Path, recursive: bool) -> Result<OwnedFd> {
     open_tree(CWD, path, flags).map_err(|e| err("bind", path, e))
 }
 
+/// A second detached mount of what the detached mount `mnt` shows (one fd's mount can be attached
+/// only once: a forked process that shares the fd needs its own).
+pub(crate) fn clone_detached(mnt: BorrowedFd<'_>, shown: &Path) -> Result<OwnedFd> {
+    open_tree(mnt, "", OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH).map_err(|e| err("clone the mount of", shown, e))
+}
+
 /// Makes a detached mount (and everything below it) read-only before it is attached.
 pub(crate) fn set_readonly(mnt: BorrowedFd<'_>, path: &Path) -> Result<()> {
     #[repr(C)]

@@ -42,6 +42,26 @@ pub(crate) fn spawn(f: impl FnOnce() -> anyhow::Result<i32>) -> Result<libc::pid
     }
 }
 
+/// Closes every fd of this process but those in `keep` (a process that outlives the command that
+/// forked it must not hold its locks and files).
+pub(crate) fn close_fds_except(keep: &[libc::c_int]) -> Result<()> {
+    let mut keep = keep.to_vec();
+    keep.sort_unstable();
+    let mut from: libc::c_uint = 0;
+    for &k in keep.iter().chain([&libc::c_int::MAX]) {
+        let k = k as libc::c_uint;
+        if k > from {
+            // SAFETY: close_range only closes fds; the caller keeps the fds it still uses (and
+            // owns no other OwnedFd that it will use or close again).
+            if unsafe { libc::close_range(from, k - 1, 0) } != 0 {
+                return Err(err("close the fds of", "a keeper", std::io::Error::last_os_error()));
+            }
+        }
+        from = k.saturating_add(1);
+    }
+    Ok(())
+}
+
 /// Ends a forked child at once with `code`.
 pub(crate) fn exit_child(code: i32) -> ! {
     // SAFETY: _exit ends the process without running the parent's atexit handlers or flushing
