@@ -209,6 +209,8 @@ fn a_daemon_that_closes_its_fds_keeps_the_environment_in_use() {
     let c = s.plyroot(&["commit", "t"]).plyroot_error(&["in use", "pid ", "sh -c"]);
     let pid = named_pid(&c.stderr);
     assert!(fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap().contains("daemon.log"), "the named pid is not the daemon: {c}");
+    // (The keeper's command line is that of the run that mounted: it must not be the one named.)
+    assert_ne!(fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().trim(), "plyroot-keeper", "the keeper is named, not the daemon: {c}");
     s.plyroot(&["reset", "t", "--force"]).plyroot_error(&["in use", &format!("pid {pid}")]);
     s.plyroot(&["rm", "t"]).plyroot_error(&["in use", &format!("pid {pid}")]);
     s.plyroot(&["rebase", "t"]).plyroot_error(&["in use", &format!("pid {pid}")]);
@@ -218,11 +220,8 @@ fn a_daemon_that_closes_its_fds_keeps_the_environment_in_use() {
     assert_eq!(s.plyroot(&["list"]).ok().stdout.lines().filter(|l| l.starts_with("t ")).count(), 1);
     // Stopped, the environment is free again: commit takes what it wrote, and verify is clean.
     fs::write(&stop, b"").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fs::metadata(format!("/proc/{pid}")).is_ok() {
-        assert!(Instant::now() < deadline, "the daemon did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // (A zombie holds nothing: whoever reaps orphans here may take its time.)
+    assert!(wait_gone(pid, Duration::from_secs(10)), "the daemon did not stop: {:?} {:?}", fs::read_to_string(format!("/proc/{pid}/stat")), sh(&format!("ps -o pid,ppid,stat,wchan:30,args --ppid {pid} -p {pid}")).stdout);
     s.plyroot(&["commit", "t", "-m", "daemon"]).ok();
     assert!(s.sh("t", "test -s /daemon.log && echo kept").ok().stdout == "kept\n");
     let v = s.plyroot(&["verify"]).ok();
@@ -332,4 +331,95 @@ fn a_program_that_leaves_the_runs_mount_namespace_still_holds_the_environment() 
         assert!(!v.stdout.contains("CORRUPT"), "{pivot}: {v}");
         assert!(s.sh("t", "test -s /var/escaped.log && echo kept").ok().stdout == "kept\n");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The keeper of the shared mount
+// ---------------------------------------------------------------------------------------------
+
+/// The live keeper of environment `env` (see src/sandbox/keeper.rs): the pid its run slot names,
+/// while that process is a keeper (its comm) and not a zombie.
+fn keeper(s: &Store, env: &str) -> Option<i32> {
+    let runs = s.home.join("envs").join(env).join("runs");
+    for e in fs::read_dir(runs).ok()?.flatten() {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&fs::read(e.path()).unwrap_or_default()) else { continue };
+        if v["keeper"] != serde_json::Value::Bool(true) {
+            continue;
+        }
+        let pid = v["pid"].as_i64()? as i32;
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start().chars().next();
+        if comm.trim() == "plyroot-keeper" && state != Some('Z') {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+fn wait_gone(pid: i32, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z') {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_keeper_holds_the_mount_between_runs_and_never_stands_in_the_way() {
+    let s = need!(env());
+    s.sh("t", "echo one > /one").ok();
+    let k = keeper(&s, "t").expect("the run that mounted the overlay left a keeper");
+    // Later runs join it (whatever their identity) instead of mounting anew: one keeper, and the
+    // root is its overlay (one device number).
+    s.run("t", &["--root"], &["true"]).ok();
+    s.sh("t", "cat /one").ok();
+    assert_eq!(keeper(&s, "t"), Some(k), "a later run started a second keeper");
+    assert_eq!(root_dev(&s, &[]), root_dev(&s, &["--root"]));
+    // It holds neither the caller's stdout (a pipe's reader sees its end) nor the store's lock.
+    let piped = sh(&format!("PLYROOT_HOME={} {} run t -- echo hi | cat", shell_quote(&s.home.to_string_lossy()), shell_quote(&bin().to_string_lossy())));
+    assert_eq!(piped.ok().stdout, "hi\n");
+    s.plyroot(&["gc"]).ok();
+    // A command that needs the upper unmounted ends it, and does not refuse.
+    s.plyroot(&["commit", "t", "-m", "one"]).ok();
+    assert!(wait_gone(k, Duration::from_secs(5)), "commit left the keeper {k}");
+    // Killed outright, a keeper is a stale record: the next run mounts afresh.
+    s.sh("t", "echo two > /two").ok();
+    let k2 = keeper(&s, "t").expect("a keeper after commit");
+    assert_ne!(k2, k);
+    sh(&format!("kill -9 {k2}")).ok();
+    assert!(wait_gone(k2, Duration::from_secs(5)));
+    assert_eq!(s.sh("t", "cat /one /two").ok().stdout, "one\ntwo\n");
+    // A keeper of another generation gives way to a run of the current one.
+    s.plyroot(&["commit", "t", "-m", "two"]).ok();
+    s.sh("t", "true").ok();
+    let k3 = keeper(&s, "t").expect("a keeper after the kill");
+    s.plyroot(&["switch", "t", "1"]).ok();
+    assert_eq!(s.sh("t", "test ! -e /one && test ! -e /two && echo gen1").ok().stdout, "gen1\n");
+    assert!(wait_gone(k3, Duration::from_secs(5)), "the keeper of generation 3 is still there");
+    let k4 = keeper(&s, "t").expect("a keeper of generation 1");
+    s.plyroot(&["rm", "t"]).ok();
+    assert!(wait_gone(k4, Duration::from_secs(5)), "rm left the keeper {k4}");
+}
+
+#[test]
+fn plyroot_linger_sets_how_long_a_keeper_waits() {
+    let s = need!(env());
+    let run = |linger: &str| run_with(s.cmd(&["run", "t", "--", "true"]).env("PLYROOT_LINGER", linger), None, Duration::from_secs(60));
+    run("0").ok();
+    assert_eq!(keeper(&s, "t"), None, "PLYROOT_LINGER=0 left a keeper");
+    run("1").ok();
+    let k = keeper(&s, "t").expect("PLYROOT_LINGER=1 left no keeper");
+    // Each launch puts its end off; with none it ends by itself.
+    assert!(wait_gone(k, Duration::from_secs(10)), "the keeper {k} outlived its linger");
+    // Removing the store's environment directory ends it at once.
+    run("600").ok();
+    let k = keeper(&s, "t").expect("no keeper");
+    let runs = s.home.join("envs").join("t").join("runs");
+    sh(&format!("rm -rf {}", shell_quote(&runs.to_string_lossy()))).ok();
+    assert!(wait_gone(k, Duration::from_secs(5)), "the keeper {k} outlived its run slots");
 }

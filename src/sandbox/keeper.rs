@@ -82,6 +82,8 @@ pub(crate) fn start(shared: &Shared, root: &RootSpec, runs: &Path, linger: Durat
 /// is the shared overlay (with its `base = "host"` overlays), as a run's is.
 fn settle(shared: &Shared, root: &RootSpec, watch: &OwnedFd, report: &OwnedFd) -> Result<Kept> {
     rustix::process::setsid().context("cannot start a session for the keeper")?;
+    // What `ps -o comm`, `top` and the tests see.
+    let _ = rustix::thread::set_name(c"plyroot-keeper");
     let null = rustix::fs::open("/dev/null", rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).context("cannot open /dev/null")?;
     for dup in [rustix::stdio::dup2_stdin, rustix::stdio::dup2_stdout, rustix::stdio::dup2_stderr] {
         dup(&null).context("cannot point the keeper's stdio at /dev/null")?;

@@ -215,6 +215,8 @@ fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool) ->
     let (join, work_slot, keeper_slot) = match shared {
         Some(r) if persistent => {
             if r.record.generation != generation.number {
+                // Name a run, not its keeper: ending the keeper would not help.
+                let r = live.iter().find(|l| !l.record.keeper && l.record.shared.is_some()).unwrap_or(r);
                 bail!(
                     "'{}' is in use on generation {} (pid {}: `{}`), and its upper can be mounted on one generation at a time: end that run first, run generation {} without the upper (--ephemeral or --read-only), or `plyroot switch {} {}`",
                     env.name,

@@ -246,9 +246,9 @@ impl Env {
     /// composed launch that reads it. Names one process and says how to end it.
     pub(crate) fn ensure_idle(&self, what: &str) -> Result<()> {
         self.dismiss_keeper()?;
-        let usage = Usage::scan();
         let (upper, work) = (self.upper(), self.dir.join("work"));
-        if let Some(pid) = usage.user_of(|d| d.starts_with(&upper) || d.starts_with(&work)).or_else(|| self.survey().escaped) {
+        let (user, keeper) = self.mount_user(|d| d.starts_with(&upper) || d.starts_with(&work));
+        if let Some(pid) = user.or_else(|| self.survey().escaped).or(keeper) {
             bail!("{}", busy_message(&self.name, what, pid));
         }
         Ok(())
@@ -257,12 +257,22 @@ impl Env {
     /// Refuses while anything uses the environment at all (its upper, its skeletons).
     pub(crate) fn ensure_unused(&self, what: &str) -> Result<()> {
         self.dismiss_keeper()?;
-        let usage = Usage::scan();
+        let (user, keeper) = self.mount_user(|d| d.starts_with(&self.dir));
         let survey = self.survey();
-        if let Some(pid) = usage.user_of(|d| d.starts_with(&self.dir)).or(survey.escaped).or(survey.live.first().map(|l| l.pid)) {
+        let run = survey.live.iter().find(|l| !l.record.keeper).or(survey.live.first()).map(|l| l.pid);
+        if let Some(pid) = user.or(survey.escaped).or(run).or(keeper) {
             bail!("{}", busy_message(&self.name, what, pid));
         }
         Ok(())
+    }
+
+    /// A process whose mount namespace holds an overlay made of a directory `is` accepts: one of a
+    /// run, and the keeper (named only when nothing else is there: ending it would not help).
+    fn mount_user(&self, is: impl Fn(&Path) -> bool) -> (Option<i32>, Option<i32>) {
+        let keepers: Vec<u64> = self.by_pid().0.iter().filter(|r| r.record.keeper).map(|r| r.record.mnt_ns_id).collect();
+        let users: Vec<i32> = Usage::scan().mounts.into_iter().filter(|(_, o)| o.dirs().any(|d| is(d))).map(|(pid, _)| pid).collect();
+        let is_keeper = |pid: &i32| procs::mnt_ns_id(*pid).is_some_and(|id| keepers.contains(&id));
+        (users.iter().copied().find(|p| !is_keeper(p)), users.iter().copied().find(is_keeper))
     }
 }
 
@@ -295,11 +305,6 @@ impl Usage {
             mounts.extend(procs::overlays(pid).into_iter().map(|o| (pid, o)));
         }
         Usage { mounts }
-    }
-
-    /// A process whose namespace holds an overlay made of a directory `is(dir)` accepts.
-    pub(crate) fn user_of(&self, is: impl Fn(&Path) -> bool) -> Option<i32> {
-        self.mounts.iter().find(|(_, o)| o.dirs().any(|d| is(d))).map(|(pid, _)| *pid)
     }
 
     /// Every directory a live overlay mount is made of.
