@@ -246,6 +246,27 @@ pub(crate) struct PlanInput<'a> {
 }
 
 pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
+    let ops = host_ops(&i)?;
+    let home = if shares(&i.opts.no_host)(HostShare::Home) || i.inside.uid != 0 { i.user.home.clone() } else { "/root".into() };
+    let env = exec_env(&i, &home)?;
+    let argv: Vec<OsString> = if i.opts.command.is_empty() {
+        let mut v = vec![OsString::from(&i.shell)];
+        if i.opts.login {
+            v.push("-l".into());
+        }
+        v
+    } else {
+        i.opts.command.clone()
+    };
+    let (cwd, cwd_required) = match &i.opts.cwd {
+        Some(c) => (vec![c.clone()], true),
+        None => (i.facts.cwd.iter().cloned().chain([home, PathBuf::from("/")]).collect(), false),
+    };
+    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required }, pid: i.opts.pid })
+}
+
+/// The per-run mounts: the host shares that are on, then the binds asked for.
+fn host_ops(i: &PlanInput<'_>) -> Result<Vec<Op>> {
     let on = shares(&i.opts.no_host);
     let f = i.facts;
     let mut ops = Vec::new();
@@ -300,12 +321,17 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         let kind = if src.is_dir() { Kind::Dir } else { Kind::File };
         ops.push(Op::Bind { src, dst, kind, ro, recursive: true });
     }
+    Ok(ops)
+}
 
-    let home = if on(HostShare::Home) { i.user.home.clone() } else if i.inside.uid == 0 { "/root".into() } else { i.user.home.clone() };
+/// The program's environment: the inherited one without what names the host's user and paths,
+/// then the run's own variables and `--env`.
+fn exec_env(i: &PlanInput<'_>, home: &Path) -> Result<Vec<(OsString, OsString)>> {
     let mut env: Vec<(OsString, OsString)> = i
         .host_env
-        .into_iter()
+        .iter()
         .filter(|(k, _)| !matches!(k.to_str(), Some("PATH" | "HOME" | "USER" | "LOGNAME" | "SHELL" | "PLYROOT_ENV" | "PLYROOT_STACK" | "LD_LIBRARY_PATH" | "LD_PRELOAD")))
+        .cloned()
         .collect();
     let user_name = if i.inside.uid == 0 { "root".to_owned() } else { i.user.name.clone() };
     for (k, v) in [
@@ -326,21 +352,7 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         env.retain(|(ek, _)| ek != k);
         env.push((k.into(), v.into()));
     }
-
-    let argv: Vec<OsString> = if i.opts.command.is_empty() {
-        let mut v = vec![OsString::from(&i.shell)];
-        if i.opts.login {
-            v.push("-l".into());
-        }
-        v
-    } else {
-        i.opts.command.clone()
-    };
-    let (cwd, cwd_required) = match &i.opts.cwd {
-        Some(c) => (vec![c.clone()], true),
-        None => (f.cwd.iter().cloned().chain([home, PathBuf::from("/")]).collect(), false),
-    };
-    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required }, pid: i.opts.pid })
+    Ok(env)
 }
 
 #[cfg(test)]

@@ -109,9 +109,7 @@ impl Mapper {
 }
 
 fn unshare(flags: rustix::thread::UnshareFlags) -> Result<()> {
-    // SAFETY: the flags never include CLONE_FILES, the one that can strand fds between threads;
-    // plyroot is single-threaded here.
-    unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(|e| {
+    ns::unshare_flags(flags).map_err(|e| {
         let denied = matches!(e, rustix::io::Errno::PERM | rustix::io::Errno::NOSPC | rustix::io::Errno::ACCESS) && flags.contains(rustix::thread::UnshareFlags::NEWUSER);
         let e = anyhow::Error::new(crate::sys::err("unshare namespaces", "/", e));
         if denied {

@@ -241,22 +241,33 @@ fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool) ->
     Ok(Claim { slot, join, work_slot, keeper_slot })
 }
 
-/// Decides the launch of `req` in `env` (see the module header).
-pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepared> {
-    let generation = env.current()?;
-    let settings = &generation.settings;
-    let user = HostUser::current();
-    let inside_env = std::env::var_os("PLYROOT_ENV").is_some() && root_is_plyroot();
-    let inside = identity(store, req, &generation, &user, inside_env);
-    let parent = if req.compose && inside_env { parent_stack()? } else { Vec::new() };
-    let composed = !parent.is_empty();
+/// What a launch decides before it looks at the environment's live runs.
+struct Common {
+    generation: Generation,
+    user: HostUser,
+    inside: Inside,
+    /// This process runs inside an environment (a launcher's hop, or plyroot run in there).
+    inside_env: bool,
+    /// The lowers include the root a launcher started from.
+    composed: bool,
+    /// Top first, without the skeleton.
+    lowers: Vec<PathBuf>,
+    facts: HostFacts,
+    no_host: Vec<HostShare>,
+    binds: Vec<String>,
+    /// `base = "host"` applies.
+    wants_host: bool,
+    skel: Skel,
+}
+
+/// The lowers of a launch, top first: the generation's layers, over the root a composing
+/// launcher started from. A layer both share (a common base) appears once, at its lowest place,
+/// so each side still sees its own layers over it; overlayfs refuses a repeated lower anyway.
+fn lowers(store: &Store, env: &Env, generation: &Generation, parent: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
     let layer_roots: Vec<PathBuf> = generation.layers.iter().rev().map(|l| store.layer_root(l)).collect();
     if let Some((id, _)) = generation.layers.iter().rev().zip(&layer_roots).find(|(_, p)| !p.is_dir()) {
         bail!("environment '{}' uses layer {id}, which is missing from the store; run `plyroot verify` or re-create the environment", env.name);
     }
-    // A composed root: this environment's layers over the root the launcher started from. A layer
-    // both share (a common base) appears once, at its lowest place, so each side still sees its
-    // own layers over it; overlayfs refuses a repeated lower anyway.
     let mut lowers: Vec<PathBuf> = Vec::with_capacity(layer_roots.len() + parent.len());
     for l in layer_roots.into_iter().chain(parent).rev() {
         if !lowers.contains(&l) {
@@ -267,8 +278,11 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
     // Environments are kept under the kernel's limit when made; this catches one made before
     // that, and two that are too large together.
     crate::store::limits::check_launch(&env.name, generation.layers.len(), lowers.len())?;
+    Ok(lowers)
+}
 
-    let facts = HostFacts::gather();
+/// The host shares turned off (by the request, the manifest, and for a booted system).
+fn no_host(req: &Request, settings: &crate::manifest::Settings) -> Vec<HostShare> {
     let mut no_host = req.no_host.clone();
     if req.boot.is_some() {
         // A booted system manages its own /tmp and /run: systemd-tmpfiles would empty the host's
@@ -279,90 +293,132 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
         use clap::ValueEnum;
         no_host.extend(HostShare::from_str(n, false).ok());
     }
-    let binds: Vec<String> = settings.binds.iter().chain(&req.binds).cloned().collect();
+    no_host
+}
+
+/// The skeleton for this launch: cached in the store per generation and spec, or, where the store
+/// is read-only (inside an environment), written to the run's tmpfs.
+fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Skel> {
     let mut bind_points = Vec::new();
-    for spec in &binds {
-        let (src, dst, _) = super::parse_bind(spec, facts.cwd.as_deref())?;
+    for spec in &c.binds {
+        let (src, dst, _) = super::parse_bind(spec, c.facts.cwd.as_deref())?;
         bind_points.push((dst, src.is_dir()));
     }
     // base = "host": the host's top-level symlinks (merged /usr) where the layers have nothing.
-    let wants_host = !composed && !inside_env && settings.base.as_deref() == Some("host");
     let host_links: Vec<(String, PathBuf)> = if wants_host {
         fs::read_dir("/").into_iter().flatten().flatten().filter_map(|e| Some((e.file_name().into_string().ok()?, fs::read_link(e.path()).ok()?))).collect()
     } else {
         Vec::new()
     };
-    let spec = skel::spec(&lowers, &user, &inside, &facts, &bind_points, &host_links);
-    let skel = match skel::ensure(store, env, generation.number, &spec) {
-        Ok(dir) => Skel::Dir(dir),
-        // Inside an environment the store is read-only: the skeleton goes on the run's tmpfs.
-        Err(e) if inside_env => {
+    let spec = skel::spec(&c.lowers, &c.user, &c.inside, &c.facts, &bind_points, &host_links);
+    match skel::ensure(store, env, c.generation.number, &spec) {
+        Ok(dir) => Ok(Skel::Dir(dir)),
+        Err(e) if c.inside_env => {
             crate::diag::debug!("skeleton on a tmpfs: {e:#}");
-            Skel::Tmpfs(spec)
+            Ok(Skel::Tmpfs(spec))
         }
-        Err(e) => return Err(e),
-    };
+        Err(e) => Err(e),
+    }
+}
 
+fn common(store: &Store, env: &Env, req: &Request) -> Result<Common> {
+    let generation = env.current()?;
+    let user = HostUser::current();
+    let inside_env = std::env::var_os("PLYROOT_ENV").is_some() && root_is_plyroot();
+    let inside = identity(store, req, &generation, &user, inside_env);
+    let parent = if req.compose && inside_env { parent_stack()? } else { Vec::new() };
+    let composed = !parent.is_empty();
+    let lowers = lowers(store, env, &generation, parent)?;
+    let settings = &generation.settings;
+    let wants_host = !composed && !inside_env && settings.base.as_deref() == Some("host");
+    let mut c = Common {
+        no_host: no_host(req, settings),
+        binds: settings.binds.iter().chain(&req.binds).cloned().collect(),
+        user,
+        inside,
+        inside_env,
+        composed,
+        lowers,
+        facts: HostFacts::gather(),
+        wants_host,
+        skel: Skel::Tmpfs(skel::Spec::default()),
+        generation,
+    };
+    c.skel = skeleton(store, env, &c, wants_host)?;
+    Ok(c)
+}
+
+/// The run slot(s) a launch that uses the environment's lock records itself in, and the upper it
+/// gets: the shared one (joined or mounted), or one of its own.
+fn recording(env: &Env, c: &Common, req: &Request, persistent: bool) -> Result<(Upper, Option<Join>, Recording)> {
+    let claim = claim(env, &c.generation, req, persistent)?;
+    let upper = match claim.work_slot {
+        Some(w) => Upper::Shared { upper: env.upper(), work: env.workdir(w) },
+        None if req.read_only => Upper::None,
+        None => Upper::Ephemeral,
+    };
+    let record = RunRecord {
+        pid: 0,
+        mnt_ns: 0,
+        mnt_ns_id: 0,
+        user_ns: 0,
+        user_ns_id: 0,
+        generation: c.generation.number,
+        layers: c.generation.layers.clone(),
+        skel: match &c.skel {
+            Skel::Dir(d) => Some(d.clone()),
+            Skel::Tmpfs(_) => None,
+        },
+        shared: claim.work_slot,
+        boot: false,
+        supervisor: None,
+        started: now_secs(),
+        keeper: false,
+    };
+    let keeper = match claim.keeper_slot {
+        Some(k) => Some((env.open_slot(k)?, env.slot_path(k))),
+        None => None,
+    };
+    Ok((upper, claim.join, Recording { file: env.open_slot(claim.slot)?, path: env.slot_path(claim.slot), record, keeper }))
+}
+
+/// Decides the launch of `req` in `env` (see the module header).
+pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepared> {
+    let c = common(store, env, req)?;
+    let settings = &c.generation.settings;
     let mut held: Held = vec![store.lock_file()?];
     // A run with a root of its own (--ephemeral, --read-only) does not join: its writes must not
     // reach the upper the booted system uses.
     if req.boot.is_none() && !req.ephemeral && !req.read_only {
         if let Some(b) = env.booted() {
-            let pidfd = booted_init(env, &generation, &b)?;
-            let plan = plan(plan_input(store, env, &generation, req, &inside, &user, &facts, no_host, binds, &lowers, skel, Upper::None, None, Vec::new(), Vec::new())?)?;
-            return Ok(Prepared::Booted { pidfd, plan, inside, become_root: req.root || settings.root, held });
+            let pidfd = booted_init(env, &c.generation, &b)?;
+            let plan = plan(plan_input(store, env, &c, req, Upper::None, None, Vec::new(), Vec::new())?)?;
+            return Ok(Prepared::Booted { pidfd, plan, become_root: req.root || settings.root, inside: c.inside, held });
         }
     }
     // A composed view has no upper of its own to keep: the parent's is live (it can only be a
     // lower here), and this environment's belongs to its own runs.
-    let persistent = !(req.read_only || req.ephemeral || !settings.persist || composed);
-    if persistent && inside_env {
+    let persistent = !(req.read_only || req.ephemeral || !settings.persist || c.composed);
+    if persistent && c.inside_env {
         bail!(
             "cannot use the upper of '{}' from inside an environment (the store is read-only in there): run with --ephemeral or --read-only, or run it from the host",
             env.name
         );
     }
-    let host_dirs = if wants_host { host_dirs(store, &lowers)? } else { Vec::new() };
+    let host_dirs = if c.wants_host { host_dirs(store, &c.lowers)? } else { Vec::new() };
     let (upper, join, recording) = if persistent || req.boot.is_some() {
         // From here until the program runs, no other launch of this environment decides.
         held.push(env.lock()?);
-        let claim = claim(env, &generation, req, persistent)?;
-        let upper = match claim.work_slot {
-            Some(w) => Upper::Shared { upper: env.upper(), work: env.workdir(w) },
-            None if req.read_only => Upper::None,
-            None => Upper::Ephemeral,
-        };
-        let record = RunRecord {
-            pid: 0,
-            mnt_ns: 0,
-            mnt_ns_id: 0,
-            user_ns: 0,
-            user_ns_id: 0,
-            generation: generation.number,
-            layers: generation.layers.clone(),
-            skel: match &skel {
-                Skel::Dir(d) => Some(d.clone()),
-                Skel::Tmpfs(_) => None,
-            },
-            shared: claim.work_slot,
-            boot: false,
-            supervisor: None,
-            started: now_secs(),
-            keeper: false,
-        };
-        let keeper = match claim.keeper_slot {
-            Some(k) => Some((env.open_slot(k)?, env.slot_path(k))),
-            None => None,
-        };
-        let recording = Recording { file: env.open_slot(claim.slot)?, path: env.slot_path(claim.slot), record, keeper };
-        (upper, claim.join, Some(recording))
+        let (upper, join, recording) = recording(env, &c, req, persistent)?;
+        (upper, join, Some(recording))
     } else {
         (if req.read_only { Upper::None } else { Upper::Ephemeral }, None, None)
     };
-    let stack: Vec<PathBuf> = matches!(upper, Upper::Shared { .. }).then(|| env.upper()).into_iter().chain(lowers.iter().cloned()).collect();
-    let keeps = recording.as_ref().is_some_and(|r| r.keeper.is_some());
-    let mut plan = plan(plan_input(store, env, &generation, req, &inside, &user, &facts, no_host, binds, &lowers, skel, upper, join, host_dirs, stack)?)?;
-    plan.root.linger = if keeps { super::keeper::linger() } else { None };
+    let stack: Vec<PathBuf> = matches!(upper, Upper::Shared { .. }).then(|| env.upper()).into_iter().chain(c.lowers.iter().cloned()).collect();
+    let mut plan = plan(plan_input(store, env, &c, req, upper, join, host_dirs, stack)?)?;
+    if recording.as_ref().is_some_and(|r| r.keeper.is_some()) {
+        plan.root.linger = super::keeper::linger();
+    }
     if let Some(init) = &req.boot {
         // init gets a clean environment, as a container manager gives it.
         plan.exec.argv = vec![init.into()];
@@ -373,29 +429,22 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
             ("HOME".into(), "/root".into()),
         ];
     }
-    Ok(Prepared::Launch { plan, inside, recording, held })
+    Ok(Prepared::Launch { plan, inside: c.inside, recording, held })
 }
 
 #[allow(clippy::too_many_arguments)]
 fn plan_input<'a>(
     store: &Store,
     env: &'a Env,
-    generation: &Generation,
+    c: &'a Common,
     req: &Request,
-    inside: &'a Inside,
-    user: &'a HostUser,
-    facts: &'a HostFacts,
-    no_host: Vec<HostShare>,
-    binds: Vec<String>,
-    lowers: &[PathBuf],
-    skel: Skel,
     upper: Upper,
     join: Option<Join>,
     host_dirs: Vec<(String, Vec<PathBuf>)>,
     stack: Vec<PathBuf>,
 ) -> Result<PlanInput<'a>> {
-    let settings = &generation.settings;
-    let shell = skel::shell(lowers, &skel::base_passwd(lowers), inside.uid);
+    let settings = &c.generation.settings;
+    let shell = skel::shell(&c.lowers, &skel::base_passwd(&c.lowers), c.inside.uid);
     let env_vars: Vec<String> = settings
         .env
         .iter()
@@ -403,15 +452,23 @@ fn plan_input<'a>(
         .chain((!stack.is_empty()).then(|| std::env::join_paths(&stack).ok().and_then(|s| s.into_string().ok()).map(|s| format!("PLYROOT_STACK={s}"))).flatten())
         .chain(req.env.iter().cloned())
         .collect();
-    let opts = RunOptions { pid: req.pid || req.boot.is_some(), binds, no_host, env: env_vars, cwd: req.cwd.clone(), command: req.command.clone(), login: req.login };
+    let opts = RunOptions {
+        pid: req.pid || req.boot.is_some(),
+        binds: c.binds.clone(),
+        no_host: c.no_host.clone(),
+        env: env_vars,
+        cwd: req.cwd.clone(),
+        command: req.command.clone(),
+        login: req.login,
+    };
     Ok(PlanInput {
         env_name: &env.name,
-        root: RootSpec { lowers: lowers.to_vec(), skel, upper, mount_point: env.mount_point(), host_dirs, join, linger: None },
+        root: RootSpec { lowers: c.lowers.clone(), skel: c.skel.clone(), upper, mount_point: env.mount_point(), host_dirs, join, linger: None },
         store: Some(store.root.clone()),
-        facts,
+        facts: &c.facts,
         opts,
-        inside,
-        user,
+        inside: &c.inside,
+        user: &c.user,
         shell,
         host_env: std::env::vars_os().collect(),
     })

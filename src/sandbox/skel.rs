@@ -59,7 +59,7 @@ pub(crate) fn shell(lowers: &[PathBuf], passwd: &str, uid: u32) -> String {
 }
 
 /// A skeleton's content.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Spec {
     /// Directories, relative to the skeleton's root.
     pub dirs: Vec<PathBuf>,
