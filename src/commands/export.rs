@@ -71,7 +71,8 @@ fn upper_to_export(env: &Env, generation: &Generation) -> Result<Option<PathBuf>
             generation.number
         );
     }
-    let live = env.live().len();
+    // A keeper holds the mount but writes nothing.
+    let live = env.live().iter().filter(|r| !r.record.keeper).count();
     if live > 0 {
         crate::diag::warn!("{live} program(s) run in '{name}': the export reads its upper as it is now, while they may change it");
     }
