@@ -24,6 +24,7 @@ use rustix::fs::inotify;
 
 use super::mounts::Shared;
 use super::RootSpec;
+use crate::store::runs::NestedNs;
 use crate::sys::{mount, process};
 
 /// How long a keeper waits for the next launch (None: no keeper).
@@ -43,6 +44,7 @@ pub(crate) struct Kept {
     pub pid: i32,
     pub mnt_ns: u64,
     pub mnt_ns_id: u64,
+    pub nested: Vec<NestedNs>,
 }
 
 /// Starts a keeper of `shared` (just mounted for `root`), watching the run slots in `runs`.
@@ -58,12 +60,14 @@ pub(crate) fn start(shared: &Shared, root: &RootSpec, runs: &Path, linger: Durat
         drop(rd.take());
         let wr = wr.take().context("lost a pipe")?;
         process::spawn(|| {
-            let r = settle(shared, root, &watch, &wr);
+            let mut held = Vec::new();
+            let r = settle(shared, root, &watch, &wr, &mut held);
             let ready = r.is_ok();
             if !process::send_reply(wr, r) || !ready {
                 return Ok(1);
             }
             wait_idle(&watch, linger);
+            drop(held);
             Ok(0)
         })?;
         Ok(0)
@@ -80,7 +84,7 @@ pub(crate) fn start(shared: &Shared, root: &RootSpec, runs: &Path, linger: Durat
 
 /// In the keeper: leaves the caller's session and files, and makes a mount namespace whose root
 /// is the shared overlay (with its `base = "host"` overlays), as a run's is.
-fn settle(shared: &Shared, root: &RootSpec, watch: &OwnedFd, report: &OwnedFd) -> Result<Kept> {
+fn settle(shared: &Shared, root: &RootSpec, watch: &OwnedFd, report: &OwnedFd, held: &mut Vec<OwnedFd>) -> Result<Kept> {
     rustix::process::setsid().context("cannot start a session for the keeper")?;
     // What `ps -o comm`, `top` and the tests see.
     let _ = rustix::thread::set_name(c"plyroot-keeper");
@@ -94,11 +98,18 @@ fn settle(shared: &Shared, root: &RootSpec, watch: &OwnedFd, report: &OwnedFd) -
     let mut keep: Vec<i32> = vec![0, 1, 2, watch.as_raw_fd(), report.as_raw_fd()];
     keep.extend(shared.fds().map(|f| f.as_raw_fd()));
     process::close_fds_except(&keep)?;
+    // The identities' namespaces first: making them needs /proc, which the root lacks.
+    let mut nested = Vec::new();
+    for (uids, gids) in &root.keeper_ids {
+        let fd = super::namespaces::nested_user_ns(uids, gids)?;
+        nested.push(NestedNs { fd: fd.as_raw_fd(), uids: uids.clone(), gids: gids.clone() });
+        held.push(fd);
+    }
     super::namespaces::unshare_mount_ns()?;
     let (mnt_ns, mnt_ns_id) = super::namespaces::mnt_ns()?;
     let fs_root = super::mounts::attach_shared(&shared.clone_detached(root)?, root)?;
     mount::pivot_into(fs_root.as_fd(), Path::new("/"))?;
-    Ok(Kept { pid: rustix::process::getpid().as_raw_nonzero().get(), mnt_ns, mnt_ns_id })
+    Ok(Kept { pid: rustix::process::getpid().as_raw_nonzero().get(), mnt_ns, mnt_ns_id, nested })
 }
 
 /// Waits until no launch has written a run slot for `linger`, or the slots are gone.

@@ -40,7 +40,7 @@ impl Recording {
         self.record.user_ns = base.user_ns;
         self.record.user_ns_id = base.user_ns_id;
         if let (Some(k), Some((mut file, path))) = (kept, self.keeper.take()) {
-            let record = RunRecord { pid: k.pid, mnt_ns: k.mnt_ns, mnt_ns_id: k.mnt_ns_id, keeper: true, ..self.record.clone() };
+            let record = RunRecord { pid: k.pid, mnt_ns: k.mnt_ns, mnt_ns_id: k.mnt_ns_id, keeper: true, nested: k.nested, ..self.record.clone() };
             write_record(&mut file, &record, &path)?;
         }
         self.record.pid = pid;

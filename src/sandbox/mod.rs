@@ -92,6 +92,8 @@ pub(crate) struct Join {
     pub mnt_ns_id: u64,
     /// The environment's base user namespace (0: none).
     pub user_ns: u64,
+    /// The identity namespaces the joined run (a keeper) holds open.
+    pub nested: Vec<crate::store::runs::NestedNs>,
 }
 
 /// The root: an overlay of `lowers` (top first, the skeleton on top of them) with `upper`.
@@ -110,6 +112,8 @@ pub(crate) struct RootSpec {
     /// When this launch mounts the shared overlay: how long its keeper waits for the next launch
     /// (see `keeper`); None: no keeper.
     pub linger: Option<std::time::Duration>,
+    /// The nested identities (uid and gid maps) the keeper makes and holds for later runs.
+    pub keeper_ids: Vec<(Vec<crate::sys::ns::IdRange>, Vec<crate::sys::ns::IdRange>)>,
 }
 
 /// One per-run step of building the root, after the overlay is in place.
@@ -390,6 +394,7 @@ mod tests {
                 host_dirs: Vec::new(),
                 join: None,
                 linger: None,
+                keeper_ids: Vec::new(),
             },
             store: Some("/home/alice/.local/share/plyroot".into()),
             facts: f,

@@ -205,7 +205,19 @@ pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, store: Option<&std:
     if let Some(store) = store.filter(|s| s.is_dir()) {
         protect(store)?;
     }
+    // An identity the joined keeper holds: entered, with no helper.
+    let kept = match (&nested, join) {
+        (Some(Nested::Maps(u, g)), Some(j)) if mapper.is_none() => match j.nested.iter().find(|n| &n.uids == u && &n.gids == g) {
+            Some(n) => enter_kept(j.pid, n.fd, j.user_ns)?,
+            None => false,
+        },
+        _ => false,
+    };
     match nested {
+        Some(Nested::Maps(..)) if kept => {
+            unshare(flags(false, pid, machine))?;
+            ns::clear_groups()?;
+        }
         Some(Nested::Maps(uids, gids)) => {
             let mut m = match mapper {
                 Some(m) => m,
@@ -253,6 +265,44 @@ pub(crate) fn enter_one_level(mapping: &Mapping) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A user namespace nested in the current one (the base), with `uids` and `gids` mapped, held by
+/// the fd returned: made by a short-lived child, whose maps this process writes (it has the
+/// capabilities in the base that multi-range maps need).
+pub(crate) fn nested_user_ns(uids: &[IdRange], gids: &[IdRange]) -> Result<OwnedFd> {
+    let (made_rd, made_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("cannot create a pipe")?;
+    let (end_rd, end_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("cannot create a pipe")?;
+    let (made_rd, end_wr) = (Cell::new(Some(made_rd)), Cell::new(Some(end_wr)));
+    let (theirs_made, theirs_end) = (&made_rd, &end_wr);
+    let child = process::spawn(move || {
+        drop((theirs_made.take(), theirs_end.take()));
+        ns::unshare_flags(rustix::thread::UnshareFlags::NEWUSER).map_err(|e| crate::sys::err("unshare a user namespace", "/", e))?;
+        fs::File::from(made_wr).write_all(b"1")?;
+        // Until the parent has what it needs (it closes its end).
+        let _ = fs::File::from(end_rd).read(&mut [0u8; 1]);
+        Ok(0)
+    })?;
+    let made = made_rd.take().map(|rd| fs::File::from(rd).read(&mut [0u8; 1]).unwrap_or(0) == 1).unwrap_or(false);
+    let r = if made {
+        ns::write_maps(child, uids, gids).and_then(|_| ns::open_ns(child, "user")).map_err(anyhow::Error::from)
+    } else {
+        Err(anyhow::anyhow!("the helper making a nested user namespace failed"))
+    };
+    drop(end_wr.take());
+    process::waitpid(child)?;
+    r
+}
+
+/// Enters an identity namespace a keeper holds (as its fd `fd`), nested in the base `base` (its
+/// inode); false when it cannot be reached (the launch makes its own then).
+fn enter_kept(keeper: i32, fd: i32, base: u64) -> Result<bool> {
+    let Ok(user) = ns::open_fd_of(keeper, fd) else { return Ok(false) };
+    let parent_ok = ns::parent_userns(&user).and_then(|p| ns::ns_ino(&p)).is_ok_and(|ino| ino == base);
+    if !parent_ok || ns::enter(&user, LinkNameSpaceType::User).is_err() {
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// A mount namespace of our own (a copy of the current one), in the current user namespace.

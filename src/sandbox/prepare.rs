@@ -228,7 +228,8 @@ fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool) ->
                     r.record.generation
                 );
             }
-            (Some(Join { pid: r.pid, mnt_ns: r.record.mnt_ns, mnt_ns_id: r.record.mnt_ns_id, user_ns: r.record.user_ns }), r.record.shared, None)
+            let join = Join { pid: r.pid, mnt_ns: r.record.mnt_ns, mnt_ns_id: r.record.mnt_ns_id, user_ns: r.record.user_ns, nested: r.record.nested.clone() };
+            (Some(join), r.record.shared, None)
         }
         _ if persistent => {
             check_upper(env, generation, req.keep_upper)?;
@@ -239,6 +240,22 @@ fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool) ->
         _ => (None, None, None),
     };
     Ok(Claim { slot, join, work_slot, keeper_slot })
+}
+
+/// With subordinate ids: the nested identities a keeper holds for the runs after this one (you,
+/// and root), each as its uid and gid maps.
+fn keeper_ids(c: &Common) -> Vec<(Vec<crate::sys::ns::IdRange>, Vec<crate::sys::ns::IdRange>)> {
+    if !matches!(c.inside.mapping, identity::Mapping::Ranges { .. }) {
+        return Vec::new();
+    }
+    let Some(subids) = host_subids(&c.user) else { return Vec::new() };
+    [false, true]
+        .into_iter()
+        .filter_map(|root| match choose(&c.user, false, Some(subids), root).nested {
+            Some(identity::Nested::Maps(u, g)) => Some((u, g)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// What a launch decides before it looks at the environment's live runs.
@@ -374,6 +391,7 @@ fn recording(env: &Env, c: &Common, req: &Request, persistent: bool) -> Result<(
         supervisor: None,
         started: now_secs(),
         keeper: false,
+        nested: Vec::new(),
     };
     let keeper = match claim.keeper_slot {
         Some(k) => Some((env.open_slot(k)?, env.slot_path(k))),
@@ -418,6 +436,7 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
     let mut plan = plan(plan_input(store, env, &c, req, upper, join, host_dirs, stack)?)?;
     if recording.as_ref().is_some_and(|r| r.keeper.is_some()) {
         plan.root.linger = super::keeper::linger();
+        plan.root.keeper_ids = keeper_ids(&c);
     }
     if let Some(init) = &req.boot {
         // init gets a clean environment, as a container manager gives it.
@@ -463,7 +482,7 @@ fn plan_input<'a>(
     };
     Ok(PlanInput {
         env_name: &env.name,
-        root: RootSpec { lowers: c.lowers.clone(), skel: c.skel.clone(), upper, mount_point: env.mount_point(), host_dirs, join, linger: None },
+        root: RootSpec { lowers: c.lowers.clone(), skel: c.skel.clone(), upper, mount_point: env.mount_point(), host_dirs, join, linger: None, keeper_ids: Vec::new() },
         store: Some(store.root.clone()),
         facts: &c.facts,
         opts,

@@ -60,6 +60,19 @@ pub(crate) struct RunRecord {
     /// A keeper of the shared overlay (`sandbox::keeper`), not a program's run.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keeper: bool,
+    /// A keeper's identity user namespaces, nested in the base, ready for runs to join.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nested: Vec<NestedNs>,
+}
+
+/// A user namespace nested in an environment's base with the id maps of one identity, held open
+/// by a keeper as its fd `fd`: a run with the same maps enters it (`setns`) instead of making its
+/// own, which needs a helper process to write the maps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct NestedNs {
+    pub fd: i32,
+    pub uids: Vec<crate::sys::ns::IdRange>,
+    pub gids: Vec<crate::sys::ns::IdRange>,
 }
 
 /// What is alive of an environment's runs (see [`Env::survey`]).

@@ -8,7 +8,7 @@ use rustix::thread::UnshareFlags;
 use super::{err, Result};
 
 /// One line of an id map: `inside outside count`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct IdRange {
     pub inside: u32,
     pub outside: u32,
@@ -183,6 +183,13 @@ fn ns_ioctl(fd: &impl AsRawFd, request: libc::Ioctl, op: &'static str) -> Result
     }
     // SAFETY: `rc` is a fresh fd the kernel just returned to us.
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(rc) })
+}
+
+/// Opens what fd `fd` of process `pid` refers to (through /proc/PID/fd, so the caller needs to be
+/// allowed to trace it: the same user).
+pub(crate) fn open_fd_of(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd> {
+    let p = format!("/proc/{pid}/fd/{fd}");
+    rustix::fs::open(p.as_str(), rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).map_err(|e| err("open", &p, e))
 }
 
 /// Joins the namespace `fd` refers to (`setns`). Joining a user namespace needs a
