@@ -130,6 +130,8 @@ impl Fixture {
 
     /// Writes into the upper as a run would (the files are the user's own either way).
     fn write_upper(&self, files: &[(&str, &str)]) {
+        // Not under a live overlay of the upper (a keeper's): its caches would not see the files.
+        end_keepers(&self.s.home);
         let up = self.s.home.join("envs/dev/upper");
         for (p, content) in files {
             fs::create_dir_all(up.join(p).parent().unwrap()).unwrap();
@@ -142,6 +144,7 @@ impl Fixture {
     }
 
     fn save(&self) {
+        end_keepers(&self.s.home);
         // Overlay leaves its workdir's work/ mode 000: cp could not read it.
         own(&self.s.home);
         fs::create_dir_all(&self.tpl).unwrap();
@@ -154,6 +157,7 @@ impl Fixture {
     /// the project's source directories stay; everything else is copied afresh.
     fn restore(&self) {
         let (tpl, live) = (self.tpl.join("store"), &self.s.home);
+        end_keepers(live);
         let entries = |d: &Path| -> Vec<PathBuf> { fs::read_dir(d).map(|rd| rd.flatten().map(|e| e.path()).collect()).unwrap_or_default() };
         for e in entries(live) {
             if !e.ends_with("layers") {

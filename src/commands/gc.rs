@@ -40,6 +40,12 @@ pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_th
     let mut roots: BTreeSet<String> = BTreeSet::new();
     let mut pruned = Vec::new();
     let mut locks = Vec::new();
+    let envs = store.envs()?;
+    for env in &envs {
+        locks.push(env.lock()?);
+        // A keeper only caches a mount: it does not keep what it holds from collection.
+        env.dismiss_keeper()?;
+    }
     // What live mounts are made of, in every namespace we can see (runs, programs they left
     // behind, launchers composing inside environments): none of it is collected.
     let usage = Usage::scan();
@@ -49,8 +55,7 @@ pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_th
             roots.insert(l.id);
         }
     }
-    for env in store.envs()? {
-        locks.push(env.lock()?);
+    for env in envs {
         let cur = env.current()?.number;
         let live_gens: BTreeSet<u32> = env.live().iter().map(|r| r.record.generation).collect();
         let mut gens = env.generations()?;

@@ -824,3 +824,29 @@ pub fn tree(dir: &Path) -> BTreeSet<String> {
 pub fn fingerprint(p: &Path) -> Option<(u64, i64, u64, u64)> {
     fs::symlink_metadata(p).ok().map(|m| (m.len(), m.mtime(), m.nlink(), m.ino()))
 }
+
+/// Ends every keeper (src/sandbox/keeper.rs) of the environments of the store at `home`, and waits
+/// until each has: for fixtures that put a store back by copying files, which must not leave a
+/// keeper holding an overlay of the upper they replace.
+pub fn end_keepers(home: &Path) {
+    let Ok(envs) = fs::read_dir(home.join("envs")) else { return };
+    for env in envs.flatten() {
+        let Ok(runs) = fs::read_dir(env.path().join("runs")) else { continue };
+        for r in runs.flatten() {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&fs::read(r.path()).unwrap_or_default()) else { continue };
+            let Some(pid) = v["pid"].as_i64().filter(|_| v["keeper"] == serde_json::Value::Bool(true)) else { continue };
+            if fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() != "plyroot-keeper" {
+                continue;
+            }
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                if stat.is_empty() || stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z') {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
