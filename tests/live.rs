@@ -316,7 +316,13 @@ fn a_program_that_leaves_the_runs_mount_namespace_still_holds_the_environment() 
         assert_eq!(c.code, 125, "{pivot}: commit while the daemon runs: {c}\ndaemon's stderr: {}", fs::read_to_string(s.path("escaped.err")).unwrap_or_default());
         let c = c.plyroot_error(&["pid "]);
         if !root {
-            // A new run would mount a second overlay over the upper it writes: refused.
+            // While the keeper holds the overlay, a new run joins it: one superblock, so it sees
+            // what the program writes.
+            let grows = s.sh("t", "a=$(wc -c < /var/escaped.log); sleep 0.3; b=$(wc -c < /var/escaped.log); test $b -gt $a && echo grows");
+            assert_eq!(grows.ok().stdout, "grows\n", "{pivot}");
+            // Without it, a new run would mount a second overlay over the upper the program
+            // writes: refused, as reset is.
+            end_keepers(&s.home);
             s.sh("t", "true").plyroot_error(&["pid ", "--ephemeral"]);
             s.plyroot(&["reset", "t", "--force"]).plyroot_error(&["pid "]);
         }

@@ -222,12 +222,15 @@ impl Env {
         let (live, _) = self.by_pid();
         let Some(k) = live.iter().find(|r| r.record.keeper) else { return Ok(false) };
         let base = k.record.user_ns_id;
-        if base != 0 && procs::in_user_ns_trees(&[base]).iter().any(|(pid, _)| *pid != k.pid) {
+        // (A zombie, which has no mount namespace left, holds nothing.)
+        if let Some((pid, _)) = (base != 0).then(|| procs::in_user_ns_trees(&[base])).unwrap_or_default().into_iter().find(|(pid, _)| *pid != k.pid && procs::mnt_ns_id(*pid).is_some()) {
+            crate::diag::debug!("the keeper of '{}' stays: pid {pid} (`{}`) is in its user namespace", self.name, procs::cmdline(pid));
             return Ok(false);
         }
         let (upper, work) = (self.upper(), self.dir.join("work"));
         let others = Usage::scan().mounts.into_iter().any(|(pid, o)| o.dirs().any(|d| d.starts_with(&upper) || d.starts_with(&work)) && procs::mnt_ns_id(pid) != Some(k.record.mnt_ns_id));
         if others {
+            crate::diag::debug!("the keeper of '{}' stays: another mount namespace holds an overlay of its upper", self.name);
             return Ok(false);
         }
         let pidfd = crate::sys::ns::pidfd(k.pid)?;
