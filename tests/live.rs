@@ -429,3 +429,20 @@ fn plyroot_linger_sets_how_long_a_keeper_waits() {
     sh(&format!("rm -rf {}", shell_quote(&runs.to_string_lossy()))).ok();
     assert!(wait_gone(k, Duration::from_secs(5)), "the keeper {k} outlived its run slots");
 }
+
+#[test]
+fn a_keeper_of_a_mount_made_otherwise_gives_way() {
+    let s = need!(env());
+    s.run("t", &[], &["true"]).ok();
+    let k = keeper(&s, "t").expect("a keeper");
+    // A bind to a place the layers lack gets its mount point in a skeleton of its own: the
+    // keeper's mount (the other skeleton) is ended, not joined, so nothing is made in the upper.
+    let src = s.path("bound");
+    fs::create_dir_all(&src).unwrap();
+    let bind = format!("{}:/newpoint", src.display());
+    assert_eq!(s.run("t", &["--bind", &bind], &["sh", "-c", "test -d /newpoint && echo bound"]).ok().stdout, "bound\n");
+    assert!(wait_gone(k, Duration::from_secs(5)), "the keeper of the other skeleton was joined");
+    let diff = s.plyroot(&["diff", "t"]).ok();
+    assert!(!diff.stdout.contains("newpoint"), "the bind's mount point was made in the upper: {diff}");
+    assert!(keeper(&s, "t").is_some_and(|k2| k2 != k));
+}

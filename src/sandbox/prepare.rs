@@ -195,9 +195,11 @@ struct Claim {
 
 /// Decides, under the environment's lock, whether the launch joins the live shared mount or makes
 /// it. A keeper alone on another generation is ended (it is a cache); a run is not.
-fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool) -> Result<Claim> {
+fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool, key: &str) -> Result<Claim> {
     let mut survey = env.survey_for_launch();
-    let stale_keeper = |s: &crate::store::runs::Survey| s.live.iter().all(|r| r.record.keeper) && s.live.iter().any(|r| r.record.generation != generation.number);
+    // A keeper of a mount made otherwise (another generation; for this one, another skeleton or
+    // other host directories) gives way when it is alone.
+    let stale_keeper = |s: &crate::store::runs::Survey| s.live.iter().all(|r| r.record.keeper) && s.live.iter().any(|r| r.record.generation != generation.number || r.record.key != key);
     if persistent && stale_keeper(&survey) && env.dismiss_keeper()? {
         survey = env.survey_for_launch();
     }
@@ -256,6 +258,29 @@ fn keeper_ids(c: &Common) -> Vec<(Vec<crate::sys::ns::IdRange>, Vec<crate::sys::
             _ => None,
         })
         .collect()
+}
+
+/// What the shared mount is made of, as a short digest of its serialised parts (the lowers, the
+/// skeleton, the `base = "host"` directories): a keeper whose mount was made of other parts is
+/// not joined.
+fn mount_key(c: &Common, host_dirs: &[(String, Vec<PathBuf>)]) -> String {
+    #[derive(serde::Serialize)]
+    struct Parts {
+        lowers: Vec<String>,
+        skel: String,
+        host_dirs: Vec<(String, Vec<String>)>,
+    }
+    let s = |p: &PathBuf| p.to_string_lossy().into_owned();
+    let parts = Parts {
+        lowers: c.lowers.iter().map(s).collect(),
+        skel: match &c.skel {
+            Skel::Dir(d) => s(d),
+            Skel::Tmpfs(_) => String::new(),
+        },
+        host_dirs: host_dirs.iter().map(|(n, l)| (n.clone(), l.iter().map(s).collect())).collect(),
+    };
+    let json = serde_json::to_vec(&parts).unwrap_or_default();
+    hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(&json)[..8])
 }
 
 /// What a launch decides before it looks at the environment's live runs.
@@ -367,8 +392,9 @@ fn common(store: &Store, env: &Env, req: &Request) -> Result<Common> {
 
 /// The run slot(s) a launch that uses the environment's lock records itself in, and the upper it
 /// gets: the shared one (joined or mounted), or one of its own.
-fn recording(env: &Env, c: &Common, req: &Request, persistent: bool) -> Result<(Upper, Option<Join>, Recording)> {
-    let claim = claim(env, &c.generation, req, persistent)?;
+fn recording(env: &Env, c: &Common, req: &Request, persistent: bool, host_dirs: &[(String, Vec<PathBuf>)]) -> Result<(Upper, Option<Join>, Recording)> {
+    let key = mount_key(c, host_dirs);
+    let claim = claim(env, &c.generation, req, persistent, &key)?;
     let upper = match claim.work_slot {
         Some(w) => Upper::Shared { upper: env.upper(), work: env.workdir(w) },
         None if req.read_only => Upper::None,
@@ -392,6 +418,7 @@ fn recording(env: &Env, c: &Common, req: &Request, persistent: bool) -> Result<(
         started: now_secs(),
         keeper: false,
         nested: Vec::new(),
+        key,
     };
     let keeper = match claim.keeper_slot {
         Some(k) => Some((env.open_slot(k)?, env.slot_path(k))),
@@ -427,7 +454,7 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
     let (upper, join, recording) = if persistent || req.boot.is_some() {
         // From here until the program runs, no other launch of this environment decides.
         held.push(env.lock()?);
-        let (upper, join, recording) = recording(env, &c, req, persistent)?;
+        let (upper, join, recording) = recording(env, &c, req, persistent, &host_dirs)?;
         (upper, join, Some(recording))
     } else {
         (if req.read_only { Upper::None } else { Upper::Ephemeral }, None, None)

@@ -63,6 +63,9 @@ pub(crate) struct RunRecord {
     /// A keeper's identity user namespaces, nested in the base, ready for runs to join.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nested: Vec<NestedNs>,
+    /// What the shared mount is made of (`sandbox::prepare::mount_key`).
+    #[serde(default)]
+    pub key: String,
 }
 
 /// A user namespace nested in an environment's base with the id maps of one identity, held open
