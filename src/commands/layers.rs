@@ -5,12 +5,12 @@ use std::io::IsTerminal;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use super::{human, out, out_json};
+use super::{out, out_json};
 use crate::progress::Progress;
 use crate::source::Source;
 use crate::store::layer::{short_id, LayerInfo};
 use crate::store::Store;
-use crate::text::field;
+use crate::text::{field, human};
 
 fn progress_for(src: &Source) -> Progress {
     let enabled = crate::diag::level() >= 1 && std::io::stderr().is_terminal();

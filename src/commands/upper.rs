@@ -5,7 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use super::{human, out, out_json};
+use super::{out, out_json};
 use crate::sandbox::as_root_inside;
 use crate::store::env::Env;
 use crate::store::layer::LayerInfo;
@@ -15,6 +15,7 @@ use crate::store::journal::Journal;
 use crate::store::meta::{key, unkey};
 use crate::store::tree::shown;
 use crate::store::{canonical, now_secs, private_dir, upper_dir, write_atomic, Store};
+use crate::text::human;
 
 fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
     layers.iter().rev().map(|l| store.layer_root(l)).collect()
