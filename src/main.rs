@@ -10,6 +10,7 @@ mod diag;
 mod export;
 mod launcher;
 mod manifest;
+mod names;
 mod progress;
 #[cfg(feature = "registry")]
 mod registry;
@@ -126,11 +127,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Push { .. } => anyhow::bail!("this plyroot was built without registry support (cargo feature `registry`)"),
         Command::Layers { json } => commands::layers::layers(&open()?, json),
         Command::Layer(LayerCommand::Rm { ref ids }) => commands::layers::layer_rm(&open()?, ids),
-        Command::Create { ref name, ref from, ref base, .. } => commands::layers::create(&open()?, name, from, base.as_deref()),
+        Command::Create { ref name, ref from, ref base, .. } => commands::envs::create(&open()?, name, from, base.as_deref()),
         Command::Run { ref opts, ref name, ref command } => commands::run::run(open()?, name, opts, command.clone(), false, false),
         Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts, Vec::new(), true, false),
-        Command::List { json } => commands::layers::list(&open()?, json),
-        Command::Rm { ref names } => commands::layers::rm(&open()?, names),
+        Command::List { json } => commands::envs::list(&open()?, json),
+        Command::Rm { ref names } => commands::envs::rm(&open()?, names),
         Command::Apply { ref file, update, ref envs, .. } => commands::envs::apply(&open()?, file, update, envs),
         Command::Generations { ref name, json } => commands::envs::generations(&open()?, name, json),
         Command::Switch { ref name, generation } => commands::envs::switch(&open()?, name, generation),

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::cli::HostShare;
+use crate::names::HostShare;
 
 /// An environment's settings, as recorded in each generation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,7 +140,7 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
     // Per environment, the `env:` sources it names and where: checked for cycles at the end.
     let mut env_refs: EnvRefs = Vec::new();
     for (name, decl) in raw.env {
-        if let Err(e) = crate::store::env::check_name(name.get_ref()) {
+        if let Err(e) = crate::names::check_name(name.get_ref()) {
             return Err(err(name.span(), e.to_string()));
         }
         let decl = decl.into_inner();
@@ -166,10 +166,8 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
         }
         let mut no_host = Vec::new();
         for n in decl.no_host {
-            use clap::ValueEnum;
-            if HostShare::from_str(n.get_ref(), false).is_err() {
-                let accepted: Vec<String> = HostShare::value_variants().iter().filter_map(|v| v.to_possible_value()).map(|v| v.get_name().to_owned()).collect();
-                return Err(err(n.span(), format!("'{}' is not a host share; accepted: {}", n.get_ref(), accepted.join(", "))));
+            if let Err(e) = n.get_ref().parse::<HostShare>() {
+                return Err(err(n.span(), e.to_string()));
             }
             no_host.push(n.into_inner());
         }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use crate::cli::HostShare;
+use crate::names::HostShare;
 use crate::sys::mount::Kind;
 use identity::{HostUser, Inside};
 

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use super::identity::{self, choose, host_subids, HostUser, Inside};
 use super::launch::{Held, Recording};
 use super::{plan, skel, HostFacts, Join, Plan, PlanInput, RootSpec, RunOptions, Skel, Upper};
-use crate::cli::HostShare;
+use crate::names::HostShare;
 use crate::store::env::{Env, Generation};
 use crate::store::runs::RunRecord;
 use crate::store::{now_secs, Store};
@@ -201,8 +201,7 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
         no_host.extend([HostShare::Tmp, HostShare::RuntimeDir, HostShare::X11]);
     }
     for n in &settings.no_host {
-        use clap::ValueEnum;
-        no_host.extend(HostShare::from_str(n, false).ok());
+        no_host.extend(n.parse::<HostShare>().ok());
     }
     let binds: Vec<String> = settings.binds.iter().chain(&req.binds).cloned().collect();
     let mut bind_points = Vec::new();

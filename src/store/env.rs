@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{now_secs, private_dir, sync_dir, write_atomic, Store};
 use crate::manifest::Settings;
+use crate::names::check_name;
 
 /// One immutable record of an environment's resolved content.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -48,18 +49,6 @@ pub(crate) struct Generation {
 pub(crate) struct Env {
     pub name: String,
     pub dir: PathBuf,
-}
-
-/// Checks an environment name: it becomes a directory name and a launcher name.
-pub(crate) fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && !name.starts_with(['.', '-']);
-    if !ok {
-        bail!("'{name}' is not a valid environment name: use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
-    }
-    Ok(())
 }
 
 impl Store {
