@@ -19,6 +19,7 @@ mod source;
 mod store;
 mod sys;
 mod text;
+mod userns;
 
 use std::process::ExitCode;
 
@@ -54,8 +55,7 @@ fn main() -> ExitCode {
 }
 
 fn launch_program(inv: launcher::Invocation) -> Result<i32> {
-    let mut store = Store::open(&inv.store)?;
-    store.remover = sandbox::remove_tree_mapped;
+    let store = Store::open(&inv.store)?;
     if store.env(&inv.env).is_err() {
         anyhow::bail!(
             "this launcher runs '{}' of environment '{}', which is not in {} any more: create it again, or remove the launcher with `plyroot unexport {}`",
@@ -109,11 +109,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             None => store::default_root(),
         }
     };
-    let open = || -> Result<Store> {
-        let mut s = Store::open(&store_root()?)?;
-        s.remover = sandbox::remove_tree_mapped;
-        Ok(s)
-    };
+    let open = || -> Result<Store> { Store::open(&store_root()?) };
     set_registry_options(&cli.command)?;
     match cli.command {
         Command::Import { ref sources, json, .. } => commands::layers::import(&open()?, sources, json),

@@ -126,7 +126,7 @@ fn wait_ready(store: &Store, env: &Env, init: &std::os::fd::OwnedFd, systemd: bo
 
 pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) -> Result<i32> {
     let env = store.env(name)?;
-    super::run::recover(&store, &env)?;
+    super::run::recover(&env)?;
     if env.booted().is_some() {
         crate::diag::info!("'{name}' is already booted (`plyroot status`)");
         return Ok(0);

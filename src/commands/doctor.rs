@@ -8,9 +8,10 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{out, out_json};
-use crate::sandbox::identity::{choose, find_in_path, host_subids, subid_range, HostUser};
+use crate::sandbox::identity::choose;
 use crate::store::Store;
 use crate::sys::{mount, ns, process};
+use crate::userns::{find_in_path, host_subids, subid_range, HostUser, Mapping};
 
 #[derive(Serialize)]
 struct Check {
@@ -39,7 +40,7 @@ fn probe(store: &Store, pid_ns: bool) -> Vec<(String, bool, String)> {
     let found = process::in_child(move || {
         let mut out = Vec::new();
         let mut say = |name: &str, r: std::result::Result<(), String>| out.push((name.to_owned(), r.is_ok(), r.err().unwrap_or_default().replace('\n', " ")));
-        let userns = if inside.mapping == crate::sandbox::identity::Mapping::Host {
+        let userns = if inside.mapping == Mapping::Host {
             ns::unshare(false, pid_ns).map_err(|e| e.to_string())
         } else {
             ns::unshare(true, pid_ns).and_then(|_| ns::map_single(0, user.uid, 0, user.gid)).map_err(|e| e.to_string())

@@ -199,7 +199,7 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
         }
         let env = store.env(&decl.name)?;
         let lock = env.lock()?;
-        env.recover(store.remover)?;
+        env.recover()?;
         let cur = env.current()?;
         // Layers committed since are the user's: they stay on top of the declared ones.
         check_limit(&decl.name, &layers, &cur.commits)?;
@@ -217,7 +217,7 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
         match change {
             Change::Update { decl, layers, env, cur, _lock } => {
                 let g = env.next_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply", cur.commits.clone())?;
-                let n = env.add_generation(cur.number, g, "apply", store.remover)?;
+                let n = env.add_generation(cur.number, g, "apply")?;
                 crate::diag::info!("{}: generation {n} is current", decl.name);
             }
             Change::Create { decl, layers } => {
@@ -315,7 +315,7 @@ pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> 
 pub(crate) fn switch(store: &Store, name: &str, n: u32) -> Result<i32> {
     let env = store.env(name)?;
     let _lock = env.lock()?;
-    env.recover(store.remover)?;
+    env.recover()?;
     // Everything read before the switch: a damaged record or a missing layer leaves the
     // current generation as it was.
     let target = env.generation(n)?;

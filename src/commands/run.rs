@@ -31,17 +31,17 @@ pub(crate) fn request(opts: &RunOpts, command: Vec<std::ffi::OsString>, login: b
 
 /// Finishes or undoes what an interrupted commit, reset, rebase or apply left (cheap when there
 /// is nothing: a few stats).
-pub(crate) fn recover(store: &Store, env: &Env) -> Result<()> {
+pub(crate) fn recover(env: &Env) -> Result<()> {
     if env.needs_recovery() {
         let _lock = env.lock()?;
-        env.recover(store.remover)?;
+        env.recover()?;
     }
     Ok(())
 }
 
 pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ffi::OsString>, login: bool, compose: bool) -> Result<i32> {
     let env = store.env(name)?;
-    recover(&store, &env)?;
+    recover(&env)?;
     if opts.booted && env.booted().is_none() {
         bail!("'{name}' is not booted (`plyroot boot {name}`)");
     }

@@ -34,7 +34,7 @@ pub(crate) fn squash(store: &Store, name: &str, from: usize) -> Result<i32> {
     // Held to the end: no commit, reset, rebase or apply changes the stack or the upper between
     // reading the layers and switching.
     let _lock = env.lock()?;
-    env.recover(store.remover)?;
+    env.recover()?;
     let cur = env.current()?;
     let n = cur.layers.len();
     if from == 0 || from > n {
@@ -117,7 +117,7 @@ pub(crate) fn squash(store: &Store, name: &str, from: usize) -> Result<i32> {
     let reason = format!("squash of layers {from}-{n} into {}", short_id(&id));
     let generation = env.next_generation(layers, cur.sources.clone(), cur.settings.clone(), &reason, commits)?;
     let j = Journal::Squash { from: cur.number, before: cur.layers.clone(), generation };
-    env.journaled(&j, "squash", store.remover, || env.roll(&j, store.remover).map(|_| ()))?;
+    env.journaled(&j, "squash", || env.roll(&j).map(|_| ()))?;
     let now = env.current()?;
     crate::diag::info!(
         "{name}: squashed layers {from}-{n} into {} ({entries} entries, {}); generation {} has {} layer(s); the upper is untouched",

@@ -125,7 +125,7 @@ impl Store {
         let st = self.staging()?;
         let grave = st.path.join("env");
         fs::rename(&env.dir, &grave).with_context(|| format!("cannot remove environment '{name}'"))?;
-        (self.remover)(&grave).with_context(|| format!("environment '{name}' was removed, but deleting its files in {} failed", grave.display()))?;
+        super::remove_tree_mapped(&grave).with_context(|| format!("environment '{name}' was removed, but deleting its files in {} failed", grave.display()))?;
         drop(st);
         Ok(())
     }
@@ -215,9 +215,9 @@ impl Env {
     /// Writes generation `g` and makes it current, journaled: interrupted, the next command on
     /// the environment finishes it, with the same number. `from` is the generation current now.
     /// Call with the environment's lock held, after [`Env::recover`].
-    pub(crate) fn add_generation(&self, from: u32, g: Generation, what: &str, remove: fn(&Path) -> Result<()>) -> Result<u32> {
+    pub(crate) fn add_generation(&self, from: u32, g: Generation, what: &str) -> Result<u32> {
         let j = super::journal::Journal::NewGeneration { from, generation: g };
-        self.journaled(&j, what, remove, || self.roll(&j, remove).map(|_| ()))?;
+        self.journaled(&j, what, || self.roll(&j).map(|_| ()))?;
         Ok(self.current()?.number)
     }
 

@@ -39,6 +39,7 @@
 pub(crate) mod blobs;
 pub(crate) mod canonical;
 pub(crate) mod env;
+pub(crate) mod gc;
 pub(crate) mod journal;
 pub(crate) mod layer;
 pub(crate) mod limits;
@@ -56,6 +57,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, Result};
 use rustix::fs::{flock, FlockOperation};
 
+use crate::userns;
+
 /// An open store, holding the store lock (shared unless asked otherwise) for as long as it lives.
 pub(crate) struct Store {
     pub root: PathBuf,
@@ -64,9 +67,6 @@ pub(crate) struct Store {
     /// The lock is exclusive (gc): no other plyroot command is in the store, so every temp file
     /// in it is a leftover.
     exclusive: bool,
-    /// Deletes trees that may hold files runs wrote as other ids. The store knows nothing of
-    /// namespaces: the caller supplies one that does (default: plain [`remove_tree`]).
-    pub remover: fn(&Path) -> Result<()>,
 }
 
 impl Store {
@@ -77,7 +77,6 @@ impl Store {
     }
 
     /// Opens the store exclusively (garbage collection).
-    #[allow(dead_code)]
     pub(crate) fn open_exclusive(root: &Path) -> Result<Store> {
         Self::open_with(root, true)
     }
@@ -114,7 +113,7 @@ impl Store {
             );
             flock(&lock, op).with_context(|| format!("cannot lock {}", lock_path.display()))?;
         }
-        Ok(Store { root: root.to_owned(), _lock: lock, exclusive, remover: remove_tree })
+        Ok(Store { root: root.to_owned(), _lock: lock, exclusive })
     }
 
     /// Another fd on the store lock (the same lock): a launch keeps it until its root is mounted,
@@ -181,7 +180,7 @@ impl Store {
                 }
                 // Best effort: a leftover that cannot be removed now (files of another id) must not
                 // fail the command that happened to find it.
-                if (self.remover)(&path).is_ok() {
+                if remove_tree_mapped(&path).is_ok() {
                     n += 1;
                 }
             }
@@ -284,6 +283,28 @@ pub(crate) fn remove_tree(path: &Path) -> Result<()> {
         let at = if rel.is_empty() { path.display().to_string() } else { format!("{}/{}", path.display(), tree::shown(&rel)) };
         anyhow::Error::new(e).context(format!("cannot remove {at}"))
     })
+}
+
+/// Removes a tree, also one holding files that runs wrote as subordinate ids (owned by host ids
+/// the user cannot touch directly): those are removed from inside a user namespace that maps
+/// every id the user has, where the user is root over them. The store removes every tree runs
+/// may have written to (uppers, skeletons, layers, staging leftovers) this way.
+pub(crate) fn remove_tree_mapped(path: &Path) -> Result<()> {
+    let first = match remove_tree(path) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    if rustix::process::geteuid().is_root() {
+        return Err(first);
+    }
+    let user = userns::HostUser::current();
+    let all = userns::all_ids(&user, userns::host_subids(&user));
+    let path = path.to_owned();
+    crate::sys::process::in_child(move || {
+        userns::enter_one_level(&all)?;
+        remove_tree(&path)
+    })
+    .map_err(|e| first.context(format!("removing it inside a user namespace failed too: {e:#}")))
 }
 
 /// Writes `data` to `path` atomically and durably: a locked temp file beside it, fsync'd,
