@@ -155,13 +155,8 @@ impl Env {
 
     /// Takes the environment's exclusive lock for a change of its record or upper.
     pub(crate) fn lock(&self) -> Result<fs::File> {
-        let p = self.dir.join("lock");
-        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).with_context(|| format!("cannot open {}", p.display()))?;
-        if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            crate::diag::info!("waiting for another plyroot command changing '{}'", self.name);
-            rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", p.display()))?;
-        }
-        Ok(f)
+        let waiting = || crate::diag::info!("waiting for another plyroot command changing '{}'", self.name);
+        Ok(super::lock::open_locked(&self.dir.join("lock"), super::lock::Kind::Exclusive, false, waiting)?)
     }
 
     /// The layer stack the upper was written on.

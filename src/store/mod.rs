@@ -43,6 +43,7 @@ pub(crate) mod gc;
 pub(crate) mod journal;
 pub(crate) mod layer;
 pub(crate) mod limits;
+pub(crate) mod lock;
 pub(crate) mod meta;
 pub(crate) mod runs;
 pub(crate) mod tree;
@@ -55,7 +56,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result};
-use rustix::fs::{flock, FlockOperation};
 
 use crate::userns;
 
@@ -83,9 +83,17 @@ impl Store {
 
     fn open_with(root: &Path, exclusive: bool) -> Result<Store> {
         let lock_path = root.join("lock");
-        let lock = match open_lock(&lock_path) {
+        let kind = if exclusive { lock::Kind::Exclusive } else { lock::Kind::Shared };
+        let waiting = || {
+            crate::diag::info!(
+                "waiting for the store lock on {} (another plyroot {} is running)",
+                lock_path.display(),
+                if exclusive { "command" } else { "gc" }
+            )
+        };
+        let lock = match lock::open_locked(&lock_path, kind, true, waiting) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(lock::LockError::Open(_, e)) if e.kind() == io::ErrorKind::NotFound => {
                 // The store holds every upper: private to its owner. Its parents (~/.local/share)
                 // are the user's business and keep the usual modes.
                 if let Some(parent) = root.parent() {
@@ -96,23 +104,10 @@ impl Store {
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(e).with_context(|| format!("cannot create the store at {}", root.display())),
                 }
-                open_lock(&lock_path).with_context(|| format!("cannot open {}", lock_path.display()))?
+                lock::open_locked(&lock_path, kind, true, waiting)?
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot open {}", lock_path.display())),
+            Err(e) => return Err(e.into()),
         };
-        let (op, nb) = if exclusive {
-            (FlockOperation::LockExclusive, FlockOperation::NonBlockingLockExclusive)
-        } else {
-            (FlockOperation::LockShared, FlockOperation::NonBlockingLockShared)
-        };
-        if flock(&lock, nb).is_err() {
-            crate::diag::info!(
-                "waiting for the store lock on {} (another plyroot {} is running)",
-                lock_path.display(),
-                if exclusive { "command" } else { "gc" }
-            );
-            flock(&lock, op).with_context(|| format!("cannot lock {}", lock_path.display()))?;
-        }
         Ok(Store { root: root.to_owned(), _lock: lock, exclusive })
     }
 
@@ -156,9 +151,8 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
             };
-            flock(&dir, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", path.display()))?;
-            // A cleaner that locked it first removed it (nlink 0): take another name.
-            if dir.metadata().with_context(|| format!("cannot stat {}", path.display()))?.nlink() == 0 {
+            // A cleaner that locked it first removed it: take another name.
+            if !lock::lock_new(&dir, &path)? {
                 continue;
             }
             return Ok(Staging { path, keep: false, _lock: dir });
@@ -175,7 +169,7 @@ impl Store {
             for entry in rd.flatten() {
                 let path = entry.path();
                 let Ok(dir) = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY).open(&path) else { continue };
-                if flock(&dir, FlockOperation::NonBlockingLockExclusive).is_err() {
+                if !lock::try_exclusive(&dir) {
                     continue;
                 }
                 // Best effort: a leftover that cannot be removed now (files of another id) must not
@@ -207,14 +201,6 @@ impl Store {
             clean_temps(&self.root.join("bin"), None);
         }
         Ok(n)
-    }
-}
-
-fn open_lock(path: &Path) -> io::Result<File> {
-    match fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).custom_flags(libc::O_CLOEXEC).open(path) {
-        // Inside an environment the store is bound read-only; a lock needs no write access.
-        Err(e) if e.raw_os_error() == Some(libc::EROFS) => fs::File::open(path),
-        r => r,
     }
 }
 
@@ -348,9 +334,8 @@ impl TempFile {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e).with_context(|| format!("cannot write {} (creating {} failed)", dest.display(), path.display())),
             };
-            flock(&file, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", path.display()))?;
             // Unlinked by a cleaner between create and lock: take another name.
-            if file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.nlink() == 0 {
+            if !lock::lock_new(&file, &path)? {
                 continue;
             }
             return Ok(TempFile { path, file, dest: dest.to_owned(), done: false });
@@ -416,7 +401,7 @@ pub(crate) fn clean_temps(dir: &Path, only: Option<&std::ffi::OsStr>) -> usize {
 fn remove_if_unlocked(path: &Path) -> bool {
     let Ok(f) = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path) else { return false };
     let Ok(m) = f.metadata() else { return false };
-    if !m.is_file() || flock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
+    if !m.is_file() || !lock::try_exclusive(&f) {
         return false;
     }
     let same = fs::symlink_metadata(path).is_ok_and(|now| now.dev() == m.dev() && now.ino() == m.ino());
