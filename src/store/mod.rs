@@ -3,38 +3,48 @@
 //! ```text
 //! $PLYROOT_HOME/                       default $XDG_DATA_HOME/plyroot; 0700, like envs/, each
 //! │                                    environment's directory and saved/
-//! ├── lock                             flock: shared by every command, exclusive by gc
-//! ├── layers/<sha256 hex>/             one immutable layer, published by rename
+//! ├── lock                             flock: shared by every command, exclusive by gc (lock.rs)
+//! ├── layers/<sha256 hex>/             one immutable layer, published by rename (layer.rs)
 //! │   ├── root/                        the tree (whiteouts are char 0:0, opaque dirs user.overlay.opaque=y)
 //! │   ├── layer.json                   LayerInfo: id, size, entries, source, created
-//! │   └── overrides.json               what the disk could not hold (owners, devices, xattrs)
-//! ├── envs/<name>/                     one environment, created by rename
+//! │   └── overrides.json               what the disk could not hold (owners, devices, xattrs; meta.rs)
+//! ├── envs/<name>/                     one environment, created by rename (env.rs)
 //! │   ├── generations/<n>.json         immutable generation records
 //! │   ├── current -> generations/<n>.json   switched by an atomic symlink replace
+//! │   │                                (via a temp link .current.plyroot-PID-N.tmp)
 //! │   ├── lock                         flock: held by a command changing the environment, and
 //! │   │                                by a launch until its root is mounted and recorded
 //! │   ├── journal.json                 the change of the upper or of `current` in progress (journal.rs)
-//! │   ├── commit/                      a commit's upper (root/) while it becomes a layer
-//! │   ├── saved/                       uppers that `reset` (or a recovery) set aside
-//! │   ├── skel/<n>-<uid>/              generated top lower: passwd/group entries, mount points
+//! │   ├── commit/                      a commit's upper (root/) and layer.json while it becomes a layer
+//! │   ├── saved/<label>-<secs>[-<k>]/  uppers that `reset` (or a recovery) set aside
+//! │   ├── skel/<n>-<hash>/             generated top lower of generation n, one per skeleton (its
+//! │   │                                content's hash): passwd/group entries, mount points
 //! │   ├── upper/                       the persistent writable overlay layer (0755: its mode is `/`'s)
 //! │   ├── upper.json                   the layer stack the upper was written on
 //! │   ├── work/<n>/                    the workdir of the shared overlay mounted by run slot n
 //! │   ├── runs/<n>.json                run slot n: a launch's pid, mount and user namespaces,
-//! │   │                                generation, skeleton, and which shared mount it uses;
-//! │   │                                alive while its mount namespace is (runs.rs)
-//! │   └── mnt/                         the root's mount point during a launch (private mount ns)
+//! │   │                                generation, skeleton, and which shared mount it uses (a
+//! │   │                                booted init's too); alive while its mount namespace is (runs.rs)
+//! │   ├── mnt/                         the root's mount point during a launch (private mount ns)
+//! │   ├── boot.log                     the console output of the booted init (`plyroot boot`)
+//! │   └── commit.json, upper.old/,     what plyroot versions before the journal left mid-change;
+//! │       upper.new/, upper.new.json   recovery turns them back into the states above
 //! ├── blobs/<hex>                      registry blob (or diff_id) → the layer it unpacks to (blobs.rs)
-//! ├── blobs/gzip/<layer hex>           the gzip blob `push` made of a layer
+//! ├── blobs/gzip/<layer hex>           the gzip blob `push` made of a layer: "digest size"
+//! ├── launchers/<env>/<program>.json   receipts of exported launchers: the link and the files
+//! │                                    installed with it (launcher.rs)
+//! ├── bin/plyroot                      the copy of plyroot that launchers run (written via
+//! │                                    bin/.plyroot.tmp-PID)
 //! ├── tmp/<pid>-<n>/                   staging, flock'd (the directory itself) for as long as
 //! │                                    it is used; one whose lock can be taken is a leftover
-//! └── notes/                           one-time notices already shown
+//! └── notes/<key>                      one-time notices already shown (empty marker files)
 //! ```
 //!
 //! Publishing is always "write under tmp/, then rename into place", so a crash at any point leaves
 //! either nothing or a complete object visible. Files are replaced by [`write_atomic`]: a locked
 //! temp file `.NAME.plyroot-PID-N.tmp` beside them, fsync'd, renamed over, and the directory
-//! fsync'd. Whoever finds such a temp file unlocked (its writer is gone) removes it.
+//! fsync'd. Whoever finds such a temp file unlocked (its writer is gone) removes it, and those of
+//! plyroot versions before it (`NAME.tmp-PID`).
 
 pub(crate) mod blobs;
 pub(crate) mod canonical;
