@@ -160,14 +160,47 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     let old_lock = read_lock(&lock_path)?;
     // Resolve and check everything before changing anything: an error leaves every environment
     // and the lock file as they were (imports only add layers, which gc collects if unused).
+    let wanted = manifest.envs.iter().filter(|e| only.is_empty() || only.contains(&e.name));
+    let (new_lock, plans) = resolve_all(store, wanted, &old_lock, update, &lock_path)?;
+    if new_lock != old_lock {
+        check_writable(&lock_path)?;
+        // The lock file first: an apply that cannot write it changes nothing, and one interrupted
+        // after it converges when run again (the pins are those of layers already in the store).
+        write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
+    }
+    let changes = decide(store, plans)?;
+    let changed = changes.len();
+    for change in changes {
+        match change {
+            Change::Update { decl, layers, env, cur, _lock } => {
+                let g = env.next_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply", cur.commits.clone())?;
+                let n = env.add_generation(cur.number, g, "apply")?;
+                crate::diag::info!("{}: generation {n} is current", decl.name);
+            }
+            Change::Create { decl, layers } => {
+                store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
+                crate::diag::info!("{}: created, generation 1 is current", decl.name);
+            }
+        }
+    }
+    if changed == 0 {
+        crate::diag::info!("nothing to do: every environment is as the manifest declares");
+    }
+    Ok(0)
+}
+
+/// Resolves the sources of the environments to apply (each source once) to layer ids, checking
+/// each stack against the limit. Returns the new lock (with the pins of environments not applied
+/// this time as they were) and each environment's declared layers.
+fn resolve_all<'m>(store: &Store, wanted: impl Iterator<Item = &'m EnvDecl>, old_lock: &LockFile, update: bool, lock_path: &Path) -> Result<(LockFile, Vec<(&'m EnvDecl, Vec<String>)>)> {
     let mut new_lock = LockFile { version: 1, sources: BTreeMap::new() };
     let mut plans = Vec::new();
-    for decl in manifest.envs.iter().filter(|e| only.is_empty() || only.contains(&e.name)) {
+    for decl in wanted {
         let mut layers = Vec::new();
         for (raw, resolved) in decl.raw_sources.iter().zip(&decl.sources) {
             let ids = match new_lock.sources.get(raw) {
                 Some(ids) => ids.clone(),
-                None => resolve(store, raw, resolved, old_lock.sources.get(raw), update, &lock_path)?,
+                None => resolve(store, raw, resolved, old_lock.sources.get(raw), update, lock_path)?,
             };
             new_lock.sources.insert(raw.clone(), ids.clone());
             layers.extend(ids);
@@ -182,13 +215,13 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     for (k, v) in &old_lock.sources {
         new_lock.sources.entry(k.clone()).or_insert_with(|| v.clone());
     }
-    let lock_changes = new_lock != old_lock;
-    if lock_changes {
-        check_writable(&lock_path)?;
-        // The lock file first: an apply that cannot write it changes nothing, and one interrupted
-        // after it converges when run again (the pins are those of layers already in the store).
-        write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
-    }
+    Ok((new_lock, plans))
+}
+
+/// What to do to each environment: create it, or a new generation of it (holding its lock, after
+/// recovering it); nothing where it already is as declared, with the layers committed since kept
+/// on top.
+fn decide<'m>(store: &Store, mut plans: Vec<(&'m EnvDecl, Vec<String>)>) -> Result<Vec<Change<'m>>> {
     // By name: two applies lock the environments they share in the same order.
     plans.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     let mut changes = Vec::new();
@@ -212,24 +245,7 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
         env.generations()?;
         changes.push(Change::Update { decl, layers, env, cur, _lock: lock });
     }
-    let changed = changes.len();
-    for change in changes {
-        match change {
-            Change::Update { decl, layers, env, cur, _lock } => {
-                let g = env.next_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply", cur.commits.clone())?;
-                let n = env.add_generation(cur.number, g, "apply")?;
-                crate::diag::info!("{}: generation {n} is current", decl.name);
-            }
-            Change::Create { decl, layers } => {
-                store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
-                crate::diag::info!("{}: created, generation 1 is current", decl.name);
-            }
-        }
-    }
-    if changed == 0 {
-        crate::diag::info!("nothing to do: every environment is as the manifest declares");
-    }
-    Ok(0)
+    Ok(changes)
 }
 
 /// Refuses a declared stack that, with the layers committed on top of it, is over the limit.
