@@ -18,41 +18,14 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use toml::Spanned;
 
 use crate::names::HostShare;
-
-/// An environment's settings, as recorded in each generation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Settings {
-    #[serde(default)]
-    pub root: bool,
-    #[serde(default = "yes")]
-    pub persist: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub binds: Vec<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub no_host: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub exports: Vec<String>,
-    /// `host`: the host's root is the bottom layer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base: Option<String>,
-}
+use crate::store::env::Settings;
 
 fn yes() -> bool {
     true
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings { root: false, persist: true, binds: Vec::new(), env: BTreeMap::new(), no_host: Vec::new(), init: None, exports: Vec::new(), base: None }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

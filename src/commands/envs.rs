@@ -35,7 +35,7 @@ pub(crate) fn create(store: &Store, name: &str, from: &[String], base: Option<&s
             crate::store::limits::MAX_LAYERS
         ),
     )?;
-    let settings = crate::manifest::Settings { base: base.map(str::to_owned), ..Default::default() };
+    let settings = crate::store::env::Settings { base: base.map(str::to_owned), ..Default::default() };
     store.create_env(name, ids, from.to_vec(), settings, "create")?;
     crate::diag::info!("created environment '{name}' with {n} layer(s); try `plyroot enter {name}`");
     Ok(0)

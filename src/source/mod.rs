@@ -22,6 +22,7 @@ mod debootstrap;
 mod dir;
 mod docker_archive;
 mod error;
+mod import;
 mod oci;
 #[cfg(feature = "registry")]
 mod registry;

@@ -14,6 +14,7 @@
 //!
 //! Runs record themselves in run slots (`runs.rs`); what is alive is read from the kernel.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,6 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{now_secs, private_dir, sync_dir, write_atomic, Store};
-use crate::manifest::Settings;
 use crate::names::check_name;
 
 /// One immutable record of an environment's resolved content.
@@ -43,6 +43,38 @@ pub(crate) struct Generation {
     /// Layers `commit` added on top of the declared ones; `apply` keeps them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub commits: Vec<String>,
+}
+
+/// An environment's settings, as recorded in each generation (and declared in a manifest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Settings {
+    #[serde(default)]
+    pub root: bool,
+    #[serde(default = "yes")]
+    pub persist: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_host: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<String>,
+    /// `host`: the host's root is the bottom layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { root: false, persist: true, binds: Vec::new(), env: BTreeMap::new(), no_host: Vec::new(), init: None, exports: Vec::new(), base: None }
+    }
 }
 
 #[derive(Debug)]

@@ -4,7 +4,7 @@
 //! $PLYROOT_HOME/                       default $XDG_DATA_HOME/plyroot; 0700, like envs/, each
 //! │                                    environment's directory and saved/
 //! ├── lock                             flock: shared by every command, exclusive by gc (lock.rs)
-//! ├── layers/<sha256 hex>/             one immutable layer, published by rename (layer.rs)
+//! ├── layers/<sha256 hex>/             one immutable layer, published by rename (layer.rs; source/import.rs)
 //! │   ├── root/                        the tree (whiteouts are char 0:0, opaque dirs user.overlay.opaque=y)
 //! │   ├── layer.json                   LayerInfo: id, size, entries, source, created
 //! │   └── overrides.json               what the disk could not hold (owners, devices, xattrs; meta.rs)
