@@ -140,6 +140,7 @@ impl LayerSink for Importer<'_> {
         Ok(())
     }
 
+    #[cfg(feature = "registry")]
     fn known(&mut self, digests: &[&str]) -> Result<Option<String>> {
         let Some(id) = digests.iter().find_map(|d| self.store.layer_for_blob(d)) else { return Ok(None) };
         self.index(digests, &id);
