@@ -24,7 +24,7 @@ fn is_systemd(store: &Store, env: &Env, init: &str) -> bool {
     let mut rel = init.trim_start_matches('/').to_owned();
     for _ in 0..8 {
         // Follow the link through the stack, as the root would (merged /usr included).
-        let found = crate::store::upper::lookup(&stack, &rel).or_else(|| rel.strip_prefix("sbin/").and_then(|r| crate::store::upper::lookup(&stack, &format!("usr/sbin/{r}"))));
+        let found = crate::store::upper::lookup(&stack, &rel).or_else(|| rel.strip_prefix("sbin/").and_then(|r| crate::store::upper::lookup(&stack, format!("usr/sbin/{r}"))));
         let Some((abs, meta)) = found else { return false };
         if !meta.file_type().is_symlink() {
             return false;

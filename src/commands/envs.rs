@@ -139,12 +139,15 @@ fn resolve(store: &Store, raw: &str, resolved: &str, pinned: Option<&Vec<String>
     Ok(ids)
 }
 
+/// Each environment to apply, with its declared layers.
+type Plans<'m> = Vec<(&'m EnvDecl, Vec<String>)>;
+
 /// What `apply` will do to one declared environment, decided before anything changes.
 enum Change<'m> {
     Create { decl: &'m EnvDecl, layers: Vec<String> },
     /// A new generation on top of `cur`; `_lock` keeps commits and other applies out from the
     /// check to the switch.
-    Update { decl: &'m EnvDecl, layers: Vec<String>, env: Env, cur: Generation, _lock: std::fs::File },
+    Update { decl: &'m EnvDecl, layers: Vec<String>, env: Env, cur: Box<Generation>, _lock: std::fs::File },
 }
 
 pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -> Result<i32> {
@@ -192,7 +195,7 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
 /// Resolves the sources of the environments to apply (each source once) to layer ids, checking
 /// each stack against the limit. Returns the new lock (with the pins of environments not applied
 /// this time as they were) and each environment's declared layers.
-fn resolve_all<'m>(store: &Store, wanted: impl Iterator<Item = &'m EnvDecl>, old_lock: &LockFile, update: bool, lock_path: &Path) -> Result<(LockFile, Vec<(&'m EnvDecl, Vec<String>)>)> {
+fn resolve_all<'m>(store: &Store, wanted: impl Iterator<Item = &'m EnvDecl>, old_lock: &LockFile, update: bool, lock_path: &Path) -> Result<(LockFile, Plans<'m>)> {
     let mut new_lock = LockFile { version: 1, sources: BTreeMap::new() };
     let mut plans = Vec::new();
     for decl in wanted {
@@ -221,7 +224,7 @@ fn resolve_all<'m>(store: &Store, wanted: impl Iterator<Item = &'m EnvDecl>, old
 /// What to do to each environment: create it, or a new generation of it (holding its lock, after
 /// recovering it); nothing where it already is as declared, with the layers committed since kept
 /// on top.
-fn decide<'m>(store: &Store, mut plans: Vec<(&'m EnvDecl, Vec<String>)>) -> Result<Vec<Change<'m>>> {
+fn decide<'m>(store: &Store, mut plans: Plans<'m>) -> Result<Vec<Change<'m>>> {
     // By name: two applies lock the environments they share in the same order.
     plans.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     let mut changes = Vec::new();
@@ -243,7 +246,7 @@ fn decide<'m>(store: &Store, mut plans: Vec<(&'m EnvDecl, Vec<String>)>) -> Resu
         }
         // A new generation is numbered after every record there: read them all now.
         env.generations()?;
-        changes.push(Change::Update { decl, layers, env, cur, _lock: lock });
+        changes.push(Change::Update { decl, layers, env, cur: Box::new(cur), _lock: lock });
     }
     Ok(changes)
 }

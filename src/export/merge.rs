@@ -109,11 +109,14 @@ fn write(tiers: &[Tier], w: &mut Writer<'_>, squash: bool) -> Result<(), Canonic
     Ok(())
 }
 
+/// A directory's entries: (the name the tar gives it, the name in the tiers); they differ for a
+/// deletion written as a whiteout.
+type Names = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One directory being merged by [`write`].
 struct Level {
-    /// Entries still to write, reversed: (the name the tar gives it, the name in the tiers);
-    /// they differ for a deletion written as a whiteout.
-    names: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Entries still to write, reversed.
+    names: Names,
     /// The tiers whose directories merge here, top first.
     tiers: Vec<usize>,
     parent_len: usize,
@@ -123,7 +126,7 @@ struct Level {
 
 /// The entries of directory `rel`, merged from the tiers `tiers_here` (the cursor is in it), in
 /// the order [`Level::names`] keeps them. `below`: layers under the tiers show through here.
-fn names_of(cur: &mut Cursor, tiers: &[Tier], devices: &[RecordedDevices<'_>], tiers_here: &[usize], rel: &[u8], below: bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>, CanonicalError> {
+fn names_of(cur: &mut Cursor, tiers: &[Tier], devices: &[RecordedDevices<'_>], tiers_here: &[usize], rel: &[u8], below: bool) -> Result<Names, CanonicalError> {
     let mut set: BTreeSet<Vec<u8>> = BTreeSet::new();
     for &t in tiers_here {
         set.extend(tree::list(cur.dir(t).map_err(read_err(rel))?).map_err(read_err(rel))?.into_iter().map(|e| e.0));

@@ -542,7 +542,7 @@ impl PaxSparse {
 /// GNU tar refuses a region that ends past the file's real size ("invalid sparse archive member").
 fn check_map(map: &[Region], real: u64, start: u64) -> Result<(), ReadError> {
     for r in map {
-        if r.offset.checked_add(r.len).map_or(true, |end| end > real) {
+        if r.offset.checked_add(r.len).is_none_or(|end| end > real) {
             return Err(damaged(start, format!("invalid sparse member: a region ({} bytes at {}) ends past the file's size ({real})", r.len, r.offset)));
         }
     }

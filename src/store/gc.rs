@@ -72,7 +72,7 @@ impl Store {
             let cur = env.current()?.number;
             let live_gens: BTreeSet<u32> = env.live().iter().map(|r| r.record.generation).collect();
             let mut gens = env.generations()?;
-            gens.sort_by(|a, b| b.number.cmp(&a.number));
+            gens.sort_by_key(|g| std::cmp::Reverse(g.number));
             for (i, g) in gens.iter().enumerate() {
                 // A generation a run uses is kept, record and all, until the run ends.
                 let prune = g.number != cur && !live_gens.contains(&g.number) && (policy.keep.is_some_and(|k| i >= k) || policy.cutoff.is_some_and(|c| g.created < c));

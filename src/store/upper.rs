@@ -413,14 +413,14 @@ mod tests {
         fs::write(bot.join("etc/b"), "bottom").unwrap();
         fs::create_dir_all(bot.join("opt/x")).unwrap();
         fs::write(mid.join("etc/a"), "middle").unwrap();
-        rustix::fs::mknodat(rustix::fs::CWD, &top.join("etc/b"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, top.join("etc/b"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
         fs::create_dir_all(mid.join("opt")).unwrap();
-        rustix::fs::lsetxattr(&mid.join("opt"), "user.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
+        rustix::fs::lsetxattr(mid.join("opt"), "user.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
         let stack = vec![top.clone(), mid.clone(), bot.clone()];
         assert_eq!(lookup(&stack, "etc/a").unwrap().0, mid.join("etc/a"));
         assert!(lookup(&stack, "etc/b").is_none(), "whited out");
         assert!(lookup(&stack, "opt/x").is_none(), "hidden by an opaque dir");
-        assert!(lookup(&[bot.clone()], "opt/x").is_some());
+        assert!(lookup(std::slice::from_ref(&bot), "opt/x").is_some());
         assert!(lookup(&stack, "etc/a/deeper").is_none());
     }
 }
