@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::TypedValueParser;
+use clap::{Args, Parser, Subcommand};
+
+use crate::names::HostShare;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -320,35 +323,32 @@ pub(crate) enum LayerCommand {
     },
 }
 
-/// Host resources shared into an environment by default.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
-pub(crate) enum HostShare {
-    /// Every item below
-    All,
-    /// /proc
-    Proc,
-    /// a minimal /dev (null, zero, full, random, urandom, tty, pts, shm)
-    Dev,
-    /// GPU device nodes (/dev/dri, /dev/nvidia*)
-    Gpu,
-    /// /sys, read-only
-    Sys,
-    /// /tmp (also carries the X11 socket)
-    Tmp,
-    /// your home directory
-    Home,
-    /// $XDG_RUNTIME_DIR (Wayland, PipeWire/PulseAudio, D-Bus)
-    RuntimeDir,
-    /// the X11 socket and $XAUTHORITY
-    X11,
-    /// /etc/resolv.conf
-    Resolv,
-    /// /etc/hosts
-    Hosts,
-    /// /etc/localtime
-    Localtime,
-    /// /nix, when the host has it
-    Nix,
+/// `--no-host` values: the domain's [`HostShare`] names, with their help.
+fn host_share() -> impl TypedValueParser<Value = HostShare> {
+    let values = HostShare::ALL.map(|h| clap::builder::PossibleValue::new(h.as_str()).help(h.about()));
+    // The parser only lets the listed names through, and each is a share.
+    clap::builder::PossibleValuesParser::new(values).map(|n| n.parse::<HostShare>().expect("a listed host share"))
+}
+
+impl RunOpts {
+    /// The launch request these options make (`login`: a login shell; `compose`: a launcher).
+    pub(crate) fn request(&self, command: Vec<std::ffi::OsString>, login: bool, compose: bool) -> crate::sandbox::prepare::Request {
+        crate::sandbox::prepare::Request {
+            root: self.root,
+            ephemeral: self.ephemeral,
+            read_only: self.read_only,
+            pid: self.pid,
+            binds: self.binds.clone(),
+            no_host: self.no_host.clone(),
+            env: self.env.clone(),
+            cwd: self.cwd.clone(),
+            keep_upper: self.keep_upper,
+            command,
+            login,
+            compose,
+            boot: None,
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -369,7 +369,7 @@ pub(crate) struct RunOpts {
     #[arg(long = "bind", value_name = "SRC:DST[:ro]")]
     pub binds: Vec<String>,
     /// Do not share these host resources (comma-separated, repeatable)
-    #[arg(long = "no-host", value_name = "WHAT", value_delimiter = ',')]
+    #[arg(long = "no-host", value_name = "WHAT", value_delimiter = ',', value_parser = host_share())]
     pub no_host: Vec<HostShare>,
     /// Set an environment variable inside: KEY=VALUE; repeatable
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]

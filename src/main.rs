@@ -10,6 +10,7 @@ mod diag;
 mod export;
 mod launcher;
 mod manifest;
+mod names;
 mod progress;
 #[cfg(feature = "registry")]
 mod registry;
@@ -18,6 +19,7 @@ mod source;
 mod store;
 mod sys;
 mod text;
+mod userns;
 
 use std::process::ExitCode;
 
@@ -53,8 +55,7 @@ fn main() -> ExitCode {
 }
 
 fn launch_program(inv: launcher::Invocation) -> Result<i32> {
-    let mut store = Store::open(&inv.store)?;
-    store.remover = sandbox::remove_tree_mapped;
+    let store = Store::open(&inv.store)?;
     if store.env(&inv.env).is_err() {
         anyhow::bail!(
             "this launcher runs '{}' of environment '{}', which is not in {} any more: create it again, or remove the launcher with `plyroot unexport {}`",
@@ -66,7 +67,7 @@ fn launch_program(inv: launcher::Invocation) -> Result<i32> {
     }
     let mut command = vec![std::ffi::OsString::from(&inv.program)];
     command.extend(inv.args);
-    commands::run::run(store, &inv.env, &cli::RunOpts::default(), command, false, true)
+    commands::run::run(store, &inv.env, cli::RunOpts::default().request(command, false, true), false)
 }
 
 fn finish(r: Result<i32>) -> ExitCode {
@@ -108,11 +109,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             None => store::default_root(),
         }
     };
-    let open = || -> Result<Store> {
-        let mut s = Store::open(&store_root()?)?;
-        s.remover = sandbox::remove_tree_mapped;
-        Ok(s)
-    };
+    let open = || -> Result<Store> { Store::open(&store_root()?) };
     set_registry_options(&cli.command)?;
     match cli.command {
         Command::Import { ref sources, json, .. } => commands::layers::import(&open()?, sources, json),
@@ -126,11 +123,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Push { .. } => anyhow::bail!("this plyroot was built without registry support (cargo feature `registry`)"),
         Command::Layers { json } => commands::layers::layers(&open()?, json),
         Command::Layer(LayerCommand::Rm { ref ids }) => commands::layers::layer_rm(&open()?, ids),
-        Command::Create { ref name, ref from, ref base, .. } => commands::layers::create(&open()?, name, from, base.as_deref()),
-        Command::Run { ref opts, ref name, ref command } => commands::run::run(open()?, name, opts, command.clone(), false, false),
-        Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts, Vec::new(), true, false),
-        Command::List { json } => commands::layers::list(&open()?, json),
-        Command::Rm { ref names } => commands::layers::rm(&open()?, names),
+        Command::Create { ref name, ref from, ref base, .. } => commands::envs::create(&open()?, name, from, base.as_deref()),
+        Command::Run { ref opts, ref name, ref command } => commands::run::run(open()?, name, opts.request(command.clone(), false, false), opts.booted),
+        Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts.request(Vec::new(), true, false), opts.booted),
+        Command::List { json } => commands::envs::list(&open()?, json),
+        Command::Rm { ref names } => commands::envs::rm(&open()?, names),
         Command::Apply { ref file, update, ref envs, .. } => commands::envs::apply(&open()?, file, update, envs),
         Command::Generations { ref name, json } => commands::envs::generations(&open()?, name, json),
         Command::Switch { ref name, generation } => commands::envs::switch(&open()?, name, generation),

@@ -18,41 +18,14 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use toml::Spanned;
 
-use crate::cli::HostShare;
-
-/// An environment's settings, as recorded in each generation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Settings {
-    #[serde(default)]
-    pub root: bool,
-    #[serde(default = "yes")]
-    pub persist: bool,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub binds: Vec<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub no_host: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub exports: Vec<String>,
-    /// `host`: the host's root is the bottom layer.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base: Option<String>,
-}
+use crate::names::HostShare;
+use crate::store::env::Settings;
 
 fn yes() -> bool {
     true
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings { root: false, persist: true, binds: Vec::new(), env: BTreeMap::new(), no_host: Vec::new(), init: None, exports: Vec::new(), base: None }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,83 +113,12 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
     // Per environment, the `env:` sources it names and where: checked for cycles at the end.
     let mut env_refs: EnvRefs = Vec::new();
     for (name, decl) in raw.env {
-        if let Err(e) = crate::store::env::check_name(name.get_ref()) {
+        if let Err(e) = crate::names::check_name(name.get_ref()) {
             return Err(err(name.span(), e.to_string()));
         }
-        let decl = decl.into_inner();
-        if decl.from.get_ref().is_empty() {
-            return Err(err(decl.from.span(), format!("environment '{}' needs at least one source in `from` ({KINDS})", name.get_ref())));
-        }
-        let mut sources = Vec::new();
-        let mut raw_sources = Vec::new();
-        let mut refs = Vec::new();
-        for s in decl.from.into_inner() {
-            match s.get_ref().parse::<crate::source::Source>() {
-                Err(e) => return Err(err(s.span(), e.to_string())),
-                Ok(crate::source::Source::Env(other)) => refs.push((other, s.span())),
-                Ok(_) => {}
-            }
-            sources.push(absolutize(s.get_ref(), &dir));
-            raw_sources.push(s.into_inner());
-        }
-        let mut binds = Vec::new();
-        for b in decl.binds {
-            let (src, dst, ro) = crate::sandbox::parse_bind(b.get_ref(), Some(&dir)).map_err(|e| err(b.span(), e.to_string()))?;
-            binds.push(format!("{}:{}{}", src.display(), dst.display(), if ro { ":ro" } else { "" }));
-        }
-        let mut no_host = Vec::new();
-        for n in decl.no_host {
-            use clap::ValueEnum;
-            if HostShare::from_str(n.get_ref(), false).is_err() {
-                let accepted: Vec<String> = HostShare::value_variants().iter().filter_map(|v| v.to_possible_value()).map(|v| v.get_name().to_owned()).collect();
-                return Err(err(n.span(), format!("'{}' is not a host share; accepted: {}", n.get_ref(), accepted.join(", "))));
-            }
-            no_host.push(n.into_inner());
-        }
-        if let Some(i) = &decl.init {
-            if !i.get_ref().starts_with('/') {
-                return Err(err(i.span(), format!("init '{}' must be an absolute path inside the environment", i.get_ref())));
-            }
-        }
-        if let Some(b) = &decl.base {
-            if b.get_ref() != "host" {
-                return Err(err(b.span(), format!("base '{}' is not known; accepted: host", b.get_ref())));
-            }
-        }
-        let mut vars = BTreeMap::new();
-        for (k, v) in decl.env {
-            // A key becomes `KEY=VALUE` in the program's environment: an empty key or one with
-            // `=` would be read back as another variable, and a NUL cannot be passed at all.
-            let key = k.get_ref();
-            if key.is_empty() || key.contains(['=', '\0']) {
-                return Err(err(k.span(), format!("{key:?} is not an environment variable name: it must be non-empty, without '=' or NUL")));
-            }
-            if v.get_ref().contains('\0') {
-                return Err(err(v.span(), format!("the value of {key} contains a NUL byte, which no program's environment can hold")));
-            }
-            vars.insert(k.into_inner(), v.into_inner());
-        }
-        for x in &decl.exports {
-            if x.get_ref().is_empty() || x.get_ref().contains('\0') {
-                return Err(err(x.span(), "an export must name a program".into()));
-            }
-        }
-        env_refs.push((name.get_ref().clone(), refs));
-        envs.push(EnvDecl {
-            name: name.into_inner(),
-            raw_sources,
-            sources,
-            settings: Settings {
-                root: decl.root,
-                persist: decl.persist,
-                binds,
-                env: vars,
-                no_host,
-                init: decl.init.map(Spanned::into_inner),
-                exports: decl.exports.into_iter().map(Spanned::into_inner).collect(),
-                base: decl.base.map(Spanned::into_inner),
-            },
-        });
+        let (decl, refs) = env_decl(name.into_inner(), decl.into_inner(), &dir, &err)?;
+        env_refs.push((decl.name.clone(), refs));
+        envs.push(decl);
     }
     if let Some((cycle, span)) = env_cycle(&env_refs) {
         return Err(err(
@@ -228,6 +130,94 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
         ));
     }
     Ok(Manifest { envs })
+}
+
+/// Makes an error located at a span of the manifest's text.
+type Locator<'a> = &'a dyn Fn(Range<usize>, String) -> ManifestError;
+
+/// The `env:` sources an environment names, and where each is written.
+type Refs = Vec<(String, Range<usize>)>;
+
+/// One environment's declaration, checked, with the `env:` sources it names.
+fn env_decl(name: String, decl: RawEnv, dir: &Path, err: Locator<'_>) -> Result<(EnvDecl, Refs), ManifestError> {
+    if decl.from.get_ref().is_empty() {
+        return Err(err(decl.from.span(), format!("environment '{name}' needs at least one source in `from` ({KINDS})")));
+    }
+    let (sources, raw_sources, refs) = sources_of(decl.from.into_inner(), dir, err)?;
+    let mut binds = Vec::new();
+    for b in decl.binds {
+        let (src, dst, ro) = crate::sandbox::parse_bind(b.get_ref(), Some(dir)).map_err(|e| err(b.span(), e.to_string()))?;
+        binds.push(format!("{}:{}{}", src.display(), dst.display(), if ro { ":ro" } else { "" }));
+    }
+    let mut no_host = Vec::new();
+    for n in decl.no_host {
+        if let Err(e) = n.get_ref().parse::<HostShare>() {
+            return Err(err(n.span(), e.to_string()));
+        }
+        no_host.push(n.into_inner());
+    }
+    if let Some(i) = &decl.init {
+        if !i.get_ref().starts_with('/') {
+            return Err(err(i.span(), format!("init '{}' must be an absolute path inside the environment", i.get_ref())));
+        }
+    }
+    if let Some(b) = &decl.base {
+        if b.get_ref() != "host" {
+            return Err(err(b.span(), format!("base '{}' is not known; accepted: host", b.get_ref())));
+        }
+    }
+    let vars = vars_of(decl.env, err)?;
+    for x in &decl.exports {
+        if x.get_ref().is_empty() || x.get_ref().contains('\0') {
+            return Err(err(x.span(), "an export must name a program".into()));
+        }
+    }
+    let settings = Settings {
+        root: decl.root,
+        persist: decl.persist,
+        binds,
+        env: vars,
+        no_host,
+        init: decl.init.map(Spanned::into_inner),
+        exports: decl.exports.into_iter().map(Spanned::into_inner).collect(),
+        base: decl.base.map(Spanned::into_inner),
+    };
+    Ok((EnvDecl { name, raw_sources, sources, settings }, refs))
+}
+
+/// An environment's sources, checked: as resolved against `dir`, as written, and the `env:` ones.
+fn sources_of(from: Vec<Spanned<String>>, dir: &Path, err: Locator<'_>) -> Result<(Vec<String>, Vec<String>, Refs), ManifestError> {
+    let mut sources = Vec::new();
+    let mut raw_sources = Vec::new();
+    let mut refs = Vec::new();
+    for s in from {
+        match s.get_ref().parse::<crate::source::Source>() {
+            Err(e) => return Err(err(s.span(), e.to_string())),
+            Ok(crate::source::Source::Env(other)) => refs.push((other, s.span())),
+            Ok(_) => {}
+        }
+        sources.push(absolutize(s.get_ref(), dir));
+        raw_sources.push(s.into_inner());
+    }
+    Ok((sources, raw_sources, refs))
+}
+
+/// An environment's variables, checked: each must be passable to a program as `KEY=VALUE`.
+fn vars_of(env: BTreeMap<Spanned<String>, Spanned<String>>, err: Locator<'_>) -> Result<BTreeMap<String, String>, ManifestError> {
+    let mut vars = BTreeMap::new();
+    for (k, v) in env {
+        // A key becomes `KEY=VALUE` in the program's environment: an empty key or one with
+        // `=` would be read back as another variable, and a NUL cannot be passed at all.
+        let key = k.get_ref();
+        if key.is_empty() || key.contains(['=', '\0']) {
+            return Err(err(k.span(), format!("{key:?} is not an environment variable name: it must be non-empty, without '=' or NUL")));
+        }
+        if v.get_ref().contains('\0') {
+            return Err(err(v.span(), format!("the value of {key} contains a NUL byte, which no program's environment can hold")));
+        }
+        vars.insert(k.into_inner(), v.into_inner());
+    }
+    Ok(vars)
 }
 
 /// Each environment of a manifest with the `env:` sources it names, and where each is written.

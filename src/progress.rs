@@ -51,7 +51,7 @@ impl Progress {
 
     /// A fresh line for one part of the work (a layer of an image): its own label, total and
     /// counts, drawn where this one would be.
-    #[cfg_attr(not(feature = "registry"), allow(dead_code))]
+    #[cfg(feature = "registry")]
     pub(crate) fn sub(&self, label: &str, total_bytes: Option<u64>) -> Self {
         let draw = self.draw.as_ref().map(|_| DrawState { start: Instant::now(), last: None, drawn: false });
         Self { label: crate::text::escape(label).into_owned(), total: total_bytes, bytes: Rc::default(), entries: 0, draw }

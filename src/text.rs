@@ -1,5 +1,6 @@
-//! Text from outside (archive entry names, layer sources, manifest strings, registry replies,
-//! command lines, file names) made safe to show on a terminal.
+//! Text for people: text from outside (archive entry names, layer sources, manifest strings,
+//! registry replies, command lines, file names) made safe to show on a terminal, and sizes
+//! ([`human`]).
 //!
 //! The rule, in one place:
 //! - **stderr** (errors, warnings, notes, progress): every message is escaped where it is
@@ -80,6 +81,18 @@ pub(crate) fn field(s: &str) -> Cow<'_, str> {
     }
 }
 
+/// `12.3 MiB`-style sizes for people.
+pub(crate) fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
+}
+
 /// An error and its causes on one line, each separated by `: `, a cause left out when the line
 /// already ends with it: an error that shows its source in its own message (`cannot read x:
 /// {source}`) and also returns it as its source would otherwise print the OS's words twice.
@@ -121,6 +134,13 @@ mod tests {
             assert!(!escape(raw).chars().any(unsafe_char), "{raw:?}");
         }
         assert!(matches!(escape("plain"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(3 * 1024 * 1024 * 1024), "3.0 GiB");
     }
 
     #[test]

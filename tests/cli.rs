@@ -364,7 +364,7 @@ fn a_damaged_layer_record_is_named() {
     let prefix = &id[..19];
     let layer_src = format!("layer:{id}");
     refused_naming(&s, &proj, &file, &damaged, &[&["layers"], &["layers", "--json"], &["gc", "--dry-run"], &["verify"], &["layer", "rm", prefix], &["import", &layer_src], &["create", "u", "--from", &layer_src]]);
-    assert_eq!(s.layer_ids().into_iter().collect::<Vec<_>>(), [id.clone()]);
+    assert_eq!(s.layer_ids().into_iter().collect::<Vec<_>>(), std::slice::from_ref(&id));
     assert_eq!(s.plyroot(&["list", "--json"]).ok().json().as_array().unwrap().len(), 1, "no environment was created or removed");
 }
 

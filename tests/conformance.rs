@@ -383,7 +383,7 @@ fn full_tree(root: &Path, xattrs: bool) {
     fs::create_dir(root.join("private")).unwrap();
     write(&root.join("private/f"), b"p", 0o600);
     fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
-    rustix::fs::mknodat(rustix::fs::CWD, &root.join("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o640), 0).unwrap();
+    rustix::fs::mknodat(rustix::fs::CWD, root.join("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o640), 0).unwrap();
     fs::set_permissions(root.join("fifo"), fs::Permissions::from_mode(0o640)).unwrap();
     write(&root.join(std::ffi::OsStr::from_bytes(b"caf\xe9-latin1")), b"bytes", 0o644);
     if xattrs {

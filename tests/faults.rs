@@ -148,8 +148,8 @@ impl Fixture {
         // Overlay leaves its workdir's work/ mode 000: cp could not read it.
         own(&self.s.home);
         fs::create_dir_all(&self.tpl).unwrap();
-        cp_a(&[self.s.home.clone()], &self.tpl.join("store"));
-        cp_a(&[self.proj.clone()], &self.tpl.join("proj"));
+        cp_a(std::slice::from_ref(&self.s.home), &self.tpl.join("store"));
+        cp_a(std::slice::from_ref(&self.proj), &self.tpl.join("proj"));
     }
 
     /// Puts the store and the project back as [`Fixture::save`] found them. Layers are immutable
@@ -436,7 +436,7 @@ fn fault_injection(op: Op, setup: impl Fn(&Fixture)) {
     assert_eq!(out.code, 0, "{:?} with injection past the end: {out}", op.args);
     assert!(!trace.contains("INJECTED") && !trace.contains("killed by"), "{trace}");
     assert_eq!(f.observe(false).0, after);
-    let _ = eprintln!("{:?}: {} injection points; (fault, finished) → runs: {landed:?}", op.args, points.len());
+    eprintln!("{:?}: {} injection points; (fault, finished) → runs: {landed:?}", op.args, points.len());
 }
 
 /// `dev` on the busybox root, its skeleton built, and the user's files in its upper.

@@ -237,7 +237,7 @@ fn failed_import_changes_nothing() {
     let plain = fs::read(&t.tar).unwrap();
     let garbage = s.path("garbage.tar");
     let mut g = plain[..plain.len() / 2].to_vec();
-    g.extend(std::iter::repeat(0x5a).take(4096));
+    g.extend(std::iter::repeat_n(0x5a, 4096));
     fs::write(&garbage, g).unwrap();
     let not_tar = s.path("not-a-tar");
     fs::write(&not_tar, b"this is not an archive\n".repeat(100)).unwrap();
@@ -277,7 +277,8 @@ impl Victim {
     fn path(&self) -> String {
         self.dir.to_string_lossy().into_owned()
     }
-    fn state(&self) -> (std::collections::BTreeSet<String>, Option<(u64, i64, u64, u64)>, String) {
+    /// The tree outside the store, the secret's fingerprint and its content.
+    fn state(&self) -> (std::collections::BTreeSet<String>, Option<Fingerprint>, String) {
         (tree(&self.dir), fingerprint(&self.secret), fs::read_to_string(&self.secret).unwrap())
     }
 }

@@ -9,7 +9,6 @@ use serde::Serialize;
 
 use super::{out, out_json};
 use crate::sandbox::prepare::{prepare, Prepared, Request};
-use crate::cli::RunOpts;
 use crate::store::env::Env;
 use crate::store::Store;
 
@@ -24,7 +23,7 @@ fn is_systemd(store: &Store, env: &Env, init: &str) -> bool {
     let mut rel = init.trim_start_matches('/').to_owned();
     for _ in 0..8 {
         // Follow the link through the stack, as the root would (merged /usr included).
-        let found = crate::store::upper::lookup(&stack, &rel).or_else(|| rel.strip_prefix("sbin/").and_then(|r| crate::store::upper::lookup(&stack, &format!("usr/sbin/{r}"))));
+        let found = crate::store::upper::lookup(&stack, &rel).or_else(|| rel.strip_prefix("sbin/").and_then(|r| crate::store::upper::lookup(&stack, format!("usr/sbin/{r}"))));
         let Some((abs, meta)) = found else { return false };
         if !meta.file_type().is_symlink() {
             return false;
@@ -126,7 +125,7 @@ fn wait_ready(store: &Store, env: &Env, init: &std::os::fd::OwnedFd, systemd: bo
 
 pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) -> Result<i32> {
     let env = store.env(name)?;
-    super::run::recover(&store, &env)?;
+    super::run::recover(&env)?;
     if env.booted().is_some() {
         crate::diag::info!("'{name}' is already booted (`plyroot status`)");
         return Ok(0);
@@ -229,5 +228,5 @@ pub(crate) fn login(store: Store, name: &str) -> Result<i32> {
             bail!("cannot boot '{name}' for the login");
         }
     }
-    super::run::run(store, name, &RunOpts::default(), Vec::new(), true, false)
+    super::run::run(store, name, Request { login: true, ..Request::default() }, false)
 }

@@ -8,9 +8,10 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::{out, out_json};
-use crate::sandbox::identity::{choose, find_in_path, host_subids, subid_range, HostUser};
+use crate::sandbox::identity::choose;
 use crate::store::Store;
 use crate::sys::{mount, ns, process};
+use crate::userns::{find_in_path, host_subids, subid_range, HostUser, Mapping};
 
 #[derive(Serialize)]
 struct Check {
@@ -39,7 +40,7 @@ fn probe(store: &Store, pid_ns: bool) -> Vec<(String, bool, String)> {
     let found = process::in_child(move || {
         let mut out = Vec::new();
         let mut say = |name: &str, r: std::result::Result<(), String>| out.push((name.to_owned(), r.is_ok(), r.err().unwrap_or_default().replace('\n', " ")));
-        let userns = if inside.mapping == crate::sandbox::identity::Mapping::Host {
+        let userns = if inside.mapping == Mapping::Host {
             ns::unshare(false, pid_ns).map_err(|e| e.to_string())
         } else {
             ns::unshare(true, pid_ns).and_then(|_| ns::map_single(0, user.uid, 0, user.gid)).map_err(|e| e.to_string())
@@ -59,7 +60,7 @@ fn probe(store: &Store, pid_ns: bool) -> Vec<(String, bool, String)> {
             return Ok(out);
         }
         let _ = mount::make_private_recursive();
-        let wh = rustix::fs::mknodat(rustix::fs::CWD, &p.join("l2/wh"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0);
+        let wh = rustix::fs::mknodat(rustix::fs::CWD, p.join("l2/wh"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0);
         say("whiteout mknod", wh.map_err(|e| format!("mknod char 0:0: {e}")));
         let ov = mount::overlay(&[p.join("l2"), p.join("l1")], Some((&p.join("up"), &p.join("wk"))))
             .and_then(|m| mount::attach_at(m.as_fd(), &p.join("mnt")))
@@ -67,7 +68,7 @@ fn probe(store: &Store, pid_ns: bool) -> Vec<(String, bool, String)> {
         say("overlayfs (userxattr, lowerdir+)", ov);
         // Distinct directories: overlayfs refuses the same lower twice (ELOOP).
         let many: Vec<_> = (0..200).map(|i| p.join(format!("many/{i}"))).collect();
-        let made = many.iter().try_for_each(|d| fs::create_dir_all(d)).map_err(|e| e.to_string());
+        let made = many.iter().try_for_each(fs::create_dir_all).map_err(|e| e.to_string());
         say("overlay with 200 lowers", made.and_then(|_| mount::overlay(&many, None).map(drop).map_err(|e| e.to_string())));
         Ok(out)
     });

@@ -1,4 +1,5 @@
-//! apply, generations, switch, rollback: environments as code and their history.
+//! create, list, rm, apply, generations, switch, rollback: environments, as code, and their
+//! history.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,6 +14,85 @@ use crate::source::Source;
 use crate::store::env::{Env, Generation};
 use crate::store::layer::short_id;
 use crate::store::{now_secs, write_atomic, Store};
+use crate::text::{field, human};
+
+pub(crate) fn create(store: &Store, name: &str, from: &[String], base: Option<&str>) -> Result<i32> {
+    crate::names::check_name(name)?;
+    if store.envs_dir().join(name).exists() {
+        anyhow::bail!("environment '{name}' already exists: use another name, or remove it first with `plyroot rm {name}`");
+    }
+    let sources = super::layers::parse_sources(from)?;
+    let layers = super::layers::import_all(store, &sources)?;
+    let ids: Vec<String> = layers.iter().map(|l| l.id.clone()).collect();
+    let n = ids.len();
+    // After the import: only then is the number known (an image's layers). The layers stay in
+    // the store, so the fix below reuses them.
+    crate::store::limits::check(
+        name,
+        n,
+        &format!(
+            "nothing was created, and the layers are imported: create an environment from the first {} (`--from layer:ID`, see `plyroot layers`), `plyroot squash` it, and create '{name}' from its one layer and the rest",
+            crate::store::limits::MAX_LAYERS
+        ),
+    )?;
+    let settings = crate::store::env::Settings { base: base.map(str::to_owned), ..Default::default() };
+    store.create_env(name, ids, from.to_vec(), settings, "create")?;
+    crate::diag::info!("created environment '{name}' with {n} layer(s); try `plyroot enter {name}`");
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct EnvRow {
+    name: String,
+    generation: u32,
+    layers: Vec<String>,
+    sources: Vec<String>,
+    upper_bytes: u64,
+}
+
+pub(crate) fn list(store: &Store, json: bool) -> Result<i32> {
+    let mut rows = Vec::new();
+    for env in store.envs()? {
+        let g = env.current()?;
+        rows.push(EnvRow { upper_bytes: env.upper_size(), name: env.name, generation: g.number, layers: g.layers, sources: g.sources });
+    }
+    if json {
+        return out_json(&rows).map(|_| 0);
+    }
+    let mut s = format!("{:<20} {:>4} {:>7} {:>10}  {}\n", "NAME", "GEN", "LAYERS", "UPPER", "SOURCES");
+    for r in &rows {
+        let sources: Vec<_> = r.sources.iter().map(|s| field(s)).collect();
+        s.push_str(&format!("{:<20} {:>4} {:>7} {:>10}  {}\n", r.name, r.generation, r.layers.len(), human(r.upper_bytes), sources.join(" ")));
+    }
+    out(&s).map(|_| 0)
+}
+
+pub(crate) fn rm(store: &Store, names: &[String]) -> Result<i32> {
+    // Every name is checked (it exists, nothing runs in it, it is not booted, its launchers'
+    // receipts read) before anything is removed: a refusal leaves every environment and launcher
+    // as it was. `remove_env` checks again, for a run that starts in between.
+    let mut plan: Vec<(&String, Vec<crate::launcher::Receipt>)> = Vec::new();
+    for n in names {
+        if plan.iter().any(|(m, _)| *m == n) {
+            continue;
+        }
+        let env = store.env(n)?;
+        if env.booted().is_some() {
+            bail!("'{n}' is booted: `plyroot stop {n}` first; nothing was removed");
+        }
+        env.ensure_unused("remove")?;
+        plan.push((n, crate::launcher::receipts(store, Some(n))?));
+    }
+    for (n, receipts) in plan {
+        for r in receipts {
+            crate::launcher::remove(store, &r)?;
+            crate::diag::info!("removed launcher {}", r.link.display());
+        }
+        store.remove_env(n)?;
+        crate::diag::info!("removed environment '{n}'");
+    }
+    Ok(0)
+}
 
 /// `plyroot.lock`: each source, as written in the manifest, pinned to its layer ids.
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,12 +139,15 @@ fn resolve(store: &Store, raw: &str, resolved: &str, pinned: Option<&Vec<String>
     Ok(ids)
 }
 
+/// Each environment to apply, with its declared layers.
+type Plans<'m> = Vec<(&'m EnvDecl, Vec<String>)>;
+
 /// What `apply` will do to one declared environment, decided before anything changes.
 enum Change<'m> {
     Create { decl: &'m EnvDecl, layers: Vec<String> },
     /// A new generation on top of `cur`; `_lock` keeps commits and other applies out from the
     /// check to the switch.
-    Update { decl: &'m EnvDecl, layers: Vec<String>, env: Env, cur: Generation, _lock: std::fs::File },
+    Update { decl: &'m EnvDecl, layers: Vec<String>, env: Env, cur: Box<Generation>, _lock: std::fs::File },
 }
 
 pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -> Result<i32> {
@@ -80,14 +163,47 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     let old_lock = read_lock(&lock_path)?;
     // Resolve and check everything before changing anything: an error leaves every environment
     // and the lock file as they were (imports only add layers, which gc collects if unused).
+    let wanted = manifest.envs.iter().filter(|e| only.is_empty() || only.contains(&e.name));
+    let (new_lock, plans) = resolve_all(store, wanted, &old_lock, update, &lock_path)?;
+    if new_lock != old_lock {
+        check_writable(&lock_path)?;
+        // The lock file first: an apply that cannot write it changes nothing, and one interrupted
+        // after it converges when run again (the pins are those of layers already in the store).
+        write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
+    }
+    let changes = decide(store, plans)?;
+    let changed = changes.len();
+    for change in changes {
+        match change {
+            Change::Update { decl, layers, env, cur, _lock } => {
+                let g = env.next_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply", cur.commits.clone())?;
+                let n = env.add_generation(cur.number, g, "apply")?;
+                crate::diag::info!("{}: generation {n} is current", decl.name);
+            }
+            Change::Create { decl, layers } => {
+                store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
+                crate::diag::info!("{}: created, generation 1 is current", decl.name);
+            }
+        }
+    }
+    if changed == 0 {
+        crate::diag::info!("nothing to do: every environment is as the manifest declares");
+    }
+    Ok(0)
+}
+
+/// Resolves the sources of the environments to apply (each source once) to layer ids, checking
+/// each stack against the limit. Returns the new lock (with the pins of environments not applied
+/// this time as they were) and each environment's declared layers.
+fn resolve_all<'m>(store: &Store, wanted: impl Iterator<Item = &'m EnvDecl>, old_lock: &LockFile, update: bool, lock_path: &Path) -> Result<(LockFile, Plans<'m>)> {
     let mut new_lock = LockFile { version: 1, sources: BTreeMap::new() };
     let mut plans = Vec::new();
-    for decl in manifest.envs.iter().filter(|e| only.is_empty() || only.contains(&e.name)) {
+    for decl in wanted {
         let mut layers = Vec::new();
         for (raw, resolved) in decl.raw_sources.iter().zip(&decl.sources) {
             let ids = match new_lock.sources.get(raw) {
                 Some(ids) => ids.clone(),
-                None => resolve(store, raw, resolved, old_lock.sources.get(raw), update, &lock_path)?,
+                None => resolve(store, raw, resolved, old_lock.sources.get(raw), update, lock_path)?,
             };
             new_lock.sources.insert(raw.clone(), ids.clone());
             layers.extend(ids);
@@ -102,13 +218,13 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     for (k, v) in &old_lock.sources {
         new_lock.sources.entry(k.clone()).or_insert_with(|| v.clone());
     }
-    let lock_changes = new_lock != old_lock;
-    if lock_changes {
-        check_writable(&lock_path)?;
-        // The lock file first: an apply that cannot write it changes nothing, and one interrupted
-        // after it converges when run again (the pins are those of layers already in the store).
-        write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
-    }
+    Ok((new_lock, plans))
+}
+
+/// What to do to each environment: create it, or a new generation of it (holding its lock, after
+/// recovering it); nothing where it already is as declared, with the layers committed since kept
+/// on top.
+fn decide<'m>(store: &Store, mut plans: Plans<'m>) -> Result<Vec<Change<'m>>> {
     // By name: two applies lock the environments they share in the same order.
     plans.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     let mut changes = Vec::new();
@@ -119,7 +235,7 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
         }
         let env = store.env(&decl.name)?;
         let lock = env.lock()?;
-        env.recover(store.remover)?;
+        env.recover()?;
         let cur = env.current()?;
         // Layers committed since are the user's: they stay on top of the declared ones.
         check_limit(&decl.name, &layers, &cur.commits)?;
@@ -130,26 +246,9 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
         }
         // A new generation is numbered after every record there: read them all now.
         env.generations()?;
-        changes.push(Change::Update { decl, layers, env, cur, _lock: lock });
+        changes.push(Change::Update { decl, layers, env, cur: Box::new(cur), _lock: lock });
     }
-    let changed = changes.len();
-    for change in changes {
-        match change {
-            Change::Update { decl, layers, env, cur, _lock } => {
-                let g = env.next_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply", cur.commits.clone())?;
-                let n = env.add_generation(cur.number, g, "apply", store.remover)?;
-                crate::diag::info!("{}: generation {n} is current", decl.name);
-            }
-            Change::Create { decl, layers } => {
-                store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
-                crate::diag::info!("{}: created, generation 1 is current", decl.name);
-            }
-        }
-    }
-    if changed == 0 {
-        crate::diag::info!("nothing to do: every environment is as the manifest declares");
-    }
-    Ok(0)
+    Ok(changes)
 }
 
 /// Refuses a declared stack that, with the layers committed on top of it, is over the limit.
@@ -235,7 +334,7 @@ pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> 
 pub(crate) fn switch(store: &Store, name: &str, n: u32) -> Result<i32> {
     let env = store.env(name)?;
     let _lock = env.lock()?;
-    env.recover(store.remover)?;
+    env.recover()?;
     // Everything read before the switch: a damaged record or a missing layer leaves the
     // current generation as it was.
     let target = env.generation(n)?;

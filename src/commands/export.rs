@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::{human, out};
+use super::out;
 use crate::export::merge::{self, Tier};
 use crate::export::{self as exp, oci, Compression, Encoder, PendingDir};
 use crate::sandbox::as_root_inside;
@@ -18,6 +18,7 @@ use crate::store::canonical::{self, Writer};
 use crate::store::env::{Env, Generation};
 use crate::store::meta::Overrides;
 use crate::store::Store;
+use crate::text::human;
 
 /// What the helper that wrote a tarball reports back.
 #[derive(Serialize, Deserialize)]

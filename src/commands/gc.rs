@@ -1,15 +1,14 @@
-//! gc and verify.
+//! gc and verify: options in, the store's answer printed (the rules are in `store::gc`).
 
-use std::collections::BTreeSet;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 
-use super::{human, out, out_json};
-use crate::store::runs::Usage;
+use super::{out, out_json};
+use crate::store::gc::Policy;
 use crate::store::{canonical, now_secs, Store};
+use crate::text::human;
 
 /// `90s`, `45m`, `12h`, `30d`, `2w` → seconds.
 pub(crate) fn parse_duration(s: &str) -> Result<u64> {
@@ -35,81 +34,23 @@ pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_th
     let cutoff = older_than.map(parse_duration).transpose()?.map(|d| now_secs().saturating_sub(d));
     // Exclusive: waits for launches and imports in progress (they hold the lock shared until
     // their program starts); running programs are seen through their pins instead.
-    let mut store = Store::open_exclusive(store_root)?;
-    store.remover = crate::sandbox::remove_tree_mapped;
-    let mut roots: BTreeSet<String> = BTreeSet::new();
-    let mut pruned = Vec::new();
-    let mut locks = Vec::new();
-    let envs = store.envs()?;
-    for env in &envs {
-        locks.push(env.lock()?);
-        // A keeper only caches a mount: it does not keep what it holds from collection.
-        env.dismiss_keeper()?;
-    }
-    // What live mounts are made of, in every namespace we can see (runs, programs they left
-    // behind, launchers composing inside environments): none of it is collected.
-    let usage = Usage::scan();
-    let in_use: BTreeSet<PathBuf> = usage.dirs().cloned().collect();
-    for l in store.layers()? {
-        if in_use.contains(&store.layer_root(&l.id)) {
-            roots.insert(l.id);
-        }
-    }
-    for env in envs {
-        let cur = env.current()?.number;
-        let live_gens: BTreeSet<u32> = env.live().iter().map(|r| r.record.generation).collect();
-        let mut gens = env.generations()?;
-        gens.sort_by(|a, b| b.number.cmp(&a.number));
-        for (i, g) in gens.iter().enumerate() {
-            // A generation a run uses is kept, record and all, until the run ends.
-            let prune = g.number != cur && !live_gens.contains(&g.number) && (keep.is_some_and(|k| i >= k) || cutoff.is_some_and(|c| g.created < c));
-            if prune {
-                pruned.push((env.name.clone(), env.dir.clone(), g.number));
-            } else {
-                roots.extend(g.layers.iter().cloned());
-            }
-        }
-        // An upper with changes needs the layers it was written on (rebase compares against
-        // them); an empty one needs nothing.
-        if !env.upper_is_empty() {
-            roots.extend(env.upper_base()?);
-        }
-        for r in env.live() {
-            roots.extend(r.record.layers);
-        }
-        // An interrupted change finishes with these layers.
-        roots.extend(env.pending_layers()?);
-    }
-    let dead: Vec<_> = store.layers()?.into_iter().filter(|l| !roots.contains(&l.id)).collect();
-    let freed: u64 = dead.iter().map(|l| l.size).sum();
-    let verb = if dry_run { "would delete" } else { "deleted" };
+    let store = Store::open_exclusive(store_root)?;
+    let found = store.gc_roots(Policy { keep, cutoff })?;
+    let (pruned, deleted) = if dry_run { ("would prune", "would delete") } else { ("pruned", "deleted") };
     let mut s = String::new();
-    for (name, _, n) in &pruned {
-        s.push_str(&format!("{} generation {name}/{n}\n", if dry_run { "would prune" } else { "pruned" }));
+    for p in &found.pruned {
+        s.push_str(&format!("{pruned} generation {}/{}\n", p.env, p.number));
     }
-    for l in &dead {
-        s.push_str(&format!("{verb} layer {} ({}, {})\n", l.id, human(l.size), l.source));
+    for l in &found.dead {
+        s.push_str(&format!("{deleted} layer {} ({}, {})\n", l.id, human(l.size), l.source));
     }
     if !dry_run {
-        for (_, dir, n) in &pruned {
-            fs::remove_file(dir.join("generations").join(format!("{n}.json"))).with_context(|| format!("cannot prune generation {n}"))?;
-            if let Ok(rd) = fs::read_dir(dir.join("skel")) {
-                for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{n}-")) && !in_use.contains(&e.path())) {
-                    (store.remover)(&e.path())?;
-                }
-            }
-        }
-        for l in &dead {
-            // Disappears at once (rename), then is deleted.
-            let st = store.staging()?;
-            fs::rename(store.layer_dir(&l.id), st.path.join("layer")).with_context(|| format!("cannot delete layer {}", l.id))?;
-            (store.remover)(&st.path.join("layer"))?;
-        }
-        store.clean_leftovers()?;
+        store.collect(&found)?;
     }
-    s.push_str(&format!("{} {} generation(s) and {} layer(s), {} {}\n", if dry_run { "would prune" } else { "pruned" }, pruned.len(), dead.len(), if dry_run { "would free" } else { "freed" }, human(freed)));
+    let freed = if dry_run { "would free" } else { "freed" };
+    s.push_str(&format!("{pruned} {} generation(s) and {} layer(s), {freed} {}\n", found.pruned.len(), found.dead.len(), human(found.freed())));
     out(&s)?;
-    drop(locks);
+    drop(found);
     Ok(0)
 }
 

@@ -172,14 +172,17 @@ struct Conflict {
     shadowed: Vec<String>,
 }
 
-/// What a file is, for telling whether two layers provide the same thing.
-fn fingerprint(m: &fs::Metadata, p: &Path) -> (u32, u64, i64, Option<PathBuf>) {
+/// What a file is, for telling whether two layers provide the same thing: mode, size, mtime and
+/// a symlink's target.
+type Fingerprint = (u32, u64, i64, Option<PathBuf>);
+
+fn fingerprint(m: &fs::Metadata, p: &Path) -> Fingerprint {
     (m.mode(), m.len(), m.mtime(), m.file_type().is_symlink().then(|| fs::read_link(p).ok()).flatten())
 }
 
 pub(crate) fn conflicts(store: &Store, names: &[String], json: bool) -> Result<i32> {
     let st = stack(store, names, false)?;
-    let mut seen: BTreeMap<String, Vec<(usize, (u32, u64, i64, Option<PathBuf>))>> = BTreeMap::new();
+    let mut seen: BTreeMap<String, Vec<(usize, Fingerprint)>> = BTreeMap::new();
     for (i, (_, dir)) in st.iter().enumerate() {
         if dir == Path::new("/") {
             continue; // the host root is not a layer to compare file by file

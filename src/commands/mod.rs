@@ -17,6 +17,10 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 
+/// Sizes for people, as `push` names them (`super::human`).
+#[cfg(feature = "registry")]
+pub(crate) use crate::text::human;
+
 /// Writes data to stdout. A closed pipe (`plyroot layers | head`) is not an error worth a word:
 /// main ends quietly when it sees one.
 pub(crate) fn out(text: &str) -> Result<()> {
@@ -26,26 +30,4 @@ pub(crate) fn out(text: &str) -> Result<()> {
 
 pub(crate) fn out_json<T: serde::Serialize>(v: &T) -> Result<()> {
     out(&format!("{}\n", serde_json::to_string_pretty(v)?))
-}
-
-/// `12.3 MiB`-style sizes for people.
-pub(crate) fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", units[u]) }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn human_sizes() {
-        assert_eq!(super::human(512), "512 B");
-        assert_eq!(super::human(1536), "1.5 KiB");
-        assert_eq!(super::human(3 * 1024 * 1024 * 1024), "3.0 GiB");
-    }
 }

@@ -2,7 +2,6 @@
 
 use anyhow::{bail, Result};
 
-use crate::cli::RunOpts;
 use crate::sandbox::launch;
 use crate::sandbox::namespaces::JoinGone;
 use crate::sandbox::prepare::{prepare, Prepared, Request};
@@ -10,42 +9,23 @@ use crate::store::env::Env;
 use crate::store::Store;
 use crate::sys::process;
 
-/// The request `run`/`enter`/launchers make from the command line.
-pub(crate) fn request(opts: &RunOpts, command: Vec<std::ffi::OsString>, login: bool, compose: bool) -> Request {
-    Request {
-        root: opts.root,
-        ephemeral: opts.ephemeral,
-        read_only: opts.read_only,
-        pid: opts.pid,
-        binds: opts.binds.clone(),
-        no_host: opts.no_host.clone(),
-        env: opts.env.clone(),
-        cwd: opts.cwd.clone(),
-        keep_upper: opts.keep_upper,
-        command,
-        login,
-        compose,
-        boot: None,
-    }
-}
-
 /// Finishes or undoes what an interrupted commit, reset, rebase or apply left (cheap when there
 /// is nothing: a few stats).
-pub(crate) fn recover(store: &Store, env: &Env) -> Result<()> {
+pub(crate) fn recover(env: &Env) -> Result<()> {
     if env.needs_recovery() {
         let _lock = env.lock()?;
-        env.recover(store.remover)?;
+        env.recover()?;
     }
     Ok(())
 }
 
-pub(crate) fn run(store: Store, name: &str, opts: &RunOpts, command: Vec<std::ffi::OsString>, login: bool, compose: bool) -> Result<i32> {
+/// Runs `req` in environment `name`; `booted`: only when it is booted.
+pub(crate) fn run(store: Store, name: &str, req: Request, booted: bool) -> Result<i32> {
     let env = store.env(name)?;
-    recover(&store, &env)?;
-    if opts.booted && env.booted().is_none() {
+    recover(&env)?;
+    if booted && env.booted().is_none() {
         bail!("'{name}' is not booted (`plyroot boot {name}`)");
     }
-    let req = request(opts, command, login, compose);
     let root = store.root.clone();
     let mut store = Some(store);
     let mut tries = 0;

@@ -5,7 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use super::{human, out, out_json};
+use super::{out, out_json};
 use crate::sandbox::as_root_inside;
 use crate::store::env::Env;
 use crate::store::layer::LayerInfo;
@@ -15,6 +15,7 @@ use crate::store::journal::Journal;
 use crate::store::meta::{key, unkey};
 use crate::store::tree::shown;
 use crate::store::{canonical, now_secs, private_dir, upper_dir, write_atomic, Store};
+use crate::text::human;
 
 fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
     layers.iter().rev().map(|l| store.layer_root(l)).collect()
@@ -24,7 +25,7 @@ fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
 fn open_for_change(store: &Store, name: &str, what: &str) -> Result<(Env, fs::File)> {
     let env = store.env(name)?;
     let lock = env.lock()?;
-    env.recover(store.remover)?;
+    env.recover()?;
     env.ensure_idle(what)?;
     Ok((env, lock))
 }
@@ -33,7 +34,7 @@ pub(crate) fn diff(store: &Store, name: &str, paths: &[PathBuf], json: bool) -> 
     let env = store.env(name)?;
     if env.needs_recovery() {
         let _lock = env.lock()?;
-        env.recover(store.remover)?;
+        env.recover()?;
     }
     let base = env.upper_base()?;
     let lowers = lowers_of(store, &base);
@@ -114,7 +115,7 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
     };
     let staged = env.commit_dir();
     let mut done = None;
-    env.journaled(&Journal::CommitStaging, "commit", store.remover, || {
+    env.journaled(&Journal::CommitStaging, "commit", || {
         // 1. Move the upper aside and give the environment a clean one (undone on failure).
         private_dir(&staged).with_context(|| format!("cannot create {}", staged.display()))?;
         fs::rename(env.upper(), staged.join("root")).context("cannot move the upper aside")?;
@@ -138,7 +139,7 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
         let commits = cur.commits.iter().chain([&id]).cloned().collect();
         let g = env.next_generation(layers, sources, cur.settings.clone(), &reason, commits)?;
         env.begin(&Journal::CommitPublish { layer: id.clone(), from: cur.number, generation: g.clone() })?;
-        env.finish_publish(&id, cur.number, g, store.remover)?;
+        env.finish_publish(&id, cur.number, g)?;
         done = Some((id, size, entries));
         Ok(())
     })?;
@@ -173,11 +174,11 @@ pub(crate) fn reset(store: &Store, name: &str, force: bool) -> Result<i32> {
         let st = store.staging()?;
         let grave = st.path.join("upper");
         let j = Journal::Reset { base: cur.layers.clone(), saved: None };
-        env.journaled(&j, "reset", store.remover, || {
+        env.journaled(&j, "reset", || {
             fs::rename(env.upper(), &grave).with_context(|| format!("cannot move {} aside", env.upper().display()))?;
             env.finish_reset(&cur.layers)
         })?;
-        if let Err(e) = (store.remover)(&grave) {
+        if let Err(e) = crate::store::remove_tree_mapped(&grave) {
             crate::diag::warn!("{name}: the old upper could not be deleted yet ({e:#}); `plyroot gc` retries");
         }
         drop(st);
@@ -186,7 +187,7 @@ pub(crate) fn reset(store: &Store, name: &str, force: bool) -> Result<i32> {
         let dest = env.new_saved_name(&format!("upper-gen{}", cur.number))?;
         let saved = dest.file_name().map(|n| n.to_string_lossy().into_owned());
         let j = Journal::Reset { base: cur.layers.clone(), saved };
-        env.journaled(&j, "reset", store.remover, || {
+        env.journaled(&j, "reset", || {
             fs::rename(env.upper(), &dest).with_context(|| format!("cannot keep the upper at {}", dest.display()))?;
             env.finish_reset(&cur.layers)
         })?;
@@ -235,7 +236,7 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
         // The journal holds names as store keys: bytes that are not UTF-8 survive the record.
         let remove: Vec<String> = below.iter().map(|c| key(c).into_owned()).collect();
         let j = Journal::Rebase { onto: cur.layers.clone(), remove: remove.clone() };
-        env.journaled(&j, "rebase", store.remover, || env.finish_rebase(&cur.layers, &remove, store.remover))?;
+        env.journaled(&j, "rebase", || env.finish_rebase(&cur.layers, &remove))?;
     } else {
         env.set_upper_base(&cur.layers)?;
     }

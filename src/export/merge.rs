@@ -63,43 +63,7 @@ fn write(tiers: &[Tier], w: &mut Writer<'_>, squash: bool) -> Result<(), Canonic
     // The root merges every tier, top first: overlayfs never treats a layer's root as opaque.
     let top_first: Vec<usize> = (0..tiers.len()).rev().collect();
     let mut rel: Vec<u8> = Vec::new();
-    struct Level {
-        /// Entries still to write, reversed: (the name the tar gives it, the name in the tiers);
-        /// they differ for a deletion written as a whiteout.
-        names: Vec<(Vec<u8>, Vec<u8>)>,
-        /// The tiers whose directories merge here, top first.
-        tiers: Vec<usize>,
-        parent_len: usize,
-        /// Layers below the tiers still show through here (squash only).
-        below: bool,
-    }
-    let names = |cur: &mut Cursor, tiers_here: &[usize], rel: &[u8], below: bool| -> Result<Vec<(Vec<u8>, Vec<u8>)>, CanonicalError> {
-        let mut set: BTreeSet<Vec<u8>> = BTreeSet::new();
-        for &t in tiers_here {
-            set.extend(tree::list(cur.dir(t).map_err(read_err(rel))?).map_err(read_err(rel))?.into_iter().map(|e| e.0));
-            if let Some(devs) = devices[t].get(rel) {
-                set.extend(devs.iter().map(|d| d.0.clone()));
-            }
-        }
-        let mut out = Vec::with_capacity(set.len());
-        for name in set {
-            if below {
-                // A deletion of what lies below the tiers is an entry of its own: `.wh.NAME`.
-                let path = join(rel, &name);
-                let r = resolve(cur, tiers_here, &name, |t| tiers[t].overrides.get(&path).and_then(|o| o.device.as_ref())).map_err(read_err(&path))?;
-                if r.top.is_none() {
-                    if r.cut {
-                        out.push(([b".wh.".as_slice(), &name].concat(), name));
-                    }
-                    continue;
-                }
-            }
-            out.push((name.clone(), name));
-        }
-        // By the bytes of the names the tar gives them: the canonical order.
-        out.sort_by(|a, b| b.0.cmp(&a.0));
-        Ok(out)
-    };
+    let names = |cur: &mut Cursor, tiers_here: &[usize], rel: &[u8], below: bool| names_of(cur, tiers, &devices, tiers_here, rel, below);
     let mut levels = vec![Level { names: names(&mut cur, &top_first, &rel, squash)?, tiers: top_first, parent_len: 0, below: squash }];
     while let Some(level) = levels.last_mut() {
         let Some((key, name)) = level.names.pop() else {
@@ -143,6 +107,51 @@ fn write(tiers: &[Tier], w: &mut Writer<'_>, squash: bool) -> Result<(), Canonic
         }
     }
     Ok(())
+}
+
+/// A directory's entries: (the name the tar gives it, the name in the tiers); they differ for a
+/// deletion written as a whiteout.
+type Names = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// One directory being merged by [`write`].
+struct Level {
+    /// Entries still to write, reversed.
+    names: Names,
+    /// The tiers whose directories merge here, top first.
+    tiers: Vec<usize>,
+    parent_len: usize,
+    /// Layers below the tiers still show through here (squash only).
+    below: bool,
+}
+
+/// The entries of directory `rel`, merged from the tiers `tiers_here` (the cursor is in it), in
+/// the order [`Level::names`] keeps them. `below`: layers under the tiers show through here.
+fn names_of(cur: &mut Cursor, tiers: &[Tier], devices: &[RecordedDevices<'_>], tiers_here: &[usize], rel: &[u8], below: bool) -> Result<Names, CanonicalError> {
+    let mut set: BTreeSet<Vec<u8>> = BTreeSet::new();
+    for &t in tiers_here {
+        set.extend(tree::list(cur.dir(t).map_err(read_err(rel))?).map_err(read_err(rel))?.into_iter().map(|e| e.0));
+        if let Some(devs) = devices[t].get(rel) {
+            set.extend(devs.iter().map(|d| d.0.clone()));
+        }
+    }
+    let mut out = Vec::with_capacity(set.len());
+    for name in set {
+        if below {
+            // A deletion of what lies below the tiers is an entry of its own: `.wh.NAME`.
+            let path = join(rel, &name);
+            let r = resolve(cur, tiers_here, &name, |t| tiers[t].overrides.get(&path).and_then(|o| o.device.as_ref())).map_err(read_err(&path))?;
+            if r.top.is_none() {
+                if r.cut {
+                    out.push(([b".wh.".as_slice(), &name].concat(), name));
+                }
+                continue;
+            }
+        }
+        out.push((name.clone(), name));
+    }
+    // By the bytes of the names the tar gives them: the canonical order.
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(out)
 }
 
 #[cfg(test)]

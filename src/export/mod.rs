@@ -432,9 +432,9 @@ mod tests {
         assert!(matches!(Output::open(&p("new.tar")).unwrap(), Output::File(_)));
         fs::write(p("old.tar"), "old").unwrap();
         assert!(matches!(Output::open(&p("old.tar")).unwrap(), Output::File(_)));
-        rustix::fs::mknodat(rustix::fs::CWD, &p("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, p("fifo"), rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o600), 0).unwrap();
         // A reader first, so that opening the write end does not wait.
-        let _reader = rustix::fs::open(&p("fifo"), rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK, rustix::fs::Mode::empty()).unwrap();
+        let _reader = rustix::fs::open(p("fifo"), rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK, rustix::fs::Mode::empty()).unwrap();
         std::os::unix::fs::symlink("fifo", p("to-fifo")).unwrap();
         assert!(matches!(Output::open(&p("fifo")).unwrap(), Output::Stream(_)));
         assert!(matches!(Output::open(&p("to-fifo")).unwrap(), Output::Stream(_)));

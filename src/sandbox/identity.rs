@@ -11,58 +11,11 @@
 //! nested in it, whose maps a helper in the base writes (no setuid helper needed at that level):
 //! the host sees exactly the owners it saw when each run mapped its own ids directly.
 
-use std::ffi::OsString;
-use std::path::PathBuf;
-
 use crate::sys::ns::IdRange;
-
-/// The invoking user, as the host knows them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct HostUser {
-    pub uid: u32,
-    pub gid: u32,
-    pub name: String,
-    pub home: PathBuf,
-}
-
-impl HostUser {
-    pub(crate) fn current() -> HostUser {
-        let uid = rustix::process::getuid().as_raw();
-        let gid = rustix::process::getgid().as_raw();
-        let entry = std::fs::read_to_string("/etc/passwd").ok().and_then(|p| passwd_entry(&p, uid));
-        let name = std::env::var("USER").ok().filter(|u| !u.is_empty()).or_else(|| entry.as_ref().map(|e| e.0.clone())).unwrap_or_else(|| format!("u{uid}"));
-        let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from).or_else(|| entry.map(|e| PathBuf::from(e.1))).unwrap_or_else(|| "/".into());
-        HostUser { uid, gid, name, home }
-    }
-}
-
-/// (name, home) of `uid` in a passwd file's text.
-fn passwd_entry(text: &str, uid: u32) -> Option<(String, String)> {
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 7 && f[2].parse() == Ok(uid)).then(|| (f[0].to_owned(), f[5].to_owned()))
-    })
-}
-
-/// The first range `/etc/subuid`-style text gives `name` or `uid`.
-pub(crate) fn subid_range(text: &str, name: &str, uid: u32) -> Option<(u32, u32)> {
-    text.lines().find_map(|l| {
-        let mut f = l.trim().split(':');
-        let (who, start, count) = (f.next()?, f.next()?.parse().ok()?, f.next()?.parse::<u32>().ok()?);
-        ((who == name || who.parse() == Ok(uid)) && count > 0).then_some((start, count))
-    })
-}
-
-/// How ids are mapped for a launch.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Mapping {
-    /// Real root: no user namespace.
-    Host,
-    /// One id, written by ourselves (setgroups denied).
-    Single { inside_uid: u32, inside_gid: u32, uid: u32, gid: u32 },
-    /// Ranges written by newuidmap/newgidmap from outside.
-    Ranges { uids: Vec<IdRange>, gids: Vec<IdRange> },
-}
+// Who the user is on the host and the ids they may map are the store's concern too (it removes
+// what runs wrote): they live in `userns`, below both.
+pub(crate) use crate::userns::{host_subids, root_view, HostUser, Mapping, SubIds};
+use crate::userns::ranges_around;
 
 /// The identity a launch will have inside.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,39 +40,6 @@ pub(crate) enum Nested {
     Maps(Vec<IdRange>, Vec<IdRange>),
     /// One id, the same as in the base (0): the run maps itself (setgroups denied).
     Same,
-}
-
-/// Subordinate ranges available to a user, when both files give one and the helpers exist.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct SubIds {
-    pub uid: (u32, u32),
-    pub gid: (u32, u32),
-}
-
-pub(crate) fn host_subids(user: &HostUser) -> Option<SubIds> {
-    let uid = subid_range(&std::fs::read_to_string("/etc/subuid").ok()?, &user.name, user.uid)?;
-    let gid = subid_range(&std::fs::read_to_string("/etc/subgid").ok()?, &user.name, user.uid)?;
-    (find_in_path("newuidmap").is_some() && find_in_path("newgidmap").is_some()).then_some(SubIds { uid, gid })
-}
-
-pub(crate) fn find_in_path(prog: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/sbin:/usr/bin:/sbin:/bin"));
-    std::env::split_paths(&path).chain(["/usr/bin".into(), "/usr/sbin".into()]).map(|d| d.join(prog)).find(|p| p.is_file())
-}
-
-/// Maps inside ids `0..count` onto the subordinate range as `k → start + k`, except `me`
-/// inside, which is `me_out`. The same `k → start + k` rule in every mode keeps files written
-/// by, say, `_apt` (42) owned by the same host id whether the run used `--root` or not.
-fn ranges_around(me: u32, me_out: u32, sub: (u32, u32)) -> Vec<IdRange> {
-    let (start, count) = sub;
-    let mut v = vec![IdRange { inside: me, outside: me_out, count: 1 }];
-    if me > 0 {
-        v.push(IdRange { inside: 0, outside: start, count: me.min(count) });
-    }
-    if count > me + 1 {
-        v.push(IdRange { inside: me + 1, outside: start + me + 1, count: count - me - 1 });
-    }
-    v
 }
 
 /// Inside an environment already (a launcher or `run` started from a program in one): a nested
@@ -160,22 +80,6 @@ pub(crate) fn choose(user: &HostUser, real_root: bool, subids: Option<SubIds>, w
             forced_root: !want_root,
         },
     }
-}
-
-/// The one-level mapping `run --root` gives, for helpers that read and change what runs wrote
-/// (owners read as they do inside: you are 0, subordinate id k is k): ranges mapped directly by
-/// newuidmap, no nesting.
-pub(crate) fn root_view(user: &HostUser, subids: Option<SubIds>) -> Mapping {
-    match subids {
-        Some(s) => Mapping::Ranges { uids: ranges_around(0, user.uid, s.uid), gids: ranges_around(0, user.gid, s.gid) },
-        None => Mapping::Single { inside_uid: 0, inside_gid: 0, uid: user.uid, gid: user.gid },
-    }
-}
-
-/// A mapping in which every id runs may have written is mapped (you, and the whole subordinate
-/// range): for removing trees, where the view of owners does not matter.
-pub(crate) fn all_ids(user: &HostUser, subids: Option<SubIds>) -> Mapping {
-    choose(user, false, subids, true).mapping
 }
 
 /// Whether the invoking user exists inside as themselves (so the skeleton's passwd names them),
@@ -226,15 +130,6 @@ mod tests {
 
     fn alice() -> HostUser {
         HostUser { uid: 1000, gid: 1000, name: "alice".into(), home: "/home/alice".into() }
-    }
-
-    #[test]
-    fn subid_lines_match_by_name_or_uid() {
-        let t = "bob:100000:65536\nalice:165536:65536\n";
-        assert_eq!(subid_range(t, "alice", 1000), Some((165536, 65536)));
-        assert_eq!(subid_range("1000:300000:10\n", "alice", 1000), Some((300000, 10)));
-        assert_eq!(subid_range("carol:1:5\n", "alice", 1000), None);
-        assert_eq!(subid_range("alice:1:0\n", "alice", 1000), None);
     }
 
     #[test]

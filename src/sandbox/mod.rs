@@ -20,30 +20,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use crate::cli::HostShare;
+use crate::names::HostShare;
 use crate::sys::mount::Kind;
 use identity::{HostUser, Inside};
-
-/// Removes a tree, also one holding files that runs wrote as subordinate ids (owned by host ids
-/// the user cannot touch directly): those are removed from inside a user namespace that maps
-/// every id the user has, where the user is root over them.
-pub(crate) fn remove_tree_mapped(path: &Path) -> Result<()> {
-    let first = match crate::store::remove_tree(path) {
-        Ok(()) => return Ok(()),
-        Err(e) => e,
-    };
-    if rustix::process::geteuid().is_root() {
-        return Err(first);
-    }
-    let user = identity::HostUser::current();
-    let all = identity::all_ids(&user, identity::host_subids(&user));
-    let path = path.to_owned();
-    crate::sys::process::in_child(move || {
-        namespaces::enter_one_level(&all)?;
-        crate::store::remove_tree(&path)
-    })
-    .map_err(|e| first.context(format!("removing it inside a user namespace failed too: {e:#}")))
-}
 
 /// Runs `f` as root inside a user namespace that maps the user's ids the way `run --root` does
 /// (you → 0, subordinate ids → 1…), in a forked child, and returns its result. There the user

@@ -23,6 +23,10 @@ use super::identity::{Inside, Mapping, Nested};
 use super::Join;
 use crate::sys::ns::{self, IdRange};
 use crate::sys::process;
+// The id-mapping helper and `unshare` live below the store, which uses them to remove what runs
+// wrote; `enter_one_level` is re-exported for `as_root_inside`.
+pub(crate) use crate::userns::enter_one_level;
+use crate::userns::{flags, unshare, Mapper};
 
 /// The live run a launch was to join ended before it could (nothing has changed yet: decide
 /// again).
@@ -38,101 +42,6 @@ pub(crate) struct Base {
     pub user_ns_id: u64,
     /// The joined run's mount namespace, to clone the shared overlay from.
     pub joined: Option<OwnedFd>,
-}
-
-/// A helper process that writes id maps for us: newuidmap/newgidmap for the base (they are
-/// setuid, so they must run outside it), then the nested identity's maps from inside the base.
-struct Mapper {
-    pid: i32,
-    go: fs::File,
-    done: fs::File,
-}
-
-impl Mapper {
-    /// Forks the helper. `base`: ranges for newuidmap/newgidmap (a fresh base); `nested`: the
-    /// identity's maps, written once the caller has unshared its nested namespace.
-    fn start(base: Option<(Vec<IdRange>, Vec<IdRange>)>, nested: Option<(Vec<IdRange>, Vec<IdRange>)>) -> Result<Mapper> {
-        let parent = rustix::process::getpid().as_raw_nonzero().get();
-        let (go_rd, go_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("cannot create a pipe")?;
-        let (done_rd, done_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).context("cannot create a pipe")?;
-        // The parent's ends, dropped in the child; the child's, dropped in the parent.
-        let (go_wr, done_rd) = (Cell::new(Some(go_wr)), Cell::new(Some(done_rd)));
-        let (theirs_go, theirs_done) = (&go_wr, &done_rd);
-        let pid = process::spawn(move || {
-            drop((theirs_go.take(), theirs_done.take()));
-            let (mut go, mut done) = (fs::File::from(go_rd), fs::File::from(done_wr));
-            let mut step = |f: &mut dyn FnMut() -> Result<()>| -> Result<bool> {
-                let mut b = [0u8; 1];
-                if go.read(&mut b)? != 1 {
-                    return Ok(false); // the launch gave up
-                }
-                f()?;
-                done.write_all(b"1")?;
-                Ok(true)
-            };
-            if let Some((uids, gids)) = &base {
-                let mapped = step(&mut || {
-                    ns::map_ranges(parent, uids, gids)?;
-                    // Into the base, where the nested maps are written from.
-                    ns::enter(&ns::open_ns(parent, "user")?, LinkNameSpaceType::User)?;
-                    Ok(())
-                })?;
-                if !mapped {
-                    return Ok(1);
-                }
-            }
-            if let Some((uids, gids)) = &nested {
-                step(&mut || Ok(ns::write_maps(parent, uids, gids)?))?;
-            }
-            Ok(0)
-        })?;
-        let (go, done) = (go_wr.take().context("lost a pipe")?, done_rd.take().context("lost a pipe")?);
-        Ok(Mapper { pid, go: fs::File::from(go), done: fs::File::from(done) })
-    }
-
-    /// Lets the helper do its next step and waits until it has.
-    fn step(&mut self, what: &str) -> Result<()> {
-        let mut b = [0u8; 1];
-        let ok = self.go.write_all(b"1").is_ok() && self.done.read(&mut b).map(|n| n == 1).unwrap_or(false);
-        if !ok {
-            let status = process::waitpid(self.pid).map(process::status_code).unwrap_or(-1);
-            bail!("{what} failed (the id-mapping helper ended with status {status}; see the message above; `plyroot doctor` checks subordinate ids)");
-        }
-        Ok(())
-    }
-
-    fn finish(self) -> Result<()> {
-        drop(self.go);
-        process::waitpid(self.pid)?;
-        Ok(())
-    }
-}
-
-fn unshare(flags: rustix::thread::UnshareFlags) -> Result<()> {
-    ns::unshare_flags(flags).map_err(|e| {
-        let denied = matches!(e, rustix::io::Errno::PERM | rustix::io::Errno::NOSPC | rustix::io::Errno::ACCESS) && flags.contains(rustix::thread::UnshareFlags::NEWUSER);
-        let e = anyhow::Error::new(crate::sys::err("unshare namespaces", "/", e));
-        if denied {
-            e.context("this system does not let you create user namespaces (disabled by sysctl, limited by max_user_namespaces, or restricted by AppArmor); `plyroot doctor` says which and how to allow it")
-        } else {
-            e
-        }
-    })
-}
-
-fn flags(user: bool, pid: bool, machine: bool) -> rustix::thread::UnshareFlags {
-    use rustix::thread::UnshareFlags as F;
-    let mut f = F::NEWNS;
-    if user {
-        f |= F::NEWUSER;
-    }
-    if pid {
-        f |= F::NEWPID;
-    }
-    if machine {
-        f |= F::NEWUTS | F::NEWIPC;
-    }
-    f
 }
 
 /// Makes the store read-only where it is (in the base's copy of the host's mounts), before any
@@ -247,26 +156,6 @@ fn own_user_ns() -> Result<(u64, u64)> {
     Ok((ns::ns_ino(&fd)?, ns::ns_id(&fd).unwrap_or(0)))
 }
 
-/// One user namespace with `mapping` and a mount namespace (for helpers that read or remove
-/// what runs wrote; not for launches).
-pub(crate) fn enter_one_level(mapping: &Mapping) -> Result<()> {
-    match mapping {
-        Mapping::Host => unshare(flags(false, false, false))?,
-        Mapping::Single { inside_uid, inside_gid, uid, gid } => {
-            unshare(flags(true, false, false))?;
-            ns::map_single(*inside_uid, *uid, *inside_gid, *gid)?;
-        }
-        Mapping::Ranges { uids, gids } => {
-            let mut m = Mapper::start(Some((uids.clone(), gids.clone())), None)?;
-            unshare(flags(true, false, false))?;
-            m.step("mapping the subordinate ids from /etc/subuid and /etc/subgid with newuidmap/newgidmap")?;
-            m.finish()?;
-            ns::clear_groups()?;
-        }
-    }
-    Ok(())
-}
-
 /// A user namespace nested in the current one (the base), with `uids` and `gids` mapped, held by
 /// the fd returned: made by a short-lived child, whose maps this process writes (it has the
 /// capabilities in the base that multi-range maps need).
@@ -277,7 +166,7 @@ pub(crate) fn nested_user_ns(uids: &[IdRange], gids: &[IdRange]) -> Result<Owned
     let (theirs_made, theirs_end) = (&made_rd, &end_wr);
     let child = process::spawn(move || {
         drop((theirs_made.take(), theirs_end.take()));
-        ns::unshare_flags(rustix::thread::UnshareFlags::NEWUSER).map_err(|e| crate::sys::err("unshare a user namespace", "/", e))?;
+        ns::unshare_flags(rustix::thread::UnshareFlags::NEWUSER)?;
         fs::File::from(made_wr).write_all(b"1")?;
         // Until the parent has what it needs (it closes its end).
         let _ = fs::File::from(end_rd).read(&mut [0u8; 1]);

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use super::identity::{self, choose, host_subids, HostUser, Inside};
 use super::launch::{Held, Recording};
 use super::{plan, skel, HostFacts, Join, Plan, PlanInput, RootSpec, RunOptions, Skel, Upper};
-use crate::cli::HostShare;
+use crate::names::HostShare;
 use crate::store::env::{Env, Generation};
 use crate::store::runs::{LiveRun, RunRecord};
 use crate::store::{now_secs, Store};
@@ -44,6 +44,8 @@ pub(crate) struct Request {
 }
 
 /// A decided launch.
+// One value per process, moved once: boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Prepared {
     /// The environment is booted: join its init's namespaces.
     Booted { pidfd: OwnedFd, plan: Plan, inside: Inside, become_root: bool, held: Held },
@@ -324,7 +326,7 @@ fn lowers(store: &Store, env: &Env, generation: &Generation, parent: Vec<PathBuf
 }
 
 /// The host shares turned off (by the request, the manifest, and for a booted system).
-fn no_host(req: &Request, settings: &crate::manifest::Settings) -> Vec<HostShare> {
+fn no_host(req: &Request, settings: &crate::store::env::Settings) -> Vec<HostShare> {
     let mut no_host = req.no_host.clone();
     if req.boot.is_some() {
         // A booted system manages its own /tmp and /run: systemd-tmpfiles would empty the host's
@@ -332,8 +334,7 @@ fn no_host(req: &Request, settings: &crate::manifest::Settings) -> Vec<HostShare
         no_host.extend([HostShare::Tmp, HostShare::RuntimeDir, HostShare::X11]);
     }
     for n in &settings.no_host {
-        use clap::ValueEnum;
-        no_host.extend(HostShare::from_str(n, false).ok());
+        no_host.extend(n.parse::<HostShare>().ok());
     }
     no_host
 }

@@ -160,7 +160,7 @@ fn which(name: &str) -> Option<PathBuf> {
 /// Whether `/etc/subuid` and `/etc/subgid` give the current user a range (what mmdebstrap's
 /// unshare mode maps).
 fn has_subids() -> bool {
-    use crate::sandbox::identity::{subid_range, HostUser};
+    use crate::userns::{subid_range, HostUser};
     let user = HostUser::current();
     let uid = rustix::process::getuid().as_raw();
     ["/etc/subuid", "/etc/subgid"].iter().all(|f| subid_range(&fs::read_to_string(f).unwrap_or_default(), &user.name, uid).is_some()) && which("newuidmap").is_some()
@@ -174,7 +174,7 @@ pub(super) fn unpack(spec: &str, name: &str, ownership: Ownership, progress: &mu
         if !root && !has_subids() {
             bail!(
                 "cannot bootstrap {name} as an unprivileged user without subordinate ids: mmdebstrap's unshare mode maps a range from /etc/subuid and /etc/subgid (and needs newuidmap, package uidmap); ask an administrator for one (e.g. `usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {}`), run as root, or import a root built elsewhere (tar:FILE, docker://debian:{})",
-                crate::sandbox::identity::HostUser::current().name,
+                crate::userns::HostUser::current().name,
                 spec.suite
             );
         }

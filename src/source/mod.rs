@@ -22,6 +22,7 @@ mod debootstrap;
 mod dir;
 mod docker_archive;
 mod error;
+mod import;
 mod oci;
 #[cfg(feature = "registry")]
 mod registry;
@@ -148,7 +149,7 @@ pub(crate) trait LayerSink {
     /// When the store already holds the layer a source knows by one of `digests` (a registry
     /// blob's, a diff_id), takes it as the next layer (indexing the other digests too) and
     /// returns its id: the source then skips it. `None`: unpack it.
-    #[cfg_attr(not(feature = "registry"), allow(dead_code))]
+    #[cfg(feature = "registry")]
     fn known(&mut self, _digests: &[&str]) -> anyhow::Result<Option<String>> {
         Ok(None)
     }

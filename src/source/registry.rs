@@ -63,7 +63,7 @@ pub(super) fn unpack(reference: &str, name: &str, ownership: Ownership, progress
     }
     crate::diag::info!(
         "{name}: {n} layer(s), {fetched} downloaded ({}), {} already in the store",
-        crate::commands::human(bytes),
+        crate::text::human(bytes),
         n - fetched
     );
     Ok(())

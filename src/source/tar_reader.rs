@@ -177,6 +177,8 @@ impl<'r> Reader<'r> {
         SparseData { reader: self, regions: map.iter(), current: 0, consumed: 0 }
     }
 
+    /// The member whose header is `block`, with the long names and extended records read before
+    /// it applied; positions the reader at its data.
     fn member(
         &mut self,
         block: &[u8; 512],
@@ -189,80 +191,12 @@ impl<'r> Reader<'r> {
         let flag = block[156];
         let posix = &block[257..263] == b"ustar\0";
         let gnu = &block[257..265] == b"ustar  \0";
-        let field = |range: std::ops::Range<usize>, what: &str| {
-            unsigned(&block[range]).map_err(|r| damaged(start, format!("the {what} field {r}")))
-        };
-        let mut m = Member {
-            kind: Kind::File,
-            name: long_name.unwrap_or_else(|| header_name(block, posix)),
-            link: long_link.unwrap_or_else(|| c_string(&block[157..257]).to_vec()),
-            mode: (field(100..108, "mode")? & 0o7777) as u32,
-            uid: field(108..116, "uid")?,
-            gid: field(116..124, "gid")?,
-            mtime: Timespec { tv_sec: signed(&block[136..148]).map_err(|r| damaged(start, format!("the mtime field {r}")))?, tv_nsec: 0 },
-            dev: (0, 0),
-            xattrs: Vec::new(),
-            sparse: None,
-            unknown_type: None,
-        };
-        if (posix || gnu) && matches!(flag, b'3' | b'4') {
-            let (major, minor) = (field(329..337, "devmajor")?, field(337..345, "devminor")?);
-            m.dev = (u32::try_from(major).unwrap_or(u32::MAX), u32::try_from(minor).unwrap_or(u32::MAX));
-        }
-
+        let mut m = header_member(block, start, posix || gnu, long_name, long_link)?;
         let mut sparse = PaxSparse::default();
-        let bad = |k: &[u8], v: &[u8]| damaged(start, format!("malformed extended header record {}={}", String::from_utf8_lossy(k), String::from_utf8_lossy(v)));
         for (k, v) in self.globals.iter().chain(pax.iter().flatten()) {
-            let num = || decimal(v).ok_or_else(|| bad(k, v));
-            match k.as_slice() {
-                b"path" | b"GNU.sparse.name" => m.name = c_string(v).to_vec(),
-                b"linkpath" => m.link = c_string(v).to_vec(),
-                b"size" => size = num()?,
-                b"uid" => m.uid = num()?,
-                b"gid" => m.gid = num()?,
-                b"mtime" => m.mtime = parse_pax_time(v).ok_or_else(|| bad(k, v))?,
-                b"GNU.sparse.major" => sparse.major = num()?,
-                b"GNU.sparse.minor" => {
-                    num()?;
-                }
-                b"GNU.sparse.size" | b"GNU.sparse.realsize" => sparse.size = Some(num()?),
-                b"GNU.sparse.numblocks" => {
-                    num()?;
-                    sparse.map.clear();
-                }
-                b"GNU.sparse.offset" => sparse.offset = Some(num()?),
-                b"GNU.sparse.numbytes" => {
-                    let len = num()?;
-                    let offset = sparse.offset.take().ok_or_else(|| bad(k, v))?;
-                    sparse.push(Region { offset, len }).map_err(|r| damaged(start, r))?;
-                }
-                b"GNU.sparse.map" => sparse.parse_map(v).ok_or_else(|| bad(k, v))?,
-                _ => {
-                    if let Some(name) = k.strip_prefix(XATTR_PREFIX) {
-                        m.xattrs.retain(|(n, _)| n.as_slice() != name);
-                        m.xattrs.push((name.to_vec(), v.clone()));
-                    }
-                }
-            }
+            apply_record(&mut m, &mut size, &mut sparse, k, v, start)?;
         }
-
-        let trailing_slash = m.name.ends_with(b"/");
-        m.kind = match flag {
-            b'0' | b'\0' | b'7' | b'S' if trailing_slash => Kind::Dir,
-            b'0' | b'\0' | b'7' | b'S' => Kind::File,
-            b'1' => Kind::Hardlink,
-            b'2' => Kind::Symlink,
-            b'3' => Kind::Char,
-            b'4' => Kind::Block,
-            b'5' | b'D' => Kind::Dir,
-            b'6' => Kind::Fifo,
-            b'V' | b'N' => Kind::Skip,
-            b'M' => return Err(damaged(start, "the member continues a file from another volume of a multi-volume archive; extract it with all its volumes (tar -M)")),
-            other => {
-                m.unknown_type = Some(other);
-                Kind::File
-            }
-        };
+        m.kind = member_kind(flag, &mut m, start)?;
         // A directory's size field describes no data in the archive (GNU tar does not skip any).
         let data_len = if flag == b'5' { 0 } else { size };
         self.left = data_len;
@@ -271,25 +205,34 @@ impl<'r> Reader<'r> {
         // The old GNU map's extension blocks follow the header whatever the member turns out to be.
         let old_gnu_map = if gnu && flag == b'S' { Some(self.old_gnu_map(block, start)?) } else { None };
         if m.kind == Kind::File {
-            if old_gnu_map.is_some() {
-                m.sparse = old_gnu_map;
-            } else if sparse.major > 0 || (posix && !sparse.map.is_empty()) {
-                if sparse.major >= 1 {
-                    self.pax_1_map(&mut sparse, start)?;
-                }
-                let real = sparse.size.unwrap_or(size);
-                check_map(&sparse.map, real, start)?;
-                m.sparse = Some(std::mem::take(&mut sparse.map));
-            }
-            if let Some(map) = &m.sparse {
-                // Each region's data starts at a block boundary: they must all fit in the member.
-                let blocks: u64 = map.iter().map(|r| r.len.div_ceil(BLOCK)).sum();
-                if blocks > self.left.div_ceil(BLOCK) {
-                    return Err(damaged(start, "the sparse map describes more data than the member holds"));
-                }
-            }
+            m.sparse = self.sparse_map(old_gnu_map, sparse, posix, size, start)?;
         }
         Ok(m)
+    }
+
+    /// A regular file's sparse map, if it is sparse: the old GNU one, or the PAX records' (read
+    /// from the data for format 1.0), checked against the file's size and the member's data.
+    fn sparse_map(&mut self, old_gnu_map: Option<Vec<Region>>, mut sparse: PaxSparse, posix: bool, size: u64, start: u64) -> Result<Option<Vec<Region>>, ReadError> {
+        let map = if old_gnu_map.is_some() {
+            old_gnu_map
+        } else if sparse.major > 0 || (posix && !sparse.map.is_empty()) {
+            if sparse.major >= 1 {
+                self.pax_1_map(&mut sparse, start)?;
+            }
+            let real = sparse.size.unwrap_or(size);
+            check_map(&sparse.map, real, start)?;
+            Some(std::mem::take(&mut sparse.map))
+        } else {
+            None
+        };
+        if let Some(map) = &map {
+            // Each region's data starts at a block boundary: they must all fit in the member.
+            let blocks: u64 = map.iter().map(|r| r.len.div_ceil(BLOCK)).sum();
+            if blocks > self.left.div_ceil(BLOCK) {
+                return Err(damaged(start, "the sparse map describes more data than the member holds"));
+            }
+        }
+        Ok(map)
     }
 
     /// The old GNU sparse map: four regions in the header, more in extension blocks after it.
@@ -480,6 +423,92 @@ impl Read for SparseData<'_, '_> {
     }
 }
 
+/// A member as its header block says it is (before extended records): names, mode, owners,
+/// mtime, and the device numbers of a ustar or GNU (`ustar_format`) device node.
+fn header_member(block: &[u8; 512], start: u64, ustar_format: bool, long_name: Option<Vec<u8>>, long_link: Option<Vec<u8>>) -> Result<Member, ReadError> {
+    let flag = block[156];
+    let posix = &block[257..263] == b"ustar\0";
+    let field = |range: std::ops::Range<usize>, what: &str| unsigned(&block[range]).map_err(|r| damaged(start, format!("the {what} field {r}")));
+    let mut m = Member {
+        kind: Kind::File,
+        name: long_name.unwrap_or_else(|| header_name(block, posix)),
+        link: long_link.unwrap_or_else(|| c_string(&block[157..257]).to_vec()),
+        mode: (field(100..108, "mode")? & 0o7777) as u32,
+        uid: field(108..116, "uid")?,
+        gid: field(116..124, "gid")?,
+        mtime: Timespec { tv_sec: signed(&block[136..148]).map_err(|r| damaged(start, format!("the mtime field {r}")))?, tv_nsec: 0 },
+        dev: (0, 0),
+        xattrs: Vec::new(),
+        sparse: None,
+        unknown_type: None,
+    };
+    if ustar_format && matches!(flag, b'3' | b'4') {
+        let (major, minor) = (field(329..337, "devmajor")?, field(337..345, "devminor")?);
+        m.dev = (u32::try_from(major).unwrap_or(u32::MAX), u32::try_from(minor).unwrap_or(u32::MAX));
+    }
+    Ok(m)
+}
+
+/// Applies one extended header record (global or the member's own) to the member, its data
+/// size, and the PAX sparse description being gathered.
+fn apply_record(m: &mut Member, size: &mut u64, sparse: &mut PaxSparse, k: &[u8], v: &[u8], start: u64) -> Result<(), ReadError> {
+    let bad = || damaged(start, format!("malformed extended header record {}={}", String::from_utf8_lossy(k), String::from_utf8_lossy(v)));
+    let num = || decimal(v).ok_or_else(bad);
+    match k {
+        b"path" | b"GNU.sparse.name" => m.name = c_string(v).to_vec(),
+        b"linkpath" => m.link = c_string(v).to_vec(),
+        b"size" => *size = num()?,
+        b"uid" => m.uid = num()?,
+        b"gid" => m.gid = num()?,
+        b"mtime" => m.mtime = parse_pax_time(v).ok_or_else(bad)?,
+        b"GNU.sparse.major" => sparse.major = num()?,
+        b"GNU.sparse.minor" => {
+            num()?;
+        }
+        b"GNU.sparse.size" | b"GNU.sparse.realsize" => sparse.size = Some(num()?),
+        b"GNU.sparse.numblocks" => {
+            num()?;
+            sparse.map.clear();
+        }
+        b"GNU.sparse.offset" => sparse.offset = Some(num()?),
+        b"GNU.sparse.numbytes" => {
+            let len = num()?;
+            let offset = sparse.offset.take().ok_or_else(bad)?;
+            sparse.push(Region { offset, len }).map_err(|r| damaged(start, r))?;
+        }
+        b"GNU.sparse.map" => sparse.parse_map(v).ok_or_else(bad)?,
+        _ => {
+            if let Some(name) = k.strip_prefix(XATTR_PREFIX) {
+                m.xattrs.retain(|(n, _)| n.as_slice() != name);
+                m.xattrs.push((name.to_vec(), v.to_vec()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What the member is, from its type flag (and a trailing `/` on a regular file's name).
+/// Unknown types are read as regular files, and remembered (`unknown_type`).
+fn member_kind(flag: u8, m: &mut Member, start: u64) -> Result<Kind, ReadError> {
+    let trailing_slash = m.name.ends_with(b"/");
+    Ok(match flag {
+        b'0' | b'\0' | b'7' | b'S' if trailing_slash => Kind::Dir,
+        b'0' | b'\0' | b'7' | b'S' => Kind::File,
+        b'1' => Kind::Hardlink,
+        b'2' => Kind::Symlink,
+        b'3' => Kind::Char,
+        b'4' => Kind::Block,
+        b'5' | b'D' => Kind::Dir,
+        b'6' => Kind::Fifo,
+        b'V' | b'N' => Kind::Skip,
+        b'M' => return Err(damaged(start, "the member continues a file from another volume of a multi-volume archive; extract it with all its volumes (tar -M)")),
+        other => {
+            m.unknown_type = Some(other);
+            Kind::File
+        }
+    })
+}
+
 /// The sparse records of pax headers (formats 0.0, 0.1, 1.0).
 #[derive(Default)]
 struct PaxSparse {
@@ -513,7 +542,7 @@ impl PaxSparse {
 /// GNU tar refuses a region that ends past the file's real size ("invalid sparse archive member").
 fn check_map(map: &[Region], real: u64, start: u64) -> Result<(), ReadError> {
     for r in map {
-        if r.offset.checked_add(r.len).map_or(true, |end| end > real) {
+        if r.offset.checked_add(r.len).is_none_or(|end| end > real) {
             return Err(damaged(start, format!("invalid sparse member: a region ({} bytes at {}) ends past the file's size ({real})", r.len, r.offset)));
         }
     }

@@ -11,8 +11,6 @@
 //! Entries are written atomically and only after their layer is published; an entry whose layer
 //! was collected since is ignored (and overwritten by the next import of that blob).
 
-#![cfg_attr(not(feature = "registry"), allow(dead_code))]
-
 use std::fs;
 use std::path::PathBuf;
 
@@ -30,12 +28,14 @@ impl Store {
         self.root.join("blobs")
     }
 
+    #[cfg(feature = "registry")]
     fn has_layer(&self, id: &str) -> bool {
         hex_of(id).is_some() && self.layer_dir(id).join("layer.json").is_file()
     }
 
     /// The layer in the store that a blob or diff_id with `digest` unpacks to: an index entry, or
     /// the digest itself when it is a layer id (a layer's canonical tar is its own diff_id).
+    #[cfg(feature = "registry")]
     pub(crate) fn layer_for_blob(&self, digest: &str) -> Option<String> {
         let hex = hex_of(digest)?;
         if self.has_layer(digest) {
@@ -58,6 +58,7 @@ impl Store {
     }
 
     /// The gzip blob (digest, size) push made of layer `id`.
+    #[cfg(feature = "registry")]
     pub(crate) fn pushed_blob(&self, id: &str) -> Option<(String, u64)> {
         let text = fs::read_to_string(self.blobs_dir().join("gzip").join(hex_of(id)?)).ok()?;
         let (digest, size) = text.trim().split_once(' ')?;
@@ -65,6 +66,7 @@ impl Store {
         Some((digest.to_owned(), size.parse().ok()?))
     }
 
+    #[cfg(feature = "registry")]
     pub(crate) fn record_pushed_blob(&self, id: &str, digest: &str, size: u64) -> Result<()> {
         let Some(hex) = hex_of(id) else { return Ok(()) };
         let dir = self.blobs_dir().join("gzip");
@@ -74,7 +76,7 @@ impl Store {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "registry"))]
 mod tests {
     use super::*;
 

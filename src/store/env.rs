@@ -14,6 +14,7 @@
 //!
 //! Runs record themselves in run slots (`runs.rs`); what is alive is read from the kernel.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::{now_secs, private_dir, sync_dir, write_atomic, Store};
-use crate::manifest::Settings;
+use crate::names::check_name;
 
 /// One immutable record of an environment's resolved content.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -44,22 +45,42 @@ pub(crate) struct Generation {
     pub commits: Vec<String>,
 }
 
+/// An environment's settings, as recorded in each generation (and declared in a manifest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Settings {
+    #[serde(default)]
+    pub root: bool,
+    #[serde(default = "yes")]
+    pub persist: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_host: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<String>,
+    /// `host`: the host's root is the bottom layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { root: false, persist: true, binds: Vec::new(), env: BTreeMap::new(), no_host: Vec::new(), init: None, exports: Vec::new(), base: None }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Env {
     pub name: String,
     pub dir: PathBuf,
-}
-
-/// Checks an environment name: it becomes a directory name and a launcher name.
-pub(crate) fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && !name.starts_with(['.', '-']);
-    if !ok {
-        bail!("'{name}' is not a valid environment name: use 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-'");
-    }
-    Ok(())
 }
 
 impl Store {
@@ -136,7 +157,7 @@ impl Store {
         let st = self.staging()?;
         let grave = st.path.join("env");
         fs::rename(&env.dir, &grave).with_context(|| format!("cannot remove environment '{name}'"))?;
-        (self.remover)(&grave).with_context(|| format!("environment '{name}' was removed, but deleting its files in {} failed", grave.display()))?;
+        super::remove_tree_mapped(&grave).with_context(|| format!("environment '{name}' was removed, but deleting its files in {} failed", grave.display()))?;
         drop(st);
         Ok(())
     }
@@ -166,13 +187,8 @@ impl Env {
 
     /// Takes the environment's exclusive lock for a change of its record or upper.
     pub(crate) fn lock(&self) -> Result<fs::File> {
-        let p = self.dir.join("lock");
-        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).with_context(|| format!("cannot open {}", p.display()))?;
-        if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            crate::diag::info!("waiting for another plyroot command changing '{}'", self.name);
-            rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", p.display()))?;
-        }
-        Ok(f)
+        let waiting = || crate::diag::info!("waiting for another plyroot command changing '{}'", self.name);
+        Ok(super::lock::open_locked(&self.dir.join("lock"), super::lock::Kind::Exclusive, false, waiting)?)
     }
 
     /// The layer stack the upper was written on.
@@ -226,9 +242,9 @@ impl Env {
     /// Writes generation `g` and makes it current, journaled: interrupted, the next command on
     /// the environment finishes it, with the same number. `from` is the generation current now.
     /// Call with the environment's lock held, after [`Env::recover`].
-    pub(crate) fn add_generation(&self, from: u32, g: Generation, what: &str, remove: fn(&Path) -> Result<()>) -> Result<u32> {
+    pub(crate) fn add_generation(&self, from: u32, g: Generation, what: &str) -> Result<u32> {
         let j = super::journal::Journal::NewGeneration { from, generation: g };
-        self.journaled(&j, what, remove, || self.roll(&j, remove).map(|_| ()))?;
+        self.journaled(&j, what, || self.roll(&j).map(|_| ()))?;
         Ok(self.current()?.number)
     }
 

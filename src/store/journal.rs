@@ -32,7 +32,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::env::{Env, Generation};
-use super::{now_secs, private_dir, remove_tree, sync_dir, write_atomic};
+use super::{now_secs, private_dir, remove_tree, remove_tree_mapped, sync_dir, write_atomic};
 
 /// A change in progress, with what recovery needs to finish or undo it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,12 +136,12 @@ impl Env {
 
     /// Finishes or undoes whatever change an interrupted command left, and removes temp files
     /// of finished writers. Call with the environment's lock held. Never deletes the user's files.
-    pub(crate) fn recover(&self, remove: fn(&Path) -> Result<()>) -> Result<()> {
-        self.recover_change(remove, true).map(|_| ())
+    pub(crate) fn recover(&self) -> Result<()> {
+        self.recover_change(true).map(|_| ())
     }
 
     /// [`Env::recover`], saying what it did with an interrupted change when `say`.
-    fn recover_change(&self, remove: fn(&Path) -> Result<()>, say: bool) -> Result<Recovered> {
+    fn recover_change(&self, say: bool) -> Result<Recovered> {
         self.recover_legacy()?;
         let r = match self.journal()? {
             None if self.commit_dir().exists() => {
@@ -151,7 +151,7 @@ impl Env {
             }
             None => Recovered::Nothing,
             Some(j) => {
-                let r = self.roll(&j, remove)?;
+                let r = self.roll(&j)?;
                 self.end()?;
                 match (&j, r) {
                     _ if !say => {}
@@ -173,12 +173,12 @@ impl Env {
     /// Runs a journaled change: writes `j`, runs `steps`, removes the journal. When a step fails,
     /// recovery undoes or finishes the change at once: an undone change is the step's error (the
     /// environment is as it was), a finished one succeeds with a warning.
-    pub(crate) fn journaled(&self, j: &Journal, what: &str, remove: fn(&Path) -> Result<()>, steps: impl FnOnce() -> Result<()>) -> Result<()> {
+    pub(crate) fn journaled(&self, j: &Journal, what: &str, steps: impl FnOnce() -> Result<()>) -> Result<()> {
         let err = match self.begin(j).and_then(|()| steps()).and_then(|()| self.end()) {
             Ok(()) => return Ok(()),
             Err(e) => e,
         };
-        match self.recover_change(remove, false) {
+        match self.recover_change(false) {
             Ok(Recovered::Finished) => {
                 crate::diag::warn!("{what} of '{}': a step failed ({err:#}), but a second try finished it", self.name);
                 Ok(())
@@ -208,7 +208,7 @@ impl Env {
         }
     }
 
-    pub(crate) fn roll(&self, j: &Journal, remove: fn(&Path) -> Result<()>) -> Result<Recovered> {
+    pub(crate) fn roll(&self, j: &Journal) -> Result<Recovered> {
         match j {
             Journal::Reset { base, .. } => {
                 let up = self.upper();
@@ -224,11 +224,11 @@ impl Env {
                 Ok(Recovered::Undone)
             }
             Journal::CommitPublish { layer, from, generation } => {
-                self.finish_publish(layer, *from, generation.clone(), remove)?;
+                self.finish_publish(layer, *from, generation.clone())?;
                 Ok(Recovered::Finished)
             }
             Journal::Rebase { onto, remove: paths } => {
-                self.finish_rebase(onto, paths, remove)?;
+                self.finish_rebase(onto, paths)?;
                 Ok(Recovered::Finished)
             }
             Journal::NewGeneration { from, generation } => {
@@ -284,7 +284,7 @@ impl Env {
 
     /// Publishes a commit's staged layer (unless the store has it already), then records its
     /// generation, makes it current and records the upper's new base.
-    pub(crate) fn finish_publish(&self, layer: &str, from: u32, generation: Generation, remove: fn(&Path) -> Result<()>) -> Result<u32> {
+    pub(crate) fn finish_publish(&self, layer: &str, from: u32, generation: Generation) -> Result<u32> {
         let staged = self.commit_dir();
         let layers = self.store_root().join("layers");
         let dest = layers.join(layer.trim_start_matches("sha256:"));
@@ -302,7 +302,7 @@ impl Env {
             };
             if !published {
                 // Same id, same content: the store's copy holds every file of this one.
-                remove(&staged)?;
+                remove_tree_mapped(&staged)?;
             }
         }
         if !dest.join("layer.json").exists() {
@@ -345,7 +345,7 @@ impl Env {
 
     /// Drops the paths `rebase --theirs` chose to take from the layers, then records the upper's
     /// new base. Each removal is whole or not done; a second pass skips what is gone.
-    pub(crate) fn finish_rebase(&self, onto: &[String], paths: &[String], remove: fn(&Path) -> Result<()>) -> Result<()> {
+    pub(crate) fn finish_rebase(&self, onto: &[String], paths: &[String]) -> Result<()> {
         let up = self.upper();
         for p in paths {
             // A path is recorded as a store key (see `meta::key`): bytes that are not UTF-8 too.
@@ -354,7 +354,7 @@ impl Env {
             if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
                 bail!("{} names {p:?}, which is not a path inside the upper: not removing it", self.journal_path().display());
             }
-            remove(&up.join(rel)).with_context(|| format!("cannot take the layers' version of /{}", super::tree::shown(&bytes)))?;
+            remove_tree_mapped(&up.join(rel)).with_context(|| format!("cannot take the layers' version of /{}", super::tree::shown(&bytes)))?;
         }
         self.set_upper_base(onto)
     }

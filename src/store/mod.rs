@@ -3,45 +3,57 @@
 //! ```text
 //! $PLYROOT_HOME/                       default $XDG_DATA_HOME/plyroot; 0700, like envs/, each
 //! │                                    environment's directory and saved/
-//! ├── lock                             flock: shared by every command, exclusive by gc
-//! ├── layers/<sha256 hex>/             one immutable layer, published by rename
+//! ├── lock                             flock: shared by every command, exclusive by gc (lock.rs)
+//! ├── layers/<sha256 hex>/             one immutable layer, published by rename (layer.rs; source/import.rs)
 //! │   ├── root/                        the tree (whiteouts are char 0:0, opaque dirs user.overlay.opaque=y)
 //! │   ├── layer.json                   LayerInfo: id, size, entries, source, created
-//! │   └── overrides.json               what the disk could not hold (owners, devices, xattrs)
-//! ├── envs/<name>/                     one environment, created by rename
+//! │   └── overrides.json               what the disk could not hold (owners, devices, xattrs; meta.rs)
+//! ├── envs/<name>/                     one environment, created by rename (env.rs)
 //! │   ├── generations/<n>.json         immutable generation records
 //! │   ├── current -> generations/<n>.json   switched by an atomic symlink replace
+//! │   │                                (via a temp link .current.plyroot-PID-N.tmp)
 //! │   ├── lock                         flock: held by a command changing the environment, and
 //! │   │                                by a launch until its root is mounted and recorded
 //! │   ├── journal.json                 the change of the upper or of `current` in progress (journal.rs)
-//! │   ├── commit/                      a commit's upper (root/) while it becomes a layer
-//! │   ├── saved/                       uppers that `reset` (or a recovery) set aside
-//! │   ├── skel/<n>-<uid>/              generated top lower: passwd/group entries, mount points
+//! │   ├── commit/                      a commit's upper (root/) and layer.json while it becomes a layer
+//! │   ├── saved/<label>-<secs>[-<k>]/  uppers that `reset` (or a recovery) set aside
+//! │   ├── skel/<n>-<hash>/             generated top lower of generation n, one per skeleton (its
+//! │   │                                content's hash): passwd/group entries, mount points
 //! │   ├── upper/                       the persistent writable overlay layer (0755: its mode is `/`'s)
 //! │   ├── upper.json                   the layer stack the upper was written on
 //! │   ├── work/<n>/                    the workdir of the shared overlay mounted by run slot n
 //! │   ├── runs/<n>.json                run slot n: a launch's pid, mount and user namespaces,
-//! │   │                                generation, skeleton, and which shared mount it uses;
-//! │   │                                alive while its mount namespace is (runs.rs)
-//! │   └── mnt/                         the root's mount point during a launch (private mount ns)
+//! │   │                                generation, skeleton, and which shared mount it uses (a
+//! │   │                                booted init's too); alive while its mount namespace is (runs.rs)
+//! │   ├── mnt/                         the root's mount point during a launch (private mount ns)
+//! │   ├── boot.log                     the console output of the booted init (`plyroot boot`)
+//! │   └── commit.json, upper.old/,     what plyroot versions before the journal left mid-change;
+//! │       upper.new/, upper.new.json   recovery turns them back into the states above
 //! ├── blobs/<hex>                      registry blob (or diff_id) → the layer it unpacks to (blobs.rs)
-//! ├── blobs/gzip/<layer hex>           the gzip blob `push` made of a layer
+//! ├── blobs/gzip/<layer hex>           the gzip blob `push` made of a layer: "digest size"
+//! ├── launchers/<env>/<program>.json   receipts of exported launchers: the link and the files
+//! │                                    installed with it (launcher.rs)
+//! ├── bin/plyroot                      the copy of plyroot that launchers run (written via
+//! │                                    bin/.plyroot.tmp-PID)
 //! ├── tmp/<pid>-<n>/                   staging, flock'd (the directory itself) for as long as
 //! │                                    it is used; one whose lock can be taken is a leftover
-//! └── notes/                           one-time notices already shown
+//! └── notes/<key>                      one-time notices already shown (empty marker files)
 //! ```
 //!
 //! Publishing is always "write under tmp/, then rename into place", so a crash at any point leaves
 //! either nothing or a complete object visible. Files are replaced by [`write_atomic`]: a locked
 //! temp file `.NAME.plyroot-PID-N.tmp` beside them, fsync'd, renamed over, and the directory
-//! fsync'd. Whoever finds such a temp file unlocked (its writer is gone) removes it.
+//! fsync'd. Whoever finds such a temp file unlocked (its writer is gone) removes it, and those of
+//! plyroot versions before it (`NAME.tmp-PID`).
 
 pub(crate) mod blobs;
 pub(crate) mod canonical;
 pub(crate) mod env;
+pub(crate) mod gc;
 pub(crate) mod journal;
 pub(crate) mod layer;
 pub(crate) mod limits;
+pub(crate) mod lock;
 pub(crate) mod meta;
 pub(crate) mod runs;
 pub(crate) mod tree;
@@ -54,7 +66,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result};
-use rustix::fs::{flock, FlockOperation};
+
+use crate::userns;
 
 /// An open store, holding the store lock (shared unless asked otherwise) for as long as it lives.
 pub(crate) struct Store {
@@ -64,9 +77,6 @@ pub(crate) struct Store {
     /// The lock is exclusive (gc): no other plyroot command is in the store, so every temp file
     /// in it is a leftover.
     exclusive: bool,
-    /// Deletes trees that may hold files runs wrote as other ids. The store knows nothing of
-    /// namespaces: the caller supplies one that does (default: plain [`remove_tree`]).
-    pub remover: fn(&Path) -> Result<()>,
 }
 
 impl Store {
@@ -77,16 +87,23 @@ impl Store {
     }
 
     /// Opens the store exclusively (garbage collection).
-    #[allow(dead_code)]
     pub(crate) fn open_exclusive(root: &Path) -> Result<Store> {
         Self::open_with(root, true)
     }
 
     fn open_with(root: &Path, exclusive: bool) -> Result<Store> {
         let lock_path = root.join("lock");
-        let lock = match open_lock(&lock_path) {
+        let kind = if exclusive { lock::Kind::Exclusive } else { lock::Kind::Shared };
+        let waiting = || {
+            crate::diag::info!(
+                "waiting for the store lock on {} (another plyroot {} is running)",
+                lock_path.display(),
+                if exclusive { "command" } else { "gc" }
+            )
+        };
+        let lock = match lock::open_locked(&lock_path, kind, true, waiting) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(lock::LockError::Open(_, e)) if e.kind() == io::ErrorKind::NotFound => {
                 // The store holds every upper: private to its owner. Its parents (~/.local/share)
                 // are the user's business and keep the usual modes.
                 if let Some(parent) = root.parent() {
@@ -97,24 +114,11 @@ impl Store {
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(e).with_context(|| format!("cannot create the store at {}", root.display())),
                 }
-                open_lock(&lock_path).with_context(|| format!("cannot open {}", lock_path.display()))?
+                lock::open_locked(&lock_path, kind, true, waiting)?
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot open {}", lock_path.display())),
+            Err(e) => return Err(e.into()),
         };
-        let (op, nb) = if exclusive {
-            (FlockOperation::LockExclusive, FlockOperation::NonBlockingLockExclusive)
-        } else {
-            (FlockOperation::LockShared, FlockOperation::NonBlockingLockShared)
-        };
-        if flock(&lock, nb).is_err() {
-            crate::diag::info!(
-                "waiting for the store lock on {} (another plyroot {} is running)",
-                lock_path.display(),
-                if exclusive { "command" } else { "gc" }
-            );
-            flock(&lock, op).with_context(|| format!("cannot lock {}", lock_path.display()))?;
-        }
-        Ok(Store { root: root.to_owned(), _lock: lock, exclusive, remover: remove_tree })
+        Ok(Store { root: root.to_owned(), _lock: lock, exclusive })
     }
 
     /// Another fd on the store lock (the same lock): a launch keeps it until its root is mounted,
@@ -157,9 +161,8 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
             };
-            flock(&dir, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", path.display()))?;
-            // A cleaner that locked it first removed it (nlink 0): take another name.
-            if dir.metadata().with_context(|| format!("cannot stat {}", path.display()))?.nlink() == 0 {
+            // A cleaner that locked it first removed it: take another name.
+            if !lock::lock_new(&dir, &path)? {
                 continue;
             }
             return Ok(Staging { path, keep: false, _lock: dir });
@@ -176,12 +179,12 @@ impl Store {
             for entry in rd.flatten() {
                 let path = entry.path();
                 let Ok(dir) = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY).open(&path) else { continue };
-                if flock(&dir, FlockOperation::NonBlockingLockExclusive).is_err() {
+                if !lock::try_exclusive(&dir) {
                     continue;
                 }
                 // Best effort: a leftover that cannot be removed now (files of another id) must not
                 // fail the command that happened to find it.
-                if (self.remover)(&path).is_ok() {
+                if remove_tree_mapped(&path).is_ok() {
                     n += 1;
                 }
             }
@@ -208,14 +211,6 @@ impl Store {
             clean_temps(&self.root.join("bin"), None);
         }
         Ok(n)
-    }
-}
-
-fn open_lock(path: &Path) -> io::Result<File> {
-    match fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).custom_flags(libc::O_CLOEXEC).open(path) {
-        // Inside an environment the store is bound read-only; a lock needs no write access.
-        Err(e) if e.raw_os_error() == Some(libc::EROFS) => fs::File::open(path),
-        r => r,
     }
 }
 
@@ -286,6 +281,28 @@ pub(crate) fn remove_tree(path: &Path) -> Result<()> {
     })
 }
 
+/// Removes a tree, also one holding files that runs wrote as subordinate ids (owned by host ids
+/// the user cannot touch directly): those are removed from inside a user namespace that maps
+/// every id the user has, where the user is root over them. The store removes every tree runs
+/// may have written to (uppers, skeletons, layers, staging leftovers) this way.
+pub(crate) fn remove_tree_mapped(path: &Path) -> Result<()> {
+    let first = match remove_tree(path) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    if rustix::process::geteuid().is_root() {
+        return Err(first);
+    }
+    let user = userns::HostUser::current();
+    let all = userns::all_ids(&user, userns::host_subids(&user));
+    let path = path.to_owned();
+    crate::sys::process::in_child(move || {
+        userns::enter_one_level(&all)?;
+        remove_tree(&path)
+    })
+    .map_err(|e| first.context(format!("removing it inside a user namespace failed too: {e:#}")))
+}
+
 /// Writes `data` to `path` atomically and durably: a locked temp file beside it, fsync'd,
 /// renamed over `path`, then the directory fsync'd. Not for launch hot paths (two fsyncs).
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
@@ -327,9 +344,8 @@ impl TempFile {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e).with_context(|| format!("cannot write {} (creating {} failed)", dest.display(), path.display())),
             };
-            flock(&file, FlockOperation::LockExclusive).with_context(|| format!("cannot lock {}", path.display()))?;
             // Unlinked by a cleaner between create and lock: take another name.
-            if file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.nlink() == 0 {
+            if !lock::lock_new(&file, &path)? {
                 continue;
             }
             return Ok(TempFile { path, file, dest: dest.to_owned(), done: false });
@@ -395,7 +411,7 @@ pub(crate) fn clean_temps(dir: &Path, only: Option<&std::ffi::OsStr>) -> usize {
 fn remove_if_unlocked(path: &Path) -> bool {
     let Ok(f) = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path) else { return false };
     let Ok(m) = f.metadata() else { return false };
-    if !m.is_file() || flock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
+    if !m.is_file() || !lock::try_exclusive(&f) {
         return false;
     }
     let same = fs::symlink_metadata(path).is_ok_and(|now| now.dev() == m.dev() && now.ino() == m.ino());

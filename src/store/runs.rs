@@ -226,7 +226,7 @@ impl Env {
         let Some(k) = live.iter().find(|r| r.record.keeper) else { return Ok(false) };
         let base = k.record.user_ns_id;
         // (A zombie, which has no mount namespace left, holds nothing.)
-        if let Some((pid, _)) = (base != 0).then(|| procs::in_user_ns_trees(&[base])).unwrap_or_default().into_iter().find(|(pid, _)| *pid != k.pid && procs::mnt_ns_id(*pid).is_some()) {
+        if let Some((pid, _)) = if base != 0 { procs::in_user_ns_trees(&[base]) } else { Vec::new() }.into_iter().find(|(pid, _)| *pid != k.pid && procs::mnt_ns_id(*pid).is_some()) {
             crate::diag::debug!("the keeper of '{}' stays: pid {pid} (`{}`) is in its user namespace", self.name, procs::cmdline(pid));
             return Ok(false);
         }

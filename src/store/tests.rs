@@ -108,7 +108,7 @@ fn environments_are_created_once_listed_and_removed() {
     assert!(store.layers().unwrap().is_empty());
 }
 
-/// An environment `dev` on one small layer, with `store.remover` the plain one.
+/// An environment `dev` on one small layer.
 fn env_with_layer(t: &Path) -> (Store, super::env::Env) {
     let store = Store::open(&t.join("store")).unwrap();
     tree(&t.join("a"), "v1");
@@ -150,7 +150,7 @@ fn what_older_versions_left_half_replaced_is_put_back_never_deleted() {
     ];
     for ((up, old, new), want) in cases {
         let t = tempfile::tempdir().unwrap();
-        let (store, env) = env_with_layer(t.path());
+        let (_store, env) = env_with_layer(t.path());
         fs::remove_dir(env.upper()).unwrap();
         for (dir, content) in [(env.upper(), up), (env.dir.join("upper.old"), old), (env.dir.join("upper.new"), new)] {
             match content {
@@ -161,7 +161,7 @@ fn what_older_versions_left_half_replaced_is_put_back_never_deleted() {
         }
         fs::write(env.dir.join("upper.new.json"), "[]").unwrap();
         assert!(env.needs_recovery());
-        env.recover(store.remover).unwrap();
+        env.recover().unwrap();
         let got: Vec<(String, String)> = kept(&env).into_iter().map(|(place, name, _)| (place, name)).collect();
         let want: Vec<(String, String)> = want.iter().map(|(p, n)| (p.to_string(), n.to_string())).collect();
         assert_eq!(got, want, "{:?}", (up, old, new));
@@ -172,10 +172,10 @@ fn what_older_versions_left_half_replaced_is_put_back_never_deleted() {
 #[test]
 fn a_corrupt_journal_stops_recovery_and_names_the_file() {
     let t = tempfile::tempdir().unwrap();
-    let (store, env) = env_with_layer(t.path());
+    let (_store, env) = env_with_layer(t.path());
     put(&env.upper(), "f", "mine");
     fs::write(env.journal_path(), "{\"op\": \"reset\", \"ba").unwrap();
-    let e = format!("{:#}", env.recover(store.remover).unwrap_err());
+    let e = format!("{:#}", env.recover().unwrap_err());
     assert!(e.contains("journal.json") && e.contains("corrupt"), "{e}");
     assert_eq!(kept(&env), [("upper".to_string(), "f".to_string(), "mine".to_string())]);
 }
@@ -183,13 +183,13 @@ fn a_corrupt_journal_stops_recovery_and_names_the_file() {
 #[test]
 fn a_rebase_journal_never_removes_outside_the_upper() {
     let t = tempfile::tempdir().unwrap();
-    let (store, env) = env_with_layer(t.path());
+    let (_store, env) = env_with_layer(t.path());
     put(&env.upper(), "f", "mine");
     let victim = env.dir.join("victim");
     fs::write(&victim, "x").unwrap();
     let j = super::journal::Journal::Rebase { onto: vec![], remove: vec!["../victim".into()] };
     env.begin(&j).unwrap();
-    let e = format!("{:#}", env.recover(store.remover).unwrap_err());
+    let e = format!("{:#}", env.recover().unwrap_err());
     assert!(e.contains("not a path inside the upper"), "{e}");
     assert!(victim.exists());
 }
@@ -197,15 +197,15 @@ fn a_rebase_journal_never_removes_outside_the_upper() {
 #[test]
 fn finishing_a_new_generation_twice_writes_it_once() {
     let t = tempfile::tempdir().unwrap();
-    let (store, env) = env_with_layer(t.path());
+    let (_store, env) = env_with_layer(t.path());
     let cur = env.current().unwrap();
     let g = env.next_generation(cur.layers.clone(), vec!["again".into()], Default::default(), "test", vec![]).unwrap();
     let j = super::journal::Journal::NewGeneration { from: cur.number, generation: g.clone() };
     // Written and switched, then the command died before clearing its journal: twice over.
     env.begin(&j).unwrap();
-    env.roll(&j, store.remover).unwrap();
-    env.roll(&j, store.remover).unwrap();
-    env.recover(store.remover).unwrap();
+    env.roll(&j).unwrap();
+    env.roll(&j).unwrap();
+    env.recover().unwrap();
     assert_eq!(env.generations().unwrap().iter().map(|g| g.number).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(env.current().unwrap(), g);
     // A record another command wrote under the journaled number is kept; ours takes the next.
@@ -215,7 +215,7 @@ fn finishing_a_new_generation_twice_writes_it_once() {
     let mut other = h.clone();
     other.reason = "someone else".into();
     fs::write(env.generation_path(3), serde_json::to_vec(&other).unwrap()).unwrap();
-    env.recover(store.remover).unwrap();
+    env.recover().unwrap();
     h.number = 4;
     assert_eq!(env.generation(3).unwrap(), other);
     assert_eq!(env.current().unwrap(), h);
@@ -231,8 +231,8 @@ fn an_older_versions_commit_journal_is_finished_once() {
     let base = env.current().unwrap().layers;
     fs::write(env.dir.join("commit.json"), serde_json::json!({"layer": layer, "base": base, "reason": "commit: old"}).to_string()).unwrap();
     assert_eq!(env.pending_layers().unwrap(), [vec![layer.clone()], base.clone()].concat());
-    env.recover(store.remover).unwrap();
-    env.recover(store.remover).unwrap();
+    env.recover().unwrap();
+    env.recover().unwrap();
     let cur = env.current().unwrap();
     assert_eq!((cur.number, cur.layers.clone(), cur.reason.as_str()), (2, [base, vec![layer.clone()]].concat(), "commit: old"));
     assert_eq!(cur.commits, [layer]);

@@ -144,23 +144,7 @@ pub(crate) fn conflicts(entries: &[UpperEntry]) -> Vec<Vec<u8>> {
 /// upper and the stacks are walked together, with `*at` calls: any depth, bounded fds, and no
 /// lookup of a path from the top per entry.
 pub(crate) fn walk(upper: &Path, stacks: &[&[PathBuf]]) -> io::Result<Vec<UpperEntry>> {
-    // Tier 0 is the upper; every distinct lower root one more tier.
-    let mut roots: Vec<&Path> = vec![upper];
-    let mut per_stack: Vec<Vec<usize>> = Vec::new();
-    for stack in stacks {
-        let mut tiers = Vec::new();
-        for l in stack.iter() {
-            let t = match roots.iter().position(|r| *r == l.as_path()) {
-                Some(t) => t,
-                None => {
-                    roots.push(l);
-                    roots.len() - 1
-                }
-            };
-            tiers.push(t);
-        }
-        per_stack.push(tiers);
-    }
+    let (roots, per_stack) = tiers(upper, stacks);
     let mut cur = Cursor::new(&roots, Lend::Read)?;
     let mut out = Vec::new();
     let mut rel: Vec<u8> = Vec::new();
@@ -189,34 +173,8 @@ pub(crate) fn walk(upper: &Path, stacks: &[&[PathBuf]]) -> io::Result<Vec<UpperE
         let lowers = level.lowers.clone();
         let path = join(&rel, &name);
         let st = stat_at(cur.dir(0)?, &name)?;
-        let t = kind(&st);
-        let node = if tree::is_whiteout(&st) {
-            Node::Whiteout
-        } else if t == FileType::Directory {
-            Node::Dir { opaque: tree::is_opaque_at(cur.dir(0)?, &name)? }
-        } else if t == FileType::RegularFile {
-            Node::File { size: st.st_size as u64 }
-        } else if t == FileType::Symlink {
-            Node::Symlink
-        } else {
-            Node::Special
-        };
-        let mut below = Vec::with_capacity(lowers.len());
-        let mut merged: Vec<Vec<usize>> = Vec::with_capacity(lowers.len());
-        let mut enter: Vec<(usize, rustix::fs::Stat)> = vec![(0, st)];
-        for tiers in &lowers {
-            let r = resolve::<()>(&mut cur, tiers, &name, |_| None)?;
-            below.push(match &r.top {
-                Some((tier, Found::Disk(lst))) => Some(fingerprint(&mut cur, *tier, &name, lst)?),
-                _ => None,
-            });
-            merged.push(r.dirs.iter().map(|d| d.0).collect());
-            for d in r.dirs {
-                if !enter.iter().any(|e| e.0 == d.0) {
-                    enter.push(d);
-                }
-            }
-        }
+        let node = node_of(&mut cur, &name, &st)?;
+        let Under { below, merged, enter } = lowers_of(&mut cur, &lowers, &name, st)?;
         let is_dir = matches!(node, Node::Dir { .. });
         out.push(UpperEntry { path: path.clone(), node, below });
         if is_dir {
@@ -229,6 +187,76 @@ pub(crate) fn walk(upper: &Path, stacks: &[&[PathBuf]]) -> io::Result<Vec<UpperE
         }
     }
     Ok(out)
+}
+
+/// The walk's tiers: the upper is tier 0, and every distinct lower root one more; with, per
+/// stack, its lowers' tiers (top first).
+fn tiers<'a>(upper: &'a Path, stacks: &[&'a [PathBuf]]) -> (Vec<&'a Path>, Vec<Vec<usize>>) {
+    let mut roots: Vec<&Path> = vec![upper];
+    let mut per_stack: Vec<Vec<usize>> = Vec::new();
+    for stack in stacks {
+        let mut tiers = Vec::new();
+        for l in stack.iter() {
+            let t = match roots.iter().position(|r| *r == l.as_path()) {
+                Some(t) => t,
+                None => {
+                    roots.push(l);
+                    roots.len() - 1
+                }
+            };
+            tiers.push(t);
+        }
+        per_stack.push(tiers);
+    }
+    (roots, per_stack)
+}
+
+/// What the upper's entry `name` (in the cursor's directory; `st` its stat) is.
+fn node_of(cur: &mut Cursor, name: &[u8], st: &rustix::fs::Stat) -> io::Result<Node> {
+    let t = kind(st);
+    Ok(if tree::is_whiteout(st) {
+        Node::Whiteout
+    } else if t == FileType::Directory {
+        Node::Dir { opaque: tree::is_opaque_at(cur.dir(0)?, name)? }
+    } else if t == FileType::RegularFile {
+        Node::File { size: st.st_size as u64 }
+    } else if t == FileType::Symlink {
+        Node::Symlink
+    } else {
+        Node::Special
+    })
+}
+
+/// What lies below one entry of the upper, seen from each stack.
+struct Under {
+    /// Per stack: the entry in the top tier that has it.
+    below: Vec<Option<Fingerprint>>,
+    /// Per stack: the tiers whose directories merge under it, top first.
+    merged: Vec<Vec<usize>>,
+    /// The directories to enter together if it is one (the upper's first).
+    enter: Vec<(usize, rustix::fs::Stat)>,
+}
+
+/// [`Under`] the upper's entry `name` (the upper's stat `st`), from each stack's tiers merging
+/// here (`lowers`).
+fn lowers_of(cur: &mut Cursor, lowers: &[Vec<usize>], name: &[u8], st: rustix::fs::Stat) -> io::Result<Under> {
+    let mut below = Vec::with_capacity(lowers.len());
+    let mut merged: Vec<Vec<usize>> = Vec::with_capacity(lowers.len());
+    let mut enter: Vec<(usize, rustix::fs::Stat)> = vec![(0, st)];
+    for tiers in lowers {
+        let r = resolve::<()>(cur, tiers, name, |_| None)?;
+        below.push(match &r.top {
+            Some((tier, Found::Disk(lst))) => Some(fingerprint(cur, *tier, name, lst)?),
+            _ => None,
+        });
+        merged.push(r.dirs.iter().map(|d| d.0).collect());
+        for d in r.dirs {
+            if !enter.iter().any(|e| e.0 == d.0) {
+                enter.push(d);
+            }
+        }
+    }
+    Ok(Under { below, merged, enter })
 }
 
 fn fingerprint(cur: &mut Cursor, tier: usize, name: &[u8], st: &rustix::fs::Stat) -> io::Result<Fingerprint> {
@@ -385,14 +413,14 @@ mod tests {
         fs::write(bot.join("etc/b"), "bottom").unwrap();
         fs::create_dir_all(bot.join("opt/x")).unwrap();
         fs::write(mid.join("etc/a"), "middle").unwrap();
-        rustix::fs::mknodat(rustix::fs::CWD, &top.join("etc/b"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, top.join("etc/b"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0).unwrap();
         fs::create_dir_all(mid.join("opt")).unwrap();
-        rustix::fs::lsetxattr(&mid.join("opt"), "user.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
+        rustix::fs::lsetxattr(mid.join("opt"), "user.overlay.opaque", b"y", rustix::fs::XattrFlags::empty()).unwrap();
         let stack = vec![top.clone(), mid.clone(), bot.clone()];
         assert_eq!(lookup(&stack, "etc/a").unwrap().0, mid.join("etc/a"));
         assert!(lookup(&stack, "etc/b").is_none(), "whited out");
         assert!(lookup(&stack, "opt/x").is_none(), "hidden by an opaque dir");
-        assert!(lookup(&[bot.clone()], "opt/x").is_some());
+        assert!(lookup(std::slice::from_ref(&bot), "opt/x").is_some());
         assert!(lookup(&stack, "etc/a/deeper").is_none());
     }
 }

@@ -29,7 +29,7 @@ fn fs_context_messages(fd: BorrowedFd<'_>) -> String {
                 break;
             }
             let line = String::from_utf8_lossy(&buf[..n]);
-            out.push(line.trim_start_matches(|c| c == 'e' || c == 'w' || c == 'i' || c == ' ').trim_end().to_owned());
+            out.push(line.trim_start_matches(['e', 'w', 'i', ' ']).trim_end().to_owned());
         }
     }
     out.join("; ")

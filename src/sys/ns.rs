@@ -32,18 +32,16 @@ pub(crate) fn unshare_more(user: bool, pid: bool, machine: bool) -> Result<()> {
     if pid {
         flags |= UnshareFlags::NEWPID;
     }
-    unshare_flags(flags).map_err(|e| err("unshare namespaces", "/", e))
+    unshare_flags(flags)
 }
 
-/// unshare(2) of namespaces (never of the fd table). Fails with EINVAL in a multi-threaded
-/// process for a user namespace: plyroot never starts a thread before this.
-pub(crate) fn unshare_flags(flags: UnshareFlags) -> rustix::io::Result<()> {
-    if flags.contains(UnshareFlags::FILES) {
-        return Err(rustix::io::Errno::INVAL);
-    }
-    // SAFETY: the flags do not include CLONE_FILES, the one that can strand fds between threads
-    // (checked above), and plyroot is single-threaded here.
-    unsafe { rustix::thread::unshare_unsafe(flags) }
+/// `unshare(2)` of namespaces (never `CLONE_FILES`).
+pub(crate) fn unshare_flags(flags: UnshareFlags) -> Result<()> {
+    debug_assert!(!flags.contains(UnshareFlags::FILES), "unshare of the fd table");
+    // Fails with EINVAL in a multi-threaded process: plyroot never starts a thread before this.
+    // SAFETY: the flags never include CLONE_FILES (every caller names namespaces only), the one
+    // that can strand fds between threads.
+    unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(|e| err("unshare namespaces", "/", e))
 }
 
 fn write_proc(path: &str, data: &str) -> Result<()> {

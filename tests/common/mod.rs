@@ -767,7 +767,7 @@ impl RawTar {
         self.buf.extend_from_slice(&h);
         self.buf.extend_from_slice(data);
         let pad = (512 - data.len() % 512) % 512;
-        self.buf.extend(std::iter::repeat(0).take(pad));
+        self.buf.extend(std::iter::repeat_n(0, pad));
         self
     }
 
@@ -797,7 +797,7 @@ impl RawTar {
         self
     }
     pub fn finish(mut self) -> Vec<u8> {
-        self.buf.extend(std::iter::repeat(0).take(1024));
+        self.buf.extend(std::iter::repeat_n(0, 1024));
         self.buf
     }
 }
@@ -820,8 +820,11 @@ pub fn tree(dir: &Path) -> BTreeSet<String> {
     out
 }
 
-/// (size, mtime, nlink, inode) of a host file, to see that an import did not touch it.
-pub fn fingerprint(p: &Path) -> Option<(u64, i64, u64, u64)> {
+/// (size, mtime, nlink, inode) of a path, not following a symlink.
+pub type Fingerprint = (u64, i64, u64, u64);
+
+/// The [`Fingerprint`] of a host file, to see that an import did not touch it.
+pub fn fingerprint(p: &Path) -> Option<Fingerprint> {
     fs::symlink_metadata(p).ok().map(|m| (m.len(), m.mtime(), m.nlink(), m.ino()))
 }
 
