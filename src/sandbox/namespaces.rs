@@ -114,7 +114,17 @@ pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, store: Option<&std:
     if let Some(store) = store.filter(|s| s.is_dir()) {
         protect(store)?;
     }
-    // An identity the joined keeper holds: entered, with no helper.
+    identity(nested, join, mapper, pid, machine)?;
+    if inside.nested.is_some() {
+        crate::sys::mount::make_private_recursive()?;
+    }
+    Ok((base, shared))
+}
+
+/// Step 3: the run's identity, nested in the base (with ranges: an identity namespace the joined
+/// keeper holds, entered with no helper, or one made here, whose maps `mapper` writes), with the
+/// pid and machine namespaces when asked.
+fn identity(nested: Option<Nested>, join: Option<&Join>, mapper: Option<Mapper>, pid: bool, machine: bool) -> Result<()> {
     let kept = match (&nested, join) {
         (Some(Nested::Maps(u, g)), Some(j)) if mapper.is_none() => match j.nested.iter().find(|n| &n.uids == u && &n.gids == g) {
             Some(n) => enter_kept(j.pid, n.fd, j.user_ns)?,
@@ -144,10 +154,7 @@ pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, store: Option<&std:
         }
         None => {}
     }
-    if inside.nested.is_some() {
-        crate::sys::mount::make_private_recursive()?;
-    }
-    Ok((base, shared))
+    Ok(())
 }
 
 /// The inode and id of our user namespace.
