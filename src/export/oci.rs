@@ -251,6 +251,39 @@ mod tests {
         assert_eq!(go_arch("armv7l"), ("arm", Some("v7")));
     }
 
+    /// The exact bytes of what plyroot writes: a change here changes every pushed and exported
+    /// image's digest.
+    #[test]
+    fn documents_have_one_byte_form() {
+        let p = host_platform();
+        let variant = p.variant.as_deref().map(|v| format!(r#""variant":"{v}","#)).unwrap_or_default();
+        let image = Image { layers: vec![(format!("sha256:{}", "a".repeat(64)), 5)], env: vec!["PATH=/bin".into()], cmd: vec!["/bin/sh".into()], created: 1_700_000_000, tag: "t".into() };
+        let config = config_bytes(&image).unwrap();
+        assert_eq!(
+            String::from_utf8(config.clone()).unwrap(),
+            format!(r#"{{"created":"2023-11-14T22:13:20Z","architecture":"{}","os":"linux",{variant}"config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{}"]}}}}"#, p.architecture, "a".repeat(64))
+        );
+        let manifest = manifest_bytes(&config, &image.layers, MEDIA_LAYER).unwrap();
+        assert_eq!(
+            String::from_utf8(manifest).unwrap(),
+            format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{}","size":5}}]}}"#,
+                sha256(&config),
+                config.len(),
+                "a".repeat(64)
+            )
+        );
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(blobs_dir(t.path())).unwrap();
+        let digest = write_layout(t.path(), &image).unwrap();
+        let size = fs::metadata(blobs_dir(t.path()).join(&digest[7..])).unwrap().len();
+        let platform = format!(r#"{{"architecture":"{}","os":"linux"{}}}"#, p.architecture, p.variant.as_deref().map(|v| format!(r#","variant":"{v}""#)).unwrap_or_default());
+        assert_eq!(
+            fs::read_to_string(t.path().join("index.json")).unwrap(),
+            format!(r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{size},"annotations":{{"org.opencontainers.image.ref.name":"t"}},"platform":{platform}}}]}}"#)
+        );
+    }
+
     #[test]
     fn layout_is_reproducible_and_names_the_tag() {
         let t = tempfile::tempdir().unwrap();
