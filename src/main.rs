@@ -10,6 +10,7 @@ mod diag;
 mod export;
 mod launcher;
 mod manifest;
+mod oci;
 mod progress;
 #[cfg(feature = "registry")]
 mod registry;

@@ -132,7 +132,7 @@ pub(crate) fn push(store: &Store, name: &str, target: &str) -> Result<i32> {
         client.upload(&config_digest, Body::Bytes(&config))?;
     }
     let layers: Vec<(String, u64)> = ids.iter().map(|id| blobs[id].clone()).collect();
-    let manifest = oci::manifest_bytes(&config, &layers, oci::MEDIA_LAYER_GZIP)?;
+    let manifest = oci::manifest_bytes(&config, &layers, crate::oci::MEDIA_LAYER_GZIP)?;
     let manifest_digest = crate::registry::sha256(&manifest);
     if let Some(d) = &r.digest {
         if *d != manifest_digest {
@@ -140,7 +140,7 @@ pub(crate) fn push(store: &Store, name: &str, target: &str) -> Result<i32> {
         }
     }
     let put_as = r.tag.clone().unwrap_or_else(|| manifest_digest.clone());
-    client.put_manifest(&put_as, oci::MEDIA_MANIFEST, &manifest)?;
+    client.put_manifest(&put_as, crate::oci::MEDIA_MANIFEST, &manifest)?;
     crate::diag::info!(
         "pushed '{name}' generation {} to {r}: {} layer(s), {uploaded} uploaded ({}), {} already there",
         generation.number,

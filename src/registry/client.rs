@@ -14,9 +14,10 @@ use super::auth::{self, Credentials};
 use super::http::{self, Body, HttpError, Response, Url};
 use super::reference::Reference;
 use super::RegistryError;
+use crate::oci;
 
 /// Manifest media types we ask for; the registry answers with the best it has.
-pub(crate) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+const MANIFEST_ACCEPT: [&str; 4] = [oci::MEDIA_INDEX, oci::MEDIA_MANIFEST, oci::MEDIA_DOCKER_LIST, oci::MEDIA_DOCKER_MANIFEST];
 
 /// Manifests and configs are small; a registry that sends more is not one.
 pub(crate) const MAX_MANIFEST: u64 = 16 * 1024 * 1024;
@@ -140,7 +141,7 @@ impl Client {
     /// `Docker-Content-Digest` the registry sends, when it sends one.
     pub(crate) fn manifest(&mut self, reference: &str) -> Result<(Vec<u8>, String), RegistryError> {
         let url = self.url(&format!("manifests/{reference}"));
-        let resp = self.request("GET", &url, &[("Accept", MANIFEST_ACCEPT.to_owned())], &[])?;
+        let resp = self.request("GET", &url, &[("Accept", MANIFEST_ACCEPT.join(", "))], &[])?;
         let what = format!("the manifest {}", self.show(reference));
         let resp = self.ok(resp, &what, &[200])?;
         let media_type = resp.header("content-type").unwrap_or("").split(';').next().unwrap_or("").trim().to_owned();

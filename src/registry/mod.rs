@@ -23,8 +23,6 @@ pub(crate) mod reference;
 
 use std::sync::OnceLock;
 
-use sha2::{Digest, Sha256};
-
 pub(crate) use client::Client;
 pub(crate) use reference::{Platform, Reference};
 
@@ -79,7 +77,4 @@ pub(crate) fn platform() -> anyhow::Result<Platform> {
     }
 }
 
-/// `sha256:HEX` of `data`.
-pub(crate) fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
+pub(crate) use crate::oci::sha256;

@@ -12,7 +12,8 @@
 use std::io::Read;
 
 use super::error::UnpackError;
-use super::oci::{check_digest, check_layer_count, layer_type_supported, unpack_layer, Config, Descriptor, LayerBlob, Manifest, INDEX_TYPES};
+use super::oci::{check_digest, check_layer_count, unpack_layer, LayerBlob};
+use crate::oci::{layer_type_supported, Config, Descriptor, Manifest, INDEX_TYPES};
 use super::LayerSink;
 use crate::progress::Progress;
 use crate::registry::{Client, Platform, Reference};
