@@ -432,7 +432,9 @@ fn a_corrupted_blob_is_refused_and_nothing_is_kept() {
 }
 
 /// A proxy in front of the registry that forwards everything, except that a response whose
-/// request line contains `stall` stops after `after` bytes and then hangs.
+/// request line contains `stall` stops after `after` bytes and then hangs. It forwards one
+/// request per connection, and asks the registry to close after it (so the client does not
+/// reuse the connection).
 fn stalling_proxy(registry: u16, stall: String, after: usize) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -450,7 +452,9 @@ fn stalling_proxy(registry: u16, stall: String, after: usize) -> u16 {
                     head.push(b[0]);
                 }
                 let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", registry)) else { return };
-                upstream.write_all(&head).unwrap();
+                let text = String::from_utf8_lossy(&head[..head.len() - 2]).into_owned();
+                let kept: String = text.split_inclusive("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("connection:")).collect();
+                upstream.write_all(format!("{kept}Connection: close\r\n\r\n").as_bytes()).unwrap();
                 let first = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned();
                 let limit = if first.contains(&stall) { after } else { usize::MAX };
                 let mut sent = 0;
@@ -536,4 +540,139 @@ fn debootstrap_builds_a_root_with_mmdebstrap() {
     s.plyroot(&["verify"]).ok();
     // A bad option is named before anything runs.
     s.plyroot(&["import", "debootstrap:bookworm?colour=blue"]).plyroot_error(&["colour"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through a proxy
+// ---------------------------------------------------------------------------------------------
+
+/// The registry's name in the proxy tests: it resolves only inside the proxy's own mount
+/// namespace (its /etc/hosts), so a request that bypasses the proxy cannot reach the registry.
+const PROXIED_NAME: &str = "registry.plyroot.test";
+
+/// A tinyproxy on loopback, per test, in a user and mount namespace of its own whose /etc/hosts
+/// names [`PROXIED_NAME`] as 127.0.0.1. Its log records every CONNECT.
+struct Tinyproxy {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Tinyproxy {
+    fn start() -> Result<Tinyproxy, String> {
+        let bin = tool("tinyproxy")?;
+        let unshare = tool("unshare")?;
+        userns()?;
+        let dir = tempdir();
+        let hosts = dir.path().join("hosts");
+        fs::write(&hosts, format!("127.0.0.1 localhost\n127.0.0.1 {PROXIED_NAME}\n")).unwrap();
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = dir.path().join("tinyproxy.conf");
+            // No ConnectPort line: CONNECT to any port (the registry's is random).
+            let text = format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile \"{}\"\nLogLevel Connect\nMaxClients 20\nAllow 127.0.0.1\n",
+                dir.path().join("log").display()
+            );
+            fs::write(&conf, text).unwrap();
+            let out = fs::File::create(dir.path().join("out")).unwrap();
+            let script = format!("mount --bind {} /etc/hosts && exec {} -d -c {}", hosts.display(), bin.display(), conf.display());
+            let mut child = Command::new(&unshare)
+                .args(["-rm", "sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .map_err(|e| format!("cannot start tinyproxy: {e}"))?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Ok(Tinyproxy { child, port, dir });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            last = fs::read_to_string(dir.path().join("out")).unwrap_or_default();
+        }
+        Err(format!("tinyproxy did not come up; its output:\n{last}"))
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The tunnels the proxy opened to `host:port`.
+    fn connects(&self, host_port: &str) -> usize {
+        let log = fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
+        log.lines().filter(|l| l.contains(&format!("CONNECT {host_port} HTTP/1.1"))).count()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `plyroot ARGS` with no proxy setting but `vars`.
+fn with_proxy_env(s: &Store, args: &[&str], vars: &[(&str, &str)]) -> Out {
+    let mut cmd = s.cmd(args);
+    for v in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"] {
+        cmd.env_remove(v);
+    }
+    cmd.envs(vars.iter().copied());
+    run_with(&mut cmd, None, TIMEOUT)
+}
+
+#[test]
+fn pushes_and_pulls_through_a_proxy_and_no_proxy_goes_direct() {
+    if me().regime != Regime::Root {
+        need!(userns());
+    }
+    let reg = need!(Registry::start());
+    let proxy = need!(Tinyproxy::start());
+    let s = Store::new();
+    let ids = need!(two_layer_env(&s, 64 * 1024));
+    let host_port = format!("{PROXIED_NAME}:{}", reg.port);
+    let target = format!("docker://{host_port}/x/proxied:v1");
+
+    // Without a proxy the name does not resolve: nothing below can pass by going direct.
+    with_proxy_env(&s, &["push", "--insecure", "t", &target], &[]).plyroot_error(&["cannot resolve", PROXIED_NAME]);
+    assert_eq!(proxy.connects(&host_port), 0);
+
+    let out = with_proxy_env(&s, &["-v", "push", "--insecure", "t", &target], &[("HTTP_PROXY", &proxy.url())]).ok();
+    assert_layer_id(&out.line());
+    assert!(out.stderr.contains("2 uploaded"), "{out}");
+    assert!(out.stderr.contains("pushed; 1 thread(s)"), "the push left one thread: {out}");
+    let pushed = proxy.connects(&host_port);
+    assert!(pushed >= 1, "the push went through the proxy");
+
+    // A pull (lower-case variable) goes through it on one connection: manifest, config and both
+    // layers on one tunnel.
+    let fresh = Store::new();
+    let out = with_proxy_env(&fresh, &["-v", "import", "--insecure", &target], &[("http_proxy", &proxy.url())]).ok();
+    assert_eq!(out.lines(), ids, "{out}");
+    assert!(out.stderr.contains("2 downloaded"), "{out}");
+    assert!(out.stderr.contains("pulled; 1 thread(s)"), "the pull left one thread: {out}");
+    assert_eq!(proxy.connects(&host_port), pushed + 1, "one tunnel for the whole pull");
+
+    // HTTPS_PROXY is for https:// registries; an http:// one is not sent to it.
+    with_proxy_env(&Store::new(), &["import", "--insecure", &target], &[("HTTPS_PROXY", &proxy.url())]).plyroot_error(&["cannot resolve", PROXIED_NAME]);
+    // NO_PROXY sends the registry direct, where its name does not resolve.
+    for no_proxy in [PROXIED_NAME, ".plyroot.test", &host_port, "*"] {
+        with_proxy_env(&Store::new(), &["import", "--insecure", &target], &[("HTTP_PROXY", &proxy.url()), ("NO_PROXY", no_proxy)]).plyroot_error(&["cannot resolve", PROXIED_NAME]);
+    }
+    // ALL_PROXY is the fallback, and a NO_PROXY entry for another port does not apply.
+    let out = with_proxy_env(&Store::new(), &["import", "--insecure", &target], &[("ALL_PROXY", &proxy.url()), ("no_proxy", &format!("{PROXIED_NAME}:1"))]).ok();
+    assert_eq!(out.lines(), ids, "{out}");
+    assert_eq!(proxy.connects(&host_port), pushed + 2);
+    // A proxy that is not there is named, with what to do.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    with_proxy_env(&Store::new(), &["import", "--insecure", &target], &[("HTTP_PROXY", &dead)]).plyroot_error(&["proxy", &dead, "HTTP_PROXY", "NO_PROXY"]);
 }

@@ -110,8 +110,8 @@ pub(crate) fn push(store: &Store, name: &str, target: &str) -> Result<i32> {
             crate::diag::debug!("layer {}: the registry has its blob {}", m.id, m.digest);
         } else {
             crate::diag::info!("uploading layer {} ({})", m.id, human(m.size));
-            let mut f = File::open(&m.file).with_context(|| format!("cannot read {}", m.file.display()))?;
-            client.upload(&m.digest, Body::File(&mut f, m.size))?;
+            let f = File::open(&m.file).with_context(|| format!("cannot read {}", m.file.display()))?;
+            client.upload(&m.digest, Body::File(&f))?;
             uploaded += 1;
             sent += m.size;
         }
@@ -148,6 +148,8 @@ pub(crate) fn push(store: &Store, name: &str, target: &str) -> Result<i32> {
         human(sent),
         unique.len() - uploaded
     );
+    drop(client);
+    crate::diag::debug!("pushed; {} thread(s) in this process", crate::registry::threads());
     out(&format!("{manifest_digest}\n"))?;
     Ok(0)
 }

@@ -11,7 +11,7 @@ use std::io::Read;
 use serde::Deserialize;
 
 use super::auth::{self, Credentials};
-use super::http::{self, Body, HttpError, Response, Url};
+use super::http::{Body, Http, HttpError, Response, Url};
 use super::reference::Reference;
 use super::RegistryError;
 use crate::oci;
@@ -22,7 +22,10 @@ const MANIFEST_ACCEPT: [&str; 4] = [oci::MEDIA_INDEX, oci::MEDIA_MANIFEST, oci::
 /// Manifests and configs are small; a registry that sends more is not one.
 pub(crate) const MAX_MANIFEST: u64 = 16 * 1024 * 1024;
 
+/// The registry side of one operation (a pull, a push): one HTTP client, so its connections are
+/// reused from the first request to the last.
 pub(crate) struct Client {
+    http: Http,
     base: Url,
     pub reference: Reference,
     /// `pull` or `pull,push`, for token scopes.
@@ -45,7 +48,8 @@ impl Client {
     pub(crate) fn new(reference: &Reference, push: bool) -> Result<Client, RegistryError> {
         let insecure = super::insecure(&reference.registry);
         let base = Url::parse(&format!("{}://{}/", if insecure { "http" } else { "https" }, reference.api_host()))?;
-        Ok(Client { base, reference: reference.clone(), actions: if push { "pull,push" } else { "pull" }, creds: None, authorization: None })
+        let http = Http::new(&base.authority());
+        Ok(Client { http, base, reference: reference.clone(), actions: if push { "pull,push" } else { "pull" }, creds: None, authorization: None })
     }
 
     /// `/v2/<repository>/<rest>` on this registry.
@@ -63,21 +67,23 @@ impl Client {
     /// Sends a request with the current authorization; on a 401 authenticates as the registry
     /// asks and sends it once more (bodies here are small or empty, so they can be resent).
     pub(crate) fn request(&mut self, method: &str, url: &Url, headers: &[(&str, String)], body: &[u8]) -> Result<Response, RegistryError> {
-        let send = |auth: &Option<String>| {
-            let mut hs: Vec<(&str, String)> = headers.to_vec();
-            if let Some(a) = auth {
-                hs.push(("Authorization", a.clone()));
-            }
-            http::fetch(method, url, &hs, if body.is_empty() { Body::Empty } else { Body::Bytes(body) })
-        };
-        let resp = send(&self.authorization)?;
+        let resp = self.send(method, url, headers, body)?;
         if resp.status != 401 {
             return Ok(resp);
         }
         let challenge = resp.header("www-authenticate").map(str::to_owned);
         drop(resp);
         self.authenticate(challenge.as_deref())?;
-        Ok(send(&self.authorization)?)
+        Ok(self.send(method, url, headers, body)?)
+    }
+
+    /// One request with the current authorization.
+    fn send(&self, method: &str, url: &Url, headers: &[(&str, String)], body: &[u8]) -> Result<Response, HttpError> {
+        let mut hs: Vec<(&str, String)> = headers.to_vec();
+        if let Some(a) = &self.authorization {
+            hs.push(("Authorization", a.clone()));
+        }
+        self.http.fetch(method, url, &hs, if body.is_empty() { Body::Empty } else { Body::Bytes(body) })
     }
 
     /// Learns an `Authorization` value from a 401's challenge.
@@ -115,7 +121,7 @@ impl Client {
                 if let Some(c) = &creds {
                     headers.push(("Authorization", c.basic()));
                 }
-                let resp = http::fetch("GET", &realm_url, &headers, Body::Empty)?;
+                let resp = self.http.fetch("GET", &realm_url, &headers, Body::Empty)?;
                 if resp.status != 200 {
                     let status = resp.status;
                     let detail = resp.snippet();
@@ -210,7 +216,7 @@ impl Client {
             // only for redirects, and an upload location is the registry's own answer.
             headers.push(("Authorization", a.clone()));
         }
-        let resp = http::fetch("PUT", &put, &headers, body)?;
+        let resp = self.http.fetch("PUT", &put, &headers, body)?;
         self.ok(resp, &what, &[201, 204, 200]).map(|_| ())
     }
 
@@ -292,11 +298,12 @@ mod tests {
         let (body, mt) = c.manifest("t").unwrap();
         assert_eq!((body.as_slice(), mt.as_str()), (&manifest[..], "application/vnd.oci.image.manifest.v1+json"));
         let token_req = &token_server.join().unwrap()[0];
-        assert!(token_req.starts_with("GET /token?service=reg&scope=repository%3Ax%2Fy%3Apull HTTP/1.1"), "{token_req}");
-        assert!(token_req.contains("Authorization: Basic dTpw"), "{token_req}");
-        let seen = server.join().unwrap();
-        assert!(!seen[0].contains("Authorization"), "{seen:?}");
-        assert!(seen[1].contains("Authorization: Bearer t0k3n") && seen[1].contains("Accept: application/vnd.oci.image.index.v1+json"), "{seen:?}");
+        assert!(token_req.starts_with("#1 GET /token?service=reg&scope=repository%3Ax%2Fy%3Apull HTTP/1.1"), "{token_req}");
+        assert!(token_req.to_ascii_lowercase().contains("authorization: basic dtpw"), "{token_req}");
+        let seen: Vec<String> = server.join().unwrap().iter().map(|s| s.to_ascii_lowercase()).collect();
+        assert!(!seen[0].contains("authorization"), "{seen:?}");
+        assert!(seen[1].contains("authorization: bearer t0k3n") && seen[1].contains("accept: application/vnd.oci.image.index.v1+json"), "{seen:?}");
+        assert!(seen.iter().all(|s| s.starts_with("#1 ")), "the retry with the token reuses the connection: {seen:?}");
     }
 
     #[test]

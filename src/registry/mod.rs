@@ -3,7 +3,9 @@
 //!
 //! Files:
 //! - `reference.rs`: [`Reference`] (`debian` → `docker.io/library/debian:latest`) and [`Platform`].
-//! - `http.rs`: a small HTTP/1.1 client over std's TCP and rustls; no threads.
+//! - `http.rs`: HTTP over ureq (rustls/ring): one connection pool per operation, redirects,
+//!   per-registry CAs, deadlines; no threads.
+//! - `proxy.rs`: which proxy a request goes through (`HTTPS_PROXY`, `NO_PROXY`, …).
 //! - `auth.rs`: credential files (podman's `auth.json`, docker's `config.json`), challenges, base64.
 //! - `client.rs`: [`Client`], the distribution API for one repository, with token auth.
 //!
@@ -19,6 +21,7 @@
 pub(crate) mod auth;
 pub(crate) mod client;
 pub(crate) mod http;
+pub(crate) mod proxy;
 pub(crate) mod reference;
 
 use std::sync::OnceLock;
@@ -78,3 +81,12 @@ pub(crate) fn platform() -> anyhow::Result<Platform> {
 }
 
 pub(crate) use crate::oci::sha256;
+
+/// How many threads this process has (`Threads:` in `/proc/self/status`). A registry operation
+/// must leave exactly one: plyroot makes user namespaces later in the same process, and
+/// `unshare(CLONE_NEWUSER)` fails in a threaded one. Shown at `-v` after a pull or push, where
+/// the tests check it.
+pub(crate) fn threads() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).map_or_else(|| "an unknown number of".to_owned(), |n| n.trim().to_owned())
+}

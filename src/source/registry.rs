@@ -62,11 +62,13 @@ pub(super) fn unpack(reference: &str, name: &str, ownership: Ownership, progress
         fetched += 1;
         bytes += layer.size;
     }
+    drop(client);
     crate::diag::info!(
         "{name}: {n} layer(s), {fetched} downloaded ({}), {} already in the store",
         crate::commands::human(bytes),
         n - fetched
     );
+    crate::diag::debug!("{name}: pulled; {} thread(s) in this process", crate::registry::threads());
     Ok(())
 }
 
