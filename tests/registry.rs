@@ -40,13 +40,26 @@ struct Registry {
 
 impl Registry {
     fn start() -> Result<Registry, String> {
+        Registry::start_with(None)
+    }
+
+    /// A registry that asks for a user and password: `htpasswd` is a line `user:bcrypt-hash`.
+    fn start_with(htpasswd: Option<&str>) -> Result<Registry, String> {
         let bin = tool("docker-registry")?;
         let dir = tempdir();
+        let auth = match htpasswd {
+            Some(line) => {
+                let file = dir.path().join("htpasswd");
+                fs::write(&file, format!("{line}\n")).unwrap();
+                format!("auth:\n  htpasswd:\n    realm: plyroot-test\n    path: {}\n", file.display())
+            }
+            None => String::new(),
+        };
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port();
             let config = format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
                 dir.path().join("data").display()
             );
             fs::write(dir.path().join("config.yml"), config).unwrap();
@@ -64,7 +77,7 @@ impl Registry {
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
                 }
-                if http(port, "GET", "/v2/", "").0 == 200 {
+                if matches!(http(port, "GET", "/v2/", "").0, 200 | 401) {
                     return Ok(Registry { child, port, dir });
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -675,4 +688,81 @@ fn pushes_and_pulls_through_a_proxy_and_no_proxy_goes_direct() {
     // A proxy that is not there is named, with what to do.
     let dead = format!("http://127.0.0.1:{}", free_port());
     with_proxy_env(&Store::new(), &["import", "--insecure", &target], &[("HTTP_PROXY", &dead)]).plyroot_error(&["proxy", &dead, "HTTP_PROXY", "NO_PROXY"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credential helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The user and password of [`Registry::start_with`] in the helper test (bcrypt, cost 4).
+const HELPER_USER: &str = "plyci";
+const HELPER_PASSWORD: &str = "plyroot-secret";
+const HELPER_HTPASSWD: &str = "plyci:$2b$04$YHZmee5t4EFo1tZthmNOse6KdKGc2J.JK6fMchqh1SJH8HJJu7vh2";
+
+/// A directory for PATH with `docker-credential-NAME` scripts: each logs the server it was asked
+/// for to `asked-NAME` and answers the credentials it was given for `server`, else "credentials
+/// not found" with status 1, as docker's helpers do.
+fn helpers(dir: &Path, helpers: &[(&str, &str, &str, &str)]) -> PathBuf {
+    let bin = dir.join("helpers");
+    fs::create_dir_all(&bin).unwrap();
+    for (name, server, user, secret) in helpers {
+        let log = dir.join(format!("asked-{name}"));
+        let script = format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 2\nread -r server\necho \"$server\" >> {log}\nif [ \"$server\" = \"{server}\" ]; then\n  printf '{{\"ServerURL\":\"%s\",\"Username\":\"{user}\",\"Secret\":\"{secret}\"}}' \"$server\"\nelse\n  echo 'credentials not found in native keychain'; exit 1\nfi\n",
+            log = log.display()
+        );
+        let path = bin.join(format!("docker-credential-{name}"));
+        fs::write(&path, script).unwrap();
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+/// `plyroot ARGS` with only `config` (docker's config.json) for credentials and `helpers` first
+/// on PATH.
+fn with_docker_config(s: &Store, args: &[&str], config: &str, helpers: &Path) -> Out {
+    let dir = s.path("docker-config");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("config.json"), config).unwrap();
+    let mut cmd = s.cmd(args);
+    for v in ["REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME"] {
+        cmd.env_remove(v);
+    }
+    let path = format!("{}:{}", helpers.display(), std::env::var("PATH").unwrap_or_default());
+    cmd.env("HOME", s.path("home")).env("DOCKER_CONFIG", &dir).env("PATH", path);
+    run_with(&mut cmd, None, TIMEOUT)
+}
+
+#[test]
+fn credential_helpers_log_in_for_push_and_pull() {
+    if me().regime != Regime::Root {
+        need!(userns());
+    }
+    let reg = need!(Registry::start_with(Some(HELPER_HTPASSWD)));
+    let s = Store::new();
+    let ids = need!(two_layer_env(&s, 16 * 1024));
+    let work = tempdir();
+    let host = reg.host();
+    let bin = helpers(work.path(), &[("plystore", &host, HELPER_USER, HELPER_PASSWORD), ("plyhelper", &host, HELPER_USER, HELPER_PASSWORD), ("plywrong", &host, HELPER_USER, "wrong"), ("plyempty", "elsewhere", "x", "y")]);
+    let target = format!("{}:v1", reg.image("x/private"));
+    let asked = |name: &str| fs::read_to_string(work.path().join(format!("asked-{name}"))).unwrap_or_default();
+
+    // credsStore: the helper is asked for the registry, and its credentials push.
+    let out = with_docker_config(&s, &["push", "--insecure", "t", &target], r#"{"credsStore":"plystore"}"#, &bin).ok();
+    assert!(out.stderr.contains("2 uploaded"), "{out}");
+    assert_eq!(asked("plystore").lines().collect::<Vec<_>>(), [host.as_str()], "asked once, for host:port");
+
+    // credHelpers names the registry's own helper, which wins over credsStore.
+    let config = format!(r#"{{"credsStore":"plywrong","credHelpers":{{"{host}":"plyhelper"}}}}"#);
+    let fresh = Store::new();
+    assert_eq!(with_docker_config(&fresh, &["import", "--insecure", &target], &config, &bin).ok().lines(), ids);
+    assert!(asked("plyhelper").contains(&host) && asked("plywrong").is_empty());
+
+    // Credentials the registry refuses, a helper with nothing for it, a helper that is not
+    // there: the registry's refusal, with what to do.
+    with_docker_config(&Store::new(), &["import", "--insecure", &target], r#"{"credsStore":"plywrong"}"#, &bin).plyroot_error(&[&host, "401", "docker login"]);
+    with_docker_config(&Store::new(), &["import", "--insecure", &target], r#"{"credsStore":"plyempty"}"#, &bin).plyroot_error(&[&host, "docker login"]);
+    let out = with_docker_config(&Store::new(), &["import", "--insecure", &target], r#"{"credsStore":"plymissing"}"#, &bin);
+    assert!(out.stderr.contains("docker-credential-plymissing"), "a missing helper is named: {out}");
+    out.plyroot_error(&[&host, "docker login"]);
 }

@@ -94,52 +94,76 @@ impl Client {
             return Err(auth_err("it answered 401 without a WWW-Authenticate challenge".into()));
         };
         let creds = self.credentials();
-        match c.scheme.as_str() {
+        let value = match c.scheme.as_str() {
             "basic" => {
-                let creds = creds.ok_or_else(|| auth_err(format!("it asks for a user name and password, and none is stored for it: log in with `podman login {registry}` or `docker login {registry}` (plyroot reads their credential files)")))?;
-                if self.authorization.as_deref() == Some(creds.basic().as_str()) {
-                    return Err(auth_err(format!("it refused the stored credentials of user '{}'", creds.user)));
+                let creds = creds.ok_or_else(|| auth_err(format!("it asks for a user name and password, and none is stored for it: log in with `podman login {registry}` or `docker login {registry}` (plyroot reads their credential files and runs the credential helpers docker's config names)")))?;
+                let value = creds.basic().ok_or_else(|| auth_err("it asks for a user name and password, and only an identity token is stored for it".into()))?;
+                if self.authorization.as_deref() == Some(value.as_str()) {
+                    return Err(auth_err(format!("it refused the stored credentials ({})", creds.who())));
                 }
-                self.authorization = Some(creds.basic());
-                Ok(())
+                value
             }
             "bearer" => {
-                let realm = c.params.get("realm").ok_or_else(|| auth_err("its Bearer challenge names no realm".into()))?;
-                let mut realm_url = Url::parse(realm)?;
-                let scope = format!("repository:{}:{}", self.reference.repository, self.actions);
-                let mut query = Vec::new();
-                if let Some(s) = c.params.get("service") {
-                    query.push(format!("service={}", url_encode(s)));
-                }
-                query.push(format!("scope={}", url_encode(&scope)));
-                // A scope the registry names that we did not (another repository, for a mount).
-                if let Some(s) = c.params.get("scope").filter(|s| **s != scope) {
-                    query.push(format!("scope={}", url_encode(s)));
-                }
-                realm_url.path = format!("{}{}{}", realm_url.path, if realm_url.path.contains('?') { "&" } else { "?" }, query.join("&"));
-                let mut headers = Vec::new();
-                if let Some(c) = &creds {
-                    headers.push(("Authorization", c.basic()));
-                }
-                let resp = self.http.fetch("GET", &realm_url, &headers, Body::Empty)?;
-                if resp.status != 200 {
-                    let status = resp.status;
-                    let detail = resp.snippet();
-                    let who = creds.as_ref().map_or("anonymously".to_owned(), |c| format!("as '{}'", c.user));
-                    let hint = if creds.is_none() { format!("; if the image is private, log in with `podman login {registry}` or `docker login {registry}`") } else { String::new() };
-                    return Err(auth_err(format!("its token service {realm_url} refused a token {who} for {scope} (HTTP {status}: {detail}){hint}")));
-                }
-                let tok: TokenResponse = serde_json::from_slice(&resp.bytes(MAX_MANIFEST)?).map_err(|e| auth_err(format!("its token service answered no JSON token: {e}")))?;
-                let token = tok.token.or(tok.access_token).filter(|t| !t.is_empty()).ok_or_else(|| auth_err("its token service answered no token".into()))?;
+                let token = self.token(&c, creds.as_ref()).map_err(auth_err)?;
                 let value = format!("Bearer {token}");
                 if self.authorization.as_deref() == Some(value.as_str()) {
-                    return Err(auth_err(format!("it refused a fresh token for {scope}")));
+                    return Err(auth_err(format!("it refused a fresh token for {}", self.scope())));
                 }
-                self.authorization = Some(value);
-                Ok(())
+                value
             }
-            other => Err(auth_err(format!("it asks for '{other}' authentication, which plyroot does not speak"))),
+            other => return Err(auth_err(format!("it asks for '{other}' authentication, which plyroot does not speak"))),
+        };
+        self.authorization = Some(value);
+        Ok(())
+    }
+
+    /// The token scope of this client: `repository:NAME:pull[,push]`.
+    fn scope(&self) -> String {
+        format!("repository:{}:{}", self.reference.repository, self.actions)
+    }
+
+    /// A bearer token from the challenge's realm: a GET with the stored user and password as
+    /// basic auth (or anonymously), or, for an identity token, docker's OAuth2 POST with
+    /// `grant_type=refresh_token`. The error is the reason, for [`RegistryError::Auth`].
+    fn token(&self, c: &auth::Challenge, creds: Option<&Credentials>) -> Result<String, String> {
+        let registry = &self.reference.registry;
+        let realm = c.params.get("realm").ok_or("its Bearer challenge names no realm")?;
+        let mut realm_url = Url::parse(realm).map_err(|e| e.to_string())?;
+        let scope = self.scope();
+        let mut params = Vec::new();
+        if let Some(s) = c.params.get("service") {
+            params.push(format!("service={}", url_encode(s)));
         }
+        params.push(format!("scope={}", url_encode(&scope)));
+        // A scope the registry names that we did not (another repository, for a mount).
+        if let Some(s) = c.params.get("scope").filter(|s| **s != scope) {
+            params.push(format!("scope={}", url_encode(s)));
+        }
+        let resp = match creds {
+            Some(Credentials::IdentityToken(refresh)) => {
+                params.extend(["grant_type=refresh_token".to_owned(), "client_id=plyroot".to_owned(), format!("refresh_token={}", url_encode(refresh))]);
+                let form = params.join("&");
+                let headers = [("Content-Type", "application/x-www-form-urlencoded".to_owned())];
+                self.http.fetch("POST", &realm_url, &headers, Body::Bytes(form.as_bytes()))
+            }
+            _ => {
+                realm_url.path = format!("{}{}{}", realm_url.path, if realm_url.path.contains('?') { "&" } else { "?" }, params.join("&"));
+                let headers: Vec<(&str, String)> = creds.and_then(Credentials::basic).map(|b| ("Authorization", b)).into_iter().collect();
+                self.http.fetch("GET", &realm_url, &headers, Body::Empty)
+            }
+        };
+        let resp = resp.map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        if resp.status != 200 {
+            let status = resp.status;
+            let detail = resp.snippet();
+            let who = creds.map_or("anonymously".to_owned(), Credentials::who);
+            let hint = if creds.is_none() { format!("; if the image is private, log in with `podman login {registry}` or `docker login {registry}`") } else { String::new() };
+            return Err(format!("its token service {realm_url} refused a token {who} for {scope} (HTTP {status}: {detail}){hint}"));
+        }
+        let body = resp.bytes(MAX_MANIFEST).map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        let tok: TokenResponse = serde_json::from_slice(&body).map_err(|e| format!("its token service answered no JSON token: {e}"))?;
+        // An OAuth2 answer carries access_token; docker's GET answers token (and often both).
+        Ok(tok.token.or(tok.access_token).filter(|t| !t.is_empty()).ok_or("its token service answered no token")?)
     }
 
     /// Fetches a manifest (or index) by tag or digest; returns its bytes and media type. A
@@ -248,7 +272,7 @@ impl Client {
         }
         let status = resp.status;
         let hint = match status {
-            401 | 403 => format!(" (log in with `podman login {}` or `docker login`; plyroot reads their credential files)", self.reference.registry),
+            401 | 403 => format!(" (log in with `podman login {}` or `docker login`; plyroot reads their credential files and runs the credential helpers docker's config names)", self.reference.registry),
             404 if what.starts_with("the manifest") => " (no such repository or tag; check the name, e.g. with `skopeo list-tags docker://REPOSITORY`)".to_owned(),
             _ => String::new(),
         };
@@ -294,7 +318,7 @@ mod tests {
         let r = Reference::parse(&format!("{addr}/x/y:t")).unwrap();
         let mut c = Client::new(&r, false).unwrap();
         c.base.tls = false;
-        c.creds = Some(Some(Credentials { user: "u".into(), password: "p".into() }));
+        c.creds = Some(Some(Credentials::Password { user: "u".into(), password: "p".into() }));
         let (body, mt) = c.manifest("t").unwrap();
         assert_eq!((body.as_slice(), mt.as_str()), (&manifest[..], "application/vnd.oci.image.manifest.v1+json"));
         let token_req = &token_server.join().unwrap()[0];
@@ -304,6 +328,30 @@ mod tests {
         assert!(!seen[0].contains("authorization"), "{seen:?}");
         assert!(seen[1].contains("authorization: bearer t0k3n") && seen[1].contains("accept: application/vnd.oci.image.index.v1+json"), "{seen:?}");
         assert!(seen.iter().all(|s| s.starts_with("#1 ")), "the retry with the token reuses the connection: {seen:?}");
+    }
+
+    /// An identity token (docker's `identitytoken`, a helper's `<token>` user) is traded at the
+    /// realm with docker's OAuth2 POST, never sent as basic auth.
+    #[test]
+    fn identity_tokens_are_traded_for_access_tokens() {
+        let (token_addr, token_server) = serve(vec![b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 25\r\n\r\n{\"access_token\":\"acc3ss\"}".to_vec()]);
+        let (addr, server) = serve(vec![
+            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{token_addr}/token\",service=\"reg\"\r\nContent-Length: 0\r\n\r\n").into_bytes(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec(),
+        ]);
+        let r = Reference::parse(&format!("{addr}/x/y:t")).unwrap();
+        let mut c = Client::new(&r, true).unwrap();
+        c.base.tls = false;
+        c.creds = Some(Some(Credentials::IdentityToken("refr/esh".into())));
+        assert!(c.has_blob(&format!("sha256:{}", "0".repeat(64))).unwrap());
+        let token_req = &token_server.join().unwrap()[0];
+        assert!(token_req.starts_with("#1 POST /token HTTP/1.1"), "{token_req}");
+        assert!(token_req.to_ascii_lowercase().contains("content-type: application/x-www-form-urlencoded"), "{token_req}");
+        let body = token_req.lines().last().unwrap();
+        assert_eq!(body, "service=reg&scope=repository%3Ax%2Fy%3Apull%2Cpush&grant_type=refresh_token&client_id=plyroot&refresh_token=refr%2Fesh");
+        assert!(!token_req.to_ascii_lowercase().contains("authorization"), "{token_req}");
+        let seen = server.join().unwrap();
+        assert!(seen[1].to_ascii_lowercase().contains("authorization: bearer acc3ss"), "{seen:?}");
     }
 
     #[test]
