@@ -348,6 +348,7 @@ fn push_pull_round_trip_keeps_ids_and_moves_nothing_twice() {
     let out = pull(&fresh, &target, &["-v"]).ok();
     assert_eq!(out.lines(), ids, "{out}");
     assert!(out.stderr.contains("0 downloaded") && out.stderr.contains("2 already in the store"), "{out}");
+    assert!(out.stderr.contains("pulled; 1 thread(s)"), "a pull leaves one thread, for the namespaces made after it: {out}");
     assert_eq!(blobs.iter().map(|b| reg.blob_gets(b)).collect::<Vec<_>>(), gets, "the second pull downloaded a layer");
     // `create` takes docker:// sources too, and so does a manifest.
     fresh.plyroot(&["create", "e", "--insecure", "--from", &target]).ok();
