@@ -767,3 +767,114 @@ fn credential_helpers_log_in_for_push_and_pull() {
     assert!(out.stderr.contains("docker-credential-plymissing"), "a missing helper is named: {out}");
     out.plyroot_error(&[&host, "docker login"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// A registry that refuses an upload
+// ---------------------------------------------------------------------------------------------
+
+/// A registry on loopback that takes a push up to the first blob upload and then refuses it:
+/// HEAD of a blob is 404, POST opens an upload session, and the PUT of the blob is answered with
+/// `status` and the connection closed. With `read` 0 it answers as soon as it has the headers (a
+/// client that sent `Expect: 100-continue` gets the answer before sending the body); otherwise
+/// it says `100 Continue`, reads `read` bytes of the body and answers without reading the rest,
+/// so the client's write fails. An empty `status` closes without an answer. Returns its port and
+/// the request lines it saw.
+fn refusing_registry(status: &'static str, read: usize) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(stream) = conn else { continue };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(stream);
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.trim_end().to_owned());
+                    }
+                    let first = head[0].clone();
+                    log.lock().unwrap().push(first.clone());
+                    let header = |name: &str| head.iter().find_map(|h| h.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_owned()));
+                    let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let s = r.get_mut();
+                    if first.starts_with("PUT ") && first.contains("/blobs/uploads/") {
+                        if read > 0 {
+                            if header("expect").is_some() {
+                                let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+                            }
+                            let mut body = vec![0u8; read.min(len)];
+                            let _ = r.read_exact(&mut body);
+                        }
+                        let text = format!("{{\"errors\":[{{\"code\":\"DENIED\",\"message\":\"refused by the test registry ({status})\"}}]}}");
+                        if !status.is_empty() {
+                            let _ = r.get_mut().write_all(format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len()).as_bytes());
+                        }
+                        let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    let mut body = vec![0u8; len];
+                    let _ = r.read_exact(&mut body);
+                    let answer = if first.starts_with("HEAD ") {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
+                    } else if first.starts_with("POST ") && first.contains("/blobs/uploads/") {
+                        "HTTP/1.1 202 Accepted\r\nLocation: /v2/x/refused/blobs/uploads/u1\r\nContent-Length: 0\r\n\r\n".to_owned()
+                    } else {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
+                    };
+                    if r.get_mut().write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// The other half of the rule: the broken pipe of a stdout whose reader is gone is no error.
+#[test]
+fn a_closed_stdout_still_ends_quietly() {
+    let s = Store::new();
+    let (reader, writer) = rustix::pipe::pipe().unwrap();
+    drop(reader);
+    let out = s.cmd(&["list", "--json"]).stdin(Stdio::null()).stdout(Stdio::from(writer)).stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_refused_upload_fails_the_push_with_the_registry_status() {
+    if me().regime != Regime::Root {
+        need!(userns());
+    }
+    let s = Store::new();
+    // Layers larger than socket buffers, so that a write into a closed connection fails.
+    need!(two_layer_env(&s, 8 << 20));
+    // With the status before the body (Expect: 100-continue), the status is reported; after part
+    // of the body, the status if it arrived before the connection was reset, else what happened.
+    for (status, read, needles, either) in [
+        ("413 Payload Too Large", 0, vec!["413", "DENIED", "uploading the blob"], ["413", "413"]),
+        ("401 Unauthorized", 0, vec!["401", "uploading the blob"], ["401", "401"]),
+        ("403 Forbidden", 64 * 1024, vec!["uploading the blob"], ["403", "closed the connection"]),
+        ("", 64 * 1024, vec!["uploading the blob"], ["closed the connection", "closed the connection"]),
+    ] {
+        let (port, seen) = refusing_registry(status, read);
+        let out = s.plyroot(&["push", "--insecure", "t", &format!("docker://127.0.0.1:{port}/x/refused:v1")]);
+        assert_eq!(out.code, 125, "a refused push fails ({status}): {out}");
+        assert!(out.stdout.is_empty(), "no digest for a push that did not happen: {out}");
+        assert!(!out.stderr.contains("pushed '"), "{out}");
+        assert!(either.iter().any(|e| out.stderr.contains(e)), "{either:?}: {out}");
+        out.plyroot_error(&needles);
+        assert!(seen.lock().unwrap().iter().any(|l| l.starts_with("PUT /v2/x/refused/blobs/uploads/u1?digest=sha256%3A")), "the upload was tried: {:?}", seen.lock().unwrap());
+    }
+}

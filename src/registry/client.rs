@@ -235,12 +235,17 @@ impl Client {
         let mut put = url.join(&location)?;
         put.path = format!("{}{}digest={}", put.path, if put.path.contains('?') { "&" } else { "?" }, url_encode(digest));
         let mut headers = vec![("Content-Type", "application/octet-stream".to_owned())];
+        if matches!(body, Body::File(_)) {
+            // A registry that refuses the upload (401, 403, 413) says so before the body is sent,
+            // instead of closing the connection under it, which would lose its answer.
+            headers.push(("Expect", "100-continue".to_owned()));
+        }
         if let Some(a) = &self.authorization {
             // Upload locations may be on another host; `fetch` keeps credentials on one origin
             // only for redirects, and an upload location is the registry's own answer.
             headers.push(("Authorization", a.clone()));
         }
-        let resp = self.http.fetch("PUT", &put, &headers, body)?;
+        let resp = self.http.fetch("PUT", &put, &headers, body).map_err(|source| RegistryError::During { what: what.clone(), source })?;
         self.ok(resp, &what, &[201, 204, 200]).map(|_| ())
     }
 

@@ -72,12 +72,19 @@ pub(crate) enum HttpError {
         host: String,
         hint: String,
         #[source]
-        source: ureq::Error,
+        source: Box<ureq::Error>,
     },
     #[error("{method} {url}: {what}")]
     Timeout { method: String, url: String, what: String },
     #[error("{method} {url}: the header {name} cannot be sent (it holds a control character or is malformed)")]
     Header { method: String, url: String, name: String },
+    #[error("{method} {url}: the server closed the connection while the request was being sent, and its answer was lost (it may have refused the upload: not allowed, or too large)")]
+    Closed {
+        method: String,
+        url: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("{method} {url} failed")]
     Io {
         method: String,
@@ -90,7 +97,7 @@ pub(crate) enum HttpError {
         method: String,
         url: String,
         #[source]
-        source: ureq::Error,
+        source: Box<ureq::Error>,
     },
     #[error("{method} {url}: malformed response: {reason}")]
     Malformed { method: String, url: String, reason: String },
@@ -158,7 +165,7 @@ impl Url {
         Ok(u)
     }
 
-    fn same_origin(&self, other: &Url) -> bool {
+    pub(crate) fn same_origin(&self, other: &Url) -> bool {
         self.tls == other.tls && self.host.eq_ignore_ascii_case(&other.host) && self.port == other.port
     }
 
@@ -384,10 +391,15 @@ impl Http {
                     Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => " (if the registry speaks plain HTTP, use --insecure)".to_owned(),
                     _ => String::new(),
                 };
-                HttpError::Tls { host, hint, source: e }
+                HttpError::Tls { host, hint, source: Box::new(e) }
+            }
+            // Our write failed: the server closed while we sent (it answers with its status
+            // first when the request says `Expect: 100-continue`, which uploads do).
+            ureq::Error::Io(source) if matches!(source.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) && matches!(method.as_str(), "PUT" | "POST" | "PATCH") => {
+                HttpError::Closed { method, url: url.to_string(), source }
             }
             ureq::Error::Io(source) => HttpError::Io { method, url: url.to_string(), source },
-            source => HttpError::Client { method, url: url.to_string(), source },
+            source => HttpError::Client { method, url: url.to_string(), source: Box::new(source) },
         }
     }
 }

@@ -34,6 +34,13 @@ pub(crate) use reference::{Platform, Reference};
 pub(crate) enum RegistryError {
     #[error(transparent)]
     Http(#[from] http::HttpError),
+    /// An HTTP failure in the middle of a named step (an upload).
+    #[error("{what}")]
+    During {
+        what: String,
+        #[source]
+        source: http::HttpError,
+    },
     #[error("{what}: the registry answered HTTP {status}{hint}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
     Status { what: String, status: u16, detail: String, hint: String },
     #[error("cannot authenticate with {registry}: {reason}")]
