@@ -878,3 +878,106 @@ fn a_refused_upload_fails_the_push_with_the_registry_status() {
         assert!(seen.lock().unwrap().iter().any(|l| l.starts_with("PUT /v2/x/refused/blobs/uploads/u1?digest=sha256%3A")), "the upload was tried: {:?}", seen.lock().unwrap());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Credentials stay with their registry
+// ---------------------------------------------------------------------------------------------
+
+/// A server on loopback that answers every request with `answer(request head, its own port)`
+/// (keeping the connection) and records each request's head, headers included.
+fn scripted_server(answer: impl Fn(&str, u16) -> String + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let answer = std::sync::Arc::new(answer);
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(stream) = conn else { continue };
+            let (log, answer) = (log.clone(), answer.clone());
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(stream);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let len: usize = head.lines().find_map(|h| h.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.trim().parse().ok())).unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    let _ = r.read_exact(&mut body);
+                    log.lock().unwrap().push(head.clone());
+                    let reply = answer(&head, port);
+                    if r.get_mut().write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+const STORED_AUTH: &str = "dXNlcjpzdG9yZWQtcGFzc3dvcmQ="; // base64("user:stored-password")
+
+/// docker's config.json with the stored password for the registry on `port`.
+fn stored_auth(port: u16) -> String {
+    format!(r#"{{"auths":{{"127.0.0.1:{port}":{{"auth":"{STORED_AUTH}"}}}}}}"#)
+}
+
+#[test]
+fn a_401_from_where_a_redirect_led_gets_no_credentials() {
+    // Where the registry's redirect leads: it asks for a bearer token from a realm on itself.
+    let (evil, evil_seen) = scripted_server(|head, port| {
+        if head.starts_with("GET /token") {
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"token\":\"abc\"}".to_owned()
+        } else {
+            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"evil\"\r\nContent-Length: 0\r\n\r\n")
+        }
+    });
+    let (reg, _) = scripted_server(move |_, _| format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{evil}/storage/blob\r\nContent-Length: 0\r\n\r\n"));
+    let s = Store::new();
+    let out = with_docker_config(&s, &["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/y:t")], &stored_auth(reg), &s.path("no-helpers"));
+    out.plyroot_error(&["401"]);
+    let seen = evil_seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the redirect was followed");
+    for head in &seen {
+        assert!(!head.to_ascii_lowercase().contains("authorization"), "no credential reached another origin: {head}");
+        assert!(!head.starts_with("GET /token"), "no token was asked of a realm the registry did not name: {head}");
+    }
+}
+
+#[test]
+fn stored_credentials_go_to_a_plain_http_realm_only_on_the_registry_origin() {
+    // The registry names a token service on another port, over plain HTTP.
+    let (realm, realm_seen) = scripted_server(|_, _| "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"token\":\"anon\"}".to_owned());
+    let challenge = move |head: &str, port: u16| {
+        if head.to_ascii_lowercase().contains("authorization: bearer") {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
+        } else if head.starts_with("GET /token") {
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"token\":\"own\"}".to_owned()
+        } else {
+            let at = if head.contains("/x/own/") { port } else { realm };
+            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{at}/token\",service=\"reg\"\r\nContent-Length: 0\r\n\r\n")
+        }
+    };
+    let (reg, reg_seen) = scripted_server(challenge);
+    let s = Store::new();
+    let out = with_docker_config(&s, &["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/other:t")], &stored_auth(reg), &s.path("no-helpers"));
+    let out = out.plyroot_error(&["404"]);
+    assert!(out.stderr.contains("without the stored credentials"), "it says why: {out}");
+    let seen = realm_seen.lock().unwrap().clone();
+    assert!(seen.len() == 1 && seen[0].starts_with("GET /token"), "a token was asked for: {seen:?}");
+    assert!(!seen[0].to_ascii_lowercase().contains("authorization"), "but without the password: {seen:?}");
+    // A realm on the registry's own origin gets them.
+    let out = with_docker_config(&s, &["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/own:t")], &stored_auth(reg), &s.path("no-helpers"));
+    out.plyroot_error(&["404"]);
+    let seen = reg_seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|h| h.starts_with("GET /token") && h.contains(&format!("uthorization: Basic {STORED_AUTH}"))), "{seen:?}");
+}

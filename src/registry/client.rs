@@ -5,6 +5,12 @@
 //! far; a 401's `WWW-Authenticate` says what to do: `Basic` → the user's credentials, `Bearer
 //! realm=…,service=…,scope=…` → GET a token from the realm (with the credentials, when there are
 //! any, else anonymously), then the request is sent again once.
+//!
+//! Credentials stay with their registry: only a 401 from the registry's own origin is answered
+//! (not one from where a redirect led); stored credentials go to a realm only over TLS or on the
+//! registry's own origin; redirects drop `Authorization` when they leave the origin; and an
+//! upload `Location` on another origin gets a bearer token (as podman sends it) but never basic
+//! credentials.
 
 use std::io::Read;
 
@@ -69,6 +75,12 @@ impl Client {
     pub(crate) fn request(&mut self, method: &str, url: &Url, headers: &[(&str, String)], body: &[u8]) -> Result<Response, RegistryError> {
         let resp = self.send(method, url, headers, body)?;
         if resp.status != 401 {
+            return Ok(resp);
+        }
+        if !resp.url.same_origin(&self.base) {
+            // A 401 from where a redirect led (storage, a CDN) is not the registry asking: its
+            // challenge could name any realm. The caller reports the status.
+            crate::diag::debug!("{method} {url}: {} answered 401 and is not {}: not authenticating with it", resp.url, self.base);
             return Ok(resp);
         }
         let challenge = resp.header("www-authenticate").map(str::to_owned);
@@ -139,6 +151,15 @@ impl Client {
         if let Some(s) = c.params.get("scope").filter(|s| **s != scope) {
             params.push(format!("scope={}", url_encode(s)));
         }
+        // Stored credentials go to the realm the registry's own challenge names (Docker Hub's is
+        // auth.docker.io) only over TLS, or on the registry's own origin.
+        let creds = match creds {
+            Some(_) if !realm_url.tls && !realm_url.same_origin(&self.base) => {
+                crate::diag::warn!("{registry} names a token service on another host over plain HTTP ({realm_url}): asking it for a token without the stored credentials");
+                None
+            }
+            c => c,
+        };
         let resp = match creds {
             Some(Credentials::IdentityToken(refresh)) => {
                 params.extend(["grant_type=refresh_token".to_owned(), "client_id=plyroot".to_owned(), format!("refresh_token={}", url_encode(refresh))]);
@@ -240,9 +261,10 @@ impl Client {
             // instead of closing the connection under it, which would lose its answer.
             headers.push(("Expect", "100-continue".to_owned()));
         }
-        if let Some(a) = &self.authorization {
-            // Upload locations may be on another host; `fetch` keeps credentials on one origin
-            // only for redirects, and an upload location is the registry's own answer.
+        if let Some(a) = self.authorization.as_ref().filter(|a| put.same_origin(&url) || a.starts_with("Bearer ")) {
+            // An upload location on another origin gets a bearer token, as podman sends it (the
+            // token is the registry's answer for this repository, short-lived and scoped), never
+            // basic credentials (the stored password).
             headers.push(("Authorization", a.clone()));
         }
         let resp = self.http.fetch("PUT", &put, &headers, body).map_err(|source| RegistryError::During { what: what.clone(), source })?;
@@ -302,7 +324,7 @@ pub(crate) fn url_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::http::tests::serve;
+    use crate::registry::http::tests::{serve, serve_at};
 
     #[test]
     fn encodes_query_values() {
@@ -310,53 +332,77 @@ mod tests {
     }
 
     /// The bearer flow: 401 with a challenge, a token from the realm (with stored credentials
-    /// sent as basic auth), the request again with the token.
+    /// sent as basic auth: the realm is on the registry's origin), the request again with the
+    /// token, all on one connection.
     #[test]
     fn bearer_token_flow() {
         let manifest = br#"{"schemaVersion":2}"#;
         let digest = crate::registry::sha256(manifest);
-        let (token_addr, token_server) = serve(vec![b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"token\":\"t0k3n\"}".to_vec()]);
-        let (addr, server) = serve(vec![
-            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{token_addr}/token\",service=\"reg\",scope=\"repository:x/y:pull\"\r\nContent-Length: 0\r\n\r\n").into_bytes(),
-            format!("HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nDocker-Content-Digest: {digest}\r\nContent-Length: {}\r\n\r\n{}", manifest.len(), String::from_utf8_lossy(manifest)).into_bytes(),
-        ]);
+        let (addr, server) = serve_at(|addr| {
+            vec![
+                format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"reg\",scope=\"repository:x/y:pull\"\r\nContent-Length: 0\r\n\r\n").into_bytes(),
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"token\":\"t0k3n\"}".to_vec(),
+                format!("HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nDocker-Content-Digest: {digest}\r\nContent-Length: {}\r\n\r\n{}", manifest.len(), String::from_utf8_lossy(manifest)).into_bytes(),
+            ]
+        });
         let r = Reference::parse(&format!("{addr}/x/y:t")).unwrap();
         let mut c = Client::new(&r, false).unwrap();
         c.base.tls = false;
         c.creds = Some(Some(Credentials::Password { user: "u".into(), password: "p".into() }));
         let (body, mt) = c.manifest("t").unwrap();
         assert_eq!((body.as_slice(), mt.as_str()), (&manifest[..], "application/vnd.oci.image.manifest.v1+json"));
-        let token_req = &token_server.join().unwrap()[0];
-        assert!(token_req.starts_with("#1 GET /token?service=reg&scope=repository%3Ax%2Fy%3Apull HTTP/1.1"), "{token_req}");
-        assert!(token_req.to_ascii_lowercase().contains("authorization: basic dtpw"), "{token_req}");
-        let seen: Vec<String> = server.join().unwrap().iter().map(|s| s.to_ascii_lowercase()).collect();
+        let seen = server.join().unwrap();
+        assert!(seen[1].starts_with("#1 GET /token?service=reg&scope=repository%3Ax%2Fy%3Apull HTTP/1.1"), "{seen:?}");
+        let seen: Vec<String> = seen.iter().map(|s| s.to_ascii_lowercase()).collect();
+        assert!(seen[1].contains("authorization: basic dtpw"), "{seen:?}");
         assert!(!seen[0].contains("authorization"), "{seen:?}");
-        assert!(seen[1].contains("authorization: bearer t0k3n") && seen[1].contains("accept: application/vnd.oci.image.index.v1+json"), "{seen:?}");
-        assert!(seen.iter().all(|s| s.starts_with("#1 ")), "the retry with the token reuses the connection: {seen:?}");
+        assert!(seen[2].contains("authorization: bearer t0k3n") && seen[2].contains("accept: application/vnd.oci.image.index.v1+json"), "{seen:?}");
+        assert!(seen.iter().all(|s| s.starts_with("#1 ")), "the token and the retry reuse the connection: {seen:?}");
     }
 
     /// An identity token (docker's `identitytoken`, a helper's `<token>` user) is traded at the
     /// realm with docker's OAuth2 POST, never sent as basic auth.
     #[test]
     fn identity_tokens_are_traded_for_access_tokens() {
-        let (token_addr, token_server) = serve(vec![b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 25\r\n\r\n{\"access_token\":\"acc3ss\"}".to_vec()]);
-        let (addr, server) = serve(vec![
-            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{token_addr}/token\",service=\"reg\"\r\nContent-Length: 0\r\n\r\n").into_bytes(),
-            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec(),
-        ]);
+        let (addr, server) = serve_at(|addr| {
+            vec![
+                format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://{addr}/token\",service=\"reg\"\r\nContent-Length: 0\r\n\r\n").into_bytes(),
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 25\r\n\r\n{\"access_token\":\"acc3ss\"}".to_vec(),
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec(),
+            ]
+        });
         let r = Reference::parse(&format!("{addr}/x/y:t")).unwrap();
         let mut c = Client::new(&r, true).unwrap();
         c.base.tls = false;
         c.creds = Some(Some(Credentials::IdentityToken("refr/esh".into())));
         assert!(c.has_blob(&format!("sha256:{}", "0".repeat(64))).unwrap());
-        let token_req = &token_server.join().unwrap()[0];
+        let seen = server.join().unwrap();
+        let token_req = &seen[1];
         assert!(token_req.starts_with("#1 POST /token HTTP/1.1"), "{token_req}");
         assert!(token_req.to_ascii_lowercase().contains("content-type: application/x-www-form-urlencoded"), "{token_req}");
         let body = token_req.lines().last().unwrap();
         assert_eq!(body, "service=reg&scope=repository%3Ax%2Fy%3Apull%2Cpush&grant_type=refresh_token&client_id=plyroot&refresh_token=refr%2Fesh");
         assert!(!token_req.to_ascii_lowercase().contains("authorization"), "{token_req}");
-        let seen = server.join().unwrap();
-        assert!(seen[1].to_ascii_lowercase().contains("authorization: bearer acc3ss"), "{seen:?}");
+        assert!(seen[2].to_ascii_lowercase().contains("authorization: bearer acc3ss"), "{seen:?}");
+    }
+
+    /// An upload location on another origin gets a bearer token, as podman sends it, but never
+    /// basic credentials.
+    #[test]
+    fn upload_locations_elsewhere_get_tokens_not_passwords() {
+        for (auth, sent) in [("Basic dTpw", false), ("Bearer t0k3n", true)] {
+            let (storage, storage_server) = serve(vec![b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n".to_vec()]);
+            let (addr, server) = serve(vec![format!("HTTP/1.1 202 Accepted\r\nLocation: http://{storage}/upload/1?state=x\r\nContent-Length: 0\r\n\r\n").into_bytes()]);
+            let mut c = Client::new(&Reference::parse(&format!("{addr}/x/y:t")).unwrap(), true).unwrap();
+            c.base.tls = false;
+            c.authorization = Some(auth.to_owned());
+            c.upload(&crate::registry::sha256(b"data"), Body::Bytes(b"data")).unwrap();
+            let post = server.join().unwrap().remove(0).to_ascii_lowercase();
+            assert!(post.contains(&format!("authorization: {}", auth.to_ascii_lowercase())), "the registry itself gets either: {post}");
+            let put = storage_server.join().unwrap().remove(0);
+            assert!(put.contains("PUT /upload/1?state=x&digest=sha256%3A"), "{put}");
+            assert_eq!(put.to_ascii_lowercase().contains("authorization"), sent, "{auth}: {put}");
+        }
     }
 
     #[test]

@@ -584,8 +584,14 @@ pub(crate) mod tests {
     /// for a connection to be reused); the requests it saw come back from the join handle, each
     /// prefixed with the number of the connection it came on.
     pub(crate) fn serve(answers: Vec<Vec<u8>>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        serve_at(|_| answers)
+    }
+
+    /// [`serve`] with answers that may name the server's own address.
+    pub(crate) fn serve_at(answers: impl FnOnce(&str) -> Vec<Vec<u8>>) -> (String, std::thread::JoinHandle<Vec<String>>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
+        let answers = answers(&addr);
         let h = std::thread::spawn(move || {
             let mut seen = Vec::new();
             let mut answers = answers.into_iter();
