@@ -981,3 +981,23 @@ fn stored_credentials_go_to_a_plain_http_realm_only_on_the_registry_origin() {
     let seen = reg_seen.lock().unwrap().clone();
     assert!(seen.iter().any(|h| h.starts_with("GET /token") && h.contains(&format!("uthorization: Basic {STORED_AUTH}"))), "{seen:?}");
 }
+
+#[test]
+fn redirect_targets_are_urls_with_a_scheme_in_any_case() {
+    let (reg, seen) = scripted_server(|head, port| {
+        let to = if head.starts_with("GET /v2/x/file/") {
+            "file:///etc/passwd".to_owned()
+        } else if head.starts_with("GET /v2/x/upper/") {
+            format!("HTTP://127.0.0.1:{port}/elsewhere")
+        } else {
+            return "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned();
+        };
+        format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\n\r\n")
+    });
+    let s = Store::new();
+    s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/file:t")]).plyroot_error(&["file:///etc/passwd", "http:// or https:// only"]);
+    s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/upper:t")]).plyroot_error(&["404"]);
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|h| h.starts_with("GET /elsewhere ")), "HTTP:// is a scheme, not a relative path: {seen:?}");
+    assert!(!seen.iter().any(|h| h.contains("passwd")), "{seen:?}");
+}

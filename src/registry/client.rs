@@ -54,7 +54,7 @@ impl Client {
     pub(crate) fn new(reference: &Reference, push: bool) -> Result<Client, RegistryError> {
         let insecure = super::insecure(&reference.registry);
         let base = Url::parse(&format!("{}://{}/", if insecure { "http" } else { "https" }, reference.api_host()))?;
-        let http = Http::new(&base.authority());
+        let http = Http::new(&base.authority(), insecure);
         Ok(Client { http, base, reference: reference.clone(), actions: if push { "pull,push" } else { "pull" }, creds: None, authorization: None })
     }
 

@@ -103,6 +103,8 @@ pub(crate) enum HttpError {
     Malformed { method: String, url: String, reason: String },
     #[error("{url}: more than {MAX_REDIRECTS} redirects")]
     Redirects { url: String },
+    #[error("{from} redirected to {to}, from TLS to plain HTTP: refused (with --insecure it is followed)")]
+    Downgrade { from: String, to: String },
 }
 
 /// An `http://` or `https://` URL, split the way a request needs it.
@@ -147,9 +149,19 @@ impl Url {
     }
 
     /// Resolves a `Location` header against this URL.
+    /// Any scheme (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`, then `:`) makes it
+    /// absolute: `http` and `https` in any case are followed, every other one is refused.
     pub(crate) fn join(&self, location: &str) -> Result<Url, HttpError> {
-        if location.starts_with("http://") || location.starts_with("https://") {
-            return Url::parse(location);
+        let scheme_len = location.find(':').filter(|&i| {
+            let s = &location.as_bytes()[..i];
+            !s.is_empty() && s[0].is_ascii_alphabetic() && s.iter().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(b))
+        });
+        if let Some(i) = scheme_len {
+            let scheme = location[..i].to_ascii_lowercase();
+            if scheme != "http" && scheme != "https" {
+                return Err(HttpError::Url { url: crate::text::escape(location).into_owned(), reason: "a redirect may lead to http:// or https:// only" });
+            }
+            return Url::parse(&format!("{scheme}{}", &location[i..]));
         }
         if let Some(rest) = location.strip_prefix("//") {
             return Url::parse(&format!("{}://{rest}", if self.tls { "https" } else { "http" }));
@@ -265,11 +277,14 @@ pub(crate) struct Http {
     proxies: Proxies,
     /// The registry whose certs.d CAs the agent trusts.
     registry: String,
+    /// Whether a redirect may lead from https to http (`--insecure` for this registry).
+    insecure: bool,
 }
 
 impl Http {
-    /// A client for one operation on `registry` (`host[:port]`, as certs.d names it).
-    pub(crate) fn new(registry: &str) -> Http {
+    /// A client for one operation on `registry` (`host[:port]`, as certs.d names it); with
+    /// `insecure`, plain HTTP is acceptable, also after a redirect from TLS.
+    pub(crate) fn new(registry: &str, insecure: bool) -> Http {
         let config = Config::builder()
             .http_status_as_error(false)
             .max_redirects(0)
@@ -283,7 +298,7 @@ impl Http {
             .tls_config(tls_config(registry))
             .build();
         let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), InlineResolver);
-        Http { agent, proxies: Proxies::from_env(), registry: registry.to_owned() }
+        Http { agent, proxies: Proxies::from_env(), registry: registry.to_owned(), insecure }
     }
 
     /// Sends a request, following redirects for GET and HEAD. `headers` are sent as given, except
@@ -301,10 +316,19 @@ impl Http {
             }
             let Some(location) = resp.header("location") else { return Ok(resp) };
             let next = url.join(location)?;
+            self.check_redirect(&url, &next)?;
             crate::diag::debug!("{method} {url}: redirected to {next}");
             url = next;
         }
         Err(HttpError::Redirects { url: origin.to_string() })
+    }
+
+    /// A redirect from TLS to plain HTTP is followed only for an insecure registry.
+    fn check_redirect(&self, from: &Url, to: &Url) -> Result<(), HttpError> {
+        if from.tls && !to.tls && !self.insecure {
+            return Err(HttpError::Downgrade { from: from.to_string(), to: to.to_string() });
+        }
+        Ok(())
     }
 
     /// One request, on a pooled connection when there is one.
@@ -549,8 +573,24 @@ pub(crate) mod tests {
         assert_eq!(other.to_string(), "https://s3.example/bucket/blob", "no query in messages");
         assert!(!other.same_origin(&base));
         assert_eq!(base.join("//cdn.example/x").unwrap().authority(), "cdn.example");
+        assert_eq!(base.join("HTTPS://Other.example/b").unwrap().to_string(), "https://Other.example/b", "schemes in any case");
+        assert_eq!(base.join("HtTp://h:1/c").unwrap().path, "/c");
+        for bad in ["file:///etc/passwd", "gopher://x/", "FTP://x/", "javascript:alert(1)", "data:,x"] {
+            let e = base.join(bad).unwrap_err().to_string();
+            assert!(e.contains("http:// or https:// only"), "{bad}: {e}");
+        }
+        assert_eq!(base.join("a/b:c").unwrap().path, "/v2/x/blobs/uploads/a/b:c", "a colon after a slash is no scheme");
         assert!(base.join("/a b").unwrap().uri().is_err(), "a space never reaches a request line");
         assert!(base.join("/a\rX-Injected: 1").unwrap().uri().is_err());
+    }
+
+    #[test]
+    fn redirects_from_tls_to_plain_http_only_when_insecure() {
+        let (tls, plain) = (Url::parse("https://reg.example/v2/").unwrap(), Url::parse("http://cdn.example/b").unwrap());
+        let e = Http::new("reg.example", false).check_redirect(&tls, &plain).unwrap_err().to_string();
+        assert!(e.contains("from TLS to plain HTTP") && e.contains("--insecure"), "{e}");
+        assert!(Http::new("reg.example", true).check_redirect(&tls, &plain).is_ok());
+        assert!(Http::new("reg.example", false).check_redirect(&plain, &tls).is_ok());
     }
 
     #[test]
@@ -623,7 +663,7 @@ pub(crate) mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: y\r\n\r\n".to_vec(),
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
         ]);
-        let http = Http::new(&addr);
+        let http = Http::new(&addr, true);
         let url = Url::parse(&format!("http://{addr}/v2/x/blobs/sha256:1")).unwrap();
         let resp = http.fetch("GET", &url, &[("Authorization", "Bearer t".into())], Body::Empty).unwrap();
         assert_eq!(resp.status, 200);
@@ -640,7 +680,7 @@ pub(crate) mod tests {
     fn redirect_to_another_origin_drops_authorization() {
         let (storage, storage_server) = serve(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec()]);
         let (addr, server) = serve(vec![format!("HTTP/1.1 302 Found\r\nLocation: http://{storage}/b\r\nContent-Length: 0\r\n\r\n").into_bytes()]);
-        let http = Http::new(&addr);
+        let http = Http::new(&addr, true);
         let url = Url::parse(&format!("http://{addr}/v2/x/blobs/sha256:1")).unwrap();
         let resp = http.fetch("GET", &url, &[("Authorization", "Bearer secret".into())], Body::Empty).unwrap();
         assert_eq!(resp.bytes(10).unwrap(), b"ok");
@@ -657,7 +697,7 @@ pub(crate) mod tests {
             b"HTTP/1.1 201 Created\r\nContent-Length: 13\r\n\r\nuntil the end".to_vec(),
             b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n".to_vec(),
         ]);
-        let http = Http::new(&addr);
+        let http = Http::new(&addr, true);
         let url = Url::parse(&format!("http://{addr}/")).unwrap();
         assert!(http.fetch("GET", &url, &[], Body::Empty).unwrap().bytes(100).is_err(), "a body shorter than its length is an error");
         let resp = http.fetch("PUT", &url, &[], Body::Bytes(b"data")).unwrap();
@@ -671,7 +711,7 @@ pub(crate) mod tests {
 
     #[test]
     fn header_values_with_line_breaks_are_refused() {
-        let http = Http::new("127.0.0.1:9");
+        let http = Http::new("127.0.0.1:9", true);
         let url = Url::parse("http://127.0.0.1:9/").unwrap();
         let e = http.fetch("GET", &url, &[("Authorization", "Bearer t\r\nX-Injected: yes".into())], Body::Empty).unwrap_err();
         let msg = e.to_string();
@@ -680,7 +720,7 @@ pub(crate) mod tests {
 
     #[test]
     fn socks_proxies_are_refused_clearly() {
-        let mut http = Http::new("reg.example");
+        let mut http = Http::new("reg.example", false);
         http.proxies = Proxies::from_lookup(|k| (k == "HTTPS_PROXY").then(|| "socks5://u:pw@p:1080".to_owned()));
         let e = http.fetch("GET", &Url::parse("https://reg.example/v2/").unwrap(), &[], Body::Empty).unwrap_err().to_string();
         assert!(e.contains("HTTPS_PROXY") && e.contains("SOCKS") && !e.contains("pw"), "{e}");
