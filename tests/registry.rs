@@ -1001,3 +1001,34 @@ fn redirect_targets_are_urls_with_a_scheme_in_any_case() {
     assert!(seen.iter().any(|h| h.starts_with("GET /elsewhere ")), "HTTP:// is a scheme, not a relative path: {seen:?}");
     assert!(!seen.iter().any(|h| h.contains("passwd")), "{seen:?}");
 }
+
+#[test]
+fn a_layer_without_a_size_is_refused_before_any_download() {
+    let layer = format!("sha256:{}", "a".repeat(64));
+    let config = serde_json::to_vec(&serde_json::json!({ "architecture": host_arch(), "os": "linux", "rootfs": { "type": "layers", "diff_ids": [layer] } })).unwrap();
+    let config_digest = sha256(&config);
+    let manifest = serde_json::to_string(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len() },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer }],
+    }))
+    .unwrap();
+    let config_path = format!("GET /v2/x/nosize/blobs/{config_digest} ");
+    let (reg, seen) = scripted_server(move |head, _| {
+        let (ty, body) = if head.starts_with("GET /v2/x/nosize/manifests/t ") {
+            ("application/vnd.oci.image.manifest.v1+json", manifest.clone())
+        } else if head.starts_with(&config_path) {
+            ("application/octet-stream", String::from_utf8(config.clone()).unwrap())
+        } else {
+            // The layer: endless, were it asked for.
+            return "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n".to_owned() + &"x".repeat(1 << 20);
+        };
+        format!("HTTP/1.1 200 OK\r\nContent-Type: {ty}\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    });
+    let s = Store::new();
+    s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/nosize:t")]).plyroot_error(&["no size", "sha256:aaaa"]);
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.iter().any(|h| h.contains(&"a".repeat(64))), "the layer was never asked for: {seen:?}");
+    assert_eq!(s.layer_dir_entries(), 0);
+}

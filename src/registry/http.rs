@@ -10,9 +10,11 @@
 //! - TLS through rustls with the ring provider: Mozilla's roots (built in, so a static plyroot
 //!   works on hosts without a CA bundle), the host's bundle, and the per-registry CA files that
 //!   podman and docker read (`/etc/containers/certs.d/HOST[:PORT]/*.crt`, `/etc/docker/certs.d/…`).
-//! - Deadlines: [`CONNECT_TIMEOUT`] to connect (through a proxy and TLS included), and
-//!   [`IO_TIMEOUT`] for each read and each write, so a registry that goes silent fails the
-//!   command instead of hanging it, while a slow but moving download of any size completes.
+//! - Deadlines: [`CONNECT_TIMEOUT`] to connect (through a proxy and TLS included),
+//!   [`IO_TIMEOUT`] for each read and each write, [`HEAD_TIMEOUT`] for a response head (endless
+//!   `100 Continue`s included), and a body must bring at least 1 KiB/s averaged over each
+//!   minute ([`RATE_WINDOW`]), so a registry that goes silent or trickles fails the command
+//!   instead of holding it, while a slow but moving download of any size completes.
 //! - No thread, ever: plyroot creates user namespaces later in the same process, which a second
 //!   thread would make fail. ureq's own resolver starts one when a resolve or overall deadline is
 //!   set; plyroot sets neither and plugs a resolver that resolves on the calling thread anyway
@@ -43,6 +45,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A registry that sends (or takes) nothing for this long is gone; the command fails instead of
 /// hanging.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// The whole response head, interim `1xx` responses included, must arrive within this.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// A body must bring at least [`MIN_WINDOW_BYTES`] in every window of this length: a server
+/// that trickles (a byte a second passes every per-read deadline) cannot hold a transfer open.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+const MIN_WINDOW_BYTES: u64 = 60 * 1024;
 /// A response head larger than this is not from a registry.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 const MAX_REDIRECTS: usize = 10;
@@ -223,6 +231,7 @@ pub(crate) struct Response {
     pub method: String,
     headers: h::HeaderMap,
     body: ureq::BodyReader<'static>,
+    rate: Rate,
 }
 
 impl fmt::Debug for Response {
@@ -235,10 +244,6 @@ impl Response {
     /// The first header of that name (case-insensitive), when it is text.
     pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    pub(crate) fn content_length(&self) -> Option<u64> {
-        self.header("content-length").and_then(|v| v.trim().parse().ok())
     }
 
     /// The whole body, refusing more than `limit` bytes.
@@ -267,7 +272,35 @@ impl Response {
 
 impl Read for Response {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.body.read(buf)
+        let start = std::time::Instant::now();
+        let n = self.body.read(buf)?;
+        self.rate.check(start.elapsed(), n).map_err(|slow| io::Error::new(io::ErrorKind::TimedOut, format!("{} {slow}", self.url.authority())))?;
+        Ok(n)
+    }
+}
+
+/// The minimum transfer rate of a body: at least [`MIN_WINDOW_BYTES`] in each [`RATE_WINDOW`]
+/// spent waiting for the server. Only the time inside reads counts, so a slow consumer (a disk,
+/// a long fsync) is never blamed on the server.
+#[derive(Default)]
+struct Rate {
+    waited: Duration,
+    bytes: u64,
+}
+
+impl Rate {
+    /// Counts a read of `n` bytes that took `spent`; the error says how slow the window was.
+    fn check(&mut self, spent: Duration, n: usize) -> Result<(), String> {
+        self.waited += spent;
+        self.bytes += n as u64;
+        if self.waited < RATE_WINDOW {
+            return Ok(());
+        }
+        if self.bytes < MIN_WINDOW_BYTES && n > 0 {
+            return Err(format!("sent {} bytes in {} s, less than 1 KiB/s: giving up", self.bytes, self.waited.as_secs()));
+        }
+        *self = Rate::default();
+        Ok(())
     }
 }
 
@@ -295,6 +328,8 @@ impl Http {
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .timeout_per_read(Some(IO_TIMEOUT))
             .timeout_per_write(Some(IO_TIMEOUT))
+            // Not a resolve or global deadline: those would make ureq resolve on a thread.
+            .timeout_recv_response(Some(HEAD_TIMEOUT))
             .tls_config(tls_config(registry))
             .build();
         let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), InlineResolver);
@@ -352,7 +387,7 @@ impl Http {
         let resp = result.map_err(|e| self.error(method, url, proxy.as_ref().map(|(s, _)| s), e))?;
         let status = resp.status().as_u16();
         let (parts, body) = resp.into_parts();
-        Ok(Response { status, url: url.clone(), method: method.to_owned(), headers: parts.headers, body: body.into_reader() })
+        Ok(Response { status, url: url.clone(), method: method.to_owned(), headers: parts.headers, body: body.into_reader(), rate: Rate::default() })
     }
 
     fn run(&self, req: h::request::Builder, body: impl ureq::AsSendBody, url: &Url, proxy: &Option<(Setting, ureq::Proxy)>) -> Result<h::Response<ureq::Body>, ureq::Error> {
@@ -447,6 +482,7 @@ fn timeout_text(t: ureq::Timeout) -> String {
         ureq::Timeout::Connect => format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()),
         ureq::Timeout::PerRead => format!("nothing received for {} s", IO_TIMEOUT.as_secs()),
         ureq::Timeout::PerWrite => format!("nothing could be sent for {} s", IO_TIMEOUT.as_secs()),
+        ureq::Timeout::RecvResponse => format!("no complete answer within {} s", HEAD_TIMEOUT.as_secs()),
         other => format!("timed out ({other})"),
     }
 }
@@ -591,6 +627,27 @@ pub(crate) mod tests {
         assert!(e.contains("from TLS to plain HTTP") && e.contains("--insecure"), "{e}");
         assert!(Http::new("reg.example", true).check_redirect(&tls, &plain).is_ok());
         assert!(Http::new("reg.example", false).check_redirect(&plain, &tls).is_ok());
+    }
+
+    #[test]
+    fn a_trickling_body_fails_a_moving_one_passes() {
+        let sec = Duration::from_secs(1);
+        let mut r = Rate::default();
+        // One byte a second: fine until a window has passed, then an error.
+        for _ in 1..60 {
+            r.check(sec, 1).unwrap();
+        }
+        let e = r.check(sec, 1).unwrap_err();
+        assert!(e.contains("60 bytes in 60 s"), "{e}");
+        // 2 KiB a second over several windows: fine.
+        let mut r = Rate::default();
+        for _ in 1..=300 {
+            r.check(sec, 2048).unwrap();
+        }
+        // The end of the body (a read of 0) after a slow last window is no error.
+        let mut r = Rate::default();
+        r.check(10 * sec, 100).unwrap();
+        r.check(60 * sec, 0).unwrap();
     }
 
     #[test]
