@@ -1032,3 +1032,20 @@ fn a_layer_without_a_size_is_refused_before_any_download() {
     assert!(!seen.iter().any(|h| h.contains(&"a".repeat(64))), "the layer was never asked for: {seen:?}");
     assert_eq!(s.layer_dir_entries(), 0);
 }
+
+#[test]
+fn a_token_with_a_line_break_never_becomes_a_header() {
+    let (reg, seen) = scripted_server(|head, port| {
+        if head.starts_with("GET /token") {
+            let body = r#"{"token":"abc\r\nX-Injected: yes"}"#;
+            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        } else {
+            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"reg\"\r\nContent-Length: 0\r\n\r\n")
+        }
+    });
+    let s = Store::new();
+    s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/y:t")]).plyroot_error(&["token", "control characters"]);
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|h| h.starts_with("GET /token")), "{seen:?}");
+    assert!(!seen.iter().any(|h| h.to_ascii_lowercase().contains("x-injected")), "no injected header: {seen:?}");
+}

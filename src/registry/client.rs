@@ -184,7 +184,12 @@ impl Client {
         let body = resp.bytes(MAX_MANIFEST).map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
         let tok: TokenResponse = serde_json::from_slice(&body).map_err(|e| format!("its token service answered no JSON token: {e}"))?;
         // An OAuth2 answer carries access_token; docker's GET answers token (and often both).
-        Ok(tok.token.or(tok.access_token).filter(|t| !t.is_empty()).ok_or("its token service answered no token")?)
+        let token = tok.token.or(tok.access_token).filter(|t| !t.is_empty()).ok_or("its token service answered no token")?;
+        // It goes into a header of every later request: nothing but token characters.
+        if token.bytes().any(|b| b.is_ascii_control() || b == b' ' || !b.is_ascii()) {
+            return Err(format!("its token service {realm_url} answered a token with spaces or control characters, which plyroot does not send"));
+        }
+        Ok(token)
     }
 
     /// Fetches a manifest (or index) by tag or digest; returns its bytes and media type. A
