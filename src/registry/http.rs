@@ -452,9 +452,12 @@ impl Http {
                 };
                 HttpError::Tls { host, hint, source: Box::new(e) }
             }
-            // Our write failed: the server closed while we sent (it answers with its status
-            // first when the request says `Expect: 100-continue`, which uploads do).
-            ureq::Error::Io(source) if matches!(source.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) && matches!(method.as_str(), "PUT" | "POST" | "PATCH") => {
+            // The server closed while we sent, or before it answered what we sent (it answers
+            // with its status first when the request says `Expect: 100-continue`, which uploads
+            // do). Body reads never come here: this is the request and the response head.
+            ureq::Error::Io(source)
+                if matches!(source.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof) && matches!(method.as_str(), "PUT" | "POST" | "PATCH") =>
+            {
                 HttpError::Closed { method, url: url.to_string(), source }
             }
             ureq::Error::Io(source) => HttpError::Io { method, url: url.to_string(), source },
