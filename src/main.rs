@@ -11,6 +11,7 @@ mod export;
 mod launcher;
 mod manifest;
 mod names;
+mod oci;
 mod progress;
 #[cfg(feature = "registry")]
 mod registry;
@@ -74,13 +75,28 @@ fn finish(r: Result<i32>) -> ExitCode {
     match r {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+            // A reader of our stdout that went away (`plyroot list | head -1`) ends us quietly. Any
+            // other broken pipe (a registry that closed the connection of an upload it refused) is
+            // an error like any other.
+            if stdout_closed() && e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
                 return ExitCode::SUCCESS;
             }
             eprintln!("plyroot: error: {}", text::escape(&text::chain(&e)));
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// Whether our stdout's reader is gone: poll reports an error (a pipe without reader) or a
+/// hang-up (a closed socket) on it.
+fn stdout_closed() -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use std::os::fd::AsFd;
+    let stdout = std::io::stdout();
+    let fd = stdout.as_fd();
+    let mut fds = [PollFd::new(&fd, PollFlags::OUT)];
+    let now = Timespec { tv_sec: 0, tv_nsec: 0 };
+    poll(&mut fds, Some(&now)).is_ok() && fds[0].revents().intersects(PollFlags::ERR | PollFlags::HUP)
 }
 
 /// Hands the command's registry flags to the registry module, which reads them where a

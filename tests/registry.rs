@@ -40,13 +40,26 @@ struct Registry {
 
 impl Registry {
     fn start() -> Result<Registry, String> {
+        Registry::start_with(None)
+    }
+
+    /// A registry that asks for a user and password: `htpasswd` is a line `user:bcrypt-hash`.
+    fn start_with(htpasswd: Option<&str>) -> Result<Registry, String> {
         let bin = tool("docker-registry")?;
         let dir = tempdir();
+        let auth = match htpasswd {
+            Some(line) => {
+                let file = dir.path().join("htpasswd");
+                fs::write(&file, format!("{line}\n")).unwrap();
+                format!("auth:\n  htpasswd:\n    realm: plyroot-test\n    path: {}\n", file.display())
+            }
+            None => String::new(),
+        };
         let mut last = String::new();
         for _ in 0..5 {
             let port = free_port();
             let config = format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
                 dir.path().join("data").display()
             );
             fs::write(dir.path().join("config.yml"), config).unwrap();
@@ -64,7 +77,7 @@ impl Registry {
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
                 }
-                if http(port, "GET", "/v2/", "").0 == 200 {
+                if matches!(http(port, "GET", "/v2/", "").0, 200 | 401) {
                     return Ok(Registry { child, port, dir });
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -335,6 +348,7 @@ fn push_pull_round_trip_keeps_ids_and_moves_nothing_twice() {
     let out = pull(&fresh, &target, &["-v"]).ok();
     assert_eq!(out.lines(), ids, "{out}");
     assert!(out.stderr.contains("0 downloaded") && out.stderr.contains("2 already in the store"), "{out}");
+    assert!(out.stderr.contains("pulled; 1 thread(s)"), "a pull leaves one thread, for the namespaces made after it: {out}");
     assert_eq!(blobs.iter().map(|b| reg.blob_gets(b)).collect::<Vec<_>>(), gets, "the second pull downloaded a layer");
     // `create` takes docker:// sources too, and so does a manifest.
     fresh.plyroot(&["create", "e", "--insecure", "--from", &target]).ok();
@@ -432,7 +446,9 @@ fn a_corrupted_blob_is_refused_and_nothing_is_kept() {
 }
 
 /// A proxy in front of the registry that forwards everything, except that a response whose
-/// request line contains `stall` stops after `after` bytes and then hangs.
+/// request line contains `stall` stops after `after` bytes and then hangs. It forwards one
+/// request per connection, and asks the registry to close after it (so the client does not
+/// reuse the connection).
 fn stalling_proxy(registry: u16, stall: String, after: usize) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -450,7 +466,9 @@ fn stalling_proxy(registry: u16, stall: String, after: usize) -> u16 {
                     head.push(b[0]);
                 }
                 let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", registry)) else { return };
-                upstream.write_all(&head).unwrap();
+                let text = String::from_utf8_lossy(&head[..head.len() - 2]).into_owned();
+                let kept: String = text.split_inclusive("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("connection:")).collect();
+                upstream.write_all(format!("{kept}Connection: close\r\n\r\n").as_bytes()).unwrap();
                 let first = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned();
                 let limit = if first.contains(&stall) { after } else { usize::MAX };
                 let mut sent = 0;
@@ -536,4 +554,498 @@ fn debootstrap_builds_a_root_with_mmdebstrap() {
     s.plyroot(&["verify"]).ok();
     // A bad option is named before anything runs.
     s.plyroot(&["import", "debootstrap:bookworm?colour=blue"]).plyroot_error(&["colour"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Through a proxy
+// ---------------------------------------------------------------------------------------------
+
+/// The registry's name in the proxy tests: it resolves only inside the proxy's own mount
+/// namespace (its /etc/hosts), so a request that bypasses the proxy cannot reach the registry.
+const PROXIED_NAME: &str = "registry.plyroot.test";
+
+/// A tinyproxy on loopback, per test, in a user and mount namespace of its own whose /etc/hosts
+/// names [`PROXIED_NAME`] as 127.0.0.1. Its log records every CONNECT.
+struct Tinyproxy {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+}
+
+impl Tinyproxy {
+    fn start() -> Result<Tinyproxy, String> {
+        let bin = tool("tinyproxy")?;
+        let unshare = tool("unshare")?;
+        userns()?;
+        let dir = tempdir();
+        let hosts = dir.path().join("hosts");
+        fs::write(&hosts, format!("127.0.0.1 localhost\n127.0.0.1 {PROXIED_NAME}\n")).unwrap();
+        let mut last = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = dir.path().join("tinyproxy.conf");
+            // No ConnectPort line: CONNECT to any port (the registry's is random).
+            let text = format!(
+                "Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile \"{}\"\nLogLevel Connect\nMaxClients 20\nAllow 127.0.0.1\n",
+                dir.path().join("log").display()
+            );
+            fs::write(&conf, text).unwrap();
+            let out = fs::File::create(dir.path().join("out")).unwrap();
+            let script = format!("mount --bind {} /etc/hosts && exec {} -d -c {}", hosts.display(), bin.display(), conf.display());
+            let mut child = Command::new(&unshare)
+                .args(["-rm", "sh", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .map_err(|e| format!("cannot start tinyproxy: {e}"))?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Ok(Tinyproxy { child, port, dir });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            last = fs::read_to_string(dir.path().join("out")).unwrap_or_default();
+        }
+        Err(format!("tinyproxy did not come up; its output:\n{last}"))
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The tunnels the proxy opened to `host:port`.
+    fn connects(&self, host_port: &str) -> usize {
+        let log = fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
+        log.lines().filter(|l| l.contains(&format!("CONNECT {host_port} HTTP/1.1"))).count()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `plyroot ARGS` with no proxy setting but `vars`.
+fn with_proxy_env(s: &Store, args: &[&str], vars: &[(&str, &str)]) -> Out {
+    let mut cmd = s.cmd(args);
+    for v in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"] {
+        cmd.env_remove(v);
+    }
+    cmd.envs(vars.iter().copied());
+    run_with(&mut cmd, None, TIMEOUT)
+}
+
+#[test]
+fn pushes_and_pulls_through_a_proxy_and_no_proxy_goes_direct() {
+    if me().regime != Regime::Root {
+        need!(userns());
+    }
+    let reg = need!(Registry::start());
+    let proxy = need!(Tinyproxy::start());
+    let s = Store::new();
+    let ids = need!(two_layer_env(&s, 64 * 1024));
+    let host_port = format!("{PROXIED_NAME}:{}", reg.port);
+    let target = format!("docker://{host_port}/x/proxied:v1");
+
+    // Without a proxy the name does not resolve: nothing below can pass by going direct.
+    with_proxy_env(&s, &["push", "--insecure", "t", &target], &[]).plyroot_error(&["cannot resolve", PROXIED_NAME]);
+    assert_eq!(proxy.connects(&host_port), 0);
+
+    let out = with_proxy_env(&s, &["-v", "push", "--insecure", "t", &target], &[("HTTP_PROXY", &proxy.url())]).ok();
+    assert_layer_id(&out.line());
+    assert!(out.stderr.contains("2 uploaded"), "{out}");
+    assert!(out.stderr.contains("pushed; 1 thread(s)"), "the push left one thread: {out}");
+    let pushed = proxy.connects(&host_port);
+    assert!(pushed >= 1, "the push went through the proxy");
+
+    // A pull (lower-case variable) goes through it on one connection: manifest, config and both
+    // layers on one tunnel.
+    let fresh = Store::new();
+    let out = with_proxy_env(&fresh, &["-v", "import", "--insecure", &target], &[("http_proxy", &proxy.url())]).ok();
+    assert_eq!(out.lines(), ids, "{out}");
+    assert!(out.stderr.contains("2 downloaded"), "{out}");
+    assert!(out.stderr.contains("pulled; 1 thread(s)"), "the pull left one thread: {out}");
+    assert_eq!(proxy.connects(&host_port), pushed + 1, "one tunnel for the whole pull");
+
+    // HTTPS_PROXY is for https:// registries; an http:// one is not sent to it.
+    with_proxy_env(&Store::new(), &["import", "--insecure", &target], &[("HTTPS_PROXY", &proxy.url())]).plyroot_error(&["cannot resolve", PROXIED_NAME]);
+    // NO_PROXY sends the registry direct, where its name does not resolve.
+    for no_proxy in [PROXIED_NAME, ".plyroot.test", &host_port, "*"] {
+        with_proxy_env(&Store::new(), &["import", "--insecure", &target], &[("HTTP_PROXY", &proxy.url()), ("NO_PROXY", no_proxy)]).plyroot_error(&["cannot resolve", PROXIED_NAME]);
+    }
+    // ALL_PROXY is the fallback, and a NO_PROXY entry for another port does not apply.
+    let out = with_proxy_env(&Store::new(), &["import", "--insecure", &target], &[("ALL_PROXY", &proxy.url()), ("no_proxy", &format!("{PROXIED_NAME}:1"))]).ok();
+    assert_eq!(out.lines(), ids, "{out}");
+    assert_eq!(proxy.connects(&host_port), pushed + 2);
+    // A proxy that is not there is named, with what to do.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    with_proxy_env(&Store::new(), &["import", "--insecure", &target], &[("HTTP_PROXY", &dead)]).plyroot_error(&["proxy", &dead, "HTTP_PROXY", "NO_PROXY"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credential helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The user and password of [`Registry::start_with`] in the helper test (bcrypt, cost 4).
+const HELPER_USER: &str = "plyci";
+const HELPER_PASSWORD: &str = "plyroot-secret";
+const HELPER_HTPASSWD: &str = "plyci:$2b$04$YHZmee5t4EFo1tZthmNOse6KdKGc2J.JK6fMchqh1SJH8HJJu7vh2";
+
+/// A directory for PATH with `docker-credential-NAME` scripts: each logs the server it was asked
+/// for to `asked-NAME` and answers the credentials it was given for `server`, else "credentials
+/// not found" with status 1, as docker's helpers do.
+fn helpers(dir: &Path, helpers: &[(&str, &str, &str, &str)]) -> PathBuf {
+    let bin = dir.join("helpers");
+    fs::create_dir_all(&bin).unwrap();
+    for (name, server, user, secret) in helpers {
+        let log = dir.join(format!("asked-{name}"));
+        let script = format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 2\nread -r server\necho \"$server\" >> {log}\nif [ \"$server\" = \"{server}\" ]; then\n  printf '{{\"ServerURL\":\"%s\",\"Username\":\"{user}\",\"Secret\":\"{secret}\"}}' \"$server\"\nelse\n  echo 'credentials not found in native keychain'; exit 1\nfi\n",
+            log = log.display()
+        );
+        let path = bin.join(format!("docker-credential-{name}"));
+        fs::write(&path, script).unwrap();
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+/// `plyroot ARGS` with only `config` (docker's config.json) for credentials and `helpers` first
+/// on PATH.
+fn with_docker_config(s: &Store, args: &[&str], config: &str, helpers: &Path) -> Out {
+    let dir = s.path("docker-config");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("config.json"), config).unwrap();
+    let mut cmd = s.cmd(args);
+    for v in ["REGISTRY_AUTH_FILE", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME"] {
+        cmd.env_remove(v);
+    }
+    let path = format!("{}:{}", helpers.display(), std::env::var("PATH").unwrap_or_default());
+    cmd.env("HOME", s.path("home")).env("DOCKER_CONFIG", &dir).env("PATH", path);
+    run_with(&mut cmd, None, TIMEOUT)
+}
+
+#[test]
+fn credential_helpers_log_in_for_push_and_pull() {
+    if me().regime != Regime::Root {
+        need!(userns());
+    }
+    let reg = need!(Registry::start_with(Some(HELPER_HTPASSWD)));
+    let s = Store::new();
+    let ids = need!(two_layer_env(&s, 16 * 1024));
+    let work = tempdir();
+    let host = reg.host();
+    let bin = helpers(work.path(), &[("plystore", &host, HELPER_USER, HELPER_PASSWORD), ("plyhelper", &host, HELPER_USER, HELPER_PASSWORD), ("plywrong", &host, HELPER_USER, "wrong"), ("plyempty", "elsewhere", "x", "y")]);
+    let target = format!("{}:v1", reg.image("x/private"));
+    let asked = |name: &str| fs::read_to_string(work.path().join(format!("asked-{name}"))).unwrap_or_default();
+
+    // credsStore: the helper is asked for the registry, and its credentials push.
+    let out = with_docker_config(&s, &["push", "--insecure", "t", &target], r#"{"credsStore":"plystore"}"#, &bin).ok();
+    assert!(out.stderr.contains("2 uploaded"), "{out}");
+    assert_eq!(asked("plystore").lines().collect::<Vec<_>>(), [host.as_str()], "asked once, for host:port");
+
+    // credHelpers names the registry's own helper, which wins over credsStore.
+    let config = format!(r#"{{"credsStore":"plywrong","credHelpers":{{"{host}":"plyhelper"}}}}"#);
+    let fresh = Store::new();
+    assert_eq!(with_docker_config(&fresh, &["import", "--insecure", &target], &config, &bin).ok().lines(), ids);
+    assert!(asked("plyhelper").contains(&host) && asked("plywrong").is_empty());
+
+    // Credentials the registry refuses, a helper with nothing for it, a helper that is not
+    // there: the registry's refusal, with what to do.
+    with_docker_config(&Store::new(), &["import", "--insecure", &target], r#"{"credsStore":"plywrong"}"#, &bin).plyroot_error(&[&host, "401", "docker login"]);
+    with_docker_config(&Store::new(), &["import", "--insecure", &target], r#"{"credsStore":"plyempty"}"#, &bin).plyroot_error(&[&host, "docker login"]);
+    let out = with_docker_config(&Store::new(), &["import", "--insecure", &target], r#"{"credsStore":"plymissing"}"#, &bin);
+    assert!(out.stderr.contains("docker-credential-plymissing"), "a missing helper is named: {out}");
+    out.plyroot_error(&[&host, "docker login"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A registry that refuses an upload
+// ---------------------------------------------------------------------------------------------
+
+/// A registry on loopback that takes a push up to the first blob upload and then refuses it:
+/// HEAD of a blob is 404, POST opens an upload session, and the PUT of the blob is answered with
+/// `status` and the connection closed. With `read` 0 it answers as soon as it has the headers (a
+/// client that sent `Expect: 100-continue` gets the answer before sending the body); otherwise
+/// it says `100 Continue`, reads `read` bytes of the body and answers without reading the rest,
+/// so the client's write fails. An empty `status` closes without an answer. Returns its port and
+/// the request lines it saw.
+fn refusing_registry(status: &'static str, read: usize) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(stream) = conn else { continue };
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(stream);
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.trim_end().to_owned());
+                    }
+                    let first = head[0].clone();
+                    log.lock().unwrap().push(first.clone());
+                    let header = |name: &str| head.iter().find_map(|h| h.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_owned()));
+                    let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let s = r.get_mut();
+                    if first.starts_with("PUT ") && first.contains("/blobs/uploads/") {
+                        if read > 0 {
+                            if header("expect").is_some() {
+                                let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+                            }
+                            let mut body = vec![0u8; read.min(len)];
+                            let _ = r.read_exact(&mut body);
+                        }
+                        let text = format!("{{\"errors\":[{{\"code\":\"DENIED\",\"message\":\"refused by the test registry ({status})\"}}]}}");
+                        if !status.is_empty() {
+                            let _ = r.get_mut().write_all(format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len()).as_bytes());
+                        }
+                        let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    let mut body = vec![0u8; len];
+                    let _ = r.read_exact(&mut body);
+                    let answer = if first.starts_with("HEAD ") {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
+                    } else if first.starts_with("POST ") && first.contains("/blobs/uploads/") {
+                        "HTTP/1.1 202 Accepted\r\nLocation: /v2/x/refused/blobs/uploads/u1\r\nContent-Length: 0\r\n\r\n".to_owned()
+                    } else {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
+                    };
+                    if r.get_mut().write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// The other half of the rule: the broken pipe of a stdout whose reader is gone is no error.
+#[test]
+fn a_closed_stdout_still_ends_quietly() {
+    let s = Store::new();
+    let (reader, writer) = rustix::pipe::pipe().unwrap();
+    drop(reader);
+    let out = s.cmd(&["list", "--json"]).stdin(Stdio::null()).stdout(Stdio::from(writer)).stderr(Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_refused_upload_fails_the_push_with_the_registry_status() {
+    if me().regime != Regime::Root {
+        need!(userns());
+    }
+    let s = Store::new();
+    // Layers larger than socket buffers, so that a write into a closed connection fails.
+    need!(two_layer_env(&s, 8 << 20));
+    // With the status before the body (Expect: 100-continue), the status is reported; after part
+    // of the body, the status if it arrived before the connection was reset, else what happened.
+    for (status, read, needles, either) in [
+        ("413 Payload Too Large", 0, vec!["413", "DENIED", "uploading the blob"], ["413", "413"]),
+        ("401 Unauthorized", 0, vec!["401", "uploading the blob"], ["401", "401"]),
+        ("403 Forbidden", 64 * 1024, vec!["uploading the blob"], ["403", "closed the connection"]),
+        ("", 64 * 1024, vec!["uploading the blob"], ["closed the connection", "closed the connection"]),
+    ] {
+        let (port, seen) = refusing_registry(status, read);
+        let out = s.plyroot(&["push", "--insecure", "t", &format!("docker://127.0.0.1:{port}/x/refused:v1")]);
+        assert_eq!(out.code, 125, "a refused push fails ({status}): {out}");
+        assert!(out.stdout.is_empty(), "no digest for a push that did not happen: {out}");
+        assert!(!out.stderr.contains("pushed '"), "{out}");
+        assert!(either.iter().any(|e| out.stderr.contains(e)), "{either:?}: {out}");
+        out.plyroot_error(&needles);
+        assert!(seen.lock().unwrap().iter().any(|l| l.starts_with("PUT /v2/x/refused/blobs/uploads/u1?digest=sha256%3A")), "the upload was tried: {:?}", seen.lock().unwrap());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials stay with their registry
+// ---------------------------------------------------------------------------------------------
+
+/// A server on loopback that answers every request with `answer(request head, its own port)`
+/// (keeping the connection) and records each request's head, headers included.
+fn scripted_server(answer: impl Fn(&str, u16) -> String + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let answer = std::sync::Arc::new(answer);
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(stream) = conn else { continue };
+            let (log, answer) = (log.clone(), answer.clone());
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(stream);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let len: usize = head.lines().find_map(|h| h.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.trim().parse().ok())).unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    let _ = r.read_exact(&mut body);
+                    log.lock().unwrap().push(head.clone());
+                    let reply = answer(&head, port);
+                    if r.get_mut().write_all(reply.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+const STORED_AUTH: &str = "dXNlcjpzdG9yZWQtcGFzc3dvcmQ="; // base64("user:stored-password")
+
+/// docker's config.json with the stored password for the registry on `port`.
+fn stored_auth(port: u16) -> String {
+    format!(r#"{{"auths":{{"127.0.0.1:{port}":{{"auth":"{STORED_AUTH}"}}}}}}"#)
+}
+
+#[test]
+fn a_401_from_where_a_redirect_led_gets_no_credentials() {
+    // Where the registry's redirect leads: it asks for a bearer token from a realm on itself.
+    let (evil, evil_seen) = scripted_server(|head, port| {
+        if head.starts_with("GET /token") {
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"token\":\"abc\"}".to_owned()
+        } else {
+            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"evil\"\r\nContent-Length: 0\r\n\r\n")
+        }
+    });
+    let (reg, _) = scripted_server(move |_, _| format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{evil}/storage/blob\r\nContent-Length: 0\r\n\r\n"));
+    let s = Store::new();
+    let out = with_docker_config(&s, &["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/y:t")], &stored_auth(reg), &s.path("no-helpers"));
+    out.plyroot_error(&["401"]);
+    let seen = evil_seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the redirect was followed");
+    for head in &seen {
+        assert!(!head.to_ascii_lowercase().contains("authorization"), "no credential reached another origin: {head}");
+        assert!(!head.starts_with("GET /token"), "no token was asked of a realm the registry did not name: {head}");
+    }
+}
+
+#[test]
+fn stored_credentials_go_to_a_plain_http_realm_only_on_the_registry_origin() {
+    // The registry names a token service on another port, over plain HTTP.
+    let (realm, realm_seen) = scripted_server(|_, _| "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"token\":\"anon\"}".to_owned());
+    let challenge = move |head: &str, port: u16| {
+        if head.to_ascii_lowercase().contains("authorization: bearer") {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
+        } else if head.starts_with("GET /token") {
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"token\":\"own\"}".to_owned()
+        } else {
+            let at = if head.contains("/x/own/") { port } else { realm };
+            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{at}/token\",service=\"reg\"\r\nContent-Length: 0\r\n\r\n")
+        }
+    };
+    let (reg, reg_seen) = scripted_server(challenge);
+    let s = Store::new();
+    let out = with_docker_config(&s, &["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/other:t")], &stored_auth(reg), &s.path("no-helpers"));
+    let out = out.plyroot_error(&["404"]);
+    assert!(out.stderr.contains("without the stored credentials"), "it says why: {out}");
+    let seen = realm_seen.lock().unwrap().clone();
+    assert!(seen.len() == 1 && seen[0].starts_with("GET /token"), "a token was asked for: {seen:?}");
+    assert!(!seen[0].to_ascii_lowercase().contains("authorization"), "but without the password: {seen:?}");
+    // A realm on the registry's own origin gets them.
+    let out = with_docker_config(&s, &["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/own:t")], &stored_auth(reg), &s.path("no-helpers"));
+    out.plyroot_error(&["404"]);
+    let seen = reg_seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|h| h.starts_with("GET /token") && h.contains(&format!("uthorization: Basic {STORED_AUTH}"))), "{seen:?}");
+}
+
+#[test]
+fn redirect_targets_are_urls_with_a_scheme_in_any_case() {
+    let (reg, seen) = scripted_server(|head, port| {
+        let to = if head.starts_with("GET /v2/x/file/") {
+            "file:///etc/passwd".to_owned()
+        } else if head.starts_with("GET /v2/x/upper/") {
+            format!("HTTP://127.0.0.1:{port}/elsewhere")
+        } else {
+            return "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned();
+        };
+        format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\n\r\n")
+    });
+    let s = Store::new();
+    s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/file:t")]).plyroot_error(&["file:///etc/passwd", "http:// or https:// only"]);
+    s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/upper:t")]).plyroot_error(&["404"]);
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|h| h.starts_with("GET /elsewhere ")), "HTTP:// is a scheme, not a relative path: {seen:?}");
+    assert!(!seen.iter().any(|h| h.contains("passwd")), "{seen:?}");
+}
+
+#[test]
+fn a_layer_without_a_size_is_refused_before_any_download() {
+    let layer = format!("sha256:{}", "a".repeat(64));
+    let config = serde_json::to_vec(&serde_json::json!({ "architecture": host_arch(), "os": "linux", "rootfs": { "type": "layers", "diff_ids": [layer] } })).unwrap();
+    let config_digest = sha256(&config);
+    let manifest = serde_json::to_string(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len() },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer }],
+    }))
+    .unwrap();
+    let config_path = format!("GET /v2/x/nosize/blobs/{config_digest} ");
+    let (reg, seen) = scripted_server(move |head, _| {
+        let (ty, body) = if head.starts_with("GET /v2/x/nosize/manifests/t ") {
+            ("application/vnd.oci.image.manifest.v1+json", manifest.clone())
+        } else if head.starts_with(&config_path) {
+            ("application/octet-stream", String::from_utf8(config.clone()).unwrap())
+        } else {
+            // The layer: endless, were it asked for.
+            return "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n".to_owned() + &"x".repeat(1 << 20);
+        };
+        format!("HTTP/1.1 200 OK\r\nContent-Type: {ty}\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    });
+    let s = Store::new();
+    s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/nosize:t")]).plyroot_error(&["no size", "sha256:aaaa"]);
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.iter().any(|h| h.contains(&"a".repeat(64))), "the layer was never asked for: {seen:?}");
+    assert_eq!(s.layer_dir_entries(), 0);
+}
+
+#[test]
+fn a_token_with_a_line_break_never_becomes_a_header() {
+    let (reg, seen) = scripted_server(|head, port| {
+        if head.starts_with("GET /token") {
+            let body = r#"{"token":"abc\r\nX-Injected: yes"}"#;
+            format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        } else {
+            format!("HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"reg\"\r\nContent-Length: 0\r\n\r\n")
+        }
+    });
+    let s = Store::new();
+    s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/y:t")]).plyroot_error(&["token", "control characters"]);
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().any(|h| h.starts_with("GET /token")), "{seen:?}");
+    assert!(!seen.iter().any(|h| h.to_ascii_lowercase().contains("x-injected")), "no injected header: {seen:?}");
 }

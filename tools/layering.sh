@@ -2,12 +2,13 @@
 # No import runs upward: checks every `crate::MODULE` path in src/ (outside tests) against the
 # layering below, lowest first. A module may use any module below it, never one above it.
 #
-#   text < diag < progress < sys < userns < names < store < registry < source < export
+#   text < diag < progress < sys < userns < names < oci < store < registry < source < export
 #        < sandbox < launcher < manifest < commands < cli < main
 #
 # - text: text for people; diag, progress: stderr; sys: syscalls (the only unsafe code);
 #   userns: the host user's ids and one-level user namespaces (under both the store, which
-#   removes what runs wrote, and the sandbox); names: names users write (env names, host shares).
+#   removes what runs wrote, and the sandbox); names: names users write (env names, host shares);
+#   oci: the image-spec types, read and written.
 # - store: on-disk state; registry, source, export: moving layers in and out of it.
 # - sandbox: launch policy and executors; launcher: composing launchers.
 # - manifest: `plyroot.toml` parsed and checked against the sources and binds it names.
@@ -21,12 +22,10 @@
 set -euo pipefail
 
 src="${1:-$(dirname "${BASH_SOURCE[0]}")/../src}"
-order=(text diag progress sys userns names store registry source export sandbox launcher manifest commands cli main)
+order=(text diag progress sys userns names oci store registry source export sandbox launcher manifest commands cli main)
 
 # "FILE -> MODULE": upward imports another change is removing.
 KNOWN=(
-    # registry/reference.rs takes export::oci::host_arch; the HTTP client change moves it to oci.
-    "registry/reference.rs -> export"
 )
 
 declare -A rank

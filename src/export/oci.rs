@@ -10,25 +10,14 @@
 //! Every JSON document is serialized from structs in a fixed field order with sorted maps, and
 //! the only timestamp is `SOURCE_DATE_EPOCH` (or the epoch), so the layout is reproducible.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
-use sha2::{Digest, Sha256};
 
+use crate::oci::{host_platform, sha256, Config, Descriptor, Index, Manifest, RootFs, RunConfig, MEDIA_CONFIG, MEDIA_INDEX, MEDIA_LAYER, MEDIA_MANIFEST, REF_NAME};
 use crate::store::canonical::{CanonicalError, Summary};
-
-pub(crate) const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar";
-/// What `plyroot push` uploads: registries and their clients expect compressed layers.
-#[cfg_attr(not(feature = "registry"), allow(dead_code))]
-pub(crate) const MEDIA_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub(crate) const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 /// What goes into the image besides its layer blobs.
 #[derive(Clone, Debug)]
@@ -42,70 +31,6 @@ pub(crate) struct Image {
     pub created: u64,
     /// The `org.opencontainers.image.ref.name` of the image in `index.json`.
     pub tag: String,
-}
-
-#[derive(Serialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType")]
-    media_type: &'static str,
-    digest: String,
-    size: u64,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    platform: Option<Platform>,
-}
-
-#[derive(Clone, Serialize)]
-struct Platform {
-    architecture: String,
-    os: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    variant: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Config<'a> {
-    created: String,
-    architecture: &'a str,
-    os: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    variant: Option<&'a str>,
-    config: RunConfig<'a>,
-    rootfs: RootFs,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "PascalCase")]
-struct RunConfig<'a> {
-    env: &'a [String],
-    cmd: &'a [String],
-}
-
-#[derive(Serialize)]
-struct RootFs {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    diff_ids: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct Manifest {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
-    #[serde(rename = "mediaType")]
-    media_type: &'static str,
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Serialize)]
-struct Index {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
-    #[serde(rename = "mediaType")]
-    media_type: &'static str,
-    manifests: Vec<Descriptor>,
 }
 
 pub(crate) fn blobs_dir(layout: &Path) -> PathBuf {
@@ -131,36 +56,34 @@ pub(crate) fn write_layer_blob(layout: &Path, write: impl FnOnce(&mut dyn Write)
 pub(crate) fn config_bytes(image: &Image) -> Result<Vec<u8>> {
     let platform = host_platform();
     let config = Config {
-        created: rfc3339(image.created),
-        architecture: &platform.architecture,
-        os: platform.os,
-        variant: platform.variant.as_deref(),
-        config: RunConfig { env: &image.env, cmd: &image.cmd },
-        rootfs: RootFs { kind: "layers", diff_ids: image.layers.iter().map(|(d, _)| d.clone()).collect() },
+        created: Some(rfc3339(image.created)),
+        architecture: Some(platform.architecture),
+        os: Some(platform.os),
+        variant: platform.variant,
+        config: Some(RunConfig { env: Some(image.env.clone()), cmd: Some(image.cmd.clone()) }),
+        rootfs: RootFs { kind: "layers".to_owned(), diff_ids: image.layers.iter().map(|(d, _)| d.clone()).collect() },
     };
     Ok(serde_json::to_vec(&config)?)
 }
 
 /// An image manifest as bytes: the config blob, and layer blobs (digest, size) of `media_type`.
-pub(crate) fn manifest_bytes(config: &[u8], layers: &[(String, u64)], media_type: &'static str) -> Result<Vec<u8>> {
-    let config = Descriptor { media_type: MEDIA_CONFIG, digest: sha256(config), size: config.len() as u64, annotations: BTreeMap::new(), platform: None };
-    let layers = layers
-        .iter()
-        .map(|(digest, size)| Descriptor { media_type, digest: digest.clone(), size: *size, annotations: BTreeMap::new(), platform: None })
-        .collect();
-    Ok(serde_json::to_vec(&Manifest { schema_version: 2, media_type: MEDIA_MANIFEST, config, layers })?)
-}
-
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+pub(crate) fn manifest_bytes(config: &[u8], layers: &[(String, u64)], media_type: &str) -> Result<Vec<u8>> {
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: MEDIA_MANIFEST.to_owned(),
+        manifests: None,
+        config: Some(Descriptor::new(MEDIA_CONFIG, sha256(config), config.len() as u64)),
+        layers: layers.iter().map(|(digest, size)| Descriptor::new(media_type, digest.clone(), *size)).collect(),
+    };
+    Ok(serde_json::to_vec(&manifest)?)
 }
 
 /// Writes a blob named by its digest into `layout`; returns its descriptor.
-fn raw_blob(layout: &Path, media_type: &'static str, data: &[u8]) -> Result<Descriptor> {
+fn raw_blob(layout: &Path, media_type: &str, data: &[u8]) -> Result<Descriptor> {
     let digest = sha256(data);
     let path = blobs_dir(layout).join(digest.trim_start_matches("sha256:"));
     fs::write(&path, data).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(Descriptor { media_type, digest, size: data.len() as u64, annotations: BTreeMap::new(), platform: None })
+    Ok(Descriptor::new(media_type, digest, data.len() as u64))
 }
 
 /// Writes the config, the manifest, `index.json` and `oci-layout` into `layout`, whose
@@ -174,45 +97,12 @@ pub(crate) fn write_layout(layout: &Path, image: &Image) -> Result<String> {
     manifest.annotations.insert(REF_NAME.to_owned(), image.tag.clone());
     manifest.platform = Some(platform);
     let digest = manifest.digest.clone();
-    let index = Index { schema_version: 2, media_type: MEDIA_INDEX, manifests: vec![manifest] };
+    let index = Index { schema_version: 2, media_type: MEDIA_INDEX.to_owned(), manifests: vec![manifest] };
     let p = layout.join("index.json");
     fs::write(&p, serde_json::to_vec(&index)?).with_context(|| format!("cannot write {}", p.display()))?;
     let p = layout.join("oci-layout");
     fs::write(&p, br#"{"imageLayoutVersion":"1.0.0"}"#).with_context(|| format!("cannot write {}", p.display()))?;
     Ok(digest)
-}
-
-/// The running kernel's machine as the image-spec's (Go's) architecture and variant.
-#[cfg_attr(not(feature = "registry"), allow(dead_code))]
-pub(crate) fn host_arch() -> (String, Option<String>) {
-    let p = host_platform();
-    (p.architecture, p.variant)
-}
-
-/// The running kernel's machine in the image-spec's (Go's) names.
-fn host_platform() -> Platform {
-    let uname = rustix::system::uname();
-    let machine = uname.machine().to_string_lossy().into_owned();
-    let (arch, variant) = go_arch(&machine);
-    Platform { architecture: arch.to_owned(), os: "linux", variant: variant.map(str::to_owned) }
-}
-
-fn go_arch(machine: &str) -> (&str, Option<&'static str>) {
-    match machine {
-        "x86_64" | "amd64" => ("amd64", None),
-        "aarch64" | "arm64" | "aarch64_be" => ("arm64", None),
-        "i386" | "i486" | "i586" | "i686" => ("386", None),
-        m if m.starts_with("armv7") => ("arm", Some("v7")),
-        m if m.starts_with("armv6") => ("arm", Some("v6")),
-        m if m.starts_with("armv5") => ("arm", Some("v5")),
-        "ppc64le" => ("ppc64le", None),
-        "ppc64" => ("ppc64", None),
-        "s390x" => ("s390x", None),
-        "riscv64" => ("riscv64", None),
-        "loongarch64" => ("loong64", None),
-        "mips64" => ("mips64le", None),
-        m => (m, None),
-    }
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (UTC; proleptic Gregorian calendar).
@@ -244,11 +134,37 @@ mod tests {
         assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
     }
 
+    /// The exact bytes of what plyroot writes: a change here changes every pushed and exported
+    /// image's digest.
     #[test]
-    fn go_arch_names() {
-        assert_eq!(go_arch("x86_64"), ("amd64", None));
-        assert_eq!(go_arch("aarch64"), ("arm64", None));
-        assert_eq!(go_arch("armv7l"), ("arm", Some("v7")));
+    fn documents_have_one_byte_form() {
+        let p = host_platform();
+        let variant = p.variant.as_deref().map(|v| format!(r#""variant":"{v}","#)).unwrap_or_default();
+        let image = Image { layers: vec![(format!("sha256:{}", "a".repeat(64)), 5)], env: vec!["PATH=/bin".into()], cmd: vec!["/bin/sh".into()], created: 1_700_000_000, tag: "t".into() };
+        let config = config_bytes(&image).unwrap();
+        assert_eq!(
+            String::from_utf8(config.clone()).unwrap(),
+            format!(r#"{{"created":"2023-11-14T22:13:20Z","architecture":"{}","os":"linux",{variant}"config":{{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{}"]}}}}"#, p.architecture, "a".repeat(64))
+        );
+        let manifest = manifest_bytes(&config, &image.layers, MEDIA_LAYER).unwrap();
+        assert_eq!(
+            String::from_utf8(manifest).unwrap(),
+            format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{}","size":5}}]}}"#,
+                sha256(&config),
+                config.len(),
+                "a".repeat(64)
+            )
+        );
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(blobs_dir(t.path())).unwrap();
+        let digest = write_layout(t.path(), &image).unwrap();
+        let size = fs::metadata(blobs_dir(t.path()).join(&digest[7..])).unwrap().len();
+        let platform = format!(r#"{{"architecture":"{}","os":"linux"{}}}"#, p.architecture, p.variant.as_deref().map(|v| format!(r#","variant":"{v}""#)).unwrap_or_default());
+        assert_eq!(
+            fs::read_to_string(t.path().join("index.json")).unwrap(),
+            format!(r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{size},"annotations":{{"org.opencontainers.image.ref.name":"t"}},"platform":{platform}}}]}}"#)
+        );
     }
 
     #[test]

@@ -1,36 +1,67 @@
 //! Registry credentials and challenges: the `auth.json`/`config.json` files podman and docker
-//! write, `WWW-Authenticate` parsing, and base64. Pure functions over text, plus one reader of
-//! the files.
+//! write, the credential helpers they name, `WWW-Authenticate` parsing, and base64. Pure
+//! functions over text, plus one reader of the files and one runner of helpers.
 //!
 //! Credential files, first hit wins: `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`,
 //! `~/.config/containers/auth.json`, `$DOCKER_CONFIG/config.json`, `~/.docker/config.json`. Each
-//! has `"auths": {KEY: {"auth": base64("user:password")}}`, where KEY is `host[:port]`, optionally
-//! with a repository path (podman: the longest matching one wins), or a URL
-//! (`https://index.docker.io/v1/` for Docker Hub). Credential helpers (`credsStore`) are not run.
+//! has `"auths": {KEY: {"auth": base64("user:password")}}` (or `username`/`password`, or an
+//! `identitytoken`), where KEY is `host[:port]`, optionally with a repository path (podman: the
+//! longest matching one wins), or a URL (`https://index.docker.io/v1/` for Docker Hub).
+//!
+//! Credential helpers, as docker runs them: `"credHelpers": {"host[:port]": NAME}` for one
+//! registry, `"credsStore": NAME` for all. Within one file the registry's own helper comes first,
+//! then an `auths` entry that holds credentials, then the `credsStore`. A helper is the program
+//! `docker-credential-NAME` on `PATH`, run as `docker-credential-NAME get` with the server on
+//! stdin (`https://index.docker.io/v1/` for Docker Hub, else `host[:port]`); it prints
+//! `{"Username": …, "Secret": …}`, where the user name `<token>` means the secret is an identity
+//! token. A helper that has nothing for the registry ("credentials not found") passes on to the
+//! next file; one that fails is reported as a warning and passed over too, so an anonymous pull
+//! still works.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
 use super::reference::DOCKER_HUB;
 
-/// A user name and password (or token) for basic auth and token requests.
+/// What is stored for a registry.
 #[derive(Clone, PartialEq, Eq)]
-pub(crate) struct Credentials {
-    pub user: String,
-    pub password: String,
+pub(crate) enum Credentials {
+    /// A user name and password (or an access token used as one): basic auth, and token requests
+    /// with basic auth.
+    Password { user: String, password: String },
+    /// An OAuth2 refresh token (docker's `identitytoken`, a helper's `<token>` user), traded at
+    /// the registry's token service for an access token.
+    IdentityToken(String),
 }
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({}, …)", self.user)
+        match self {
+            Credentials::Password { user, .. } => write!(f, "Credentials({user}, …)"),
+            Credentials::IdentityToken(_) => write!(f, "IdentityToken(…)"),
+        }
     }
 }
 
 impl Credentials {
-    pub(crate) fn basic(&self) -> String {
-        format!("Basic {}", base64_encode(format!("{}:{}", self.user, self.password).as_bytes()))
+    /// The `Authorization` value for basic auth, when these are a user and password.
+    pub(crate) fn basic(&self) -> Option<String> {
+        match self {
+            Credentials::Password { user, password } => Some(format!("Basic {}", base64_encode(format!("{user}:{password}").as_bytes()))),
+            Credentials::IdentityToken(_) => None,
+        }
+    }
+
+    /// Who these credentials are, for messages: `as 'user'`, `with an identity token`.
+    pub(crate) fn who(&self) -> String {
+        match self {
+            Credentials::Password { user, .. } => format!("as '{user}'"),
+            Credentials::IdentityToken(_) => "with an identity token".to_owned(),
+        }
     }
 }
 
@@ -38,6 +69,10 @@ impl Credentials {
 struct AuthFile {
     #[serde(default)]
     auths: BTreeMap<String, AuthEntry>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +83,16 @@ struct AuthEntry {
     username: Option<String>,
     #[serde(default)]
     password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
+}
+
+/// Where one credential file sends plyroot for a registry.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Stored {
+    Credentials(Credentials),
+    /// Ask `docker-credential-NAME`.
+    Helper(String),
 }
 
 /// The credential files to read, in order.
@@ -76,10 +121,18 @@ pub(crate) fn lookup(registry: &str, repository: &str) -> Option<Credentials> {
     for f in auth_files() {
         let Ok(text) = std::fs::read_to_string(&f) else { continue };
         match find_in(&text, registry, repository) {
-            Ok(Some(c)) => {
+            Ok(Some(Stored::Credentials(c))) => {
                 crate::diag::debug!("using the credentials for {registry} in {}", f.display());
                 return Some(c);
             }
+            Ok(Some(Stored::Helper(name))) => match run_helper(&name, &helper_server(registry)) {
+                Ok(Some(c)) => {
+                    crate::diag::debug!("using the credentials for {registry} from docker-credential-{name} (named in {})", f.display());
+                    return Some(c);
+                }
+                Ok(None) => crate::diag::debug!("docker-credential-{name} (named in {}) has no credentials for {registry}", f.display()),
+                Err(e) => crate::diag::warn!("ignoring the credential helper named in {}: {e}", f.display()),
+            },
             Ok(None) => {}
             Err(e) => crate::diag::warn!("ignoring {}: {e}", f.display()),
         }
@@ -87,36 +140,109 @@ pub(crate) fn lookup(registry: &str, repository: &str) -> Option<Credentials> {
     None
 }
 
-/// The entry of one credential file for `registry`/`repository`.
-pub(crate) fn find_in(text: &str, registry: &str, repository: &str) -> Result<Option<Credentials>, String> {
-    let file: AuthFile = serde_json::from_str(text).map_err(|e| format!("not a credentials file: {e}"))?;
-    let normalize = |key: &str| -> String {
-        let k = key.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/');
-        let k = k.strip_suffix("/v1").or_else(|| k.strip_suffix("/v2")).unwrap_or(k);
-        match k.split_once('/') {
-            Some(("index.docker.io" | "registry-1.docker.io", rest)) => format!("{DOCKER_HUB}/{rest}"),
-            None if matches!(k, "index.docker.io" | "registry-1.docker.io") => DOCKER_HUB.to_owned(),
-            _ => k.to_owned(),
+/// What docker hands a helper for `registry`: Docker Hub's historical URL, else the registry.
+fn helper_server(registry: &str) -> String {
+    if registry == DOCKER_HUB {
+        "https://index.docker.io/v1/".to_owned()
+    } else {
+        registry.to_owned()
+    }
+}
+
+/// Runs `docker-credential-NAME get` for `server`; `None` when it has nothing for it.
+pub(crate) fn run_helper(name: &str, server: &str) -> Result<Option<Credentials>, String> {
+    let program = format!("docker-credential-{name}");
+    if name.is_empty() || name.contains('/') {
+        return Err(format!("'{name}' is not a credential helper name"));
+    }
+    let mut child = Command::new(&program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {program} (is it on PATH?): {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading gives EPIPE here; its status says what happened.
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|e| format!("{program} get: {e}"))?;
+    parse_helper_output(&program, out.status.success(), &out.stdout, &out.stderr)
+}
+
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username", default)]
+    username: String,
+    #[serde(rename = "Secret", default)]
+    secret: String,
+}
+
+/// What a helper's exit status and output mean (the protocol of docker-credential-helpers).
+fn parse_helper_output(program: &str, success: bool, stdout: &[u8], stderr: &[u8]) -> Result<Option<Credentials>, String> {
+    let said = |b: &[u8]| String::from_utf8_lossy(b).split_whitespace().collect::<Vec<_>>().join(" ");
+    if !success {
+        let text = format!("{} {}", said(stdout), said(stderr));
+        if text.to_ascii_lowercase().contains("credentials not found") {
+            return Ok(None);
         }
-    };
+        return Err(format!("{program} get failed: {}", crate::text::escape(text.trim())));
+    }
+    let answer: HelperAnswer = serde_json::from_slice(stdout).map_err(|e| format!("{program} get printed no credentials JSON: {e}"))?;
+    Ok(match (answer.username.as_str(), answer.secret) {
+        (_, secret) if secret.is_empty() => None,
+        ("<token>", secret) => Some(Credentials::IdentityToken(secret)),
+        (user, secret) => Some(Credentials::Password { user: user.to_owned(), password: secret }),
+    })
+}
+
+/// Docker Hub's keys as `docker.io`, any scheme, trailing slash and `/v1`/`/v2` removed.
+fn normalize_key(key: &str) -> String {
+    let k = key.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/');
+    let k = k.strip_suffix("/v1").or_else(|| k.strip_suffix("/v2")).unwrap_or(k);
+    match k.split_once('/') {
+        Some(("index.docker.io" | "registry-1.docker.io", rest)) => format!("{DOCKER_HUB}/{rest}"),
+        None if matches!(k, "index.docker.io" | "registry-1.docker.io") => DOCKER_HUB.to_owned(),
+        _ => k.to_owned(),
+    }
+}
+
+/// What one credential file holds for `registry`/`repository`: the registry's own helper, else
+/// an `auths` entry with credentials, else the file's `credsStore`.
+pub(crate) fn find_in(text: &str, registry: &str, repository: &str) -> Result<Option<Stored>, String> {
+    let file: AuthFile = serde_json::from_str(text).map_err(|e| format!("not a credentials file: {e}"))?;
+    if let Some((_, helper)) = file.cred_helpers.iter().find(|(k, v)| normalize_key(k) == registry && !v.is_empty()) {
+        return Ok(Some(Stored::Helper(helper.clone())));
+    }
+    if let Some(c) = find_entry(&file, registry, repository)? {
+        return Ok(Some(Stored::Credentials(c)));
+    }
+    Ok(file.creds_store.filter(|s| !s.is_empty()).map(Stored::Helper))
+}
+
+/// The credentials of the best `auths` entry for `registry`/`repository`.
+fn find_entry(file: &AuthFile, registry: &str, repository: &str) -> Result<Option<Credentials>, String> {
     let full = format!("{registry}/{repository}");
     let mut best: Option<(usize, &AuthEntry)> = None;
     for (key, entry) in &file.auths {
-        let k = normalize(key);
+        let k = normalize_key(key);
         let matches = k == registry || (full.starts_with(&k) && full.as_bytes().get(k.len()) == Some(&b'/') && k.starts_with(&format!("{registry}/")));
         if matches && !matches!(best, Some((len, _)) if len >= k.len()) {
             best = Some((k.len(), entry));
         }
     }
     let Some((_, entry)) = best else { return Ok(None) };
+    if let Some(token) = entry.identitytoken.as_deref().filter(|t| !t.is_empty()) {
+        return Ok(Some(Credentials::IdentityToken(token.to_owned())));
+    }
     if let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) {
         let raw = base64_decode(auth).ok_or("an \"auth\" value is not base64")?;
         let text = String::from_utf8(raw).map_err(|_| "an \"auth\" value is not UTF-8")?;
         let (user, password) = text.split_once(':').ok_or("an \"auth\" value is not base64(user:password)")?;
-        return Ok(Some(Credentials { user: user.to_owned(), password: password.to_owned() }));
+        return Ok(Some(Credentials::Password { user: user.to_owned(), password: password.to_owned() }));
     }
     match (&entry.username, &entry.password) {
-        (Some(u), Some(p)) => Ok(Some(Credentials { user: u.clone(), password: p.clone() })),
+        (Some(u), Some(p)) => Ok(Some(Credentials::Password { user: u.clone(), password: p.clone() })),
         _ => Ok(None),
     }
 }
@@ -260,22 +386,49 @@ mod tests {
                 "https://index.docker.io/v1/": {{"auth": "{}"}},
                 "reg.example:5000": {{"auth": "{}"}},
                 "reg.example:5000/team": {{"auth": "{}"}},
-                "other.example": {{"username": "u", "password": "p"}}
-            }}, "credsStore": "desktop"}}"#,
+                "other.example": {{"username": "u", "password": "p"}},
+                "token.example": {{"identitytoken": "refresh"}},
+                "helped.example": {{"auth": "{}"}}
+            }}, "credsStore": "desktop", "credHelpers": {{"helped.example": "gcloud", "https://index.docker.io/v1/": ""}}}}"#,
             base64_encode(b"hub:secret"),
             base64_encode(b"any:one"),
-            base64_encode(b"team:two")
+            base64_encode(b"team:two"),
+            base64_encode(b"inline:ignored")
         );
-        let get = |reg: &str, repo: &str| find_in(&file, reg, repo).unwrap().map(|c| (c.user, c.password));
-        assert_eq!(get("docker.io", "library/debian"), Some(("hub".into(), "secret".into())));
-        assert_eq!(get("reg.example:5000", "x/y"), Some(("any".into(), "one".into())));
-        assert_eq!(get("reg.example:5000", "team/env"), Some(("team".into(), "two".into())), "the longest key wins");
-        assert_eq!(get("reg.example:5000", "teamx/env"), Some(("any".into(), "one".into())), "keys match whole components");
-        assert_eq!(get("other.example", "a"), Some(("u".into(), "p".into())));
-        assert_eq!(get("reg.example", "a"), None, "the port is part of the key");
+        let pw = |user: &str, password: &str| Some(Stored::Credentials(Credentials::Password { user: user.into(), password: password.into() }));
+        let get = |reg: &str, repo: &str| find_in(&file, reg, repo).unwrap();
+        assert_eq!(get("docker.io", "library/debian"), pw("hub", "secret"));
+        assert_eq!(get("reg.example:5000", "x/y"), pw("any", "one"));
+        assert_eq!(get("reg.example:5000", "team/env"), pw("team", "two"), "the longest key wins");
+        assert_eq!(get("reg.example:5000", "teamx/env"), pw("any", "one"), "keys match whole components");
+        assert_eq!(get("other.example", "a"), pw("u", "p"));
+        assert_eq!(get("token.example", "a"), Some(Stored::Credentials(Credentials::IdentityToken("refresh".into()))));
+        assert_eq!(get("helped.example", "a"), Some(Stored::Helper("gcloud".into())), "the registry's own helper wins over its entry");
+        assert_eq!(get("reg.example", "a"), Some(Stored::Helper("desktop".into())), "the port is part of the key; then the store");
+        assert_eq!(find_in(r#"{"auths":{}}"#, "reg.example", "a").unwrap(), None);
         assert!(find_in("not json", "x", "y").is_err());
-        let c = Credentials { user: "hub".into(), password: "secret".into() };
-        assert_eq!(c.basic(), "Basic aHViOnNlY3JldA==");
+        let c = Credentials::Password { user: "hub".into(), password: "secret".into() };
+        assert_eq!(c.basic().as_deref(), Some("Basic aHViOnNlY3JldA=="));
         assert!(!format!("{c:?}").contains("secret"));
+        assert!(!format!("{:?}", Credentials::IdentityToken("refresh".into())).contains("refresh"));
+    }
+
+    #[test]
+    fn reads_what_credential_helpers_say() {
+        let parse = |ok, out: &str, err: &str| parse_helper_output("docker-credential-x", ok, out.as_bytes(), err.as_bytes());
+        assert_eq!(
+            parse(true, r#"{"ServerURL":"reg","Username":"u","Secret":"s"}"#, ""),
+            Ok(Some(Credentials::Password { user: "u".into(), password: "s".into() }))
+        );
+        assert_eq!(parse(true, r#"{"ServerURL":"reg","Username":"<token>","Secret":"rt"}"#, ""), Ok(Some(Credentials::IdentityToken("rt".into()))));
+        assert_eq!(parse(false, "credentials not found in native keychain\n", ""), Ok(None));
+        assert_eq!(parse(true, r#"{"Username":"u","Secret":""}"#, ""), Ok(None));
+        let e = parse(false, "", "keychain locked\x1b]0;pwned\x07").unwrap_err();
+        assert!(e.contains("docker-credential-x get failed") && e.contains("keychain locked") && !e.contains('\x1b'), "{e}");
+        assert!(parse(true, "not json", "").unwrap_err().contains("no credentials JSON"));
+        assert!(run_helper("../x", "reg").unwrap_err().contains("not a credential helper name"));
+        assert!(run_helper("plyroot-test-no-such-helper", "reg").unwrap_err().contains("cannot run docker-credential-plyroot-test-no-such-helper"));
+        assert_eq!(helper_server("docker.io"), "https://index.docker.io/v1/");
+        assert_eq!(helper_server("reg.example:5000"), "reg.example:5000");
     }
 }

@@ -1,22 +1,57 @@
-//! A small HTTP/1.1 client: what the registry protocol needs and no more.
+//! HTTP for the registry protocol: a thin layer over [`ureq`] that adds what registries need and
+//! ureq leaves to its user.
 //!
-//! One connection per request (`Connection: close`), plain TCP or TLS (rustls, with the Mozilla
-//! roots built in plus the host's CA bundle), bodies delimited by `Content-Length`, chunked
-//! transfer-encoding or the end of the connection, and redirects for GET/HEAD (registries send
-//! blob downloads to object storage) that drop the `Authorization` header when they leave the
-//! origin. No thread, no async runtime: plyroot creates user namespaces later in the same
-//! process, which a second thread would make fail.
+//! - One [`Http`] (one ureq agent, so one connection pool) per operation: a pull or a push
+//!   reuses its connections to the registry, its token service and its storage.
+//! - Redirects are followed here, not by ureq, for GET and HEAD only (registries send blob
+//!   downloads to object storage), at most [`MAX_REDIRECTS`], and each hop chooses its own proxy
+//!   and drops the `Authorization` header once it leaves the first URL's origin.
+//! - Proxies from the environment, with `NO_PROXY`, by the rules in [`super::proxy`].
+//! - TLS through rustls with the ring provider: Mozilla's roots (built in, so a static plyroot
+//!   works on hosts without a CA bundle), the host's bundle, and the per-registry CA files that
+//!   podman and docker read (`/etc/containers/certs.d/HOST[:PORT]/*.crt`, `/etc/docker/certs.d/…`).
+//! - Deadlines: [`CONNECT_TIMEOUT`] to connect (through a proxy and TLS included),
+//!   [`IO_TIMEOUT`] for each read and each write, [`HEAD_TIMEOUT`] for a response head (endless
+//!   `100 Continue`s included), and a body must bring at least 1 KiB/s averaged over each
+//!   minute ([`RATE_WINDOW`]), so a registry that goes silent or trickles fails the command
+//!   instead of holding it, while a slow but moving download of any size completes.
+//! - No thread, ever: plyroot creates user namespaces later in the same process, which a second
+//!   thread would make fail. ureq's own resolver starts one when a resolve or overall deadline is
+//!   set; plyroot sets neither and plugs a resolver that resolves on the calling thread anyway
+//!   (bounded by the system resolver's own timeouts), which also covers a proxy's host name.
+//!
+//! Header names and values are checked before anything is sent (the `http` crate refuses CR, LF
+//! and other control characters), and so is every URL, so nothing a server chose reaches a
+//! request line or header unchecked.
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::io::{self, Read};
+use std::net::ToSocketAddrs;
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use ureq::config::{AutoHeaderValue, Config};
+use ureq::http::{self as h, Uri};
+use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+
+use super::proxy::{Proxies, Setting};
+
+/// Connecting, through a proxy and the TLS handshake included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// A registry that sends nothing for this long is gone; the command fails instead of hanging.
+/// A registry that sends (or takes) nothing for this long is gone; the command fails instead of
+/// hanging.
 const IO_TIMEOUT: Duration = Duration::from_secs(120);
+/// The whole response head, interim `1xx` responses included, must arrive within this.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// A body must bring at least [`MIN_WINDOW_BYTES`] in every window of this length: a server
+/// that trickles (a byte a second passes every per-read deadline) cannot hold a transfer open.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+const MIN_WINDOW_BYTES: u64 = 60 * 1024;
+/// A response head larger than this is not from a registry.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 const MAX_REDIRECTS: usize = 10;
 
@@ -36,10 +71,25 @@ pub(crate) enum HttpError {
         #[source]
         source: io::Error,
     },
+    #[error("{var}={value} is not a proxy plyroot can use: {reason}")]
+    BadProxy { var: &'static str, value: String, reason: &'static str },
+    #[error("cannot reach {host} through the proxy {proxy} (from {var}): {reason}; if {host} should be reached directly, add it to NO_PROXY")]
+    Proxy { host: String, proxy: String, var: &'static str, reason: String },
     #[error("TLS with {host} failed{hint}")]
     Tls {
         host: String,
         hint: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    #[error("{method} {url}: {what}")]
+    Timeout { method: String, url: String, what: String },
+    #[error("{method} {url}: the header {name} cannot be sent (it holds a control character or is malformed)")]
+    Header { method: String, url: String, name: String },
+    #[error("{method} {url}: the server closed the connection while the request was being sent, and its answer was lost (it may have refused the upload: not allowed, or too large)")]
+    Closed {
+        method: String,
+        url: String,
         #[source]
         source: io::Error,
     },
@@ -50,10 +100,19 @@ pub(crate) enum HttpError {
         #[source]
         source: io::Error,
     },
+    #[error("{method} {url} failed")]
+    Client {
+        method: String,
+        url: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
     #[error("{method} {url}: malformed response: {reason}")]
     Malformed { method: String, url: String, reason: String },
     #[error("{url}: more than {MAX_REDIRECTS} redirects")]
     Redirects { url: String },
+    #[error("{from} redirected to {to}, from TLS to plain HTTP: refused (with --insecure it is followed)")]
+    Downgrade { from: String, to: String },
 }
 
 /// An `http://` or `https://` URL, split the way a request needs it.
@@ -98,9 +157,19 @@ impl Url {
     }
 
     /// Resolves a `Location` header against this URL.
+    /// Any scheme (RFC 3986: a letter, then letters, digits, `+`, `-`, `.`, then `:`) makes it
+    /// absolute: `http` and `https` in any case are followed, every other one is refused.
     pub(crate) fn join(&self, location: &str) -> Result<Url, HttpError> {
-        if location.starts_with("http://") || location.starts_with("https://") {
-            return Url::parse(location);
+        let scheme_len = location.find(':').filter(|&i| {
+            let s = &location.as_bytes()[..i];
+            !s.is_empty() && s[0].is_ascii_alphabetic() && s.iter().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(b))
+        });
+        if let Some(i) = scheme_len {
+            let scheme = location[..i].to_ascii_lowercase();
+            if scheme != "http" && scheme != "https" {
+                return Err(HttpError::Url { url: crate::text::escape(location).into_owned(), reason: "a redirect may lead to http:// or https:// only" });
+            }
+            return Url::parse(&format!("{scheme}{}", &location[i..]));
         }
         if let Some(rest) = location.strip_prefix("//") {
             return Url::parse(&format!("{}://{rest}", if self.tls { "https" } else { "http" }));
@@ -116,7 +185,7 @@ impl Url {
         Ok(u)
     }
 
-    fn same_origin(&self, other: &Url) -> bool {
+    pub(crate) fn same_origin(&self, other: &Url) -> bool {
         self.tls == other.tls && self.host.eq_ignore_ascii_case(&other.host) && self.port == other.port
     }
 
@@ -127,6 +196,13 @@ impl Url {
         } else {
             format!("{}:{}", self.host, self.port)
         }
+    }
+
+    /// The full URL, query included, as ureq takes it; refused when it is not a valid URI
+    /// (a space or a control character from a `Location`, say).
+    fn uri(&self) -> Result<Uri, HttpError> {
+        let s = format!("{}://{}:{}{}", if self.tls { "https" } else { "http" }, self.host, self.port, self.path);
+        s.parse().map_err(|_| HttpError::Url { url: self.to_string(), reason: "it holds characters a URL cannot (spaces, control characters)" })
     }
 }
 
@@ -139,11 +215,12 @@ impl fmt::Display for Url {
 }
 
 /// What a request sends.
+#[derive(Clone, Copy)]
 pub(crate) enum Body<'a> {
     Empty,
     Bytes(&'a [u8]),
-    /// A file from its current offset, this many bytes.
-    File(&'a mut File, u64),
+    /// A whole file (its length is the `Content-Length`).
+    File(&'a File),
 }
 
 /// A response whose body is read through `Read`.
@@ -152,8 +229,9 @@ pub(crate) struct Response {
     /// Where the response came from (after redirects).
     pub url: Url,
     pub method: String,
-    headers: Vec<(String, String)>,
-    body: BodyReader,
+    headers: h::HeaderMap,
+    body: ureq::BodyReader<'static>,
+    rate: Rate,
 }
 
 impl fmt::Debug for Response {
@@ -163,13 +241,9 @@ impl fmt::Debug for Response {
 }
 
 impl Response {
-    /// The first header of that name (case-insensitive).
+    /// The first header of that name (case-insensitive), when it is text.
     pub(crate) fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    pub(crate) fn content_length(&self) -> Option<u64> {
-        self.header("content-length").and_then(|v| v.trim().parse().ok())
+        self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
     /// The whole body, refusing more than `limit` bytes.
@@ -198,281 +272,283 @@ impl Response {
 
 impl Read for Response {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.body.read(buf)
+        let start = std::time::Instant::now();
+        let n = self.body.read(buf)?;
+        self.rate.check(start.elapsed(), n).map_err(|slow| io::Error::new(io::ErrorKind::TimedOut, format!("{} {slow}", self.url.authority())))?;
+        Ok(n)
     }
 }
 
-/// Sends a request, following redirects for GET and HEAD. `headers` are sent as given, except
-/// `Authorization`, which is dropped once a redirect leaves the first URL's origin.
-pub(crate) fn fetch(method: &str, url: &Url, headers: &[(&str, String)], mut body: Body<'_>) -> Result<Response, HttpError> {
-    let mut url = url.clone();
-    let origin = url.clone();
-    for _ in 0..=MAX_REDIRECTS {
-        let same = url.same_origin(&origin);
-        let hs: Vec<(&str, String)> = headers.iter().filter(|(k, _)| same || !k.eq_ignore_ascii_case("authorization")).cloned().collect();
-        let resp = send(method, &url, &hs, &mut body)?;
-        let redirect = matches!(resp.status, 301 | 302 | 303 | 307 | 308) && matches!(method, "GET" | "HEAD");
-        if !redirect {
-            return Ok(resp);
+/// The minimum transfer rate of a body: at least [`MIN_WINDOW_BYTES`] in each [`RATE_WINDOW`]
+/// spent waiting for the server. Only the time inside reads counts, so a slow consumer (a disk,
+/// a long fsync) is never blamed on the server.
+#[derive(Default)]
+struct Rate {
+    waited: Duration,
+    bytes: u64,
+}
+
+impl Rate {
+    /// Counts a read of `n` bytes that took `spent`; the error says how slow the window was.
+    fn check(&mut self, spent: Duration, n: usize) -> Result<(), String> {
+        self.waited += spent;
+        self.bytes += n as u64;
+        if self.waited < RATE_WINDOW {
+            return Ok(());
         }
-        let Some(location) = resp.header("location") else { return Ok(resp) };
-        let next = url.join(location)?;
-        crate::diag::debug!("{method} {url}: redirected to {next}");
-        url = next;
+        if self.bytes < MIN_WINDOW_BYTES && n > 0 {
+            return Err(format!("sent {} bytes in {} s, less than 1 KiB/s: giving up", self.bytes, self.waited.as_secs()));
+        }
+        *self = Rate::default();
+        Ok(())
     }
-    Err(HttpError::Redirects { url: origin.to_string() })
 }
 
-/// One request on a fresh connection.
-fn send(method: &str, url: &Url, headers: &[(&str, String)], body: &mut Body<'_>) -> Result<Response, HttpError> {
-    let io_err = |source| HttpError::Io { method: method.to_owned(), url: url.to_string(), source };
-    let stream = connect(url)?;
-    let mut stream = BufReader::with_capacity(256 * 1024, stream);
-    let mut head = format!("{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: plyroot/{}\r\nConnection: close\r\n", url.path, url.authority(), env!("CARGO_PKG_VERSION"));
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
+/// The HTTP side of one registry operation: one connection pool, the proxy settings read once.
+pub(crate) struct Http {
+    agent: ureq::Agent,
+    proxies: Proxies,
+    /// The registry whose certs.d CAs the agent trusts.
+    registry: String,
+    /// Whether a redirect may lead from https to http (`--insecure` for this registry).
+    insecure: bool,
+}
+
+impl Http {
+    /// A client for one operation on `registry` (`host[:port]`, as certs.d names it); with
+    /// `insecure`, plain HTTP is acceptable, also after a redirect from TLS.
+    pub(crate) fn new(registry: &str, insecure: bool) -> Http {
+        let config = Config::builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .user_agent(format!("plyroot/{}", env!("CARGO_PKG_VERSION")))
+            .accept_encoding(AutoHeaderValue::None)
+            .max_response_header_size(MAX_HEADER_BYTES)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_per_read(Some(IO_TIMEOUT))
+            .timeout_per_write(Some(IO_TIMEOUT))
+            // Not a resolve or global deadline: those would make ureq resolve on a thread.
+            .timeout_recv_response(Some(HEAD_TIMEOUT))
+            .tls_config(tls_config(registry))
+            .build();
+        let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), InlineResolver);
+        Http { agent, proxies: Proxies::from_env(), registry: registry.to_owned(), insecure }
     }
-    match body {
-        Body::Empty if matches!(method, "POST" | "PUT" | "PATCH") => head.push_str("Content-Length: 0\r\n"),
-        Body::Empty => {}
-        Body::Bytes(b) => head.push_str(&format!("Content-Length: {}\r\n", b.len())),
-        Body::File(_, n) => head.push_str(&format!("Content-Length: {n}\r\n")),
-    }
-    head.push_str("\r\n");
-    let w = stream.get_mut();
-    w.write_all(head.as_bytes()).map_err(io_err)?;
-    match body {
-        Body::Empty => {}
-        Body::Bytes(b) => w.write_all(b).map_err(io_err)?,
-        Body::File(f, n) => {
-            let copied = io::copy(&mut (&mut **f).take(*n), w).map_err(io_err)?;
-            if copied != *n {
-                return Err(io_err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file to upload is shorter than it was")));
+
+    /// Sends a request, following redirects for GET and HEAD. `headers` are sent as given, except
+    /// `Authorization`, which is dropped once a redirect leaves the first URL's origin.
+    pub(crate) fn fetch(&self, method: &str, url: &Url, headers: &[(&str, String)], body: Body<'_>) -> Result<Response, HttpError> {
+        let mut url = url.clone();
+        let origin = url.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let same = url.same_origin(&origin);
+            let hs: Vec<(&str, String)> = headers.iter().filter(|(k, _)| same || !k.eq_ignore_ascii_case("authorization")).cloned().collect();
+            let resp = self.send(method, &url, &hs, body)?;
+            let redirect = matches!(resp.status, 301 | 302 | 303 | 307 | 308) && matches!(method, "GET" | "HEAD");
+            if !redirect {
+                return Ok(resp);
             }
+            let Some(location) = resp.header("location") else { return Ok(resp) };
+            let next = url.join(location)?;
+            self.check_redirect(&url, &next)?;
+            crate::diag::debug!("{method} {url}: redirected to {next}");
+            url = next;
         }
+        Err(HttpError::Redirects { url: origin.to_string() })
     }
-    w.flush().map_err(io_err)?;
 
-    let malformed = |reason: String| HttpError::Malformed { method: method.to_owned(), url: url.to_string(), reason };
-    // Skip interim 1xx responses (100 Continue).
-    let (status, headers) = loop {
-        let lines = read_head(&mut stream).map_err(io_err)?;
-        let status_line = lines.first().ok_or_else(|| malformed("empty response".into()))?;
-        let mut parts = status_line.splitn(3, ' ');
-        let version = parts.next().unwrap_or("");
-        let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| malformed(format!("bad status line {status_line:?}")))?;
-        if !version.starts_with("HTTP/1.") {
-            return Err(malformed(format!("bad status line {status_line:?}")));
+    /// A redirect from TLS to plain HTTP is followed only for an insecure registry.
+    fn check_redirect(&self, from: &Url, to: &Url) -> Result<(), HttpError> {
+        if from.tls && !to.tls && !self.insecure {
+            return Err(HttpError::Downgrade { from: from.to_string(), to: to.to_string() });
         }
-        let headers: Vec<(String, String)> = lines[1..]
-            .iter()
-            .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
-            .collect();
-        if (100..200).contains(&status) {
-            continue;
-        }
-        break (status, headers);
-    };
-    let get = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
-    let no_body = method == "HEAD" || status == 204 || status == 304;
-    let body = if no_body {
-        BodyReader::Empty
-    } else if get("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked")) {
-        BodyReader::Chunked { r: stream, left: 0, done: false }
-    } else if let Some(len) = get("content-length") {
-        let len: u64 = len.trim().parse().map_err(|_| malformed(format!("bad Content-Length {len:?}")))?;
-        BodyReader::Length { r: stream, left: len }
-    } else {
-        BodyReader::Eof(stream)
-    };
-    Ok(Response { status, url: url.clone(), method: method.to_owned(), headers, body })
-}
-
-/// Reads a response head (status line and headers) up to the empty line.
-fn read_head(r: &mut impl BufRead) -> io::Result<Vec<String>> {
-    let mut lines = Vec::new();
-    let mut total = 0;
-    loop {
-        let mut line = Vec::new();
-        let n = r.by_ref().take((MAX_HEADER_BYTES - total) as u64 + 1).read_until(b'\n', &mut line)?;
-        total += n;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed before a complete response head"));
-        }
-        if total > MAX_HEADER_BYTES {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "the response head is too large"));
-        }
-        let line = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned();
-        if line.is_empty() {
-            if lines.is_empty() {
-                continue; // stray CRLF before a status line
-            }
-            return Ok(lines);
-        }
-        lines.push(line);
+        Ok(())
     }
-}
 
-enum BodyReader {
-    Empty,
-    Length { r: BufReader<Stream>, left: u64 },
-    Chunked { r: BufReader<Stream>, left: u64, done: bool },
-    Eof(BufReader<Stream>),
-}
-
-impl Read for BodyReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            BodyReader::Empty => Ok(0),
-            BodyReader::Length { r, left } => {
-                if *left == 0 || buf.is_empty() {
-                    return Ok(0);
-                }
-                let max = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                let n = r.read(&mut buf[..max])?;
-                if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("the connection closed {left} bytes before the end of the body")));
-                }
-                *left -= n as u64;
-                Ok(n)
-            }
-            BodyReader::Chunked { r, left, done } => {
-                if *done || buf.is_empty() {
-                    return Ok(0);
-                }
-                if *left == 0 {
-                    let size = read_chunk_size(r)?;
-                    if size == 0 {
-                        // Trailers, up to the empty line.
-                        loop {
-                            let mut line = String::new();
-                            if r.by_ref().take(MAX_HEADER_BYTES as u64).read_line(&mut line)? == 0 || line.trim_end().is_empty() {
-                                break;
-                            }
-                        }
-                        *done = true;
-                        return Ok(0);
-                    }
-                    *left = size;
-                }
-                let max = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                let n = r.read(&mut buf[..max])?;
-                if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed inside a chunk"));
-                }
-                *left -= n as u64;
-                if *left == 0 {
-                    let mut crlf = [0u8; 2];
-                    r.read_exact(&mut crlf)?;
-                    if &crlf != b"\r\n" {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, "a chunk does not end with CRLF"));
-                    }
-                }
-                Ok(n)
-            }
-            BodyReader::Eof(r) => match r.read(buf) {
-                // A TLS peer that closes without close_notify: the body is delimited by the
-                // close, and what it held is verified by digest anyway.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-                other => other,
-            },
+    /// One request, on a pooled connection when there is one.
+    fn send(&self, method: &str, url: &Url, headers: &[(&str, String)], body: Body<'_>) -> Result<Response, HttpError> {
+        let mut req = h::Request::builder().method(method).uri(url.uri()?);
+        for (name, value) in headers {
+            let bad = || HttpError::Header { method: method.to_owned(), url: url.to_string(), name: (*name).to_owned() };
+            let name = h::HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad())?;
+            let value = h::HeaderValue::from_str(value).map_err(|_| bad())?;
+            req = req.header(name, value);
         }
-    }
-}
-
-fn read_chunk_size(r: &mut impl BufRead) -> io::Result<u64> {
-    let mut line = String::new();
-    if r.by_ref().take(1024).read_line(&mut line)? == 0 {
-        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed before a chunk"));
-    }
-    let hex = line.split(';').next().unwrap_or("").trim();
-    u64::from_str_radix(hex, 16).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size line {:?}", line.trim_end())))
-}
-
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
-        }
-    }
-}
-
-fn connect(url: &Url) -> Result<Stream, HttpError> {
-    let host = url.host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<_> = (host, url.port).to_socket_addrs().map_err(|source| HttpError::Resolve { host: url.host.clone(), source })?.collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name has no address");
-    let mut tcp = None;
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
-            Ok(s) => {
-                tcp = Some(s);
-                break;
-            }
-            Err(e) => last = e,
-        }
-    }
-    let connect_err = |source| HttpError::Connect { host: url.authority(), source };
-    let tcp = tcp.ok_or_else(|| connect_err(last))?;
-    tcp.set_read_timeout(Some(IO_TIMEOUT)).map_err(connect_err)?;
-    tcp.set_write_timeout(Some(IO_TIMEOUT)).map_err(connect_err)?;
-    let _ = tcp.set_nodelay(true);
-    if !url.tls {
-        return Ok(Stream::Plain(tcp));
-    }
-    let tls_err = |source: io::Error| {
-        let rustls_err = source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
-        let hint = match rustls_err {
-            Some(rustls::Error::InvalidCertificate(_)) => format!(
-                " (its certificate is not trusted: put the CA that signed it in /etc/containers/certs.d/{}/ca.crt, or name a CA bundle in SSL_CERT_FILE)",
-                url.authority()
-            ),
-            Some(rustls::Error::InvalidMessage(_)) | Some(rustls::Error::InappropriateMessage { .. }) => " (if the registry speaks plain HTTP, use --insecure)".to_owned(),
-            _ => String::new(),
+        let proxy = self.proxy_for(url)?;
+        let result = match body {
+            // Requests that carry a body say so even when it is empty (a proxy or registry may
+            // insist on a length).
+            Body::Empty if matches!(method, "POST" | "PUT" | "PATCH") => self.run(req, &b""[..], url, &proxy),
+            Body::Empty => self.run(req, (), url, &proxy),
+            Body::Bytes(b) => self.run(req, b, url, &proxy),
+            Body::File(f) => self.run(req, f, url, &proxy),
         };
-        HttpError::Tls { host: url.authority(), hint, source }
-    };
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|e| tls_err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())))?;
-    let conn = rustls::ClientConnection::new(tls_config(&url.authority()), name).map_err(|e| tls_err(io::Error::other(e)))?;
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    // Handshake now, so that a TLS failure is reported as one, not as a failed write.
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock).map_err(tls_err)?;
+        let resp = result.map_err(|e| self.error(method, url, proxy.as_ref().map(|(s, _)| s), e))?;
+        let status = resp.status().as_u16();
+        let (parts, body) = resp.into_parts();
+        Ok(Response { status, url: url.clone(), method: method.to_owned(), headers: parts.headers, body: body.into_reader(), rate: Rate::default() })
     }
-    Ok(Stream::Tls(Box::new(s)))
+
+    fn run(&self, req: h::request::Builder, body: impl ureq::AsSendBody, url: &Url, proxy: &Option<(Setting, ureq::Proxy)>) -> Result<h::Response<ureq::Body>, ureq::Error> {
+        let req = req.body(body)?;
+        let other_cas = url.authority() != self.registry && !certs_d_files(&url.authority()).is_empty();
+        if proxy.is_none() && !other_cas {
+            return self.agent.run(req);
+        }
+        // A request-level setting; connections stay pooled per proxy (ureq keys its pool by
+        // proxy); another host's own CAs give it connections of its own.
+        let mut config = self.agent.configure_request(req).proxy(proxy.as_ref().map(|(_, p)| p.clone()));
+        if other_cas {
+            config = config.tls_config(tls_config(&url.authority()));
+        }
+        self.agent.run(config.build())
+    }
+
+    /// The proxy `url` goes through, if any: the setting it came from and ureq's form of it.
+    fn proxy_for(&self, url: &Url) -> Result<Option<(Setting, ureq::Proxy)>, HttpError> {
+        let Some(setting) = self.proxies.for_url(url) else { return Ok(None) };
+        let bad = |reason| HttpError::BadProxy { var: setting.var, value: redact(&setting.url), reason };
+        let scheme = setting.url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        if matches!(scheme.as_deref(), Some(s) if s != "http" && s != "https") {
+            return Err(bad("plyroot speaks to HTTP and HTTPS proxies only (not SOCKS)"));
+        }
+        let proxy = ureq::Proxy::new(&setting.url).map_err(|_| bad("it is not a proxy URL such as http://proxy.example:3128"))?;
+        crate::diag::debug!("{url}: through the proxy {} (from {})", redact(&setting.url), setting.var);
+        Ok(Some((setting.clone(), proxy)))
+    }
+
+    /// ureq's error as one that names the request, the host, and what to do.
+    fn error(&self, method: &str, url: &Url, proxy: Option<&Setting>, e: ureq::Error) -> HttpError {
+        let (method, host) = (method.to_owned(), url.authority());
+        if let Some(p) = proxy {
+            let reason = match &e {
+                ureq::Error::ConnectProxyFailed(r) => Some(r.clone()),
+                ureq::Error::Io(io) if is_connect_error(io) => Some(format!("the proxy is unreachable: {io}")),
+                ureq::Error::Other(o) if o.downcast_ref::<ResolveError>().is_some() && !o.to_string().contains(&url.host) => Some(o.to_string()),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                return HttpError::Proxy { host, proxy: redact(&p.url), var: p.var, reason };
+            }
+        }
+        match e {
+            ureq::Error::Other(o) if o.downcast_ref::<ResolveError>().is_some() => {
+                let r = o.downcast::<ResolveError>().expect("checked above");
+                HttpError::Resolve { host: r.host, source: r.source }
+            }
+            ureq::Error::HostNotFound => HttpError::Resolve { host, source: io::Error::new(io::ErrorKind::NotFound, "the name has no address") },
+            ureq::Error::Io(io) if is_connect_error(&io) => HttpError::Connect { host, source: io },
+            ureq::Error::Timeout(t) => HttpError::Timeout { method, url: url.to_string(), what: timeout_text(t) },
+            ureq::Error::Http(_) => HttpError::Header { method, url: url.to_string(), name: "(a request header)".into() },
+            ureq::Error::BadUri(_) => HttpError::Url { url: url.to_string(), reason: "ureq refused it" },
+            e if tls_failure(&e).is_some() => {
+                let hint = match tls_failure(&e) {
+                    Some(rustls::Error::InvalidCertificate(_)) => format!(
+                        " (its certificate is not trusted: put the CA that signed it in /etc/containers/certs.d/{host}/ca.crt, or name a CA bundle in SSL_CERT_FILE)"
+                    ),
+                    Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => " (if the registry speaks plain HTTP, use --insecure)".to_owned(),
+                    _ => String::new(),
+                };
+                HttpError::Tls { host, hint, source: Box::new(e) }
+            }
+            // The server closed while we sent, or before it answered what we sent (it answers
+            // with its status first when the request says `Expect: 100-continue`, which uploads
+            // do). Body reads never come here: this is the request and the response head.
+            ureq::Error::Io(source)
+                if matches!(source.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof) && matches!(method.as_str(), "PUT" | "POST" | "PATCH") =>
+            {
+                HttpError::Closed { method, url: url.to_string(), source }
+            }
+            ureq::Error::Io(source) => HttpError::Io { method, url: url.to_string(), source },
+            source => HttpError::Client { method, url: url.to_string(), source: Box::new(source) },
+        }
+    }
 }
 
-/// The client configuration for `authority`: Mozilla's roots (built in, so a static plyroot
-/// works on hosts without a CA bundle), the host's bundle, and the per-registry CA files that
-/// podman and docker read (`/etc/containers/certs.d/HOST[:PORT]/*.crt`,
-/// `/etc/docker/certs.d/…`).
-fn tls_config(authority: &str) -> Arc<rustls::ClientConfig> {
-    static BASE: OnceLock<rustls::RootCertStore> = OnceLock::new();
+fn is_connect_error(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(e.kind(), ConnectionRefused | HostUnreachable | NetworkUnreachable | AddrNotAvailable)
+}
+
+/// The rustls error under a failed handshake, if that is what `e` is.
+fn tls_failure(e: &ureq::Error) -> Option<&rustls::Error> {
+    match e {
+        ureq::Error::Rustls(r) => Some(r),
+        ureq::Error::Io(io) => io.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        _ => None,
+    }
+}
+
+fn timeout_text(t: ureq::Timeout) -> String {
+    match t {
+        ureq::Timeout::Connect => format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()),
+        ureq::Timeout::PerRead => format!("nothing received for {} s", IO_TIMEOUT.as_secs()),
+        ureq::Timeout::PerWrite => format!("nothing could be sent for {} s", IO_TIMEOUT.as_secs()),
+        ureq::Timeout::RecvResponse => format!("no complete answer within {} s", HEAD_TIMEOUT.as_secs()),
+        other => format!("timed out ({other})"),
+    }
+}
+
+/// A proxy URL without its password, for messages.
+fn redact(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+    let shown = match rest.split_once('@') {
+        Some((userinfo, host)) => format!("{}:…@{host}", userinfo.split(':').next().unwrap_or("")),
+        None => rest.to_owned(),
+    };
+    if scheme.is_empty() {
+        shown
+    } else {
+        format!("{scheme}://{shown}")
+    }
+}
+
+/// Resolves on the calling thread (ureq's default resolver starts a thread when a deadline
+/// applies to the lookup).
+#[derive(Debug)]
+struct InlineResolver;
+
+/// A failed lookup, carried through ureq to [`Http::error`].
+#[derive(Debug, thiserror::Error)]
+#[error("cannot resolve {host}: {source}")]
+struct ResolveError {
+    host: String,
+    source: io::Error,
+}
+
+impl Resolver for InlineResolver {
+    fn resolve(&self, uri: &Uri, config: &Config, _timeout: NextTimeout) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let authority = uri.authority().ok_or_else(|| ureq::Error::BadUri(format!("{uri} has no host")))?;
+        let port = authority.port_u16().or_else(|| match uri.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        });
+        let port = port.ok_or_else(|| ureq::Error::BadUri(format!("{uri} has no port")))?;
+        let host = authority.host();
+        let fail = |source| ureq::Error::Other(Box::new(ResolveError { host: host.to_owned(), source }));
+        let addrs = format!("{host}:{port}").to_socket_addrs().map_err(fail)?;
+        let mut out = self.empty();
+        // ureq keeps at most 16 addresses.
+        for a in config.ip_family().keep_wanted(addrs).take(16) {
+            out.push(a);
+        }
+        if out.is_empty() {
+            return Err(fail(io::Error::new(io::ErrorKind::NotFound, "the name has no address")));
+        }
+        Ok(out)
+    }
+}
+
+/// The TLS settings for an operation on `authority`: rustls with ring; Mozilla's roots, the
+/// host's bundle, and the authority's certs.d CAs.
+fn tls_config(authority: &str) -> TlsConfig {
+    static BASE: OnceLock<Vec<Certificate<'static>>> = OnceLock::new();
     let base = BASE.get_or_init(|| {
-        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let mut roots: Vec<Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS.iter().map(|c| Certificate::from_der(c.as_ref()).to_owned()).collect();
         let bundle = std::env::var_os("SSL_CERT_FILE").map(std::path::PathBuf::from);
-        for f in bundle.iter().map(|p| p.as_path()).chain(["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"].map(std::path::Path::new)) {
+        for f in bundle.iter().map(|p| p.as_path()).chain(["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"].map(Path::new)) {
             if add_pem_file(&mut roots, f) > 0 {
                 break;
             }
@@ -480,37 +556,43 @@ fn tls_config(authority: &str) -> Arc<rustls::ClientConfig> {
         roots
     });
     let mut roots = base.clone();
+    for f in certs_d_files(authority) {
+        add_pem_file(&mut roots, &f);
+    }
+    TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .root_certs(RootCerts::Specific(Arc::new(roots)))
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .build()
+}
+
+/// The `*.crt` files podman and docker read for `authority`.
+fn certs_d_files(authority: &str) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
     for dir in ["/etc/containers/certs.d", "/etc/docker/certs.d"] {
-        if let Ok(rd) = std::fs::read_dir(std::path::Path::new(dir).join(authority)) {
-            for e in rd.flatten() {
-                if e.path().extension().is_some_and(|x| x == "crt") {
-                    add_pem_file(&mut roots, &e.path());
-                }
-            }
+        if let Ok(rd) = std::fs::read_dir(Path::new(dir).join(authority)) {
+            files.extend(rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "crt")));
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Arc::new(config)
+    files
 }
 
 /// Adds the certificates of a PEM file; returns how many were added.
-fn add_pem_file(roots: &mut rustls::RootCertStore, path: &std::path::Path) -> usize {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    let Ok(iter) = CertificateDer::pem_file_iter(path) else { return 0 };
-    let certs: Vec<_> = iter.flatten().collect();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    added
+fn add_pem_file(roots: &mut Vec<Certificate<'static>>, path: &Path) -> usize {
+    let Ok(pem) = std::fs::read(path) else { return 0 };
+    let before = roots.len();
+    for item in ureq::tls::parse_pem(&pem).flatten() {
+        if let ureq::tls::PemItem::Certificate(c) = item {
+            roots.push(c);
+        }
+    }
+    roots.len() - before
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
 
     #[test]
@@ -530,25 +612,104 @@ pub(crate) mod tests {
         assert_eq!(other.to_string(), "https://s3.example/bucket/blob", "no query in messages");
         assert!(!other.same_origin(&base));
         assert_eq!(base.join("//cdn.example/x").unwrap().authority(), "cdn.example");
+        assert_eq!(base.join("HTTPS://Other.example/b").unwrap().to_string(), "https://Other.example/b", "schemes in any case");
+        assert_eq!(base.join("HtTp://h:1/c").unwrap().path, "/c");
+        for bad in ["file:///etc/passwd", "gopher://x/", "FTP://x/", "javascript:alert(1)", "data:,x"] {
+            let e = base.join(bad).unwrap_err().to_string();
+            assert!(e.contains("http:// or https:// only"), "{bad}: {e}");
+        }
+        assert_eq!(base.join("a/b:c").unwrap().path, "/v2/x/blobs/uploads/a/b:c", "a colon after a slash is no scheme");
+        assert!(base.join("/a b").unwrap().uri().is_err(), "a space never reaches a request line");
+        assert!(base.join("/a\rX-Injected: 1").unwrap().uri().is_err());
     }
 
-    /// A one-shot HTTP server on loopback for tests: each accepted connection gets the next
-    /// canned answer; the requests it saw (head and body) come back from the join handle.
+    #[test]
+    fn redirects_from_tls_to_plain_http_only_when_insecure() {
+        let (tls, plain) = (Url::parse("https://reg.example/v2/").unwrap(), Url::parse("http://cdn.example/b").unwrap());
+        let e = Http::new("reg.example", false).check_redirect(&tls, &plain).unwrap_err().to_string();
+        assert!(e.contains("from TLS to plain HTTP") && e.contains("--insecure"), "{e}");
+        assert!(Http::new("reg.example", true).check_redirect(&tls, &plain).is_ok());
+        assert!(Http::new("reg.example", false).check_redirect(&plain, &tls).is_ok());
+    }
+
+    #[test]
+    fn a_trickling_body_fails_a_moving_one_passes() {
+        let sec = Duration::from_secs(1);
+        let mut r = Rate::default();
+        // One byte a second: fine until a window has passed, then an error.
+        for _ in 1..60 {
+            r.check(sec, 1).unwrap();
+        }
+        let e = r.check(sec, 1).unwrap_err();
+        assert!(e.contains("60 bytes in 60 s"), "{e}");
+        // 2 KiB a second over several windows: fine.
+        let mut r = Rate::default();
+        for _ in 1..=300 {
+            r.check(sec, 2048).unwrap();
+        }
+        // The end of the body (a read of 0) after a slow last window is no error.
+        let mut r = Rate::default();
+        r.check(10 * sec, 100).unwrap();
+        r.check(60 * sec, 0).unwrap();
+    }
+
+    #[test]
+    fn redacts_proxy_passwords() {
+        assert_eq!(redact("http://user:secret@proxy:3128"), "http://user:…@proxy:3128");
+        assert_eq!(redact("proxy:3128"), "proxy:3128");
+    }
+
+    /// Reads one request (head and body) from `r`; None when the connection closed first.
+    fn read_request(r: &mut BufReader<std::net::TcpStream>) -> Option<String> {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            let line = line.trim_end_matches(['\r', '\n']).to_owned();
+            if line.is_empty() {
+                break;
+            }
+            head.push(line);
+        }
+        let len = head.iter().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())).unwrap_or(0);
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).ok()?;
+        Some(format!("{}\n{}", head.join("\n"), String::from_utf8_lossy(&body)))
+    }
+
+    /// A scripted HTTP server on loopback for tests: answers requests with the canned answers in
+    /// order, on as many connections as the client opens (each answer must carry its own length
+    /// for a connection to be reused); the requests it saw come back from the join handle, each
+    /// prefixed with the number of the connection it came on.
     pub(crate) fn serve(answers: Vec<Vec<u8>>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        serve_at(|_| answers)
+    }
+
+    /// [`serve`] with answers that may name the server's own address.
+    pub(crate) fn serve_at(answers: impl FnOnce(&str) -> Vec<Vec<u8>>) -> (String, std::thread::JoinHandle<Vec<String>>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
+        let answers = answers(&addr);
         let h = std::thread::spawn(move || {
             let mut seen = Vec::new();
-            for a in answers {
+            let mut answers = answers.into_iter();
+            let mut conn = 0;
+            'accept: while answers.len() > 0 {
                 let (s, _) = l.accept().unwrap();
+                conn += 1;
                 let mut r = BufReader::new(s);
-                let head = read_head(&mut r).unwrap();
-                let len = head.iter().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())).unwrap_or(0);
-                let mut body = vec![0; len];
-                r.read_exact(&mut body).unwrap();
-                seen.push(format!("{}\n{}", head.join("\n"), String::from_utf8_lossy(&body)));
-                let mut s = r.into_inner();
-                s.write_all(&a).unwrap();
+                while answers.len() > 0 {
+                    let Some(req) = read_request(&mut r) else { continue 'accept };
+                    seen.push(format!("#{conn} {req}"));
+                    let a = answers.next().unwrap();
+                    let close = String::from_utf8_lossy(&a).to_ascii_lowercase().contains("connection: close");
+                    r.get_mut().write_all(&a).unwrap();
+                    if close {
+                        continue 'accept;
+                    }
+                }
             }
             seen
         });
@@ -556,45 +717,72 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn chunked_bodies_and_redirects() {
+    fn chunked_bodies_redirects_and_one_connection() {
         let (addr, server) = serve(vec![
             b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /storage/blob?sig=1\r\nContent-Length: 0\r\n\r\n".to_vec(),
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: y\r\n\r\n".to_vec(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
         ]);
+        let http = Http::new(&addr, true);
         let url = Url::parse(&format!("http://{addr}/v2/x/blobs/sha256:1")).unwrap();
-        let resp = fetch("GET", &url, &[("Authorization", "Bearer t".into())], Body::Empty).unwrap();
+        let resp = http.fetch("GET", &url, &[("Authorization", "Bearer t".into())], Body::Empty).unwrap();
         assert_eq!(resp.status, 200);
         assert_eq!(resp.url.path, "/storage/blob?sig=1");
         assert_eq!(resp.bytes(100).unwrap(), b"hello world");
+        assert_eq!(http.fetch("GET", &url, &[], Body::Empty).unwrap().bytes(10).unwrap(), b"ok");
         let seen = server.join().unwrap();
-        assert!(seen[1].starts_with("GET /storage/blob?sig=1 HTTP/1.1"), "{seen:?}");
-        assert!(seen[1].contains("Authorization: Bearer t"), "same origin keeps the credentials: {seen:?}");
+        assert!(seen[1].starts_with("#1 GET /storage/blob?sig=1 HTTP/1.1"), "{seen:?}");
+        assert!(seen[1].contains("authorization: Bearer t") || seen[1].contains("Authorization: Bearer t"), "same origin keeps the credentials: {seen:?}");
+        assert!(seen.iter().all(|s| s.starts_with("#1 ")), "one connection for all three requests: {seen:?}");
     }
 
     #[test]
     fn redirect_to_another_origin_drops_authorization() {
         let (storage, storage_server) = serve(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec()]);
-        let (addr, server) = serve(vec![format!("HTTP/1.1 302 Found\r\nLocation: http://{storage}/b\r\n\r\n").into_bytes()]);
+        let (addr, server) = serve(vec![format!("HTTP/1.1 302 Found\r\nLocation: http://{storage}/b\r\nContent-Length: 0\r\n\r\n").into_bytes()]);
+        let http = Http::new(&addr, true);
         let url = Url::parse(&format!("http://{addr}/v2/x/blobs/sha256:1")).unwrap();
-        let resp = fetch("GET", &url, &[("Authorization", "Bearer secret".into())], Body::Empty).unwrap();
+        let resp = http.fetch("GET", &url, &[("Authorization", "Bearer secret".into())], Body::Empty).unwrap();
         assert_eq!(resp.bytes(10).unwrap(), b"ok");
+        drop(http);
         server.join().unwrap();
         let seen = storage_server.join().unwrap();
         assert!(!seen[0].contains("secret"), "{seen:?}");
     }
 
     #[test]
-    fn truncated_and_eof_bodies() {
+    fn truncated_bodies_fail_and_bodies_are_sent_with_their_length() {
         let (addr, server) = serve(vec![
-            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort".to_vec(),
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\nuntil the end".to_vec(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nshort".to_vec(),
+            b"HTTP/1.1 201 Created\r\nContent-Length: 13\r\n\r\nuntil the end".to_vec(),
+            b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n".to_vec(),
         ]);
+        let http = Http::new(&addr, true);
         let url = Url::parse(&format!("http://{addr}/")).unwrap();
-        let err = fetch("GET", &url, &[], Body::Empty).unwrap().bytes(100).unwrap_err();
-        assert!(format!("{:#}", anyhow::Error::from(err)).contains("5 bytes before the end"));
-        let resp = fetch("PUT", &url, &[], Body::Bytes(b"data")).unwrap();
-        assert_eq!(resp.bytes(100).unwrap(), b"until the end");
+        assert!(http.fetch("GET", &url, &[], Body::Empty).unwrap().bytes(100).is_err(), "a body shorter than its length is an error");
+        let resp = http.fetch("PUT", &url, &[], Body::Bytes(b"data")).unwrap();
+        assert_eq!((resp.status, resp.bytes(100).unwrap()), (201, b"until the end".to_vec()));
+        assert_eq!(http.fetch("POST", &url, &[], Body::Empty).unwrap().status, 202);
         let seen = server.join().unwrap();
-        assert!(seen[1].starts_with("PUT / HTTP/1.1") && seen[1].contains("Content-Length: 4") && seen[1].ends_with("\ndata"), "{seen:?}");
+        let lower: Vec<String> = seen.iter().map(|s| s.to_ascii_lowercase()).collect();
+        assert!(lower[1].contains("put / http/1.1") && lower[1].contains("content-length: 4") && lower[1].ends_with("\ndata"), "{seen:?}");
+        assert!(lower[2].contains("post / http/1.1") && lower[2].contains("content-length: 0"), "{seen:?}");
+    }
+
+    #[test]
+    fn header_values_with_line_breaks_are_refused() {
+        let http = Http::new("127.0.0.1:9", true);
+        let url = Url::parse("http://127.0.0.1:9/").unwrap();
+        let e = http.fetch("GET", &url, &[("Authorization", "Bearer t\r\nX-Injected: yes".into())], Body::Empty).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, HttpError::Header { .. }) && !msg.contains("X-Injected"), "{msg}");
+    }
+
+    #[test]
+    fn socks_proxies_are_refused_clearly() {
+        let mut http = Http::new("reg.example", false);
+        http.proxies = Proxies::from_lookup(|k| (k == "HTTPS_PROXY").then(|| "socks5://u:pw@p:1080".to_owned()));
+        let e = http.fetch("GET", &Url::parse("https://reg.example/v2/").unwrap(), &[], Body::Empty).unwrap_err().to_string();
+        assert!(e.contains("HTTPS_PROXY") && e.contains("SOCKS") && !e.contains("pw"), "{e}");
     }
 }

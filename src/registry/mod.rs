@@ -3,7 +3,9 @@
 //!
 //! Files:
 //! - `reference.rs`: [`Reference`] (`debian` → `docker.io/library/debian:latest`) and [`Platform`].
-//! - `http.rs`: a small HTTP/1.1 client over std's TCP and rustls; no threads.
+//! - `http.rs`: HTTP over ureq (rustls/ring): one connection pool per operation, redirects,
+//!   per-registry CAs, deadlines; no threads.
+//! - `proxy.rs`: which proxy a request goes through (`HTTPS_PROXY`, `NO_PROXY`, …).
 //! - `auth.rs`: credential files (podman's `auth.json`, docker's `config.json`), challenges, base64.
 //! - `client.rs`: [`Client`], the distribution API for one repository, with token auth.
 //!
@@ -19,11 +21,10 @@
 pub(crate) mod auth;
 pub(crate) mod client;
 pub(crate) mod http;
+pub(crate) mod proxy;
 pub(crate) mod reference;
 
 use std::sync::OnceLock;
-
-use sha2::{Digest, Sha256};
 
 pub(crate) use client::Client;
 pub(crate) use reference::{Platform, Reference};
@@ -33,6 +34,13 @@ pub(crate) use reference::{Platform, Reference};
 pub(crate) enum RegistryError {
     #[error(transparent)]
     Http(#[from] http::HttpError),
+    /// An HTTP failure in the middle of a named step (an upload).
+    #[error("{what}")]
+    During {
+        what: String,
+        #[source]
+        source: http::HttpError,
+    },
     #[error("{what}: the registry answered HTTP {status}{hint}{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
     Status { what: String, status: u16, detail: String, hint: String },
     #[error("cannot authenticate with {registry}: {reason}")]
@@ -79,7 +87,13 @@ pub(crate) fn platform() -> anyhow::Result<Platform> {
     }
 }
 
-/// `sha256:HEX` of `data`.
-pub(crate) fn sha256(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+pub(crate) use crate::oci::sha256;
+
+/// How many threads this process has (`Threads:` in `/proc/self/status`). A registry operation
+/// must leave exactly one: plyroot makes user namespaces later in the same process, and
+/// `unshare(CLONE_NEWUSER)` fails in a threaded one. Shown at `-v` after a pull or push, where
+/// the tests check it.
+pub(crate) fn threads() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).map_or_else(|| "an unknown number of".to_owned(), |n| n.trim().to_owned())
 }

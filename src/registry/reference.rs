@@ -128,8 +128,8 @@ impl Platform {
 
     /// The machine this runs on.
     pub(crate) fn host() -> Platform {
-        let (architecture, variant) = crate::export::oci::host_arch();
-        Platform { os: "linux".to_owned(), architecture, variant }
+        let p = crate::oci::host_platform();
+        Platform { os: p.os, architecture: p.architecture, variant: p.variant }
     }
 }
 

@@ -14,9 +14,10 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::error::UnpackError;
-use super::oci::{check_layer_count, read_json, read_json_verified, unpack_layer, Config, LayerBlob};
+use super::oci::{check_layer_count, read_json, read_json_verified, unpack_layer, LayerBlob};
 use super::stage::normalize;
 use super::{split_tag, LayerSink};
+use crate::oci::Config;
 use crate::progress::Progress;
 use crate::store::meta::Ownership;
 

@@ -9,7 +9,6 @@
 //!
 //! The JSON types and blob reading are shared with `docker_archive.rs`.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsFd;
@@ -20,6 +19,7 @@ use serde::Deserialize;
 use super::compress::{decompress, HashingReader};
 use super::error::UnpackError;
 use super::{split_tag, unpack_tar, LayerSink};
+use crate::oci::{layer_type_supported, Config, Descriptor, Index, Manifest, INDEX_TYPES, REF_NAME};
 use crate::progress::Progress;
 use crate::store::meta::Ownership;
 
@@ -27,87 +27,10 @@ use crate::store::meta::Ownership;
 /// claim to be, and reading them would break the memory budget.
 pub(super) const MAX_JSON: u64 = 16 * 1024 * 1024;
 
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct Descriptor {
-    #[serde(default)]
-    pub media_type: String,
-    pub digest: String,
-    #[serde(default)]
-    pub size: u64,
-    #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
-    #[serde(default)]
-    pub platform: Option<Platform>,
-}
-
-#[derive(Debug, Deserialize)]
-pub(super) struct Platform {
-    pub architecture: String,
-    pub os: String,
-    #[serde(default)]
-#[cfg_attr(not(feature = "registry"), allow(dead_code))]
-    pub variant: Option<String>,
-}
-
-/// An image index (`index.json`, or a nested multi-platform index / docker manifest list).
-#[derive(Debug, Deserialize)]
-struct Index {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Debug, Deserialize)]
-pub(super) struct Manifest {
-    #[serde(default, rename = "schemaVersion")]
-#[cfg_attr(not(feature = "registry"), allow(dead_code))]
-    pub schema_version: u32,
-    #[serde(default, rename = "mediaType")]
-    pub media_type: String,
-    /// Present when the document is an index after all (media types are optional in JSON).
-    #[serde(default)]
-    pub manifests: Option<Vec<Descriptor>>,
-    pub config: Option<Descriptor>,
-    #[serde(default)]
-    pub layers: Vec<Descriptor>,
-}
-
-/// The part of an image config that names the layers' uncompressed digests.
-#[derive(Debug, Deserialize)]
-pub(super) struct Config {
-    pub rootfs: RootFs,
-}
-
-#[derive(Debug, Deserialize)]
-pub(super) struct RootFs {
-    #[serde(default)]
-    pub diff_ids: Vec<String>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Layout {
     image_layout_version: String,
-}
-
-pub(super) const INDEX_TYPES: [&str; 2] =
-    ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
-
-/// Layer media types we can unpack; the compression itself is detected from content.
-pub(super) fn layer_type_supported(media_type: &str) -> bool {
-    matches!(
-        media_type,
-        "" | "application/vnd.oci.image.layer.v1.tar"
-            | "application/vnd.oci.image.layer.v1.tar+gzip"
-            | "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
-            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-    )
 }
 
 /// `sha256:HEX` with exactly 64 lowercase hex digits: anything else could be a path (`../`) when
@@ -146,17 +69,6 @@ pub(super) fn read_json_verified<T: serde::de::DeserializeOwned>(r: impl Read, w
         return Err(UnpackError::Digest { what: what.to_owned(), expected: digest.to_owned(), actual });
     }
     serde_json::from_slice(&buf).map_err(|source| UnpackError::Json { what: what.to_owned(), source })
-}
-
-/// The platform this process runs on, in OCI's words.
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
 }
 
 /// One layer to unpack: where its bytes are and what they must hash to.
@@ -249,7 +161,7 @@ impl Image<'_> {
         let chosen = if candidates.len() == 1 {
             candidates.remove(0)
         } else {
-            let arch = host_arch();
+            let arch = crate::oci::host_platform().architecture;
             let pos = candidates
                 .iter()
                 .position(|d| d.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch));
@@ -360,8 +272,7 @@ mod tests {
     use crate::source::testutil::{check_two_layers, config_json, gzip, sha256, two_layers, zstd, DirSink};
     use crate::source::{unpack as unpack_source, Source};
 
-    const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-    const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    use crate::oci::{MEDIA_INDEX as INDEX, MEDIA_MANIFEST as MANIFEST};
 
     /// Writes `data` as a blob and returns its descriptor.
     fn blob(dir: &Path, media_type: &str, data: &[u8]) -> serde_json::Value {
@@ -432,7 +343,7 @@ mod tests {
     fn follows_nested_index_to_host_platform() {
         let img = layout(|d| {
             let mut host = image(d, None);
-            host["platform"] = json!({ "os": "linux", "architecture": host_arch() });
+            host["platform"] = json!({ "os": "linux", "architecture": crate::oci::host_platform().architecture });
             let mut other = image(d, Some(vec![]));
             other["platform"] = json!({ "os": "linux", "architecture": "s390x-not-this-one" });
             let nested = json!({ "schemaVersion": 2, "mediaType": INDEX, "manifests": [other, host] });

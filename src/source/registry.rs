@@ -12,7 +12,8 @@
 use std::io::Read;
 
 use super::error::UnpackError;
-use super::oci::{check_digest, check_layer_count, layer_type_supported, unpack_layer, Config, Descriptor, LayerBlob, Manifest, INDEX_TYPES};
+use super::oci::{check_digest, check_layer_count, unpack_layer, LayerBlob};
+use crate::oci::{layer_type_supported, Config, Descriptor, Manifest, INDEX_TYPES};
 use super::LayerSink;
 use crate::progress::Progress;
 use crate::registry::{Client, Platform, Reference};
@@ -34,6 +35,10 @@ pub(super) fn unpack(reference: &str, name: &str, ownership: Ownership, progress
     check_layer_count(name, layers.len(), config.rootfs.diff_ids.len())?;
     for layer in &layers {
         check_digest(name, &layer.digest)?;
+        if layer.size == 0 {
+            // The size bounds the download; without it a registry could send without end.
+            return Err(image_err(name, format!("layer {} has no size in the manifest (the image spec requires one; plyroot bounds each download by it)", layer.digest)).into());
+        }
         if !layer_type_supported(&layer.media_type) {
             return Err(image_err(name, format!("layer {} has media type '{}', which plyroot cannot unpack", layer.digest, layer.media_type)).into());
         }
@@ -52,20 +57,21 @@ pub(super) fn unpack(reference: &str, name: &str, ownership: Ownership, progress
         }
         crate::diag::debug!("{description}: downloading {} bytes", layer.size);
         let resp = client.blob(&layer.digest)?;
-        let mut p = progress.sub(&format!("{name} layer {}/{n}", i + 1), Some(layer.size).filter(|s| *s > 0).or(resp.content_length()));
+        let mut p = progress.sub(&format!("{name} layer {}/{n}", i + 1), Some(layer.size));
         // A registry that sends more than the descriptor's size is sending something else.
-        let limit = if layer.size > 0 { layer.size + 1 } else { u64::MAX };
-        let reader = resp.take(limit);
+        let reader = resp.take(layer.size + 1);
         unpack_layer(LayerBlob { reader, digest: Some(layer.digest), diff_id, description, index: true }, ownership, &mut p, sink)?;
         p.finish();
         fetched += 1;
         bytes += layer.size;
     }
+    drop(client);
     crate::diag::info!(
         "{name}: {n} layer(s), {fetched} downloaded ({}), {} already in the store",
         crate::text::human(bytes),
         n - fetched
     );
+    crate::diag::debug!("{name}: pulled; {} thread(s) in this process", crate::registry::threads());
     Ok(())
 }
 
