@@ -446,3 +446,56 @@ fn a_keeper_of_a_mount_made_otherwise_gives_way() {
     assert!(!diff.stdout.contains("newpoint"), "the bind's mount point was made in the upper: {diff}");
     assert!(keeper(&s, "t").is_some_and(|k2| k2 != k));
 }
+
+#[test]
+fn a_keeper_shows_no_command_line_or_environment_of_the_caller() {
+    let s = need!(env());
+    let out = run_with(s.cmd(&["run", "t", "--", "sh", "-c", "echo my-secret-token >/dev/null"]).env("SECRET_VAR", "hunter2"), None, TIMEOUT);
+    out.ok();
+    let k = keeper(&s, "t").expect("a keeper");
+    let cmdline = fs::read(format!("/proc/{k}/cmdline")).unwrap();
+    let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert_eq!(shown.trim(), "plyroot-keeper", "{shown:?}");
+    let environ = fs::read(format!("/proc/{k}/environ")).unwrap();
+    assert!(environ.iter().all(|&b| b == 0), "the keeper shows an environment: {:?}", String::from_utf8_lossy(&environ));
+    // A value that is not a number of seconds is said, not taken silently.
+    let odd = run_with(s.cmd(&["run", "--read-only", "t", "--", "true"]).env("PLYROOT_LINGER", "abc"), None, TIMEOUT);
+    assert!(odd.ok().stderr.is_empty(), "a run without a keeper to start read PLYROOT_LINGER");
+    s.plyroot(&["commit", "t"]).ok();
+    let odd = run_with(s.cmd(&["run", "t", "--", "true"]).env("PLYROOT_LINGER", "abc"), None, TIMEOUT).ok();
+    assert!(odd.stderr.contains("PLYROOT_LINGER") && odd.stderr.contains("60 s"), "{odd}");
+    // Past any timeout the kernel takes: still a keeper.
+    s.plyroot(&["commit", "t"]).ok();
+    run_with(s.cmd(&["run", "t", "--", "true"]).env("PLYROOT_LINGER", "18446744073709551615"), None, TIMEOUT).ok();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(keeper(&s, "t").is_some(), "a huge PLYROOT_LINGER ended the keeper at once");
+}
+
+#[test]
+fn a_run_that_starts_during_a_commit_runs_on_the_committed_generation() {
+    let strace = need!(tool("strace"));
+    let s = need!(env());
+    s.sh("t", "echo one > /one").ok();
+    // The run is held up just before it takes the environment's lock (its first open of it);
+    // the commit goes through meanwhile.
+    let lock = s.home.join("envs/t/lock");
+    let mut slow = std::process::Command::new(strace);
+    slow.args(["-qq", "-o", "/dev/null", "-P"])
+        .arg(&lock)
+        .args(["-e", "trace=openat", "-e", "inject=openat:delay_enter=1500000:when=1"])
+        .arg(bin())
+        .args(["run", "t", "--", "sh", "-c", "cat /one && echo two > /two"])
+        .env("PLYROOT_HOME", &s.home)
+        .current_dir(s.tmp.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut slow = slow.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    s.plyroot(&["commit", "t", "-m", "one"]).ok();
+    let (st, out, err) = wait_collect(&mut slow, TIMEOUT, "the held-up run");
+    assert!(st.success(), "the held-up run failed: {out}{err}");
+    assert_eq!(out, "one\n", "the held-up run did not run on the committed generation: {err}");
+    // Its write is on the current layers: the next run takes it as it is.
+    assert_eq!(s.sh("t", "cat /one /two").ok().stdout, "one\ntwo\n");
+}

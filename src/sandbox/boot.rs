@@ -134,7 +134,7 @@ fn start(plan: &Plan, inside: &Inside, hostname: &str, log: &fs::File, recording
     if let Some(mut r) = recording {
         r.record.boot = true;
         r.record.supervisor = Some(rustix::process::getpid().as_raw_nonzero().get());
-        if let Err(e) = r.write(init, &base, mnt_ns, None) {
+        if let Err(e) = r.write(init, &base, mnt_ns) {
             // An init nobody can find would run on unseen: end it with the boot.
             if let Ok(fd) = ns::pidfd(init) {
                 let _ = process::pidfd_signal(&fd, libc::SIGKILL);

@@ -15,8 +15,9 @@
 //! namespace alive the same way, in a pause process.
 
 use std::cell::Cell;
+use std::fs;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -24,33 +25,41 @@ use rustix::fs::inotify;
 
 use super::mounts::Shared;
 use super::RootSpec;
-use crate::store::runs::NestedNs;
+use crate::store::runs::{write_record, NestedNs, RunRecord};
 use crate::sys::{mount, process};
 
 /// How long a keeper waits for the next launch (None: no keeper).
 pub(crate) fn linger() -> Option<Duration> {
     let secs = match std::env::var("PLYROOT_LINGER") {
-        Ok(s) => s.trim().parse::<u64>().unwrap_or(DEFAULT_LINGER),
+        Ok(s) if s.trim().is_empty() => DEFAULT_LINGER,
+        Ok(s) => s.trim().parse::<u64>().map(|n| n.min(MAX_LINGER)).unwrap_or_else(|_| {
+            crate::diag::warn!("PLYROOT_LINGER={s:?} is not a number of seconds: the keeper waits {DEFAULT_LINGER} s");
+            DEFAULT_LINGER
+        }),
         Err(_) => DEFAULT_LINGER,
     };
     (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 const DEFAULT_LINGER: u64 = 60;
+/// A year: longer is forever, as far as a keeper is concerned (and fits poll's timeout).
+const MAX_LINGER: u64 = 365 * 24 * 3600;
 
-/// A started keeper, for its run record.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub(crate) struct Kept {
-    pub pid: i32,
-    pub mnt_ns: u64,
-    pub mnt_ns_id: u64,
-    pub nested: Vec<NestedNs>,
+/// The keeper's run slot, and its record as far as the launch knows it.
+pub(crate) struct Slot {
+    pub file: fs::File,
+    pub path: PathBuf,
+    pub record: RunRecord,
 }
 
-/// Starts a keeper of `shared` (just mounted for `root`), watching the run slots in `runs`.
-/// Runs in the base namespaces. The keeper is a grandchild: it is nobody's child here, so the
-/// program this process becomes never meets it in `wait`.
-pub(crate) fn start(shared: &Shared, root: &RootSpec, runs: &Path, linger: Duration) -> Result<Kept> {
+/// Starts a keeper of `shared` (just mounted for `root`, in the base user namespace `base`: inode
+/// and id), watching the run slots. Runs in the base namespaces. The keeper writes its own record
+/// before it says it is ready: a keeper exists only recorded, whatever happens to this launch. It
+/// is a grandchild: nobody's child here, so the program this process becomes never meets it in
+/// `wait`.
+pub(crate) fn start(shared: &Shared, root: &RootSpec, linger: Duration, slot: Slot, base: (u64, u64)) -> Result<()> {
+    let runs = slot.path.parent().context("a run slot has no directory")?.to_owned();
+    let runs = runs.as_path();
     let watch = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK).map_err(|e| crate::sys::err("create an inotify instance for", runs, e))?;
     let events = inotify::WatchFlags::MODIFY | inotify::WatchFlags::CLOSE_WRITE | inotify::WatchFlags::DELETE_SELF | inotify::WatchFlags::MOVE_SELF;
     inotify::add_watch(&watch, runs, events).map_err(|e| crate::sys::err("watch", runs, e))?;
@@ -61,7 +70,7 @@ pub(crate) fn start(shared: &Shared, root: &RootSpec, runs: &Path, linger: Durat
         let wr = wr.take().context("lost a pipe")?;
         process::spawn(|| {
             let mut held = Vec::new();
-            let r = settle(shared, root, &watch, &wr, &mut held);
+            let r = settle(shared, root, &watch, &wr, &mut held, slot, base);
             let ready = r.is_ok();
             if !process::send_reply(wr, r) || !ready {
                 return Ok(1);
@@ -73,10 +82,10 @@ pub(crate) fn start(shared: &Shared, root: &RootSpec, runs: &Path, linger: Durat
         Ok(0)
     })?;
     drop(wr.take());
-    let reply = rd.take().map(process::read_reply::<Kept>);
+    let reply = rd.take().map(process::read_reply::<()>);
     process::waitpid(middle)?;
     match reply {
-        Some(Ok(Some(k))) => Ok(k),
+        Some(Ok(Some(()))) => Ok(()),
         Some(Err(e)) => Err(e),
         _ => anyhow::bail!("the keeper ended before it was ready"),
     }
@@ -84,10 +93,12 @@ pub(crate) fn start(shared: &Shared, root: &RootSpec, runs: &Path, linger: Durat
 
 /// In the keeper: leaves the caller's session and files, and makes a mount namespace whose root
 /// is the shared overlay (with its `base = "host"` overlays), as a run's is.
-fn settle(shared: &Shared, root: &RootSpec, watch: &OwnedFd, report: &OwnedFd, held: &mut Vec<OwnedFd>) -> Result<Kept> {
+fn settle(shared: &Shared, root: &RootSpec, watch: &OwnedFd, report: &OwnedFd, held: &mut Vec<OwnedFd>, mut slot: Slot, base: (u64, u64)) -> Result<()> {
     rustix::process::setsid().context("cannot start a session for the keeper")?;
-    // What `ps -o comm`, `top` and the tests see.
+    // What `ps`, `top` and the tests see: not the command of the launch it was forked from (which
+    // ended, and may hold a secret), nor its environment.
     let _ = rustix::thread::set_name(c"plyroot-keeper");
+    let _ = crate::sys::procs::retitle("plyroot-keeper");
     let null = rustix::fs::open("/dev/null", rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).context("cannot open /dev/null")?;
     for dup in [rustix::stdio::dup2_stdin, rustix::stdio::dup2_stdout, rustix::stdio::dup2_stderr] {
         dup(&null).context("cannot point the keeper's stdio at /dev/null")?;
@@ -95,7 +106,7 @@ fn settle(shared: &Shared, root: &RootSpec, watch: &OwnedFd, report: &OwnedFd, h
     drop(null);
     // Whatever else the launch holds (the store's and the environment's locks, the caller's
     // files) must not live on in the keeper.
-    let mut keep: Vec<i32> = vec![0, 1, 2, watch.as_raw_fd(), report.as_raw_fd()];
+    let mut keep: Vec<i32> = vec![0, 1, 2, watch.as_raw_fd(), report.as_raw_fd(), slot.file.as_raw_fd()];
     keep.extend(shared.fds().map(|f| f.as_raw_fd()));
     process::close_fds_except(&keep)?;
     // The identities' namespaces first: making them needs /proc, which the root lacks.
@@ -109,7 +120,9 @@ fn settle(shared: &Shared, root: &RootSpec, watch: &OwnedFd, report: &OwnedFd, h
     let (mnt_ns, mnt_ns_id) = super::namespaces::mnt_ns()?;
     let fs_root = super::mounts::attach_shared(&shared.clone_detached(root)?, root)?;
     mount::pivot_into(fs_root.as_fd(), Path::new("/"))?;
-    Ok(Kept { pid: rustix::process::getpid().as_raw_nonzero().get(), mnt_ns, mnt_ns_id, nested })
+    let pid = rustix::process::getpid().as_raw_nonzero().get();
+    let record = RunRecord { pid, mnt_ns, mnt_ns_id, user_ns: base.0, user_ns_id: base.1, keeper: true, nested, ..slot.record };
+    write_record(&mut slot.file, &record, &slot.path)
 }
 
 /// Waits until no launch has written a run slot for `linger`, or the slots are gone.

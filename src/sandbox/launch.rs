@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use super::identity::{Inside, Mapping};
-use super::keeper::{self, Kept};
+use super::keeper;
 use super::{mounts, namespaces, Plan};
 use crate::store::runs::{write_record, RunRecord};
 use crate::sys::{ns, process};
@@ -35,14 +35,10 @@ pub(crate) struct Recording {
 }
 
 impl Recording {
-    /// Fills in what only the running launch knows and writes the record (and its keeper's).
-    pub(crate) fn write(mut self, pid: i32, base: &namespaces::Base, (mnt_ns, mnt_ns_id): (u64, u64), kept: Option<Kept>) -> Result<()> {
+    /// Fills in what only the running launch knows and writes the record.
+    pub(crate) fn write(mut self, pid: i32, base: &namespaces::Base, (mnt_ns, mnt_ns_id): (u64, u64)) -> Result<()> {
         self.record.user_ns = base.user_ns;
         self.record.user_ns_id = base.user_ns_id;
-        if let (Some(k), Some((mut file, path))) = (kept, self.keeper.take()) {
-            let record = RunRecord { pid: k.pid, mnt_ns: k.mnt_ns, mnt_ns_id: k.mnt_ns_id, keeper: true, nested: k.nested, ..self.record.clone() };
-            write_record(&mut file, &record, &path)?;
-        }
         self.record.pid = pid;
         self.record.mnt_ns = mnt_ns;
         self.record.mnt_ns_id = mnt_ns_id;
@@ -80,21 +76,23 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str, recording: Op
     if plan.pid {
         process::block_signals();
     }
-    let keeper_slots = recording.as_ref().and_then(|r| r.keeper.as_ref().map(|(_, p)| p.with_file_name("")));
-    let (base, (shared, kept)) = namespaces::enter(inside, plan.root.join.as_ref(), plan.store.as_deref(), plan.pid, false, |b| {
+    let mut recording = recording;
+    let keeper_slot = recording.as_mut().and_then(|r| r.keeper.take().map(|(file, path)| keeper::Slot { file, path, record: r.record.clone() }));
+    let (base, shared) = namespaces::enter(inside, plan.root.join.as_ref(), plan.store.as_deref(), plan.pid, false, |b| {
         let shared = mounts::shared(&plan.root, b)?;
         // This launch made the shared overlay: leave a keeper of it for the launches after it.
-        let kept = match (&shared, plan.root.linger, &keeper_slots) {
-            (Some(s), Some(linger), Some(runs)) if b.joined.is_none() && !plan.pid => keeper::start(s, &plan.root, runs, linger)
-                .map_err(|e| crate::diag::debug!("no keeper for this environment's mount: {e:#}"))
-                .ok(),
-            _ => None,
-        };
-        Ok((shared, kept))
+        if let (Some(s), Some(linger), Some(slot)) = (&shared, plan.root.linger, keeper_slot) {
+            if b.joined.is_none() && !plan.pid {
+                if let Err(e) = keeper::start(s, &plan.root, linger, slot, (b.user_ns, b.user_ns_id)) {
+                    crate::diag::debug!("no keeper for this environment's mount: {e:#}");
+                }
+            }
+        }
+        Ok(shared)
     })?;
     let me = rustix::process::getpid().as_raw_nonzero().get();
     if let Some(r) = recording {
-        r.write(me, &base, namespaces::mnt_ns()?, kept)?;
+        r.write(me, &base, namespaces::mnt_ns()?)?;
     }
     if plan.pid {
         // unshare(CLONE_NEWPID) applies to children: the first one is PID 1 inside. It builds

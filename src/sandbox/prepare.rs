@@ -197,11 +197,13 @@ struct Claim {
 
 /// Decides, under the environment's lock, whether the launch joins the live shared mount or makes
 /// it. A keeper alone on another generation is ended (it is a cache); a run is not.
-fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool, key: &str) -> Result<Claim> {
+fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool, key: &str, real_root: bool) -> Result<Claim> {
     let mut survey = env.survey_for_launch();
     // A keeper of a mount made otherwise (another generation; for this one, another skeleton or
-    // other host directories) gives way when it is alone.
-    let stale_keeper = |s: &crate::store::runs::Survey| s.live.iter().all(|r| r.record.keeper) && s.live.iter().any(|r| r.record.generation != generation.number || r.record.key != key);
+    // other host directories; by real root for a user, or the other way round) gives way when
+    // it is alone.
+    let other = |r: &LiveRun| r.record.generation != generation.number || r.record.key != key || (r.record.user_ns == 0) != real_root;
+    let stale_keeper = |s: &crate::store::runs::Survey| s.live.iter().all(|r| r.record.keeper) && s.live.iter().any(other);
     if persistent && stale_keeper(&survey) && env.dismiss_keeper()? {
         survey = env.survey_for_launch();
     }
@@ -364,10 +366,9 @@ fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Sk
     }
 }
 
-fn common(store: &Store, env: &Env, req: &Request) -> Result<Common> {
+fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<Common> {
     let generation = env.current()?;
     let user = HostUser::current();
-    let inside_env = std::env::var_os("PLYROOT_ENV").is_some() && root_is_plyroot();
     let inside = identity(store, req, &generation, &user, inside_env);
     let parent = if req.compose && inside_env { parent_stack()? } else { Vec::new() };
     let composed = !parent.is_empty();
@@ -395,7 +396,7 @@ fn common(store: &Store, env: &Env, req: &Request) -> Result<Common> {
 /// gets: the shared one (joined or mounted), or one of its own.
 fn recording(env: &Env, c: &Common, req: &Request, persistent: bool, host_dirs: &[(String, Vec<PathBuf>)]) -> Result<(Upper, Option<Join>, Recording)> {
     let key = mount_key(c, host_dirs);
-    let claim = claim(env, &c.generation, req, persistent, &key)?;
+    let claim = claim(env, &c.generation, req, persistent, &key, c.inside.mapping == identity::Mapping::Host)?;
     let upper = match claim.work_slot {
         Some(w) => Upper::Shared { upper: env.upper(), work: env.workdir(w) },
         None if req.read_only => Upper::None,
@@ -430,9 +431,16 @@ fn recording(env: &Env, c: &Common, req: &Request, persistent: bool, host_dirs: 
 
 /// Decides the launch of `req` in `env` (see the module header).
 pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepared> {
-    let c = common(store, env, req)?;
-    let settings = &c.generation.settings;
     let mut held: Held = vec![store.lock_file()?];
+    let inside_env = std::env::var_os("PLYROOT_ENV").is_some() && root_is_plyroot();
+    // A launch that may use the upper takes the environment's lock before it reads the current
+    // generation: a commit, switch or rollback cannot then change it between the two, leaving the
+    // run on the generation before (its writes then on other layers than the current ones).
+    // Inside an environment the store is read-only, and such a launch cannot use the upper.
+    let may_use_upper = req.boot.is_some() || !(req.read_only || req.ephemeral);
+    let mut env_lock = if may_use_upper && !inside_env { Some(env.lock()?) } else { None };
+    let c = common(store, env, req, inside_env)?;
+    let settings = &c.generation.settings;
     // A run with a root of its own (--ephemeral, --read-only) does not join: its writes must not
     // reach the upper the booted system uses.
     if req.boot.is_none() && !req.ephemeral && !req.read_only {
@@ -454,7 +462,10 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
     let host_dirs = if c.wants_host { host_dirs(store, &c.lowers)? } else { Vec::new() };
     let (upper, join, recording) = if persistent || req.boot.is_some() {
         // From here until the program runs, no other launch of this environment decides.
-        held.push(env.lock()?);
+        held.push(match env_lock.take() {
+            Some(l) => l,
+            None => env.lock()?,
+        });
         let (upper, join, recording) = recording(env, &c, req, persistent, &host_dirs)?;
         (upper, join, Some(recording))
     } else {

@@ -199,6 +199,28 @@ pub(crate) fn cmdline(pid: i32) -> String {
     s
 }
 
+/// Replaces this process's command line (what `ps` shows, read from /proc/PID/cmdline) with
+/// `title`, and empties its environment block (/proc/PID/environ): by writing over both in its
+/// own memory through /proc/self/mem. Afterwards nothing in this process may read its arguments
+/// or environment again.
+pub(crate) fn retitle(title: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let stat = fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name: state is field 3; arg_start..env_end are fields 48-51.
+    let f: Vec<u64> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect()).unwrap_or_default();
+    let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    let (arg_start, arg_end, env_start, env_end) = (field(48), field(49), field(50), field(51));
+    if arg_start == 0 || arg_end <= arg_start || env_end < env_start {
+        return Err(std::io::Error::other("no argument area in /proc/self/stat"));
+    }
+    let mem = fs::OpenOptions::new().write(true).open("/proc/self/mem")?;
+    let mut args = vec![0u8; (arg_end - arg_start) as usize];
+    let n = title.len().min(args.len().saturating_sub(1));
+    args[..n].copy_from_slice(&title.as_bytes()[..n]);
+    mem.write_all_at(&args, arg_start)?;
+    mem.write_all_at(&vec![0u8; (env_end - env_start) as usize], env_start)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
