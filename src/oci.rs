@@ -96,7 +96,7 @@ pub(crate) struct Manifest {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct Index {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_number")]
     pub schema_version: u32,
     #[serde(default)]
     pub media_type: String,
@@ -104,20 +104,28 @@ pub(crate) struct Index {
     pub manifests: Vec<Descriptor>,
 }
 
-/// An image config. Reading needs only `rootfs.diff_ids`; the rest is what plyroot writes.
+/// An image config. Reading needs only `rootfs.diff_ids`; the rest is what plyroot writes, and a
+/// config whose other fields are malformed is still read (they are taken as absent).
 #[derive(Debug, Deserialize, Serialize)]
 pub(crate) struct Config {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient")]
     pub created: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient")]
     pub architecture: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient")]
     pub os: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient")]
     pub variant: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "lenient")]
     pub config: Option<RunConfig>,
     pub rootfs: RootFs,
+}
+
+/// A field plyroot does not need to read: any JSON value is accepted, and one of another shape
+/// than `T` reads as absent.
+fn lenient<'de, D: serde::Deserializer<'de>, T: serde::de::DeserializeOwned>(d: D) -> Result<Option<T>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
 }
 
 /// What a container of the image runs by default.
@@ -137,6 +145,11 @@ pub(crate) struct RootFs {
     /// The uncompressed layers' digests, bottom first.
     #[serde(default)]
     pub diff_ids: Vec<String>,
+}
+
+/// A number plyroot does not check: anything else reads as 0.
+fn lenient_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    Ok(lenient::<D, u32>(d)?.unwrap_or(0))
 }
 
 /// `sha256:HEX` of `data`: a blob's digest.
@@ -197,6 +210,10 @@ mod tests {
         assert_eq!(c.rootfs.diff_ids, ["sha256:1"]);
         let c: Config = serde_json::from_str(r#"{"config":null,"created":null,"rootfs":{"type":"layers","diff_ids":[]}}"#).unwrap();
         assert!(c.config.is_none() && c.created.is_none());
+        let c: Config = serde_json::from_str(r#"{"created":7,"config":{"Cmd":"sh"},"rootfs":{"type":"layers","diff_ids":["sha256:1"]}}"#).unwrap();
+        assert_eq!((c.created, c.config.is_none(), c.rootfs.diff_ids.len()), (None, true, 1), "unused fields of another shape read as absent");
+        let i: Index = serde_json::from_str(r#"{"schemaVersion":"2","manifests":[]}"#).unwrap();
+        assert_eq!(i.schema_version, 0);
         let m: Manifest = serde_json::from_str(r#"{"schemaVersion":2,"manifests":[{"digest":"sha256:2","platform":{"os":"linux","architecture":"arm","variant":"v7"}}]}"#).unwrap();
         assert!(m.config.is_none());
         assert_eq!(m.manifests.unwrap()[0].platform.as_ref().unwrap().variant.as_deref(), Some("v7"));

@@ -35,7 +35,7 @@ pub(crate) fn gc(store_root: &Path, dry_run: bool, keep: Option<usize>, older_th
     // Exclusive: waits for launches and imports in progress (they hold the lock shared until
     // their program starts); running programs are seen through their pins instead.
     let store = Store::open_exclusive(store_root)?;
-    let found = store.gc_roots(Policy { keep, cutoff })?;
+    let found = store.gc_roots(Policy { keep, cutoff, end_keepers: !dry_run })?;
     let (pruned, deleted) = if dry_run { ("would prune", "would delete") } else { ("pruned", "deleted") };
     let mut s = String::new();
     for p in &found.pruned {

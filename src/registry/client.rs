@@ -259,6 +259,8 @@ impl Client {
         let location = resp.header("location").ok_or_else(|| RegistryError::Protocol { what: what.clone(), reason: "the upload session has no Location".into() })?.to_owned();
         drop(resp);
         let mut put = url.join(&location)?;
+        // The upload goes where the registry says, but not from TLS down to plain HTTP.
+        self.http.check_redirect(&url, &put).map_err(|source| RegistryError::During { what: what.clone(), source })?;
         put.path = format!("{}{}digest={}", put.path, if put.path.contains('?') { "&" } else { "?" }, url_encode(digest));
         let mut headers = vec![("Content-Type", "application/octet-stream".to_owned())];
         if matches!(body, Body::File(_)) {

@@ -358,8 +358,9 @@ impl Http {
         Err(HttpError::Redirects { url: origin.to_string() })
     }
 
-    /// A redirect from TLS to plain HTTP is followed only for an insecure registry.
-    fn check_redirect(&self, from: &Url, to: &Url) -> Result<(), HttpError> {
+    /// A redirect (or an upload location) from TLS to plain HTTP is followed only for an insecure
+    /// registry.
+    pub(crate) fn check_redirect(&self, from: &Url, to: &Url) -> Result<(), HttpError> {
         if from.tls && !to.tls && !self.insecure {
             return Err(HttpError::Downgrade { from: from.to_string(), to: to.to_string() });
         }

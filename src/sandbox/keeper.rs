@@ -28,8 +28,14 @@ use super::RootSpec;
 use crate::store::runs::{write_record, NestedNs, RunRecord};
 use crate::sys::{mount, process};
 
-/// How long a keeper waits for the next launch (None: no keeper).
+/// How long a keeper waits for the next launch (None: no keeper); read (and a bad value said)
+/// once per process.
 pub(crate) fn linger() -> Option<Duration> {
+    static LINGER: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *LINGER.get_or_init(read_linger)
+}
+
+fn read_linger() -> Option<Duration> {
     let secs = match std::env::var("PLYROOT_LINGER") {
         Ok(s) if s.trim().is_empty() => DEFAULT_LINGER,
         Ok(s) => s.trim().parse::<u64>().map(|n| n.min(MAX_LINGER)).unwrap_or_else(|_| {

@@ -59,7 +59,7 @@ pub(super) fn unpack(reference: &str, name: &str, ownership: Ownership, progress
         let resp = client.blob(&layer.digest)?;
         let mut p = progress.sub(&format!("{name} layer {}/{n}", i + 1), Some(layer.size));
         // A registry that sends more than the descriptor's size is sending something else.
-        let reader = resp.take(layer.size + 1);
+        let reader = resp.take(layer.size.saturating_add(1));
         unpack_layer(LayerBlob { reader, digest: Some(layer.digest), diff_id, description, index: true }, ownership, &mut p, sink)?;
         p.finish();
         fetched += 1;

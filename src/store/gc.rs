@@ -25,6 +25,9 @@ pub(crate) struct Policy {
     pub keep: Option<usize>,
     /// Keep generations created at or after this time (seconds since the epoch).
     pub cutoff: Option<u64>,
+    /// End idle keepers first (a keeper only caches a mount: what it holds is not kept for it).
+    /// Off for a dry run, which changes nothing: it counts what keepers hold as in use.
+    pub end_keepers: bool,
 }
 
 /// A generation record gc prunes.
@@ -53,7 +56,8 @@ impl Collection {
 }
 
 impl Store {
-    /// Finds what gc would prune and delete, changing nothing.
+    /// Finds what gc would prune and delete, changing nothing but ending idle keepers (when the
+    /// policy says so).
     pub(crate) fn gc_roots(&self, policy: Policy) -> Result<Collection> {
         let mut roots: BTreeSet<String> = BTreeSet::new();
         let mut pruned = Vec::new();
@@ -61,8 +65,9 @@ impl Store {
         let envs = self.envs()?;
         for env in &envs {
             locks.push(env.lock()?);
-            // A keeper only caches a mount: it does not keep what it holds from collection.
-            env.dismiss_keeper()?;
+            if policy.end_keepers {
+                env.dismiss_keeper()?;
+            }
         }
         // What live mounts are made of, in every namespace we can see (runs, programs they left
         // behind, launchers composing inside environments): none of it is collected.
