@@ -445,6 +445,42 @@ fn a_corrupted_blob_is_refused_and_nothing_is_kept() {
     assert!(fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0) == 0, "no staging leftovers in {}", tmp.display());
 }
 
+#[test]
+fn a_blob_that_is_not_its_digest_is_refused_before_it_is_unpacked() {
+    let reg = need!(Registry::start());
+    need!(tool("skopeo"));
+    let prlimit = need!(tool("prlimit"));
+    let work = tempdir();
+    // A layer of 1 MiB that does not compress (so its blob is larger than the bomb below).
+    let mut x: u32 = 12345;
+    let noise: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let tar = layer_tar(&[("etc/noise", &noise)]);
+    let dir = layout(&work.path().join("c"), |d| image(d, host_arch(), &tar, &gzip(&tar), "application/vnd.oci.image.layer.v1.tar+gzip"));
+    skopeo(&["copy", "-q", "--dest-tls-verify=false", &format!("oci:{}:t", dir.display()), &format!("{}:t", reg.image("x/bomb"))]).ok();
+    let layer = reg.manifest("x/bomb", "t")["layers"][0]["digest"].as_str().unwrap().to_owned();
+    // The registry now serves, for that digest, a small gzip that expands to 64 MiB.
+    let bomb = gzip(&layer_tar(&[("etc/zeros", &vec![0u8; 64 << 20])]));
+    assert!(bomb.len() < 1 << 20);
+    fs::write(reg.blob_file(&layer), &bomb).unwrap();
+    // With files limited to 8 MiB, unpacking it would fail on the first large write (EFBIG, or
+    // SIGXFSZ): the digest must be checked before.
+    let s = Store::new();
+    let mut c = std::process::Command::new(prlimit);
+    c.arg("--fsize=8388608:8388608").arg(bin()).args(["import", "--insecure", &format!("{}:t", reg.image("x/bomb"))]).env("PLYROOT_HOME", &s.home).current_dir(s.tmp.path());
+    let out = run_with(&mut c, None, TIMEOUT);
+    out.plyroot_error(&[&layer, "corrupt"]);
+    assert_eq!(s.layer_dir_entries(), 0, "a corrupt layer is not kept");
+    let tmp = s.home.join("tmp");
+    assert!(fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0) == 0, "no staging leftovers in {}", tmp.display());
+}
+
 /// A proxy in front of the registry that forwards everything, except that a response whose
 /// request line contains `stall` stops after `after` bytes and then hangs. It forwards one
 /// request per connection, and asks the registry to close after it (so the client does not
@@ -512,8 +548,13 @@ fn an_interrupted_pull_keeps_finished_layers_and_resumes() {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let tmp = fresh.home.join("tmp");
     let deadline = Instant::now() + Duration::from_secs(60);
-    let staged = |dir: &Path| fs::read_dir(dir).map(|d| d.flatten().any(|e| fs::read_dir(e.path().join("root/srv")).is_ok())).unwrap_or(false);
-    while !(fresh.layer_dir_entries() == 1 && staged(&tmp)) {
+    // The second blob downloads into an unnamed file in the store's tmp/ before anything of it is
+    // unpacked: the pull holds it open (`tmp/#N (deleted)`).
+    let pid = child.id();
+    let downloading = |dir: &Path| {
+        fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.flatten().any(|e| fs::read_link(e.path()).is_ok_and(|l| l.starts_with(dir) && l.to_string_lossy().ends_with("(deleted)")))).unwrap_or(false)
+    };
+    while !(fresh.layer_dir_entries() == 1 && downloading(&tmp)) {
         assert!(Instant::now() < deadline, "the pull did not reach the second layer");
         assert!(child.try_wait().unwrap().is_none(), "the pull ended before it was killed");
         std::thread::sleep(Duration::from_millis(20));

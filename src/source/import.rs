@@ -103,6 +103,13 @@ impl Importer<'_> {
 }
 
 impl LayerSink for Importer<'_> {
+    #[cfg(feature = "registry")]
+    fn scratch(&mut self) -> Result<fs::File> {
+        let tmp = self.store.root.join("tmp");
+        fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        super::scratch_in(&tmp)
+    }
+
     fn stage(&mut self) -> Result<OwnedFd> {
         let st = self.store.staging()?;
         let root = st.path.join("root");

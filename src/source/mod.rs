@@ -153,6 +153,21 @@ pub(crate) trait LayerSink {
     fn known(&mut self, _digests: &[&str]) -> anyhow::Result<Option<String>> {
         Ok(None)
     }
+    /// An unnamed temporary file where the layers go (gone when closed, or when the process is
+    /// killed): a downloaded blob waits there until its digest is checked.
+    #[cfg(feature = "registry")]
+    fn scratch(&mut self) -> anyhow::Result<std::fs::File> {
+        scratch_in(&std::env::temp_dir())
+    }
+}
+
+/// An O_TMPFILE in `dir`.
+#[cfg(feature = "registry")]
+pub(crate) fn scratch_in(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use anyhow::Context;
+    let fd = rustix::fs::open(dir, rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::from_raw_mode(0o600))
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    Ok(std::fs::File::from(fd))
 }
 
 /// Unpacks every layer of a `dir:`, `tar:`, `oci:`, `docker-archive:`, `docker://` or

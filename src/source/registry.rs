@@ -2,14 +2,18 @@
 //!
 //! The manifest (or index, narrowed to `--platform`/the host's platform) and the config are
 //! fetched and checked against their digests; then each layer is either found in the store by
-//! its blob digest or diff_id (the store's blob index), or streamed from the registry through
-//! the same verifying unpacker as `oci:` layers: the blob's sha256 and the uncompressed diff_id
-//! must match before the stage is finished. Nothing is written to disk but the layer itself.
+//! its blob digest or diff_id (the store's blob index), or downloaded into an unnamed temporary
+//! file where the store is, checked against its digest, and only then unpacked through the same
+//! verifying unpacker as `oci:` layers (the uncompressed diff_id must match before the stage is
+//! finished). A blob that is not what the manifest names writes nothing but itself, bounded by
+//! its declared size, however much it would expand to; a killed pull leaves no file behind.
 //!
 //! Each verified layer is published as it completes, so a pull killed half-way keeps the layers
 //! it finished, and the next pull downloads only the rest.
 
 use std::io::Read;
+
+use anyhow::Context;
 
 use super::error::UnpackError;
 use super::oci::{check_digest, check_layer_count, unpack_layer, LayerBlob};
@@ -58,9 +62,10 @@ pub(super) fn unpack(reference: &str, name: &str, ownership: Ownership, progress
         crate::diag::debug!("{description}: downloading {} bytes", layer.size);
         let resp = client.blob(&layer.digest)?;
         let mut p = progress.sub(&format!("{name} layer {}/{n}", i + 1), Some(layer.size));
-        // A registry that sends more than the descriptor's size is sending something else.
-        let reader = resp.take(layer.size.saturating_add(1));
-        unpack_layer(LayerBlob { reader, digest: Some(layer.digest), diff_id, description, index: true }, ownership, &mut p, sink)?;
+        let blob = download(resp, &layer, &description, &mut p, sink)?;
+        p.finish();
+        let mut p = progress.sub(&format!("{name} layer {}/{n}: unpacking", i + 1), Some(layer.size));
+        unpack_layer(LayerBlob { reader: blob, digest: Some(layer.digest), diff_id, description, index: true }, ownership, &mut p, sink)?;
         p.finish();
         fetched += 1;
         bytes += layer.size;
@@ -73,6 +78,45 @@ pub(super) fn unpack(reference: &str, name: &str, ownership: Ownership, progress
     );
     crate::diag::debug!("{name}: pulled; {} thread(s) in this process", crate::registry::threads());
     Ok(())
+}
+
+/// Downloads a layer's blob into a temporary file where the store is, and checks its digest
+/// before anything is unpacked: a blob that is not what the manifest names writes nothing but
+/// itself (at most its declared size), however much it would expand to. Refused up front when
+/// the store's filesystem has less room than the blob.
+fn download(resp: impl Read, layer: &Descriptor, description: &str, progress: &mut Progress, sink: &mut dyn LayerSink) -> anyhow::Result<std::fs::File> {
+    use std::io::Seek;
+    let mut file = sink.scratch()?;
+    if let Ok(st) = rustix::fs::fstatvfs(&file) {
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < layer.size {
+            anyhow::bail!(
+                "{description}: the blob is {}, but the store's filesystem has {} free: make room, or move the store (PLYROOT_HOME)",
+                crate::text::human(layer.size),
+                crate::text::human(free)
+            );
+        }
+    }
+    let read_err = |e| UnpackError::read(description, e);
+    // A registry that sends more than the descriptor's size is sending something else.
+    let mut hashing = crate::source::compress::HashingReader::new(resp.take(layer.size.saturating_add(1)));
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match hashing.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_err(e).into()),
+        };
+        std::io::Write::write_all(&mut file, &buf[..n]).with_context(|| format!("cannot keep the download of {description} where the store is"))?;
+        progress.add_bytes(n as u64);
+    }
+    let actual = hashing.drain_and_digest().map_err(read_err)?;
+    if actual != layer.digest {
+        return Err(UnpackError::Digest { what: format!("{description}: blob"), expected: layer.digest.clone(), actual }.into());
+    }
+    file.rewind().map_err(read_err)?;
+    Ok(file)
 }
 
 fn image_err(name: &str, reason: String) -> UnpackError {
