@@ -47,12 +47,44 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => e.exit(),
         Err(e) => {
-            let _ = e.print();
+            eprintln!("plyroot: error: {}", text::escape(&usage_error(&e, &argv)));
             return ExitCode::from(EXIT_ERROR);
         }
     };
     diag::set_level(if cli.quiet { 0 } else { 1 + cli.verbose });
     finish(dispatch(cli))
+}
+
+/// A usage error as one line, as every other error: clap's sentence, where to find the usage,
+/// and for the commonest mistake, a command after `run ENV` or `enter ENV` without `--`, how to
+/// write it.
+fn usage_error(e: &clap::Error, argv: &[std::ffi::OsString]) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    // clap's first paragraph (the sentence, and the values or arguments it lists under it).
+    let rendered = e.to_string();
+    let sentence = rendered.trim_start().split("\n\n").next().unwrap_or("invalid arguments").lines().map(str::trim).collect::<Vec<_>>().join(" ");
+    let sentence = sentence.trim_start_matches("error: ").to_owned();
+    let args: Vec<String> = argv.iter().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+    let sub = args.iter().find(|a| !a.starts_with('-')).cloned();
+    let help = match &sub {
+        Some(s) if Cli::command().find_subcommand(s).is_some() => format!("`plyroot {s} --help` shows its usage"),
+        _ => "`plyroot --help` shows the usage".to_owned(),
+    };
+    let unexpected = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(a)) => Some(a.clone()),
+        _ => None,
+    };
+    // A word after the environment's name, not an option: a command without `--`.
+    if let (ErrorKind::UnknownArgument, Some(s), Some(arg)) = (e.kind(), sub.as_deref(), unexpected) {
+        let at = args.iter().position(|a| *a == arg);
+        let named_env = at.is_some_and(|i| args[..i].iter().filter(|a| !a.starts_with('-')).count() >= 2);
+        if matches!(s, "run" | "enter") && !arg.starts_with('-') && named_env {
+            let (before, after) = args.split_at(at.unwrap_or(0));
+            let before = before.iter().map(|a| if a == "enter" { "run" } else { a.as_str() }).collect::<Vec<_>>().join(" ");
+            return format!("{sentence}; a command to run goes after `--`: `plyroot {before} -- {}`", after.join(" "));
+        }
+    }
+    format!("{sentence} ({help})")
 }
 
 fn launch_program(inv: launcher::Invocation) -> Result<i32> {

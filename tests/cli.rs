@@ -178,6 +178,23 @@ fn error_is_one_line() {
 }
 
 #[test]
+fn a_usage_error_is_one_line_and_a_forgotten_double_dash_is_named() {
+    let s = Store::new();
+    let one_line = |args: &[&str], needles: &[&str]| {
+        let out = s.plyroot(args).plyroot_error(needles);
+        let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "expected exactly one line on stderr: {out}");
+    };
+    one_line(&["run", "dev", "ls", "/src"], &["unexpected argument 'ls'", "`plyroot run dev -- ls /src`"]);
+    one_line(&["run", "-e", "A=1", "--root", "dev", "make", "-j2"], &["`plyroot run -e A=1 --root dev -- make -j2`"]);
+    one_line(&["enter", "dev", "ls"], &["`plyroot run dev -- ls`"]);
+    one_line(&["run", "--bogus", "dev"], &["'--bogus'", "`plyroot run --help`"]);
+    one_line(&["frobnicate"], &["'frobnicate'", "`plyroot --help`"]);
+    one_line(&["create"], &["--from", "<NAME>", "`plyroot create --help`"]);
+    one_line(&["run", "--no-host", "bogus", "dev", "--", "true"], &["'bogus'", "possible values", "home"]);
+}
+
+#[test]
 fn bad_env_names_are_refused() {
     let s = Store::new();
     let root = s.path("rootfs");

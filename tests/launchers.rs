@@ -186,3 +186,23 @@ fn exporting_several_launchers_installs_none_when_one_is_refused() {
     s.plyroot(&["export", "t", "sh", "cat", "--to", &to]).ok();
     assert_eq!(s.plyroot(&["exports", "--json"]).ok().json().as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn a_program_the_environment_lacks_is_not_exported() {
+    let s = need!(Store::with_busybox_env());
+    let bin = s.path("bin");
+    let bin_s = bin.to_string_lossy().into_owned();
+    // A name on the environment's PATH, and a path inside through a symlinked directory, work.
+    s.plyroot(&["export", "t", "cat", "--to", &bin_s]).ok();
+    // Neither a missing name nor a missing path installs a launcher, nor does the missing one
+    // among others.
+    s.plyroot(&["export", "t", "no-such-program", "--to", &bin_s]).plyroot_error(&["no-such-program", "not in environment 't'"]);
+    s.plyroot(&["export", "t", "/opt/none/prog", "--to", &bin_s]).plyroot_error(&["/opt/none/prog"]);
+    s.plyroot(&["export", "t", "true", "no-such-program", "--to", &bin_s]).plyroot_error(&["no-such-program"]);
+    assert!(!bin.join("true").exists() && !bin.join("no-such-program").exists(), "a launcher was installed");
+    // What a run put in the upper counts.
+    s.sh("t", "mkdir -p /opt/mine && printf '#!/bin/sh\\necho mine\\n' > /opt/mine/tool && chmod +x /opt/mine/tool").ok();
+    s.plyroot(&["export", "t", "/opt/mine/tool", "--to", &bin_s]).ok();
+    let out = run_with(std::process::Command::new(bin.join("tool")).env("PLYROOT_HOME", &s.home), None, TIMEOUT);
+    assert_eq!(out.ok().stdout, "mine\n");
+}

@@ -15,8 +15,9 @@ use crate::store::Store;
 use crate::text::field;
 
 pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&Path>, desktop: bool) -> Result<i32> {
-    store.env(env)?;
+    let e = store.env(env)?;
     check_free(store, env, programs, to)?;
+    check_present(store, &e, programs)?;
     let made = launcher::export(store, env, programs, to, desktop)?;
     let mut s = String::new();
     for r in &made {
@@ -33,6 +34,32 @@ pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&
         }
     }
     Ok(0)
+}
+
+/// Refuses a program the environment does not have (a name: on its `PATH`; a path: there), so
+/// that no launcher is installed that can only fail. Looked up in the current generation's
+/// layers and the upper, as the root merges them; with `base = "host"`, the host's too.
+fn check_present(store: &Store, env: &crate::store::env::Env, programs: &[String]) -> Result<()> {
+    let generation = env.current()?;
+    let mut stack = vec![env.upper()];
+    stack.extend(generation.layers.iter().rev().map(|l| store.layer_root(l)));
+    let host = generation.settings.base.as_deref() == Some("host");
+    let present = |p: &Path| crate::store::upper::file_inside(&stack, p) || (host && p.is_file());
+    for program in programs {
+        let found = if program.contains('/') {
+            Path::new(program).is_absolute() && present(Path::new(program))
+        } else {
+            std::env::split_paths(crate::sandbox::PATH).any(|d| present(&d.join(program)))
+        };
+        if !found {
+            bail!(
+                "'{program}' is not in environment '{}' (looked for {}): install it there first, or give its path inside; no launcher was installed",
+                env.name,
+                if program.contains('/') { program.clone() } else { format!("it on PATH={}", crate::sandbox::PATH) }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// What `launcher::export` refuses for one program, checked for every program before the first

@@ -324,6 +324,44 @@ pub(crate) fn lookup(lowers: &[PathBuf], rel: impl AsRef<[u8]>) -> Option<(PathB
     None
 }
 
+/// Whether `path` (absolute, inside) names a file that is not a directory in the merged view of
+/// `lowers` (top first), following symlinks inside the root as the root would (a merged `/usr`'s
+/// `/bin` included).
+pub(crate) fn file_inside(lowers: &[PathBuf], path: &Path) -> bool {
+    let parts = |p: &Path| p.components().filter_map(|c| match c {
+        std::path::Component::Normal(n) => Some(n.to_owned()),
+        std::path::Component::ParentDir => Some("..".into()),
+        _ => None,
+    }).collect::<Vec<std::ffi::OsString>>();
+    let mut todo: std::collections::VecDeque<std::ffi::OsString> = parts(path).into();
+    let (mut at, mut hops, mut last) = (PathBuf::new(), 0, None);
+    while let Some(c) = todo.pop_front() {
+        if c == ".." {
+            at.pop();
+            continue;
+        }
+        let next = at.join(&c);
+        let Some((real, meta)) = lookup(lowers, next.as_os_str().as_bytes()) else { return false };
+        if meta.file_type().is_symlink() {
+            hops += 1;
+            let Ok(target) = fs::read_link(&real) else { return false };
+            if hops > 40 {
+                return false;
+            }
+            if target.is_absolute() {
+                at = PathBuf::new();
+            }
+            for p in parts(&target).into_iter().rev() {
+                todo.push_front(p);
+            }
+            continue;
+        }
+        at = next;
+        last = Some(meta);
+    }
+    last.is_some_and(|m| !m.is_dir())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
