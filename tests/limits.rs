@@ -295,6 +295,9 @@ fn export_desktop_copies_only_regular_files_of_the_layers() {
     fs::create_dir_all(icons.join("32x32/apps")).unwrap();
     fs::create_dir_all(icons.join("48x48/apps")).unwrap();
     fs::create_dir_all(l.join("usr/share/applications")).unwrap();
+    // The program itself (export refuses one the environment lacks).
+    fs::create_dir_all(l.join("usr/bin")).unwrap();
+    fs::write(l.join("usr/bin/app"), "#!/bin/sh\n").unwrap();
     fs::write(icons.join("32x32/apps/app.png"), "png\n").unwrap();
     std::os::unix::fs::symlink(&host, icons.join("48x48/apps/app.png")).unwrap();
     std::os::unix::fs::symlink(&host, icons.join("48x48/apps/app.svg")).unwrap();
