@@ -211,9 +211,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Manpages { ref dir } => {
-            std::fs::create_dir_all(dir)?;
+            use anyhow::Context;
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             let cmd = Cli::command();
-            clap_mangen::generate_to(cmd, dir)?;
+            clap_mangen::generate_to(cmd, dir).with_context(|| format!("cannot write the man pages into {}", dir.display()))?;
             diag::info!("wrote man pages to {}", dir.display());
             Ok(0)
         }

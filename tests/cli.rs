@@ -74,6 +74,10 @@ fn manpages() {
     let dir = s.path("man");
     std::fs::create_dir_all(&dir).unwrap();
     s.plyroot(&["manpages", &dir.to_string_lossy()]).ok();
+    // A place that cannot hold them is named (a directory under a file: for root too).
+    std::fs::write(s.path("file"), "").unwrap();
+    let bad = s.path("file").join("man");
+    s.plyroot(&["manpages", &bad.to_string_lossy()]).plyroot_error(&[&bad.to_string_lossy()]);
     let names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .flatten()
