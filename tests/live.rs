@@ -343,36 +343,9 @@ fn a_program_that_leaves_the_runs_mount_namespace_still_holds_the_environment() 
 // The keeper of the shared mount
 // ---------------------------------------------------------------------------------------------
 
-/// The live keeper of environment `env` (see src/sandbox/keeper.rs): the pid its run slot names,
-/// while that process is a keeper (its comm) and not a zombie.
+/// The live keeper of environment `env` (see src/sandbox/keeper.rs).
 fn keeper(s: &Store, env: &str) -> Option<i32> {
-    let runs = s.home.join("envs").join(env).join("runs");
-    for e in fs::read_dir(runs).ok()?.flatten() {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&fs::read(e.path()).unwrap_or_default()) else { continue };
-        if v["keeper"] != serde_json::Value::Bool(true) {
-            continue;
-        }
-        let pid = v["pid"].as_i64()? as i32;
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat.rsplit(')').next().unwrap_or("").trim_start().chars().next();
-        if comm.trim() == "plyroot-keeper" && state != Some('Z') {
-            return Some(pid);
-        }
-    }
-    None
-}
-
-fn wait_gone(pid: i32, within: Duration) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.is_empty() || stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z') {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+    live_keepers(&s.home, Some(env)).first().copied()
 }
 
 #[test]

@@ -828,28 +828,52 @@ pub fn fingerprint(p: &Path) -> Option<Fingerprint> {
     fs::symlink_metadata(p).ok().map(|m| (m.len(), m.mtime(), m.nlink(), m.ino()))
 }
 
-/// Ends every keeper (src/sandbox/keeper.rs) of the environments of the store at `home`, and waits
-/// until each has: for fixtures that put a store back by copying files, which must not leave a
-/// keeper holding an overlay of the upper they replace.
-pub fn end_keepers(home: &Path) {
-    let Ok(envs) = fs::read_dir(home.join("envs")) else { return };
-    for env in envs.flatten() {
-        let Ok(runs) = fs::read_dir(env.path().join("runs")) else { continue };
+/// The live keepers (src/sandbox/keeper.rs) recorded in the store at `home`, of environment
+/// `env` or of all: a recorded pid that is a `plyroot-keeper` and not a zombie.
+pub fn live_keepers(home: &Path, env: Option<&str>) -> Vec<i32> {
+    let Ok(envs) = fs::read_dir(home.join("envs")) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in envs.flatten().filter(|e| env.is_none_or(|n| e.file_name() == n)) {
+        let Ok(runs) = fs::read_dir(e.path().join("runs")) else { continue };
         for r in runs.flatten() {
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&fs::read(r.path()).unwrap_or_default()) else { continue };
             let Some(pid) = v["pid"].as_i64().filter(|_| v["keeper"] == serde_json::Value::Bool(true)) else { continue };
-            if fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim() != "plyroot-keeper" {
-                continue;
-            }
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            let end = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < end {
-                let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                if stat.is_empty() || stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z') {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            let pid = pid as i32;
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "plyroot-keeper" && !gone(pid) {
+                out.push(pid);
             }
         }
+    }
+    out
+}
+
+/// Whether process `pid` has ended (a zombie has: it holds nothing).
+fn gone(pid: i32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.is_empty() || stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z')
+}
+
+/// Waits up to `within` for process `pid` to end; true when it has.
+pub fn wait_gone(pid: i32, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if gone(pid) {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Ends every keeper of the environments of the store at `home`, and waits until each has: for
+/// fixtures that put a store back by copying files, which must not leave a keeper holding an
+/// overlay of the upper they replace.
+pub fn end_keepers(home: &Path) {
+    for pid in live_keepers(home, None) {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        wait_gone(pid, Duration::from_secs(10));
     }
 }
