@@ -31,7 +31,7 @@ pub(crate) struct Recording {
     pub path: PathBuf,
     pub record: RunRecord,
     /// A second slot, for the keeper this launch leaves if it mounts the shared overlay.
-    pub keeper: Option<(fs::File, PathBuf)>,
+    pub keeper: Option<keeper::Slot>,
 }
 
 impl Recording {
@@ -77,7 +77,7 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str, recording: Op
         process::block_signals();
     }
     let mut recording = recording;
-    let keeper_slot = recording.as_mut().and_then(|r| r.keeper.take().map(|(file, path)| keeper::Slot { file, path, record: r.record.clone() }));
+    let keeper_slot = recording.as_mut().and_then(|r| r.keeper.take());
     let (base, shared) = namespaces::enter(inside, plan.root.join.as_ref(), plan.store.as_deref(), plan.pid, false, |b| {
         let shared = mounts::shared(&plan.root, b)?;
         // This launch made the shared overlay: leave a keeper of it for the launches after it.

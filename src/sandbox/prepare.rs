@@ -423,7 +423,7 @@ fn recording(env: &Env, c: &Common, req: &Request, persistent: bool, host_dirs: 
         key,
     };
     let keeper = match claim.keeper_slot {
-        Some(k) => Some((env.open_slot(k)?, env.slot_path(k))),
+        Some(k) => Some(super::keeper::Slot { file: env.open_slot(k)?, path: env.slot_path(k), record: record.clone() }),
         None => None,
     };
     Ok((upper, claim.join, Recording { file: env.open_slot(claim.slot)?, path: env.slot_path(claim.slot), record, keeper }))
