@@ -18,7 +18,7 @@ use super::launch::{Held, Recording};
 use super::{plan, skel, HostFacts, Join, Plan, PlanInput, RootSpec, RunOptions, Skel, Upper};
 use crate::names::HostShare;
 use crate::store::env::{Env, Generation};
-use crate::store::runs::{LiveRun, RunRecord};
+use crate::store::runs::{Census, LiveRun, RunRecord};
 use crate::store::{now_secs, Store};
 
 /// What the caller asks for (the run options, after parsing).
@@ -197,15 +197,15 @@ struct Claim {
 
 /// Decides, under the environment's lock, whether the launch joins the live shared mount or makes
 /// it. A keeper alone on another generation is ended (it is a cache); a run is not.
-fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool, key: &str, real_root: bool) -> Result<Claim> {
-    let mut survey = env.survey_for_launch();
+fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool, key: &str, real_root: bool, census: Option<Census>) -> Result<Claim> {
+    let mut survey = env.survey_for_launch(census.unwrap_or_else(|| env.census()));
     // A keeper of a mount made otherwise (another generation; for this one, another skeleton or
     // other host directories; by real root for a user, or the other way round) gives way when
     // it is alone.
     let other = |r: &LiveRun| r.record.generation != generation.number || r.record.key != key || (r.record.user_ns == 0) != real_root;
     let stale_keeper = |s: &crate::store::runs::Survey| s.live.iter().all(|r| r.record.keeper) && s.live.iter().any(other);
     if persistent && stale_keeper(&survey) && env.dismiss_keeper()? {
-        survey = env.survey_for_launch();
+        survey = env.survey_for_launch(env.census());
     }
     let live = &survey.live;
     // A keeper first: it stays while the runs come and go.
@@ -394,9 +394,9 @@ fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<C
 
 /// The run slot(s) a launch that uses the environment's lock records itself in, and the upper it
 /// gets: the shared one (joined or mounted), or one of its own.
-fn recording(env: &Env, c: &Common, req: &Request, persistent: bool, host_dirs: &[(String, Vec<PathBuf>)]) -> Result<(Upper, Option<Join>, Recording)> {
+fn recording(env: &Env, c: &Common, req: &Request, persistent: bool, host_dirs: &[(String, Vec<PathBuf>)], census: Option<Census>) -> Result<(Upper, Option<Join>, Recording)> {
     let key = mount_key(c, host_dirs);
-    let claim = claim(env, &c.generation, req, persistent, &key, c.inside.mapping == identity::Mapping::Host)?;
+    let claim = claim(env, &c.generation, req, persistent, &key, c.inside.mapping == identity::Mapping::Host, census)?;
     let upper = match claim.work_slot {
         Some(w) => Upper::Shared { upper: env.upper(), work: env.workdir(w) },
         None if req.read_only => Upper::None,
@@ -443,12 +443,16 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
     let settings = &c.generation.settings;
     // A run with a root of its own (--ephemeral, --read-only) does not join: its writes must not
     // reach the upper the booted system uses.
+    // The run records, read once: for a booted init here, then for the decision to join.
+    let mut census = None;
     if req.boot.is_none() && !req.ephemeral && !req.read_only {
-        if let Some(b) = env.booted() {
-            let pidfd = booted_init(env, &c.generation, &b)?;
+        let found = env.census();
+        if let Some(b) = found.booted() {
+            let pidfd = booted_init(env, &c.generation, b)?;
             let plan = plan(plan_input(store, env, &c, req, Upper::None, None, Vec::new(), Vec::new())?)?;
             return Ok(Prepared::Booted { pidfd, plan, become_root: req.root || settings.root, inside: c.inside, held });
         }
+        census = Some(found);
     }
     // A composed view has no upper of its own to keep: the parent's is live (it can only be a
     // lower here), and this environment's belongs to its own runs.
@@ -466,7 +470,7 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
             Some(l) => l,
             None => env.lock()?,
         });
-        let (upper, join, recording) = recording(env, &c, req, persistent, &host_dirs)?;
+        let (upper, join, recording) = recording(env, &c, req, persistent, &host_dirs, census)?;
         (upper, join, Some(recording))
     } else {
         (if req.read_only { Upper::None } else { Upper::Ephemeral }, None, None)

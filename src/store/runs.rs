@@ -86,6 +86,20 @@ pub(crate) struct Survey {
     pub escaped: Option<i32>,
 }
 
+/// The run records as one launch reads them, once: those alive by their recorded pid, and the
+/// rest. A launch looks for a booted init in it, then decides from it whether to join.
+pub(crate) struct Census {
+    live: Vec<LiveRun>,
+    gone: Vec<(u32, RunRecord)>,
+}
+
+impl Census {
+    /// The booted init, when there is one.
+    pub(crate) fn booted(&self) -> Option<&LiveRun> {
+        self.live.iter().find(|r| r.record.boot)
+    }
+}
+
 /// A record whose run is alive, with a pid that is in its mount namespace now.
 #[derive(Clone, Debug)]
 pub(crate) struct LiveRun {
@@ -133,6 +147,12 @@ impl Env {
         self.survey_rest(live, gone)
     }
 
+    /// The run records read once, each checked by its recorded pid (see [`Census`]).
+    pub(crate) fn census(&self) -> Census {
+        let (live, gone) = self.by_pid();
+        Census { live, gone }
+    }
+
     /// The runs whose recorded process is still in their mount namespace (no look through
     /// `/proc`), and the other records.
     fn by_pid(&self) -> (Vec<LiveRun>, Vec<(u32, RunRecord)>) {
@@ -153,8 +173,8 @@ impl Env {
     /// its recorded pid the launch joins it, and nothing else can change that: `/proc` is not
     /// read (it costs a readlink per process on the machine). Then `escaped` is None and `live`
     /// may miss runs whose launching process ended.
-    pub(crate) fn survey_for_launch(&self) -> Survey {
-        let (live, gone) = self.by_pid();
+    pub(crate) fn survey_for_launch(&self, census: Census) -> Survey {
+        let Census { live, gone } = census;
         if live.iter().any(|l| l.record.shared.is_some()) {
             return Survey { live, escaped: None };
         }
@@ -207,7 +227,7 @@ impl Env {
 
     /// The booted init, when there is one (alive by its recorded pid).
     pub(crate) fn booted(&self) -> Option<LiveRun> {
-        self.by_pid().0.into_iter().find(|r| r.record.boot)
+        self.census().booted().cloned()
     }
 
     /// A slot for a new run: not alive, not the workdir of a shared mount that is, and not one of
