@@ -291,6 +291,13 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a host command where your environments' files have the owners they have inside
+    #[command(after_help = "With subordinate ids, the command runs as root of a user namespace that maps ids as every environment does (you are you, id k is your k-th subordinate id, so root is the first): it can read, change, chown and delete what `run --root` or a package's user wrote into your home, /tmp or a bind, and anything in the store. Without subordinate ids, root there is you. Like `podman unshare`.\n\nExamples:\n  plyroot unshare -- ls -ln ~/build\n  plyroot unshare -- chown -R \"$(id -u):$(id -g)\" ~/build\n  plyroot unshare -- rm -rf ~/.local/share/plyroot")]
+    Unshare {
+        /// The command and its arguments (default: your shell)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Print a shell completion script
     #[command(after_help = "Examples:\n  plyroot completions bash > ~/.local/share/bash-completion/completions/plyroot")]
     Completions { shell: clap_complete::Shell },
@@ -353,7 +360,7 @@ impl RunOpts {
 
 #[derive(Debug, Args, Clone, Default)]
 pub(crate) struct RunOpts {
-    /// Be uid 0 inside (you outside)
+    /// Be uid 0 inside. With subordinate ids, what it writes into shared host paths (home, /tmp, binds) is owned on the host by your first subordinate id: `plyroot unshare` manages it; without them, root inside is you
     #[arg(long)]
     pub root: bool,
     /// Throw writes away when the program ends (a fresh tmpfs upper)

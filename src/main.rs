@@ -206,6 +206,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Which { ref name, ref path } => commands::launchers::which(&open()?, name, path),
         Command::Conflicts { ref names, json } => commands::launchers::conflicts(&open()?, names, json),
         Command::Doctor { json } => commands::doctor::doctor(&open()?, json),
+        Command::Unshare { ref command } => commands::run::unshare(command),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "plyroot", &mut std::io::stdout());
             Ok(0)

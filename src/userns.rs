@@ -46,6 +46,12 @@ fn passwd_entry(text: &str, uid: u32) -> Option<(String, String)> {
     })
 }
 
+/// Whether this process is in the initial user namespace (so euid 0 is real root, and
+/// `/etc/subuid` speaks of host ids).
+pub(crate) fn in_initial_userns() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
+}
+
 /// The first range `/etc/subuid`-style text gives `name` or `uid`.
 pub(crate) fn subid_range(text: &str, name: &str, uid: u32) -> Option<(u32, u32)> {
     text.lines().find_map(|l| {
@@ -99,12 +105,15 @@ pub(crate) fn ranges_around(me: u32, me_out: u32, sub: (u32, u32)) -> Vec<IdRang
     v
 }
 
-/// The one-level mapping `run --root` gives, for helpers that read and change what runs wrote
-/// (owners read as they do inside: you are 0, subordinate id k is k): ranges mapped directly by
-/// newuidmap, no nesting.
-pub(crate) fn root_view(user: &HostUser, subids: Option<SubIds>) -> Mapping {
+/// The one-level mapping in which every id reads as it does inside an environment: with ranges
+/// you are yourself and subordinate id k is k (root is the first subordinate id), exactly the
+/// map a run's nested identity has, composed with its base; with one id, you are 0. The store's
+/// owners on disk follow it (`store::owners`), and the helpers that read or change what is in
+/// layers and uppers (digests, export, push, `plyroot unshare`) run in it. The process that
+/// enters it stays yourself there, holding every capability over those ids.
+pub(crate) fn image_view(user: &HostUser, subids: Option<SubIds>) -> Mapping {
     match subids {
-        Some(s) => Mapping::Ranges { uids: ranges_around(0, user.uid, s.uid), gids: ranges_around(0, user.gid, s.gid) },
+        Some(s) => Mapping::Ranges { uids: ranges_around(user.uid, user.uid, s.uid), gids: ranges_around(user.gid, user.gid, s.gid) },
         None => Mapping::Single { inside_uid: 0, inside_gid: 0, uid: user.uid, gid: user.gid },
     }
 }
@@ -122,8 +131,6 @@ pub(crate) fn all_ids(user: &HostUser, subids: Option<SubIds>) -> Mapping {
     }
 }
 
-/// A helper process that writes id maps for us: newuidmap/newgidmap for the base (they are
-/// setuid, so they must run outside it), then the nested identity's maps from inside the base.
 /// A helper process that writes id maps for us: newuidmap/newgidmap for the base (they are
 /// setuid, so they must run outside it), then the nested identity's maps from inside the base.
 pub(crate) struct Mapper {

@@ -113,14 +113,8 @@ fn a_missing_init_is_an_error_naming_it() {
     assert!(Path::new(&s.home.join("envs/noinit")).exists());
 }
 
-/// Where .ci/run leaves a Debian root with systemd (mmdebstrap --include=systemd,…).
 fn systemd_rootfs() -> Result<std::path::PathBuf, String> {
-    let p = std::env::var_os("PLYROOT_TEST_SYSTEMD_ROOTFS").map(std::path::PathBuf::from).unwrap_or_else(|| "/var/tmp/plyroot-debian-systemd.tar.zst".into());
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!("no Debian rootfs with systemd at {} (.ci/run makes it with mmdebstrap)", p.display()))
-    }
+    debian_rootfs()
 }
 
 #[test]

@@ -18,6 +18,9 @@ use crate::text::{field, human};
 
 pub(crate) fn create(store: &Store, name: &str, from: &[String], base: Option<&str>) -> Result<i32> {
     crate::names::check_name(name)?;
+    if store.remains(name).is_some() {
+        anyhow::bail!("what is left of an environment named '{name}' (its files deleted by hand) is in the way: `plyroot rm {name}` removes it");
+    }
     if store.envs_dir().join(name).exists() {
         anyhow::bail!("environment '{name}' already exists: use another name, or remove it first with `plyroot rm {name}`");
     }
@@ -56,6 +59,9 @@ pub(crate) fn list(store: &Store, json: bool) -> Result<i32> {
         let g = env.current()?;
         rows.push(EnvRow { upper_bytes: env.upper_size(), name: env.name, generation: g.number, layers: g.layers, sources: g.sources });
     }
+    for r in store.all_remains() {
+        crate::diag::warn!("'{r}' is what is left of an environment whose files were deleted by hand: `plyroot rm {r}` removes the rest");
+    }
     if json {
         return out_json(&rows).map(|_| 0);
     }
@@ -76,6 +82,10 @@ pub(crate) fn rm(store: &Store, names: &[String]) -> Result<i32> {
         if plan.iter().any(|(m, _)| *m == n) {
             continue;
         }
+        if store.remains(n).is_some() {
+            plan.push((n, crate::launcher::receipts(store, Some(n))?));
+            continue;
+        }
         let env = store.env(n)?;
         if env.booted().is_some() {
             bail!("'{n}' is booted: `plyroot stop {n}` first; nothing was removed");
@@ -87,6 +97,11 @@ pub(crate) fn rm(store: &Store, names: &[String]) -> Result<i32> {
         for r in receipts {
             crate::launcher::remove(store, &r)?;
             crate::diag::info!("removed launcher {}", r.link.display());
+        }
+        if store.remains(n).is_some() {
+            store.remove_remains(n)?;
+            crate::diag::info!("removed what was left of environment '{n}'");
+            continue;
         }
         store.remove_env(n)?;
         crate::diag::info!("removed environment '{n}'");
@@ -318,6 +333,9 @@ pub(crate) fn generations(store: &Store, name: &str, json: bool) -> Result<i32> 
         let removed = prev.iter().filter(|l| !g.layers.contains(l)).cloned().collect();
         prev = g.layers.clone();
         rows.push(GenRow { number: g.number, created: g.created, current: g.number == cur, layers: g.layers.len(), added, removed, reason: g.reason });
+    }
+    for r in store.all_remains() {
+        crate::diag::warn!("'{r}' is what is left of an environment whose files were deleted by hand: `plyroot rm {r}` removes the rest");
     }
     if json {
         return out_json(&rows).map(|_| 0);

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::out;
 use crate::export::merge::{self, Tier};
 use crate::export::{self as exp, oci, Compression, Encoder, PendingDir};
-use crate::sandbox::as_root_inside;
+use crate::sandbox::in_image_view;
 use crate::store::canonical::{self, Writer};
 use crate::store::env::{Env, Generation};
 use crate::store::meta::Overrides;
@@ -112,7 +112,7 @@ fn export_tar(env: &Env, generation: &Generation, mut tiers: Vec<Tier>, upper: O
         }
         exp::Output::File(pending) => (pending.handle()?, Some(pending), true),
     };
-    let w = as_root_inside(move || {
+    let w = in_image_view(move || {
         let r = (|| -> Result<Written> {
             let mut enc = Encoder::new(compression, exp::buffered(sink))?;
             let w = write(&mut enc)?;
@@ -157,7 +157,7 @@ fn export_oci(env: &Env, generation: &Generation, tiers: Vec<Tier>, upper: Optio
     std::fs::create_dir_all(&blobs).with_context(|| format!("cannot create {}", blobs.display()))?;
     let ids = generation.layers.clone();
     let has_upper = upper.is_some();
-    let layers: Vec<(String, u64)> = as_root_inside(move || {
+    let layers: Vec<(String, u64)> = in_image_view(move || {
         let mut done: Vec<(String, u64)> = Vec::new();
         for (id, tier) in ids.iter().zip(&tiers) {
             if let Some(l) = done.iter().find(|l| &l.0 == id).cloned() {

@@ -69,7 +69,7 @@ pub(crate) fn verify(store: &Store, json: bool) -> Result<i32> {
         work.push((id.clone(), store.layer_root(id), store.layer_overrides(id)?));
     }
     // Owners read as they do inside, where every id a run wrote is mapped.
-    let verdicts: Vec<Verdict> = crate::sandbox::as_root_inside(move || {
+    let verdicts: Vec<Verdict> = crate::sandbox::in_image_view(move || {
         Ok(work
             .into_iter()
             .map(|(id, root, ov)| match canonical::digest(&root, &ov) {

@@ -24,7 +24,7 @@ use super::{human, out};
 use crate::export::{self as exp, oci, Compression, Encoder};
 use crate::registry::http::Body;
 use crate::registry::{Client, Reference};
-use crate::sandbox::as_root_inside;
+use crate::sandbox::in_image_view;
 use crate::store::canonical;
 use crate::store::Store;
 
@@ -117,7 +117,7 @@ fn compress(store: &Store, name: &str, todo: &[String], dir: &Path) -> Result<Ve
         tiers.push((id.clone(), store.layer_root(id), store.layer_overrides(id)?));
     }
     let dir = dir.to_owned();
-    as_root_inside(move || {
+    in_image_view(move || {
         let mut made = Vec::new();
         for (i, (id, root, overrides)) in tiers.iter().enumerate() {
             let file = dir.join(format!("{i}.tar.gz"));

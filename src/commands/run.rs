@@ -63,3 +63,17 @@ pub(crate) fn run(store: Store, name: &str, req: Request, booted: bool) -> Resul
         }
     }
 }
+
+/// `plyroot unshare`: a host command run as root of the image view (see `sandbox::become_image_root`).
+pub(crate) fn unshare(command: &[std::ffi::OsString]) -> Result<i32> {
+    let argv = match command {
+        [] => vec![std::env::var_os("SHELL").filter(|s| !s.is_empty()).unwrap_or_else(|| "/bin/sh".into())],
+        c => c.to_vec(),
+    };
+    crate::sandbox::become_image_root()?;
+    let env: Vec<_> = std::env::vars_os().collect();
+    let e = process::exec(&argv, &env);
+    let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+    eprintln!("plyroot: error: cannot run {}: {e}", crate::text::escape(&argv[0].to_string_lossy()));
+    Ok(code)
+}

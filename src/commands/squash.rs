@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use super::out;
 use crate::export::merge::{self, Tier};
 use crate::progress::Progress;
-use crate::sandbox::as_root_inside;
+use crate::sandbox::in_image_view;
 use crate::source::Source;
 use crate::store::canonical::Writer;
 use crate::store::journal::Journal;
@@ -107,7 +107,7 @@ fn tiers_of(store: &Store, name: &str, range: &[String]) -> Result<Vec<Tier>> {
 /// canonical tar into `file`. Returns its id, size and number of entries.
 fn merge_into(file: File, tiers: Vec<Tier>, below: bool) -> Result<(String, u64, u64)> {
     // Read where owners read as they do inside (a layer may hold files of mode 000).
-    as_root_inside(move || {
+    in_image_view(move || {
         let mut buf = crate::export::buffered(file);
         let mut w = Writer::new(&mut buf);
         if below {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use super::{out, out_json};
-use crate::sandbox::as_root_inside;
+use crate::sandbox::in_image_view;
 use crate::store::env::Env;
 use crate::store::layer::LayerInfo;
 use crate::store::meta::Overrides;
@@ -41,7 +41,7 @@ pub(crate) fn diff(store: &Store, name: &str, paths: &[PathBuf], json: bool) -> 
     let upper = env.upper();
     let filters: Vec<Vec<u8>> = paths.iter().map(|p| trim_slashes(p.as_os_str().as_bytes()).to_vec()).collect();
     // Runs may have written files only their ids can read: walk where we are root over them.
-    let entries = as_root_inside(move || {
+    let entries = in_image_view(move || {
         let entries = upper::walk(&upper, &[&lowers]).with_context(|| format!("cannot read {}", upper.display()))?;
         Ok(upper::diff(&entries, &filters))
     })?;
@@ -122,7 +122,7 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
         upper_dir(&env.upper()).context("cannot create a clean upper")?;
         // 2. Digest it where owners read as they do inside (subordinate ids as themselves).
         let root = staged.join("root");
-        let (id, size, entries) = as_root_inside(move || {
+        let (id, size, entries) = in_image_view(move || {
             let s = canonical::digest(&root, &Overrides::default())?;
             Ok((s.id, s.size, s.entries))
         })?;
@@ -206,7 +206,7 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     }
     let (old, new, up) = (lowers_of(store, &base), lowers_of(store, &cur.layers), env.upper());
     // Read only, where the user can read every file their runs wrote.
-    let conflicts = as_root_inside(move || {
+    let conflicts = in_image_view(move || {
         let entries: Vec<UpperEntry> = upper::walk(&up, &[&old, &new]).with_context(|| format!("cannot read {}", up.display()))?;
         // As metadata keys across the pipe: compact, and exact for bytes that are not UTF-8.
         Ok(upper::conflicts(&entries).iter().map(|c| key(c).into_owned()).collect::<Vec<String>>())

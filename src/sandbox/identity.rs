@@ -1,8 +1,11 @@
 //! Who the program is inside: the uid/gid maps and the passwd entry.
 //!
 //! - real root: no user namespace; root inside.
-//! - a user with `/etc/subuid`+`/etc/subgid` ranges and `newuidmap`/`newgidmap`: yourself inside
-//!   (same uid/gid), root inside is the first subordinate id; `--root` maps you to 0 instead.
+//! - a user with `/etc/subuid`+`/etc/subgid` ranges and `newuidmap`/`newgidmap`: every id inside
+//!   is a host id of its own, the same in every run (you are you, subordinate id k is k, so root
+//!   is the first subordinate id), and the files of layers are owned on disk by those host ids
+//!   (`store::owners`): inside, they have the owners their image gives them. A run is you by
+//!   default; `--root` is uid 0 in the same map, so what it writes is owned by that subordinate id.
 //! - a user without ranges: one id can be mapped without a helper, and it is mapped to root.
 //!
 //! Every run of an environment's shared mount is in one *base* user namespace (the one the mount
@@ -14,7 +17,7 @@
 use crate::sys::ns::IdRange;
 // Who the user is on the host and the ids they may map are the store's concern too (it removes
 // what runs wrote): they live in `userns`, below both.
-pub(crate) use crate::userns::{host_subids, root_view, HostUser, Mapping, SubIds};
+pub(crate) use crate::userns::{host_subids, image_view, in_initial_userns, HostUser, Mapping, SubIds};
 use crate::userns::ranges_around;
 
 /// The identity a launch will have inside.
@@ -49,10 +52,6 @@ pub(crate) fn keep_id(uid: u32, gid: u32) -> Inside {
     Inside { mapping: Mapping::Single { inside_uid: uid, inside_gid: gid, uid, gid }, nested: None, uid, gid, forced_root: false }
 }
 
-/// Whether this process is in the initial user namespace (so euid 0 is real root).
-pub(crate) fn in_initial_userns() -> bool {
-    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
-}
 
 /// Decides the mapping. Pure: the caller passes what the host has.
 pub(crate) fn choose(user: &HostUser, real_root: bool, subids: Option<SubIds>, want_root: bool) -> Inside {
@@ -61,14 +60,15 @@ pub(crate) fn choose(user: &HostUser, real_root: bool, subids: Option<SubIds>, w
     }
     match subids {
         Some(s) => {
-            let (me, meg) = if want_root { (0, 0) } else { (user.uid, user.gid) };
-            // In the base: 0 is you, k + 1 is subordinate id k; the nested maps say the same.
+            // In the base: 0 is you, k + 1 is subordinate id k. The nested map is the same for
+            // every run (the image's view: you are you, k is k); `--root` only picks uid 0 in it.
             let base = |me_out: u32, (start, count): (u32, u32)| vec![IdRange { inside: 0, outside: me_out, count: 1 }, IdRange { inside: 1, outside: start, count }];
+            let (uid, gid) = if want_root { (0, 0) } else { (user.uid, user.gid) };
             Inside {
                 mapping: Mapping::Ranges { uids: base(user.uid, s.uid), gids: base(user.gid, s.gid) },
-                nested: Some(Nested::Maps(ranges_around(me, 0, (1, s.uid.1)), ranges_around(meg, 0, (1, s.gid.1)))),
-                uid: me,
-                gid: meg,
+                nested: Some(Nested::Maps(ranges_around(user.uid, 0, (1, s.uid.1)), ranges_around(user.gid, 0, (1, s.gid.1)))),
+                uid,
+                gid,
                 forced_root: false,
             }
         }
@@ -107,7 +107,9 @@ pub(crate) fn passwd_with(base_passwd: &str, base_group: &str, user: &HostUser, 
             group.push('\n');
         }
         if !has(&passwd, user.uid) {
-            passwd.push_str(&format!("{}:x:{}:{}:{}:{}:{}\n", user.name, user.uid, user.gid, user.name, user.home.display(), shell));
+            // `*`: no password, and none in /etc/shadow (which the skeleton leaves as the image
+            // has it), so PAM's account check (sudo's) passes, as for a system account.
+            passwd.push_str(&format!("{}:*:{}:{}:{}:{}:{}\n", user.name, user.uid, user.gid, user.name, user.home.display(), shell));
         }
         if !has(&group, user.gid) {
             group.push_str(&format!("{}:x:{}:\n", user.name, user.gid));
@@ -159,25 +161,22 @@ mod tests {
         };
         assert_eq!(host(&def, 1000), Some(1000), "you are you");
         assert_eq!(host(&def, 0), Some(165536), "root is the first subordinate id");
-        assert_eq!(host(&root, 0), Some(1000), "--root: root is you");
-        assert_eq!(host(&root, 1000), Some(165536 + 1000));
-        // Every id but the mode's own maps to the same host id in both modes, and as before
-        // nesting: k → start + k.
-        for k in [1, 42, 999, 1001, 65535] {
-            assert_eq!(host(&def, k), host(&root, k), "inside id {k}");
-            assert_eq!(host(&def, k), Some(165536 + k));
+        assert_eq!(def.nested, root.nested, "one map for every run: --root is uid 0 in it");
+        // Every id maps to the same host id in both modes: k → start + k, you → you.
+        for k in [0, 1, 42, 999, 1001, 65535] {
+            assert_eq!(host(&root, k), Some(165536 + k), "inside id {k}");
         }
-        // The one-level view helpers use is the --root view.
-        let Mapping::Ranges { uids, .. } = root_view(&alice(), subs) else { panic!() };
+        // The one-level view helpers and the store's owners use is the same map.
+        let Mapping::Ranges { uids, .. } = image_view(&alice(), subs) else { panic!() };
         for k in [0, 1, 42, 1000, 65535] {
-            assert_eq!(through(&uids, k), host(&root, k), "root view of {k}");
+            assert_eq!(through(&uids, k), host(&root, k), "image view of {k}");
         }
     }
 
     #[test]
     fn passwd_gets_an_entry_only_when_missing_and_the_user_is_inside() {
         let (p, g) = passwd_with("root:x:0:0:root:/root:/bin/sh", "root:x:0:", &alice(), true, "/bin/sh");
-        assert_eq!(p, "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:alice:/home/alice:/bin/sh\n");
+        assert_eq!(p, "root:x:0:0:root:/root:/bin/sh\nalice:*:1000:1000:alice:/home/alice:/bin/sh\n");
         assert_eq!(g, "root:x:0:\nalice:x:1000:\n");
         let (p2, _) = passwd_with(&p, &g, &alice(), true, "/bin/sh");
         assert_eq!(p2, p, "no duplicate");

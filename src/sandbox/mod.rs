@@ -24,20 +24,36 @@ use crate::names::HostShare;
 use crate::sys::mount::Kind;
 use identity::{HostUser, Inside};
 
-/// Runs `f` as root inside a user namespace that maps the user's ids the way `run --root` does
-/// (you → 0, subordinate ids → 1…), in a forked child, and returns its result. There the user
-/// can read and change every file their runs wrote, and owners read as they do inside an
-/// environment. Real root runs `f` directly.
-pub(crate) fn as_root_inside<T: serde::Serialize + serde::de::DeserializeOwned>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+/// Runs `f` in a forked child inside the image view ([`identity::image_view`]: ids read as they
+/// do inside an environment, you are yourself holding every capability over them), and returns
+/// its result. There the user can read and change every file of their layers and uppers, and
+/// owners read as the image gives them. Real root runs `f` directly.
+pub(crate) fn in_image_view<T: serde::Serialize + serde::de::DeserializeOwned>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     if rustix::process::geteuid().is_root() {
         return f();
     }
     let user = identity::HostUser::current();
-    let view = identity::root_view(&user, identity::host_subids(&user));
+    let view = identity::image_view(&user, identity::host_subids(&user));
     crate::sys::process::in_child(move || {
         namespaces::enter_one_level(&view)?;
         f()
     })
+}
+
+/// Makes this process root of a fresh image view ([`identity::image_view`]), for `plyroot
+/// unshare`: with subordinate ids it holds every id an environment's files may have, as they read
+/// inside; without, root there is the user. Real root needs none and gets none.
+pub(crate) fn become_image_root() -> Result<()> {
+    if rustix::process::geteuid().is_root() && identity::in_initial_userns() {
+        return Ok(());
+    }
+    let user = identity::HostUser::current();
+    let subids = identity::host_subids(&user);
+    namespaces::enter_one_level(&identity::image_view(&user, subids))?;
+    if subids.is_some() {
+        crate::sys::ns::become_id(0, 0)?;
+    }
+    Ok(())
 }
 
 /// The writable part of the root.

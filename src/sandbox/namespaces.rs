@@ -24,7 +24,7 @@ use super::Join;
 use crate::sys::ns::{self, IdRange};
 use crate::sys::process;
 // The id-mapping helper and `unshare` live below the store, which uses them to remove what runs
-// wrote; `enter_one_level` is re-exported for `as_root_inside`.
+// wrote; `enter_one_level` is re-exported for `in_image_view`.
 pub(crate) use crate::userns::enter_one_level;
 use crate::userns::{flags, unshare, Mapper};
 
@@ -114,7 +114,7 @@ pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, store: Option<&std:
     if let Some(store) = store.filter(|s| s.is_dir()) {
         protect(store)?;
     }
-    identity(nested, join, mapper, pid, machine)?;
+    identity(nested, (inside.uid, inside.gid), join, mapper, pid, machine)?;
     if inside.nested.is_some() {
         crate::sys::mount::make_private_recursive()?;
     }
@@ -122,9 +122,9 @@ pub(crate) fn enter<T>(inside: &Inside, join: Option<&Join>, store: Option<&std:
 }
 
 /// Step 3: the run's identity, nested in the base (with ranges: an identity namespace the joined
-/// keeper holds, entered with no helper, or one made here, whose maps `mapper` writes), with the
-/// pid and machine namespaces when asked.
-fn identity(nested: Option<Nested>, join: Option<&Join>, mapper: Option<Mapper>, pid: bool, machine: bool) -> Result<()> {
+/// keeper holds, entered with no helper, or one made here, whose maps `mapper` writes; the run
+/// then becomes `id`, uid and gid, in it), with the pid and machine namespaces when asked.
+fn identity(nested: Option<Nested>, id: (u32, u32), join: Option<&Join>, mapper: Option<Mapper>, pid: bool, machine: bool) -> Result<()> {
     let kept = match (&nested, join) {
         (Some(Nested::Maps(u, g)), Some(j)) if mapper.is_none() => match j.nested.iter().find(|n| &n.uids == u && &n.gids == g) {
             Some(n) => enter_kept(j.pid, n.fd, j.user_ns)?,
@@ -136,6 +136,7 @@ fn identity(nested: Option<Nested>, join: Option<&Join>, mapper: Option<Mapper>,
         Some(Nested::Maps(..)) if kept => {
             unshare(flags(false, pid, machine))?;
             ns::clear_groups()?;
+            ns::become_id(id.0, id.1)?;
         }
         Some(Nested::Maps(uids, gids)) => {
             let mut m = match mapper {
@@ -147,6 +148,7 @@ fn identity(nested: Option<Nested>, join: Option<&Join>, mapper: Option<Mapper>,
             m.finish()?;
             // Host supplementary groups are unmapped inside: drop them.
             ns::clear_groups()?;
+            ns::become_id(id.0, id.1)?;
         }
         Some(Nested::Same) => {
             unshare(flags(true, pid, machine))?;

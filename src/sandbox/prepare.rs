@@ -248,20 +248,17 @@ fn claim(env: &Env, generation: &Generation, req: &Request, persistent: bool, ke
     Ok(Claim { slot, join, work_slot, keeper_slot })
 }
 
-/// With subordinate ids: the nested identities a keeper holds for the runs after this one (you,
-/// and root), each as its uid and gid maps.
+/// With subordinate ids: the nested identity a keeper holds for the runs after this one (one map
+/// for you and for `--root`), as its uid and gid maps.
 fn keeper_ids(c: &Common) -> Vec<(Vec<crate::sys::ns::IdRange>, Vec<crate::sys::ns::IdRange>)> {
     if !matches!(c.inside.mapping, identity::Mapping::Ranges { .. }) {
         return Vec::new();
     }
     let Some(subids) = host_subids(&c.user) else { return Vec::new() };
-    [false, true]
-        .into_iter()
-        .filter_map(|root| match choose(&c.user, false, Some(subids), root).nested {
-            Some(identity::Nested::Maps(u, g)) => Some((u, g)),
-            _ => None,
-        })
-        .collect()
+    match choose(&c.user, false, Some(subids), false).nested {
+        Some(identity::Nested::Maps(u, g)) => vec![(u, g)],
+        _ => Vec::new(),
+    }
 }
 
 /// What the shared mount is made of, as a short digest of its serialised parts (the lowers, the

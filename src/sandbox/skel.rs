@@ -67,11 +67,19 @@ pub(crate) struct Spec {
     pub files: Vec<(PathBuf, Vec<u8>)>,
     /// Symlinks: name → target.
     pub links: Vec<(PathBuf, PathBuf)>,
+    /// The directories that are the user's (home, runtime dir); the rest is root's.
+    pub owned: Vec<PathBuf>,
+    /// The user's uid and gid inside.
+    pub owner: (u32, u32),
 }
+
+/// The sudoers drop-in of a skeleton (see [`spec`]); sudo wants it owned by root, mode 0440.
+const SUDOERS: &str = "etc/sudoers.d/plyroot";
 
 impl Spec {
     fn fingerprint(&self) -> u64 {
-        fnv(&format!("{self:?}"))
+        // The version of how a skeleton is written (2: owned as inside, root's by root).
+        fnv(&format!("2 {self:?}"))
     }
 }
 
@@ -82,10 +90,11 @@ impl Spec {
 /// and the like, for `base = "host"`).
 pub(crate) fn spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: &HostFacts, binds: &[(PathBuf, bool)], links: &[(String, PathBuf)]) -> Spec {
     let mut dirs: Vec<PathBuf> = ["proc", "dev", "sys", "tmp", "run"].iter().map(PathBuf::from).collect();
-    dirs.push(user.home.strip_prefix("/").unwrap_or(&user.home).to_owned());
+    let mut owned = vec![user.home.strip_prefix("/").unwrap_or(&user.home).to_owned()];
     if let Some(rd) = &facts.runtime_dir {
-        dirs.push(rd.strip_prefix("/").unwrap_or(rd).to_owned());
+        owned.push(rd.strip_prefix("/").unwrap_or(rd).to_owned());
     }
+    dirs.extend(owned.iter().cloned());
     if facts.nix {
         dirs.push("nix".into());
     }
@@ -118,6 +127,12 @@ pub(crate) fn spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: 
         dirs.push("etc/apt/apt.conf.d".into());
         files.push(("etc/apt/apt.conf.d/00plyroot-single-id".into(), b"// Written by plyroot: only one id is mapped, so apt cannot switch to _apt.\nAPT::Sandbox::User \"root\";\n".to_vec()));
     }
+    // Being yourself with every id of the image mapped, `sudo` works as it does on your own
+    // machine: without a password, as in distrobox and toolbox (`#uid`: whatever your name).
+    if matches!(inside.mapping, Mapping::Ranges { .. }) {
+        dirs.push("etc/sudoers.d".into());
+        files.push((SUDOERS.into(), format!("# Written by plyroot: you are yourself inside, and root when you ask.\n#{} ALL=(ALL:ALL) NOPASSWD: ALL\n", user.uid).into_bytes()));
+    }
     let passwd = base_passwd(lowers);
     let group = lowers.iter().map(|l| l.join("etc/group")).find(|p| p.is_file()).and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default();
     let (p2, g2) = passwd_with(&passwd, &group, user, user_inside(inside, user), &shell(lowers, &passwd, user.uid));
@@ -128,7 +143,7 @@ pub(crate) fn spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: 
         files.push(("etc/group".into(), g2.into_bytes()));
     }
     let links = links.iter().filter(|(n, _)| top_entry(lowers, n).is_none()).map(|(n, t)| (PathBuf::from(n), t.clone())).collect();
-    Spec { dirs, files, links }
+    Spec { dirs, files, links, owned, owner: (user.uid, user.gid) }
 }
 
 /// Writes `spec` into the empty directory `root`.
@@ -143,7 +158,8 @@ pub(crate) fn materialize(spec: &Spec, root: &Path) -> Result<()> {
     }
     for (f, content) in &spec.files {
         let p = root.join(f);
-        let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&p).with_context(|| format!("cannot create {}", p.display()))?;
+        let mode = if f == Path::new(SUDOERS) { 0o440 } else { 0o644 };
+        let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&p).with_context(|| format!("cannot create {}", p.display()))?;
         std::io::Write::write_all(&mut file, content).with_context(|| format!("cannot write {}", p.display()))?;
     }
     Ok(())
@@ -159,9 +175,19 @@ pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, spec: &Spec) -> 
     let st = store.staging()?;
     let root = st.path.join("skel");
     materialize(spec, &root)?;
+    // Owned as on any system: root's, but the user's own directories (home, runtime dir), and
+    // the skeleton's root, which the user must be able to move into place (`/` takes its owner
+    // from the upper anyway).
+    let mine: Vec<Vec<u8>> = spec.owned.iter().map(|p| p.as_os_str().as_encoded_bytes().to_vec()).chain([Vec::new()]).collect();
+    let me = spec.owner;
+    crate::store::owners::give_tree(&root, &|path| if mine.iter().any(|m| m == path) { me } else { (0, 0) })?;
     fs::create_dir_all(env.dir.join("skel")).with_context(|| format!("cannot create {}", env.dir.join("skel").display()))?;
     // A concurrent launch may have published the same skeleton first; either copy is right.
-    let _ = fs::rename(&root, &dir);
+    if let Err(e) = fs::rename(&root, &dir) {
+        if !dir.is_dir() {
+            return Err(e).with_context(|| format!("cannot move {} to {}", root.display(), dir.display()));
+        }
+    }
     drop(st);
     Ok(dir)
 }

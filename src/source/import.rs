@@ -132,6 +132,10 @@ impl LayerSink for Importer<'_> {
         let source = self.source.map_or(u.description, str::to_owned);
         let info = LayerInfo { id: sum.id, size: sum.size, entries: sum.entries, source, created: now_secs() };
         write_atomic(&st.path.join("layer.json"), &serde_json::to_vec_pretty(&info)?)?;
+        // Digested as the user wrote it; inside, its files have the owners the image gives them.
+        if !self.store.layer_dir(&info.id).exists() {
+            crate::store::owners::give_layer(&st.path.join("root"), &u.overrides)?;
+        }
         crate::diag::debug!("unpacked {} as {}", info.source, info.id);
         if u.aliases.is_empty() {
             self.pending.push((Some(st), info));

@@ -593,6 +593,13 @@ impl<'r, 'p> Stage<'r, 'p> {
                 self.out.unset_xattrs += 1;
                 continue;
             }
+            // An ACL names ids, which the kernel translates through the writer's user namespace
+            // (and the reader's): unprivileged, it is kept in the metadata, where the id takes it
+            // from, and set from inside the image view with the owners (`store::owners`).
+            if self.ownership == Ownership::Record && crate::store::meta::names_ids(name) {
+                self.out.overrides.entry(&key(path)).xattrs.insert(key(name).into_owned(), hex::encode(value));
+                continue;
+            }
             let set = match target {
                 XattrTarget::Fd(fd) => rustix::fs::fsetxattr(fd, os(name), value, XattrFlags::empty()),
                 XattrTarget::Path(p) => rustix::fs::lsetxattr(os(p), os(name), value, XattrFlags::empty()),

@@ -387,7 +387,9 @@ impl<'a> Writer<'a> {
         if let Some(t) = from {
             xattr::read_all(t, &mut self.scratch).map_err(read_err(path))?;
             for (k, v) in self.scratch.drain(..) {
-                if !k.starts_with(b"user.overlay.") && k != b"security.selinux" {
+                // An unprivileged layer's ACLs are its metadata's (the disk's read per namespace).
+                let recorded = ov.flattened && crate::store::meta::names_ids(&k);
+                if !k.starts_with(b"user.overlay.") && k != b"security.selinux" && !recorded {
                     out.insert(k, v);
                 }
             }

@@ -88,9 +88,38 @@ impl Store {
         check_name(name)?;
         let dir = self.envs_dir().join(name);
         if !dir.join("current").exists() {
+            if self.remains(name).is_some() {
+                bail!("'{name}' is what is left of an environment whose files were deleted by hand ({} has no generation): `plyroot rm {name}` removes the rest", dir.display());
+            }
             bail!("no environment named '{name}' in {} (see `plyroot list`, or create it with `plyroot create {name} --from SOURCE`)", self.root.display());
         }
         Ok(Env { name: name.to_owned(), dir })
+    }
+
+    /// The directory of environment `name` when it is what a deletion by hand left (no `current`:
+    /// files of subordinate ids the user could not delete), so that `rm` can finish the job.
+    pub(crate) fn remains(&self, name: &str) -> Option<PathBuf> {
+        let dir = self.envs_dir().join(name);
+        (check_name(name).is_ok() && !dir.join("current").exists() && fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())).then_some(dir)
+    }
+
+    /// Every environment directory that is such remains (see [`Store::remains`]).
+    pub(crate) fn all_remains(&self) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(self.envs_dir()) else { return Vec::new() };
+        let mut out: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| self.remains(n).is_some()).collect();
+        out.sort();
+        out
+    }
+
+    /// Removes what a deletion by hand left of environment `name` (see [`Store::remains`]).
+    pub(crate) fn remove_remains(&self, name: &str) -> Result<()> {
+        let Some(dir) = self.remains(name) else { bail!("no remains of an environment named '{name}'") };
+        let st = self.staging()?;
+        let grave = st.path.join("env");
+        fs::rename(&dir, &grave).with_context(|| format!("cannot remove {}", dir.display()))?;
+        super::remove_tree_mapped(&grave).with_context(|| format!("the remains of '{name}' were moved away, but deleting them in {} failed", grave.display()))?;
+        drop(st);
+        Ok(())
     }
 
     pub(crate) fn envs(&self) -> Result<Vec<Env>> {
@@ -115,6 +144,9 @@ impl Store {
     pub(crate) fn create_env(&self, name: &str, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str) -> Result<Env> {
         check_name(name)?;
         let dest = self.envs_dir().join(name);
+        if self.remains(name).is_some() {
+            bail!("what is left of an environment named '{name}' (its files deleted by hand) is in the way: `plyroot rm {name}` removes it");
+        }
         if dest.exists() {
             bail!("environment '{name}' already exists: use another name, or remove it first with `plyroot rm {name}`");
         }

@@ -42,6 +42,12 @@ pub(crate) enum Ownership {
     Record,
 }
 
+/// Whether the xattr `name` holds user or group ids (a POSIX ACL), which read differently in each
+/// user namespace: an unprivileged store keeps it here, never takes it from the disk.
+pub(crate) fn names_ids(name: &[u8]) -> bool {
+    name == b"system.posix_acl_access" || name == b"system.posix_acl_default"
+}
+
 /// A device node that could not be created on disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Device {

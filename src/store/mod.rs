@@ -55,6 +55,7 @@ pub(crate) mod layer;
 pub(crate) mod limits;
 pub(crate) mod lock;
 pub(crate) mod meta;
+pub(crate) mod owners;
 pub(crate) mod runs;
 pub(crate) mod tree;
 pub(crate) mod upper;
@@ -118,6 +119,18 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         };
+        if owners::migration_due(root) {
+            // Once, after an upgrade, with no other command in the store: drop the lock, take it
+            // exclusively, migrate (if nobody did meanwhile), and take the asked-for one again.
+            drop(lock);
+            let excl = lock::open_locked(&lock_path, lock::Kind::Exclusive, true, waiting)?;
+            if owners::migration_due(root) {
+                owners::migrate(root)?;
+            }
+            drop(excl);
+            let lock = lock::open_locked(&lock_path, kind, true, || {})?;
+            return Ok(Store { root: root.to_owned(), _lock: lock, exclusive });
+        }
         Ok(Store { root: root.to_owned(), _lock: lock, exclusive })
     }
 
@@ -254,7 +267,8 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         if !self.keep {
-            let _ = remove_tree(&self.path);
+            // Its files may be owned by subordinate ids already (`owners`).
+            let _ = remove_tree_mapped(&self.path);
         }
     }
 }

@@ -500,6 +500,11 @@ impl Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        // With subordinate ids, layers hold files of those ids: remove the tree where they are
+        // the user's to remove (what the README tells users to do with a store).
+        if me().regime == Regime::SubIds {
+            let _ = Command::new(bin()).args(["unshare", "--", "rm", "-rf"]).arg(self.tmp.path()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        }
         // Overlay leaves a mode-000 `work/work`; make everything ours removable before TempDir
         // removes the tree. Best effort: a failed test must still show its own failure.
         let _ = Command::new("chmod")
@@ -508,6 +513,17 @@ impl Drop for Store {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// Where .ci/run leaves a Debian root with systemd and sudo (mmdebstrap --include=…), cached
+/// between runs; PLYROOT_TEST_DEBIAN_ROOTFS names another.
+pub fn debian_rootfs() -> Result<PathBuf, String> {
+    let p = std::env::var_os("PLYROOT_TEST_DEBIAN_ROOTFS").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/plyroot-debian-sudo.tar.zst".into());
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("no Debian rootfs with systemd and sudo at {} (.ci/run makes it with mmdebstrap)", p.display()))
     }
 }
 

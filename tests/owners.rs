@@ -1,0 +1,199 @@
+//! Ownership true to the image (issue 12, items 1-6): with subordinate ids, a layer's files have
+//! the owners its image gives them, inside and on disk (as subordinate ids); `sudo` works for you;
+//! `--root` is uid 0 and what it writes to shared host paths is owned by the first subordinate
+//! id, which `plyroot unshare` manages; a store of the previous version is migrated; and a store
+//! can be removed completely. Without subordinate ids and as real root, nothing changes: these
+//! tests say what each regime sees.
+
+#[macro_use]
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+
+use common::*;
+
+/// The first subordinate uid and gid of the user (from /etc/subuid, /etc/subgid).
+fn first_subids() -> (u32, u32) {
+    let me = me();
+    let first = |file: &str| {
+        fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() == 3 && (f[0] == me.name || f[0] == me.uid.to_string())).then(|| f[1].parse().unwrap())
+            })
+            .unwrap()
+    };
+    (first("/etc/subuid"), first("/etc/subgid"))
+}
+
+/// A Debian environment `deb` (systemd, sudo) in a fresh store.
+fn debian() -> Result<Store, String> {
+    userns()?;
+    let tarball = debian_rootfs()?;
+    let s = Store::new();
+    s.create("deb", &[&format!("tar:{}", tarball.display())]);
+    Ok(s)
+}
+
+#[test]
+fn system_files_are_roots_and_writing_them_needs_root() {
+    let s = need!(debian());
+    let me = me();
+    let o = s.run("deb", &[], &["stat", "-c", "%U:%G %a", "/usr/bin", "/usr/bin/sudo", "/etc/shadow", "/etc/sudoers"]).ok();
+    // With one id mapped every file reads as root's (that id): the image's other owners are kept
+    // in the layer's metadata only.
+    let shadow = if me.regime == Regime::NoSubIds { "root:root 640" } else { "root:shadow 640" };
+    assert_eq!(o.lines(), ["root:root 755", "root:root 4755", shadow, "root:root 440"], "{o}");
+    let write = s.run("deb", &[], &["sh", "-c", "id -u; touch /usr/bin/mine"]);
+    match me.regime {
+        Regime::SubIds => {
+            // Yourself inside, and /usr/bin is root's: EACCES, as on any system.
+            assert_ne!(write.code, 0, "{write}");
+            assert!(write.stdout.starts_with(&format!("{}\n", me.uid)), "{write}");
+            assert!(write.stderr.contains("Permission denied"), "{write}");
+            // The layer's files on disk belong to the subordinate ids the image's owners are.
+            let bin = fs::read_dir(s.home.join("layers")).unwrap().flatten().map(|e| e.path().join("root/usr/bin")).find(|p| p.is_dir()).unwrap();
+            assert_eq!(fs::metadata(&bin).unwrap().uid(), first_subids().0, "root's files are the first subordinate id's on disk");
+        }
+        // Root inside (you outside, or real root): writing /usr/bin is root's right.
+        Regime::NoSubIds | Regime::Root => {
+            assert_eq!(write.code, 0, "{write}");
+            assert_eq!(write.line(), "0");
+        }
+    }
+    // --root is uid 0 and may write there, in every regime.
+    s.run("deb", &["--root"], &["sh", "-c", "touch /usr/bin/mine && rm /usr/bin/mine && id -u"]).ok();
+    // The layer's id did not change: it comes from the image, whoever unpacked it.
+    s.plyroot(&["verify"]).ok();
+}
+
+#[test]
+fn sudo_works_for_you_without_a_password() {
+    let s = need!(debian());
+    if me().regime != Regime::SubIds {
+        // Without subordinate ids you are root inside already (one id: sudo cannot switch).
+        return;
+    }
+    let o = s.run("deb", &[], &["sh", "-c", "id -u; sudo -n id -u; sudo -n -u _apt id -un"]).ok();
+    assert_eq!(o.lines(), [me().uid.to_string(), "0".into(), "_apt".into()], "{o}");
+    // Nothing of sudo's is in a layer: the drop-in is the skeleton's, and the upper is empty.
+    let diff = s.plyroot(&["diff", "deb"]).ok();
+    assert!(diff.stdout.trim().is_empty(), "sudo changed the upper: {diff}");
+    // apt as you says what apt says to a user who is not root, not a mapping error.
+    let apt = s.run("deb", &[], &["apt-get", "install", "-y", "--no-download", "hello"]);
+    assert!(apt.stderr.contains("are you root?"), "{apt}");
+}
+
+#[test]
+fn what_root_writes_into_the_home_is_the_first_subordinate_ids_and_unshare_manages_it() {
+    let s = need!(Store::with_busybox_env());
+    let dir = s.path("shared");
+    fs::create_dir(&dir).unwrap();
+    let made = dir.join("byroot");
+    s.run("t", &["--root"], &["sh", "-c", &format!("mkdir {0} && echo x > {0}/f", made.display())]).ok();
+    let owner = fs::metadata(&made).unwrap().uid();
+    match me().regime {
+        Regime::SubIds => {
+            assert_eq!(owner, first_subids().0, "--root writes as the first subordinate id");
+            // Not yours to delete on the host…
+            let rm = Command::new("rm").arg("-rf").arg(&made).output().unwrap();
+            assert!(!rm.status.success() && made.join("f").exists(), "rm removed a file of another id");
+            // …but `plyroot unshare` is root over it, with ids as they read inside.
+            let o = s.plyroot(&["unshare", "--", "stat", "-c", "%u %U", made.to_str().unwrap()]).ok();
+            assert_eq!(o.line(), "0 root", "{o}");
+            s.plyroot(&["unshare", "--", "rm", "-rf", made.to_str().unwrap()]).ok();
+            assert!(!made.exists());
+        }
+        _ => assert_eq!(owner, me().uid, "without subordinate ids root inside is you"),
+    }
+    // A command that does not exist: the shell's 127, named.
+    let o = s.cmd(&["unshare", "--", "no-such-program-xyz"]).env("PATH", "/usr/bin:/bin").output().unwrap();
+    assert_eq!(status_code(o.status), 127, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no-such-program-xyz"));
+}
+
+#[test]
+fn a_store_of_the_previous_version_is_migrated_once() {
+    let s = need!(Store::with_busybox_env());
+    if me().regime != Regime::SubIds {
+        return;
+    }
+    let (sub_uid, _) = first_subids();
+    let me = me();
+    // A commit by `--root`: root's file, on disk the first subordinate id's.
+    s.run("t", &["--root"], &["sh", "-c", "mkdir /opt/new && echo x > /opt/new/f && chown 42:42 /opt/new/f"]).ok();
+    s.plyroot(&["commit", "t"]).ok();
+    let ids_before = s.layer_ids();
+    // What the previous version left: every file of an import the user's, a commit's root
+    // files the user's (you stood for root), and no marker.
+    let layers = s.home.join("layers");
+    for e in fs::read_dir(&layers).unwrap().flatten() {
+        let root = e.path().join("root");
+        // chown clears setuid bits: each file's mode is put back, as the old layout had it.
+        let script = format!("find {} -uid 0 -exec sh -c 'for f; do m=$(stat -c %a \"$f\"); chown -h {}:{} \"$f\"; [ -L \"$f\" ] || chmod \"$m\" \"$f\"; done' sh {{}} +", root.display(), me.uid, me.gid);
+        s.plyroot(&["unshare", "--", "sh", "-c", &script]).ok();
+    }
+    fs::remove_file(s.home.join("owners")).unwrap();
+    let bin = |name: &str| fs::read_dir(&layers).unwrap().flatten().map(|e| e.path().join("root").join(name)).find(|p| p.exists()).unwrap();
+    assert_eq!(fs::symlink_metadata(bin("bin")).unwrap().uid(), me.uid, "the old layout, as the previous version left it");
+    assert_eq!(fs::symlink_metadata(bin("opt/new/f")).unwrap().uid(), sub_uid + 42);
+    // The next command migrates, says so once, and everything reads as before the upgrade.
+    let o = s.run("t", &[], &["stat", "-c", "%U %u", "/bin", "/opt/new", "/opt/new/f"]).ok();
+    assert!(o.stderr.contains("owners their images give them"), "{o}");
+    assert_eq!(o.lines(), ["root 0", "root 0", "UNKNOWN 42"], "busybox names no user 42: {o}");
+    assert_eq!(fs::symlink_metadata(bin("bin")).unwrap().uid(), sub_uid);
+    assert_eq!(fs::symlink_metadata(bin("opt/new")).unwrap().uid(), sub_uid, "the commit's root files, root's again");
+    assert_eq!(s.layer_ids(), ids_before);
+    s.plyroot(&["verify"]).ok();
+    let again = s.run("t", &[], &["true"]).ok();
+    assert!(!again.stderr.contains("owners"), "migrated twice: {again}");
+}
+
+#[test]
+fn after_rm_and_gc_the_store_is_the_users_to_delete() {
+    let s = need!(Store::with_busybox_env());
+    s.run("t", &["--root"], &["sh", "-c", "mkdir -p /opt/x && echo x > /opt/x/f && { chown -R 42:42 /opt/x || true; } && chmod 700 /opt/x"]).ok();
+    s.plyroot(&["commit", "t"]).ok();
+    s.run("t", &["--root"], &["sh", "-c", "echo y > /opt/y && chmod 600 /opt/y"]).ok();
+    s.plyroot(&["rm", "t"]).ok();
+    s.plyroot(&["gc"]).ok();
+    let o = Command::new("rm").arg("-rf").arg(&s.home).output().unwrap();
+    assert!(o.status.success() && !s.home.exists(), "rm -rf of the store failed: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn an_environment_deleted_by_hand_can_be_removed_and_made_again() {
+    let s = need!(Store::with_busybox_env());
+    s.run("t", &["--root"], &["sh", "-c", "mkdir -p /opt/x && echo x > /opt/x/f && { chown -R 42:42 /opt/x || true; } && chmod 700 /opt/x"]).ok();
+    let dir = s.home.join("envs/t");
+    let _ = Command::new("rm").arg("-rf").arg(&dir).output().unwrap();
+    if !dir.exists() {
+        // Nothing of another id was left (no subordinate ids, or real root): nothing to test.
+        assert!(s.plyroot(&["list"]).ok().stdout.lines().count() == 1);
+        return;
+    }
+    assert!(!dir.join("current").exists(), "the hand deletion must have removed `current`");
+    let list = s.plyroot(&["list"]).ok();
+    assert!(list.stderr.contains("'t' is what is left") && list.stderr.contains("plyroot rm t"), "{list}");
+    s.run("t", &[], &["true"]).plyroot_error(&["deleted by hand", "plyroot rm t"]);
+    let root = s.path("t-rootfs");
+    s.plyroot(&["create", "t", "--from", &format!("dir:{}", root.display())]).plyroot_error(&["plyroot rm t"]);
+    let o = s.plyroot(&["rm", "t"]).ok();
+    assert!(o.stderr.contains("removed what was left"), "{o}");
+    assert!(!dir.exists());
+    s.create("t", &[&format!("dir:{}", root.display())]);
+    s.run("t", &[], &["true"]).ok();
+}
+
+#[test]
+fn unshare_without_a_command_runs_the_shell() {
+    need!(userns());
+    let s = Store::new();
+    let o = run_with(s.cmd(&["unshare"]).env("SHELL", "/bin/sh"), Some(b"id -u\n"), std::time::Duration::from_secs(60));
+    assert_eq!(o.code, 0, "{o}");
+    assert_eq!(o.line(), "0", "root of the view (real root: root itself): {o}");
+}
