@@ -294,6 +294,24 @@ fn overrides(s: &Store, id: &str) -> Option<serde_json::Value> {
     fs::read(layer_dir(s, id).join("overrides.json")).ok().map(|d| serde_json::from_slice(&d).unwrap())
 }
 
+/// The layer tree `root`, where the test can read it: with subordinate ids its files are owned
+/// by those ids (as the image gives them), so a copy made where they are root's (`plyroot
+/// unshare`) and given to the user, every mode, mtime, xattr and hardlink kept.
+fn readable(s: &Store, name: &str, root: &Path) -> PathBuf {
+    if me().regime != Regime::SubIds {
+        return root.to_owned();
+    }
+    let copy = s.path(&format!("copy-{name}"));
+    let (u, g) = (me().uid, me().gid);
+    let script = format!(
+        "cp -a {0} {1} && find {1} -exec sh -c 'for f; do m=$(stat -c %a \"$f\"); chown -h {u}:{g} \"$f\"; [ -L \"$f\" ] || chmod \"$m\" \"$f\"; done' sh {{}} +",
+        shell_quote(&root.to_string_lossy()),
+        shell_quote(&copy.to_string_lossy())
+    );
+    as_owner(&["sh", "-c", &script]).ok();
+    copy
+}
+
 /// Extracts `archive` with GNU tar and imports it with plyroot, and compares the trees; returns
 /// the layer id. `Err` describes every difference.
 fn compare(s: &Store, name: &str, archive: &Path) -> Result<String, String> {
@@ -305,7 +323,7 @@ fn compare(s: &Store, name: &str, archive: &Path) -> Result<String, String> {
     }
     let id = out.line();
     let ov = overrides(s, &id);
-    let (gt, pt) = (read_tree(&gnu_dir, None), read_tree(&layer_dir(s, &id).join("root"), ov.as_ref()));
+    let (gt, pt) = (read_tree(&gnu_dir, None), read_tree(&readable(s, name, &layer_dir(s, &id).join("root")), ov.as_ref()));
     let mut diffs = Vec::new();
     for (path, ge) in &gt.entries {
         let shown = String::from_utf8_lossy(path);

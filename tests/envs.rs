@@ -1111,10 +1111,9 @@ fn verify_detects_a_corrupted_layer() {
     let (base, top) = (p.pinned("dir:base")[0].clone(), p.pinned("dir:top")[0].clone());
     let file = s.home.join("layers").join(base.trim_start_matches("sha256:")).join("root/etc/fixture");
     assert!(file.is_file(), "the store layout changed: no {}", file.display());
-    // Files in a layer may be read-only; the test owns them (or is root).
-    let _ = Command::new("chmod").arg("u+w").arg(&file).status();
-    let _ = Command::new("chmod").arg("u+w").arg(file.parent().unwrap()).status();
-    fs::write(&file, "tampered!!!!!!\n").unwrap();
+    // Files in a layer may be read-only, and with subordinate ids root's: changed as their owner.
+    let script = format!("chmod u+w {0} {1} && printf 'tampered!!!!!!\\n' > {0}", shell_quote(&file.to_string_lossy()), shell_quote(&file.parent().unwrap().to_string_lossy()));
+    as_owner(&["sh", "-c", &script]).ok();
     let out = s.plyroot(&["verify"]);
     assert_ne!(out.code, 0, "verify missed a modified file: {out}");
     assert_ne!(out.code, 125, "corruption is a finding, not plyroot's own error: {out}");
@@ -1128,8 +1127,8 @@ fn verify_detects_a_corrupted_layer() {
 
     // An added file is corruption too (in another layer).
     let top_file = s.home.join("layers").join(top.trim_start_matches("sha256:")).join("root/etc/extra-file");
-    let _ = Command::new("chmod").arg("u+w").arg(top_file.parent().unwrap()).status();
-    fs::write(&top_file, "x").unwrap();
+    let script = format!("chmod u+w {0} && printf x > {1}", shell_quote(&top_file.parent().unwrap().to_string_lossy()), shell_quote(&top_file.to_string_lossy()));
+    as_owner(&["sh", "-c", &script]).ok();
     let out = s.plyroot(&["verify"]);
     assert_ne!(out.code, 0, "verify missed an added file: {out}");
     assert!(out.stdout.lines().any(|l| l.contains("CORRUPT") && l.contains(&top)), "{out}");

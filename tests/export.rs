@@ -417,12 +417,12 @@ fn errors_name_the_problem_and_leave_nothing_behind() {
     assert!(layer_root.is_dir(), "the one layer of t is the export: {}", layer_root.display());
     // A layer changed behind plyroot's back: its OCI blob would not match its id. The export
     // fails after writing blobs, and leaves no directory.
-    fs::write(layer_root.join("etc/fixture"), "tampered\n").unwrap();
+    as_owner(&["sh", "-c", &format!("echo tampered > {}", layer_root.join("etc/fixture").display())]).ok();
     let img = s.path("img");
     s.plyroot(&["export", "t", "--oci", &img.to_string_lossy()]).plyroot_error(&[&id, "plyroot verify"]);
     assert!(!img.exists(), "a failed OCI export leaves no directory");
     // A layer that vanished: the tarball export fails, the earlier export is untouched.
-    fs::rename(&layer_root, s.home.join("gone-root")).unwrap();
+    as_owner(&["mv", layer_root.to_str().unwrap(), s.home.join("gone-root").to_str().unwrap()]).ok();
     s.plyroot(&["export", "t", "-o", "root.tar"]).plyroot_error(&[&id]);
     assert!(fs::read(s.path("root.tar")).unwrap() == good, "a failed export changed the existing file");
     assert_eq!(listing(), before, "a failed export leaves no temporary file");

@@ -85,9 +85,11 @@ fn launchers_compose_with_the_environment_they_start_in_to_depth_8() {
         let want: String = (1..=depth).map(|i| format!("f{i} ")).collect();
         assert_eq!(o.stdout, format!("{want}e{depth}\n"), "depth {depth}: {o}");
     }
-    // Writes of a composed program to the root are thrown away; the shared /tmp keeps its own.
+    // Writes of a composed program to the root never reach an environment's upper (a composed
+    // launch maps only you: a directory of the image's, root's, cannot even be copied up, EOVERFLOW,
+    // and where it could, the write is thrown away); the shared /tmp keeps its own.
     let mut c = launcher(&bin, 1);
-    c.args(["-c", &format!("{}/e2/sh -c 'echo x > /opt/lvl/new && echo y > {}/kept'", bin.display(), s.path("").display())]);
+    c.args(["-c", &format!("{}/e2/sh -c 'echo x > /opt/lvl/new 2>/dev/null; echo y > {}/kept'", bin.display(), s.path("").display())]);
     run_with(&mut c, None, Duration::from_secs(60)).ok();
     assert!(s.path("kept").exists());
     s.run("e1", &[], &["test", "!", "-e", "/opt/lvl/new"]).ok();
@@ -153,7 +155,7 @@ fn base_host_puts_the_host_root_under_the_layers() {
     let o = s.run("hb", &[], &["sh", "-c", "cat /opt/mine /usr/share/plyroot-test/f; test -x /usr/bin/env && echo host; test -d /proc/self && echo proc"]).ok();
     assert_eq!(o.stdout, "env\nlayer\nhost\nproc\n", "{o}");
     // Writes into a directory the layers provide land in the upper, not on the host.
-    s.run("hb", &[], &["sh", "-c", "echo w > /usr/share/plyroot-test/new"]).ok();
+    s.run("hb", &["--root"], &["sh", "-c", "echo w > /usr/share/plyroot-test/new"]).ok();
     assert!(!Path::new("/usr/share/plyroot-test").exists(), "the host was written");
     assert_eq!(s.run("hb", &[], &["cat", "/usr/share/plyroot-test/new"]).ok().stdout, "w\n");
     let d = s.plyroot(&["diff", "hb", "/usr/share"]).ok();

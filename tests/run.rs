@@ -226,7 +226,7 @@ fn rm_discards_the_upper() {
 #[test]
 fn ephemeral_throws_writes_away() {
     let s = need!(env());
-    let out = s.run("t", &["--ephemeral"], &["sh", "-c", "echo e > /eph && cat /eph && rm /etc/fixture"]).ok();
+    let out = s.run("t", &["--ephemeral", "--root"], &["sh", "-c", "echo e > /eph && cat /eph && rm /etc/fixture"]).ok();
     assert_eq!(out.stdout, "e\n");
     s.run("t", &[], &["sh", "-c", "test ! -e /eph && cat /etc/fixture"]).ok();
     s.run("t", &["--ephemeral"], &["test", "!", "-e", "/eph"]).ok();
@@ -382,7 +382,7 @@ fn stdin_and_stdout_pass_through() {
 fn identity_inside() {
     let s = need!(env());
     let me = me();
-    let out = s.sh("t", "id -u; id -g; id -un; echo \"$HOME\"").ok();
+    let out = s.sh_as_me("t", "id -u; id -g; id -un; echo \"$HOME\"").ok();
     let got: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(got.len(), 4, "{out}");
     let home = me.home.to_string_lossy().into_owned();
@@ -393,7 +393,7 @@ fn identity_inside() {
         Regime::SubIds => {
             let (uid, gid) = (me.uid.to_string(), me.gid.to_string());
             assert_eq!(&got[..3], [uid.as_str(), gid.as_str(), me.name.as_str()], "with subids you are yourself inside: {out}");
-            s.sh("t", &format!("grep -q '^{}:x:{}:' /etc/passwd", me.name, me.uid)).ok();
+            s.sh("t", &format!("grep -q '^{}:[*]:{}:' /etc/passwd", me.name, me.uid)).ok();
         }
         Regime::NoSubIds => {
             assert_eq!(got[0], "0", "without subids you are uid 0 inside: {out}");
@@ -449,9 +449,28 @@ fn files_written_to_home_are_mine() {
         let _ = fs::remove_file(&host);
         s.run("t", opts, &["sh", "-c", &format!("echo inside > \"$HOME/{name}\"")]).ok();
         let md = fs::metadata(&host).unwrap_or_else(|e| panic!("{opts:?}: not on the host: {e}"));
-        assert_eq!((md.uid(), md.gid()), (me.uid, me.gid), "{opts:?}: owned by someone else");
+        // As yourself, yours; `--root` with subordinate ids is the first of them (README: "Who you
+        // are inside"), without them root inside is you.
+        let want = if !opts.is_empty() && me.regime == Regime::SubIds { first_subids() } else { (me.uid, me.gid) };
+        assert_eq!((md.uid(), md.gid()), want, "{opts:?}: owned by someone else");
         assert_eq!(fs::read_to_string(&host).unwrap(), "inside\n");
     }
+}
+
+/// The first subordinate uid and gid of the user (from /etc/subuid, /etc/subgid).
+fn first_subids() -> (u32, u32) {
+    let me = me();
+    let first = |file: &str| {
+        fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() == 3 && (f[0] == me.name || f[0] == me.uid.to_string())).then(|| f[1].parse().unwrap())
+            })
+            .unwrap()
+    };
+    (first("/etc/subuid"), first("/etc/subgid"))
 }
 
 fn rand_suffix() -> u64 {
@@ -491,7 +510,7 @@ fn tmp_is_shared_and_cwd_kept() {
     }
     fs::write(s.path("from-host"), "host\n").unwrap();
     // Store::cmd starts plyroot in the scratch dir: the cwd is kept.
-    let out = s.sh("t", "pwd; cat from-host; echo back > from-inside").ok();
+    let out = s.sh_as_me("t", "pwd; cat from-host; echo back > from-inside").ok();
     assert_eq!(out.stdout, format!("{scratch}\nhost\n"), "{out}");
     assert_eq!(fs::read_to_string(s.path("from-inside")).unwrap(), "back\n");
     assert_eq!(s.run("t", &["--cwd", "/etc"], &["pwd"]).ok().stdout, "/etc\n");

@@ -35,7 +35,10 @@ impl Store {
             _ => {}
         }
         self.clean_leftovers()?;
-        let ownership = if rustix::process::geteuid().is_root() { Ownership::Preserve } else { Ownership::Record };
+        // Real root writes the archive's owners; root of some user namespace (`unshare -r`) is
+        // a user like any other, whose disk owners would read differently on the host.
+        let real_root = rustix::process::geteuid().is_root() && crate::userns::in_initial_userns();
+        let ownership = if real_root { Ownership::Preserve } else { Ownership::Record };
         let mut imp = Importer { store: self, current: None, pending: Vec::new(), devices: 0, xattrs: 0, early: 0, source };
         if let Err(e) = super::unpack(src, ownership, progress, &mut imp) {
             return Err(match imp.early {

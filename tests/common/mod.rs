@@ -440,8 +440,14 @@ impl Store {
         self.plyroot(&args)
     }
 
-    /// `plyroot run ENV -- sh -c SCRIPT`
+    /// `plyroot run --root ENV -- sh -c SCRIPT`: a script that changes the environment's root (as
+    /// on any system, the image's files are root's, not yours, with subordinate ids).
     pub fn sh(&self, env: &str, script: &str) -> Out {
+        self.run(env, &["--root"], &["sh", "-c", script])
+    }
+
+    /// `plyroot run ENV -- sh -c SCRIPT`: as the default identity (yourself, with subordinate ids).
+    pub fn sh_as_me(&self, env: &str, script: &str) -> Out {
         self.run(env, &[], &["sh", "-c", script])
     }
 
@@ -514,6 +520,19 @@ impl Drop for Store {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Runs a host command over the store's files as their owner: with subordinate ids through
+/// `plyroot unshare` (layers hold files of those ids), otherwise directly. For tests that change
+/// the store behind plyroot's back.
+pub fn as_owner(args: &[&str]) -> Out {
+    let mut c = Command::new(if me().regime == Regime::SubIds { bin() } else { PathBuf::from(args[0]) });
+    if me().regime == Regime::SubIds {
+        c.args(["unshare", "--"]).args(args);
+    } else {
+        c.args(&args[1..]);
+    }
+    run_with(&mut c, None, TIMEOUT)
 }
 
 /// Where .ci/run leaves a Debian root with systemd and sudo (mmdebstrap --include=…), cached
