@@ -469,3 +469,63 @@ fn layer_rm_removes_none_when_one_is_refused() {
     s.plyroot(&["layer", "rm", &unused, &unused[..19]]).ok();
     assert_eq!(s.layer_ids().into_iter().collect::<Vec<_>>(), [used]);
 }
+
+#[test]
+fn an_unchanged_tar_is_not_read_again() {
+    // A second import (or `create --from`) of a file already imported takes its layers from the
+    // store's index of local files: no reading, no hashing, and none of the first import's
+    // warnings again. A changed file, or a record of a layer since removed, is read again.
+    let s = Store::new();
+    let a = RawTar::new().dir("dev/").chardev("dev/null", 1, 3).file("etc/hostname", b"cached\n").finish();
+    let p = s.path("root.tar");
+    fs::write(&p, a).unwrap();
+    let tar = src("tar", &p);
+    let not_read = "not read again";
+    let device_warning = |out: &Out| out.stderr.lines().any(|l| l.contains("warning") && l.contains("device node"));
+    let unprivileged = me().regime != Regime::Root;
+
+    // A file changed within the last seconds is read, but its stamp not recorded: a write in the
+    // same clock tick would not show in it.
+    let out = s.plyroot(&["-v", "import", &tar]).ok();
+    let ids = out.lines();
+    assert!(!out.stderr.contains(not_read), "{out}");
+    let out = s.plyroot(&["-v", "import", &tar]).ok();
+    assert!(!out.stderr.contains(not_read), "a file changed just now was not read: {out}");
+    assert_eq!(out.lines(), ids);
+
+    // Once it has settled (3 s), one more import records it, and the next ones skip it.
+    std::thread::sleep(std::time::Duration::from_millis(3100));
+    let first = s.plyroot(&["-v", "import", &tar]).ok();
+    assert!(!first.stderr.contains(not_read), "{first}");
+    assert_eq!(device_warning(&first), unprivileged, "{first}");
+    let again = s.plyroot(&["-v", "import", &tar]).ok();
+    assert_eq!(again.lines(), ids);
+    assert!(again.stderr.contains(not_read), "the unchanged file was read again: {again}");
+    assert!(!device_warning(&again), "the first import's warning came again: {again}");
+    let created = s.plyroot(&["-v", "create", "e", "--from", &tar]).ok();
+    assert!(created.stderr.contains(not_read) && !device_warning(&created), "{created}");
+    s.plyroot(&["-v", "run", "e", "--", "true"]); // the layer is usable (where namespaces work)
+
+    // A record naming a layer that was removed is ignored: the file is read and the layer back.
+    s.plyroot(&["rm", "e"]).ok();
+    s.plyroot(&["layer", "rm", &ids[0]]).ok();
+    let back = s.plyroot(&["-v", "import", &tar]).ok();
+    assert!(!back.stderr.contains(not_read), "a record of a removed layer was trusted: {back}");
+    assert_eq!(back.lines(), ids);
+    assert!(s.layer_ids().contains(&ids[0]), "the layer was not imported again");
+
+    // Any change to the file (here a new mtime and ctime, same content and size) is read again.
+    let f = fs::File::options().write(true).open(&p).unwrap();
+    f.set_modified(std::time::SystemTime::now()).unwrap();
+    drop(f);
+    let changed = s.plyroot(&["-v", "import", &tar]).ok();
+    assert!(!changed.stderr.contains(not_read), "a changed file was not read: {changed}");
+    assert_eq!(device_warning(&changed), unprivileged, "{changed}");
+
+    // Another file with the same content is read: the record is by file, not by name or content.
+    let copy = s.path("copy.tar");
+    fs::copy(&p, &copy).unwrap();
+    let out = s.plyroot(&["-v", "import", &src("tar", &copy)]).ok();
+    assert!(!out.stderr.contains(not_read), "{out}");
+    assert_eq!(out.lines(), ids);
+}

@@ -1,14 +1,18 @@
 //! Import: a source unpacked into the store as layers. Each layer is unpacked into a staging
 //! directory, digested, and published by rename; the store's index of registry blobs lets a pull
-//! skip what the store already holds.
+//! skip what the store already holds, and its index of local files lets a second import of an
+//! unchanged `tar:FILE` skip reading it.
 
 use std::fs;
 use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 
-use super::{LayerSink, Source, Unpacked};
+use super::{LayerSink, Source, UnpackError, Unpacked};
 use crate::progress::Progress;
+use crate::store::blobs::FileStamp;
 use crate::store::layer::LayerInfo;
 use crate::store::meta::Ownership;
 use crate::store::{canonical, now_secs, write_atomic, Staging, Store};
@@ -34,13 +38,28 @@ impl Store {
             }
             _ => {}
         }
+        let file = match src {
+            // Not a squash's temporary tar (`source`): no user imports that file again.
+            Source::Tar(path) if path != Path::new("-") && source.is_none() => {
+                Some(LocalFile::open(path).map_err(|e| e.context(format!("cannot import {src}; the store is unchanged")))?)
+            }
+            _ => None,
+        };
+        if let Some(layers) = file.as_ref().and_then(|f| f.known(self)) {
+            crate::diag::debug!("{src}: unchanged since it was imported (same device, inode, size, mtime and ctime): not read again");
+            return layers.iter().map(|l| self.layer_info(l)).collect();
+        }
         self.clean_leftovers()?;
         // Real root writes the archive's owners; root of some user namespace (`unshare -r`) is
         // a user like any other, whose disk owners would read differently on the host.
         let real_root = rustix::process::geteuid().is_root() && crate::userns::in_initial_userns();
         let ownership = if real_root { Ownership::Preserve } else { Ownership::Record };
         let mut imp = Importer { store: self, current: None, pending: Vec::new(), devices: 0, xattrs: 0, early: 0, source };
-        if let Err(e) = super::unpack(src, ownership, progress, &mut imp) {
+        let unpacked = match &file {
+            Some(f) => f.file.try_clone().with_context(|| format!("cannot read {src}")).and_then(|copy| super::unpack_tar_file(copy, &src.to_string(), ownership, progress, &mut imp)),
+            None => super::unpack(src, ownership, progress, &mut imp),
+        };
+        if let Err(e) = unpacked {
             return Err(match imp.early {
                 0 => e.context(format!("cannot import {src}; the store is unchanged")),
                 n => e.context(format!("cannot import {src}; the {n} complete and verified layer(s) before the failure are kept, so a second try resumes after them")),
@@ -77,7 +96,51 @@ impl Store {
                 out.push(self.layer_info(&info.id)?);
             }
         }
+        if let Some(f) = file {
+            f.remember(self, &out);
+        }
         Ok(out)
+    }
+}
+
+/// A `tar:` source's file, open, with its stamp when it was opened (see `store::blobs`).
+struct LocalFile {
+    file: fs::File,
+    stamp: FileStamp,
+    opened: SystemTime,
+}
+
+impl LocalFile {
+    fn open(path: &Path) -> Result<LocalFile> {
+        let opened = SystemTime::now();
+        let file = fs::File::open(path).map_err(|source| UnpackError::Open { path: path.to_owned(), source })?;
+        let stamp = FileStamp::of(&rustix::fs::fstat(&file).with_context(|| format!("cannot stat {}", path.display()))?);
+        Ok(LocalFile { file, stamp, opened })
+    }
+
+    /// Whether it is a regular file (a pipe or a device has no stable content to remember).
+    fn regular(&self) -> bool {
+        self.file.metadata().is_ok_and(|m| m.is_file())
+    }
+
+    /// The layers it was imported as, when it has not changed since.
+    fn known(&self, store: &Store) -> Option<Vec<String>> {
+        self.regular().then(|| store.layers_for_file("tar", &self.stamp)).flatten()
+    }
+
+    /// Records the layers it unpacked to, unless it changed while it was read, or so shortly
+    /// before that a change in the same clock tick would not show in its stamp. Best effort:
+    /// the index only saves reading the file again.
+    fn remember(&self, store: &Store, layers: &[LayerInfo]) {
+        let now = rustix::fs::fstat(&self.file).map(|st| FileStamp::of(&st));
+        if !self.regular() || now.as_ref() != Ok(&self.stamp) || !self.stamp.settled(self.opened) {
+            crate::diag::debug!("not remembering this file's layers: it changed during the import, or within {:?} before it", crate::store::blobs::SETTLED);
+            return;
+        }
+        let ids: Vec<String> = layers.iter().map(|l| l.id.clone()).collect();
+        if let Err(e) = store.record_file("tar", &self.stamp, &ids) {
+            crate::diag::warn!("{e:#}");
+        }
     }
 }
 

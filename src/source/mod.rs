@@ -189,27 +189,13 @@ pub(crate) fn unpack(
             progress.finish();
             sink.finish(stage, unpacked)
         }
+        Source::Tar(path) if path == Path::new("-") => {
+            progress.set_total(None);
+            unpack_tar_stream(Box::new(io::stdin().lock()), &src.to_string(), ownership, progress, sink)
+        }
         Source::Tar(path) => {
-            let name = src.to_string();
-            let input: Box<dyn io::Read> = if path == Path::new("-") {
-                progress.set_total(None);
-                Box::new(io::stdin().lock())
-            } else {
-                let file = File::open(path).map_err(|source| UnpackError::Open { path: path.clone(), source })?;
-                progress.set_total(file.metadata().ok().map(|m| m.len()));
-                Box::new(file)
-            };
-            let mut input = decompress(progress.counting(input)).map_err(|e| UnpackError::read(&name, e))?;
-            let stage = sink.stage()?;
-            let mut unpacked = unpack_tar(&mut input, &name, stage.as_fd(), ownership, progress)?;
-            // Empty input, or only zeros (`tar:/dev/null`, `tar:/dev/zero`, a failed download
-            // piped into `tar:-`), is not an empty layer: the user would get an empty root.
-            if unpacked.headers == 0 {
-                return Err(UnpackError::NotTar { archive: name, reason: "it holds no tar header before its end (empty input, or only zeros)" }.into());
-            }
-            unpacked.description = name;
-            progress.finish();
-            sink.finish(stage, unpacked)
+            let file = File::open(path).map_err(|source| UnpackError::Open { path: path.clone(), source })?;
+            unpack_tar_file(file, &src.to_string(), ownership, progress, sink)
         }
         Source::Oci(path) => oci::unpack(path, &src.to_string(), ownership, progress, sink),
         Source::DockerArchive(path) => docker_archive::unpack(path, &src.to_string(), ownership, progress, sink),
@@ -220,6 +206,28 @@ pub(crate) fn unpack(
         Source::Debootstrap(spec) => debootstrap::unpack(spec, &src.to_string(), ownership, progress, sink),
         Source::Layer(_) | Source::Env(_) => Err(UnpackError::NotUnpackable { name: src.to_string() }.into()),
     }
+}
+
+/// Unpacks a `tar:` source's file, already open (the importer opens it to know it by its stamp,
+/// and the stamp must be the file that is read).
+pub(crate) fn unpack_tar_file(file: File, name: &str, ownership: Ownership, progress: &mut Progress, sink: &mut dyn LayerSink) -> anyhow::Result<()> {
+    progress.set_total(file.metadata().ok().map(|m| m.len()));
+    unpack_tar_stream(Box::new(file), name, ownership, progress, sink)
+}
+
+/// One tar stream (plain or compressed) as one layer.
+fn unpack_tar_stream(input: Box<dyn io::Read + '_>, name: &str, ownership: Ownership, progress: &mut Progress, sink: &mut dyn LayerSink) -> anyhow::Result<()> {
+    let mut input = decompress(progress.counting(input)).map_err(|e| UnpackError::read(name, e))?;
+    let stage = sink.stage()?;
+    let mut unpacked = unpack_tar(&mut input, name, stage.as_fd(), ownership, progress)?;
+    // Empty input, or only zeros (`tar:/dev/null`, `tar:/dev/zero`, a failed download piped
+    // into `tar:-`), is not an empty layer: the user would get an empty root.
+    if unpacked.headers == 0 {
+        return Err(UnpackError::NotTar { archive: name.to_owned(), reason: "it holds no tar header before its end (empty input, or only zeros)" }.into());
+    }
+    unpacked.description = name.to_owned();
+    progress.finish();
+    sink.finish(stage, unpacked)
 }
 
 /// The directory a `dir:` source names: a symlink given as the source itself is followed (only

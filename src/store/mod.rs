@@ -31,6 +31,8 @@
 //! │       upper.new/, upper.new.json   recovery turns them back into the states above
 //! ├── blobs/<hex>                      registry blob (or diff_id) → the layer it unpacks to (blobs.rs)
 //! ├── blobs/gzip/<layer hex>           the gzip blob `push` made of a layer: "digest size"
+//! ├── blobs/files/<hex>                a local file (by device, inode, size, mtime, ctime) → the
+//! │                                    layers it was imported as, so it is not read again
 //! ├── launchers/<env>/<program>.json   receipts of exported launchers: the link and the files
 //! │                                    installed with it (launcher.rs)
 //! ├── bin/plyroot                      the copy of plyroot that launchers run (written via
