@@ -669,6 +669,49 @@ fn rebase_theirs_takes_the_layers_version() {
     s.plyroot(&["rebase", "dev", "--ours", "--theirs"]).failed();
 }
 
+#[test]
+fn rebase_sees_no_conflict_where_both_sides_hold_the_same() {
+    // The upper (written on generation 2, where /etc/fixture is "v1") set /etc/fixture back to
+    // what generation 1 has, and deleted /etc/a, which generation 1 does not have: either choice
+    // gives the same, so there is nothing to decide.
+    let p = need!(stale("echo from-the-layer > /etc/fixture && rm /etc/a && echo other > /etc/other"));
+    let s = &p.s;
+    let out = s.plyroot(&["rebase", "dev"]).ok();
+    assert!(!out.stdout.contains("C "), "{out}");
+    assert_eq!(s.sh("dev", "cat /etc/fixture /etc/other; test ! -e /etc/a && echo no-a").ok().stdout, "from-the-layer\nother\nno-a\n");
+    // The same file with other content is still a conflict (the check reads the bytes).
+    let p = need!(stale("echo from-the-lay3r > /etc/fixture"));
+    let out = p.s.plyroot(&["rebase", "dev"]).failed();
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), ["C /etc/fixture"], "{out}");
+}
+
+#[test]
+fn apply_says_at_once_that_the_upper_is_now_stale() {
+    let p = need!(proj());
+    let s = &p.s;
+    p.manifest(&dev_manifest(&["dir:base"], ""));
+    p.apply(&[]).ok();
+    // An empty upper: a new generation needs no word about it.
+    p.dir_source("tools", &[("opt/tool", "tool\n")]);
+    p.manifest(&dev_manifest(&["dir:base", "dir:./tools"], ""));
+    let out = p.apply(&[]).ok();
+    assert!(!out.stderr.contains("other layers"), "{out}");
+    // An upper written on generation 2, then a manifest with other layers.
+    s.sh("dev", "echo mine > /etc/mine").ok();
+    p.manifest(&dev_manifest(&["dir:base"], ""));
+    let out = p.apply(&[]).ok();
+    for needle in ["other layers", "plyroot rebase dev", "plyroot reset dev", "--keep-upper"] {
+        assert!(out.stderr.contains(needle), "apply did not say the upper is stale ({needle:?}): {out}");
+    }
+    // Which is what the next run says too; rebase is one of the ways out.
+    s.run("dev", &[], &["true"]).plyroot_error(&["rebase", "reset", "--keep-upper"]);
+    s.plyroot(&["rebase", "dev"]).ok();
+    assert_eq!(s.run("dev", &[], &["cat", "/etc/mine"]).ok().stdout, "mine\n");
+    // switch says it the same way.
+    let out = s.plyroot(&["switch", "dev", "2"]).ok();
+    assert!(out.stderr.contains("plyroot rebase dev") && out.stderr.contains("--keep-upper"), "{out}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Running programs
 // ---------------------------------------------------------------------------------------------

@@ -191,9 +191,15 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     for change in changes {
         match change {
             Change::Update { decl, layers, env, cur, _lock } => {
+                // Checked before the switch (which does not touch the upper): the next run would
+                // refuse such an upper, so say it now, with the way out.
+                let stale = !env.upper_is_empty() && env.upper_base()? != layers;
                 let g = env.next_generation(layers, decl.raw_sources.clone(), decl.settings.clone(), "apply", cur.commits.clone())?;
                 let n = env.add_generation(cur.number, g, "apply")?;
                 crate::diag::info!("{}: generation {n} is current", decl.name);
+                if stale {
+                    warn_stale(&decl.name, n);
+                }
             }
             Change::Create { decl, layers } => {
                 store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
@@ -363,9 +369,15 @@ pub(crate) fn switch(store: &Store, name: &str, n: u32) -> Result<i32> {
     env.switch(n)?;
     crate::diag::info!("{name}: generation {n} is current");
     if stale {
-        crate::diag::info!("{name}: its upper holds changes made on other layers; before the next run choose `plyroot rebase {name}` or `plyroot reset {name}`");
+        warn_stale(name, n);
     }
     Ok(0)
+}
+
+/// Says that `name`'s upper was written on other layers than generation `n`'s, now current, so
+/// that the next run's refusal is no surprise.
+fn warn_stale(name: &str, n: u32) {
+    crate::diag::warn!("the upper of '{name}' holds changes made on other layers than generation {n} (now current); before the next run {}", crate::store::upper::stale_choices(name));
 }
 
 pub(crate) fn rollback(store: &Store, name: &str) -> Result<i32> {

@@ -84,7 +84,7 @@ pub(crate) fn squash(store: &Store, name: &str, from: usize) -> Result<i32> {
         now.layers.len()
     );
     if stale {
-        crate::diag::info!("{name}: its upper was already written on other layers than generation {}'s: `plyroot rebase {name}` before the next run", cur.number);
+        crate::diag::warn!("the upper of '{name}' was already written on other layers than generation {}'s; before the next run {}", cur.number, crate::store::upper::stale_choices(name));
     }
     out(&format!("{id}\n"))?;
     Ok(0)

@@ -208,8 +208,20 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     // Read only, where the user can read every file their runs wrote.
     let conflicts = in_image_view(move || {
         let entries: Vec<UpperEntry> = upper::walk(&up, &[&old, &new]).with_context(|| format!("cannot read {}", up.display()))?;
-        // As metadata keys across the pipe: compact, and exact for bytes that are not UTF-8.
-        Ok(upper::conflicts(&entries).iter().map(|c| key(c).into_owned()).collect::<Vec<String>>())
+        let mut real = Vec::new();
+        // The conflicts come in the entries' order: one pass finds each.
+        let mut rest = entries.iter();
+        for path in upper::conflicts(&entries) {
+            let e = rest.find(|e| e.path == path).expect("a conflict is one of the entries");
+            let rel = shown(&path);
+            if upper::same_on_both_sides(&up, &old, &new, e).with_context(|| format!("cannot compare /{rel} in {} with the layers", up.display()))? {
+                crate::diag::debug!("/{rel}: the same content on both sides, no conflict");
+            } else {
+                // As metadata keys across the pipe: compact, and exact for bytes that are not UTF-8.
+                real.push(key(&path).into_owned());
+            }
+        }
+        Ok(real)
     })?;
     let conflicts: Vec<Vec<u8>> = conflicts.iter().map(|c| unkey(c).into_owned()).collect();
     if !conflicts.is_empty() && !ours && !theirs {

@@ -76,10 +76,7 @@ fn check_upper(env: &Env, current: &Generation, keep: bool) -> Result<()> {
         return env.set_upper_base(&current.layers);
     }
     let name = &env.name;
-    bail!(
-        "the upper of '{name}' holds changes made on other layers than generation {} (current): choose `plyroot rebase {name}` to replay them onto it, `plyroot reset {name}` to set them aside, or run with --keep-upper to use them as they are",
-        current.number
-    )
+    bail!("the upper of '{name}' holds changes made on other layers than generation {} (current): {}", current.number, crate::store::upper::stale_choices(name))
 }
 
 /// Host directories that `base = "host"` puts under the layers: every top-level directory of the

@@ -94,6 +94,12 @@ mod as_key {
     }
 }
 
+/// What the user can do about an upper written on other layers than the current generation's:
+/// the same three choices wherever plyroot notices it (a run refusing, `apply`, `switch`).
+pub(crate) fn stale_choices(name: &str) -> String {
+    format!("choose `plyroot rebase {name}` to replay them onto it, `plyroot reset {name}` to set them aside, or run with --keep-upper to use them as they are")
+}
+
 /// Whether `path` is `filter` or below it, or above it (component-wise); no filters means
 /// everything.
 fn wanted(path: &[u8], filters: &[Vec<u8>]) -> bool {
@@ -137,6 +143,72 @@ pub(crate) fn conflicts(entries: &[UpperEntry]) -> Vec<Vec<u8>> {
         .filter(|e| e.below.first() != e.below.get(1))
         .map(|e| e.path.clone())
         .collect()
+}
+
+/// Whether a path [`conflicts`] found is no conflict after all, because both sides hold the same
+/// content: the upper holds what the new lowers hold (or deletes what they do not have), so
+/// `--ours` and `--theirs` would give the same; or the old and new lowers hold the same file
+/// (only a fingerprint, e.g. an mtime, differs), so the lowers did not really change under it.
+/// Content is the kind, the permission bits and the bytes (a symlink's target); not the owner.
+pub(crate) fn same_on_both_sides(upper: &Path, old: &[PathBuf], new: &[PathBuf], e: &UpperEntry) -> io::Result<bool> {
+    let theirs = lookup(new, &e.path);
+    let ours = match e.node {
+        Node::Whiteout => return Ok(theirs.is_none()),
+        Node::File { .. } | Node::Symlink => {
+            let p = upper.join(OsStr::from_bytes(&e.path));
+            let m = fs::symlink_metadata(&p)?;
+            Some((p, m))
+        }
+        Node::Dir { .. } | Node::Special => None,
+    };
+    if let (Some(ours), Some(theirs)) = (&ours, &theirs) {
+        if same_content(ours, theirs)? {
+            return Ok(true);
+        }
+    }
+    match (lookup(old, &e.path), &theirs) {
+        (Some(before), Some(theirs)) => same_content(&before, theirs),
+        _ => Ok(false),
+    }
+}
+
+/// Whether two files (path, lstat) have the same kind, permission bits and content.
+fn same_content((a, am): &(PathBuf, fs::Metadata), (b, bm): &(PathBuf, fs::Metadata)) -> io::Result<bool> {
+    let (at, bt) = (am.file_type(), bm.file_type());
+    if am.mode() & 0o7777 != bm.mode() & 0o7777 {
+        return Ok(false);
+    }
+    if at.is_symlink() && bt.is_symlink() {
+        return Ok(fs::read_link(a)? == fs::read_link(b)?);
+    }
+    if !(at.is_file() && bt.is_file()) || am.len() != bm.len() {
+        return Ok(false);
+    }
+    let (mut fa, mut fb) = (fs::File::open(a)?, fs::File::open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let n = read_full(&mut fa, &mut ba)?;
+        if n != read_full(&mut fb, &mut bb)? || ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(f: &mut fs::File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match io::Read::read(f, &mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Reads an upper into entries, parents before children, names sorted by their bytes, each with
