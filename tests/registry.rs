@@ -597,6 +597,41 @@ fn debootstrap_builds_a_root_with_mmdebstrap() {
     s.plyroot(&["import", "debootstrap:bookworm?colour=blue"]).plyroot_error(&["colour"]);
 }
 
+#[test]
+fn debootstrap_shows_the_tools_progress_and_the_cause_of_a_failure() {
+    // A mistyped suite: the mirror answers 404 for its Release file. That line, not only the
+    // tool's last one (`E: mmdebstrap failed to run`), must reach the user.
+    need!(tool("mmdebstrap"));
+    if me().regime == Regime::NoSubIds {
+        return; // refused before mmdebstrap runs (debootstrap_builds_a_root_with_mmdebstrap)
+    }
+    let s = Store::new();
+    let src = "debootstrap:bookwrom?variant=minbase";
+    let unreachable = |out: &Out| ["Temporary failure resolving", "Could not resolve", "Failed to fetch", "Could not connect"].iter().any(|n| out.stderr.contains(n));
+    // Not on a terminal: the tool's output is kept, and its last lines quoted under the error.
+    let out = s.plyroot(&["import", src]);
+    if unreachable(&out) {
+        need!(Err::<(), _>(format!("the Debian mirror is unreachable: {out}")));
+    }
+    let out = out.plyroot_error(&["bookwrom", "its last lines are above"]);
+    assert!(out.stderr.contains("404") || out.stderr.contains("does not have a Release file"), "the cause is not shown: {out}");
+    // Quoted (indented) under the error, not passed through as it ran.
+    let passed_through = |text: &str| text.lines().any(|l| l.trim_start_matches('\r').starts_with("I: running apt-get update") || l.contains("\x1b[32mI: running"));
+    assert!(!passed_through(&out.stderr), "the tool's output was passed through: {out}");
+    assert_eq!(s.layer_dir_entries(), 0);
+    // -v: the tool's progress as it goes, and the cause.
+    let out = s.plyroot(&["-v", "import", src]).plyroot_error(&["bookwrom", "its output is above"]);
+    assert!(passed_through(&out.stderr), "no progress with -v: {out}");
+    assert!(out.stderr.contains("404") || out.stderr.contains("does not have a Release file"), "{out}");
+    // On a terminal (script(1) gives it one): the progress too, without -v.
+    let Some(script) = which("script") else { return };
+    let cmd = format!("{} import {}", shell_quote(&bin().to_string_lossy()), shell_quote(src));
+    let mut c = std::process::Command::new(script);
+    c.args(["-qec", &cmd, "/dev/null"]).env("PLYROOT_HOME", &s.home).current_dir(s.tmp.path());
+    let out = run_with(&mut c, None, TIMEOUT);
+    assert!(passed_through(&out.stdout) && out.stdout.contains("its output is above"), "{out}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Through a proxy
 // ---------------------------------------------------------------------------------------------

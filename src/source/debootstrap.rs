@@ -7,6 +7,12 @@
 //! store, which is then copied like a `dir:` source. The mirror defaults to the first `deb` source
 //! in the host's apt configuration (one-line `.list` files and deb822 `.sources` files), else
 //! deb.debian.org.
+//!
+//! A bootstrap takes minutes: on a terminal, and with `-v`, the tool's own progress goes straight
+//! to stderr (as when the user runs it). Otherwise its output is kept in a file and its last lines
+//! are quoted under the error when it fails: they hold the cause (a mistyped suite is apt's
+//! `404  Not Found` for its Release file), which the tool's last line (`E: mmdebstrap failed to
+//! run`) does not.
 
 use std::fs;
 use std::os::fd::AsFd;
@@ -193,8 +199,9 @@ pub(super) fn unpack(spec: &str, name: &str, ownership: Ownership, progress: &mu
 fn mmdebstrap(tool: &Path, spec: &Spec, mirror: &str, root: bool, name: &str, ownership: Ownership, progress: &mut Progress, sink: &mut dyn LayerSink) -> Result<()> {
     let mut cmd = Command::new(tool);
     cmd.arg(format!("--mode={}", if root { "root" } else { "unshare" })).arg("--format=tar");
-    if crate::diag::level() < 2 {
-        cmd.arg("--quiet");
+    // Never --quiet: it also drops the lines that explain a failure.
+    if crate::diag::level() >= 3 {
+        cmd.arg("--verbose");
     }
     cmd.args(spec.options("--architectures"));
     cmd.arg(&spec.suite).arg("-").arg(mirror);
@@ -209,8 +216,8 @@ fn mmdebstrap(tool: &Path, spec: &Spec, mirror: &str, root: bool, name: &str, ow
     }
     crate::diag::info!("bootstrapping {} from {mirror} with {} (this takes a minute or more)", spec.suite, tool.display());
     crate::diag::debug!("running {cmd:?}");
-    let (stderr_path, stderr) = stderr_file()?;
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr).spawn().with_context(|| format!("cannot run {}", tool.display()))?;
+    let log = Log::new()?;
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log.stdio()?).spawn().with_context(|| format!("cannot run {}", tool.display()))?;
     let stdout = child.stdout.take().expect("stdout is piped");
     let stage = sink.stage()?;
     let mut input = progress.counting(stdout);
@@ -218,11 +225,9 @@ fn mmdebstrap(tool: &Path, spec: &Spec, mirror: &str, root: bool, name: &str, ow
     // Read to the end, so the tool never dies of a closed pipe while we report its real error.
     let _ = std::io::copy(&mut input, &mut std::io::sink());
     let status = child.wait().with_context(|| format!("cannot wait for {}", tool.display()))?;
-    let log = fs::read_to_string(&stderr_path).unwrap_or_default();
-    let _ = fs::remove_file(&stderr_path);
     if !status.success() {
-        crate::diag::quote(&tail(&log));
-        bail!("{} failed ({status}) bootstrapping {} from {mirror} (its last lines are above)", tool.display(), spec.suite);
+        let shown = log.show_tail("");
+        bail!("{} failed ({status}) bootstrapping {} from {mirror} ({shown})", tool.display(), spec.suite);
     }
     let mut unpacked = unpacked?;
     progress.finish();
@@ -246,15 +251,14 @@ fn debootstrap(tool: &Path, spec: &Spec, mirror: &str, name: &str, ownership: Ow
     cmd.args(spec.options("--arch"));
     cmd.arg(&spec.suite).arg(&target).arg(mirror);
     crate::diag::info!("bootstrapping {} from {mirror} with {} (this takes a few minutes)", spec.suite, tool.display());
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("cannot run {}", tool.display()))?;
-    if !out.status.success() {
-        let mut log = String::from_utf8_lossy(&out.stderr).into_owned();
-        log.push_str(&String::from_utf8_lossy(&out.stdout));
-        if let Ok(l) = fs::read_to_string(target.join("debootstrap/debootstrap.log")) {
-            log.push_str(&l);
-        }
-        crate::diag::quote(&tail(&log));
-        bail!("{} failed ({}) bootstrapping {} from {mirror} (its last lines are above)", tool.display(), out.status, spec.suite);
+    // Its progress is on stdout, its errors on stderr: both are the log (plyroot's stdout is
+    // for data).
+    let log = Log::new()?;
+    let status = cmd.stdin(Stdio::null()).stdout(log.stdio()?).stderr(log.stdio()?).status().with_context(|| format!("cannot run {}", tool.display()))?;
+    if !status.success() {
+        let more = fs::read_to_string(target.join("debootstrap/debootstrap.log")).unwrap_or_default();
+        let shown = log.show_tail(&more);
+        bail!("{} failed ({status}) bootstrapping {} from {mirror} ({shown})", tool.display(), spec.suite);
     }
     let stage = sink.stage()?;
     let mut unpacked = copy_dir(&target, stage.as_fd(), ownership, progress)?;
@@ -269,14 +273,73 @@ fn world_traversable(dir: &Path) -> bool {
     dir.ancestors().all(|d| fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
 }
 
-/// A file for a child's stderr (read after it exits: no second reader thread).
-fn stderr_file() -> Result<(PathBuf, fs::File)> {
-    let p = std::env::temp_dir().join(format!("plyroot-bootstrap-{}.log", std::process::id()));
-    let f = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).with_context(|| format!("cannot create {}", p.display()))?;
-    Ok((p, f))
+/// Where a bootstrapper's output goes: plyroot's stderr when the user watches it (a terminal, or
+/// `-v`; not with `-q`), else a file that is read after the tool exits (no second reader thread:
+/// plyroot stays single-threaded for its namespaces).
+enum Log {
+    Shown,
+    /// An unnamed file (O_TMPFILE where the filesystem has it), gone when plyroot exits.
+    Kept(fs::File),
 }
 
-/// The last lines of a tool's log, indented.
+impl Log {
+    fn new() -> Result<Log> {
+        let level = crate::diag::level();
+        if level >= 2 || (level >= 1 && std::io::IsTerminal::is_terminal(&std::io::stderr())) {
+            return Ok(Log::Shown);
+        }
+        let dir = std::env::temp_dir();
+        let file = match tempfile_in(&dir) {
+            Ok(f) => f,
+            Err(e) => return Err(e).with_context(|| format!("cannot create a temporary file in {} for the bootstrapper's log", dir.display())),
+        };
+        Ok(Log::Kept(file))
+    }
+
+    /// One more handle for a child's stdout or stderr.
+    fn stdio(&self) -> Result<Stdio> {
+        Ok(match self {
+            Log::Shown => std::io::stderr().as_fd().try_clone_to_owned().context("cannot duplicate stderr")?.into(),
+            Log::Kept(f) => f.try_clone().context("cannot duplicate the bootstrapper's log")?.into(),
+        })
+    }
+
+    /// After a failure: quotes the log's last lines (with `more`, a log the tool left) unless the
+    /// user saw them; returns where the error's reader finds them.
+    fn show_tail(self, more: &str) -> &'static str {
+        match self {
+            Log::Shown => {
+                crate::diag::quote(&tail(more));
+                "its output is above"
+            }
+            Log::Kept(mut f) => {
+                use std::io::{Read, Seek};
+                let mut text = Vec::new();
+                let _ = f.rewind().and_then(|_| f.read_to_end(&mut text));
+                let mut text = String::from_utf8_lossy(&text).into_owned();
+                text.push_str(more);
+                crate::diag::quote(&tail(&text));
+                "its last lines are above"
+            }
+        }
+    }
+}
+
+/// A temporary file in `dir` that no name points at.
+fn tempfile_in(dir: &Path) -> std::io::Result<fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    match rustix::fs::open(dir, OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC, Mode::from_raw_mode(0o600)) {
+        Ok(fd) => Ok(fd.into()),
+        // No O_TMPFILE here: a named file, unlinked at once.
+        Err(_) => {
+            let p = dir.join(format!("plyroot-bootstrap-{}.log", std::process::id()));
+            let f = fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p)?;
+            let _ = fs::remove_file(&p);
+            Ok(f)
+        }
+    }
+}
+
 /// The last 15 non-empty lines of a tool's log (errors print them above a one-line message).
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
