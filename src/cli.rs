@@ -222,7 +222,7 @@ pub(crate) enum Command {
         /// Also install the programs' .desktop entries and icons, launching through plyroot
         #[arg(long)]
         desktop: bool,
-        /// Write the merged root (layers, upper, whiteouts applied) as a tarball: .tar, .tar.gz or .tar.zst; - for stdout
+        /// Write the merged root (layers, upper, whiteouts applied) as a tarball: .tar, .tar.gz, .tar.xz or .tar.zst (compressed as named); - for stdout (plain tar)
         #[arg(short = 'o', long = "output", value_name = "FILE", conflicts_with = "oci")]
         output: Option<PathBuf>,
         /// Write an OCI image layout into DIR
@@ -230,7 +230,7 @@ pub(crate) enum Command {
         oci: Option<PathBuf>,
     },
     /// Start the environment's init as PID 1 in the background, and wait until it is ready
-    #[command(after_help = "The init is the manifest's `init` (default /sbin/init). It runs as root inside, in new pid,\nmount, UTS and IPC namespaces (its own hostname), detached; its output goes to the\nenvironment's boot.log. While it is up, `run` and `enter` join it, so systemctl, journalctl\nand services work. Ready means: for systemd, `systemctl is-system-running --wait` says running\nor degraded; for another init, --ready CMD succeeds inside (or at once without it).\n\nExamples:\n  plyroot boot deb\n  plyroot boot svc --ready 'test -S /run/svc.sock' --timeout 30\n  plyroot status\n  plyroot stop deb")]
+    #[command(after_help = "The init is the manifest's `init` (default /sbin/init). It runs as root inside, in new pid,\nmount, UTS and IPC namespaces (its hostname is the environment's name), detached; its output goes to the\nenvironment's boot.log. While it is up, `run` and `enter` join it, so systemctl, journalctl\nand services work. Ready means: for systemd, `systemctl is-system-running --wait` says running\nor degraded; for another init, --ready CMD succeeds inside (or at once without it).\n\nExamples:\n  plyroot boot deb\n  plyroot boot svc --ready 'test -S /run/svc.sock' --timeout 30\n  plyroot status\n  plyroot stop deb")]
     Boot {
         name: String,
         /// Seconds to wait for readiness

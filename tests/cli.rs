@@ -50,6 +50,27 @@ fn help_on_every_command() {
 }
 
 #[test]
+fn readme_install_steps_work_on_a_fresh_machine() {
+    // The install block as a new user runs it top to bottom: the repository is cloned before
+    // anything builds in it, ~/.local/bin (where plyroot and its launchers go) is put on PATH,
+    // and a directory is created before a file is written into it.
+    let readme = include_str!("../README.md");
+    let install = readme.split("## Install").nth(1).and_then(|r| r.split("\n## ").next()).expect("README has an Install section");
+    let at = |needle: &str| install.find(needle).unwrap_or_else(|| panic!("the Install section lacks {needle:?}"));
+    assert!(at("git clone") < at("cargo install"), "clone first, then build");
+    assert!(at("cd plyroot") < at("cargo install"));
+    at("export PATH=\"$HOME/.local/bin:$PATH\"");
+    assert!(install.contains("~/.profile"), "say why ~/.local/bin may be missing from PATH");
+    assert!(at("mkdir -p ~/.local/share/bash-completion/completions") < at("completions bash >"));
+    // The quick start builds in the clone the Install section made.
+    let quick = readme.split("## Quick start").nth(1).unwrap_or("");
+    assert!(quick.find("Install").is_some_and(|i| i < quick.find("cargo install").unwrap_or(0)), "the quick start says where it runs");
+    // What it says of booted environments is what boot does (tests/boot.rs checks the hostname).
+    assert!(readme.contains("its hostname is the environment's name"));
+    assert!(!readme.contains("its own hostname"));
+}
+
+#[test]
 fn version() {
     let out = Store::new().plyroot(&["--version"]).ok();
     assert!(out.stdout.starts_with("plyroot "), "{out}");

@@ -216,6 +216,11 @@ fn exports_are_reproducible_in_every_compression() {
         // import decompresses by content and gets the id of the plain tar.
         assert_eq!(s.import(&format!("tar:{}", s.path(&a_name).display())), [sha256(&plain)]);
     }
+    // `export --help` names every format written above, so a user can find them.
+    let help = s.plyroot(&["export", "--help"]).ok().stdout.replace('\n', " ");
+    for ext in [".tar,", ".tar.gz", ".tar.xz", ".tar.zst"] {
+        assert!(help.contains(ext), "`export --help` does not list {ext}: {help}");
+    }
     let gz = fs::read(s.path("a.tar.gz")).unwrap();
     assert_eq!(&gz[4..8], &[0, 0, 0, 0], "gzip header mtime is zero");
     assert_eq!(gz[3] & 0x08, 0, "no file name in the gzip header");
