@@ -24,7 +24,7 @@ mod userns;
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 
 use cli::{Cli, Command, LayerCommand};
@@ -153,7 +153,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
     let store_root = || -> Result<std::path::PathBuf> {
         match &cli.store {
             Some(p) if p.is_absolute() => Ok(p.clone()),
-            Some(p) => Ok(std::env::current_dir()?.join(p)),
+            Some(p) => Ok(std::env::current_dir()
+                .with_context(|| format!("cannot resolve the store directory {}: the current directory is gone or unreadable (give an absolute path)", p.display()))?
+                .join(p)),
             None => store::default_root(),
         }
     };

@@ -71,6 +71,32 @@ fn readme_install_steps_work_on_a_fresh_machine() {
 }
 
 #[test]
+fn errors_name_the_path_they_are_about() {
+    // A relative --store in a directory that was removed: the OS says only `No such file or
+    // directory`; plyroot names what it was resolving.
+    let s = Store::new();
+    let gone = s.path("gone");
+    std::fs::create_dir(&gone).unwrap();
+    let script = format!("cd {0} && rmdir {0} && exec {1} --store st list", shell_quote(&gone.to_string_lossy()), shell_quote(&bin().to_string_lossy()));
+    sh(&script).plyroot_error(&["store directory st", "current directory"]);
+    // An environment that cannot be read is not "no environment": the error names its path.
+    let root = s.path("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/f"), "x\n").unwrap();
+    s.create("e", &[&format!("dir:{}", root.display())]);
+    let dir = s.home.join("envs/e");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    let out = s.plyroot(&["generations", "e"]);
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    if me().regime != Regime::Root {
+        // (Real root reads it anyway.)
+        out.plyroot_error(&[&dir.join("current").to_string_lossy(), "Permission denied"]);
+    } else {
+        out.ok();
+    }
+}
+
+#[test]
 fn version() {
     let out = Store::new().plyroot(&["--version"]).ok();
     assert!(out.stdout.starts_with("plyroot "), "{out}");

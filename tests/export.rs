@@ -574,3 +574,13 @@ fn an_export_failing_mid_write_leaves_no_temporary_file() {
     }
     assert!(reference.len() > 64 * 1024, "the limit must cut the tarball");
 }
+
+#[test]
+fn a_failed_write_names_the_file_and_its_cause_once() {
+    // The merged root is written in a helper process where the user is root inside; its error
+    // crosses a pipe as text, which used to repeat the OS's words (`…: No space left on device
+    // (os error 28): No space left on device (os error 28)`).
+    let (s, _) = need!(fixture());
+    let out = s.plyroot(&["export", "t", "-o", "/dev/full"]).plyroot_error(&["/dev/full", "No space left on device"]);
+    assert_eq!(out.stderr.matches("No space left on device").count(), 1, "{out}");
+}

@@ -167,7 +167,11 @@ enum Change<'m> {
 
 pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -> Result<i32> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the manifest {} (create one, or pass -f FILE; see `plyroot apply --help`)", file.display()))?;
-    let abs = if file.is_absolute() { file.to_owned() } else { std::env::current_dir()?.join(file) };
+    let abs = if file.is_absolute() {
+        file.to_owned()
+    } else {
+        std::env::current_dir().with_context(|| format!("cannot resolve the manifest {}: the current directory is gone or unreadable (give an absolute path)", file.display()))?.join(file)
+    };
     let manifest = crate::manifest::parse(&text, &abs)?;
     for o in only {
         if !manifest.envs.iter().any(|e| &e.name == o) {

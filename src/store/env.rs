@@ -87,11 +87,16 @@ impl Store {
     pub(crate) fn env(&self, name: &str) -> Result<Env> {
         check_name(name)?;
         let dir = self.envs_dir().join(name);
-        if !dir.join("current").exists() {
-            if self.remains(name).is_some() {
-                bail!("'{name}' is what is left of an environment whose files were deleted by hand ({} has no generation): `plyroot rm {name}` removes the rest", dir.display());
+        match fs::metadata(dir.join("current")) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if self.remains(name).is_some() {
+                    bail!("'{name}' is what is left of an environment whose files were deleted by hand ({} has no generation): `plyroot rm {name}` removes the rest", dir.display());
+                }
+                bail!("no environment named '{name}' in {} (see `plyroot list`, or create it with `plyroot create {name} --from SOURCE`)", self.root.display())
             }
-            bail!("no environment named '{name}' in {} (see `plyroot list`, or create it with `plyroot create {name} --from SOURCE`)", self.root.display());
+            // Not "no such environment": the user can fix this one (permissions, a broken disk).
+            Err(e) => return Err(e).with_context(|| format!("cannot read environment '{name}' at {}", dir.join("current").display())),
         }
         Ok(Env { name: name.to_owned(), dir })
     }

@@ -98,7 +98,8 @@ pub(crate) fn send_reply<T: serde::Serialize>(w: impl Into<std::os::fd::OwnedFd>
     use std::io::Write;
     let reply = match r {
         Ok(v) => Reply::Ok(v),
-        Err(e) => Reply::Err(format!("{e:#}")),
+        // Each cause once: `{:#}` repeats a source that its error's message already shows.
+        Err(e) => Reply::Err(crate::text::chain(&e)),
     };
     let mut w = std::fs::File::from(w.into());
     serde_json::to_vec(&reply).is_ok_and(|m| w.write_all(&m).is_ok())
