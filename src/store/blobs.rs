@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Entries are written atomically and only after their layer is published; an entry whose layer
-//! was collected since is ignored (and overwritten by the next import of that blob).
+//! was collected since is ignored (and overwritten by the next import of that blob). gc removes
+//! the file records whose layers it collected.
 //!
 //! A local file is known by its stamp (device, inode, size, mtime and ctime, to the nanosecond),
 //! not by its content: reading a Debian root again only to learn that it is the same costs
@@ -127,6 +128,19 @@ impl Store {
         write_atomic(&dir.join(stamp.name(kind)), text.as_bytes())
     }
 
+    /// Removes the records of local files whose layers are not all in the store any more (gc,
+    /// after collecting): they would never be used again, and a file rebuilt often leaves one per
+    /// version. Best effort, like the index itself.
+    pub(crate) fn prune_file_index(&self) {
+        let Ok(rd) = fs::read_dir(self.blobs_dir().join("files")) else { return };
+        for e in rd.flatten() {
+            let Ok(text) = fs::read_to_string(e.path()) else { continue };
+            if text.lines().any(|id| hex_of(id).is_none_or(|_| !self.layer_dir(id).join("layer.json").is_file())) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
     /// The gzip blob (digest, size) push made of layer `id`.
     #[cfg(feature = "registry")]
     pub(crate) fn pushed_blob(&self, id: &str) -> Option<(String, u64)> {
@@ -172,8 +186,12 @@ mod file_tests {
         let mut nanos = stamp(7, 100);
         nanos.ctime.1 = 6;
         assert_eq!(s.layers_for_file("tar", &nanos), None, "another ctime, to the nanosecond");
+        s.record_file("tar", &stamp(9, 100), &ids[..1]).unwrap();
         fs::remove_dir_all(s.layer_dir(&ids[1])).unwrap();
         assert_eq!(s.layers_for_file("tar", &stamp(7, 100)), None, "one layer was removed");
+        s.prune_file_index();
+        let left: Vec<_> = fs::read_dir(s.blobs_dir().join("files")).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, [std::ffi::OsString::from(stamp(9, 100).name("tar"))], "gc keeps the record whose layers remain");
     }
 
     #[test]

@@ -125,6 +125,9 @@ impl Store {
             fs::rename(self.layer_dir(&l.id), st.path.join("layer")).with_context(|| format!("cannot delete layer {}", l.id))?;
             remove_tree_mapped(&st.path.join("layer"))?;
         }
+        if !c.dead.is_empty() {
+            self.prune_file_index();
+        }
         self.clean_leftovers()?;
         Ok(())
     }
