@@ -26,8 +26,8 @@ if [ "${1:-}" = --measure ]; then
     echo layer2 >"$HOME/l2/etc/bench-layer2"
     echo layer3 >"$HOME/l3/opt/bench/layer3"
     "$plyroot" -q create bench --from "dir:$root" --from "dir:$HOME/l2" --from "dir:$HOME/l3"
-    # A persistent upper with something in it.
-    "$plyroot" -q run bench -- /bin/sh -c 'echo upper >/etc/bench-upper && mkdir -p /var/bench && echo x >/var/bench/x'
+    # A persistent upper with something in it (as root: the image's files are root's).
+    "$plyroot" -q run --root bench -- /bin/sh -c 'echo upper >/etc/bench-upper && mkdir -p /var/bench && echo x >/var/bench/x'
     cd "$HOME"
     hyperfine -N --warmup "${WARMUP:-30}" --runs "${RUNS:-300}" --export-csv "$HOME/startup.csv" \
         -n bwrap "bwrap --unshare-pid --bind $root / --proc /proc --dev /dev --ro-bind /sys /sys --bind /home /home --bind /tmp /tmp /bin/true" \
