@@ -686,6 +686,31 @@ fn rebase_sees_no_conflict_where_both_sides_hold_the_same() {
 }
 
 #[test]
+fn rebase_reads_content_where_size_and_mtime_agree() {
+    // The reproducible-image case: every mtime clamped. Generation 2 changes /etc/x to bytes of
+    // the same size with the same mtime, and rewrites /etc/y identically; the upper, written on
+    // generation 2, changes both; the environment goes back to generation 1. /etc/x changed
+    // under the upper (a conflict, which a size-and-mtime fingerprint missed, silently keeping
+    // the upper's); /etc/y did not (no conflict).
+    let p = need!(proj());
+    let s = &p.s;
+    let base = p.dir.join("base");
+    fs::write(base.join("etc/x"), "v1-x\n").unwrap();
+    fs::write(base.join("etc/y"), "same\n").unwrap();
+    set_mtimes(&base, MTIME);
+    p.manifest(&dev_manifest(&["dir:base"], ""));
+    p.apply(&[]).ok();
+    s.sh("dev", "touch -r /etc/x /etc/.r && printf 'v2-x\\n' > /etc/x && printf 'same\\n' > /etc/y && touch -r /etc/.r /etc/x /etc/y && rm /etc/.r").ok();
+    s.plyroot(&["commit", "dev", "-m", "v2"]).ok();
+    s.sh("dev", "stat -c %Y /etc/x /etc/y && printf 'ours\\n' > /etc/x && printf 'mine\\n' > /etc/y").ok();
+    s.plyroot(&["rollback", "dev"]).ok();
+    let out = s.plyroot(&["rebase", "dev"]).failed();
+    assert_eq!(out.stdout.lines().filter(|l| l.starts_with("C ")).collect::<Vec<_>>(), ["C /etc/x"], "{out}");
+    s.plyroot(&["rebase", "dev", "--theirs"]).ok();
+    assert_eq!(s.sh("dev", "cat /etc/x /etc/y").ok().stdout, "v1-x\nmine\n");
+}
+
+#[test]
 fn apply_says_at_once_that_the_upper_is_now_stale() {
     let p = need!(proj());
     let s = &p.s;

@@ -197,3 +197,43 @@ fn unshare_without_a_command_runs_the_shell() {
     assert_eq!(o.code, 0, "{o}");
     assert_eq!(o.line(), "0", "root of the view (real root: root itself): {o}");
 }
+
+#[test]
+fn a_migration_killed_midway_is_finished_by_the_next_command() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let s = need!(debian());
+    let me = me();
+    if me.regime != Regime::SubIds {
+        return;
+    }
+    // The previous version's layout: every file of the import the user's (setuid bits kept).
+    let root = fs::read_dir(s.home.join("layers")).unwrap().flatten().map(|e| e.path().join("root")).next().unwrap();
+    let r = shell_quote(&root.to_string_lossy());
+    let script = format!("find {r} -perm /6000 ! -type l -printf '%m %p\\n' > {r}.modes && chown -hR {}:{} {r} && while read m p; do chmod $m \"$p\"; done < {r}.modes && rm {r}.modes", me.uid, me.gid);
+    as_owner(&["sh", "-c", &script]).ok();
+    fs::remove_file(s.home.join("owners")).unwrap();
+    // A command that migrates, killed with everything it started as soon as it says it migrates.
+    let mut c = s.cmd(&["list"]);
+    c.process_group(0).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap() > 0 && !line.contains("owners their images give them") {
+        line.clear();
+    }
+    assert!(line.contains("owners their images give them"), "no migration started: {line}");
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
+    assert!(!s.home.join("owners").exists(), "the kill landed after the migration finished: nothing was tested");
+    let usr_bin = fs::symlink_metadata(root.join("usr/bin")).unwrap().uid();
+    let sbin = fs::symlink_metadata(root.join("usr/sbin")).unwrap().uid();
+    eprintln!("after the kill: /usr/bin {usr_bin}, /usr/sbin {sbin} on disk");
+    // The next command finishes it: every owner as the image gives it, ids unchanged, once.
+    let o = s.run("deb", &[], &["stat", "-c", "%U:%G %a", "/usr/bin", "/usr/bin/sudo", "/etc/shadow"]).ok();
+    assert!(o.stderr.contains("owners their images give them"), "{o}");
+    assert_eq!(o.lines(), ["root:root 755", "root:root 4755", "root:shadow 640"], "{o}");
+    s.plyroot(&["verify"]).ok();
+    assert!(s.home.join("owners").exists());
+    s.run("deb", &[], &["sudo", "-n", "true"]).ok();
+}

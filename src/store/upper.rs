@@ -45,6 +45,10 @@ pub(crate) struct Fingerprint {
     pub mode: u32,
     pub mtime: i64,
     pub target: Option<Vec<u8>>,
+    /// The walk's tier (one layer's root) that provides it. A layer never changes, so the same
+    /// tier is the same content; another tier may hold other bytes behind an equal size and
+    /// mtime (a reproducible image clamps every mtime), which [`same_on_both_sides`] then reads.
+    pub tier: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,7 +153,7 @@ pub(crate) fn conflicts(entries: &[UpperEntry]) -> Vec<Vec<u8>> {
 /// content: the upper holds what the new lowers hold (or deletes what they do not have), so
 /// `--ours` and `--theirs` would give the same; or the old and new lowers hold the same file
 /// (only a fingerprint, e.g. an mtime, differs), so the lowers did not really change under it.
-/// Content is the kind, the permission bits and the bytes (a symlink's target); not the owner.
+/// Content is the kind, the permission bits, the owner and the bytes (a symlink's target).
 pub(crate) fn same_on_both_sides(upper: &Path, old: &[PathBuf], new: &[PathBuf], e: &UpperEntry) -> io::Result<bool> {
     let theirs = lookup(new, &e.path);
     let ours = match e.node {
@@ -172,10 +176,10 @@ pub(crate) fn same_on_both_sides(upper: &Path, old: &[PathBuf], new: &[PathBuf],
     }
 }
 
-/// Whether two files (path, lstat) have the same kind, permission bits and content.
+/// Whether two files (path, lstat) have the same kind, permission bits, owner and content.
 fn same_content((a, am): &(PathBuf, fs::Metadata), (b, bm): &(PathBuf, fs::Metadata)) -> io::Result<bool> {
     let (at, bt) = (am.file_type(), bm.file_type());
-    if am.mode() & 0o7777 != bm.mode() & 0o7777 {
+    if am.mode() & 0o7777 != bm.mode() & 0o7777 || (am.uid(), am.gid()) != (bm.uid(), bm.gid()) {
         return Ok(false);
     }
     if at.is_symlink() && bt.is_symlink() {
@@ -344,6 +348,7 @@ fn fingerprint(cur: &mut Cursor, tier: usize, name: &[u8], st: &rustix::fs::Stat
         mode: st.st_mode & 0o7777,
         mtime: if t == FileType::Directory { 0 } else { st.st_mtime },
         target,
+        tier,
     })
 }
 
@@ -439,7 +444,7 @@ mod tests {
     use super::*;
 
     fn fp(kind: char, size: u64) -> Option<Fingerprint> {
-        Some(Fingerprint { kind, size, mode: 0o644, mtime: 1, target: None })
+        Some(Fingerprint { kind, size, mode: 0o644, mtime: 1, target: None, tier: 1 })
     }
 
     fn e(path: impl AsRef<[u8]>, node: Node, below: &[Option<Fingerprint>]) -> UpperEntry {
@@ -479,8 +484,10 @@ mod tests {
             e("etc/b", Node::File { size: 1 }, &[fp('f', 5), fp('f', 6)]),
             e("etc/c", Node::Whiteout, &[fp('f', 7), fp('f', 8)]),
             e("etc/d", Node::Dir { opaque: true }, &[None, fp('f', 1)]),
+            // Equal size, mode and mtime, from another layer: maybe other bytes (read later).
+            e("etc/e", Node::File { size: 1 }, &[fp('f', 5), fp('f', 5).map(|f| Fingerprint { tier: 2, ..f })]),
         ];
-        assert_eq!(conflicts(&entries), [&b"etc/b"[..], b"etc/c", b"etc/d"]);
+        assert_eq!(conflicts(&entries), [&b"etc/b"[..], b"etc/c", b"etc/d", b"etc/e"]);
     }
 
     #[test]
