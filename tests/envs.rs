@@ -1318,3 +1318,23 @@ fn switch_checks_before_switching() {
     s.plyroot(&["switch", "dev", "2"]).ok();
     assert_eq!(current_link(s, "dev"), Path::new("generations/2.json"));
 }
+
+#[test]
+fn diff_names_a_nix_store_path_once() {
+    let s = need!(Store::with_busybox_env());
+    if Path::new("/nix").exists() {
+        // The host's /nix is bound inside: what is written there is the host's, not the upper's.
+        return skip("the host has a /nix");
+    }
+    s.sh("t", "mkdir -p /nix/store/aaa-hello/bin /nix/store/aaa-hello/share/doc && printf 1234567 > /nix/store/aaa-hello/bin/hello && printf 123 > /nix/store/aaa-hello/share/doc/README").ok();
+    let out = s.plyroot(&["diff", "t"]).ok();
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), ["A /nix/", "A /nix/store/", "A /nix/store/aaa-hello/  (10 B)"], "{out}");
+    // Asked for, its files are shown.
+    let out = s.plyroot(&["diff", "t", "/nix/store/aaa-hello/bin"]).ok();
+    assert!(out.stdout.contains("A /nix/store/aaa-hello/bin/hello  (7 B)"), "{out}");
+    // Hidden whole once committed below: one D line.
+    s.plyroot(&["commit", "t"]).ok();
+    s.sh("t", "rm -rf /nix/store/aaa-hello").ok();
+    let out = s.plyroot(&["diff", "t"]).ok();
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), ["D /nix/store/aaa-hello"], "{out}");
+}

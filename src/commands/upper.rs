@@ -51,7 +51,7 @@ pub(crate) fn diff(store: &Store, name: &str, paths: &[PathBuf], json: bool) -> 
     }
     let mut s = String::new();
     for e in &entries {
-        let size = if e.kind == 'f' { format!("  ({})", human(e.size)) } else { String::new() };
+        let size = if e.kind == 'f' || e.size > 0 { format!("  ({})", human(e.size)) } else { String::new() };
         s.push_str(&format!("{} {}{}{}\n", e.change.letter(), shown(&e.path), if e.kind == 'd' { "/" } else { "" }, size));
     }
     out(&s)?;

@@ -111,11 +111,38 @@ fn wanted(path: &[u8], filters: &[Vec<u8>]) -> bool {
     filters.is_empty() || filters.iter().any(|f| f.is_empty() || path == f.as_slice() || below(path, f) || below(f, path))
 }
 
+/// The Nix store path (`nix/store/NAME`) that `path` is or is in, if any.
+fn store_path(path: &[u8]) -> Option<&[u8]> {
+    let rest = path.strip_prefix(b"nix/store/")?;
+    let end = rest.iter().position(|&b| b == b'/').unwrap_or(rest.len());
+    (end > 0).then(|| &path[..b"nix/store/".len() + end])
+}
+
 /// The diff of an upper against the lowers it was written on (the first stack its entries were
-/// walked with). Pure.
+/// walked with). A Nix store path is one entry, whatever it holds (a store path is added or
+/// removed whole; its size is its files'), unless a filter names something inside it. Pure.
 pub(crate) fn diff(entries: &[UpperEntry], filters: &[Vec<u8>]) -> Vec<DiffEntry> {
-    let mut out = Vec::new();
+    let mut out: Vec<DiffEntry> = Vec::new();
+    // The store path the walk is in, and its entry in `out` (None: filtered out).
+    let mut in_store: Option<(Vec<u8>, Option<usize>)> = None;
     for e in entries {
+        let sp = store_path(&e.path).filter(|sp| !filters.iter().any(|f| f.len() > sp.len() && f.starts_with(sp) && f[sp.len()] == b'/'));
+        if let Some(sp) = sp.filter(|sp| sp.len() < e.path.len()) {
+            // Inside a store path: counted in its one entry (made here when the store path
+            // itself is a plain merged directory, which shows no entry of its own).
+            if in_store.as_ref().is_none_or(|(p, _)| p.as_slice() != sp) {
+                let at = wanted(sp, filters).then(|| {
+                    out.push(DiffEntry { path: [b"/", sp].concat(), change: Change::Modified, kind: 'd', size: 0 });
+                    out.len() - 1
+                });
+                in_store = Some((sp.to_vec(), at));
+            }
+            if let (Some((_, Some(at))), Node::File { size }) = (&in_store, &e.node) {
+                out[*at].size += size;
+            }
+            continue;
+        }
+        let start = out.len();
         let below = e.below.first().and_then(|b| b.as_ref()).map(|fp| fp.kind == 'd');
         let (change, kind, size) = match (&e.node, below) {
             (Node::Whiteout, Some(_)) => (Change::Deleted, '-', 0),
@@ -132,6 +159,9 @@ pub(crate) fn diff(entries: &[UpperEntry], filters: &[Vec<u8>]) -> Vec<DiffEntry
         // Filters select the paths shown; entries below a shown directory are shown too.
         if wanted(&e.path, filters) {
             out.push(DiffEntry { path: [b"/", e.path.as_slice()].concat(), change, kind, size });
+        }
+        if sp.is_some() {
+            in_store = Some((e.path.clone(), (out.len() > start).then_some(start)));
         }
     }
     out
@@ -474,6 +504,31 @@ mod tests {
         assert_eq!(d, want);
         let only_etc: Vec<Vec<u8>> = diff(&entries, &[b"etc".to_vec()]).into_iter().map(|d| d.path).collect();
         assert_eq!(only_etc, [&b"/etc/new.conf"[..], b"/etc/passwd", b"/etc/gone"]);
+    }
+
+    #[test]
+    fn a_nix_store_path_is_one_entry_with_its_files_size() {
+        let entries = vec![
+            e("nix", Node::Dir { opaque: false }, &[None]),
+            e("nix/store", Node::Dir { opaque: false }, &[None]),
+            e("nix/store/aaa-new", Node::Dir { opaque: false }, &[None]),
+            e("nix/store/aaa-new/bin", Node::Dir { opaque: false }, &[None]),
+            e("nix/store/aaa-new/bin/hello", Node::File { size: 7 }, &[None]),
+            e("nix/store/aaa-new/lib", Node::File { size: 3 }, &[None]),
+            e("nix/store/bbb-gone", Node::Whiteout, &[fp('d', 0)]),
+            e("nix/store/ccc-kept", Node::Dir { opaque: false }, &[fp('d', 0)]),
+            e("nix/store/ccc-kept/f", Node::File { size: 2 }, &[fp('f', 1)]),
+            e("nix/var", Node::Dir { opaque: false }, &[None]),
+        ];
+        let shown = |filters: &[Vec<u8>]| diff(&entries, filters).into_iter().map(|d| (String::from_utf8(d.path).unwrap(), d.change.letter(), d.size)).collect::<Vec<_>>();
+        let s = |p: &str, c: char, n: u64| (p.to_owned(), c, n);
+        assert_eq!(
+            shown(&[]),
+            [s("/nix", 'A', 0), s("/nix/store", 'A', 0), s("/nix/store/aaa-new", 'A', 10), s("/nix/store/bbb-gone", 'D', 0), s("/nix/store/ccc-kept", 'M', 2), s("/nix/var", 'A', 0)]
+        );
+        // A filter inside a store path shows its files.
+        assert_eq!(shown(&[b"nix/store/aaa-new/bin".to_vec()]), [s("/nix", 'A', 0), s("/nix/store", 'A', 0), s("/nix/store/aaa-new", 'A', 0), s("/nix/store/aaa-new/bin", 'A', 0), s("/nix/store/aaa-new/bin/hello", 'A', 7)]);
+        assert_eq!(shown(&[b"nix/store/ccc-kept".to_vec()]), [s("/nix", 'A', 0), s("/nix/store", 'A', 0), s("/nix/store/ccc-kept", 'M', 2)]);
     }
 
     #[test]
