@@ -962,6 +962,11 @@ fn a_refused_upload_fails_the_push_with_the_registry_status() {
 /// A server on loopback that answers every request with `answer(request head, its own port)`
 /// (keeping the connection) and records each request's head, headers included.
 fn scripted_server(answer: impl Fn(&str, u16) -> String + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    scripted_server_bytes(move |head, port| answer(head, port).into_bytes())
+}
+
+/// [`scripted_server`] whose answers are bytes (binary blobs, raw bytes in headers).
+fn scripted_server_bytes(answer: impl Fn(&str, u16) -> Vec<u8> + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -990,7 +995,7 @@ fn scripted_server(answer: impl Fn(&str, u16) -> String + Send + Sync + 'static)
                     let _ = r.read_exact(&mut body);
                     log.lock().unwrap().push(head.clone());
                     let reply = answer(&head, port);
-                    if r.get_mut().write_all(reply.as_bytes()).is_err() {
+                    if r.get_mut().write_all(&reply).is_err() {
                         return;
                     }
                 }
@@ -1124,4 +1129,103 @@ fn a_token_with_a_line_break_never_becomes_a_header() {
     let seen = seen.lock().unwrap().clone();
     assert!(seen.iter().any(|h| h.starts_with("GET /token")), "{seen:?}");
     assert!(!seen.iter().any(|h| h.to_ascii_lowercase().contains("x-injected")), "no injected header: {seen:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A registry that serves one hand-made image, and misbehaves on demand
+// ---------------------------------------------------------------------------------------------
+
+const MEDIA_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// An image of uncompressed layers (so each blob's digest is its diff_id), as a registry
+/// serves it: the manifest's JSON, and every blob by digest.
+struct Served {
+    manifest: serde_json::Value,
+    blobs: Vec<(String, Vec<u8>)>,
+}
+
+impl Served {
+    fn new(layers: &[Vec<u8>]) -> Served {
+        let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
+        let config = serde_json::to_vec(&serde_json::json!({ "architecture": host_arch(), "os": "linux", "config": {}, "rootfs": { "type": "layers", "diff_ids": diff_ids } })).unwrap();
+        let mut blobs = vec![(sha256(&config), config.clone())];
+        blobs.extend(layers.iter().map(|l| (sha256(l), l.clone())));
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&config), "size": config.len() },
+            "layers": layers.iter().map(|l| serde_json::json!({ "mediaType": MEDIA_TAR, "digest": sha256(l), "size": l.len() })).collect::<Vec<_>>(),
+        });
+        Served { manifest, blobs }
+    }
+
+    /// Serves it as `x/img:t` (any tag), each answer first offered to `tamper(request head,
+    /// normal answer)`. Returns the port and the request heads seen.
+    fn serve(self, tamper: impl Fn(&str, Vec<u8>) -> Vec<u8> + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let manifest = serde_json::to_vec(&self.manifest).unwrap();
+        scripted_server_bytes(move |head, _| {
+            let answer = |ty: &str, body: &[u8]| [format!("HTTP/1.1 200 OK\r\nContent-Type: {ty}\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), body].concat();
+            let normal = if head.starts_with("GET /v2/x/img/manifests/") {
+                answer("application/vnd.oci.image.manifest.v1+json", &manifest)
+            } else if let Some((_, b)) = self.blobs.iter().find(|(d, _)| head.starts_with(&format!("GET /v2/x/img/blobs/{d} "))) {
+                answer("application/octet-stream", b)
+            } else {
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
+            };
+            tamper(head, normal)
+        })
+    }
+}
+
+/// Everything plyroot printed, checked for raw control characters: a registry's or an
+/// archive's text reaches the terminal escaped.
+fn no_raw_controls(out: &Out) {
+    for (name, text) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        let bad: Vec<char> = text.chars().filter(|c| *c != '\n' && (c.is_control() || *c == '\u{202e}')).collect();
+        assert!(bad.is_empty(), "raw control characters {bad:?} on {name}: {out}");
+    }
+}
+
+#[test]
+fn server_text_reaches_the_terminal_escaped() {
+    const OSC: &str = "\x1b]0;owned\x07";
+    const OSC_SHOWN: &str = "\\x1b]0;owned\\x07";
+    let s = Store::new();
+    let pull = |port: u16| s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{port}/x/img:t")]);
+
+    // An error body: the registry's own words are shown, escaped (OSC, CSI, C1 CSI, a bidi override).
+    let (reg, _) = scripted_server(|_, _| {
+        let body = format!("{{\"errors\":[{{\"code\":\"DENIED\",\"message\":\"{OSC}title \x1b[8mhidden\x1b[0m \u{9b}2J \u{202e}desrever\"}}]}}");
+        format!("HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    });
+    let out = pull(reg).plyroot_error(&["403", "DENIED", OSC_SHOWN, "\\x1b[8mhidden", "\\u{9b}2J", "\\u{202e}desrever"]);
+    no_raw_controls(&out);
+
+    // A Docker-Content-Digest with a C1 control (the only kind a header can carry: UTF-8 bytes
+    // of the obs-text range): refused, and shown escaped.
+    let tar = layer_tar(&[("etc/hello", b"hello\n")]);
+    let (reg, _) = Served::new(std::slice::from_ref(&tar)).serve(|head, normal| {
+        if head.starts_with("GET /v2/x/img/manifests/") {
+            let text = normal.splitn(2, |b| *b == b'\n').collect::<Vec<_>>();
+            [text[0], b"\nDocker-Content-Digest: sha256:\xc2\x9b2J\xc2\x9d0;owned\xc2\x9c\r\n", text[1]].concat()
+        } else {
+            normal
+        }
+    });
+    let out = pull(reg).plyroot_error(&["Docker-Content-Digest", "sha256:\\u{9b}2J\\u{9d}0;owned\\u{9c}"]);
+    no_raw_controls(&out);
+
+    // A media type: named in the refusal, escaped.
+    let mut served = Served::new(std::slice::from_ref(&tar));
+    served.manifest["layers"][0]["mediaType"] = format!("application/x{OSC}").into();
+    let (reg, _) = served.serve(|_, normal| normal);
+    let out = pull(reg).plyroot_error(&["media type", &format!("application/x{OSC_SHOWN}")]);
+    no_raw_controls(&out);
+
+    // An archive entry's name, and its hardlink target's, in an unpack error.
+    let bad = RawTar::new().hardlink(&format!("etc/link{OSC}"), "etc/missing\x1b[2J").finish();
+    let (reg, _) = Served::new(&[bad]).serve(|_, normal| normal);
+    let out = pull(reg).plyroot_error(&[&format!("etc/link{OSC_SHOWN}"), "etc/missing\\x1b[2J"]);
+    no_raw_controls(&out);
+    assert_eq!(s.layer_dir_entries(), 0);
 }

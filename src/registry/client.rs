@@ -201,10 +201,10 @@ impl Client {
         let what = format!("the manifest {}", self.show(reference));
         let resp = self.ok(resp, &what, &[200])?;
         let media_type = resp.header("content-type").unwrap_or("").split(';').next().unwrap_or("").trim().to_owned();
-        let claimed = resp.header("docker-content-digest").map(str::to_owned);
+        let claimed = claimed_digest(&resp, &what)?;
         let body = resp.bytes(MAX_MANIFEST)?;
         let actual = super::sha256(&body);
-        let expected = if reference.starts_with("sha256:") { Some(reference.to_owned()) } else { claimed.filter(|d| d.starts_with("sha256:")) };
+        let expected = if reference.starts_with("sha256:") { Some(reference.to_owned()) } else { claimed };
         if let Some(expected) = expected {
             if expected != actual {
                 return Err(RegistryError::Digest { what, expected, actual });
@@ -285,9 +285,9 @@ impl Client {
         let what = format!("uploading the manifest of {}", self.show(reference));
         let resp = self.ok(resp, &what, &[201, 200, 204])?;
         let digest = super::sha256(body);
-        if let Some(claimed) = resp.header("docker-content-digest").filter(|d| d.starts_with("sha256:")) {
+        if let Some(claimed) = claimed_digest(&resp, &what)? {
             if claimed != digest {
-                return Err(RegistryError::Digest { what, expected: digest, actual: claimed.to_owned() });
+                return Err(RegistryError::Digest { what, expected: digest, actual: claimed });
             }
         }
         Ok(digest)
@@ -313,6 +313,23 @@ impl Client {
         let detail = resp.snippet();
         Err(RegistryError::Status { what: what.to_owned(), status, detail, hint })
     }
+}
+
+/// The `sha256:` digest a response's `Docker-Content-Digest` claims, to check the content
+/// against; None when there is none, or one of another algorithm (which plyroot cannot check).
+/// A value that is no digest at all is refused: it is the registry misbehaving, and its text
+/// goes into the error as it came (escaped where it is printed), not silently skipped.
+fn claimed_digest(resp: &Response, what: &str) -> Result<Option<String>, RegistryError> {
+    let Some(raw) = resp.header_bytes("docker-content-digest") else { return Ok(None) };
+    let text = String::from_utf8_lossy(raw).trim().to_owned();
+    // OCI's grammar: algorithm `[a-z0-9]+([+._-][a-z0-9]+)*`, `:`, encoded `[a-zA-Z0-9=_-]+`.
+    let well_formed = text.split_once(':').is_some_and(|(alg, enc)| {
+        !alg.is_empty() && alg.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b)) && !enc.is_empty() && enc.bytes().all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b))
+    });
+    if !well_formed {
+        return Err(RegistryError::Protocol { what: what.to_owned(), reason: format!("the registry sent a Docker-Content-Digest that is not a digest: '{text}'") });
+    }
+    Ok(text.starts_with("sha256:").then_some(text))
 }
 
 /// Percent-encodes a query value.

@@ -246,6 +246,12 @@ impl Response {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// The first header of that name as the server sent it (which may be any bytes but CR, LF
+    /// and NUL), for values that must be checked, and shown escaped, rather than skipped.
+    pub(crate) fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.headers.get(name).map(h::HeaderValue::as_bytes)
+    }
+
     /// The whole body, refusing more than `limit` bytes.
     pub(crate) fn bytes(mut self, limit: u64) -> Result<Vec<u8>, HttpError> {
         let mut buf = Vec::new();
