@@ -998,6 +998,12 @@ fn scripted_server_bytes(answer: impl Fn(&str, u16) -> Vec<u8> + Send + Sync + '
                     if r.get_mut().write_all(&reply).is_err() {
                         return;
                     }
+                    // An answer that says `Connection: close` ends its connection (a body cut short).
+                    let end = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(reply.len());
+                    if String::from_utf8_lossy(&reply[..end]).to_ascii_lowercase().contains("\r\nconnection: close") {
+                        let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
                 }
             });
         }
@@ -1228,4 +1234,18 @@ fn server_text_reaches_the_terminal_escaped() {
     let out = pull(reg).plyroot_error(&[&format!("etc/link{OSC_SHOWN}"), "etc/missing\\x1b[2J"]);
     no_raw_controls(&out);
     assert_eq!(s.layer_dir_entries(), 0);
+}
+
+#[test]
+fn a_registry_name_that_is_not_a_host_and_port_is_refused() {
+    let (reg, seen) = Served::new(&[layer_tar(&[("etc/hello", b"hello\n")])]).serve(|_, normal| normal);
+    let s = Store::new();
+    for bad in [format!("127.0.0.1?:{reg}"), format!("127.0.0.1#:{reg}"), format!("127.0.0.1:{reg}x"), "127.0.0.1:99999".to_owned(), "127.0.0.1:".to_owned(), "-bad.example".to_owned(), "a..b.example".to_owned()] {
+        let out = s.plyroot(&["import", "--insecure", &format!("docker://{bad}/x/img:t")]);
+        out.plyroot_error(&["invalid image reference", &bad, "registry"]);
+    }
+    assert!(seen.lock().unwrap().is_empty(), "nothing was asked of the registry: {:?}", seen.lock().unwrap());
+    // The same registry written properly is reached.
+    s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]).ok();
+    s.plyroot(&["import", "--insecure", &format!("docker://localhost:{reg}/x/img:t")]).ok();
 }
