@@ -1237,6 +1237,16 @@ fn server_text_reaches_the_terminal_escaped() {
 }
 
 #[test]
+fn an_image_without_layers_is_an_error_not_a_silent_nothing() {
+    let (reg, _) = Served::new(&[]).serve(|_, normal| normal);
+    let s = Store::new();
+    let out = s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]);
+    let out = out.plyroot_error(&["no layers"]);
+    assert!(out.stdout.is_empty(), "{out}");
+    assert_eq!(s.layer_dir_entries(), 0);
+}
+
+#[test]
 fn a_registry_name_that_is_not_a_host_and_port_is_refused() {
     let (reg, seen) = Served::new(&[layer_tar(&[("etc/hello", b"hello\n")])]).serve(|_, normal| normal);
     let s = Store::new();

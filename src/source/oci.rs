@@ -250,7 +250,12 @@ fn registry_aliases(diff_id: String, blob: &str) -> Vec<String> {
     }
 }
 
+/// The manifest's layers and the config's diff_ids agree, and there is at least one: an image
+/// of no layers has no files to import, and "imported" with no id would be a silent nothing.
 pub(super) fn check_layer_count(name: &str, layers: usize, diff_ids: usize) -> Result<(), UnpackError> {
+    if layers == 0 && diff_ids == 0 {
+        return Err(UnpackError::Image { image: name.to_owned(), reason: "the image has no layers: there are no files to import".into() });
+    }
     if layers == diff_ids {
         Ok(())
     } else {
