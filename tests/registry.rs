@@ -1259,3 +1259,42 @@ fn a_registry_name_that_is_not_a_host_and_port_is_refused() {
     s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]).ok();
     s.plyroot(&["import", "--insecure", &format!("docker://localhost:{reg}/x/img:t")]).ok();
 }
+
+#[test]
+fn a_repeated_content_length_is_an_error() {
+    let tar = layer_tar(&[("etc/hello", b"hello\n")]);
+    for second in ["same", "other"] {
+        let (reg, _) = Served::new(std::slice::from_ref(&tar)).serve(move |head, normal| {
+            if !head.starts_with("GET /v2/x/img/manifests/") {
+                return normal;
+            }
+            let text = String::from_utf8(normal).unwrap();
+            let len = text.lines().find_map(|l| l.strip_prefix("Content-Length: ")).unwrap().trim().parse::<usize>().unwrap();
+            let extra = if second == "same" { len } else { len + 10 };
+            text.replacen("\r\n\r\n", &format!("\r\nContent-Length: {extra}\r\n\r\n"), 1).into_bytes()
+        });
+        let s = Store::new();
+        let out = s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]).plyroot_error(&["malformed response"]);
+        assert!(out.stderr.to_ascii_lowercase().contains("content-length"), "{second}: {out}");
+        assert_eq!(s.layer_dir_entries(), 0);
+    }
+}
+
+#[test]
+fn a_body_cut_short_says_how_much_was_missing() {
+    let tar = layer_tar(&[("etc/data", &[7u8; 20_000])]);
+    let layer = sha256(&tar);
+    let (reg, _) = Served::new(std::slice::from_ref(&tar)).serve(move |head, normal| {
+        if head.contains(&format!("/blobs/{layer} ")) {
+            // The whole head, then all but the last 423 bytes, then the connection closes.
+            let split = normal.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            [&normal[..split], b"\r\nConnection: close\r\n\r\n", &normal[split + 4..normal.len() - 423]].concat()
+        } else {
+            normal
+        }
+    });
+    let s = Store::new();
+    let out = s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]).plyroot_error(&["423 bytes"]);
+    assert!(!out.stderr.contains("1844674407"), "no underflow: {out}");
+    assert_eq!(s.layer_dir_entries(), 0);
+}
