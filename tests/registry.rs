@@ -1298,3 +1298,36 @@ fn a_body_cut_short_says_how_much_was_missing() {
     assert!(!out.stderr.contains("1844674407"), "no underflow: {out}");
     assert_eq!(s.layer_dir_entries(), 0);
 }
+
+/// A layer tar with one file carrying these pax `SCHILY.xattr.*` records.
+fn tar_with_xattrs(xattrs: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let records: Vec<(String, &[u8])> = xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v)).collect();
+    b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v))).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("etc/attrs").unwrap();
+    h.set_mode(0o644);
+    h.set_size(3);
+    h.set_mtime(MTIME as u64);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    b.append(&h, &b"abc"[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn the_xattr_warning_names_the_attributes_not_set() {
+    let tar = tar_with_xattrs(&[("user.overlay.origin", b"x"), ("trusted.plyroot-test", b"1"), ("user.plyroot-kept", b"2")]);
+    let (reg, _) = Served::new(&[tar]).serve(|_, normal| normal);
+    let s = Store::new();
+    let out = s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]).ok();
+    let warning: Vec<&str> = out.stderr.lines().filter(|l| l.contains("attribute")).collect();
+    assert!(!warning.is_empty(), "{out}");
+    let warning = warning.join("\n");
+    assert!(warning.contains("user.overlay.origin"), "the overlay attribute that was dropped is named: {out}");
+    assert!(!warning.contains("security.capability"), "no attribute that was not there: {out}");
+    assert!(!warning.contains("user.plyroot-kept"), "nor one that was set: {out}");
+    // trusted.* is set by real root, kept in the layer's metadata for everyone else.
+    let real_root = me().regime == Regime::Root;
+    assert_eq!(warning.contains("trusted.plyroot-test"), !real_root, "{out}");
+}
