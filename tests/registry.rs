@@ -1152,7 +1152,13 @@ struct Served {
 
 impl Served {
     fn new(layers: &[Vec<u8>]) -> Served {
+        Served::stored(layers, MEDIA_TAR, |l| l.to_vec())
+    }
+
+    /// An image whose layers are stored as `compress(tar)`, of `media_type`.
+    fn stored(layers: &[Vec<u8>], media_type: &str, compress: impl Fn(&[u8]) -> Vec<u8>) -> Served {
         let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
+        let layers: Vec<Vec<u8>> = layers.iter().map(|l| compress(l)).collect();
         let config = serde_json::to_vec(&serde_json::json!({ "architecture": host_arch(), "os": "linux", "config": {}, "rootfs": { "type": "layers", "diff_ids": diff_ids } })).unwrap();
         let mut blobs = vec![(sha256(&config), config.clone())];
         blobs.extend(layers.iter().map(|l| (sha256(l), l.clone())));
@@ -1160,7 +1166,7 @@ impl Served {
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&config), "size": config.len() },
-            "layers": layers.iter().map(|l| serde_json::json!({ "mediaType": MEDIA_TAR, "digest": sha256(l), "size": l.len() })).collect::<Vec<_>>(),
+            "layers": layers.iter().map(|l| serde_json::json!({ "mediaType": media_type, "digest": sha256(l), "size": l.len() })).collect::<Vec<_>>(),
         });
         Served { manifest, blobs }
     }
@@ -1330,4 +1336,37 @@ fn the_xattr_warning_names_the_attributes_not_set() {
     // trusted.* is set by real root, kept in the layer's metadata for everyone else.
     let real_root = me().regime == Regime::Root;
     assert_eq!(warning.contains("trusted.plyroot-test"), !real_root, "{out}");
+}
+
+#[test]
+fn a_layer_that_expands_past_its_bound_stops_and_leaves_nothing() {
+    let prlimit = need!(tool("prlimit"));
+    // A valid layer, digests and all, whose 64 MiB of zeros gzip to about 64 KiB.
+    let tar = layer_tar(&[("etc/zeros", &vec![0u8; 64 << 20])]);
+    let served = Served::stored(std::slice::from_ref(&tar), "application/vnd.oci.image.layer.v1.tar+gzip", gzip);
+    let blob_size = served.manifest["layers"][0]["size"].as_u64().unwrap();
+    assert!(blob_size < 1 << 20, "{blob_size}");
+    let (reg, _) = served.serve(|_, normal| normal);
+    let image = format!("docker://127.0.0.1:{reg}/x/img:t");
+    // Bounded at 8 MiB, and with files limited to 16 MiB: the bound must stop it before the
+    // whole file is written (which would fail with EFBIG or SIGXFSZ instead).
+    let s = Store::new();
+    let mut c = std::process::Command::new(&prlimit);
+    c.arg("--fsize=16777216:16777216").arg(bin()).args(["import", "--insecure", &image]).env("PLYROOT_HOME", &s.home).env("PLYROOT_MAX_LAYER_SIZE", "8M").current_dir(s.tmp.path());
+    let out = run_with(&mut c, None, TIMEOUT).plyroot_error(&["layer 1/1", "expands to more than 8.0 MiB", "PLYROOT_MAX_LAYER_SIZE", "nothing of it is kept"]);
+    assert_eq!(s.layer_dir_entries(), 0, "{out}");
+    let tmp = s.home.join("tmp");
+    assert!(fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0) == 0, "no staging leftovers in {}", tmp.display());
+    // A bound it fits under, and the default (1000 times the blob, at least 1 GiB), let it in.
+    let mut c = s.cmd(&["import", "--insecure", &image]);
+    c.env("PLYROOT_MAX_LAYER_SIZE", "65M");
+    let id = run_with(&mut c, None, TIMEOUT).ok().line();
+    assert_eq!(s.plyroot(&["import", "--insecure", &image]).ok().line(), id);
+    let s2 = Store::new();
+    assert_eq!(s2.plyroot(&["import", "--insecure", &image]).ok().line(), id);
+    // A bound that is no size is an error that names the variable.
+    let s3 = Store::new();
+    let mut c = s3.cmd(&["import", "--insecure", &image]);
+    c.env("PLYROOT_MAX_LAYER_SIZE", "lots");
+    run_with(&mut c, None, TIMEOUT).plyroot_error(&["PLYROOT_MAX_LAYER_SIZE=lots", "not a size"]);
 }
