@@ -316,12 +316,16 @@ impl Client {
 }
 
 /// The `sha256:` digest a response's `Docker-Content-Digest` claims, to check the content
-/// against; None when there is none, or one of another algorithm (which plyroot cannot check).
+/// against; None when there is none (or it is empty), or one of another algorithm (which plyroot
+/// cannot check).
 /// A value that is no digest at all is refused: it is the registry misbehaving, and its text
 /// goes into the error as it came (escaped where it is printed), not silently skipped.
 fn claimed_digest(resp: &Response, what: &str) -> Result<Option<String>, RegistryError> {
     let Some(raw) = resp.header_bytes("docker-content-digest") else { return Ok(None) };
     let text = String::from_utf8_lossy(raw).trim().to_owned();
+    if text.is_empty() {
+        return Ok(None);
+    }
     // OCI's grammar: algorithm `[a-z0-9]+([+._-][a-z0-9]+)*`, `:`, encoded `[a-zA-Z0-9=_-]+`.
     let well_formed = text.split_once(':').is_some_and(|(alg, enc)| {
         !alg.is_empty() && alg.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b)) && !enc.is_empty() && enc.bytes().all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b))
@@ -446,6 +450,28 @@ mod tests {
         assert!(e.contains("podman login") && e.contains(&addr), "{e}");
         let e = format!("{:#}", anyhow::Error::from(c.manifest("t").unwrap_err()));
         assert!(e.contains("corrupt") && e.contains("sha256:0000"), "{e}");
+        server.join().unwrap();
+    }
+
+    /// A claimed digest is checked when it is sha256, skipped when it is empty or of another
+    /// algorithm, and refused when it is no digest at all.
+    #[test]
+    fn claimed_digests() {
+        let body = "{}";
+        let answers: Vec<Vec<u8>> = ["", "sha512:abc", "sha256 not a digest", "sha256:x/../y"]
+            .iter()
+            .map(|d| format!("HTTP/1.1 200 OK\r\nDocker-Content-Digest: {d}\r\nContent-Length: 2\r\n\r\n{body}").into_bytes())
+            .collect();
+        let (addr, server) = serve(answers);
+        let mut c = Client::new(&Reference::parse(&format!("{addr}/x:t")).unwrap(), false).unwrap();
+        c.base.tls = false;
+        c.creds = Some(None);
+        assert!(c.manifest("t").is_ok(), "empty: skipped");
+        assert!(c.manifest("t").is_ok(), "another algorithm: skipped");
+        for _ in 0..2 {
+            let e = format!("{:#}", anyhow::Error::from(c.manifest("t").unwrap_err()));
+            assert!(e.contains("not a digest"), "{e}");
+        }
         server.join().unwrap();
     }
 }
