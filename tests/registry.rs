@@ -10,7 +10,12 @@
 //! - a blob corrupted in the registry's storage is refused, and nothing is kept;
 //! - a pull killed with SIGKILL half-way through a layer (a stalling proxy in the test holds the
 //!   download) keeps the finished layers, leaves no partial one, and a second pull resumes;
-//! - `debootstrap:` through mmdebstrap (a tiny `extract` root of busybox-static).
+//! - `debootstrap:` through mmdebstrap (a tiny `extract` root of busybox-static);
+//! - hostile loopback servers (raw sockets, one misbehaviour each, [`Served`] for a hand-made
+//!   image): refused uploads, credentials lured elsewhere, redirect schemes, a token with a line
+//!   break, escape sequences in what is printed, a Docker-Content-Digest that is no digest, a
+//!   registry name that is no host, two Content-Lengths, a body cut short, an image of no layers,
+//!   unsettable xattrs, and a valid layer that expands past its bound.
 //!
 //! Runs as root and as unprivileged users with and without subordinate ids (tests/run.sh). A
 //! missing docker-registry, skopeo or umoci is a skip (a failure under PLYROOT_TEST_REQUIRE_NS=1).
