@@ -177,7 +177,7 @@ impl ExpansionLimit {
     fn exceeded(&self, description: &str) -> UnpackError {
         let why = match self.blob {
             Some(blob) => format!(
-                "more than {DEFAULT_EXPANSION} times its {} blob (and more than {})",
+                "the bound for its {} blob ({DEFAULT_EXPANSION} times it, at least {})",
                 crate::text::human(blob),
                 crate::text::human(EXPANSION_FLOOR)
             ),
