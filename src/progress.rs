@@ -1,6 +1,7 @@
 //! A one-line progress counter on stderr for long imports.
 //!
-//! Owns the progress line only: bytes consumed (compressed input where there is one), entries
+//! Owns the progress line only: bytes consumed (a `tar:` file's compressed input; an image
+//! layer's uncompressed tar, which is what the disk gets), entries
 //! written and the rate, redrawn in place with `\r` at most ten times a second, and only when
 //! stderr is a terminal and the caller enabled it. Otherwise every call is a counter increment.
 //! The label (a source, an image's layer) is outside text: it is escaped when set.

@@ -10,7 +10,12 @@
 //! - a blob corrupted in the registry's storage is refused, and nothing is kept;
 //! - a pull killed with SIGKILL half-way through a layer (a stalling proxy in the test holds the
 //!   download) keeps the finished layers, leaves no partial one, and a second pull resumes;
-//! - `debootstrap:` through mmdebstrap (a tiny `extract` root of busybox-static).
+//! - `debootstrap:` through mmdebstrap (a tiny `extract` root of busybox-static);
+//! - hostile loopback servers (raw sockets, one misbehaviour each, [`Served`] for a hand-made
+//!   image): refused uploads, credentials lured elsewhere, redirect schemes, a token with a line
+//!   break, escape sequences in what is printed, a Docker-Content-Digest that is no digest, a
+//!   registry name that is no host, two Content-Lengths, a body cut short, an image of no layers,
+//!   unsettable xattrs, and a valid layer that expands past its bound.
 //!
 //! Runs as root and as unprivileged users with and without subordinate ids (tests/run.sh). A
 //! missing docker-registry, skopeo or umoci is a skip (a failure under PLYROOT_TEST_REQUIRE_NS=1).
@@ -962,6 +967,11 @@ fn a_refused_upload_fails_the_push_with_the_registry_status() {
 /// A server on loopback that answers every request with `answer(request head, its own port)`
 /// (keeping the connection) and records each request's head, headers included.
 fn scripted_server(answer: impl Fn(&str, u16) -> String + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    scripted_server_bytes(move |head, port| answer(head, port).into_bytes())
+}
+
+/// [`scripted_server`] whose answers are bytes (binary blobs, raw bytes in headers).
+fn scripted_server_bytes(answer: impl Fn(&str, u16) -> Vec<u8> + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -990,7 +1000,13 @@ fn scripted_server(answer: impl Fn(&str, u16) -> String + Send + Sync + 'static)
                     let _ = r.read_exact(&mut body);
                     log.lock().unwrap().push(head.clone());
                     let reply = answer(&head, port);
-                    if r.get_mut().write_all(reply.as_bytes()).is_err() {
+                    if r.get_mut().write_all(&reply).is_err() {
+                        return;
+                    }
+                    // An answer that says `Connection: close` ends its connection (a body cut short).
+                    let end = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(reply.len());
+                    if String::from_utf8_lossy(&reply[..end]).to_ascii_lowercase().contains("\r\nconnection: close") {
+                        let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
                         return;
                     }
                 }
@@ -1124,4 +1140,238 @@ fn a_token_with_a_line_break_never_becomes_a_header() {
     let seen = seen.lock().unwrap().clone();
     assert!(seen.iter().any(|h| h.starts_with("GET /token")), "{seen:?}");
     assert!(!seen.iter().any(|h| h.to_ascii_lowercase().contains("x-injected")), "no injected header: {seen:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A registry that serves one hand-made image, and misbehaves on demand
+// ---------------------------------------------------------------------------------------------
+
+const MEDIA_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// An image of uncompressed layers (so each blob's digest is its diff_id), as a registry
+/// serves it: the manifest's JSON, and every blob by digest.
+struct Served {
+    manifest: serde_json::Value,
+    blobs: Vec<(String, Vec<u8>)>,
+}
+
+impl Served {
+    fn new(layers: &[Vec<u8>]) -> Served {
+        Served::stored(layers, MEDIA_TAR, |l| l.to_vec())
+    }
+
+    /// An image whose layers are stored as `compress(tar)`, of `media_type`.
+    fn stored(layers: &[Vec<u8>], media_type: &str, compress: impl Fn(&[u8]) -> Vec<u8>) -> Served {
+        let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
+        let layers: Vec<Vec<u8>> = layers.iter().map(|l| compress(l)).collect();
+        let config = serde_json::to_vec(&serde_json::json!({ "architecture": host_arch(), "os": "linux", "config": {}, "rootfs": { "type": "layers", "diff_ids": diff_ids } })).unwrap();
+        let mut blobs = vec![(sha256(&config), config.clone())];
+        blobs.extend(layers.iter().map(|l| (sha256(l), l.clone())));
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&config), "size": config.len() },
+            "layers": layers.iter().map(|l| serde_json::json!({ "mediaType": media_type, "digest": sha256(l), "size": l.len() })).collect::<Vec<_>>(),
+        });
+        Served { manifest, blobs }
+    }
+
+    /// Serves it as `x/img:t` (any tag), each answer first offered to `tamper(request head,
+    /// normal answer)`. Returns the port and the request heads seen.
+    fn serve(self, tamper: impl Fn(&str, Vec<u8>) -> Vec<u8> + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let manifest = serde_json::to_vec(&self.manifest).unwrap();
+        scripted_server_bytes(move |head, _| {
+            let answer = |ty: &str, body: &[u8]| [format!("HTTP/1.1 200 OK\r\nContent-Type: {ty}\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), body].concat();
+            let normal = if head.starts_with("GET /v2/x/img/manifests/") {
+                answer("application/vnd.oci.image.manifest.v1+json", &manifest)
+            } else if let Some((_, b)) = self.blobs.iter().find(|(d, _)| head.starts_with(&format!("GET /v2/x/img/blobs/{d} "))) {
+                answer("application/octet-stream", b)
+            } else {
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
+            };
+            tamper(head, normal)
+        })
+    }
+}
+
+/// Everything plyroot printed, checked for raw control characters: a registry's or an
+/// archive's text reaches the terminal escaped.
+fn no_raw_controls(out: &Out) {
+    for (name, text) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        let bad: Vec<char> = text.chars().filter(|c| *c != '\n' && (c.is_control() || *c == '\u{202e}')).collect();
+        assert!(bad.is_empty(), "raw control characters {bad:?} on {name}: {out}");
+    }
+}
+
+#[test]
+fn server_text_reaches_the_terminal_escaped() {
+    const OSC: &str = "\x1b]0;owned\x07";
+    const OSC_SHOWN: &str = "\\x1b]0;owned\\x07";
+    let s = Store::new();
+    let pull = |port: u16| s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{port}/x/img:t")]);
+
+    // An error body: the registry's own words are shown, escaped (OSC, CSI, C1 CSI, a bidi override).
+    let (reg, _) = scripted_server(|_, _| {
+        let body = format!("{{\"errors\":[{{\"code\":\"DENIED\",\"message\":\"{OSC}title \x1b[8mhidden\x1b[0m \u{9b}2J \u{202e}desrever\"}}]}}");
+        format!("HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    });
+    let out = pull(reg).plyroot_error(&["403", "DENIED", OSC_SHOWN, "\\x1b[8mhidden", "\\u{9b}2J", "\\u{202e}desrever"]);
+    no_raw_controls(&out);
+
+    // A Docker-Content-Digest with a C1 control (the only kind a header can carry: UTF-8 bytes
+    // of the obs-text range): refused, and shown escaped.
+    let tar = layer_tar(&[("etc/hello", b"hello\n")]);
+    let (reg, _) = Served::new(std::slice::from_ref(&tar)).serve(|head, normal| {
+        if head.starts_with("GET /v2/x/img/manifests/") {
+            let text = normal.splitn(2, |b| *b == b'\n').collect::<Vec<_>>();
+            [text[0], b"\nDocker-Content-Digest: sha256:\xc2\x9b2J\xc2\x9d0;owned\xc2\x9c\r\n", text[1]].concat()
+        } else {
+            normal
+        }
+    });
+    let out = pull(reg).plyroot_error(&["Docker-Content-Digest", "sha256:\\u{9b}2J\\u{9d}0;owned\\u{9c}"]);
+    no_raw_controls(&out);
+
+    // A media type: named in the refusal, escaped.
+    let mut served = Served::new(std::slice::from_ref(&tar));
+    served.manifest["layers"][0]["mediaType"] = format!("application/x{OSC}").into();
+    let (reg, _) = served.serve(|_, normal| normal);
+    let out = pull(reg).plyroot_error(&["media type", &format!("application/x{OSC_SHOWN}")]);
+    no_raw_controls(&out);
+
+    // An archive entry's name, and its hardlink target's, in an unpack error.
+    let bad = RawTar::new().hardlink(&format!("etc/link{OSC}"), "etc/missing\x1b[2J").finish();
+    let (reg, _) = Served::new(&[bad]).serve(|_, normal| normal);
+    let out = pull(reg).plyroot_error(&[&format!("etc/link{OSC_SHOWN}"), "etc/missing\\x1b[2J"]);
+    no_raw_controls(&out);
+    assert_eq!(s.layer_dir_entries(), 0);
+}
+
+#[test]
+fn an_image_without_layers_is_an_error_not_a_silent_nothing() {
+    let (reg, _) = Served::new(&[]).serve(|_, normal| normal);
+    let s = Store::new();
+    let out = s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]);
+    let out = out.plyroot_error(&["no layers"]);
+    assert!(out.stdout.is_empty(), "{out}");
+    assert_eq!(s.layer_dir_entries(), 0);
+}
+
+#[test]
+fn a_registry_name_that_is_not_a_host_and_port_is_refused() {
+    let (reg, seen) = Served::new(&[layer_tar(&[("etc/hello", b"hello\n")])]).serve(|_, normal| normal);
+    let s = Store::new();
+    for bad in [format!("127.0.0.1?:{reg}"), format!("127.0.0.1#:{reg}"), format!("127.0.0.1:{reg}x"), "127.0.0.1:99999".to_owned(), "127.0.0.1:".to_owned(), "-bad.example".to_owned(), "a..b.example".to_owned()] {
+        let out = s.plyroot(&["import", "--insecure", &format!("docker://{bad}/x/img:t")]);
+        out.plyroot_error(&["invalid image reference", &bad, "registry"]);
+    }
+    assert!(seen.lock().unwrap().is_empty(), "nothing was asked of the registry: {:?}", seen.lock().unwrap());
+    // The same registry written properly is reached.
+    s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]).ok();
+    s.plyroot(&["import", "--insecure", &format!("docker://localhost:{reg}/x/img:t")]).ok();
+}
+
+#[test]
+fn a_repeated_content_length_is_an_error() {
+    let tar = layer_tar(&[("etc/hello", b"hello\n")]);
+    for second in ["same", "other"] {
+        let (reg, _) = Served::new(std::slice::from_ref(&tar)).serve(move |head, normal| {
+            if !head.starts_with("GET /v2/x/img/manifests/") {
+                return normal;
+            }
+            let text = String::from_utf8(normal).unwrap();
+            let len = text.lines().find_map(|l| l.strip_prefix("Content-Length: ")).unwrap().trim().parse::<usize>().unwrap();
+            let extra = if second == "same" { len } else { len + 10 };
+            text.replacen("\r\n\r\n", &format!("\r\nContent-Length: {extra}\r\n\r\n"), 1).into_bytes()
+        });
+        let s = Store::new();
+        let out = s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]).plyroot_error(&["malformed response"]);
+        assert!(out.stderr.to_ascii_lowercase().contains("content-length"), "{second}: {out}");
+        assert_eq!(s.layer_dir_entries(), 0);
+    }
+}
+
+#[test]
+fn a_body_cut_short_says_how_much_was_missing() {
+    let tar = layer_tar(&[("etc/data", &[7u8; 20_000])]);
+    let layer = sha256(&tar);
+    let (reg, _) = Served::new(std::slice::from_ref(&tar)).serve(move |head, normal| {
+        if head.contains(&format!("/blobs/{layer} ")) {
+            // The whole head, then all but the last 423 bytes, then the connection closes.
+            let split = normal.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+            [&normal[..split], b"\r\nConnection: close\r\n\r\n", &normal[split + 4..normal.len() - 423]].concat()
+        } else {
+            normal
+        }
+    });
+    let s = Store::new();
+    let out = s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]).plyroot_error(&["423 bytes"]);
+    assert!(!out.stderr.contains("1844674407"), "no underflow: {out}");
+    assert_eq!(s.layer_dir_entries(), 0);
+}
+
+/// A layer tar with one file carrying these pax `SCHILY.xattr.*` records.
+fn tar_with_xattrs(xattrs: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let records: Vec<(String, &[u8])> = xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v)).collect();
+    b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v))).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_path("etc/attrs").unwrap();
+    h.set_mode(0o644);
+    h.set_size(3);
+    h.set_mtime(MTIME as u64);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    b.append(&h, &b"abc"[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn the_xattr_warning_names_the_attributes_not_set() {
+    let tar = tar_with_xattrs(&[("user.overlay.origin", b"x"), ("trusted.plyroot-test", b"1"), ("user.plyroot-kept", b"2")]);
+    let (reg, _) = Served::new(&[tar]).serve(|_, normal| normal);
+    let s = Store::new();
+    let out = s.plyroot(&["import", "--insecure", &format!("docker://127.0.0.1:{reg}/x/img:t")]).ok();
+    let warning: Vec<&str> = out.stderr.lines().filter(|l| l.contains("attribute")).collect();
+    assert!(!warning.is_empty(), "{out}");
+    let warning = warning.join("\n");
+    assert!(warning.contains("user.overlay.origin"), "the overlay attribute that was dropped is named: {out}");
+    assert!(!warning.contains("security.capability"), "no attribute that was not there: {out}");
+    assert!(!warning.contains("user.plyroot-kept"), "nor one that was set: {out}");
+    // trusted.* is set by real root, kept in the layer's metadata for everyone else.
+    let real_root = me().regime == Regime::Root;
+    assert_eq!(warning.contains("trusted.plyroot-test"), !real_root, "{out}");
+}
+
+#[test]
+fn a_layer_that_expands_past_its_bound_stops_and_leaves_nothing() {
+    let prlimit = need!(tool("prlimit"));
+    // A valid layer, digests and all, whose 64 MiB of zeros gzip to about 64 KiB.
+    let tar = layer_tar(&[("etc/zeros", &vec![0u8; 64 << 20])]);
+    let served = Served::stored(std::slice::from_ref(&tar), "application/vnd.oci.image.layer.v1.tar+gzip", gzip);
+    let blob_size = served.manifest["layers"][0]["size"].as_u64().unwrap();
+    assert!(blob_size < 1 << 20, "{blob_size}");
+    let (reg, _) = served.serve(|_, normal| normal);
+    let image = format!("docker://127.0.0.1:{reg}/x/img:t");
+    // Bounded at 8 MiB, and with files limited to 16 MiB: the bound must stop it before the
+    // whole file is written (which would fail with EFBIG or SIGXFSZ instead).
+    let s = Store::new();
+    let mut c = std::process::Command::new(&prlimit);
+    c.arg("--fsize=16777216:16777216").arg(bin()).args(["import", "--insecure", &image]).env("PLYROOT_HOME", &s.home).env("PLYROOT_MAX_LAYER_SIZE", "8M").current_dir(s.tmp.path());
+    let out = run_with(&mut c, None, TIMEOUT).plyroot_error(&["layer 1/1", "expands to more than 8.0 MiB", "PLYROOT_MAX_LAYER_SIZE", "nothing of it is kept"]);
+    assert_eq!(s.layer_dir_entries(), 0, "{out}");
+    let tmp = s.home.join("tmp");
+    assert!(fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0) == 0, "no staging leftovers in {}", tmp.display());
+    // A bound it fits under, and the default (1000 times the blob, at least 1 GiB), let it in.
+    let mut c = s.cmd(&["import", "--insecure", &image]);
+    c.env("PLYROOT_MAX_LAYER_SIZE", "65M");
+    let id = run_with(&mut c, None, TIMEOUT).ok().line();
+    assert_eq!(s.plyroot(&["import", "--insecure", &image]).ok().line(), id);
+    let s2 = Store::new();
+    assert_eq!(s2.plyroot(&["import", "--insecure", &image]).ok().line(), id);
+    // A bound that is no size is an error that names the variable.
+    let s3 = Store::new();
+    let mut c = s3.cmd(&["import", "--insecure", &image]);
+    c.env("PLYROOT_MAX_LAYER_SIZE", "lots");
+    run_with(&mut c, None, TIMEOUT).plyroot_error(&["PLYROOT_MAX_LAYER_SIZE=lots", "not a size"]);
 }

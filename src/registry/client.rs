@@ -201,10 +201,10 @@ impl Client {
         let what = format!("the manifest {}", self.show(reference));
         let resp = self.ok(resp, &what, &[200])?;
         let media_type = resp.header("content-type").unwrap_or("").split(';').next().unwrap_or("").trim().to_owned();
-        let claimed = resp.header("docker-content-digest").map(str::to_owned);
+        let claimed = claimed_digest(&resp, &what)?;
         let body = resp.bytes(MAX_MANIFEST)?;
         let actual = super::sha256(&body);
-        let expected = if reference.starts_with("sha256:") { Some(reference.to_owned()) } else { claimed.filter(|d| d.starts_with("sha256:")) };
+        let expected = if reference.starts_with("sha256:") { Some(reference.to_owned()) } else { claimed };
         if let Some(expected) = expected {
             if expected != actual {
                 return Err(RegistryError::Digest { what, expected, actual });
@@ -285,9 +285,9 @@ impl Client {
         let what = format!("uploading the manifest of {}", self.show(reference));
         let resp = self.ok(resp, &what, &[201, 200, 204])?;
         let digest = super::sha256(body);
-        if let Some(claimed) = resp.header("docker-content-digest").filter(|d| d.starts_with("sha256:")) {
+        if let Some(claimed) = claimed_digest(&resp, &what)? {
             if claimed != digest {
-                return Err(RegistryError::Digest { what, expected: digest, actual: claimed.to_owned() });
+                return Err(RegistryError::Digest { what, expected: digest, actual: claimed });
             }
         }
         Ok(digest)
@@ -313,6 +313,27 @@ impl Client {
         let detail = resp.snippet();
         Err(RegistryError::Status { what: what.to_owned(), status, detail, hint })
     }
+}
+
+/// The `sha256:` digest a response's `Docker-Content-Digest` claims, to check the content
+/// against; None when there is none (or it is empty), or one of another algorithm (which plyroot
+/// cannot check).
+/// A value that is no digest at all is refused: it is the registry misbehaving, and its text
+/// goes into the error as it came (escaped where it is printed), not silently skipped.
+fn claimed_digest(resp: &Response, what: &str) -> Result<Option<String>, RegistryError> {
+    let Some(raw) = resp.header_bytes("docker-content-digest") else { return Ok(None) };
+    let text = String::from_utf8_lossy(raw).trim().to_owned();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    // OCI's grammar: algorithm `[a-z0-9]+([+._-][a-z0-9]+)*`, `:`, encoded `[a-zA-Z0-9=_-]+`.
+    let well_formed = text.split_once(':').is_some_and(|(alg, enc)| {
+        !alg.is_empty() && alg.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+._-".contains(&b)) && !enc.is_empty() && enc.bytes().all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b))
+    });
+    if !well_formed {
+        return Err(RegistryError::Protocol { what: what.to_owned(), reason: format!("the registry sent a Docker-Content-Digest that is not a digest: '{text}'") });
+    }
+    Ok(text.starts_with("sha256:").then_some(text))
 }
 
 /// Percent-encodes a query value.
@@ -429,6 +450,28 @@ mod tests {
         assert!(e.contains("podman login") && e.contains(&addr), "{e}");
         let e = format!("{:#}", anyhow::Error::from(c.manifest("t").unwrap_err()));
         assert!(e.contains("corrupt") && e.contains("sha256:0000"), "{e}");
+        server.join().unwrap();
+    }
+
+    /// A claimed digest is checked when it is sha256, skipped when it is empty or of another
+    /// algorithm, and refused when it is no digest at all.
+    #[test]
+    fn claimed_digests() {
+        let body = "{}";
+        let answers: Vec<Vec<u8>> = ["", "sha512:abc", "sha256 not a digest", "sha256:x/../y"]
+            .iter()
+            .map(|d| format!("HTTP/1.1 200 OK\r\nDocker-Content-Digest: {d}\r\nContent-Length: 2\r\n\r\n{body}").into_bytes())
+            .collect();
+        let (addr, server) = serve(answers);
+        let mut c = Client::new(&Reference::parse(&format!("{addr}/x:t")).unwrap(), false).unwrap();
+        c.base.tls = false;
+        c.creds = Some(None);
+        assert!(c.manifest("t").is_ok(), "empty: skipped");
+        assert!(c.manifest("t").is_ok(), "another algorithm: skipped");
+        for _ in 0..2 {
+            let e = format!("{:#}", anyhow::Error::from(c.manifest("t").unwrap_err()));
+            assert!(e.contains("not a digest"), "{e}");
+        }
         server.join().unwrap();
     }
 }

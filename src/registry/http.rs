@@ -232,6 +232,10 @@ pub(crate) struct Response {
     headers: h::HeaderMap,
     body: ureq::BodyReader<'static>,
     rate: Rate,
+    /// Body bytes read so far, and the `Content-Length` when there is one: a body cut short
+    /// says how much of it came.
+    received: u64,
+    length: Option<u64>,
 }
 
 impl fmt::Debug for Response {
@@ -244,6 +248,12 @@ impl Response {
     /// The first header of that name (case-insensitive), when it is text.
     pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The first header of that name as the server sent it (which may be any bytes but CR, LF
+    /// and NUL), for values that must be checked, and shown escaped, rather than skipped.
+    pub(crate) fn header_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.headers.get(name).map(h::HeaderValue::as_bytes)
     }
 
     /// The whole body, refusing more than `limit` bytes.
@@ -273,9 +283,29 @@ impl Response {
 impl Read for Response {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let start = std::time::Instant::now();
-        let n = self.body.read(buf)?;
+        let n = self.body.read(buf).map_err(|e| self.cut_short(e))?;
+        self.received += n as u64;
         self.rate.check(start.elapsed(), n).map_err(|slow| io::Error::new(io::ErrorKind::TimedOut, format!("{} {slow}", self.url.authority())))?;
         Ok(n)
+    }
+}
+
+impl Response {
+    /// A body read that failed because the server closed the connection, said with how much of
+    /// the body came (ureq says only "Peer disconnected"); any other error as it is.
+    fn cut_short(&self, e: io::Error) -> io::Error {
+        use io::ErrorKind::*;
+        if !matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted) {
+            return e;
+        }
+        let host = self.url.authority();
+        let what = match self.length {
+            // ureq never reads past the length, so `received` is below it here; saturating
+            // all the same, so that no count can wrap around.
+            Some(len) => format!("{host} closed the connection after {} of {len} bytes ({} bytes missing)", self.received, len.saturating_sub(self.received)),
+            None => format!("{host} closed the connection after {} bytes, before the end of the body", self.received),
+        };
+        io::Error::new(e.kind(), what)
     }
 }
 
@@ -388,7 +418,15 @@ impl Http {
         let resp = result.map_err(|e| self.error(method, url, proxy.as_ref().map(|(s, _)| s), e))?;
         let status = resp.status().as_u16();
         let (parts, body) = resp.into_parts();
-        Ok(Response { status, url: url.clone(), method: method.to_owned(), headers: parts.headers, body: body.into_reader(), rate: Rate::default() })
+        // One length per response: two (ureq refuses two that differ) are how a response is
+        // read one way by plyroot and another by a proxy in between.
+        let lengths: Vec<&[u8]> = parts.headers.get_all(h::header::CONTENT_LENGTH).iter().flat_map(|v| v.as_bytes().split(|b| *b == b',')).collect();
+        if lengths.len() > 1 {
+            return Err(HttpError::Malformed { method: method.to_owned(), url: url.to_string(), reason: format!("it sent {} Content-Length values; a response has one", lengths.len()) });
+        }
+        let chunked = parts.headers.get_all(h::header::TRANSFER_ENCODING).iter().any(|v| v.as_bytes().to_ascii_lowercase().windows(7).any(|w| w == b"chunked"));
+        let length = lengths.first().filter(|_| !chunked).and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.trim().parse().ok());
+        Ok(Response { status, url: url.clone(), method: method.to_owned(), headers: parts.headers, body: body.into_reader(), rate: Rate::default(), received: 0, length })
     }
 
     fn run(&self, req: h::request::Builder, body: impl ureq::AsSendBody, url: &Url, proxy: &Option<(Setting, ureq::Proxy)>) -> Result<h::Response<ureq::Body>, ureq::Error> {
@@ -443,6 +481,8 @@ impl Http {
             ureq::Error::Timeout(t) => HttpError::Timeout { method, url: url.to_string(), what: timeout_text(t) },
             ureq::Error::Http(_) => HttpError::Header { method, url: url.to_string(), name: "(a request header)".into() },
             ureq::Error::BadUri(_) => HttpError::Url { url: url.to_string(), reason: "ureq refused it" },
+            // The response head breaks HTTP (two different Content-Length values, say).
+            ureq::Error::Protocol(p) => HttpError::Malformed { method, url: url.to_string(), reason: p.to_string() },
             e if tls_failure(&e).is_some() => {
                 let hint = match tls_failure(&e) {
                     Some(rustls::Error::InvalidCertificate(_)) => format!(

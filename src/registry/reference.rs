@@ -51,6 +51,7 @@ impl Reference {
             Some((first, path)) if first.contains('.') || first.contains(':') || first == "localhost" => (first.to_owned(), path),
             _ => (DOCKER_HUB.to_owned(), rest),
         };
+        check_registry(&registry).map_err(|reason| err(&reason))?;
         let registry = if registry == "index.docker.io" || registry == DOCKER_HUB_API { DOCKER_HUB.to_owned() } else { registry };
         // A tag is after the last colon of the last component (a port is in the registry part).
         let (repository, tag) = match path.rsplit_once(':') {
@@ -93,6 +94,44 @@ impl Reference {
     pub(crate) fn manifest_ref(&self) -> &str {
         self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
     }
+}
+
+/// A registry is `host[:port]`: a DNS name or IPv4 address (dot-separated letters, digits and
+/// inner `-`), or an IPv6 address in brackets, and a port of 1 to 65535. Nothing else may pass:
+/// the registry becomes a URL's authority, where `?`, `#`, `@` or `/` would move the port into
+/// a query (`127.0.0.1?:5000` connected to port 80) or the host into a user name.
+fn check_registry(registry: &str) -> Result<(), String> {
+    let bad = |what: &str| Err(format!("the registry '{registry}' {what}; a registry is HOST or HOST:PORT"));
+    let (host, port) = if let Some(rest) = registry.strip_prefix('[') {
+        let Some((addr, after)) = rest.split_once(']') else { return bad("opens a bracket it does not close") };
+        if addr.parse::<std::net::Ipv6Addr>().is_err() {
+            return bad("has brackets around something that is not an IPv6 address");
+        }
+        match after {
+            "" => (None, None),
+            p => match p.strip_prefix(':') {
+                Some(port) => (None, Some(port)),
+                None => return bad("has something after its IPv6 address that is not :PORT"),
+            },
+        }
+    } else {
+        match registry.rsplit_once(':') {
+            Some((h, p)) => (Some(h), Some(p)),
+            None => (Some(registry), None),
+        }
+    };
+    if let Some(host) = host {
+        let label_ok = |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !l.starts_with('-') && !l.ends_with('-');
+        if !host.split('.').all(label_ok) {
+            return bad("is not a host name or address (letters, digits, '-' inside, and dots between)");
+        }
+    }
+    if let Some(port) = port {
+        if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) || !matches!(port.parse::<u32>(), Ok(1..=65535)) {
+            return bad("has a port that is not a number from 1 to 65535");
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Display for Reference {
@@ -172,6 +211,10 @@ mod tests {
         assert_eq!(r("registry.example:5000/x/y:tag"), ("registry.example:5000".into(), "x/y".into(), s("tag"), None));
         assert_eq!(r("127.0.0.1:5000/x"), ("127.0.0.1:5000".into(), "x".into(), s("latest"), None));
         assert_eq!(r("localhost/x:t"), ("localhost".into(), "x".into(), s("t"), None));
+        assert_eq!(r("localhost:5000/x"), ("localhost:5000".into(), "x".into(), s("latest"), None));
+        assert_eq!(r("[::1]:5000/x"), ("[::1]:5000".into(), "x".into(), s("latest"), None));
+        assert_eq!(r("[fe80::1]/x"), ("[fe80::1]".into(), "x".into(), s("latest"), None));
+        assert_eq!(r("my-registry.example:65535/x"), ("my-registry.example:65535".into(), "x".into(), s("latest"), None));
         assert_eq!(r(&format!("ghcr.io/o/i@{D}")), ("ghcr.io".into(), "o/i".into(), None, s(D)));
         assert_eq!(r(&format!("ghcr.io/o/i:v1@{D}")), ("ghcr.io".into(), "o/i".into(), s("v1"), s(D)));
         let pinned = Reference::parse(&format!("q.io/a:v1@{D}")).unwrap();
@@ -182,7 +225,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_references() {
-        for bad in ["", "Debian", "x@sha256:abc", "x@md5:0", "a//b", "x:", "x:-bad", "/x", "reg.io/", "x_/y"] {
+        for bad in ["", "Debian", "x@sha256:abc", "x@md5:0", "a//b", "x:", "x:-bad", "/x", "reg.io/", "x_/y", "127.0.0.1?:5000/x", "127.0.0.1#:5000/x", "h.io:5000x/x", "h.io:0/x", "h.io:65536/x", "h.io:/x", "-h.io/x", "h..io/x", "h_1.io/x", "[::1/x", "[nope]:5000/x", "[::1]x/x", "u:p@h.io/x"] {
             let e = Reference::parse(bad).unwrap_err().to_string();
             assert!(e.contains(&format!("'{bad}'")), "{e}");
         }

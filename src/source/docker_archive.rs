@@ -173,18 +173,16 @@ pub(super) fn unpack(path: &Path, name: &str, ownership: Ownership, progress: &m
     };
     check_layer_count(name, image.layers.len(), config.rootfs.diff_ids.len())?;
 
-    let mut total = 0;
-    for layer in &image.layers {
-        total += archive.locate(layer)?.1;
-    }
-    progress.set_total(Some(total));
+    // Progress counts uncompressed bytes (oci::unpack_layer), which the archive does not state.
+    progress.set_total(None);
 
     let n = image.layers.len();
     for (i, (layer, diff_id)) in image.layers.iter().zip(config.rootfs.diff_ids).enumerate() {
         let description = format!("{name} layer {}/{n} ({layer})", i + 1);
         progress.set_label(&format!("{name} layer {}/{n}", i + 1));
+        let size = archive.locate(layer)?.1;
         let reader = archive.member(layer)?;
-        let blob = LayerBlob { reader, digest: digest_from_name(layer).filter(|_| layer.starts_with("blobs/")), diff_id, description, index: false };
+        let blob = LayerBlob { reader, digest: digest_from_name(layer).filter(|_| layer.starts_with("blobs/")), size, diff_id, description, index: false };
         unpack_layer(blob, ownership, progress, sink)?;
     }
     progress.finish();

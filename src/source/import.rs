@@ -54,7 +54,7 @@ impl Store {
         // a user like any other, whose disk owners would read differently on the host.
         let real_root = rustix::process::geteuid().is_root() && crate::userns::in_initial_userns();
         let ownership = if real_root { Ownership::Preserve } else { Ownership::Record };
-        let mut imp = Importer { store: self, current: None, pending: Vec::new(), devices: 0, xattrs: 0, early: 0, source };
+        let mut imp = Importer { store: self, current: None, pending: Vec::new(), devices: 0, xattrs: Default::default(), early: 0, source };
         let unpacked = match &file {
             Some(f) => f.file.try_clone().with_context(|| format!("cannot read {src}")).and_then(|copy| super::unpack_tar_file(copy, &src.to_string(), ownership, progress, &mut imp)),
             None => super::unpack(src, ownership, progress, &mut imp),
@@ -72,10 +72,19 @@ impl Store {
                 imp.devices
             );
         }
-        if imp.xattrs > 0 {
+        let x = &imp.xattrs;
+        if !x.recorded.is_empty() {
             crate::diag::warn!(
-                "{} extended attribute(s) in {src} (e.g. security.capability) cannot be set without privileges; they are recorded in the layer's metadata",
-                imp.xattrs
+                "{} extended attribute(s) in {src} cannot be set on the store's files here (not allowed for this user, or not supported by the filesystem): {}; they are recorded in the layer's metadata",
+                x.recorded.values().sum::<u64>(),
+                names(&x.recorded)
+            );
+        }
+        if !x.dropped.is_empty() {
+            crate::diag::warn!(
+                "{} overlayfs attribute(s) in {src} were dropped: {}; overlayfs would act on them inside the stack, so no layer keeps them",
+                x.dropped.values().sum::<u64>(),
+                names(&x.dropped)
             );
         }
         fs::create_dir_all(self.layers_dir()).with_context(|| format!("cannot create {}", self.layers_dir().display()))?;
@@ -101,6 +110,15 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// `a, b on 3 entries, …` for a warning: every name when there are a few, else the first 8.
+fn names(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    let mut shown: Vec<String> = counts.iter().take(8).map(|(n, c)| if *c > 1 { format!("{n} on {c} entries") } else { n.clone() }).collect();
+    if counts.len() > 8 {
+        shown.push(format!("and {} more", counts.len() - 8));
+    }
+    shown.join(", ")
 }
 
 /// A `tar:` source's file, open, with its stamp when it was opened (see `store::blobs`).
@@ -150,7 +168,7 @@ struct Importer<'s> {
     /// Layers to publish at the end, bottom first; `None`: already in place.
     pending: Vec<(Option<Staging>, LayerInfo)>,
     devices: u64,
-    xattrs: u64,
+    xattrs: super::UnsetXattrs,
     /// Layers published before the end.
     early: usize,
     /// What to record as the layers' source, instead of the unpacker's description.
@@ -186,11 +204,11 @@ impl LayerSink for Importer<'_> {
         Ok(fd)
     }
 
-    fn finish(&mut self, stage: OwnedFd, u: Unpacked) -> Result<()> {
+    fn finish(&mut self, stage: OwnedFd, mut u: Unpacked) -> Result<()> {
         drop(stage);
         let st = self.current.take().context("finish() without stage()")?;
         self.devices += u.skipped_devices;
-        self.xattrs += u.unset_xattrs;
+        self.xattrs.add(std::mem::take(&mut u.unset_xattrs));
         let sum = canonical::digest(&st.path.join("root"), &u.overrides).with_context(|| format!("cannot digest {}", u.description))?;
         if !u.overrides.is_empty() || u.overrides.flattened {
             write_atomic(&st.path.join("overrides.json"), &serde_json::to_vec(&u.overrides)?)?;

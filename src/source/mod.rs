@@ -121,6 +121,41 @@ impl fmt::Display for Source {
     }
 }
 
+/// The xattrs of an archive that its files on disk do not carry, by name (escaped for messages)
+/// and how many entries had each: the warning after an import names them.
+#[derive(Debug, Default)]
+pub(crate) struct UnsetXattrs {
+    /// Not allowed or not supported here: kept in the layer's metadata instead.
+    pub recorded: std::collections::BTreeMap<String, u64>,
+    /// overlayfs's own (`user.overlay.*`), which would change how the stack reads: not kept.
+    pub dropped: std::collections::BTreeMap<String, u64>,
+}
+
+impl UnsetXattrs {
+    pub(crate) fn record(&mut self, name: &[u8]) {
+        *self.recorded.entry(crate::text::escape_bytes(name)).or_default() += 1;
+    }
+
+    pub(crate) fn drop(&mut self, name: &[u8]) {
+        *self.dropped.entry(crate::text::escape_bytes(name)).or_default() += 1;
+    }
+
+    pub(crate) fn add(&mut self, other: UnsetXattrs) {
+        for (n, c) in other.recorded {
+            *self.recorded.entry(n).or_default() += c;
+        }
+        for (n, c) in other.dropped {
+            *self.dropped.entry(n).or_default() += c;
+        }
+    }
+
+    /// How many attributes, over all entries.
+    #[cfg(test)]
+    pub(crate) fn total(&self) -> u64 {
+        self.recorded.values().chain(self.dropped.values()).sum()
+    }
+}
+
 /// Result of unpacking one layer into a staging root.
 #[derive(Debug, Default)]
 pub(crate) struct Unpacked {
@@ -130,8 +165,8 @@ pub(crate) struct Unpacked {
     pub description: String,
     /// Device nodes recorded in `overrides` instead of created (unprivileged imports).
     pub skipped_devices: u64,
-    /// xattrs recorded in `overrides` instead of set, plus `user.overlay.*` ones skipped.
-    pub unset_xattrs: u64,
+    /// xattrs recorded in `overrides` instead of set, and `user.overlay.*` ones dropped.
+    pub unset_xattrs: UnsetXattrs,
     /// Digests a registry knows this layer by (its compressed blob's, its diff_id), all verified.
     /// The store indexes them, so that a later pull skips the download, and publishes such a
     /// layer at once, so that an interrupted pull keeps the layers it completed.

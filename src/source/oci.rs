@@ -5,7 +5,8 @@
 //! indexes), reads its config, and unpacks each layer blob into its own stage, bottom first. Every
 //! blob is hashed while it streams and checked against its digest, and each layer's uncompressed
 //! stream against the config's `rootfs.diff_ids`: a mismatch is an error naming the blob and both
-//! digests, and the stage it was written to is never finished.
+//! digests, and the stage it was written to is never finished. A layer's uncompressed tar is
+//! bounded ([`ExpansionLimit`]), and progress counts it, not the blob.
 //!
 //! The JSON types and blob reading are shared with `docker_archive.rs`.
 
@@ -76,6 +77,8 @@ pub(super) struct LayerBlob<R> {
     pub reader: R,
     /// Digest of the blob as stored (compressed), when known.
     pub digest: Option<String>,
+    /// Size of the blob as stored (0 when not known): what [`expansion_limit`] multiplies.
+    pub size: u64,
     /// Digest of the uncompressed tar, from the config.
     pub diff_id: String,
     /// For messages and errors: e.g. `oci:./img layer 2/3 (sha256:…)`.
@@ -92,17 +95,23 @@ pub(super) fn unpack_layer<R: Read>(
     progress: &mut Progress,
     sink: &mut dyn LayerSink,
 ) -> anyhow::Result<()> {
-    let LayerBlob { reader, digest, diff_id, description, index } = blob;
+    let LayerBlob { reader, digest, size, diff_id, description, index } = blob;
     let read_err = |e| UnpackError::read(&description, e);
+    let limit = expansion_limit(size)?;
     let stage = sink.stage()?;
     let mut stored = HashingReader::new(reader);
+    let over = std::rc::Rc::new(std::cell::Cell::new(false));
     let unpacked = (|| {
-        let counted = progress.counting(&mut stored);
-        let mut tar = HashingReader::new(decompress(counted).map_err(read_err)?);
+        // Progress counts the uncompressed tar: what the disk gets, not what the network sent.
+        let bounded = Bounded { inner: decompress(&mut stored).map_err(read_err)?, left: limit.bytes, over: over.clone() };
+        let mut tar = HashingReader::new(progress.counting(bounded));
         let unpacked = unpack_tar(&mut tar, &description, stage.as_fd(), ownership, progress)?;
         // The tar ended at its end-of-archive marker; the diff_id covers the padding after it.
         Ok::<_, UnpackError>((unpacked, tar.drain_and_digest().map_err(read_err)?))
     })();
+    // Past the bound, whatever the tar reader made of the refusal (a read error, a damaged
+    // entry), the bound is what happened.
+    let unpacked = if over.get() { Err(limit.exceeded(&description)) } else { unpacked };
     // Hash the whole blob even when unpacking failed: a corrupt blob usually shows up as a
     // decompression or tar error first, and "the blob is corrupt" is the more useful message.
     let actual_blob = stored.drain_and_digest().map_err(read_err)?;
@@ -120,6 +129,93 @@ pub(super) fn unpack_layer<R: Read>(
         unpacked.aliases = registry_aliases(diff_id, &actual_blob);
     }
     sink.finish(stage, unpacked)
+}
+
+/// How much a layer's uncompressed tar may hold, and why: a blob with the right digest is what
+/// the image's author published, but 129 KiB of zstd can hold 4 GiB of zeros, and a pull must
+/// not fill the disk for it. [`DEFAULT_EXPANSION`] times the blob, at least [`EXPANSION_FLOOR`];
+/// `PLYROOT_MAX_LAYER_SIZE` sets the bound instead (bytes, or with K, M, G, T; 0: none).
+struct ExpansionLimit {
+    bytes: u64,
+    /// The blob's size, for the message; None when the bound came from the environment.
+    blob: Option<u64>,
+}
+
+/// Layers larger than this many times their blob stop, unless they are under [`EXPANSION_FLOOR`]
+/// (a small layer of zero-filled files can expand this far, and costs little).
+const DEFAULT_EXPANSION: u64 = 1000;
+const EXPANSION_FLOOR: u64 = 1 << 30;
+const MAX_LAYER_SIZE_VAR: &str = "PLYROOT_MAX_LAYER_SIZE";
+
+fn expansion_limit(blob: u64) -> Result<ExpansionLimit, UnpackError> {
+    match std::env::var(MAX_LAYER_SIZE_VAR) {
+        Ok(v) if !v.trim().is_empty() => {
+            let bytes = parse_size(v.trim()).ok_or_else(|| UnpackError::Image {
+                image: format!("{MAX_LAYER_SIZE_VAR}={v}"),
+                reason: "not a size: write bytes, or a number with K, M, G or T (0: no bound)".into(),
+            })?;
+            Ok(ExpansionLimit { bytes: if bytes == 0 { u64::MAX } else { bytes }, blob: None })
+        }
+        _ => Ok(ExpansionLimit { bytes: blob.saturating_mul(DEFAULT_EXPANSION).max(EXPANSION_FLOOR), blob: Some(blob) }),
+    }
+}
+
+/// `123`, `64K`, `8M`, `2G`, `1T` (powers of 1024; a trailing `B` or `iB` is allowed).
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim_end_matches('B').trim_end_matches('i');
+    let (num, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        b'T' | b't' => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    num.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+impl ExpansionLimit {
+    fn exceeded(&self, description: &str) -> UnpackError {
+        let why = match self.blob {
+            Some(blob) => format!(
+                "the bound for its {} blob ({DEFAULT_EXPANSION} times it, at least {})",
+                crate::text::human(blob),
+                crate::text::human(EXPANSION_FLOOR)
+            ),
+            None => format!("the bound {MAX_LAYER_SIZE_VAR} sets"),
+        };
+        UnpackError::Image {
+            image: description.to_owned(),
+            reason: format!(
+                "it expands to more than {}, {why}: stopped, and nothing of it is kept; if the image is what you expect, allow it with {MAX_LAYER_SIZE_VAR}=SIZE (e.g. 64G; 0 for no bound)",
+                crate::text::human(self.bytes)
+            ),
+        }
+    }
+}
+
+/// The uncompressed tar, refused past `left` more bytes: the first byte past the bound fails the
+/// read and sets `over`.
+struct Bounded<R> {
+    inner: R,
+    left: u64,
+    over: std::rc::Rc<std::cell::Cell<bool>>,
+}
+
+impl<R: Read> Read for Bounded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            // At the bound: fine if the stream ends here.
+            if buf.is_empty() || self.inner.read(&mut [0u8; 1])? == 0 {
+                return Ok(0);
+            }
+            self.over.set(true);
+            return Err(std::io::Error::other("the layer is larger than its bound"));
+        }
+        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 struct Image<'a> {
@@ -220,22 +316,19 @@ pub(super) fn unpack(path: &Path, name: &str, ownership: Ownership, progress: &m
     check_layer_count(name, layers.len(), config.rootfs.diff_ids.len())?;
 
     // Check everything cheap before the first stage, so a bad image fails before any work.
-    let mut total = 0;
     for layer in &layers {
         check_digest(name, &layer.digest)?;
         if !layer_type_supported(&layer.media_type) {
             return Err(UnpackError::Image { image: name.to_owned(), reason: format!("layer {} has unsupported media type {}", layer.digest, layer.media_type) }.into());
         }
-        total += layer.size;
     }
-    progress.set_total(Some(total));
 
     let n = layers.len();
     for (i, (layer, diff_id)) in layers.into_iter().zip(config.rootfs.diff_ids).enumerate() {
         let description = format!("{name} layer {}/{n} ({})", i + 1, layer.digest);
         progress.set_label(&format!("{name} layer {}/{n}", i + 1));
         let reader = image.open_blob(&layer.digest)?;
-        unpack_layer(LayerBlob { reader, digest: Some(layer.digest), diff_id, description, index: false }, ownership, progress, sink)?;
+        unpack_layer(LayerBlob { reader, digest: Some(layer.digest), size: layer.size, diff_id, description, index: false }, ownership, progress, sink)?;
     }
     progress.finish();
     Ok(())
@@ -250,7 +343,12 @@ fn registry_aliases(diff_id: String, blob: &str) -> Vec<String> {
     }
 }
 
+/// The manifest's layers and the config's diff_ids agree, and there is at least one: an image
+/// of no layers has no files to import, and "imported" with no id would be a silent nothing.
 pub(super) fn check_layer_count(name: &str, layers: usize, diff_ids: usize) -> Result<(), UnpackError> {
+    if layers == 0 && diff_ids == 0 {
+        return Err(UnpackError::Image { image: name.to_owned(), reason: "the image has no layers: there are no files to import".into() });
+    }
     if layers == diff_ids {
         Ok(())
     } else {
@@ -393,6 +491,28 @@ mod tests {
         let msg = format!("{:#}", res.unwrap_err());
         assert!(msg.contains("diff_id") && msg.contains(&wrong), "{msg}");
         assert!(sink.finished.is_empty());
+    }
+
+    #[test]
+    fn sizes_and_the_expansion_bound() {
+        for (text, bytes) in [("0", Some(0)), ("4096", Some(4096)), ("64K", Some(64 << 10)), ("8M", Some(8 << 20)), ("8MiB", Some(8 << 20)), ("2g", Some(2 << 30)), ("1T", Some(1 << 40)), ("", None), ("M", None), ("lots", None), ("-1", None), ("99999999999T", None)] {
+            assert_eq!(parse_size(text), bytes, "{text:?}");
+        }
+        // The tar as it is, up to the bound; one byte past it is refused.
+        let data = vec![7u8; 1000];
+        for (left, ok) in [(1000, true), (2000, true), (999, false), (0, false)] {
+            let over = std::rc::Rc::new(std::cell::Cell::new(false));
+            let mut r = Bounded { inner: &data[..], left, over: over.clone() };
+            let mut out = Vec::new();
+            assert_eq!(r.read_to_end(&mut out).is_ok(), ok, "{left}");
+            assert_eq!(over.get(), !ok, "{left}");
+            assert!(out.len() as u64 <= left);
+        }
+        if std::env::var_os(MAX_LAYER_SIZE_VAR).is_none() {
+            assert_eq!(expansion_limit(1 << 20).unwrap().bytes, EXPANSION_FLOOR, "a small blob: the floor");
+            assert_eq!(expansion_limit(10 << 20).unwrap().bytes, (10 << 20) * DEFAULT_EXPANSION);
+            assert_eq!(expansion_limit(u64::MAX).unwrap().bytes, u64::MAX, "no overflow");
+        }
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //! file where the store is, checked against its digest, and only then unpacked through the same
 //! verifying unpacker as `oci:` layers (the uncompressed diff_id must match before the stage is
 //! finished). A blob that is not what the manifest names writes nothing but itself, bounded by
-//! its declared size, however much it would expand to; a killed pull leaves no file behind.
+//! its declared size, however much it would expand to; a killed pull leaves no file behind. A
+//! blob that is what the manifest names may still expand without end: `oci::unpack_layer` bounds
+//! it (1000 times the blob, at least 1 GiB, or `PLYROOT_MAX_LAYER_SIZE`), and its progress line
+//! counts uncompressed bytes.
 //!
 //! Each verified layer is published as it completes, so a pull killed half-way keeps the layers
 //! it finished, and the next pull downloads only the rest.
@@ -64,8 +67,9 @@ pub(super) fn unpack(reference: &str, name: &str, ownership: Ownership, progress
         let mut p = progress.sub(&format!("{name} layer {}/{n}", i + 1), Some(layer.size));
         let blob = download(resp, &layer, &description, &mut p, sink)?;
         p.finish();
-        let mut p = progress.sub(&format!("{name} layer {}/{n}: unpacking", i + 1), Some(layer.size));
-        unpack_layer(LayerBlob { reader: blob, digest: Some(layer.digest), diff_id, description, index: true }, ownership, &mut p, sink)?;
+        // Counted in uncompressed bytes, which the image does not state: no total.
+        let mut p = progress.sub(&format!("{name} layer {}/{n}: unpacking", i + 1), None);
+        unpack_layer(LayerBlob { reader: blob, digest: Some(layer.digest), size: layer.size, diff_id, description, index: true }, ownership, &mut p, sink)?;
         p.finish();
         fetched += 1;
         bytes += layer.size;

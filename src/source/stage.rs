@@ -279,10 +279,12 @@ impl<'r, 'p> Stage<'r, 'p> {
                         entry.owner = Some((meta.uid, meta.gid));
                     }
                     for (name, value) in xattrs {
-                        if !name.starts_with(OVERLAY_XATTR_PREFIX) {
+                        if name.starts_with(OVERLAY_XATTR_PREFIX) {
+                            self.out.unset_xattrs.drop(name);
+                        } else {
                             entry.xattrs.insert(key(name).into_owned(), hex::encode(value));
+                            self.out.unset_xattrs.record(name);
                         }
-                        self.out.unset_xattrs += 1;
                     }
                     self.out.skipped_devices += 1;
                     Ok(())
@@ -590,7 +592,7 @@ impl<'r, 'p> Stage<'r, 'p> {
     fn set_xattrs(&mut self, path: &[u8], target: XattrTarget<'_>, xattrs: &Xattrs) -> Result<(), UnpackError> {
         for (name, value) in xattrs {
             if name.starts_with(OVERLAY_XATTR_PREFIX) {
-                self.out.unset_xattrs += 1;
+                self.out.unset_xattrs.drop(name);
                 continue;
             }
             // An ACL names ids, which the kernel translates through the writer's user namespace
@@ -611,7 +613,7 @@ impl<'r, 'p> Stage<'r, 'p> {
                 Err(Errno::PERM | Errno::NOTSUP | Errno::ACCESS) => {
                     let entry = self.out.overrides.entry(&key(path));
                     entry.xattrs.insert(key(name).into_owned(), hex::encode(value));
-                    self.out.unset_xattrs += 1;
+                    self.out.unset_xattrs.record(name);
                 }
                 Err(e) => return Err(fail(self.archive, path, "set xattr")(e.into())),
             }

@@ -280,10 +280,12 @@ mod tests {
             // Root may set trusted.*; either way it is on disk or in the overrides, not lost.
             let on_disk = xattr(&f, "trusted.x").is_some();
             assert!(on_disk || recorded.get("trusted.x").map(String::as_str) == Some("0102"));
-            assert_eq!(out.unset_xattrs, 2 + u64::from(!on_disk));
+            assert_eq!(out.unset_xattrs.total(), 2 + u64::from(!on_disk));
+            assert_eq!(out.unset_xattrs.dropped.keys().collect::<Vec<_>>(), ["user.overlay.opaque", "user.overlay.redirect"]);
+            assert_eq!(out.unset_xattrs.recorded.contains_key("trusted.x"), !on_disk);
         } else {
             assert_eq!(recorded.get("trusted.x").map(String::as_str), Some("0102"));
-            assert_eq!(out.unset_xattrs, 3);
+            assert_eq!(out.unset_xattrs.total(), 3);
         }
     }
 
