@@ -30,6 +30,13 @@ fn first_subids() -> (u32, u32) {
     (first("/etc/subuid"), first("/etc/subgid"))
 }
 
+/// Removes each layer's mark of the owners it follows (a previous version wrote none).
+fn forget_layer_marks(s: &Store) {
+    for e in fs::read_dir(s.home.join("layers")).unwrap().flatten() {
+        let _ = fs::remove_file(e.path().join("owners"));
+    }
+}
+
 /// A Debian environment `deb` (systemd, sudo) in a fresh store.
 fn debian() -> Result<Store, String> {
     userns()?;
@@ -138,6 +145,7 @@ fn a_store_of_the_previous_version_is_migrated_once() {
         s.plyroot(&["unshare", "--", "sh", "-c", &script]).ok();
     }
     fs::remove_file(s.home.join("owners")).unwrap();
+    forget_layer_marks(&s);
     let bin = |name: &str| fs::read_dir(&layers).unwrap().flatten().map(|e| e.path().join("root").join(name)).find(|p| p.exists()).unwrap();
     assert_eq!(fs::symlink_metadata(bin("bin")).unwrap().uid(), me.uid, "the old layout, as the previous version left it");
     assert_eq!(fs::symlink_metadata(bin("opt/new/f")).unwrap().uid(), sub_uid + 42);
@@ -151,6 +159,50 @@ fn a_store_of_the_previous_version_is_migrated_once() {
     s.plyroot(&["verify"]).ok();
     let again = s.run("t", &[], &["true"]).ok();
     assert!(!again.stderr.contains("owners"), "migrated twice: {again}");
+    // A commit of this version, with a file of yours; then the store's marker goes (as when the
+    // ranges change): no layer is migrated a second time, no owner changes, no id breaks.
+    s.run("t", &["--root"], &["sh", "-c", &format!("mkdir /opt/yours && chown {}:{} /opt/yours", me.uid, me.gid)]).ok();
+    s.run("t", &[], &["sh", "-c", "echo mine > /opt/yours/f"]).ok();
+    s.plyroot(&["commit", "t"]).ok();
+    fs::remove_file(s.home.join("owners")).unwrap();
+    let o = s.run("t", &[], &["stat", "-c", "%u", "/opt/yours/f", "/bin"]).ok();
+    assert_eq!(o.lines(), [me.uid.to_string(), "0".into()], "{o}");
+    assert!(!o.stderr.contains("giving"), "a layer was migrated again: {o}");
+    s.plyroot(&["verify"]).ok();
+}
+
+#[test]
+fn a_layer_deleted_by_hand_is_listed_and_gc_removes_the_rest() {
+    let s = need!(Store::with_busybox_env());
+    let extra = s.path("extra");
+    fs::create_dir_all(extra.join("etc/x")).unwrap();
+    fs::write(extra.join("etc/x/f"), "x\n").unwrap();
+    let id = s.import(&format!("dir:{}", extra.display())).remove(0);
+    let dir = s.home.join("layers").join(id.trim_start_matches("sha256:"));
+    let _ = Command::new("rm").arg("-rf").arg(&dir).output().unwrap();
+    if !dir.exists() {
+        return; // all of it was the user's to delete (no subordinate ids, or root)
+    }
+    let o = s.plyroot(&["layers"]).ok();
+    assert!(o.stderr.contains("deleted by hand") && o.stderr.contains("plyroot gc"), "{o}");
+    s.plyroot(&["verify"]).ok();
+    let o = s.plyroot(&["gc"]).ok();
+    assert!(o.stderr.contains("what was left of layer"), "{o}");
+    assert!(!dir.exists());
+    s.run("t", &[], &["true"]).ok();
+}
+
+#[test]
+fn a_store_of_another_user_is_refused() {
+    need!(userns());
+    if me().regime != Regime::Root {
+        return;
+    }
+    let s = Store::new();
+    fs::create_dir_all(&s.home).unwrap();
+    std::os::unix::fs::chown(&s.home, Some(65534), Some(65534)).unwrap();
+    s.plyroot(&["layers"]).plyroot_error(&["belongs to uid 65534", "one store per user"]);
+    std::os::unix::fs::chown(&s.home, Some(0), Some(0)).unwrap();
 }
 
 #[test]
@@ -213,6 +265,7 @@ fn a_migration_killed_midway_is_finished_by_the_next_command() {
     let script = format!("find {r} -perm /6000 ! -type l -printf '%m %p\\n' > {r}.modes && chown -hR {}:{} {r} && while read m p; do chmod $m \"$p\"; done < {r}.modes && rm {r}.modes", me.uid, me.gid);
     as_owner(&["sh", "-c", &script]).ok();
     fs::remove_file(s.home.join("owners")).unwrap();
+    forget_layer_marks(&s);
     // A command that migrates, killed with everything it started as soon as it says it migrates.
     let mut c = s.cmd(&["list"]);
     c.process_group(0).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());

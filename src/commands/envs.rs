@@ -70,6 +70,9 @@ pub(crate) fn list(store: &Store, json: bool) -> Result<i32> {
         let sources: Vec<_> = r.sources.iter().map(|s| field(s)).collect();
         s.push_str(&format!("{:<20} {:>4} {:>7} {:>10}  {}\n", r.name, r.generation, r.layers.len(), human(r.upper_bytes), sources.join(" ")));
     }
+    for r in store.all_remains() {
+        s.push_str(&format!("{r:<20} {:>4} {:>7} {:>10}  (what is left of it after a deletion by hand: `plyroot rm {r}`)\n", "-", "-", "-"));
+    }
     out(&s).map(|_| 0)
 }
 

@@ -123,11 +123,19 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
         // 2. Digest it where owners read as they do inside (subordinate ids as themselves).
         let root = staged.join("root");
         let (id, size, entries) = in_image_view(move || {
+            // plyroot's own sudo rule for the user is the skeleton's, made for this machine: a
+            // copy a run wrote into the upper (a chmod of /etc/sudoers.d/*) never goes into a
+            // layer, which an export or a push would give to anyone.
+            let rule = root.join(crate::sandbox::skel::SUDOERS);
+            if fs::symlink_metadata(&rule).is_ok_and(|m| m.is_file()) {
+                fs::remove_file(&rule).with_context(|| format!("cannot leave {} out of the commit", rule.display()))?;
+            }
             let s = canonical::digest(&root, &Overrides::default())?;
             Ok((s.id, s.size, s.entries))
         })?;
         let info = LayerInfo { id: id.clone(), size, entries, source: format!("commit of {name} generation {}: {}", cur.number, message.unwrap_or("")), created: now_secs() };
         write_atomic(&staged.join("layer.json"), &serde_json::to_vec_pretty(&info)?)?;
+        crate::store::owners::mark_new(&staged)?;
         // The layer's files are durable before any record names them.
         let d = fs::File::open(&staged).with_context(|| format!("cannot open {}", staged.display()))?;
         rustix::fs::syncfs(&d).with_context(|| format!("cannot sync the file system of {}", staged.display()))?;

@@ -74,7 +74,7 @@ pub(crate) struct Spec {
 }
 
 /// The sudoers drop-in of a skeleton (see [`spec`]); sudo wants it owned by root, mode 0440.
-const SUDOERS: &str = "etc/sudoers.d/plyroot";
+pub(crate) const SUDOERS: &str = "etc/sudoers.d/plyroot";
 
 impl Spec {
     fn fingerprint(&self) -> u64 {

@@ -219,6 +219,7 @@ impl LayerSink for Importer<'_> {
         // Digested as the user wrote it; inside, its files have the owners the image gives them.
         if !self.store.layer_dir(&info.id).exists() {
             crate::store::owners::give_layer(&st.path.join("root"), &u.overrides)?;
+            crate::store::owners::mark_new(&st.path)?;
         }
         crate::diag::debug!("unpacked {} as {}", info.source, info.id);
         if u.aliases.is_empty() {

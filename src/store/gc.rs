@@ -45,6 +45,8 @@ pub(crate) struct Collection {
     pub dead: Vec<LayerInfo>,
     /// Directories live mounts are made of.
     in_use: BTreeSet<PathBuf>,
+    /// Layer directories without a record (deleted by hand, in part) that no root needs.
+    remains: Vec<String>,
     _locks: Vec<fs::File>,
 }
 
@@ -105,7 +107,8 @@ impl Store {
             roots.extend(env.pending_layers()?);
         }
         let dead = self.layers()?.into_iter().filter(|l| !roots.contains(&l.id)).collect();
-        Ok(Collection { pruned, dead, in_use, _locks: locks })
+        let remains = self.layer_remains().into_iter().filter(|id| !roots.contains(id)).collect();
+        Ok(Collection { pruned, dead, in_use, remains, _locks: locks })
     }
 
     /// Prunes the generations and deletes the layers `c` found, then what crashed commands left.
@@ -124,6 +127,12 @@ impl Store {
             let st = self.staging()?;
             fs::rename(self.layer_dir(&l.id), st.path.join("layer")).with_context(|| format!("cannot delete layer {}", l.id))?;
             remove_tree_mapped(&st.path.join("layer"))?;
+        }
+        for id in &c.remains {
+            let st = self.staging()?;
+            fs::rename(self.layer_dir(id), st.path.join("layer")).with_context(|| format!("cannot delete what is left of layer {id}"))?;
+            remove_tree_mapped(&st.path.join("layer"))?;
+            crate::diag::info!("deleted what was left of layer {id}");
         }
         if !c.dead.is_empty() {
             self.prune_file_index();

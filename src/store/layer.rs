@@ -99,12 +99,28 @@ impl Store {
         };
         for e in rd.flatten() {
             let id = format!("sha256:{}", e.file_name().to_string_lossy());
-            if is_layer_id(&id) {
-                out.push(self.layer_info(&id)?);
+            if !is_layer_id(&id) {
+                continue;
             }
+            if !e.path().join("layer.json").exists() && e.path().is_dir() {
+                crate::diag::warn!("{} is what is left of a layer deleted by hand (it has no layer.json): `plyroot gc` removes the rest", e.path().display());
+                continue;
+            }
+            out.push(self.layer_info(&id)?);
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// Layer directories without a record: what a deletion by hand (of files of subordinate ids,
+    /// which the user cannot delete directly) left.
+    pub(crate) fn layer_remains(&self) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(self.layers_dir()) else { return Vec::new() };
+        rd.flatten()
+            .map(|e| (format!("sha256:{}", e.file_name().to_string_lossy()), e.path()))
+            .filter(|(id, p)| is_layer_id(id) && p.is_dir() && !p.join("layer.json").exists())
+            .map(|(id, _)| id)
+            .collect()
     }
 
     /// Resolves a full id or an unambiguous prefix (with or without `sha256:`), in any case: ids

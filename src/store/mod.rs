@@ -95,6 +95,18 @@ impl Store {
     }
 
     fn open_with(root: &Path, exclusive: bool) -> Result<Store> {
+        // One store per user: another user's (root's included) would leave files its owner cannot
+        // read or delete, and would read its owners through the wrong ids.
+        if let Ok(m) = fs::metadata(root) {
+            let me = rustix::process::geteuid().as_raw();
+            if m.uid() != me && crate::userns::in_initial_userns() {
+                anyhow::bail!(
+                    "the store at {} belongs to uid {}, not to you (uid {me}): plyroot keeps one store per user; run plyroot as its owner, or use a store of your own (--store or PLYROOT_HOME)",
+                    root.display(),
+                    m.uid()
+                );
+            }
+        }
         let lock_path = root.join("lock");
         let kind = if exclusive { lock::Kind::Exclusive } else { lock::Kind::Shared };
         let waiting = || {

@@ -38,22 +38,43 @@ type Visit<'a> = &'a mut dyn FnMut(BorrowedFd<'_>, &OsStr, &[u8], &Stat) -> Resu
 /// An ACL found on disk: the entry's path, the xattr's name, its value.
 type DiskAcl = (Vec<u8>, Vec<u8>, Vec<u8>);
 
-/// The file in the store that says its owners follow the image view, and for which ranges.
+/// The file, in the store and in each layer's directory, that says its owners follow the rules
+/// below, and for which ranges (or how far a migration got).
 const MARKER: &str = "owners";
 
-/// Who gives owners: an unprivileged user, in the host's user namespace, with subordinate ids.
-fn regime() -> Option<(HostUser, SubIds)> {
+/// An unprivileged user in the host's user namespace, with or without subordinate ids: whose
+/// store follows the rules above (real root's disk holds every owner as it is).
+struct Regime {
+    user: HostUser,
+    subids: Option<SubIds>,
+}
+
+fn regime() -> Option<Regime> {
     if rustix::process::geteuid().is_root() || !userns::in_initial_userns() {
         return None;
     }
     let user = HostUser::current();
-    let subids = userns::host_subids(&user)?;
-    Some((user, subids))
+    let subids = userns::host_subids(&user);
+    Some(Regime { user, subids })
 }
 
-/// What the marker holds for `subids`.
-fn marker_text(s: &SubIds) -> String {
-    format!("image view: uids {}+{}, gids {}+{}\n", s.uid.0, s.uid.1, s.gid.0, s.gid.1)
+impl Regime {
+    /// What the store's marker, and each layer's, say once a layer follows these rules.
+    fn done(&self) -> String {
+        match &self.subids {
+            Some(s) => format!("image view: uids {}+{}, gids {}+{}\n", s.uid.0, s.uid.1, s.gid.0, s.gid.1),
+            None => "one id\n".to_owned(),
+        }
+    }
+}
+
+/// Marks a layer made by this version (its directory `dir`, before it is published) as following
+/// the rules of this store, so that no migration ever touches it.
+pub(crate) fn mark_new(dir: &Path) -> Result<()> {
+    match regime() {
+        Some(r) => super::write_atomic(&dir.join(MARKER), r.done().as_bytes()),
+        None => Ok(()),
+    }
 }
 
 /// Hands the files of the layer tree `root`, unpacked by the user with `ov` recording its owners,
@@ -63,7 +84,7 @@ pub(crate) fn give_layer(root: &Path, ov: &Overrides) -> Result<()> {
     if !ov.flattened {
         return Ok(());
     }
-    let Some((user, subids)) = regime() else { return Ok(()) };
+    let Some(Regime { user, subids: Some(subids) }) = regime() else { return Ok(()) };
     let view = userns::image_view(&user, Some(subids));
     let unmapped = crate::sys::process::in_child(|| {
         userns::enter_one_level(&view)?;
@@ -80,7 +101,7 @@ pub(crate) fn give_layer(root: &Path, ov: &Overrides) -> Result<()> {
 /// entry's path relative to `root` (empty for `root`), in ids as they read inside; nothing to do
 /// for real root or without subordinate ids.
 pub(crate) fn give_tree(root: &Path, want: &(dyn Fn(&[u8]) -> (u32, u32) + Sync)) -> Result<()> {
-    let Some((user, subids)) = regime() else { return Ok(()) };
+    let Some(Regime { user, subids: Some(subids) }) = regime() else { return Ok(()) };
     let view = userns::image_view(&user, Some(subids));
     crate::sys::process::in_child(|| {
         userns::enter_one_level(&view)?;
@@ -90,70 +111,107 @@ pub(crate) fn give_tree(root: &Path, want: &(dyn Fn(&[u8]) -> (u32, u32) + Sync)
     Ok(())
 }
 
-/// Whether the store at `store` still has to be brought to the image view's owners.
+/// Whether the store at `store` still has to be brought to these rules.
 pub(crate) fn migration_due(store: &Path) -> bool {
-    let Some((_, subids)) = regime() else { return false };
-    std::fs::read_to_string(store.join(MARKER)).ok() != Some(marker_text(&subids))
+    let Some(r) = regime() else { return false };
+    std::fs::read_to_string(store.join(MARKER)).ok() != Some(r.done())
 }
 
-/// Brings every layer of the store at `store` to the owners its image gives it (see the module
-/// header), then writes the marker. The caller holds the store exclusively. Idempotent: a
-/// migration cut short is done again, to the same result.
+/// Brings every layer of the store at `store` that a plyroot before this wrote to the rules above,
+/// then writes the store's marker. The caller holds the store exclusively.
+///
+/// Each layer goes through steps, each recorded in the layer's own marker once done, so that a
+/// migration cut short resumes where it was and nothing is done twice (a commit's owners are
+/// swapped, which done twice would undo itself): the ACLs on disk into the metadata, read as the
+/// user on the host before any owner changes (`acls`); with subordinate ids, an import's files to
+/// the owners its metadata records, or a commit's files written as the old `--root` (the user
+/// standing for root: to root's id, step `a`; its own id then the user's, step `b`). Layers this
+/// version made carry the final mark from the start ([`mark_new`]).
 pub(crate) fn migrate(store: &Path) -> Result<()> {
-    let Some((user, subids)) = regime() else { return Ok(()) };
-    let layers_dir = store.join("layers");
-    let mut layers = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(&layers_dir) {
+    let Some(r) = regime() else { return Ok(()) };
+    let mut todo = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(store.join("layers")) {
         for e in rd.flatten() {
             let dir = e.path();
-            let ov: Overrides = match std::fs::read(dir.join("overrides.json")) {
-                Ok(b) => serde_json::from_slice(&b).with_context(|| format!("cannot read {}", dir.join("overrides.json").display()))?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Overrides::default(),
-                Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.join("overrides.json").display())),
-            };
-            let root = dir.join("root");
-            if !root.is_dir() {
+            let state = std::fs::read_to_string(dir.join(MARKER)).unwrap_or_default();
+            if state == r.done() || !dir.join("root").is_dir() {
                 continue;
             }
-            let mut ov = ov;
-            if ov.flattened {
-                // ACLs set on disk by earlier versions: into the metadata, as the id read them.
-                let acls = disk_acls(&root)?;
-                let mut changed = false;
-                for (path, name, value) in acls {
-                    let entry = ov.entry(&super::meta::key(&path));
-                    changed |= entry.xattrs.insert(super::meta::key(&name).into_owned(), hex::encode(value)).is_none();
-                }
-                if changed {
-                    super::write_atomic(&dir.join("overrides.json"), &serde_json::to_vec(&ov)?)?;
-                }
+            if state.starts_with("image view") {
+                crate::diag::warn!("{} was given the owners of other subordinate ids ({}): your ranges in /etc/subuid and /etc/subgid changed; give the old ones back, or `plyroot unshare -- chown` its files yourself", dir.display(), state.trim());
+                continue;
             }
-            layers.push((root, ov));
+            todo.push((dir, state));
         }
     }
-    if !layers.is_empty() {
-        crate::diag::info!("giving the {} layer(s) of the store the owners their images give them (once, after an upgrade of plyroot)", layers.len());
-        let view = userns::image_view(&user, Some(subids));
-        let me = (user.uid, user.gid);
+    if !todo.is_empty() {
+        crate::diag::info!("giving the {} layer(s) of the store the owners their images give them (once, after an upgrade of plyroot)", todo.len());
+    }
+    for (dir, state) in todo {
+        migrate_layer(&r, &dir, state).with_context(|| format!("cannot bring {} to this version's owners", dir.display()))?;
+    }
+    super::write_atomic(&store.join(MARKER), r.done().as_bytes())
+}
+
+/// [`migrate`]'s steps for one layer directory, from `state` (its marker's steps done so far).
+fn migrate_layer(r: &Regime, dir: &Path, mut state: String) -> Result<()> {
+    let root = dir.join("root");
+    let ov_path = dir.join("overrides.json");
+    let mut ov: Overrides = match std::fs::read(&ov_path) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("cannot read {}", ov_path.display()))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Overrides::default(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", ov_path.display())),
+    };
+    let step = |state: &mut String, done: &str| -> Result<()> {
+        state.push_str(done);
+        state.push('\n');
+        super::write_atomic(&dir.join(MARKER), state.as_bytes())
+    };
+    if ov.flattened && !state.lines().any(|l| l == "acls") {
+        // ACLs set on disk by earlier versions: into the metadata, as the id read them.
+        let mut changed = false;
+        for (path, name, value) in disk_acls(&root)? {
+            let entry = ov.entry(&super::meta::key(&path));
+            changed |= entry.xattrs.insert(super::meta::key(&name).into_owned(), hex::encode(value)).is_none();
+        }
+        if changed {
+            super::write_atomic(&ov_path, &serde_json::to_vec(&ov)?)?;
+        }
+        step(&mut state, "acls")?;
+    }
+    let Some(subids) = r.subids else {
+        return super::write_atomic(&dir.join(MARKER), r.done().as_bytes());
+    };
+    let user = &r.user;
+    if ov.flattened {
+        let view = userns::image_view(user, Some(subids));
         let unmapped = crate::sys::process::in_child(|| {
             userns::enter_one_level(&view)?;
-            let mut n = 0;
-            for (root, ov) in &layers {
-                n += if ov.flattened {
-                    give(root, &|path, _| ov.owner(path, (0, 0)), Some(ov))
-                } else {
-                    // A commit: what runs wrote as the user stood for root (the old `--root`).
-                    give(root, &|_, st| (if st.st_uid == me.0 { 0 } else { st.st_uid }, if st.st_gid == me.1 { 0 } else { st.st_gid }), None)
-                }
-                .with_context(|| format!("cannot give the files of {} their owners", root.display()))?;
-            }
-            Ok(n)
+            give(&root, &|path, _| ov.owner(path, (0, 0)), Some(&ov))
         })?;
         if unmapped > 0 {
-            crate::diag::warn!("{unmapped} file(s) in the store's layers have owners beyond your subordinate ids (were your ranges in /etc/subuid changed?): they keep the owners they had");
+            crate::diag::debug!("{unmapped} file(s) in {} have owners beyond your subordinate ids: they stay yours", root.display());
+        }
+    } else {
+        // In the namespace that maps every id: you are 0 there, subordinate id k is k + 1.
+        let all = userns::all_ids(user, Some(subids));
+        let (me_uid, me_gid) = (user.uid + 1, user.gid + 1);
+        if !state.lines().any(|l| l == "a") {
+            crate::sys::process::in_child(|| {
+                userns::enter_one_level(&all)?;
+                give(&root, &|_, st| (if st.st_uid == 0 { 1 } else { st.st_uid }, if st.st_gid == 0 { 1 } else { st.st_gid }), None)
+            })?;
+            step(&mut state, "a")?;
+        }
+        // What the old `--root` wrote as the user's own id (the subordinate id of that number).
+        if user.uid < subids.uid.1 && user.gid < subids.gid.1 {
+            crate::sys::process::in_child(|| {
+                userns::enter_one_level(&all)?;
+                give(&root, &|_, st| (if st.st_uid == me_uid { 0 } else { st.st_uid }, if st.st_gid == me_gid { 0 } else { st.st_gid }), None)
+            })?;
         }
     }
-    super::write_atomic(&store.join(MARKER), marker_text(&subids).as_bytes())
+    super::write_atomic(&dir.join(MARKER), r.done().as_bytes())
 }
 
 /// Gives every entry of the tree `root` (and `root` itself) the owner `want` says, from its path
