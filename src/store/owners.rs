@@ -144,8 +144,10 @@ pub(crate) fn migrate(store: &Path) -> Result<()> {
             todo.push((dir, state));
         }
     }
-    if !todo.is_empty() {
+    if !todo.is_empty() && r.subids.is_some() {
         crate::diag::info!("giving the {} layer(s) of the store the owners their images give them (once, after an upgrade of plyroot)", todo.len());
+    } else if !todo.is_empty() {
+        crate::diag::info!("keeping the ACLs of the {} layer(s) of the store in their metadata (once, after an upgrade of plyroot)", todo.len());
     }
     for (dir, state) in todo {
         migrate_layer(&r, &dir, state).with_context(|| format!("cannot bring {} to this version's owners", dir.display()))?;
