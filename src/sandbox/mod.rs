@@ -118,8 +118,9 @@ pub(crate) enum Op {
     Bind { src: PathBuf, dst: PathBuf, kind: Kind, ro: bool, recursive: bool },
     /// A fresh procfs (the run has its own pid namespace).
     Proc,
-    /// A tmpfs /dev with the safe host nodes, a private devpts and shm, plus `gpu` nodes.
-    Dev { gpu: Vec<PathBuf> },
+    /// A tmpfs /dev with the safe host nodes, a private devpts and shm, plus `gpu` nodes, and
+    /// the caller's terminal at its name, /dev/pts/`pty`, so that `tty` and ttyname(3) find it.
+    Dev { gpu: Vec<PathBuf>, pty: Option<u32> },
 }
 
 /// What the host offers, gathered once per launch (a few stats).
@@ -134,6 +135,28 @@ pub(crate) struct HostFacts {
     pub resolv: bool,
     pub hosts: bool,
     pub localtime: bool,
+    /// The caller's terminal, /dev/pts/N, when stdin, stdout or stderr is one.
+    pub pty: Option<u32>,
+}
+
+/// N of the caller's terminal /dev/pts/N, when stdin, stdout or stderr is one and that name here
+/// is that terminal (three fstats, and one stat on a terminal).
+fn caller_pty() -> Option<u32> {
+    use std::os::fd::AsFd;
+    let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    for fd in [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()] {
+        let Ok(st) = rustix::fs::fstat(fd) else { continue };
+        let major = rustix::fs::major(st.st_rdev);
+        // UNIX98 pty slaves (devpts).
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::CharacterDevice || !(136..=143).contains(&major) {
+            continue;
+        }
+        let n = (major - 136) * 256 + rustix::fs::minor(st.st_rdev);
+        if rustix::fs::stat(format!("/dev/pts/{n}")).is_ok_and(|named| named.st_dev == st.st_dev && named.st_ino == st.st_ino) {
+            return Some(n);
+        }
+    }
+    None
 }
 
 impl HostFacts {
@@ -161,6 +184,7 @@ impl HostFacts {
             resolv: is("/etc/resolv.conf"),
             hosts: is("/etc/hosts"),
             localtime: is("/etc/localtime"),
+            pty: caller_pty(),
         }
     }
 }
@@ -276,7 +300,7 @@ fn host_ops(i: &PlanInput<'_>) -> Result<Vec<Op>> {
         ops.push(if i.opts.pid { Op::Proc } else { bind(Path::new("/proc"), Kind::Dir, false, true) });
     }
     if on(HostShare::Dev) {
-        ops.push(Op::Dev { gpu: if on(HostShare::Gpu) { f.gpu.clone() } else { Vec::new() } });
+        ops.push(Op::Dev { gpu: if on(HostShare::Gpu) { f.gpu.clone() } else { Vec::new() }, pty: f.pty });
     }
     if on(HostShare::Sys) {
         ops.push(bind(Path::new("/sys"), Kind::Dir, true, true));
@@ -374,6 +398,7 @@ mod tests {
             resolv: true,
             hosts: true,
             localtime: false,
+            pty: None,
         }
     }
 
@@ -408,7 +433,7 @@ mod tests {
             .map(|o| match o {
                 Op::Bind { dst, ro, .. } => format!("{}{}", dst.display(), if *ro { ":ro" } else { "" }),
                 Op::Proc => "proc".into(),
-                Op::Dev { gpu } => format!("dev+{}", gpu.len()),
+                Op::Dev { gpu, .. } => format!("dev+{}", gpu.len()),
             })
             .collect()
     }
