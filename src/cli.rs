@@ -113,8 +113,11 @@ pub(crate) enum Command {
     },
     /// List environments
     List {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "names")]
         json: bool,
+        /// Print only the names, one a line (for scripts and shell completion)
+        #[arg(long)]
+        names: bool,
     },
     /// Remove environments, with their writable upper
     Rm {
@@ -298,8 +301,8 @@ pub(crate) enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
     },
-    /// Print a shell completion script
-    #[command(after_help = "Examples:\n  plyroot completions bash > ~/.local/share/bash-completion/completions/plyroot")]
+    /// Print a shell completion script (bash, zsh and fish also complete environment names)
+    #[command(after_help = "Where a command takes an environment, bash, zsh and fish complete the names `plyroot list --names`\nprints, from the store `--store` names on the command line, else the default one.\n\nExamples:\n  plyroot completions bash > ~/.local/share/bash-completion/completions/plyroot")]
     Completions { shell: clap_complete::Shell },
     /// Write man pages into a directory
     Manpages {

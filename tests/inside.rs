@@ -1,9 +1,11 @@
 //! Tier 3: you inside, as on your own machine (issue 12, items 7–10): your terminal has its
-//! name.
+//! name, the program starts in your directory (or plyroot refuses, naming it), launchers of
+//! other environments are found by name, and the prompt and completions name environments.
 
 #[macro_use]
 mod common;
 
+use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
@@ -34,3 +36,37 @@ fn the_callers_terminal_has_its_name_inside() {
     assert_eq!(s.run("t", &[], &["sh", "-c", "tty || true"]).ok().line(), "not a tty");
 }
 
+#[test]
+fn completion_offers_the_environment_names() {
+    need!(userns());
+    let s = Store::new();
+    let root = s.path("rootfs");
+    need!(busybox_rootfs(&root));
+    s.create("dev", &[&format!("dir:{}", root.display())]);
+    s.create("other", &[&format!("dir:{}", root.display())]);
+    assert_eq!(s.plyroot(&["list", "--names"]).ok().stdout, "dev\nother\n");
+
+    let bash = need!(tool("bash"));
+    let script = s.path("plyroot.bash");
+    fs::write(&script, s.plyroot(&["completions", "bash"]).ok().stdout).unwrap();
+    let path_dir = s.path("path");
+    fs::create_dir_all(&path_dir).unwrap();
+    std::os::unix::fs::symlink(bin(), path_dir.join("plyroot")).unwrap();
+    let complete = |words: &str| -> String {
+        let check = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); _plyroot plyroot \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; echo \"${{COMPREPLY[*]}}\"",
+            shell_quote(&script.to_string_lossy())
+        );
+        let mut c = Command::new(&bash);
+        c.args(["-c", &check]).env("PLYROOT_HOME", &s.home).env("PATH", format!("{}:/usr/bin:/bin", path_dir.display()));
+        run_with(&mut c, None, TIMEOUT).ok().line()
+    };
+    assert_eq!(complete("plyroot run --root ''"), "dev other");
+    assert_eq!(complete("plyroot enter o"), "other");
+    assert_eq!(complete("plyroot rm dev ''"), "dev other");
+    assert_eq!(complete(&format!("plyroot --store {} stop ''", shell_quote(&s.home.to_string_lossy()))), "dev other");
+    // Not where a command takes something else: a new name, the command after the environment.
+    assert_eq!(complete("plyroot create ''").split(' ').find(|w| *w == "dev"), None);
+    assert!(complete("plyroot run dev --r").contains("--root"));
+    assert_eq!(complete("plyroot ru"), "run");
+}
