@@ -37,6 +37,22 @@ fn the_callers_terminal_has_its_name_inside() {
 }
 
 #[test]
+fn the_prompt_names_the_environment() {
+    need!(userns());
+    let s = Store::new();
+    let root = s.path("rootfs");
+    need!(busybox_rootfs(&root));
+    // A distribution's /etc/profile reads /etc/profile.d, as Debian's does.
+    fs::write(root.join("etc/profile"), "PS1='$ '\nfor i in /etc/profile.d/*.sh; do [ -r \"$i\" ] && . \"$i\"; done\n").unwrap();
+    s.create("dev", &[&format!("dir:{}", root.display())]);
+    let o = s.plyroot_stdin(&["enter", "dev"], b"echo \"[$PS1] $PLYROOT_ENV $(cat /etc/debian_chroot)\"\n").ok();
+    assert!(o.stdout.contains("[(dev)$ ] dev dev"), "{o}");
+    // No layer changed for it.
+    let d = s.plyroot(&["diff", "dev"]).ok();
+    assert!(d.stdout.trim().is_empty(), "{d}");
+}
+
+#[test]
 fn completion_offers_the_environment_names() {
     need!(userns());
     let s = Store::new();

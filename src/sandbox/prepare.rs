@@ -349,7 +349,7 @@ fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Sk
     } else {
         Vec::new()
     };
-    let spec = skel::spec(&c.lowers, &c.user, &c.inside, &c.facts, &bind_points, &host_links);
+    let spec = skel::spec(&env.name, &c.lowers, &c.user, &c.inside, &c.facts, &bind_points, &host_links);
     match skel::ensure(store, env, c.generation.number, &spec) {
         Ok(dir) => Ok(Skel::Dir(dir)),
         Err(e) if c.inside_env => {

@@ -88,7 +88,8 @@ impl Spec {
 /// mount point here, so binding creates nothing in the upper.
 /// `links`: top-level symlinks to add where the layers have nothing (the host's `/bin → usr/bin`
 /// and the like, for `base = "host"`).
-pub(crate) fn spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: &HostFacts, binds: &[(PathBuf, bool)], links: &[(String, PathBuf)]) -> Spec {
+/// `env_name`: the environment, for the prompt ([`prompt_files`]).
+pub(crate) fn spec(env_name: &str, lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: &HostFacts, binds: &[(PathBuf, bool)], links: &[(String, PathBuf)]) -> Spec {
     let mut dirs: Vec<PathBuf> = ["proc", "dev", "sys", "tmp", "run"].iter().map(PathBuf::from).collect();
     let mut owned = vec![user.home.strip_prefix("/").unwrap_or(&user.home).to_owned()];
     if let Some(rd) = &facts.runtime_dir {
@@ -133,6 +134,8 @@ pub(crate) fn spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: 
         dirs.push("etc/sudoers.d".into());
         files.push((SUDOERS.into(), format!("# Written by plyroot: you are yourself inside, and root when you ask.\n#{} ALL=(ALL:ALL) NOPASSWD: ALL\n", user.uid).into_bytes()));
     }
+    files.extend(prompt_files(env_name));
+    dirs.push("etc/profile.d".into());
     let passwd = base_passwd(lowers);
     let group = lowers.iter().map(|l| l.join("etc/group")).find(|p| p.is_file()).and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default();
     let (p2, g2) = passwd_with(&passwd, &group, user, user_inside(inside, user), &shell(lowers, &passwd, user.uid));
@@ -144,6 +147,21 @@ pub(crate) fn spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: 
     }
     let links = links.iter().filter(|(n, _)| top_entry(lowers, n).is_none()).map(|(n, t)| (PathBuf::from(n), t.clone())).collect();
     Spec { dirs, files, links, owned, owner: (user.uid, user.gid) }
+}
+
+/// What makes a shell's prompt name the environment: `/etc/debian_chroot`, which Debian's and
+/// Ubuntu's `bash.bashrc` and default `~/.bashrc` show as `(NAME)`, and for the other shells a
+/// `profile.d` script that login shells (`enter`, `login`) read through `/etc/profile`.
+fn prompt_files(env_name: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let profile = "# Written by plyroot: the prompt names the environment ($PLYROOT_ENV).\n\
+        # bash on Debian shows it through /etc/debian_chroot already.\n\
+        if [ -n \"${PLYROOT_ENV-}\" ] && [ -n \"${PS1-}\" ]; then\n\
+        \x20   case \"$PS1\" in\n\
+        \x20       *debian_chroot* | *\"($PLYROOT_ENV)\"*) ;;\n\
+        \x20       *) PS1=\"($PLYROOT_ENV)$PS1\" ;;\n\
+        \x20   esac\n\
+        fi\n";
+    vec![("etc/debian_chroot".into(), format!("{env_name}\n").into_bytes()), ("etc/profile.d/plyroot-prompt.sh".into(), profile.as_bytes().to_vec())]
 }
 
 /// Writes `spec` into the empty directory `root`.
