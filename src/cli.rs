@@ -357,6 +357,7 @@ impl RunOpts {
             login,
             compose,
             boot: None,
+            home_start: false,
         }
     }
 }
@@ -384,7 +385,7 @@ pub(crate) struct RunOpts {
     /// Set an environment variable inside: KEY=VALUE; repeatable
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Working directory inside [default: the current one when it exists inside, else home]
+    /// Working directory inside [default: the current one; bound when no share shows it]
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<PathBuf>,
     /// Use the upper although it was written on other layers than the current generation's

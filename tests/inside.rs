@@ -36,6 +36,51 @@ fn the_callers_terminal_has_its_name_inside() {
     assert_eq!(s.run("t", &[], &["sh", "-c", "tty || true"]).ok().line(), "not a tty");
 }
 
+/// A directory no share shows inside (not under /tmp or the home): under /var/tmp.
+fn unshared_dir() -> Result<tempfile::TempDir, String> {
+    let home = me().home;
+    let d = tempfile::Builder::new().prefix("plyroot-cwd.").tempdir_in("/var/tmp").map_err(|e| format!("cannot make a directory in /var/tmp: {e}"))?;
+    if d.path().starts_with(&home) {
+        return Err("the home is above /var/tmp".into());
+    }
+    Ok(d)
+}
+
+#[test]
+fn the_program_starts_in_the_callers_directory_or_plyroot_refuses_naming_it() {
+    let s = need!(Store::with_busybox_env());
+    let dir = need!(unshared_dir());
+    let d = dir.path().to_string_lossy().into_owned();
+    fs::write(dir.path().join("hello.c"), "int main(){}\n").unwrap();
+    let mut c = s.cmd(&["run", "t", "--", "sh", "-c", "pwd; cat hello.c; echo made > out; stat -c %a /var/tmp"]);
+    c.current_dir(dir.path());
+    let o = run_with(&mut c, None, TIMEOUT).ok();
+    assert_eq!(o.stdout, format!("{d}\nint main(){{}}\n1777\n"), "{o}");
+    assert_eq!(fs::read_to_string(dir.path().join("out")).unwrap(), "made\n");
+    // Its mount point is no change to the environment, and a read-only root has it too.
+    let diff = s.plyroot(&["diff", "t"]).ok();
+    assert!(!diff.stdout.contains("var/tmp"), "{diff}");
+    let mut c = s.cmd(&["run", "--read-only", "t", "--", "pwd"]);
+    c.current_dir(dir.path());
+    assert_eq!(run_with(&mut c, None, TIMEOUT).ok().line(), d);
+    // A launcher, from the host: the same.
+    let bin_dir = s.path("bin");
+    s.plyroot(&["export", "t", "sh", "--to", &bin_dir.to_string_lossy()]).ok();
+    let mut c = Command::new(bin_dir.join("sh"));
+    c.args(["-c", "pwd"]).env("PLYROOT_HOME", &s.home).current_dir(dir.path());
+    assert_eq!(run_with(&mut c, None, TIMEOUT).ok().line(), d);
+    // Where binding it would hide the environment's own directory, or go against --no-host,
+    // plyroot refuses, naming the directory and the way out.
+    let mut c = s.cmd(&["run", "t", "--", "pwd"]);
+    c.current_dir("/etc");
+    run_with(&mut c, None, TIMEOUT).plyroot_error(&["/etc", "--cwd", "--bind"]);
+    let scratch = s.tmp.path().to_string_lossy().into_owned();
+    if scratch.starts_with("/tmp/") {
+        s.run("t", &["--no-host", "tmp"], &["pwd"]).plyroot_error(&[&scratch, "--no-host tmp", "--cwd", "--bind"]);
+    }
+    assert_eq!(s.run("t", &["--no-host", "tmp", "--cwd", "/etc"], &["pwd"]).ok().line(), "/etc");
+}
+
 #[test]
 fn the_prompt_names_the_environment() {
     need!(userns());

@@ -57,7 +57,7 @@ fn enter_cwd(plan: &Plan) -> Result<()> {
         }
     }
     if plan.exec.cwd_required {
-        bail!("--cwd {}: no such directory inside the environment", plan.exec.cwd[0].display());
+        bail!("cannot start in {}: no such directory inside the environment (--cwd DIR starts elsewhere)", plan.exec.cwd[0].display());
     }
     Ok(())
 }

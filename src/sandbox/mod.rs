@@ -210,8 +210,21 @@ pub(crate) struct Exec {
     pub env: Vec<(OsString, OsString)>,
     /// Directories to try in order; the first that exists inside wins.
     pub cwd: Vec<PathBuf>,
-    /// `--cwd` was given: failing to enter it is an error, not a fallback.
+    /// Failing to enter `cwd[0]` is an error, not a fallback: `--cwd` was given, or it is the
+    /// caller's directory (see [`Start`]).
     pub cwd_required: bool,
+}
+
+/// Where the program starts when no `--cwd` is given: the caller's directory, never silently
+/// another one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Shown inside at this path by a host share or a bind (the root itself for `/`).
+    At(PathBuf),
+    /// Not shown by anything: bound at its own path for this run.
+    Bind(PathBuf),
+    /// A login shell (`login`), or a caller whose directory is gone: the home, else `/`.
+    Home,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -253,6 +266,86 @@ pub(crate) fn parse_bind(spec: &str, cwd: Option<&Path>) -> Result<(PathBuf, Pat
     Ok((src, PathBuf::from(dst), ro))
 }
 
+/// The path inside at which `ops` show the host path `p`, if any: the last mount that holds it,
+/// unless a later one covers that place.
+fn shown_at(ops: &[Op], p: &Path) -> Option<PathBuf> {
+    for (i, op) in ops.iter().enumerate().rev() {
+        let Op::Bind { src, dst: at, .. } = op else { continue };
+        let Ok(rel) = p.strip_prefix(src) else { continue };
+        let q = if rel.as_os_str().is_empty() { at.clone() } else { at.join(rel) };
+        if ops[i + 1..].iter().any(|o| q.starts_with(op_dst(o))) {
+            continue;
+        }
+        return Some(q);
+    }
+    None
+}
+
+/// Where a per-run mount goes inside.
+fn op_dst(o: &Op) -> PathBuf {
+    match o {
+        Op::Bind { dst, .. } => dst.clone(),
+        Op::Proc => PathBuf::from("/proc"),
+        Op::Dev { .. } => PathBuf::from("/dev"),
+    }
+}
+
+/// What decides where a run without `--cwd` starts, besides its options.
+pub(crate) struct StartCtx<'a> {
+    pub env_name: &'a str,
+    /// Whether a path exists in the environment's own root (its layers and upper): binding the
+    /// caller's directory there would hide the environment's.
+    pub taken: &'a dyn Fn(&Path) -> bool,
+    /// The run joins a booted environment, whose mounts it cannot add to.
+    pub booted: bool,
+}
+
+/// Where a run without `--cwd` starts (see [`Start`]): the caller's directory where a share or
+/// bind shows it; bound at its own path where nothing does; refused, naming it, where binding
+/// it would go against what was asked (a share turned off), hide the environment's own
+/// directory of that name, or is impossible (a booted environment).
+pub(crate) fn start(opts: &RunOptions, facts: &HostFacts, user: &HostUser, home_start: bool, ctx: &StartCtx<'_>) -> Result<Option<Start>> {
+    if opts.cwd.is_some() {
+        return Ok(None);
+    }
+    if home_start {
+        return Ok(Some(Start::Home));
+    }
+    let Some(cwd) = &facts.cwd else {
+        crate::diag::warn!("your current directory no longer exists: starting in your home inside '{}'", ctx.env_name);
+        return Ok(Some(Start::Home));
+    };
+    if cwd == Path::new("/") {
+        return Ok(Some(Start::At(cwd.clone())));
+    }
+    let ops = host_ops(opts, facts, user)?;
+    if let Some(q) = shown_at(&ops, cwd) {
+        return Ok(Some(Start::At(q)));
+    }
+    let (env, c) = (ctx.env_name, cwd.display());
+    if ctx.booted {
+        bail!("'{env}' is booted, and your directory {c} is not visible in it (a booted environment has its own /tmp and /run, and takes no binds once it runs): start from a directory under your home, or pass --cwd DIR");
+    }
+    let on = shares(&opts.no_host);
+    let off_share = [(HostShare::Home, Some(user.home.as_path())), (HostShare::Tmp, Some(Path::new("/tmp"))), (HostShare::Nix, Some(Path::new("/nix"))), (HostShare::RuntimeDir, f_rd(facts))]
+        .into_iter()
+        .find(|(s, p)| !on(*s) && p.is_some_and(|p| cwd.starts_with(p)));
+    if let Some((share, _)) = off_share {
+        bail!("your directory {c} is not shared with '{env}' (--no-host {} keeps it out): pass --cwd DIR to start in a directory inside, or --bind {c}:{c} to take it in", share.as_str());
+    }
+    if let Some(d) = ops.iter().rev().map(op_dst).find(|d| cwd.starts_with(d)) {
+        bail!("your directory {c} is not visible in '{env}': {} is mounted over that place inside: pass --cwd DIR to start in a directory inside, or --bind {c}:DIR --cwd DIR to take it in", d.display());
+    }
+    if (ctx.taken)(cwd) {
+        bail!("your directory {c} is the host's, and '{env}' has its own {c}: pass --cwd {c} to start in the environment's, or --bind {c}:DIR --cwd DIR to take yours in at another place");
+    }
+    Ok(Some(Start::Bind(cwd.clone())))
+}
+
+fn f_rd(f: &HostFacts) -> Option<&Path> {
+    f.runtime_dir.as_deref()
+}
+
 pub(crate) struct PlanInput<'a> {
     pub env_name: &'a str,
     pub root: RootSpec,
@@ -266,10 +359,12 @@ pub(crate) struct PlanInput<'a> {
     pub shell: String,
     /// The inherited environment.
     pub host_env: Vec<(OsString, OsString)>,
+    /// Where the program starts without `--cwd` (see [`start`]); None with `--cwd`.
+    pub start: Option<Start>,
 }
 
 pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
-    let ops = host_ops(&i)?;
+    let mut ops = host_ops(&i.opts, i.facts, i.user)?;
     let home = if shares(&i.opts.no_host)(HostShare::Home) || i.inside.uid != 0 { i.user.home.clone() } else { "/root".into() };
     let env = exec_env(&i, &home)?;
     let argv: Vec<OsString> = if i.opts.command.is_empty() {
@@ -281,23 +376,28 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
     } else {
         i.opts.command.clone()
     };
-    let (cwd, cwd_required) = match &i.opts.cwd {
-        Some(c) => (vec![c.clone()], true),
-        None => (i.facts.cwd.iter().cloned().chain([home, PathBuf::from("/")]).collect(), false),
+    let (cwd, cwd_required) = match (&i.opts.cwd, &i.start) {
+        (Some(c), _) => (vec![c.clone()], true),
+        (None, Some(Start::At(p))) => (vec![p.clone()], true),
+        (None, Some(Start::Bind(p))) => {
+            // Last: no share or bind may cover it.
+            ops.push(Op::Bind { src: p.clone(), dst: p.clone(), kind: Kind::Dir, ro: false, recursive: true });
+            (vec![p.clone()], true)
+        }
+        (None, Some(Start::Home) | None) => (vec![home, PathBuf::from("/")], false),
     };
     Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required }, pid: i.opts.pid })
 }
 
 /// The per-run mounts: the host shares that are on, then the binds asked for.
-fn host_ops(i: &PlanInput<'_>) -> Result<Vec<Op>> {
-    let on = shares(&i.opts.no_host);
-    let f = i.facts;
+fn host_ops(opts: &RunOptions, f: &HostFacts, user: &HostUser) -> Result<Vec<Op>> {
+    let on = shares(&opts.no_host);
     let mut ops = Vec::new();
     let bind = |src: &Path, kind, ro, recursive| Op::Bind { src: src.to_owned(), dst: src.to_owned(), kind, ro, recursive };
     if on(HostShare::Proc) {
         // A fresh procfs needs a pid namespace we own; without one, the host's /proc is the
         // truthful view of our pid namespace anyway.
-        ops.push(if i.opts.pid { Op::Proc } else { bind(Path::new("/proc"), Kind::Dir, false, true) });
+        ops.push(if opts.pid { Op::Proc } else { bind(Path::new("/proc"), Kind::Dir, false, true) });
     }
     if on(HostShare::Dev) {
         ops.push(Op::Dev { gpu: if on(HostShare::Gpu) { f.gpu.clone() } else { Vec::new() }, pty: f.pty });
@@ -316,14 +416,14 @@ fn host_ops(i: &PlanInput<'_>) -> Result<Vec<Op>> {
         ops.push(bind(Path::new("/nix"), Kind::Dir, false, true));
     }
     if on(HostShare::Home) {
-        ops.push(bind(&i.user.home, Kind::Dir, false, true));
+        ops.push(bind(&user.home, Kind::Dir, false, true));
     }
     let runtime_dir = f.runtime_dir.as_ref().filter(|_| on(HostShare::RuntimeDir));
     if let Some(rd) = runtime_dir {
         ops.push(bind(rd, Kind::Dir, false, true));
     }
     if let Some(xa) = f.xauthority.as_ref().filter(|_| on(HostShare::X11)) {
-        let covered = (on(HostShare::Home) && xa.starts_with(&i.user.home))
+        let covered = (on(HostShare::Home) && xa.starts_with(&user.home))
             || runtime_dir.is_some_and(|rd| xa.starts_with(rd))
             || (on(HostShare::Tmp) && xa.starts_with("/tmp"));
         if !covered {
@@ -339,7 +439,7 @@ fn host_ops(i: &PlanInput<'_>) -> Result<Vec<Op>> {
             ops.push(bind(Path::new(path), Kind::File, true, false));
         }
     }
-    for spec in &i.opts.binds {
+    for spec in &opts.binds {
         let (src, dst, ro) = parse_bind(spec, f.cwd.as_deref())?;
         let kind = if src.is_dir() { Kind::Dir } else { Kind::File };
         ops.push(Op::Bind { src, dst, kind, ro, recursive: true });
@@ -423,6 +523,7 @@ mod tests {
             user: &user(),
             shell: "/bin/sh".into(),
             host_env: vec![("TERM".into(), "xterm".into()), ("PATH".into(), "/nix/bin".into())],
+            start: Some(Start::At("/home/alice/src".into())),
         })
         .unwrap()
     }
@@ -496,5 +597,44 @@ mod tests {
         assert_eq!(parse_bind("/a:/b:ro", None).unwrap(), ("/a".into(), "/b".into(), true));
         assert_eq!(parse_bind("/a:/b:rw", None).unwrap(), ("/a".into(), "/b".into(), false));
         assert_eq!(parse_bind("/a:/b", None).unwrap(), ("/a".into(), "/b".into(), false));
+    }
+
+    fn ctx<'a>(taken: &'a dyn Fn(&Path) -> bool, booted: bool) -> StartCtx<'a> {
+        StartCtx { env_name: "dev", taken, booted }
+    }
+
+    #[test]
+    fn the_caller_directory_is_where_the_program_starts_or_a_refusal_names_it() {
+        let f = |cwd: &str| HostFacts { cwd: Some(cwd.into()), ..facts() };
+        let none = |_: &Path| false;
+        let all = |_: &Path| true;
+        let start_at = |o: &RunOptions, cwd: &str, taken: &dyn Fn(&Path) -> bool, booted| start(o, &f(cwd), &user(), false, &ctx(taken, booted));
+        let d = RunOptions::default();
+        // Shown by a share: there.
+        assert_eq!(start_at(&d, "/home/alice/src", &none, false).unwrap(), Some(Start::At("/home/alice/src".into())));
+        assert_eq!(start_at(&d, "/tmp/x", &all, false).unwrap(), Some(Start::At("/tmp/x".into())));
+        // Shown by a bind elsewhere: at its place inside.
+        let b = RunOptions { binds: vec!["/data/proj:/src".into()], ..Default::default() };
+        assert_eq!(start_at(&b, "/data/proj/sub", &none, false).unwrap(), Some(Start::At("/src/sub".into())));
+        // A bind over a share's place hides the share's directory there.
+        let over = RunOptions { binds: vec!["/data:/tmp/x".into()], ..Default::default() };
+        let e = start_at(&over, "/tmp/x/y", &none, false).unwrap_err().to_string();
+        assert!(e.contains("/tmp/x/y") && e.contains("/tmp/x is mounted over"), "the bind shows /data/y there, not the host's /tmp/x/y: {e}");
+        assert_eq!(start_at(&over, "/data/y", &none, false).unwrap(), Some(Start::At("/tmp/x/y".into())));
+        // Shown by nothing: bound, unless the environment has its own directory there.
+        assert_eq!(start_at(&d, "/var/tmp/proj", &none, false).unwrap(), Some(Start::Bind("/var/tmp/proj".into())));
+        let e = start_at(&d, "/etc", &all, false).unwrap_err().to_string();
+        assert!(e.contains("/etc") && e.contains("--cwd") && e.contains("--bind"), "{e}");
+        assert_eq!(start_at(&d, "/", &all, false).unwrap(), Some(Start::At("/".into())));
+        // A share turned off is not bound behind the user's back.
+        let off = RunOptions { no_host: vec![HostShare::Tmp], ..Default::default() };
+        let e = start_at(&off, "/tmp/x", &none, false).unwrap_err().to_string();
+        assert!(e.contains("/tmp/x") && e.contains("--no-host tmp") && e.contains("--cwd") && e.contains("--bind"), "{e}");
+        // A booted environment takes no binds.
+        let e = start_at(&d, "/var/tmp/proj", &none, true).unwrap_err().to_string();
+        assert!(e.contains("/var/tmp/proj") && e.contains("booted") && e.contains("--cwd"), "{e}");
+        // --cwd and a login decide for themselves.
+        assert_eq!(start_at(&RunOptions { cwd: Some("/etc".into()), ..Default::default() }, "/var/tmp/proj", &none, true).unwrap(), None);
+        assert_eq!(start(&d, &f("/etc"), &user(), true, &ctx(&all, false)).unwrap(), Some(Start::Home));
     }
 }

@@ -71,6 +71,10 @@ pub(crate) struct Spec {
     pub owned: Vec<PathBuf>,
     /// The user's uid and gid inside.
     pub owner: (u32, u32),
+    /// Directories of `dirs` (or on their way) that the layers have with another mode than 0755
+    /// (`/var/tmp` is 1777): as the top lower, the skeleton's directory decides the merged one's
+    /// mode, so it takes the layers'.
+    pub modes: Vec<(PathBuf, u32)>,
 }
 
 /// The sudoers drop-in of a skeleton (see [`spec`]); sudo wants it owned by root, mode 0440.
@@ -146,7 +150,21 @@ pub(crate) fn spec(env_name: &str, lowers: &[PathBuf], user: &HostUser, inside: 
         files.push(("etc/group".into(), g2.into_bytes()));
     }
     let links = links.iter().filter(|(n, _)| top_entry(lowers, n).is_none()).map(|(n, t)| (PathBuf::from(n), t.clone())).collect();
-    Spec { dirs, files, links, owned, owner: (user.uid, user.gid) }
+    let mut modes: Vec<(PathBuf, u32)> = Vec::new();
+    for d in &dirs {
+        for a in d.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+            if modes.iter().any(|(p, _)| p == a) {
+                continue;
+            }
+            if let Some(m) = top_entry(lowers, &a.to_string_lossy()).filter(|m| m.is_dir()) {
+                let mode = std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777;
+                if mode != 0o755 {
+                    modes.push((a.to_owned(), mode));
+                }
+            }
+        }
+    }
+    Spec { dirs, files, links, owned, owner: (user.uid, user.gid), modes }
 }
 
 /// What makes a shell's prompt name the environment: `/etc/debian_chroot`, which Debian's and
@@ -179,6 +197,11 @@ pub(crate) fn materialize(spec: &Spec, root: &Path) -> Result<()> {
         let mode = if f == Path::new(SUDOERS) { 0o440 } else { 0o644 };
         let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&p).with_context(|| format!("cannot create {}", p.display()))?;
         std::io::Write::write_all(&mut file, content).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    // Last: a mode without write permission would stop the writes above.
+    for (d, mode) in &spec.modes {
+        let p = root.join(d);
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode)).with_context(|| format!("cannot set the mode of {}", p.display()))?;
     }
     Ok(())
 }
