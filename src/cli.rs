@@ -358,6 +358,7 @@ impl RunOpts {
             compose,
             boot: None,
             home_start: false,
+            launcher_dirs: Vec::new(),
         }
     }
 }

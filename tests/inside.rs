@@ -6,6 +6,8 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -79,6 +81,59 @@ fn the_program_starts_in_the_callers_directory_or_plyroot_refuses_naming_it() {
         s.run("t", &["--no-host", "tmp"], &["pwd"]).plyroot_error(&[&scratch, "--no-host tmp", "--cwd", "--bind"]);
     }
     assert_eq!(s.run("t", &["--no-host", "tmp", "--cwd", "/etc"], &["pwd"]).ok().line(), "/etc");
+}
+
+/// Environments `a`, `b`, `c`, `d` on one busybox base; `b`, `c` and `d` each have a program
+/// `step-X` that names where it runs and calls the next by name; `a` has none of them.
+fn chain(s: &Store) -> Result<PathBuf, String> {
+    userns()?;
+    let root = s.path("base-rootfs");
+    busybox_rootfs(&root)?;
+    let base = s.import(&format!("dir:{}", root.display())).remove(0);
+    let bin = s.path("launchers");
+    let next = [("b", "step-c"), ("c", "step-d"), ("d", "")];
+    s.create("a", &[&format!("layer:{base}")]);
+    for (env, then) in next {
+        let d = s.path(&format!("layer-{env}"));
+        fs::create_dir_all(d.join("usr/local/bin")).unwrap();
+        fs::create_dir_all(d.join("opt/lvl")).unwrap();
+        fs::write(d.join(format!("opt/lvl/{env}")), "").unwrap();
+        let prog = d.join(format!("usr/local/bin/step-{env}"));
+        let call = if then.is_empty() { String::new() } else { format!("{then}\n") };
+        fs::write(&prog, format!("#!/bin/sh\necho \"{env}: $PLYROOT_ENV sees $(ls /opt/lvl | tr '\\n' ' ')in $(pwd)\"\n{call}")).unwrap();
+        fs::set_permissions(&prog, fs::Permissions::from_mode(0o755)).unwrap();
+        s.create(env, &[&format!("layer:{base}"), &format!("dir:{}", d.display())]);
+        s.plyroot(&["export", env, &format!("step-{env}"), "--to", &bin.to_string_lossy()]).ok();
+    }
+    Ok(bin)
+}
+
+#[test]
+fn a_build_in_one_environment_calls_launchers_of_others_by_name_3_deep() {
+    let s = Store::new();
+    let bin = need!(chain(&s));
+    let here = fs::canonicalize(s.path("")).unwrap();
+    // A's PATH: its own directories, then the launchers'; the caller's PATH does not have them.
+    let o = s.run("a", &[], &["sh", "-c", "echo $PATH; step-b"]).ok();
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines[0], format!("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:{}", bin.display()), "{o}");
+    let h = here.display();
+    assert_eq!(&lines[1..], [format!("b: b sees b in {h}"), format!("c: c sees b c in {h}"), format!("d: d sees b c d in {h}")], "{o}");
+    // From a directory that needs a bind, all the way down.
+    let dir = need!(unshared_dir());
+    let mut c = s.cmd(&["run", "a", "--", "step-b"]);
+    c.current_dir(dir.path());
+    let o = run_with(&mut c, None, TIMEOUT).ok();
+    assert!(o.stdout.lines().all(|l| l.ends_with(&format!("in {}", dir.path().display()))), "{o}");
+    // A launcher whose program its environment no longer has fails as a missing program does:
+    // it never finds itself (or another launcher) on the PATH instead.
+    s.sh("d", "printf '#!/bin/sh\\necho vanishing\\n' > /usr/local/bin/vanish && chmod +x /usr/local/bin/vanish").ok();
+    s.plyroot(&["export", "d", "vanish", "--to", &bin.to_string_lossy()]).ok();
+    s.plyroot(&["reset", "d", "--force"]).ok();
+    let mut c = Command::new(bin.join("vanish"));
+    c.env("PLYROOT_HOME", &s.home).env("PATH", format!("{}:/usr/bin:/bin", bin.display()));
+    let o = run_with(&mut c, None, Duration::from_secs(30)).code(127);
+    assert!(o.stderr.contains("'vanish' was not found in environment 'd'"), "{o}");
 }
 
 #[test]

@@ -201,6 +201,9 @@ pub(crate) struct RunOptions {
     pub command: Vec<OsString>,
     /// Start the shell as a login shell (`enter`).
     pub login: bool,
+    /// A launcher: its program is looked up in the environment's own PATH only, never in the
+    /// directories of launchers (a launcher never starts another for its own program).
+    pub compose: bool,
 }
 
 /// The program to start once the root is in place.
@@ -213,6 +216,9 @@ pub(crate) struct Exec {
     /// Failing to enter `cwd[0]` is an error, not a fallback: `--cwd` was given, or it is the
     /// caller's directory (see [`Start`]).
     pub cwd_required: bool,
+    /// Where a program name without `/` is looked up (a launcher: the environment's own PATH);
+    /// None: the PATH of `env`, as exec does.
+    pub lookup: Option<String>,
 }
 
 /// Where the program starts when no `--cwd` is given: the caller's directory, never silently
@@ -361,12 +367,15 @@ pub(crate) struct PlanInput<'a> {
     pub host_env: Vec<(OsString, OsString)>,
     /// Where the program starts without `--cwd` (see [`start`]); None with `--cwd`.
     pub start: Option<Start>,
+    /// Directories that hold launchers, kept on PATH after the environment's own (see
+    /// `launcher::path_dirs`).
+    pub launcher_dirs: Vec<PathBuf>,
 }
 
 pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
     let mut ops = host_ops(&i.opts, i.facts, i.user)?;
     let home = if shares(&i.opts.no_host)(HostShare::Home) || i.inside.uid != 0 { i.user.home.clone() } else { "/root".into() };
-    let env = exec_env(&i, &home)?;
+    let (env, own_path) = exec_env(&i, &home)?;
     let argv: Vec<OsString> = if i.opts.command.is_empty() {
         let mut v = vec![OsString::from(&i.shell)];
         if i.opts.login {
@@ -386,7 +395,8 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         }
         (None, Some(Start::Home) | None) => (vec![home, PathBuf::from("/")], false),
     };
-    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required }, pid: i.opts.pid })
+    let lookup = i.opts.compose.then_some(own_path);
+    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required, lookup }, pid: i.opts.pid })
 }
 
 /// The per-run mounts: the host shares that are on, then the binds asked for.
@@ -448,8 +458,13 @@ fn host_ops(opts: &RunOptions, f: &HostFacts, user: &HostUser) -> Result<Vec<Op>
 }
 
 /// The program's environment: the inherited one without what names the host's user and paths,
-/// then the run's own variables and `--env`.
-fn exec_env(i: &PlanInput<'_>, home: &Path) -> Result<Vec<(OsString, OsString)>> {
+/// then the run's own variables and `--env`; and the PATH without the launchers' directories.
+///
+/// PATH is not the host's: the host's directories (`/nix/...`, `/usr/bin` of another
+/// distribution) would shadow the environment's own programs. It is the distribution's default,
+/// then the directories that hold launchers, so a program inside finds an exported command of
+/// another environment by name, after its own.
+fn exec_env(i: &PlanInput<'_>, home: &Path) -> Result<(Vec<(OsString, OsString)>, String)> {
     let mut env: Vec<(OsString, OsString)> = i
         .host_env
         .iter()
@@ -457,8 +472,15 @@ fn exec_env(i: &PlanInput<'_>, home: &Path) -> Result<Vec<(OsString, OsString)>>
         .cloned()
         .collect();
     let user_name = if i.inside.uid == 0 { "root".to_owned() } else { i.user.name.clone() };
+    let mut path = PATH.to_owned();
+    for d in &i.launcher_dirs {
+        if let Some(d) = d.to_str().filter(|d| !d.contains(':') && !path.split(':').any(|p| p == *d)) {
+            path.push(':');
+            path.push_str(d);
+        }
+    }
     for (k, v) in [
-        ("PATH", PATH.to_owned()),
+        ("PATH", path),
         ("HOME", home.display().to_string()),
         ("USER", user_name.clone()),
         ("LOGNAME", user_name),
@@ -475,7 +497,9 @@ fn exec_env(i: &PlanInput<'_>, home: &Path) -> Result<Vec<(OsString, OsString)>>
         env.retain(|(ek, _)| ek != k);
         env.push((k.into(), v.into()));
     }
-    Ok(env)
+    // A PATH set for the environment (manifest `env`, `-e`) is its own, launchers' or not.
+    let own = i.opts.env.iter().rev().find_map(|kv| kv.strip_prefix("PATH=")).unwrap_or(PATH).to_owned();
+    Ok((env, own))
 }
 
 #[cfg(test)]
@@ -524,6 +548,7 @@ mod tests {
             shell: "/bin/sh".into(),
             host_env: vec![("TERM".into(), "xterm".into()), ("PATH".into(), "/nix/bin".into())],
             start: Some(Start::At("/home/alice/src".into())),
+            launcher_dirs: Vec::new(),
         })
         .unwrap()
     }
@@ -636,5 +661,49 @@ mod tests {
         // --cwd and a login decide for themselves.
         assert_eq!(start_at(&RunOptions { cwd: Some("/etc".into()), ..Default::default() }, "/var/tmp/proj", &none, true).unwrap(), None);
         assert_eq!(start(&d, &f("/etc"), &user(), true, &ctx(&all, false)).unwrap(), Some(Start::Home));
+    }
+
+    #[test]
+    fn a_bound_caller_directory_is_the_last_mount_and_must_be_entered() {
+        let f = HostFacts { cwd: Some("/var/tmp/proj".into()), ..facts() };
+        let inside = choose(&user(), false, None, false);
+        let alice = user();
+        let mut i = PlanInput {
+            env_name: "dev",
+            root: run(RunOptions::default(), &facts()).root,
+            store: None,
+            facts: &f,
+            opts: RunOptions { compose: true, ..Default::default() },
+            inside: &inside,
+            user: &alice,
+            shell: "/bin/sh".into(),
+            host_env: vec![("PATH".into(), "/host/bin".into())],
+            start: Some(Start::Bind("/var/tmp/proj".into())),
+            launcher_dirs: vec!["/home/alice/.local/bin".into(), "/usr/bin".into()],
+        };
+        let p = plan(PlanInput { opts: RunOptions { compose: true, ..Default::default() }, ..i }).unwrap();
+        assert_eq!(dsts(&p).last().unwrap(), "/var/tmp/proj");
+        assert_eq!((p.exec.cwd.clone(), p.exec.cwd_required), (vec![PathBuf::from("/var/tmp/proj")], true));
+        // PATH: the environment's own directories, then the launchers' (once each); a launcher's
+        // program is looked up in the environment's own only.
+        let path = p.exec.env.iter().find(|(k, _)| k == "PATH").unwrap().1.clone();
+        assert_eq!(path, OsString::from(format!("{PATH}:/home/alice/.local/bin")));
+        assert_eq!(p.exec.lookup.as_deref(), Some(PATH));
+        i = PlanInput {
+            env_name: "dev",
+            root: p.root,
+            store: None,
+            facts: &f,
+            opts: RunOptions { env: vec!["PATH=/opt/x".into()], ..Default::default() },
+            inside: &inside,
+            user: &alice,
+            shell: "/bin/sh".into(),
+            host_env: Vec::new(),
+            start: None,
+            launcher_dirs: vec!["/home/alice/.local/bin".into()],
+        };
+        let p = plan(i).unwrap();
+        assert!(p.exec.env.contains(&("PATH".into(), "/opt/x".into())) && p.exec.lookup.is_none());
+        assert_eq!(p.exec.cwd, vec![PathBuf::from("/home/alice"), PathBuf::from("/")]);
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct Request {
     pub boot: Option<String>,
     /// Start in the home, not the caller's directory (`login`, as a login shell does).
     pub home_start: bool,
+    /// Directories that hold launchers, for PATH inside (see `launcher::path_dirs`).
+    pub launcher_dirs: Vec<PathBuf>,
 }
 
 /// A decided launch.
@@ -550,6 +552,7 @@ fn plan_input<'a>(
         cwd: req.cwd.clone(),
         command: req.command.clone(),
         login: req.login,
+        compose: req.compose,
     };
     Ok(PlanInput {
         env_name: &env.name,
@@ -562,5 +565,6 @@ fn plan_input<'a>(
         shell,
         host_env: std::env::vars_os().collect(),
         start: c.start.clone(),
+        launcher_dirs: req.launcher_dirs.clone(),
     })
 }

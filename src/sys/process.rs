@@ -235,10 +235,11 @@ pub(crate) fn exit_like(code: i32) -> ! {
     std::process::exit(code)
 }
 
-/// Replaces this process with `argv[0]` (searched in `PATH` of `env`). Only returns on failure.
-pub(crate) fn exec(argv: &[OsString], env: &[(OsString, OsString)]) -> std::io::Error {
-    let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+/// Replaces this process with `argv`: `program` when given (argv[0] then is only its name),
+/// else argv[0] looked up in `env`'s PATH. Only returns on failure.
+pub(crate) fn exec(argv: &[OsString], program: Option<&Path>, env: &[(OsString, OsString)]) -> std::io::Error {
+    let mut cmd = std::process::Command::new(program.map(Path::as_os_str).unwrap_or(&argv[0]));
+    cmd.arg0(&argv[0]).args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     cmd.exec()
 }
 
