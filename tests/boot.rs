@@ -223,3 +223,25 @@ fn runs_without_the_upper_do_not_join_and_another_generation_is_refused() {
     s.plyroot(&["switch", "svc", "2"]).ok();
     s.sh("svc", "cat /two").plyroot_error(&["booted on generation 1", "plyroot stop svc"]);
 }
+
+#[test]
+fn login_and_runs_in_a_booted_environment_have_a_named_terminal_and_start_in_the_home() {
+    let s = need!(svc(4247));
+    let script = need!(tool("script"));
+    s.plyroot(&["boot", "svc", "--ready", "test -s /run/svc.pid", "--timeout", "30"]).ok();
+    // Its mounts are init's: the program gets a pty of the environment's own, relayed to ours.
+    let p = shell_quote(&bin().to_string_lossy());
+    let on_a_terminal = |cmd: String, stdin: &[u8]| {
+        let mut c = std::process::Command::new(&script);
+        c.args(["-qec", &cmd, "/dev/null"]).env("PLYROOT_HOME", &s.home).current_dir(s.tmp.path());
+        run_with(&mut c, Some(stdin), Duration::from_secs(60))
+    };
+    let o = on_a_terminal(format!("{p} login svc"), b"tty; pwd; test -t 0 && echo is-a-tty; exit 3\n").code(3);
+    let home = me().home.to_string_lossy().into_owned();
+    let out: Vec<&str> = o.stdout.lines().map(str::trim).collect();
+    assert!(out.iter().any(|l| l.starts_with("/dev/pts/")) && out.contains(&home.as_str()) && out.contains(&"is-a-tty"), "{o}");
+    let o = on_a_terminal(format!("{p} run --cwd / svc -- sh -c 'tty; exit 4'"), b"").code(4);
+    assert!(o.stdout.lines().any(|l| l.trim().starts_with("/dev/pts/")), "{o}");
+    // Not on a terminal: no pty, as before.
+    assert_eq!(s.run("svc", &["--cwd", "/"], &["sh", "-c", "tty || true"]).ok().line(), "not a tty");
+}

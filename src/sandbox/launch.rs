@@ -174,10 +174,21 @@ pub(crate) fn start_in_booted(pidfd: &OwnedFd, plan: &Plan, inside: &Inside, bec
         }
         ns::clear_groups()?;
     }
+    // A terminal of the environment's own, relayed: the caller's cannot be bound in there.
+    let pty = match super::relay::open() {
+        Ok(p) => p,
+        Err(e) => {
+            crate::diag::debug!("no terminal of the booted environment's own: {e:#}");
+            None
+        }
+    };
     let held = Cell::new(Some(held));
     let child = process::spawn(|| {
         drop(held.take());
         process::unblock_signals();
+        if let Some(p) = &pty {
+            p.attach()?;
+        }
         enter_cwd(plan)?;
         let e = exec(plan);
         let f = exec_failed(plan, env_name, e);
@@ -185,5 +196,8 @@ pub(crate) fn start_in_booted(pidfd: &OwnedFd, plan: &Plan, inside: &Inside, bec
         Ok(f.code)
     })?;
     drop(held.take());
-    Ok(Ok(process::supervise(child, false)))
+    match pty {
+        Some(p) => Ok(Ok(p.relay(child)?)),
+        None => Ok(Ok(process::supervise(child, false))),
+    }
 }

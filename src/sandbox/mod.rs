@@ -12,6 +12,7 @@ pub(crate) mod launch;
 pub(crate) mod mounts;
 pub(crate) mod namespaces;
 pub(crate) mod prepare;
+pub(crate) mod relay;
 pub(crate) mod skel;
 
 use std::collections::HashSet;
