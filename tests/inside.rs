@@ -180,6 +180,8 @@ fn completion_offers_the_environment_names() {
     assert_eq!(complete("plyroot run --root ''"), "dev other");
     assert_eq!(complete("plyroot enter o"), "other");
     assert_eq!(complete("plyroot rm dev ''"), "dev other");
+    assert_eq!(complete("plyroot unexport --env ''"), "dev other");
+    assert!(!complete("plyroot run -e ''").split(' ').any(|w| w == "dev"), "-e takes KEY=VALUE, not a name");
     assert_eq!(complete(&format!("plyroot --store {} stop ''", shell_quote(&s.home.to_string_lossy()))), "dev other");
     // Not where a command takes something else: a new name, the command after the environment.
     assert_eq!(complete("plyroot create ''").split(' ').find(|w| *w == "dev"), None);

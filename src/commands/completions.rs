@@ -1,4 +1,5 @@
-//! completions: clap's script for a shell, taught to complete environment names.
+//! completions: clap's script for a shell, taught to complete environment names (also the
+//! value of `unexport --env`).
 //!
 //! clap's generated scripts know the commands and options but not the store, so each gets a small
 //! wrapper that, where a command takes an environment, offers the names `plyroot list --names`
@@ -61,7 +62,7 @@ _plyroot() {
             *) if [[ -z $sub ]]; then sub=$w; else n=$((n + 1)); fi ;;
         esac
     done
-    if [[ $cur != -* && -n $sub && -z $skip ]] && { { [[ $n == 0 ]] && [[ " @FIRST@ " == *" $sub "* ]]; } || [[ " @ALL@ " == *" $sub "* ]]; }; then
+    if { [[ $skip == --env && $sub == unexport ]]; } || { [[ $cur != -* && -n $sub && -z $skip ]] && { { [[ $n == 0 ]] && [[ " @FIRST@ " == *" $sub "* ]]; } || [[ " @ALL@ " == *" $sub "* ]]; }; }; then
         COMPREPLY=($(compgen -W "$(plyroot "${store[@]}" list --names 2>/dev/null)" -- "$cur"))
         return 0
     fi
@@ -87,7 +88,7 @@ _plyroot() {
             *) if [[ -z $sub ]]; then sub=$w; else n=$((n + 1)); fi ;;
         esac
     done
-    if [[ ${words[CURRENT]} != -* && -n $sub && -z $skip ]] && { { [[ $n == 0 && " @FIRST@ " == *" $sub "* ]]; } || [[ " @ALL@ " == *" $sub "* ]]; }; then
+    if [[ $skip == --env && $sub == unexport ]] || { [[ ${words[CURRENT]} != -* && -n $sub && -z $skip ]] && { { [[ $n == 0 && " @FIRST@ " == *" $sub "* ]]; } || [[ " @ALL@ " == *" $sub "* ]]; }; }; then
         local -a envs
         envs=(${(f)"$(plyroot $store list --names 2>/dev/null)"})
         compadd -a envs
@@ -125,6 +126,10 @@ function __plyroot_wants_env
                     set n (math $n + 1)
                 end
         end
+    end
+    if test "$skip" = --env -a "$sub" = unexport
+        plyroot $store list --names 2>/dev/null
+        return 0
     end
     test -z "$skip"; or return 1
     if contains -- $sub @ALL@; or begin; test $n -eq 0; and contains -- $sub @FIRST@; end
