@@ -136,7 +136,7 @@ pub(crate) fn build(plan: &Plan, shared: Option<Shared>) -> Result<OwnedFd> {
             match &r.skel {
                 Skel::Dir(d) => lowers.insert(0, d.clone()),
                 Skel::Tmpfs(spec) => {
-                    super::skel::materialize(spec, &mp.join("skel"))?;
+                    super::skel::materialize(spec, &r.lowers, &mp.join("skel"))?;
                     lowers.insert(0, mp.join("skel"));
                 }
             }

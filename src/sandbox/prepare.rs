@@ -359,7 +359,7 @@ fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Sk
         Vec::new()
     };
     let spec = skel::spec(&env.name, &c.lowers, &c.user, &c.inside, &c.facts, &bind_points, &host_links);
-    match skel::ensure(store, env, c.generation.number, &spec) {
+    match skel::ensure(store, env, c.generation.number, &spec, &c.lowers) {
         Ok(dir) => Ok(Skel::Dir(dir)),
         Err(e) if c.inside_env => {
             crate::diag::debug!("skeleton on a tmpfs: {e:#}");

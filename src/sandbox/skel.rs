@@ -71,10 +71,6 @@ pub(crate) struct Spec {
     pub owned: Vec<PathBuf>,
     /// The user's uid and gid inside.
     pub owner: (u32, u32),
-    /// Directories of `dirs` (or on their way) that the layers have with another mode than 0755
-    /// (`/var/tmp` is 1777): as the top lower, the skeleton's directory decides the merged one's
-    /// mode, so it takes the layers'.
-    pub modes: Vec<(PathBuf, u32)>,
 }
 
 /// The sudoers drop-in of a skeleton (see [`spec`]); sudo wants it owned by root, mode 0440.
@@ -150,21 +146,7 @@ pub(crate) fn spec(env_name: &str, lowers: &[PathBuf], user: &HostUser, inside: 
         files.push(("etc/group".into(), g2.into_bytes()));
     }
     let links = links.iter().filter(|(n, _)| top_entry(lowers, n).is_none()).map(|(n, t)| (PathBuf::from(n), t.clone())).collect();
-    let mut modes: Vec<(PathBuf, u32)> = Vec::new();
-    for d in &dirs {
-        for a in d.ancestors().filter(|a| !a.as_os_str().is_empty()) {
-            if modes.iter().any(|(p, _)| p == a) {
-                continue;
-            }
-            if let Some(m) = top_entry(lowers, &a.to_string_lossy()).filter(|m| m.is_dir()) {
-                let mode = std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777;
-                if mode != 0o755 {
-                    modes.push((a.to_owned(), mode));
-                }
-            }
-        }
-    }
-    Spec { dirs, files, links, owned, owner: (user.uid, user.gid), modes }
+    Spec { dirs, files, links, owned, owner: (user.uid, user.gid) }
 }
 
 /// What makes a shell's prompt name the environment: `/etc/debian_chroot`, which Debian's and
@@ -182,8 +164,33 @@ fn prompt_files(env_name: &str) -> Vec<(PathBuf, Vec<u8>)> {
     vec![("etc/debian_chroot".into(), format!("{env_name}\n").into_bytes()), ("etc/profile.d/plyroot-prompt.sh".into(), profile.as_bytes().to_vec())]
 }
 
-/// Writes `spec` into the empty directory `root`.
-pub(crate) fn materialize(spec: &Spec, root: &Path) -> Result<()> {
+/// Directories of `spec` (or on their way) that the layers (top first) have with another mode
+/// than 0755 (`/var/tmp` is 1777): as the top lower, the skeleton's directory decides the merged
+/// one's mode, so it takes the layers'. Not part of the spec: the layers of a generation do not
+/// change, so this is worked out only when a skeleton is written, not at every launch.
+fn layer_modes(spec: &Spec, lowers: &[PathBuf]) -> Vec<(PathBuf, u32)> {
+    let mut modes: Vec<(PathBuf, u32)> = Vec::new();
+    let mut seen: Vec<&Path> = Vec::new();
+    for d in spec.dirs.iter().map(PathBuf::as_path).chain(spec.files.iter().filter_map(|(f, _)| f.parent())) {
+        for a in d.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+            if seen.contains(&a) {
+                continue;
+            }
+            seen.push(a);
+            if let Some(m) = top_entry(lowers, &a.to_string_lossy()).filter(|m| m.is_dir()) {
+                let mode = std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777;
+                if mode != 0o755 {
+                    modes.push((a.to_owned(), mode));
+                }
+            }
+        }
+    }
+    modes
+}
+
+/// Writes `spec` into the empty directory `root`, its directories with the modes `lowers` give
+/// them.
+pub(crate) fn materialize(spec: &Spec, lowers: &[PathBuf], root: &Path) -> Result<()> {
     let mk = |p: &Path| fs::DirBuilder::new().recursive(true).mode(0o755).create(root.join(p)).with_context(|| format!("cannot create {}", root.join(p).display()));
     mk(Path::new(""))?;
     for d in &spec.dirs {
@@ -199,23 +206,23 @@ pub(crate) fn materialize(spec: &Spec, root: &Path) -> Result<()> {
         std::io::Write::write_all(&mut file, content).with_context(|| format!("cannot write {}", p.display()))?;
     }
     // Last: a mode without write permission would stop the writes above.
-    for (d, mode) in &spec.modes {
+    for (d, mode) in layer_modes(spec, lowers) {
         let p = root.join(d);
-        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(*mode)).with_context(|| format!("cannot set the mode of {}", p.display()))?;
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).with_context(|| format!("cannot set the mode of {}", p.display()))?;
     }
     Ok(())
 }
 
 /// The skeleton's directory in the store for this generation and content, built on first use.
 /// Fails on a read-only store (inside an environment); the caller then uses a tmpfs.
-pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, spec: &Spec) -> Result<PathBuf> {
+pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, spec: &Spec, lowers: &[PathBuf]) -> Result<PathBuf> {
     let dir = env.dir.join("skel").join(format!("{generation}-{:016x}", spec.fingerprint()));
     if dir.is_dir() {
         return Ok(dir);
     }
     let st = store.staging()?;
     let root = st.path.join("skel");
-    materialize(spec, &root)?;
+    materialize(spec, lowers, &root)?;
     // Owned as on any system: root's, but the user's own directories (home, runtime dir), and
     // the skeleton's root, which the user must be able to move into place (`/` takes its owner
     // from the upper anyway).
