@@ -113,8 +113,11 @@ pub(crate) enum Command {
     },
     /// List environments
     List {
-        #[arg(long)]
+        #[arg(long, conflicts_with = "names")]
         json: bool,
+        /// Print only the names, one a line (for scripts and shell completion)
+        #[arg(long)]
+        names: bool,
     },
     /// Remove environments, with their writable upper
     Rm {
@@ -298,8 +301,8 @@ pub(crate) enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<std::ffi::OsString>,
     },
-    /// Print a shell completion script
-    #[command(after_help = "Examples:\n  plyroot completions bash > ~/.local/share/bash-completion/completions/plyroot")]
+    /// Print a shell completion script (bash, zsh and fish also complete environment names)
+    #[command(after_help = "Where a command takes an environment, bash, zsh and fish complete the names `plyroot list --names`\nprints, from the store `--store` names on the command line, else the default one.\n\nExamples:\n  plyroot completions bash > ~/.local/share/bash-completion/completions/plyroot")]
     Completions { shell: clap_complete::Shell },
     /// Write man pages into a directory
     Manpages {
@@ -354,6 +357,8 @@ impl RunOpts {
             login,
             compose,
             boot: None,
+            home_start: false,
+            launcher_dirs: Vec::new(),
         }
     }
 }
@@ -381,7 +386,7 @@ pub(crate) struct RunOpts {
     /// Set an environment variable inside: KEY=VALUE; repeatable
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Working directory inside [default: the current one when it exists inside, else home]
+    /// Working directory inside [default: the current one; bound when no share shows it]
     #[arg(long, value_name = "DIR")]
     pub cwd: Option<PathBuf>,
     /// Use the upper although it was written on other layers than the current generation's

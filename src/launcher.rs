@@ -61,6 +61,46 @@ pub(crate) fn receipts(store: &Store, env: Option<&str>) -> Result<Vec<Receipt>>
     Ok(out)
 }
 
+fn dirs_index(store: &Store) -> PathBuf {
+    store.root.join("launchers").join(".dirs")
+}
+
+/// Rewrites the index of the directories launchers are in, from the receipts: a launch reads it
+/// (one small file) instead of every receipt.
+fn write_dirs_index(store: &Store) -> Result<()> {
+    let mut dirs: Vec<PathBuf> = receipts(store, None)?.into_iter().filter_map(|r| r.link.parent().map(Path::to_path_buf)).collect();
+    dirs.sort();
+    dirs.dedup();
+    let text: String = dirs.iter().filter_map(|d| d.to_str()).map(|d| format!("{d}\n")).collect();
+    fs::create_dir_all(store.root.join("launchers")).with_context(|| format!("cannot create {}", store.root.join("launchers").display()))?;
+    crate::store::write_atomic(&dirs_index(store), text.as_bytes())
+}
+
+/// The directories that hold launchers, for PATH inside an environment: those of the caller's
+/// PATH first, in its order, then the others `export` installed into. A store made before the
+/// index existed is read from its receipts.
+pub(crate) fn path_dirs(store: &Store, caller_path: Option<&std::ffi::OsStr>) -> Vec<PathBuf> {
+    let mut known: Vec<PathBuf> = match fs::read_to_string(dirs_index(store)) {
+        Ok(t) => t.lines().filter(|l| !l.is_empty()).map(PathBuf::from).collect(),
+        Err(_) if store.root.join("launchers").is_dir() => receipts(store, None).unwrap_or_default().into_iter().filter_map(|r| r.link.parent().map(Path::to_path_buf)).collect(),
+        Err(_) => return Vec::new(),
+    };
+    if known.is_empty() {
+        return known;
+    }
+    let mut out = Vec::new();
+    for d in caller_path.map(std::env::split_paths).into_iter().flatten() {
+        // export records the directory resolved; PATH may name it through a link.
+        let real = if known.contains(&d) { Some(d.clone()) } else { fs::canonicalize(&d).ok().filter(|r| known.contains(r)) };
+        if let Some(real) = real {
+            known.retain(|k| *k != real);
+            out.push(d);
+        }
+    }
+    out.extend(known);
+    out
+}
+
 fn default_dir() -> Result<PathBuf> {
     let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).context("$HOME is not set: pass --to DIR")?;
     Ok(PathBuf::from(home).join(".local/bin"))
@@ -101,6 +141,7 @@ pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&
         replace_symlink(&inner, &link)?;
         out.push(r);
     }
+    write_dirs_index(store)?;
     Ok(out)
 }
 
@@ -143,7 +184,7 @@ pub(crate) fn remove(store: &Store, r: &Receipt) -> Result<()> {
     let _ = fs::remove_file(&inner);
     fs::remove_file(dir(store, &r.env).join(format!("{}.json", r.name))).with_context(|| format!("cannot remove the receipt of {}", r.name))?;
     let _ = fs::remove_dir(dir(store, &r.env));
-    Ok(())
+    write_dirs_index(store)
 }
 
 /// `.desktop` entries of the environment that start `program`, rewritten to start the launcher,

@@ -176,7 +176,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Create { ref name, ref from, ref base, .. } => commands::envs::create(&open()?, name, from, base.as_deref()),
         Command::Run { ref opts, ref name, ref command } => commands::run::run(open()?, name, opts.request(command.clone(), false, false), opts.booted),
         Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts.request(Vec::new(), true, false), opts.booted),
-        Command::List { json } => commands::envs::list(&open()?, json),
+        Command::List { json, names } => commands::envs::list(&open()?, json, names),
         Command::Rm { ref names } => commands::envs::rm(&open()?, names),
         Command::Apply { ref file, update, ref envs, .. } => commands::envs::apply(&open()?, file, update, envs),
         Command::Generations { ref name, json } => commands::envs::generations(&open()?, name, json),
@@ -210,7 +210,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Doctor { json } => commands::doctor::doctor(&open()?, json),
         Command::Unshare { ref command } => commands::run::unshare(command),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "plyroot", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "plyroot", &mut script);
+            commands::out(&commands::completions::with_env_names(&shell.to_string(), &String::from_utf8_lossy(&script))?)?;
             Ok(0)
         }
         Command::Manpages { ref dir } => {

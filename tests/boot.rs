@@ -73,12 +73,18 @@ fn boot_join_see_the_service_and_stop_leaves_nothing() {
     let st = s.plyroot(&["status", "--json"]).ok().json();
     assert_eq!(st[0]["name"], "svc", "{st}");
     // run joins the booted namespaces: init is PID 1, the service runs, the hostname is the env's.
-    let o = s.sh("svc", "cat /run/booted; hostname; cat /proc/1/comm; test -d /proc/$(cat /run/svc.pid) && echo svc-up").ok();
+    let o = s.run("svc", &["--cwd", "/"], &["sh", "-c", "cat /run/booted; hostname; cat /proc/1/comm; test -d /proc/$(cat /run/svc.pid) && echo svc-up"]).ok();
     assert_eq!(o.stdout, "booted\nsvc\ninit\nsvc-up\n", "{o}");
     assert_eq!(fs::read_to_string("/proc/sys/kernel/hostname").unwrap(), hostname, "the host's hostname changed");
     // The program's status passes through the join; --root makes you root there.
-    s.sh("svc", "exit 7").code(7);
-    assert_eq!(s.run("svc", &["--root"], &["id", "-u"]).ok().stdout, "0\n");
+    s.run("svc", &["--cwd", "/"], &["sh", "-c", "exit 7"]).code(7);
+    assert_eq!(s.run("svc", &["--root", "--cwd", "/"], &["id", "-u"]).ok().stdout, "0\n");
+    // The booted system has its own /tmp, and takes no binds: from a directory it does not show,
+    // a run refuses, naming it (booted runs above start with --cwd).
+    let scratch = s.tmp.path().to_string_lossy().into_owned();
+    if scratch.starts_with("/tmp/") {
+        s.sh("svc", "pwd").plyroot_error(&[&scratch, "booted", "--cwd"]);
+    }
     assert!(!service_pids(4242).is_empty(), "the service is not visible from the host");
     // Booting again is a no-op while it is up.
     s.plyroot(&["boot", "svc"]).ok();
@@ -87,7 +93,7 @@ fn boot_join_see_the_service_and_stop_leaves_nothing() {
     assert_eq!(service_pids(4242), Vec::<u32>::new(), "processes left after stop");
     assert_eq!(s.plyroot(&["status", "--json"]).ok().json(), serde_json::json!([]));
     // After stop, run starts its own root again.
-    assert_eq!(s.sh("svc", "test -e /proc/1 && cat /run/booted").ok().stdout, "booted\n");
+    assert_eq!(s.run("svc", &["--cwd", "/"], &["sh", "-c", "test -e /proc/1 && cat /run/booted"]).ok().stdout, "booted\n");
 }
 
 #[test]
@@ -135,9 +141,9 @@ fn systemd_boots_to_running_and_stops_cleanly() {
     }
     let o = o.ok();
     assert!(o.stderr.contains("systemd is running") || o.stderr.contains("systemd is degraded"), "{o}");
-    let state = s.run("sd", &[], &["systemctl", "is-system-running"]).stdout;
+    let state = s.run("sd", &["--cwd", "/"], &["systemctl", "is-system-running"]).stdout;
     assert!(state == "running\n" || state == "degraded\n", "{state}");
-    let j = s.run("sd", &[], &["journalctl", "--no-pager", "-q", "-n", "50"]).ok();
+    let j = s.run("sd", &["--cwd", "/"], &["journalctl", "--no-pager", "-q", "-n", "50"]).ok();
     assert!(j.stdout.contains("Startup finished"), "{j}");
     s.plyroot(&["stop", "sd", "--timeout", "30"]).ok();
     std::thread::sleep(Duration::from_millis(500));
@@ -156,7 +162,7 @@ fn stop_returns_when_everything_is_gone_so_boot_right_after_boots() {
     let s = need!(svc(4244));
     for round in 0..3 {
         s.plyroot(&["boot", "svc", "--ready", "test -s /run/svc.pid", "--timeout", "30"]).ok();
-        let o = s.sh("svc", "cat /run/booted; cat /proc/1/comm").ok();
+        let o = s.run("svc", &["--cwd", "/"], &["sh", "-c", "cat /run/booted; cat /proc/1/comm"]).ok();
         assert_eq!(o.stdout, "booted\ninit\n", "round {round}: {o}");
         s.plyroot(&["stop", "svc", "--timeout", "10"]).ok();
         // No pause: stop waited for init and its supervisor.
@@ -196,7 +202,7 @@ fn a_run_that_fails_to_start_in_a_booted_environment_is_one_error() {
     // The program's child fails before exec: it must end there, not go on as a second supervisor.
     let o = s.run("svc", &["--cwd", "/no/such/dir"], &["true"]).plyroot_error(&["--cwd", "/no/such/dir"]);
     assert_eq!(o.stderr.matches("plyroot: error:").count(), 1, "{o}");
-    assert_eq!(s.sh("svc", "echo still-up").ok().stdout, "still-up\n");
+    assert_eq!(s.run("svc", &["--cwd", "/"], &["sh", "-c", "echo still-up"]).ok().stdout, "still-up\n");
 }
 
 #[test]
@@ -216,4 +222,26 @@ fn runs_without_the_upper_do_not_join_and_another_generation_is_refused() {
     s.plyroot(&["boot", "svc", "--ready", "test -s /run/svc.pid", "--timeout", "30"]).ok();
     s.plyroot(&["switch", "svc", "2"]).ok();
     s.sh("svc", "cat /two").plyroot_error(&["booted on generation 1", "plyroot stop svc"]);
+}
+
+#[test]
+fn login_and_runs_in_a_booted_environment_have_a_named_terminal_and_start_in_the_home() {
+    let s = need!(svc(4247));
+    let script = need!(tool("script"));
+    s.plyroot(&["boot", "svc", "--ready", "test -s /run/svc.pid", "--timeout", "30"]).ok();
+    // Its mounts are init's: the program gets a pty of the environment's own, relayed to ours.
+    let p = shell_quote(&bin().to_string_lossy());
+    let on_a_terminal = |cmd: String, stdin: &[u8]| {
+        let mut c = std::process::Command::new(&script);
+        c.args(["-qec", &cmd, "/dev/null"]).env("PLYROOT_HOME", &s.home).current_dir(s.tmp.path());
+        run_with(&mut c, Some(stdin), Duration::from_secs(60))
+    };
+    let o = on_a_terminal(format!("{p} login svc"), b"tty; pwd; test -t 0 && echo is-a-tty; exit 3\n").code(3);
+    let home = me().home.to_string_lossy().into_owned();
+    let out: Vec<&str> = o.stdout.lines().map(str::trim).collect();
+    assert!(out.iter().any(|l| l.starts_with("/dev/pts/")) && out.contains(&home.as_str()) && out.contains(&"is-a-tty"), "{o}");
+    let o = on_a_terminal(format!("{p} run --cwd / svc -- sh -c 'tty; exit 4'"), b"").code(4);
+    assert!(o.stdout.lines().any(|l| l.trim().starts_with("/dev/pts/")), "{o}");
+    // Not on a terminal: no pty, as before.
+    assert_eq!(s.run("svc", &["--cwd", "/"], &["sh", "-c", "tty || true"]).ok().line(), "not a tty");
 }

@@ -127,7 +127,7 @@ fn enter_and_run_root_share_one_mount_and_see_each_others_writes() {
     };
     assert_eq!(lines[2], dev_enter, "run --root mounted a second overlay over the upper: {o}");
     // Other flags join the same mount too.
-    for opts in [&["--pid"][..], &["--no-host", "tmp"], &["--bind", "/etc:/hostetc:ro"], &["-e", "X=1", "--root", "--pid"]] {
+    for opts in [&["--pid"][..], &["--no-host", "tmp", "--cwd", "/"], &["--bind", "/etc:/hostetc:ro"], &["-e", "X=1", "--root", "--pid"]] {
         assert_eq!(root_dev(&s, opts), dev_enter, "{opts:?} mounted a second overlay over the upper");
     }
     fs::write(&go, b"").unwrap();

@@ -514,8 +514,8 @@ fn tmp_is_shared_and_cwd_kept() {
     assert_eq!(out.stdout, format!("{scratch}\nhost\n"), "{out}");
     assert_eq!(fs::read_to_string(s.path("from-inside")).unwrap(), "back\n");
     assert_eq!(s.run("t", &["--cwd", "/etc"], &["pwd"]).ok().stdout, "/etc\n");
-    // --no-host tmp: the host's /tmp is not there (and the cwd falls back).
-    let out = s.run("t", &["--no-host", "tmp"], &["sh", "-c", &format!("test ! -e {scratch}/from-host && echo hidden")]).ok();
+    // --no-host tmp: the host's /tmp is not there (nor is the cwd under it: --cwd says where to start).
+    let out = s.run("t", &["--no-host", "tmp", "--cwd", "/"], &["sh", "-c", &format!("test ! -e {scratch}/from-host && echo hidden")]).ok();
     assert_eq!(out.stdout, "hidden\n", "{out}");
 }
 
@@ -534,7 +534,7 @@ fn no_host_turns_things_off() {
         // The fixture has no resolv.conf of its own.
         s.run("t", &["--no-host", "resolv,hosts"], &["sh", "-c", "test ! -s /etc/resolv.conf && test ! -s /etc/hosts"]).ok();
     }
-    s.run("t", &["--no-host", "all"], &["cat", "/etc/fixture"]).ok();
+    s.run("t", &["--no-host", "all", "--cwd", "/"], &["cat", "/etc/fixture"]).ok();
     s.plyroot(&["run", "--no-host", "bogus", "t", "--", "true"]).failed();
 }
 

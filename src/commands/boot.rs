@@ -42,7 +42,7 @@ fn is_systemd(store: &Store, env: &Env, init: &str) -> bool {
 /// in the booted environment's namespaces (it fails when init is gone, never in a fresh root).
 fn inside(store: &Store, name: &str, args: &[&str]) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap_or_else(|_| PathBuf::from("plyroot")));
-    c.arg("--store").arg(&store.root).args(["-q", "run", "--booted", name, "--"]).args(args).stdin(Stdio::null());
+    c.arg("--store").arg(&store.root).args(["-q", "run", "--booted", "--cwd", "/", name, "--"]).args(args).stdin(Stdio::null());
     c
 }
 
@@ -228,5 +228,6 @@ pub(crate) fn login(store: Store, name: &str) -> Result<i32> {
             bail!("cannot boot '{name}' for the login");
         }
     }
-    super::run::run(store, name, Request { login: true, ..Request::default() }, false)
+    // A login shell starts in the home, as ssh's and machinectl's do, not where it was called.
+    super::run::run(store, name, Request { login: true, home_start: true, ..Request::default() }, false)
 }

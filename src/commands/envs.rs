@@ -53,7 +53,12 @@ struct EnvRow {
     upper_bytes: u64,
 }
 
-pub(crate) fn list(store: &Store, json: bool) -> Result<i32> {
+pub(crate) fn list(store: &Store, json: bool, names: bool) -> Result<i32> {
+    if names {
+        // No upper walk: completion runs this at every Tab.
+        let s: String = store.envs()?.into_iter().map(|e| format!("{}\n", e.name)).collect();
+        return out(&s).map(|_| 0);
+    }
     let mut rows = Vec::new();
     for env in store.envs()? {
         let g = env.current()?;

@@ -1,6 +1,7 @@
 //! One function per subcommand: glue between the CLI, the store and the sandbox.
 
 pub(crate) mod boot;
+pub(crate) mod completions;
 pub(crate) mod doctor;
 pub(crate) mod envs;
 pub(crate) mod export;

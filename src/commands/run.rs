@@ -20,8 +20,9 @@ pub(crate) fn recover(env: &Env) -> Result<()> {
 }
 
 /// Runs `req` in environment `name`; `booted`: only when it is booted.
-pub(crate) fn run(store: Store, name: &str, req: Request, booted: bool) -> Result<i32> {
+pub(crate) fn run(store: Store, name: &str, mut req: Request, booted: bool) -> Result<i32> {
     let env = store.env(name)?;
+    req.launcher_dirs = crate::launcher::path_dirs(&store, std::env::var_os("PATH").as_deref());
     recover(&env)?;
     if booted && env.booted().is_none() {
         bail!("'{name}' is not booted (`plyroot boot {name}`)");
@@ -72,7 +73,7 @@ pub(crate) fn unshare(command: &[std::ffi::OsString]) -> Result<i32> {
     };
     crate::sandbox::become_image_root()?;
     let env: Vec<_> = std::env::vars_os().collect();
-    let e = process::exec(&argv, &env);
+    let e = process::exec(&argv, None, &env);
     let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
     eprintln!("plyroot: error: cannot run {}: {e}", crate::text::escape(&argv[0].to_string_lossy()));
     Ok(code)

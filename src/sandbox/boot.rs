@@ -123,7 +123,7 @@ fn start(plan: &Plan, inside: &Inside, hostname: &str, log: &fs::File, recording
             ns::clear_groups()?;
         }
         process::chdir(Path::new("/"))?;
-        let e = process::exec(&plan.exec.argv, &plan.exec.env);
+        let e = process::exec(&plan.exec.argv, None, &plan.exec.env);
         drop(ready_wr);
         anyhow::bail!("cannot start init {}: {e}", plan.exec.argv[0].to_string_lossy())
     })?;

@@ -57,15 +57,36 @@ fn enter_cwd(plan: &Plan) -> Result<()> {
         }
     }
     if plan.exec.cwd_required {
-        bail!("--cwd {}: no such directory inside the environment", plan.exec.cwd[0].display());
+        bail!("cannot start in {}: no such directory inside the environment (--cwd DIR starts elsewhere)", plan.exec.cwd[0].display());
     }
     Ok(())
+}
+
+/// Starts the plan's program (in the root, after the pivot). A launcher's program is looked up
+/// in the environment's own PATH only: found in a launcher's directory it would be a launcher
+/// again, maybe this one.
+fn exec(plan: &Plan) -> std::io::Error {
+    use std::os::unix::ffi::OsStrExt;
+    let name = &plan.exec.argv[0];
+    let program = plan.exec.lookup.as_deref().filter(|_| !name.as_bytes().contains(&b'/')).map(|lookup| {
+        let candidates = lookup.split(':').filter(|d| d.starts_with('/')).map(|d| std::path::Path::new(d).join(name));
+        let mut first = None;
+        for c in candidates {
+            if fs::metadata(&c).is_ok_and(|m| m.is_file()) && rustix::fs::access(&c, rustix::fs::Access::EXEC_OK).is_ok() {
+                return c;
+            }
+            first.get_or_insert(c);
+        }
+        // Not there: exec fails as a missing program does.
+        first.unwrap_or_else(|| PathBuf::from("/").join(name))
+    });
+    process::exec(&plan.exec.argv, program.as_deref(), &plan.exec.env)
 }
 
 fn exec_failed(plan: &Plan, env_name: &str, e: std::io::Error) -> ExecFailed {
     let prog = plan.exec.argv[0].to_string_lossy();
     match e.raw_os_error() {
-        Some(libc::ENOENT) => ExecFailed { code: 127, message: format!("'{prog}' was not found in environment '{env_name}' (PATH={})", super::PATH) },
+        Some(libc::ENOENT) => ExecFailed { code: 127, message: format!("'{prog}' was not found in environment '{env_name}' (PATH={})", plan.exec.lookup.clone().or_else(|| plan.exec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.to_string_lossy().into_owned())).unwrap_or_default()) },
         _ => ExecFailed { code: 126, message: format!("cannot execute '{prog}' in environment '{env_name}': {e}") },
     }
 }
@@ -124,7 +145,7 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str, recording: Op
     mounts::pivot(&root)?;
     enter_cwd(plan)?;
     drop(held);
-    let e = process::exec(&plan.exec.argv, &plan.exec.env);
+    let e = exec(plan);
     Ok(Err(exec_failed(plan, env_name, e)))
 }
 
@@ -133,7 +154,7 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str, recording: Op
 fn pid1(plan: &Plan, env_name: &str) -> Result<i32> {
     let program = process::spawn(|| {
         process::unblock_signals();
-        let e = process::exec(&plan.exec.argv, &plan.exec.env);
+        let e = exec(plan);
         let f = exec_failed(plan, env_name, e);
         eprintln!("plyroot: error: {}", crate::text::escape(&f.message));
         Ok(f.code)
@@ -153,16 +174,30 @@ pub(crate) fn start_in_booted(pidfd: &OwnedFd, plan: &Plan, inside: &Inside, bec
         }
         ns::clear_groups()?;
     }
+    // A terminal of the environment's own, relayed: the caller's cannot be bound in there.
+    let pty = match super::relay::open() {
+        Ok(p) => p,
+        Err(e) => {
+            crate::diag::debug!("no terminal of the booted environment's own: {e:#}");
+            None
+        }
+    };
     let held = Cell::new(Some(held));
     let child = process::spawn(|| {
         drop(held.take());
         process::unblock_signals();
+        if let Some(p) = &pty {
+            p.attach()?;
+        }
         enter_cwd(plan)?;
-        let e = process::exec(&plan.exec.argv, &plan.exec.env);
+        let e = exec(plan);
         let f = exec_failed(plan, env_name, e);
         eprintln!("plyroot: error: {}", crate::text::escape(&f.message));
         Ok(f.code)
     })?;
     drop(held.take());
-    Ok(Ok(process::supervise(child, false)))
+    match pty {
+        Some(p) => Ok(Ok(p.relay(child)?)),
+        None => Ok(Ok(process::supervise(child, false))),
+    }
 }

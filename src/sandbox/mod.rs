@@ -12,6 +12,7 @@ pub(crate) mod launch;
 pub(crate) mod mounts;
 pub(crate) mod namespaces;
 pub(crate) mod prepare;
+pub(crate) mod relay;
 pub(crate) mod skel;
 
 use std::collections::HashSet;
@@ -118,8 +119,9 @@ pub(crate) enum Op {
     Bind { src: PathBuf, dst: PathBuf, kind: Kind, ro: bool, recursive: bool },
     /// A fresh procfs (the run has its own pid namespace).
     Proc,
-    /// A tmpfs /dev with the safe host nodes, a private devpts and shm, plus `gpu` nodes.
-    Dev { gpu: Vec<PathBuf> },
+    /// A tmpfs /dev with the safe host nodes, a private devpts and shm, plus `gpu` nodes, and
+    /// the caller's terminal at its name, /dev/pts/`pty`, so that `tty` and ttyname(3) find it.
+    Dev { gpu: Vec<PathBuf>, pty: Option<u32> },
 }
 
 /// What the host offers, gathered once per launch (a few stats).
@@ -134,6 +136,28 @@ pub(crate) struct HostFacts {
     pub resolv: bool,
     pub hosts: bool,
     pub localtime: bool,
+    /// The caller's terminal, /dev/pts/N, when stdin, stdout or stderr is one.
+    pub pty: Option<u32>,
+}
+
+/// N of the caller's terminal /dev/pts/N, when stdin, stdout or stderr is one and that name here
+/// is that terminal (three fstats, and one stat on a terminal).
+fn caller_pty() -> Option<u32> {
+    use std::os::fd::AsFd;
+    let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    for fd in [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()] {
+        let Ok(st) = rustix::fs::fstat(fd) else { continue };
+        let major = rustix::fs::major(st.st_rdev);
+        // UNIX98 pty slaves (devpts).
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::CharacterDevice || !(136..=143).contains(&major) {
+            continue;
+        }
+        let n = (major - 136) * 256 + rustix::fs::minor(st.st_rdev);
+        if rustix::fs::stat(format!("/dev/pts/{n}")).is_ok_and(|named| named.st_dev == st.st_dev && named.st_ino == st.st_ino) {
+            return Some(n);
+        }
+    }
+    None
 }
 
 impl HostFacts {
@@ -161,6 +185,7 @@ impl HostFacts {
             resolv: is("/etc/resolv.conf"),
             hosts: is("/etc/hosts"),
             localtime: is("/etc/localtime"),
+            pty: caller_pty(),
         }
     }
 }
@@ -177,6 +202,9 @@ pub(crate) struct RunOptions {
     pub command: Vec<OsString>,
     /// Start the shell as a login shell (`enter`).
     pub login: bool,
+    /// A launcher: its program is looked up in the environment's own PATH only, never in the
+    /// directories of launchers (a launcher never starts another for its own program).
+    pub compose: bool,
 }
 
 /// The program to start once the root is in place.
@@ -186,8 +214,24 @@ pub(crate) struct Exec {
     pub env: Vec<(OsString, OsString)>,
     /// Directories to try in order; the first that exists inside wins.
     pub cwd: Vec<PathBuf>,
-    /// `--cwd` was given: failing to enter it is an error, not a fallback.
+    /// Failing to enter `cwd[0]` is an error, not a fallback: `--cwd` was given, or it is the
+    /// caller's directory (see [`Start`]).
     pub cwd_required: bool,
+    /// Where a program name without `/` is looked up (a launcher: the environment's own PATH);
+    /// None: the PATH of `env`, as exec does.
+    pub lookup: Option<String>,
+}
+
+/// Where the program starts when no `--cwd` is given: the caller's directory, never silently
+/// another one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// Shown inside at this path by a host share or a bind (the root itself for `/`).
+    At(PathBuf),
+    /// Not shown by anything: bound at its own path for this run.
+    Bind(PathBuf),
+    /// A login shell (`login`), or a caller whose directory is gone: the home, else `/`.
+    Home,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,6 +273,86 @@ pub(crate) fn parse_bind(spec: &str, cwd: Option<&Path>) -> Result<(PathBuf, Pat
     Ok((src, PathBuf::from(dst), ro))
 }
 
+/// The path inside at which `ops` show the host path `p`, if any: the last mount that holds it,
+/// unless a later one covers that place.
+fn shown_at(ops: &[Op], p: &Path) -> Option<PathBuf> {
+    for (i, op) in ops.iter().enumerate().rev() {
+        let Op::Bind { src, dst: at, .. } = op else { continue };
+        let Ok(rel) = p.strip_prefix(src) else { continue };
+        let q = if rel.as_os_str().is_empty() { at.clone() } else { at.join(rel) };
+        if ops[i + 1..].iter().any(|o| q.starts_with(op_dst(o))) {
+            continue;
+        }
+        return Some(q);
+    }
+    None
+}
+
+/// Where a per-run mount goes inside.
+fn op_dst(o: &Op) -> PathBuf {
+    match o {
+        Op::Bind { dst, .. } => dst.clone(),
+        Op::Proc => PathBuf::from("/proc"),
+        Op::Dev { .. } => PathBuf::from("/dev"),
+    }
+}
+
+/// What decides where a run without `--cwd` starts, besides its options.
+pub(crate) struct StartCtx<'a> {
+    pub env_name: &'a str,
+    /// Whether a path exists in the environment's own root (its layers and upper): binding the
+    /// caller's directory there would hide the environment's.
+    pub taken: &'a dyn Fn(&Path) -> bool,
+    /// The run joins a booted environment, whose mounts it cannot add to.
+    pub booted: bool,
+}
+
+/// Where a run without `--cwd` starts (see [`Start`]): the caller's directory where a share or
+/// bind shows it; bound at its own path where nothing does; refused, naming it, where binding
+/// it would go against what was asked (a share turned off), hide the environment's own
+/// directory of that name, or is impossible (a booted environment).
+pub(crate) fn start(opts: &RunOptions, facts: &HostFacts, user: &HostUser, home_start: bool, ctx: &StartCtx<'_>) -> Result<Option<Start>> {
+    if opts.cwd.is_some() {
+        return Ok(None);
+    }
+    if home_start {
+        return Ok(Some(Start::Home));
+    }
+    let Some(cwd) = &facts.cwd else {
+        crate::diag::warn!("your current directory no longer exists: starting in your home inside '{}'", ctx.env_name);
+        return Ok(Some(Start::Home));
+    };
+    if cwd == Path::new("/") {
+        return Ok(Some(Start::At(cwd.clone())));
+    }
+    let ops = host_ops(opts, facts, user)?;
+    if let Some(q) = shown_at(&ops, cwd) {
+        return Ok(Some(Start::At(q)));
+    }
+    let (env, c) = (ctx.env_name, cwd.display());
+    if ctx.booted {
+        bail!("'{env}' is booted, and your directory {c} is not visible in it (a booted environment has its own /tmp and /run, and takes no binds once it runs): start from a directory under your home, or pass --cwd DIR");
+    }
+    let on = shares(&opts.no_host);
+    let off_share = [(HostShare::Home, Some(user.home.as_path())), (HostShare::Tmp, Some(Path::new("/tmp"))), (HostShare::Nix, Some(Path::new("/nix"))), (HostShare::RuntimeDir, f_rd(facts))]
+        .into_iter()
+        .find(|(s, p)| !on(*s) && p.is_some_and(|p| cwd.starts_with(p)));
+    if let Some((share, _)) = off_share {
+        bail!("your directory {c} is not shared with '{env}' (--no-host {} keeps it out): pass --cwd DIR to start in a directory inside, or --bind {c}:{c} to take it in", share.as_str());
+    }
+    if let Some(d) = ops.iter().rev().map(op_dst).find(|d| cwd.starts_with(d)) {
+        bail!("your directory {c} is not visible in '{env}': {} is mounted over that place inside: pass --cwd DIR to start in a directory inside, or --bind {c}:DIR --cwd DIR to take it in", d.display());
+    }
+    if (ctx.taken)(cwd) {
+        bail!("your directory {c} is the host's, and '{env}' has its own {c}: pass --cwd {c} to start in the environment's, or --bind {c}:DIR --cwd DIR to take yours in at another place");
+    }
+    Ok(Some(Start::Bind(cwd.clone())))
+}
+
+fn f_rd(f: &HostFacts) -> Option<&Path> {
+    f.runtime_dir.as_deref()
+}
+
 pub(crate) struct PlanInput<'a> {
     pub env_name: &'a str,
     pub root: RootSpec,
@@ -242,12 +366,17 @@ pub(crate) struct PlanInput<'a> {
     pub shell: String,
     /// The inherited environment.
     pub host_env: Vec<(OsString, OsString)>,
+    /// Where the program starts without `--cwd` (see [`start`]); None with `--cwd`.
+    pub start: Option<Start>,
+    /// Directories that hold launchers, kept on PATH after the environment's own (see
+    /// `launcher::path_dirs`).
+    pub launcher_dirs: Vec<PathBuf>,
 }
 
 pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
-    let ops = host_ops(&i)?;
+    let mut ops = host_ops(&i.opts, i.facts, i.user)?;
     let home = if shares(&i.opts.no_host)(HostShare::Home) || i.inside.uid != 0 { i.user.home.clone() } else { "/root".into() };
-    let env = exec_env(&i, &home)?;
+    let (env, own_path) = exec_env(&i, &home)?;
     let argv: Vec<OsString> = if i.opts.command.is_empty() {
         let mut v = vec![OsString::from(&i.shell)];
         if i.opts.login {
@@ -257,26 +386,32 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
     } else {
         i.opts.command.clone()
     };
-    let (cwd, cwd_required) = match &i.opts.cwd {
-        Some(c) => (vec![c.clone()], true),
-        None => (i.facts.cwd.iter().cloned().chain([home, PathBuf::from("/")]).collect(), false),
+    let (cwd, cwd_required) = match (&i.opts.cwd, &i.start) {
+        (Some(c), _) => (vec![c.clone()], true),
+        (None, Some(Start::At(p))) => (vec![p.clone()], true),
+        (None, Some(Start::Bind(p))) => {
+            // Last: no share or bind may cover it.
+            ops.push(Op::Bind { src: p.clone(), dst: p.clone(), kind: Kind::Dir, ro: false, recursive: true });
+            (vec![p.clone()], true)
+        }
+        (None, Some(Start::Home) | None) => (vec![home, PathBuf::from("/")], false),
     };
-    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required }, pid: i.opts.pid })
+    let lookup = i.opts.compose.then_some(own_path);
+    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required, lookup }, pid: i.opts.pid })
 }
 
 /// The per-run mounts: the host shares that are on, then the binds asked for.
-fn host_ops(i: &PlanInput<'_>) -> Result<Vec<Op>> {
-    let on = shares(&i.opts.no_host);
-    let f = i.facts;
+fn host_ops(opts: &RunOptions, f: &HostFacts, user: &HostUser) -> Result<Vec<Op>> {
+    let on = shares(&opts.no_host);
     let mut ops = Vec::new();
     let bind = |src: &Path, kind, ro, recursive| Op::Bind { src: src.to_owned(), dst: src.to_owned(), kind, ro, recursive };
     if on(HostShare::Proc) {
         // A fresh procfs needs a pid namespace we own; without one, the host's /proc is the
         // truthful view of our pid namespace anyway.
-        ops.push(if i.opts.pid { Op::Proc } else { bind(Path::new("/proc"), Kind::Dir, false, true) });
+        ops.push(if opts.pid { Op::Proc } else { bind(Path::new("/proc"), Kind::Dir, false, true) });
     }
     if on(HostShare::Dev) {
-        ops.push(Op::Dev { gpu: if on(HostShare::Gpu) { f.gpu.clone() } else { Vec::new() } });
+        ops.push(Op::Dev { gpu: if on(HostShare::Gpu) { f.gpu.clone() } else { Vec::new() }, pty: f.pty });
     }
     if on(HostShare::Sys) {
         ops.push(bind(Path::new("/sys"), Kind::Dir, true, true));
@@ -292,14 +427,14 @@ fn host_ops(i: &PlanInput<'_>) -> Result<Vec<Op>> {
         ops.push(bind(Path::new("/nix"), Kind::Dir, false, true));
     }
     if on(HostShare::Home) {
-        ops.push(bind(&i.user.home, Kind::Dir, false, true));
+        ops.push(bind(&user.home, Kind::Dir, false, true));
     }
     let runtime_dir = f.runtime_dir.as_ref().filter(|_| on(HostShare::RuntimeDir));
     if let Some(rd) = runtime_dir {
         ops.push(bind(rd, Kind::Dir, false, true));
     }
     if let Some(xa) = f.xauthority.as_ref().filter(|_| on(HostShare::X11)) {
-        let covered = (on(HostShare::Home) && xa.starts_with(&i.user.home))
+        let covered = (on(HostShare::Home) && xa.starts_with(&user.home))
             || runtime_dir.is_some_and(|rd| xa.starts_with(rd))
             || (on(HostShare::Tmp) && xa.starts_with("/tmp"));
         if !covered {
@@ -315,7 +450,7 @@ fn host_ops(i: &PlanInput<'_>) -> Result<Vec<Op>> {
             ops.push(bind(Path::new(path), Kind::File, true, false));
         }
     }
-    for spec in &i.opts.binds {
+    for spec in &opts.binds {
         let (src, dst, ro) = parse_bind(spec, f.cwd.as_deref())?;
         let kind = if src.is_dir() { Kind::Dir } else { Kind::File };
         ops.push(Op::Bind { src, dst, kind, ro, recursive: true });
@@ -324,8 +459,13 @@ fn host_ops(i: &PlanInput<'_>) -> Result<Vec<Op>> {
 }
 
 /// The program's environment: the inherited one without what names the host's user and paths,
-/// then the run's own variables and `--env`.
-fn exec_env(i: &PlanInput<'_>, home: &Path) -> Result<Vec<(OsString, OsString)>> {
+/// then the run's own variables and `--env`; and the PATH without the launchers' directories.
+///
+/// PATH is not the host's: the host's directories (`/nix/...`, `/usr/bin` of another
+/// distribution) would shadow the environment's own programs. It is the distribution's default,
+/// then the directories that hold launchers, so a program inside finds an exported command of
+/// another environment by name, after its own.
+fn exec_env(i: &PlanInput<'_>, home: &Path) -> Result<(Vec<(OsString, OsString)>, String)> {
     let mut env: Vec<(OsString, OsString)> = i
         .host_env
         .iter()
@@ -333,8 +473,15 @@ fn exec_env(i: &PlanInput<'_>, home: &Path) -> Result<Vec<(OsString, OsString)>>
         .cloned()
         .collect();
     let user_name = if i.inside.uid == 0 { "root".to_owned() } else { i.user.name.clone() };
+    let mut path = PATH.to_owned();
+    for d in &i.launcher_dirs {
+        if let Some(d) = d.to_str().filter(|d| !d.contains(':') && !path.split(':').any(|p| p == *d)) {
+            path.push(':');
+            path.push_str(d);
+        }
+    }
     for (k, v) in [
-        ("PATH", PATH.to_owned()),
+        ("PATH", path),
         ("HOME", home.display().to_string()),
         ("USER", user_name.clone()),
         ("LOGNAME", user_name),
@@ -351,7 +498,9 @@ fn exec_env(i: &PlanInput<'_>, home: &Path) -> Result<Vec<(OsString, OsString)>>
         env.retain(|(ek, _)| ek != k);
         env.push((k.into(), v.into()));
     }
-    Ok(env)
+    // A PATH set for the environment (manifest `env`, `-e`) is its own, launchers' or not.
+    let own = i.opts.env.iter().rev().find_map(|kv| kv.strip_prefix("PATH=")).unwrap_or(PATH).to_owned();
+    Ok((env, own))
 }
 
 #[cfg(test)]
@@ -374,6 +523,7 @@ mod tests {
             resolv: true,
             hosts: true,
             localtime: false,
+            pty: None,
         }
     }
 
@@ -398,6 +548,8 @@ mod tests {
             user: &user(),
             shell: "/bin/sh".into(),
             host_env: vec![("TERM".into(), "xterm".into()), ("PATH".into(), "/nix/bin".into())],
+            start: Some(Start::At("/home/alice/src".into())),
+            launcher_dirs: Vec::new(),
         })
         .unwrap()
     }
@@ -408,7 +560,7 @@ mod tests {
             .map(|o| match o {
                 Op::Bind { dst, ro, .. } => format!("{}{}", dst.display(), if *ro { ":ro" } else { "" }),
                 Op::Proc => "proc".into(),
-                Op::Dev { gpu } => format!("dev+{}", gpu.len()),
+                Op::Dev { gpu, .. } => format!("dev+{}", gpu.len()),
             })
             .collect()
     }
@@ -471,5 +623,88 @@ mod tests {
         assert_eq!(parse_bind("/a:/b:ro", None).unwrap(), ("/a".into(), "/b".into(), true));
         assert_eq!(parse_bind("/a:/b:rw", None).unwrap(), ("/a".into(), "/b".into(), false));
         assert_eq!(parse_bind("/a:/b", None).unwrap(), ("/a".into(), "/b".into(), false));
+    }
+
+    fn ctx<'a>(taken: &'a dyn Fn(&Path) -> bool, booted: bool) -> StartCtx<'a> {
+        StartCtx { env_name: "dev", taken, booted }
+    }
+
+    #[test]
+    fn the_caller_directory_is_where_the_program_starts_or_a_refusal_names_it() {
+        let f = |cwd: &str| HostFacts { cwd: Some(cwd.into()), ..facts() };
+        let none = |_: &Path| false;
+        let all = |_: &Path| true;
+        let start_at = |o: &RunOptions, cwd: &str, taken: &dyn Fn(&Path) -> bool, booted| start(o, &f(cwd), &user(), false, &ctx(taken, booted));
+        let d = RunOptions::default();
+        // Shown by a share: there.
+        assert_eq!(start_at(&d, "/home/alice/src", &none, false).unwrap(), Some(Start::At("/home/alice/src".into())));
+        assert_eq!(start_at(&d, "/tmp/x", &all, false).unwrap(), Some(Start::At("/tmp/x".into())));
+        // Shown by a bind elsewhere: at its place inside.
+        let b = RunOptions { binds: vec!["/data/proj:/src".into()], ..Default::default() };
+        assert_eq!(start_at(&b, "/data/proj/sub", &none, false).unwrap(), Some(Start::At("/src/sub".into())));
+        // A bind over a share's place hides the share's directory there.
+        let over = RunOptions { binds: vec!["/data:/tmp/x".into()], ..Default::default() };
+        let e = start_at(&over, "/tmp/x/y", &none, false).unwrap_err().to_string();
+        assert!(e.contains("/tmp/x/y") && e.contains("/tmp/x is mounted over"), "the bind shows /data/y there, not the host's /tmp/x/y: {e}");
+        assert_eq!(start_at(&over, "/data/y", &none, false).unwrap(), Some(Start::At("/tmp/x/y".into())));
+        // Shown by nothing: bound, unless the environment has its own directory there.
+        assert_eq!(start_at(&d, "/var/tmp/proj", &none, false).unwrap(), Some(Start::Bind("/var/tmp/proj".into())));
+        let e = start_at(&d, "/etc", &all, false).unwrap_err().to_string();
+        assert!(e.contains("/etc") && e.contains("--cwd") && e.contains("--bind"), "{e}");
+        assert_eq!(start_at(&d, "/", &all, false).unwrap(), Some(Start::At("/".into())));
+        // A share turned off is not bound behind the user's back.
+        let off = RunOptions { no_host: vec![HostShare::Tmp], ..Default::default() };
+        let e = start_at(&off, "/tmp/x", &none, false).unwrap_err().to_string();
+        assert!(e.contains("/tmp/x") && e.contains("--no-host tmp") && e.contains("--cwd") && e.contains("--bind"), "{e}");
+        // A booted environment takes no binds.
+        let e = start_at(&d, "/var/tmp/proj", &none, true).unwrap_err().to_string();
+        assert!(e.contains("/var/tmp/proj") && e.contains("booted") && e.contains("--cwd"), "{e}");
+        // --cwd and a login decide for themselves.
+        assert_eq!(start_at(&RunOptions { cwd: Some("/etc".into()), ..Default::default() }, "/var/tmp/proj", &none, true).unwrap(), None);
+        assert_eq!(start(&d, &f("/etc"), &user(), true, &ctx(&all, false)).unwrap(), Some(Start::Home));
+    }
+
+    #[test]
+    fn a_bound_caller_directory_is_the_last_mount_and_must_be_entered() {
+        let f = HostFacts { cwd: Some("/var/tmp/proj".into()), ..facts() };
+        let inside = choose(&user(), false, None, false);
+        let alice = user();
+        let mut i = PlanInput {
+            env_name: "dev",
+            root: run(RunOptions::default(), &facts()).root,
+            store: None,
+            facts: &f,
+            opts: RunOptions { compose: true, ..Default::default() },
+            inside: &inside,
+            user: &alice,
+            shell: "/bin/sh".into(),
+            host_env: vec![("PATH".into(), "/host/bin".into())],
+            start: Some(Start::Bind("/var/tmp/proj".into())),
+            launcher_dirs: vec!["/home/alice/.local/bin".into(), "/usr/bin".into()],
+        };
+        let p = plan(PlanInput { opts: RunOptions { compose: true, ..Default::default() }, ..i }).unwrap();
+        assert_eq!(dsts(&p).last().unwrap(), "/var/tmp/proj");
+        assert_eq!((p.exec.cwd.clone(), p.exec.cwd_required), (vec![PathBuf::from("/var/tmp/proj")], true));
+        // PATH: the environment's own directories, then the launchers' (once each); a launcher's
+        // program is looked up in the environment's own only.
+        let path = p.exec.env.iter().find(|(k, _)| k == "PATH").unwrap().1.clone();
+        assert_eq!(path, OsString::from(format!("{PATH}:/home/alice/.local/bin")));
+        assert_eq!(p.exec.lookup.as_deref(), Some(PATH));
+        i = PlanInput {
+            env_name: "dev",
+            root: p.root,
+            store: None,
+            facts: &f,
+            opts: RunOptions { env: vec!["PATH=/opt/x".into()], ..Default::default() },
+            inside: &inside,
+            user: &alice,
+            shell: "/bin/sh".into(),
+            host_env: Vec::new(),
+            start: None,
+            launcher_dirs: vec!["/home/alice/.local/bin".into()],
+        };
+        let p = plan(i).unwrap();
+        assert!(p.exec.env.contains(&("PATH".into(), "/opt/x".into())) && p.exec.lookup.is_none());
+        assert_eq!(p.exec.cwd, vec![PathBuf::from("/home/alice"), PathBuf::from("/")]);
     }
 }

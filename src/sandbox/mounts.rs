@@ -136,7 +136,7 @@ pub(crate) fn build(plan: &Plan, shared: Option<Shared>) -> Result<OwnedFd> {
             match &r.skel {
                 Skel::Dir(d) => lowers.insert(0, d.clone()),
                 Skel::Tmpfs(spec) => {
-                    super::skel::materialize(spec, &mp.join("skel"))?;
+                    super::skel::materialize(spec, &r.lowers, &mp.join("skel"))?;
                     lowers.insert(0, mp.join("skel"));
                 }
             }
@@ -187,12 +187,12 @@ fn own_host_dirs(r: &RootSpec, root: &OwnedFd) -> Result<()> {
 /// A per-run mount's host side, copied before the root exists.
 enum Source {
     Tree(OwnedFd),
-    /// /dev's host nodes (name, copy) and GPU nodes (path, copy, kind).
     Dev(DevNodes),
     None,
 }
 
-type DevNodes = (Vec<(&'static str, OwnedFd)>, Vec<(PathBuf, OwnedFd, Kind)>);
+/// /dev's host nodes (name, copy), GPU nodes (path, copy, kind), the caller's terminal (N, copy).
+type DevNodes = (Vec<(&'static str, OwnedFd)>, Vec<(PathBuf, OwnedFd, Kind)>, Option<(u32, OwnedFd)>);
 
 fn clone_sources(ops: &[Op]) -> Result<Vec<Source>> {
     ops.iter()
@@ -205,7 +205,7 @@ fn clone_sources(ops: &[Op]) -> Result<Vec<Source>> {
                     }
                     Source::Tree(tree)
                 }
-                Op::Dev { gpu } => {
+                Op::Dev { gpu, pty } => {
                     let mut nodes = Vec::new();
                     for node in ["null", "zero", "full", "random", "urandom", "tty"] {
                         let host = Path::new("/dev").join(node);
@@ -220,7 +220,18 @@ fn clone_sources(ops: &[Op]) -> Result<Vec<Source>> {
                         let kind = if g.is_dir() { Kind::Dir } else { Kind::File };
                         gpus.push((g.clone(), mount::clone_tree(g, true).context("cannot set up /dev")?, kind));
                     }
-                    Source::Dev((nodes, gpus))
+                    // The caller's terminal as this process sees it: the host's, or the one a
+                    // launcher's environment bound at that name.
+                    let pty = match pty {
+                        Some(n) => {
+                            let host = PathBuf::from(format!("/dev/pts/{n}"));
+                            let tree = mount::clone_tree(&host, false).context("cannot set up /dev")?;
+                            mount::set_readonly(tree.as_fd(), &host)?;
+                            Some((*n, tree))
+                        }
+                        None => None,
+                    };
+                    Source::Dev((nodes, gpus, pty))
                 }
                 Op::Proc => Source::None,
             })
@@ -232,7 +243,7 @@ fn open_dir(p: &Path) -> Result<OwnedFd> {
     rustix::fs::open(p, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open {}", p.display()))
 }
 
-fn dev(root: &OwnedFd, (nodes, gpus): DevNodes) -> Result<()> {
+fn dev(root: &OwnedFd, (nodes, gpus, pty): DevNodes) -> Result<()> {
     let target = mount::resolve_in(root.as_fd(), Path::new("/dev"), Kind::Dir, true)?;
     let t = mount::pseudo("tmpfs", &[("mode", "0755")], MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
     mount::attach(t.as_fd(), target.as_fd(), Path::new("/dev"))?;
@@ -251,11 +262,52 @@ fn dev(root: &OwnedFd, (nodes, gpus): DevNodes) -> Result<()> {
         let m = mount::pseudo(fstype, opts, MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
         let tgt = rustix::fs::openat(d, dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open /dev/{dir}"))?;
         mount::attach(m.as_fd(), tgt.as_fd(), Path::new(dir))?;
+        if let (Some((n, tree)), "pts") = (&pty, dir) {
+            // Not fatal: the terminal works without its name.
+            if let Err(e) = terminal_name(m.as_fd(), *n, tree.as_fd()) {
+                crate::diag::debug!("the terminal keeps no name inside: {e:#}");
+            }
+        }
     }
     for (g, tree, kind) in gpus {
         let target = mount::resolve_in(root.as_fd(), &g, kind, true)?;
         mount::attach(tree.as_fd(), target.as_fd(), &g)?;
     }
+    Ok(())
+}
+
+/// Puts the caller's terminal at its name /dev/pts/N in the run's private devpts `pts`, so that
+/// `tty`, ttyname(3) and sudo find it (they stat the name /proc gives for the fd, or scan
+/// /dev/pts), while ptys opened inside still come from the private instance.
+///
+/// devpts holds only the ptys its ptmx made, and no file can be created in it: the name N exists
+/// only while the private pty N's master is open. So this opens masters until it gets index N
+/// (a fresh instance counts from 0), binds the terminal over that slave's name, closes the
+/// others, and leaves master N open across exec, at a high descriptor that scripts do not use:
+/// closing it (as a daemon that closes every fd does) takes the name away, not the terminal.
+fn terminal_name(pts: std::os::fd::BorrowedFd<'_>, n: u32, tree: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    const HELD_AT: i32 = 300;
+    let mut masters = Vec::new();
+    let master = loop {
+        let m = rustix::fs::openat(pts, "ptmx", OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC, Mode::empty()).context("cannot open /dev/pts/ptmx")?;
+        let name = rustix::pty::ptsname(&m, Vec::new()).context("cannot name a pty")?;
+        let index: u32 = name.to_string_lossy().rsplit('/').next().and_then(|i| i.parse().ok()).context("a pty without a number")?;
+        if index == n {
+            break m;
+        }
+        if index > n || masters.len() > 4096 {
+            bail!("the private devpts gave pty {index}, past {n}");
+        }
+        masters.push(m);
+    };
+    drop(masters);
+    let at = Path::new("/dev/pts").join(n.to_string());
+    let target = rustix::fs::openat(pts, n.to_string(), OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open {}", at.display()))?;
+    mount::attach(tree, target.as_fd(), &at)?;
+    let held = rustix::io::fcntl_dupfd_cloexec(&master, HELD_AT).or_else(|_| rustix::io::fcntl_dupfd_cloexec(&master, 3)).context("cannot keep the pty")?;
+    rustix::io::fcntl_setfd(&held, rustix::io::FdFlags::empty()).context("cannot keep the pty")?;
+    // Deliberately leaked: the program inherits it (see above).
+    std::mem::forget(held);
     Ok(())
 }
 

@@ -9,13 +9,13 @@
 use std::ffi::OsString;
 use std::fs;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
 use super::identity::{self, choose, host_subids, HostUser, Inside};
 use super::launch::{Held, Recording};
-use super::{plan, skel, HostFacts, Join, Plan, PlanInput, RootSpec, RunOptions, Skel, Upper};
+use super::{plan, skel, HostFacts, Join, Plan, PlanInput, RootSpec, RunOptions, Skel, Start, Upper};
 use crate::names::HostShare;
 use crate::store::env::{Env, Generation};
 use crate::store::runs::{Census, LiveRun, RunRecord};
@@ -41,6 +41,10 @@ pub(crate) struct Request {
     pub compose: bool,
     /// Boot: the init to start as PID 1.
     pub boot: Option<String>,
+    /// Start in the home, not the caller's directory (`login`, as a login shell does).
+    pub home_start: bool,
+    /// Directories that hold launchers, for PATH inside (see `launcher::path_dirs`).
+    pub launcher_dirs: Vec<PathBuf>,
 }
 
 /// A decided launch.
@@ -298,6 +302,8 @@ struct Common {
     /// `base = "host"` applies.
     wants_host: bool,
     skel: Skel,
+    /// Where the program starts without --cwd.
+    start: Option<Start>,
 }
 
 /// The lowers of a launch, top first: the generation's layers, over the root a composing
@@ -343,14 +349,17 @@ fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Sk
         let (src, dst, _) = super::parse_bind(spec, c.facts.cwd.as_deref())?;
         bind_points.push((dst, src.is_dir()));
     }
+    if let Some(Start::Bind(p)) = &c.start {
+        bind_points.push((p.clone(), true));
+    }
     // base = "host": the host's top-level symlinks (merged /usr) where the layers have nothing.
     let host_links: Vec<(String, PathBuf)> = if wants_host {
         fs::read_dir("/").into_iter().flatten().flatten().filter_map(|e| Some((e.file_name().into_string().ok()?, fs::read_link(e.path()).ok()?))).collect()
     } else {
         Vec::new()
     };
-    let spec = skel::spec(&c.lowers, &c.user, &c.inside, &c.facts, &bind_points, &host_links);
-    match skel::ensure(store, env, c.generation.number, &spec) {
+    let spec = skel::spec(&env.name, &c.lowers, &c.user, &c.inside, &c.facts, &bind_points, &host_links);
+    match skel::ensure(store, env, c.generation.number, &spec, &c.lowers) {
         Ok(dir) => Ok(Skel::Dir(dir)),
         Err(e) if c.inside_env => {
             crate::diag::debug!("skeleton on a tmpfs: {e:#}");
@@ -381,9 +390,34 @@ fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<C
         wants_host,
         skel: Skel::Tmpfs(skel::Spec::default()),
         generation,
+        start: None,
     };
+    c.start = start_for(store, env, &c, req, false)?;
     c.skel = skeleton(store, env, &c, wants_host)?;
     Ok(c)
+}
+
+/// Where the run starts without --cwd (see `sandbox::start`); `booted`: in the booted
+/// environment's namespaces, with the shares and binds it was booted with.
+fn start_for(store: &Store, env: &Env, c: &Common, req: &Request, booted: bool) -> Result<Option<Start>> {
+    if req.boot.is_some() {
+        // init starts at the root of its system; nothing of the caller's is bound for it.
+        return Ok(Some(Start::At(PathBuf::from("/"))));
+    }
+    let mut no_host = c.no_host.clone();
+    if booted {
+        no_host.extend([HostShare::Tmp, HostShare::RuntimeDir, HostShare::X11]);
+    }
+    let binds = if booted { c.generation.settings.binds.clone() } else { c.binds.clone() };
+    let opts = RunOptions { pid: req.pid || booted, binds, no_host, cwd: req.cwd.clone(), ..RunOptions::default() };
+    // The environment's own root: its layers and upper, not a root a launcher composes over
+    // (the caller's directory there is what it binds).
+    let own: Vec<PathBuf> = c.generation.layers.iter().rev().map(|l| store.layer_root(l)).collect();
+    let upper = (!c.inside_env).then(|| env.upper());
+    let taken = |p: &Path| {
+        skel::exists_in_layers(&own, &p.to_string_lossy()) || upper.as_ref().is_some_and(|u| fs::symlink_metadata(u.join(p.strip_prefix("/").unwrap_or(p))).is_ok())
+    };
+    super::start(&opts, &c.facts, &c.user, req.home_start, &super::StartCtx { env_name: &env.name, taken: &taken, booted })
 }
 
 /// The run slot(s) a launch that uses the environment's lock records itself in, and the upper it
@@ -443,7 +477,9 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
         let found = env.census();
         if let Some(b) = found.booted() {
             let pidfd = booted_init(env, &c.generation, b)?;
-            let plan = plan(plan_input(store, env, &c, req, Upper::None, None, Vec::new(), Vec::new())?)?;
+            let mut input = plan_input(store, env, &c, req, Upper::None, None, Vec::new(), Vec::new())?;
+            input.start = start_for(store, env, &c, req, true)?;
+            let plan = plan(input)?;
             return Ok(Prepared::Booted { pidfd, plan, become_root: req.root || settings.root, inside: c.inside, held });
         }
         census = Some(found);
@@ -516,6 +552,7 @@ fn plan_input<'a>(
         cwd: req.cwd.clone(),
         command: req.command.clone(),
         login: req.login,
+        compose: req.compose,
     };
     Ok(PlanInput {
         env_name: &env.name,
@@ -527,5 +564,7 @@ fn plan_input<'a>(
         user: &c.user,
         shell,
         host_env: std::env::vars_os().collect(),
+        start: c.start.clone(),
+        launcher_dirs: req.launcher_dirs.clone(),
     })
 }

@@ -88,7 +88,8 @@ impl Spec {
 /// mount point here, so binding creates nothing in the upper.
 /// `links`: top-level symlinks to add where the layers have nothing (the host's `/bin → usr/bin`
 /// and the like, for `base = "host"`).
-pub(crate) fn spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: &HostFacts, binds: &[(PathBuf, bool)], links: &[(String, PathBuf)]) -> Spec {
+/// `env_name`: the environment, for the prompt ([`prompt_files`]).
+pub(crate) fn spec(env_name: &str, lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: &HostFacts, binds: &[(PathBuf, bool)], links: &[(String, PathBuf)]) -> Spec {
     let mut dirs: Vec<PathBuf> = ["proc", "dev", "sys", "tmp", "run"].iter().map(PathBuf::from).collect();
     let mut owned = vec![user.home.strip_prefix("/").unwrap_or(&user.home).to_owned()];
     if let Some(rd) = &facts.runtime_dir {
@@ -133,6 +134,8 @@ pub(crate) fn spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: 
         dirs.push("etc/sudoers.d".into());
         files.push((SUDOERS.into(), format!("# Written by plyroot: you are yourself inside, and root when you ask.\n#{} ALL=(ALL:ALL) NOPASSWD: ALL\n", user.uid).into_bytes()));
     }
+    files.extend(prompt_files(env_name));
+    dirs.push("etc/profile.d".into());
     let passwd = base_passwd(lowers);
     let group = lowers.iter().map(|l| l.join("etc/group")).find(|p| p.is_file()).and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default();
     let (p2, g2) = passwd_with(&passwd, &group, user, user_inside(inside, user), &shell(lowers, &passwd, user.uid));
@@ -146,8 +149,48 @@ pub(crate) fn spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: 
     Spec { dirs, files, links, owned, owner: (user.uid, user.gid) }
 }
 
-/// Writes `spec` into the empty directory `root`.
-pub(crate) fn materialize(spec: &Spec, root: &Path) -> Result<()> {
+/// What makes a shell's prompt name the environment: `/etc/debian_chroot`, which Debian's and
+/// Ubuntu's `bash.bashrc` and default `~/.bashrc` show as `(NAME)`, and for the other shells a
+/// `profile.d` script that login shells (`enter`, `login`) read through `/etc/profile`.
+fn prompt_files(env_name: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let profile = "# Written by plyroot: the prompt names the environment ($PLYROOT_ENV).\n\
+        # bash on Debian shows it through /etc/debian_chroot already.\n\
+        if [ -n \"${PLYROOT_ENV-}\" ] && [ -n \"${PS1-}\" ]; then\n\
+        \x20   case \"$PS1\" in\n\
+        \x20       *debian_chroot* | *\"($PLYROOT_ENV)\"*) ;;\n\
+        \x20       *) PS1=\"($PLYROOT_ENV)$PS1\" ;;\n\
+        \x20   esac\n\
+        fi\n";
+    vec![("etc/debian_chroot".into(), format!("{env_name}\n").into_bytes()), ("etc/profile.d/plyroot-prompt.sh".into(), profile.as_bytes().to_vec())]
+}
+
+/// Directories of `spec` (or on their way) that the layers (top first) have with another mode
+/// than 0755 (`/var/tmp` is 1777): as the top lower, the skeleton's directory decides the merged
+/// one's mode, so it takes the layers'. Not part of the spec: the layers of a generation do not
+/// change, so this is worked out only when a skeleton is written, not at every launch.
+fn layer_modes(spec: &Spec, lowers: &[PathBuf]) -> Vec<(PathBuf, u32)> {
+    let mut modes: Vec<(PathBuf, u32)> = Vec::new();
+    let mut seen: Vec<&Path> = Vec::new();
+    for d in spec.dirs.iter().map(PathBuf::as_path).chain(spec.files.iter().filter_map(|(f, _)| f.parent())) {
+        for a in d.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+            if seen.contains(&a) {
+                continue;
+            }
+            seen.push(a);
+            if let Some(m) = top_entry(lowers, &a.to_string_lossy()).filter(|m| m.is_dir()) {
+                let mode = std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777;
+                if mode != 0o755 {
+                    modes.push((a.to_owned(), mode));
+                }
+            }
+        }
+    }
+    modes
+}
+
+/// Writes `spec` into the empty directory `root`, its directories with the modes `lowers` give
+/// them.
+pub(crate) fn materialize(spec: &Spec, lowers: &[PathBuf], root: &Path) -> Result<()> {
     let mk = |p: &Path| fs::DirBuilder::new().recursive(true).mode(0o755).create(root.join(p)).with_context(|| format!("cannot create {}", root.join(p).display()));
     mk(Path::new(""))?;
     for d in &spec.dirs {
@@ -162,19 +205,24 @@ pub(crate) fn materialize(spec: &Spec, root: &Path) -> Result<()> {
         let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&p).with_context(|| format!("cannot create {}", p.display()))?;
         std::io::Write::write_all(&mut file, content).with_context(|| format!("cannot write {}", p.display()))?;
     }
+    // Last: a mode without write permission would stop the writes above.
+    for (d, mode) in layer_modes(spec, lowers) {
+        let p = root.join(d);
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).with_context(|| format!("cannot set the mode of {}", p.display()))?;
+    }
     Ok(())
 }
 
 /// The skeleton's directory in the store for this generation and content, built on first use.
 /// Fails on a read-only store (inside an environment); the caller then uses a tmpfs.
-pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, spec: &Spec) -> Result<PathBuf> {
+pub(crate) fn ensure(store: &Store, env: &Env, generation: u32, spec: &Spec, lowers: &[PathBuf]) -> Result<PathBuf> {
     let dir = env.dir.join("skel").join(format!("{generation}-{:016x}", spec.fingerprint()));
     if dir.is_dir() {
         return Ok(dir);
     }
     let st = store.staging()?;
     let root = st.path.join("skel");
-    materialize(spec, &root)?;
+    materialize(spec, lowers, &root)?;
     // Owned as on any system: root's, but the user's own directories (home, runtime dir), and
     // the skeleton's root, which the user must be able to move into place (`/` takes its owner
     // from the upper anyway).

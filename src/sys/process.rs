@@ -220,6 +220,50 @@ pub(crate) fn supervise(child: libc::pid_t, reap_all: bool) -> i32 {
     }
 }
 
+/// A signalfd for the signals `block_signals` blocks (they must be blocked already), so that a
+/// supervisor that also waits on other fds can poll for them.
+pub(crate) fn signal_fd() -> Result<std::os::fd::OwnedFd> {
+    let mut all = FORWARDED.to_vec();
+    all.push(libc::SIGCHLD);
+    let set = sigset(&all);
+    // SAFETY: `set` is initialised; -1 asks for a new fd, which we own from here on.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(err("signalfd", "/", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// The next signal queued on a `signal_fd`: its number, and whether another process sent it
+/// (kill, sigqueue), as opposed to the kernel (a terminal, a child's end).
+pub(crate) fn read_signal(fd: &impl std::os::fd::AsFd) -> Option<(libc::c_int, bool)> {
+    // SAFETY: signalfd_siginfo is plain data; zero is a valid value.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: the buffer is `info`, `size` bytes long, and lives for the call.
+    let n = unsafe { libc::read(std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+    if n != size as isize {
+        return None;
+    }
+    let code = info.ssi_code;
+    Some((info.ssi_signo as libc::c_int, code == libc::SI_USER || code == libc::SI_QUEUE || code == libc::SI_TKILL))
+}
+
+/// The status of `child` when it has ended (reaped now), without waiting.
+pub(crate) fn try_wait(child: libc::pid_t) -> Option<i32> {
+    let mut st = 0;
+    // SAFETY: `st` is a valid out-pointer.
+    let r = unsafe { libc::waitpid(child, &mut st, libc::WNOHANG) };
+    (r == child).then(|| status_code(st))
+}
+
+/// Sends `sig` to `pid` (a process this one started).
+pub(crate) fn kill(pid: libc::pid_t, sig: libc::c_int) {
+    // SAFETY: kill(2) with a pid we created; no memory involved.
+    unsafe { libc::kill(pid, sig) };
+}
+
 /// Ends this process the way a child ended: with its exit code, or by re-raising the signal
 /// that killed it, so our own parent sees the same thing.
 pub(crate) fn exit_like(code: i32) -> ! {
@@ -235,10 +279,11 @@ pub(crate) fn exit_like(code: i32) -> ! {
     std::process::exit(code)
 }
 
-/// Replaces this process with `argv[0]` (searched in `PATH` of `env`). Only returns on failure.
-pub(crate) fn exec(argv: &[OsString], env: &[(OsString, OsString)]) -> std::io::Error {
-    let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
+/// Replaces this process with `argv`: `program` when given (argv[0] then is only its name),
+/// else argv[0] looked up in `env`'s PATH. Only returns on failure.
+pub(crate) fn exec(argv: &[OsString], program: Option<&Path>, env: &[(OsString, OsString)]) -> std::io::Error {
+    let mut cmd = std::process::Command::new(program.map(Path::as_os_str).unwrap_or(&argv[0]));
+    cmd.arg0(&argv[0]).args(&argv[1..]).env_clear().envs(env.iter().map(|(k, v)| (k, v)));
     cmd.exec()
 }
 
