@@ -290,3 +290,33 @@ fn a_migration_killed_midway_is_finished_by_the_next_command() {
     assert!(s.home.join("owners").exists());
     s.run("deb", &[], &["sudo", "-n", "true"]).ok();
 }
+
+#[test]
+fn an_owner_beyond_the_range_reads_as_nobody_and_its_setuid_is_ignored() {
+    let s = need!(Store::with_busybox_env());
+    if me().regime != Regime::SubIds {
+        return;
+    }
+    let tar = need!(tool("tar"));
+    // A setuid copy of busybox owned by uid 70000, past the 65536 subordinate ids.
+    let far = s.path("far");
+    fs::create_dir_all(far.join("opt/far")).unwrap();
+    fs::copy(s.path("t-rootfs/bin/busybox"), far.join("opt/far/id")).unwrap();
+    let archive = s.path("far.tar");
+    let o = run_with(
+        Command::new(tar).args(["--numeric-owner", "--owner=70000", "--group=70000", "--mode=u+s", "-cf"]).arg(&archive).arg("-C").arg(&far).arg("opt"),
+        None,
+        TIMEOUT,
+    );
+    assert_eq!(o.code, 0, "{o}");
+    let root = s.path("t-rootfs");
+    s.create("far", &[&format!("dir:{}", root.display()), &format!("tar:{}", archive.display())]);
+    let o = s.run("far", &[], &["sh", "-c", "stat -c '%u %g %a' /opt/far/id; /opt/far/id -u; touch /opt/far/id 2>/dev/null && echo WROTE; true"]).ok();
+    assert_eq!(o.lines(), ["65534 65534 4755".to_string(), me().uid.to_string()], "an owner no id of yours holds is nobody, not you: {o}");
+    // The layer still says 70000 (its id, export).
+    s.plyroot(&["verify"]).ok();
+    let out = s.path("far-export.tar");
+    s.plyroot(&["export", "far", "-o", out.to_str().unwrap()]).ok();
+    let o = run_with(Command::new("tar").args(["--numeric-owner", "-tvf"]).arg(&out).arg("opt/far/id"), None, TIMEOUT);
+    assert!(o.stdout.contains("70000/70000"), "{o}");
+}

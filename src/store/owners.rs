@@ -85,16 +85,51 @@ pub(crate) fn give_layer(root: &Path, ov: &Overrides) -> Result<()> {
         return Ok(());
     }
     let Some(Regime { user, subids: Some(subids) }) = regime() else { return Ok(()) };
-    let view = userns::image_view(&user, Some(subids));
-    let unmapped = crate::sys::process::in_child(|| {
-        userns::enter_one_level(&view)?;
-        give(root, &|path, _| ov.owner(path, (0, 0)), Some(ov))
-    })
-    .with_context(|| format!("cannot give the files of {} their owners", root.display()))?;
-    if unmapped > 0 {
-        crate::diag::debug!("{unmapped} file(s) in {} have owners beyond your subordinate ids: they stay yours", root.display());
+    give_image(root, ov, &user, subids).with_context(|| format!("cannot give the files of {} their owners", root.display()))
+}
+
+/// Where an image's id is in the namespace that maps every id ([`userns::all_ids`]: you are 0,
+/// subordinate id k is k + 1): the image view's host id for it, or, for an id the ranges cannot
+/// map, the one host id that view leaves out (the subordinate id of your own number), which reads
+/// as nobody inside, where setuid of it is ignored and nobody may write what it owns. None: no
+/// such id (your uid is past your range).
+fn all_ids_of(k: u32, me: u32, count: u32) -> Option<u32> {
+    if k == me {
+        Some(0)
+    } else if k < count {
+        Some(k + 1)
+    } else {
+        (me < count).then_some(me + 1)
+    }
+}
+
+/// [`give_layer`] for a user with `subids`: from inside the namespace that maps every id, so that
+/// owners the image view cannot map still get a host id of their own ([`all_ids_of`]).
+fn give_image(root: &Path, ov: &Overrides, user: &HostUser, subids: SubIds) -> Result<()> {
+    let all = userns::all_ids(user, Some(subids));
+    let (uid_of, gid_of) = (|k: u32| all_ids_of(k, user.uid, subids.uid.1), |k: u32| all_ids_of(k, user.gid, subids.gid.1));
+    let ids = Ids { uid: &uid_of, gid: &gid_of };
+    let kept = crate::sys::process::in_child(|| {
+        userns::enter_one_level(&all)?;
+        give(
+            root,
+            &|path, st| {
+                let (u, g) = ov.owner(path, (0, 0));
+                (uid_of(u).unwrap_or(st.st_uid), gid_of(g).unwrap_or(st.st_gid))
+            },
+            Some((ov, &ids)),
+        )
+    })?;
+    if kept > 0 {
+        crate::diag::debug!("{kept} file(s) in {} have owners no host id of yours can hold: they stay yours", root.display());
     }
     Ok(())
+}
+
+/// How image ids become ids of the namespace a give runs in (for the ids inside ACLs).
+struct Ids<'a> {
+    uid: &'a dyn Fn(u32) -> Option<u32>,
+    gid: &'a dyn Fn(u32) -> Option<u32>,
 }
 
 /// Gives the entries of a tree plyroot wrote itself (a skeleton) the owners `want` says, from each
@@ -186,14 +221,7 @@ fn migrate_layer(r: &Regime, dir: &Path, mut state: String) -> Result<()> {
     };
     let user = &r.user;
     if ov.flattened {
-        let view = userns::image_view(user, Some(subids));
-        let unmapped = crate::sys::process::in_child(|| {
-            userns::enter_one_level(&view)?;
-            give(&root, &|path, _| ov.owner(path, (0, 0)), Some(&ov))
-        })?;
-        if unmapped > 0 {
-            crate::diag::debug!("{unmapped} file(s) in {} have owners beyond your subordinate ids: they stay yours", root.display());
-        }
+        give_image(&root, &ov, user, subids)?;
     } else {
         // In the namespace that maps every id: you are 0 there, subordinate id k is k + 1.
         let all = userns::all_ids(user, Some(subids));
@@ -220,12 +248,12 @@ fn migrate_layer(r: &Regime, dir: &Path, mut state: String) -> Result<()> {
 /// relative to `root` and its lstat, keeping setuid and setgid bits (chown clears them), and the
 /// ACLs `acls` records. Runs in the image view. Returns how many entries kept their owner because
 /// the view cannot map `want`.
-fn give(root: &Path, want: Want<'_>, acls: Option<&Overrides>) -> Result<u64> {
+fn give(root: &Path, want: Want<'_>, acls: Option<(&Overrides, &Ids<'_>)>) -> Result<u64> {
     let mut unmapped = 0;
     walk(root, &mut |at, name, path, st| {
         unmapped += settle(at, name, st, want(path, st)).context("cannot change its owner")?;
-        if let Some(ov) = acls {
-            set_acls(at, name, st, path, ov).context("cannot set its ACLs")?;
+        if let Some((ov, ids)) = acls {
+            set_acls(at, name, st, path, ov, ids).context("cannot set its ACLs")?;
         }
         Ok(())
     })?;
@@ -303,7 +331,7 @@ fn settle(at: BorrowedFd<'_>, name: &OsStr, st: &Stat, owner: (u32, u32)) -> io:
 
 /// Sets the ACLs `ov` records for `path` (`name` in `at`, lstat `st`) from inside the image view,
 /// where the kernel stores their ids as the host ids the image's ids are; the mode stays exact.
-fn set_acls(at: BorrowedFd<'_>, name: &OsStr, st: &Stat, path: &[u8], ov: &Overrides) -> io::Result<()> {
+fn set_acls(at: BorrowedFd<'_>, name: &OsStr, st: &Stat, path: &[u8], ov: &Overrides, ids: &Ids<'_>) -> io::Result<()> {
     let Some(o) = ov.get(path) else { return Ok(()) };
     if kind(st) == FileType::Symlink {
         return Ok(());
@@ -315,11 +343,12 @@ fn set_acls(at: BorrowedFd<'_>, name: &OsStr, st: &Stat, path: &[u8], ov: &Overr
             continue;
         }
         let Ok(v) = hex::decode(v) else { continue };
+        let Some(v) = acl_in(&v, ids) else { continue };
         let fd = rustix::fs::openat(at, name, rustix::fs::OFlags::PATH | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC, Mode::empty())?;
         let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
         match rustix::fs::setxattr(proc.as_str(), OsStr::from_bytes(&k), &v, rustix::fs::XattrFlags::empty()) {
             Ok(()) => any = true,
-            // Ids this view cannot map, or a filesystem without ACLs: the metadata still has it.
+            // A filesystem without ACLs, or one the kernel refuses: the metadata still has it.
             Err(Errno::INVAL | Errno::NOTSUP) => {}
             Err(e) => return Err(e.into()),
         }
@@ -328,4 +357,50 @@ fn set_acls(at: BorrowedFd<'_>, name: &OsStr, st: &Stat, path: &[u8], ov: &Overr
         rustix::fs::chmodat(at, name, Mode::from_raw_mode(st.st_mode & 0o7777), AtFlags::empty())?;
     }
     Ok(())
+}
+
+/// A POSIX ACL xattr value (version 2: a 4-byte header, then entries of tag u16, perm u16, id u32,
+/// little-endian) with the ids of its named-user (tag 2) and named-group (tag 8) entries in the
+/// namespace the give runs in; None when it is not such a value or an id has no place there.
+fn acl_in(v: &[u8], ids: &Ids<'_>) -> Option<Vec<u8>> {
+    if v.len() < 4 || (v.len() - 4) % 8 != 0 || v[..4] != 2u32.to_le_bytes() {
+        return None;
+    }
+    let mut out = v.to_vec();
+    for e in out[4..].chunks_exact_mut(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let of: &dyn Fn(u32) -> Option<u32> = match tag {
+            2 => ids.uid,
+            8 => ids.gid,
+            _ => continue,
+        };
+        let id = of(u32::from_le_bytes([e[4], e[5], e[6], e[7]]))?;
+        e[4..].copy_from_slice(&id.to_le_bytes());
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_ids_in_the_namespace_of_every_id() {
+        // you are 1000, 65536 subordinate ids: you → 0, k → k + 1, past the range → your hole.
+        assert_eq!([0, 42, 1000, 1001, 65535, 65536, 70000].map(|k| all_ids_of(k, 1000, 65536)), [Some(1), Some(43), Some(0), Some(1002), Some(65536), Some(1001), Some(1001)]);
+        assert_eq!(all_ids_of(70000, 70000, 65536), Some(0));
+        assert_eq!(all_ids_of(80000, 70000, 65536), None, "no hole: your uid is past your range");
+    }
+
+    #[test]
+    fn acl_ids_are_moved_and_the_rest_kept() {
+        let entry = |tag: u16, perm: u16, id: u32| [tag.to_le_bytes().as_slice(), &perm.to_le_bytes(), &id.to_le_bytes()].concat();
+        let acl = |es: &[Vec<u8>]| [2u32.to_le_bytes().to_vec(), es.concat()].concat();
+        let v = acl(&[entry(1, 7, u32::MAX), entry(2, 5, 42), entry(4, 5, u32::MAX), entry(8, 4, 70000), entry(0x10, 7, u32::MAX), entry(0x20, 0, u32::MAX)]);
+        let (u, g) = (|k: u32| all_ids_of(k, 1000, 65536), |k: u32| all_ids_of(k, 1000, 65536));
+        let ids = Ids { uid: &u, gid: &g };
+        let want = acl(&[entry(1, 7, u32::MAX), entry(2, 5, 43), entry(4, 5, u32::MAX), entry(8, 4, 1001), entry(0x10, 7, u32::MAX), entry(0x20, 0, u32::MAX)]);
+        assert_eq!(acl_in(&v, &ids), Some(want));
+        assert_eq!(acl_in(&v[..7], &ids), None, "not an ACL");
+    }
 }
