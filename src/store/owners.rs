@@ -363,7 +363,7 @@ fn set_acls(at: BorrowedFd<'_>, name: &OsStr, st: &Stat, path: &[u8], ov: &Overr
 /// little-endian) with the ids of its named-user (tag 2) and named-group (tag 8) entries in the
 /// namespace the give runs in; None when it is not such a value or an id has no place there.
 fn acl_in(v: &[u8], ids: &Ids<'_>) -> Option<Vec<u8>> {
-    if v.len() < 4 || (v.len() - 4) % 8 != 0 || v[..4] != 2u32.to_le_bytes() {
+    if v.len() < 4 || !(v.len() - 4).is_multiple_of(8) || v[..4] != 2u32.to_le_bytes() {
         return None;
     }
     let mut out = v.to_vec();
