@@ -320,3 +320,11 @@ fn an_owner_beyond_the_range_reads_as_nobody_and_its_setuid_is_ignored() {
     let o = run_with(Command::new("tar").args(["--numeric-owner", "-tvf"]).arg(&out).arg("opt/far/id"), None, TIMEOUT);
     assert!(o.stdout.contains("70000/70000"), "{o}");
 }
+
+#[test]
+fn dev_is_roots_and_not_yours_to_add_to() {
+    let s = need!(Store::with_busybox_env());
+    let o = s.run("t", &[], &["sh", "-c", "stat -c '%u %a' /dev /dev/shm; touch /dev/mine 2>/dev/null && echo WROTE; echo x > /dev/shm/ok && echo shm"]).ok();
+    let wrote = if me().regime == Regime::SubIds { "" } else { "WROTE\n" };
+    assert_eq!(o.stdout, format!("0 755\n0 1777\n{wrote}shm\n"), "{o}");
+}

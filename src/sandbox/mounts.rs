@@ -243,11 +243,19 @@ fn open_dir(p: &Path) -> Result<OwnedFd> {
     rustix::fs::open(p, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open {}", p.display()))
 }
 
+/// Gives the root of a mount (its fd, an `O_PATH` one) to root inside, where root is mapped.
+fn root_owned(m: std::os::fd::BorrowedFd<'_>) {
+    let _ = rustix::fs::chownat(m, "", Some(rustix::fs::Uid::ROOT), Some(rustix::fs::Gid::ROOT), rustix::fs::AtFlags::EMPTY_PATH);
+}
+
 fn dev(root: &OwnedFd, (nodes, gpus, pty): DevNodes) -> Result<()> {
     let target = mount::resolve_in(root.as_fd(), Path::new("/dev"), Kind::Dir, true)?;
     let t = mount::pseudo("tmpfs", &[("mode", "0755")], MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
     mount::attach(t.as_fd(), target.as_fd(), Path::new("/dev"))?;
     let d = t.as_fd();
+    // Root's, as on any system (a tmpfs is its mounter's): you may not add to /dev as yourself.
+    // Best effort: where root inside is not mapped (a launch inside an environment), it stays.
+    root_owned(d);
     for (node, tree) in nodes {
         // Device nodes cannot be made in a user namespace: bind the host's over empty files.
         drop(rustix::fs::openat(d, node, OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::from_raw_mode(0o666)).with_context(|| format!("cannot create /dev/{node}"))?);
@@ -262,6 +270,9 @@ fn dev(root: &OwnedFd, (nodes, gpus, pty): DevNodes) -> Result<()> {
         let m = mount::pseudo(fstype, opts, MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NOEXEC)?;
         let tgt = rustix::fs::openat(d, dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot open /dev/{dir}"))?;
         mount::attach(m.as_fd(), tgt.as_fd(), Path::new(dir))?;
+        if dir == "shm" {
+            root_owned(m.as_fd());
+        }
         if let (Some((n, tree)), "pts") = (&pty, dir) {
             // Not fatal: the terminal works without its name.
             if let Err(e) = terminal_name(m.as_fd(), *n, tree.as_fd()) {
