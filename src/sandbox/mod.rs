@@ -45,7 +45,10 @@ pub(crate) fn in_image_view<T: serde::Serialize + serde::de::DeserializeOwned>(f
 /// unshare`: with subordinate ids it holds every id an environment's files may have, as they read
 /// inside; without, root there is the user. Real root needs none and gets none.
 pub(crate) fn become_image_root() -> Result<()> {
-    if rustix::process::geteuid().is_root() && identity::in_initial_userns() {
+    if !identity::in_initial_userns() {
+        anyhow::bail!("plyroot unshare runs on the host: here, inside an environment (or another user namespace), /etc/subuid is not the host's and your ids are mapped already");
+    }
+    if rustix::process::geteuid().is_root() {
         return Ok(());
     }
     let user = identity::HostUser::current();

@@ -113,7 +113,7 @@ impl Store {
             crate::diag::info!(
                 "waiting for the store lock on {} (another plyroot {} is running)",
                 lock_path.display(),
-                if exclusive { "command" } else { "gc" }
+                if exclusive { "command" } else { "gc, or its one-time migration of the store," }
             )
         };
         let lock = match lock::open_locked(&lock_path, kind, true, waiting) {
