@@ -14,22 +14,6 @@ use std::process::Command;
 
 use common::*;
 
-/// The first subordinate uid and gid of the user (from /etc/subuid, /etc/subgid).
-fn first_subids() -> (u32, u32) {
-    let me = me();
-    let first = |file: &str| {
-        fs::read_to_string(file)
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() == 3 && (f[0] == me.name || f[0] == me.uid.to_string())).then(|| f[1].parse().unwrap())
-            })
-            .unwrap()
-    };
-    (first("/etc/subuid"), first("/etc/subgid"))
-}
-
 /// Removes each layer's mark of the owners it follows (a previous version wrote none).
 fn forget_layer_marks(s: &Store) {
     for e in fs::read_dir(s.home.join("layers")).unwrap().flatten() {

@@ -457,22 +457,6 @@ fn files_written_to_home_are_mine() {
     }
 }
 
-/// The first subordinate uid and gid of the user (from /etc/subuid, /etc/subgid).
-fn first_subids() -> (u32, u32) {
-    let me = me();
-    let first = |file: &str| {
-        fs::read_to_string(file)
-            .unwrap()
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() == 3 && (f[0] == me.name || f[0] == me.uid.to_string())).then(|| f[1].parse().unwrap())
-            })
-            .unwrap()
-    };
-    (first("/etc/subuid"), first("/etc/subgid"))
-}
-
 fn rand_suffix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
 }

@@ -522,6 +522,22 @@ impl Drop for Store {
     }
 }
 
+/// The first subordinate uid and gid of the user (from /etc/subuid, /etc/subgid).
+pub fn first_subids() -> (u32, u32) {
+    let me = me();
+    let first = |file: &str| {
+        fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() == 3 && (f[0] == me.name || f[0] == me.uid.to_string())).then(|| f[1].parse().unwrap())
+            })
+            .unwrap()
+    };
+    (first("/etc/subuid"), first("/etc/subgid"))
+}
+
 /// Runs a host command over the store's files as their owner: with subordinate ids through
 /// `plyroot unshare` (layers hold files of those ids), otherwise directly. For tests that change
 /// the store behind plyroot's back.
