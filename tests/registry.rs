@@ -15,7 +15,9 @@
 //!   image): refused uploads, credentials lured elsewhere, redirect schemes, a token with a line
 //!   break, escape sequences in what is printed, a Docker-Content-Digest that is no digest, a
 //!   registry name that is no host, two Content-Lengths, a body cut short, an image of no layers,
-//!   unsettable xattrs, and a valid layer that expands past its bound.
+//!   unsettable xattrs, a valid layer that expands past its bound; a server that goes silent,
+//!   sends endless trailers or `100 Continue`s (each ends at its deadline, set to seconds), or
+//!   puts control characters or spaces in a `Location` or a challenge.
 //!
 //! Runs as root and as unprivileged users with and without subordinate ids (tests/run.sh). A
 //! missing docker-registry, skopeo or umoci is a skip (a failure under PLYROOT_TEST_REQUIRE_NS=1).
