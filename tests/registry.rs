@@ -1484,7 +1484,7 @@ fn a_silent_registry_ends_within_the_idle_deadline_and_says_so() {
 }
 
 #[test]
-fn endless_trailers_and_interim_responses_end_at_their_deadlines() {
+fn endless_trailers_extensions_interim_responses_and_trickles_end_at_their_deadlines() {
     let served = Served::new(&[layer_tar(&[("etc/x", b"x\n")])]);
     let manifest = serde_json::to_vec(&served.manifest).unwrap();
     let (port, _) = streaming_server(move |head, _, s| {
@@ -1496,10 +1496,24 @@ fn endless_trailers_and_interim_responses_end_at_their_deadlines() {
         if head.starts_with("GET /v2/x/continue/manifests/") {
             return babble(s, b"HTTP/1.1 100 Continue\r\n\r\n");
         }
+        if head.starts_with("GET /v2/x/extension/manifests/") {
+            // A chunk-size line that never ends: its extension goes on forever.
+            return s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=").is_ok() && babble(s, b"aaaaaaaaaaaaaaaa");
+        }
+        if head.starts_with("GET /v2/x/trickle/manifests/") {
+            // A byte every 100 ms: moving, but far below 1 KiB/s.
+            return s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n").is_ok() && babble(s, b"{");
+        }
         s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").is_ok()
     });
     let (out, took) = import_with_deadlines(&format!("docker://127.0.0.1:{port}/x/trailers:t"), &[("PLYROOT_IDLE_TIMEOUT", "2")]);
     let out = out.plyroot_error(&[&format!("no progress from 127.0.0.1:{port} for 2 s")]);
+    assert!(took < Duration::from_secs(20), "{took:?} {out}");
+    let (out, took) = import_with_deadlines(&format!("docker://127.0.0.1:{port}/x/extension:t"), &[("PLYROOT_IDLE_TIMEOUT", "2")]);
+    let out = out.plyroot_error(&[&format!("no progress from 127.0.0.1:{port} for 2 s")]);
+    assert!(took < Duration::from_secs(20), "{took:?} {out}");
+    let (out, took) = import_with_deadlines(&format!("docker://127.0.0.1:{port}/x/trickle:t"), &[("PLYROOT_RATE_WINDOW", "2")]);
+    let out = out.plyroot_error(&[&format!("127.0.0.1:{port} sent"), "less than 1 KiB/s"]);
     assert!(took < Duration::from_secs(20), "{took:?} {out}");
     let (out, took) = import_with_deadlines(&format!("docker://127.0.0.1:{port}/x/continue:t"), &[("PLYROOT_HEAD_TIMEOUT", "2")]);
     let out = out.plyroot_error(&[&format!("no complete response from 127.0.0.1:{port} within 2 s")]);
