@@ -15,7 +15,9 @@
 //!   image): refused uploads, credentials lured elsewhere, redirect schemes, a token with a line
 //!   break, escape sequences in what is printed, a Docker-Content-Digest that is no digest, a
 //!   registry name that is no host, two Content-Lengths, a body cut short, an image of no layers,
-//!   unsettable xattrs, and a valid layer that expands past its bound.
+//!   unsettable xattrs, a valid layer that expands past its bound; a server that goes silent,
+//!   sends endless trailers or `100 Continue`s (each ends at its deadline, set to seconds), or
+//!   puts control characters or spaces in a `Location` or a challenge.
 //!
 //! Runs as root and as unprivileged users with and without subordinate ids (tests/run.sh). A
 //! missing docker-registry, skopeo or umoci is a skip (a failure under PLYROOT_TEST_REQUIRE_NS=1).
@@ -1374,4 +1376,240 @@ fn a_layer_that_expands_past_its_bound_stops_and_leaves_nothing() {
     let mut c = s3.cmd(&["import", "--insecure", &image]);
     c.env("PLYROOT_MAX_LAYER_SIZE", "lots");
     run_with(&mut c, None, TIMEOUT).plyroot_error(&["PLYROOT_MAX_LAYER_SIZE=lots", "not a size"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every transfer ends, and says why
+// ---------------------------------------------------------------------------------------------
+
+/// A server on loopback that hands each request (its head, and its own port) to `answer`, which
+/// writes to the connection as it likes, for as long as it likes; `false` closes the connection.
+fn streaming_server(answer: impl Fn(&str, u16, &mut TcpStream) -> bool + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let answer = std::sync::Arc::new(answer);
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(stream) = conn else { continue };
+            let (log, answer) = (log.clone(), answer.clone());
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(stream);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    log.lock().unwrap().push(head.clone());
+                    if !answer(&head, port, r.get_mut()) {
+                        let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// `plyroot import --insecure IMAGE` with the deadlines `vars` set; it must end within a minute
+/// (the default deadlines are minutes: a test that waits for them fails here).
+fn import_with_deadlines(image: &str, vars: &[(&str, &str)]) -> (Out, Duration) {
+    let s = Store::new();
+    let mut c = s.cmd(&["import", "--insecure", image]);
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    let start = Instant::now();
+    let out = run_with(&mut c, None, Duration::from_secs(60));
+    assert_eq!(s.layer_dir_entries(), 0, "{out}");
+    (out, start.elapsed())
+}
+
+/// Writes `chunk` every 100 ms until the client goes away.
+fn babble(s: &mut TcpStream, chunk: &[u8]) -> bool {
+    while s.write_all(chunk).is_ok() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn a_silent_registry_ends_within_the_idle_deadline_and_says_so() {
+    let layer = layer_tar(&[("etc/silent", &[7u8; 200_000])]);
+    let served = Served::new(std::slice::from_ref(&layer));
+    let digest = sha256(&layer);
+    // Silent before its answer (the manifest), and in the middle of a body (the layer).
+    for silent_at in ["manifests", "blobs/sha256"] {
+        let (port, seen) = {
+            let manifest = serde_json::to_vec(&served.manifest).unwrap();
+            let blobs = served.blobs.clone();
+            let layer_digest = digest.clone();
+            streaming_server(move |head, _, s| {
+                let answer = |ty: &str, body: &[u8]| [format!("HTTP/1.1 200 OK\r\nContent-Type: {ty}\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(), body].concat();
+                if head.starts_with("GET /v2/x/img/manifests/") {
+                    if silent_at == "manifests" {
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                    return s.write_all(&answer("application/vnd.oci.image.manifest.v1+json", &manifest)).is_ok();
+                }
+                let Some((d, b)) = blobs.iter().find(|(d, _)| head.starts_with(&format!("GET /v2/x/img/blobs/{d} "))) else {
+                    return s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").is_ok();
+                };
+                let whole = answer("application/octet-stream", b);
+                if *d == layer_digest {
+                    // Headers and half the body, then nothing.
+                    let _ = s.write_all(&whole[..whole.len() - b.len() / 2]);
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+                s.write_all(&whole).is_ok()
+            })
+        };
+        let image = format!("docker://127.0.0.1:{port}/x/img:t");
+        let (out, took) = import_with_deadlines(&image, &[("PLYROOT_IDLE_TIMEOUT", "2")]);
+        let out = out.plyroot_error(&[&format!("no progress from 127.0.0.1:{port} for 2 s")]);
+        assert!(took < Duration::from_secs(20), "{silent_at}: it ended at the deadline, not long after: {took:?} {out}");
+        assert!(!out.stderr.contains("os error"), "what happened, not an errno: {out}");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.iter().any(|h| h.contains(&digest)), silent_at != "manifests", "{seen:?}");
+    }
+}
+
+#[test]
+fn endless_trailers_extensions_interim_responses_and_trickles_end_at_their_deadlines() {
+    let served = Served::new(&[layer_tar(&[("etc/x", b"x\n")])]);
+    let manifest = serde_json::to_vec(&served.manifest).unwrap();
+    let (port, _) = streaming_server(move |head, _, s| {
+        if head.starts_with("GET /v2/x/trailers/manifests/") {
+            // The whole manifest in one chunk, its last chunk, then trailer lines forever.
+            let start = [format!("HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n", manifest.len()).as_bytes(), &manifest, b"\r\n0\r\n"].concat();
+            return s.write_all(&start).is_ok() && babble(s, b"X-Trailer: more\r\n");
+        }
+        if head.starts_with("GET /v2/x/continue/manifests/") {
+            return babble(s, b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        if head.starts_with("GET /v2/x/extension/manifests/") {
+            // A chunk-size line that never ends: its extension goes on forever.
+            return s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=").is_ok() && babble(s, b"aaaaaaaaaaaaaaaa");
+        }
+        if head.starts_with("GET /v2/x/trickle/manifests/") {
+            // A byte every 100 ms: moving, but far below 1 KiB/s.
+            return s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n").is_ok() && babble(s, b"{");
+        }
+        s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").is_ok()
+    });
+    let (out, took) = import_with_deadlines(&format!("docker://127.0.0.1:{port}/x/trailers:t"), &[("PLYROOT_IDLE_TIMEOUT", "2")]);
+    let out = out.plyroot_error(&[&format!("no progress from 127.0.0.1:{port} for 2 s")]);
+    assert!(took < Duration::from_secs(20), "{took:?} {out}");
+    let (out, took) = import_with_deadlines(&format!("docker://127.0.0.1:{port}/x/extension:t"), &[("PLYROOT_IDLE_TIMEOUT", "2")]);
+    let out = out.plyroot_error(&[&format!("no progress from 127.0.0.1:{port} for 2 s")]);
+    assert!(took < Duration::from_secs(20), "{took:?} {out}");
+    let (out, took) = import_with_deadlines(&format!("docker://127.0.0.1:{port}/x/trickle:t"), &[("PLYROOT_RATE_WINDOW", "2")]);
+    let out = out.plyroot_error(&[&format!("127.0.0.1:{port} sent"), "less than 1 KiB/s"]);
+    assert!(took < Duration::from_secs(20), "{took:?} {out}");
+    let (out, took) = import_with_deadlines(&format!("docker://127.0.0.1:{port}/x/continue:t"), &[("PLYROOT_HEAD_TIMEOUT", "2")]);
+    let out = out.plyroot_error(&[&format!("no complete response from 127.0.0.1:{port} within 2 s")]);
+    assert!(took < Duration::from_secs(20), "{took:?} {out}");
+    // A deadline that is no number of seconds is said, and the default used.
+    let (out, _) = import_with_deadlines(&format!("docker://127.0.0.1:{port}/x/none:t"), &[("PLYROOT_IDLE_TIMEOUT", "soon")]);
+    let out = out.plyroot_error(&["404"]);
+    assert!(out.stderr.contains("PLYROOT_IDLE_TIMEOUT=soon"), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nothing a server chose reaches a request unchecked
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn redirect_locations_with_controls_or_spaces_are_refused_naming_the_server() {
+    let (reg, seen) = scripted_server_bytes(|head, _| {
+        let to: &[u8] = if head.starts_with("GET /v2/x/ctl/") {
+            b"/v2/x/elsewhere/a\x01b"
+        } else if head.starts_with("GET /v2/x/csi/") {
+            "/v2/x/elsewhere/a\u{9b}2Jb".as_bytes()
+        } else if head.starts_with("GET /v2/x/tab/") {
+            b"/v2/x/elsewhere/a\tb"
+        } else if head.starts_with("GET /v2/x/space/") {
+            b"/v2/x/elsewhere/a b HTTP/1.1\r\nX-Injected: yes\r\nX:"
+        } else if head.starts_with("GET /v2/x/cr/") {
+            b"/v2/x/elsewhere/a\rX-Injected: yes"
+        } else {
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec();
+        };
+        [b"HTTP/1.1 302 Found\r\nLocation: ".as_slice(), to, b"\r\nContent-Length: 0\r\n\r\n"].concat()
+    });
+    let s = Store::new();
+    let host = format!("127.0.0.1:{reg}");
+    for (repo, problem) in [("tab", "a control character"), ("csi", "a control character"), ("space", "a space")] {
+        let out = s.plyroot(&["import", "--insecure", &format!("docker://{host}/x/{repo}:t")]);
+        let out = out.plyroot_error(&[&format!("{host} sent a redirect Location with {problem} in it"), "does not put in a request"]);
+        no_raw_controls(&out);
+    }
+    // A bare CR or an ASCII control breaks the response head itself: refused as malformed.
+    for repo in ["cr", "ctl"] {
+        let out = s.plyroot(&["import", "--insecure", &format!("docker://{host}/x/{repo}:t")]);
+        out.plyroot_error(&[&format!("{host} sent a header holding a control character")]);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.iter().any(|h| h.contains("elsewhere") || h.to_ascii_lowercase().contains("x-injected")), "no request followed: {seen:?}");
+}
+
+#[test]
+fn challenges_whose_realm_service_or_scope_hold_controls_are_refused() {
+    let (reg, seen) = scripted_server_bytes(|head, port| {
+        let challenge = if head.starts_with("GET /token") {
+            return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"token\":\"abc\"}".to_vec();
+        } else if head.starts_with("GET /v2/x/realm/") {
+            format!("Bearer realm=\"http://127.0.0.1:{port}/token x\",service=\"reg\"").into_bytes()
+        } else if head.starts_with("GET /v2/x/service/") {
+            format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"reg\u{9b}2J\"").into_bytes()
+        } else {
+            format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"reg\",scope=\"repository:x:pull\tX\"").into_bytes()
+        };
+        [b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: ".as_slice(), &challenge, b"\r\nContent-Length: 0\r\n\r\n"].concat()
+    });
+    let s = Store::new();
+    let host = format!("127.0.0.1:{reg}");
+    for (repo, what) in [("realm", "a realm with a space"), ("service", "a service with a control character"), ("scope", "a scope with a control character")] {
+        let out = s.plyroot(&["import", "--insecure", &format!("docker://{host}/x/{repo}:t")]);
+        let out = out.plyroot_error(&[&format!("cannot authenticate with {host}"), what, "does not put in a request"]);
+        no_raw_controls(&out);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.iter().any(|h| h.starts_with("GET /token")), "no token was asked for: {seen:?}");
+}
+
+#[test]
+fn an_upload_location_with_controls_or_spaces_is_refused() {
+    if me().regime != Regime::Root {
+        need!(userns());
+    }
+    let s = Store::new();
+    need!(two_layer_env(&s, 1024));
+    for (location, problem) in [(&b"/v2/x/up/blobs/uploads/u1 HTTP/1.1\r\nX-Injected: yes\r\nX:"[..], "a space"), (b"/v2/x/up/blobs/uploads/u\t1", "a control character")] {
+        let location = location.to_vec();
+        let (reg, seen) = scripted_server_bytes(move |head, _| {
+            if head.starts_with("POST /v2/x/up/blobs/uploads/") {
+                [b"HTTP/1.1 202 Accepted\r\nLocation: ".as_slice(), &location, b"\r\nContent-Length: 0\r\n\r\n"].concat()
+            } else {
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec()
+            }
+        });
+        let host = format!("127.0.0.1:{reg}");
+        let out = s.plyroot(&["push", "--insecure", "t", &format!("docker://{host}/x/up:v1")]);
+        assert_eq!(out.code, 125, "{out}");
+        let out = out.plyroot_error(&["uploading the blob", &format!("{host} sent an upload Location with {problem} in it")]);
+        no_raw_controls(&out);
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen.iter().any(|h| h.starts_with("POST ")), "{seen:?}");
+        assert!(!seen.iter().any(|h| h.starts_with("PUT ") || h.to_ascii_lowercase().contains("x-injected")), "nothing was uploaded: {seen:?}");
+    }
 }

@@ -17,7 +17,7 @@ use std::io::Read;
 use serde::Deserialize;
 
 use super::auth::{self, Credentials};
-use super::http::{Body, Http, HttpError, Response, Url};
+use super::http::{sendable, unsendable, Body, Http, HttpError, Response, Url};
 use super::reference::Reference;
 use super::RegistryError;
 use crate::oci;
@@ -83,7 +83,8 @@ impl Client {
             crate::diag::debug!("{method} {url}: {} answered 401 and is not {}: not authenticating with it", resp.url, self.base);
             return Ok(resp);
         }
-        let challenge = resp.header("www-authenticate").map(str::to_owned);
+        // Checked where its parts are used (the realm, the service, the scope).
+        let challenge = resp.header_bytes("www-authenticate").map(|v| String::from_utf8_lossy(v).into_owned());
         drop(resp);
         self.authenticate(challenge.as_deref())?;
         Ok(self.send(method, url, headers, body)?)
@@ -140,6 +141,12 @@ impl Client {
     fn token(&self, c: &auth::Challenge, creds: Option<&Credentials>) -> Result<String, String> {
         let registry = &self.reference.registry;
         let realm = c.params.get("realm").ok_or("its Bearer challenge names no realm")?;
+        // What the challenge names goes into the token request: its URL, its query.
+        for (name, url) in [("realm", true), ("service", false), ("scope", false)] {
+            if let Some(problem) = c.params.get(name).and_then(|v| unsendable(v.as_bytes(), url)) {
+                return Err(format!("its Bearer challenge names a {name} with {problem} in it, which plyroot does not put in a request: {}", crate::text::escape(&c.params[name])));
+            }
+        }
         let mut realm_url = Url::parse(realm).map_err(|e| e.to_string())?;
         let scope = self.scope();
         let mut params = Vec::new();
@@ -256,7 +263,8 @@ impl Client {
         if resp.status == 201 {
             return Ok(()); // the registry mounted or already had it
         }
-        let location = resp.header("location").ok_or_else(|| RegistryError::Protocol { what: what.clone(), reason: "the upload session has no Location".into() })?.to_owned();
+        let location = resp.header_bytes("location").ok_or_else(|| RegistryError::Protocol { what: what.clone(), reason: "the upload session has no Location".into() })?;
+        let location = sendable(&resp.url.authority(), "an upload Location", location, true).map_err(|source| RegistryError::During { what: what.clone(), source })?;
         drop(resp);
         let mut put = url.join(&location)?;
         // The upload goes where the registry says, but not from TLS down to plain HTTP.

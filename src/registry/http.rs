@@ -10,47 +10,91 @@
 //! - TLS through rustls with the ring provider: Mozilla's roots (built in, so a static plyroot
 //!   works on hosts without a CA bundle), the host's bundle, and the per-registry CA files that
 //!   podman and docker read (`/etc/containers/certs.d/HOST[:PORT]/*.crt`, `/etc/docker/certs.d/…`).
-//! - Deadlines: [`CONNECT_TIMEOUT`] to connect (through a proxy and TLS included),
-//!   [`IO_TIMEOUT`] for each read and each write, [`HEAD_TIMEOUT`] for a response head (endless
-//!   `100 Continue`s included), and a body must bring at least 1 KiB/s averaged over each
-//!   minute ([`RATE_WINDOW`]), so a registry that goes silent or trickles fails the command
-//!   instead of holding it, while a slow but moving download of any size completes.
+//! - [`Deadlines`]: to connect (through a proxy and TLS included); for progress (no byte sent
+//!   or received, and no byte of a body, however much else comes: a read of the body that
+//!   only brings chunked trailers or chunk extensions makes none), enforced on each
+//!   connection by [`Watched`]; for a response head (endless `100 Continue`s included); and a
+//!   body must bring at least 1 KiB/s averaged over each minute. A registry that goes silent,
+//!   trickles or babbles fails the command with what happened ("no progress from HOST for
+//!   120 s") instead of holding it, while a slow but moving download of any size completes.
 //! - No thread, ever: plyroot creates user namespaces later in the same process, which a second
 //!   thread would make fail. ureq's own resolver starts one when a resolve or overall deadline is
 //!   set; plyroot sets neither and plugs a resolver that resolves on the calling thread anyway
 //!   (bounded by the system resolver's own timeouts), which also covers a proxy's host name.
 //!
 //! Header names and values are checked before anything is sent (the `http` crate refuses CR, LF
-//! and other control characters), and so is every URL, so nothing a server chose reaches a
-//! request line or header unchecked.
+//! and other control characters), and so is every URL. What a server chose and plyroot would
+//! send (a redirect's or an upload's `Location`, a challenge's realm, service and scope) is
+//! refused first, by [`sendable`], with an error that names the server: a control character
+//! anywhere, a space or non-ASCII byte in what is to be a URL. (A response head with a bare CR
+//! or an ASCII control in a header is refused by the parser before that.)
 
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
 use std::net::ToSocketAddrs;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use ureq::config::{AutoHeaderValue, Config};
 use ureq::http::{self as h, Uri};
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+use ureq::unversioned::transport::time::Duration as TimeDuration;
+use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, DefaultConnector, NextTimeout, Transport};
 
 use super::proxy::{Proxies, Setting};
 
-/// Connecting, through a proxy and the TLS handshake included.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// A registry that sends (or takes) nothing for this long is gone; the command fails instead of
-/// hanging.
-const IO_TIMEOUT: Duration = Duration::from_secs(120);
-/// The whole response head, interim `1xx` responses included, must arrive within this.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(300);
-/// A body must bring at least [`MIN_WINDOW_BYTES`] in every window of this length: a server
-/// that trickles (a byte a second passes every per-read deadline) cannot hold a transfer open.
-const RATE_WINDOW: Duration = Duration::from_secs(60);
-const MIN_WINDOW_BYTES: u64 = 60 * 1024;
+/// How long plyroot waits, in each phase of a request. Every one of them can be set, in whole
+/// seconds, by an environment variable (tests wait seconds, not minutes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Deadlines {
+    /// Connecting, through a proxy and the TLS handshake included (`PLYROOT_CONNECT_TIMEOUT`, 30).
+    pub connect: Duration,
+    /// No progress for this long ends a request (`PLYROOT_IDLE_TIMEOUT`, 120): no byte sent or
+    /// received, and no byte of a body however much else the server sends (endless chunked
+    /// trailers or chunk extensions).
+    pub idle: Duration,
+    /// The whole response head, interim `1xx` responses included, must arrive within this
+    /// (`PLYROOT_HEAD_TIMEOUT`, 300), counted from the end of the request.
+    pub head: Duration,
+    /// A body must bring at least 1 KiB for each second of every window of this length spent
+    /// waiting for it (`PLYROOT_RATE_WINDOW`, 60): a server that trickles (a byte a second
+    /// passes every per-read deadline) cannot hold a transfer open.
+    pub rate_window: Duration,
+}
+
+impl Deadlines {
+    const DEFAULT: Deadlines = Deadlines { connect: Duration::from_secs(30), idle: Duration::from_secs(120), head: Duration::from_secs(300), rate_window: Duration::from_secs(60) };
+
+    /// The defaults, with what the environment sets instead.
+    pub(crate) fn get() -> Deadlines {
+        static D: OnceLock<Deadlines> = OnceLock::new();
+        *D.get_or_init(|| Deadlines::from_lookup(|k| std::env::var(k).ok()))
+    }
+
+    fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Deadlines {
+        let d = Deadlines::DEFAULT;
+        let read = |var: &str, default: Duration| match get(var) {
+            None => default,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Duration::from_secs(n),
+                _ => {
+                    crate::diag::warn!("ignoring {var}={}: not a whole number of seconds above 0; using {} s", crate::text::escape(&v), default.as_secs());
+                    default
+                }
+            },
+        };
+        Deadlines {
+            connect: read("PLYROOT_CONNECT_TIMEOUT", d.connect),
+            idle: read("PLYROOT_IDLE_TIMEOUT", d.idle),
+            head: read("PLYROOT_HEAD_TIMEOUT", d.head),
+            rate_window: read("PLYROOT_RATE_WINDOW", d.rate_window),
+        }
+    }
+}
+
 /// A response head larger than this is not from a registry.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 const MAX_REDIRECTS: usize = 10;
@@ -109,10 +153,39 @@ pub(crate) enum HttpError {
     },
     #[error("{method} {url}: malformed response: {reason}")]
     Malformed { method: String, url: String, reason: String },
+    #[error("{host} sent {what} with {problem} in it, which plyroot does not put in a request: {value}")]
+    Unsendable { host: String, what: &'static str, problem: &'static str, value: String },
     #[error("{url}: more than {MAX_REDIRECTS} redirects")]
     Redirects { url: String },
     #[error("{from} redirected to {to}, from TLS to plain HTTP: refused (with --insecure it is followed)")]
     Downgrade { from: String, to: String },
+}
+
+/// What makes a string a server chose unfit for a request: a control character (CR, LF, tab, NUL,
+/// DEL, C1) always; a space or any other byte a URL cannot hold when it is to be a URL.
+pub(crate) fn unsendable(value: &[u8], url: bool) -> Option<&'static str> {
+    if value.iter().any(|b| b.is_ascii_control()) {
+        return Some("a control character");
+    }
+    if String::from_utf8_lossy(value).chars().any(char::is_control) {
+        return Some("a control character");
+    }
+    if url && value.contains(&b' ') {
+        return Some("a space");
+    }
+    if url && value.iter().any(|b| !b.is_ascii_graphic()) {
+        return Some("a byte a URL cannot hold");
+    }
+    None
+}
+
+/// `value` as text when [`unsendable`] finds nothing wrong with it; else the error, naming
+/// `host`, the server that sent it.
+pub(crate) fn sendable(host: &str, what: &'static str, value: &[u8], url: bool) -> Result<String, HttpError> {
+    match unsendable(value, url) {
+        None => Ok(String::from_utf8_lossy(value).into_owned()),
+        Some(problem) => Err(HttpError::Unsendable { host: host.to_owned(), what, problem, value: crate::text::escape(&String::from_utf8_lossy(value)).into_owned() }),
+    }
 }
 
 /// An `http://` or `https://` URL, split the way a request needs it.
@@ -236,6 +309,9 @@ pub(crate) struct Response {
     /// says how much of it came.
     received: u64,
     length: Option<u64>,
+    /// Each read of the body must bring a byte of it within `idle`.
+    progress: Progress,
+    idle: Duration,
 }
 
 impl fmt::Debug for Response {
@@ -283,7 +359,10 @@ impl Response {
 impl Read for Response {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let start = std::time::Instant::now();
-        let n = self.body.read(buf).map_err(|e| self.cut_short(e))?;
+        self.progress.set(Some(start + self.idle));
+        let result = self.body.read(buf);
+        self.progress.set(None);
+        let n = result.map_err(|e| self.cut_short(e))?;
         self.received += n as u64;
         self.rate.check(start.elapsed(), n).map_err(|slow| io::Error::new(io::ErrorKind::TimedOut, format!("{} {slow}", self.url.authority())))?;
         Ok(n)
@@ -295,6 +374,10 @@ impl Response {
     /// the body came (ureq says only "Peer disconnected"); any other error as it is.
     fn cut_short(&self, e: io::Error) -> io::Error {
         use io::ErrorKind::*;
+        let timed_out = e.kind() == TimedOut || e.get_ref().and_then(|inner| inner.downcast_ref::<ureq::Error>()).is_some_and(|u| matches!(u, ureq::Error::Timeout(_)));
+        if timed_out {
+            return io::Error::new(TimedOut, format!("no progress from {} for {} s", self.url.authority(), self.idle.as_secs()));
+        }
         if !matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted) {
             return e;
         }
@@ -309,27 +392,31 @@ impl Response {
     }
 }
 
-/// The minimum transfer rate of a body: at least [`MIN_WINDOW_BYTES`] in each [`RATE_WINDOW`]
-/// spent waiting for the server. Only the time inside reads counts, so a slow consumer (a disk,
-/// a long fsync) is never blamed on the server.
-#[derive(Default)]
+/// The minimum transfer rate of a body: at least 1 KiB for each second of each window
+/// ([`Deadlines::rate_window`]) spent waiting for the server. Only the time inside reads counts,
+/// so a slow consumer (a disk, a long fsync) is never blamed on the server.
 struct Rate {
+    window: Duration,
     waited: Duration,
     bytes: u64,
 }
 
 impl Rate {
+    fn new(window: Duration) -> Rate {
+        Rate { window, waited: Duration::ZERO, bytes: 0 }
+    }
+
     /// Counts a read of `n` bytes that took `spent`; the error says how slow the window was.
     fn check(&mut self, spent: Duration, n: usize) -> Result<(), String> {
         self.waited += spent;
         self.bytes += n as u64;
-        if self.waited < RATE_WINDOW {
+        if self.waited < self.window {
             return Ok(());
         }
-        if self.bytes < MIN_WINDOW_BYTES && n > 0 {
+        if self.bytes < 1024 * self.window.as_secs() && n > 0 {
             return Err(format!("sent {} bytes in {} s, less than 1 KiB/s: giving up", self.bytes, self.waited.as_secs()));
         }
-        *self = Rate::default();
+        *self = Rate::new(self.window);
         Ok(())
     }
 }
@@ -342,12 +429,16 @@ pub(crate) struct Http {
     registry: String,
     /// Whether a redirect may lead from https to http (`--insecure` for this registry).
     insecure: bool,
+    deadlines: Deadlines,
+    /// The progress deadline of the body being read, which every connection of the agent obeys.
+    progress: Progress,
 }
 
 impl Http {
     /// A client for one operation on `registry` (`host[:port]`, as certs.d names it); with
     /// `insecure`, plain HTTP is acceptable, also after a redirect from TLS.
     pub(crate) fn new(registry: &str, insecure: bool) -> Http {
+        let d = Deadlines::get();
         let config = Config::builder()
             .http_status_as_error(false)
             .max_redirects(0)
@@ -355,15 +446,16 @@ impl Http {
             .user_agent(format!("plyroot/{}", env!("CARGO_PKG_VERSION")))
             .accept_encoding(AutoHeaderValue::None)
             .max_response_header_size(MAX_HEADER_BYTES)
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_per_read(Some(IO_TIMEOUT))
-            .timeout_per_write(Some(IO_TIMEOUT))
+            .timeout_connect(Some(d.connect))
+            .timeout_per_read(Some(d.idle))
+            .timeout_per_write(Some(d.idle))
             // Not a resolve or global deadline: those would make ureq resolve on a thread.
-            .timeout_recv_response(Some(HEAD_TIMEOUT))
+            .timeout_recv_response(Some(d.head))
             .tls_config(tls_config(registry))
             .build();
-        let agent = ureq::Agent::with_parts(config, DefaultConnector::default(), InlineResolver);
-        Http { agent, proxies: Proxies::from_env(), registry: registry.to_owned(), insecure }
+        let progress = Progress::default();
+        let agent = ureq::Agent::with_parts(config, Watcher { inner: DefaultConnector::default(), progress: progress.clone() }, InlineResolver);
+        Http { agent, proxies: Proxies::from_env(), registry: registry.to_owned(), insecure, deadlines: d, progress }
     }
 
     /// Sends a request, following redirects for GET and HEAD. `headers` are sent as given, except
@@ -379,8 +471,9 @@ impl Http {
             if !redirect {
                 return Ok(resp);
             }
-            let Some(location) = resp.header("location") else { return Ok(resp) };
-            let next = url.join(location)?;
+            let Some(location) = resp.header_bytes("location") else { return Ok(resp) };
+            let location = sendable(&url.authority(), "a redirect Location", location, true)?;
+            let next = url.join(&location)?;
             self.check_redirect(&url, &next)?;
             crate::diag::debug!("{method} {url}: redirected to {next}");
             url = next;
@@ -426,7 +519,18 @@ impl Http {
         }
         let chunked = parts.headers.get_all(h::header::TRANSFER_ENCODING).iter().any(|v| v.as_bytes().to_ascii_lowercase().windows(7).any(|w| w == b"chunked"));
         let length = lengths.first().filter(|_| !chunked).and_then(|v| std::str::from_utf8(v).ok()).and_then(|v| v.trim().parse().ok());
-        Ok(Response { status, url: url.clone(), method: method.to_owned(), headers: parts.headers, body: body.into_reader(), rate: Rate::default(), received: 0, length })
+        Ok(Response {
+            status,
+            url: url.clone(),
+            method: method.to_owned(),
+            headers: parts.headers,
+            body: body.into_reader(),
+            rate: Rate::new(self.deadlines.rate_window),
+            received: 0,
+            length,
+            progress: self.progress.clone(),
+            idle: self.deadlines.idle,
+        })
     }
 
     fn run(&self, req: h::request::Builder, body: impl ureq::AsSendBody, url: &Url, proxy: &Option<(Setting, ureq::Proxy)>) -> Result<h::Response<ureq::Body>, ureq::Error> {
@@ -478,11 +582,19 @@ impl Http {
             }
             ureq::Error::HostNotFound => HttpError::Resolve { host, source: io::Error::new(io::ErrorKind::NotFound, "the name has no address") },
             ureq::Error::Io(io) if is_connect_error(&io) => HttpError::Connect { host, source: io },
-            ureq::Error::Timeout(t) => HttpError::Timeout { method, url: url.to_string(), what: timeout_text(t) },
+            ureq::Error::Timeout(t) => HttpError::Timeout { method, url: url.to_string(), what: timeout_text(t, &host, self.deadlines) },
             ureq::Error::Http(_) => HttpError::Header { method, url: url.to_string(), name: "(a request header)".into() },
             ureq::Error::BadUri(_) => HttpError::Url { url: url.to_string(), reason: "ureq refused it" },
             // The response head breaks HTTP (two different Content-Length values, say).
-            ureq::Error::Protocol(p) => HttpError::Malformed { method, url: url.to_string(), reason: p.to_string() },
+            ureq::Error::Protocol(p) => {
+                let said = p.to_string();
+                let reason = if said.contains("invalid header") {
+                    format!("{host} sent a header holding a control character (a bare CR, NUL, …) or another byte HTTP does not allow ({said})")
+                } else {
+                    said
+                };
+                HttpError::Malformed { method, url: url.to_string(), reason }
+            }
             e if tls_failure(&e).is_some() => {
                 let hint = match tls_failure(&e) {
                     Some(rustls::Error::InvalidCertificate(_)) => format!(
@@ -521,13 +633,84 @@ fn tls_failure(e: &ureq::Error) -> Option<&rustls::Error> {
     }
 }
 
-fn timeout_text(t: ureq::Timeout) -> String {
+fn timeout_text(t: ureq::Timeout, host: &str, d: Deadlines) -> String {
     match t {
-        ureq::Timeout::Connect => format!("no connection within {} s", CONNECT_TIMEOUT.as_secs()),
-        ureq::Timeout::PerRead => format!("nothing received for {} s", IO_TIMEOUT.as_secs()),
-        ureq::Timeout::PerWrite => format!("nothing could be sent for {} s", IO_TIMEOUT.as_secs()),
-        ureq::Timeout::RecvResponse => format!("no complete answer within {} s", HEAD_TIMEOUT.as_secs()),
+        ureq::Timeout::Connect => format!("no connection to {host} within {} s", d.connect.as_secs()),
+        ureq::Timeout::PerRead | ureq::Timeout::RecvBody => format!("no progress from {host} for {} s", d.idle.as_secs()),
+        ureq::Timeout::PerWrite => format!("no progress sending to {host} for {} s (it takes nothing)", d.idle.as_secs()),
+        ureq::Timeout::RecvResponse => format!("no complete response from {host} within {} s", d.head.as_secs()),
         other => format!("timed out ({other})"),
+    }
+}
+
+/// The deadline by which the body read in progress must bring a byte, shared by an [`Http`],
+/// its responses and its connections (one request at a time: plyroot has one thread).
+#[derive(Clone, Debug, Default)]
+struct Progress(Arc<Mutex<Option<Instant>>>);
+
+impl Progress {
+    fn set(&self, deadline: Option<Instant>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = deadline;
+    }
+
+    fn get(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// ureq's connector, whose connections are [`Watched`].
+#[derive(Debug)]
+struct Watcher {
+    inner: DefaultConnector,
+    progress: Progress,
+}
+
+impl Connector<()> for Watcher {
+    type Out = Watched;
+
+    fn connect(&self, details: &ConnectionDetails, chained: Option<()>) -> Result<Option<Watched>, ureq::Error> {
+        Ok(self.inner.connect(details, chained)?.map(|inner| Watched { inner, progress: self.progress.clone() }))
+    }
+}
+
+/// A connection that gives up waiting for input once the [`Progress`] deadline has passed:
+/// ureq keeps reading while what comes is no body (a chunk's trailers, its extensions), each
+/// read with a fresh per-read timeout, so a server that sends those forever would hold it.
+#[derive(Debug)]
+struct Watched {
+    inner: Box<dyn Transport>,
+    progress: Progress,
+}
+
+impl Transport for Watched {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        self.inner.buffers()
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        self.inner.transmit_output(amount, timeout)
+    }
+
+    fn await_input(&mut self, mut timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        if let Some(deadline) = self.progress.get() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ureq::Error::Timeout(ureq::Timeout::RecvBody));
+            }
+            if TimeDuration::from(left) < timeout.after {
+                timeout.after = left.into();
+                timeout.reason = ureq::Timeout::RecvBody;
+            }
+        }
+        self.inner.await_input(timeout)
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.inner.is_open()
+    }
+
+    fn is_tls(&self) -> bool {
+        self.inner.is_tls()
     }
 }
 
@@ -676,7 +859,7 @@ pub(crate) mod tests {
     #[test]
     fn a_trickling_body_fails_a_moving_one_passes() {
         let sec = Duration::from_secs(1);
-        let mut r = Rate::default();
+        let mut r = Rate::new(Duration::from_secs(60));
         // One byte a second: fine until a window has passed, then an error.
         for _ in 1..60 {
             r.check(sec, 1).unwrap();
@@ -684,14 +867,42 @@ pub(crate) mod tests {
         let e = r.check(sec, 1).unwrap_err();
         assert!(e.contains("60 bytes in 60 s"), "{e}");
         // 2 KiB a second over several windows: fine.
-        let mut r = Rate::default();
+        let mut r = Rate::new(Duration::from_secs(60));
         for _ in 1..=300 {
             r.check(sec, 2048).unwrap();
         }
         // The end of the body (a read of 0) after a slow last window is no error.
-        let mut r = Rate::default();
+        let mut r = Rate::new(Duration::from_secs(60));
         r.check(10 * sec, 100).unwrap();
         r.check(60 * sec, 0).unwrap();
+    }
+
+    #[test]
+    fn deadlines_come_from_the_environment_in_seconds() {
+        assert_eq!(Deadlines::from_lookup(|_| None), Deadlines::DEFAULT);
+        let d = Deadlines::from_lookup(|k| match k {
+            "PLYROOT_IDLE_TIMEOUT" => Some("2".into()),
+            "PLYROOT_HEAD_TIMEOUT" => Some(" 5 ".into()),
+            "PLYROOT_CONNECT_TIMEOUT" => Some("0".into()),
+            "PLYROOT_RATE_WINDOW" => Some("soon".into()),
+            _ => None,
+        });
+        let s = Duration::from_secs;
+        assert_eq!((d.idle, d.head, d.connect, d.rate_window), (s(2), s(5), s(30), s(60)), "0 and words keep the default");
+    }
+
+    #[test]
+    fn server_strings_with_controls_or_spaces_are_not_sent() {
+        assert_eq!(unsendable(b"/v2/x/blobs/uploads/u?_state=a%20b", true), None);
+        assert_eq!(unsendable(b"repository:a b:pull", false), None, "a space is fine where it is encoded");
+        for bad in [&b"/a\rb"[..], b"/a\nb", b"/a\tb", b"/a\x00", b"/a\x7f", "/a\u{9b}2J".as_bytes(), "/a\u{85}".as_bytes()] {
+            assert_eq!(unsendable(bad, true), Some("a control character"), "{bad:?}");
+            assert_eq!(unsendable(bad, false), Some("a control character"), "{bad:?}");
+        }
+        assert_eq!(unsendable(b"/a b", true), Some("a space"));
+        assert_eq!(unsendable("/caf\u{e9}".as_bytes(), true), Some("a byte a URL cannot hold"));
+        let e = sendable("reg.example", "a redirect Location", b"/a\tb\x1b", true).unwrap_err().to_string();
+        assert!(e.starts_with("reg.example sent a redirect Location with a control character") && !e.contains('\x1b') && !e.contains('\t'), "{e}");
     }
 
     #[test]
