@@ -112,8 +112,18 @@ pub(crate) fn ranges_around(me: u32, me_out: u32, sub: (u32, u32)) -> Vec<IdRang
 /// layers and uppers (digests, export, push, `plyroot unshare`) run in it. The process that
 /// enters it stays yourself there, holding every capability over those ids.
 pub(crate) fn image_view(user: &HostUser, subids: Option<SubIds>) -> Mapping {
+    // Plus, past the image's ids, the one subordinate id the map leaves out (the one of your own
+    // number), which owns what an image gives to ids past the range (`store::owners`): the
+    // helpers can read and remove it; runs cannot see it (nobody).
+    let with_hole = |me: u32, (start, count): (u32, u32)| {
+        let mut v = ranges_around(me, me, (start, count));
+        if me < count {
+            v.push(IdRange { inside: count, outside: start + me, count: 1 });
+        }
+        v
+    };
     match subids {
-        Some(s) => Mapping::Ranges { uids: ranges_around(user.uid, user.uid, s.uid), gids: ranges_around(user.gid, user.gid, s.gid) },
+        Some(s) => Mapping::Ranges { uids: with_hole(user.uid, s.uid), gids: with_hole(user.gid, s.gid) },
         None => Mapping::Single { inside_uid: 0, inside_gid: 0, uid: user.uid, gid: user.gid },
     }
 }
