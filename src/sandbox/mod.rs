@@ -131,6 +131,8 @@ pub(crate) struct HostFacts {
     pub runtime_dir: Option<PathBuf>,
     pub x11_socket: bool,
     pub xauthority: Option<PathBuf>,
+    /// The host has /nix, and the launch shows it (see `prepare::nix_store`): bound over the
+    /// layers' /nix, if any.
     pub nix: bool,
     pub gpu: Vec<PathBuf>,
     pub resolv: bool,

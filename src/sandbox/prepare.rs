@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use super::identity::{self, choose, host_subids, HostUser, Inside};
 use super::launch::{Held, Recording};
 use super::{plan, skel, HostFacts, Join, Plan, PlanInput, RootSpec, RunOptions, Skel, Start, Upper};
-use crate::names::HostShare;
+use crate::names::{HostShare, NixStore};
 use crate::store::env::{Env, Generation};
 use crate::store::runs::{Census, LiveRun, RunRecord};
 use crate::store::{now_secs, Store};
@@ -33,6 +33,8 @@ pub(crate) struct Request {
     pub env: Vec<String>,
     pub cwd: Option<PathBuf>,
     pub keep_upper: bool,
+    /// Which /nix to see (`--nix`); None: the environment's setting, else [`nix_store`]'s default.
+    pub nix: Option<NixStore>,
     /// Empty: the login shell.
     pub command: Vec<OsString>,
     /// Start the shell as a login shell (`enter`).
@@ -369,6 +371,21 @@ fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Sk
     }
 }
 
+/// Which /nix the launch shows: the request's choice, else the environment's, else the layers'
+/// when they have one (the top-most entry named `nix` that is no whiteout: one stat a layer),
+/// else the host's.
+fn nix_store(req: &Request, settings: &crate::store::env::Settings, lowers: &[PathBuf]) -> NixStore {
+    if let Some(n) = req.nix.or_else(|| settings.nix.as_deref().and_then(|n| n.parse().ok())) {
+        return n;
+    }
+    let top = lowers.iter().find_map(|l| fs::symlink_metadata(l.join("nix")).ok());
+    let whiteout = |m: &fs::Metadata| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()) && std::os::unix::fs::MetadataExt::rdev(m) == 0;
+    match top {
+        Some(m) if !whiteout(&m) => NixStore::Layers,
+        _ => NixStore::Host,
+    }
+}
+
 fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<Common> {
     let generation = env.current()?;
     let user = HostUser::current();
@@ -378,6 +395,9 @@ fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<C
     let lowers = lowers(store, env, &generation, parent)?;
     let settings = &generation.settings;
     let wants_host = !composed && !inside_env && settings.base.as_deref() == Some("host");
+    let mut facts = HostFacts::gather();
+    // Only the host's /nix is bound from the host: the layers' is part of the root.
+    facts.nix = facts.nix && nix_store(req, settings, &lowers) == NixStore::Host;
     let mut c = Common {
         no_host: no_host(req, settings),
         binds: settings.binds.iter().chain(&req.binds).cloned().collect(),
@@ -386,7 +406,7 @@ fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<C
         inside_env,
         composed,
         lowers,
-        facts: HostFacts::gather(),
+        facts,
         wants_host,
         skel: Skel::Tmpfs(skel::Spec::default()),
         generation,

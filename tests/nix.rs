@@ -1,0 +1,135 @@
+//! Tier 3: which `/nix` an environment sees. The default is the layers' `/nix` when they have one,
+//! else the host's; `nix = "host" | "layers"` in a manifest and `run --nix` choose.
+//!
+//! The host side needs a host `/nix`. A test must not create one on the machine, so as real root
+//! it makes a private root for one plyroot command: a tmpfs with the host's top-level entries
+//! bound into it and a scratch directory at `/nix`, pivoted into in a private mount namespace
+//! (`with_host_nix`). Unprivileged users check the layers' side, the flag and the key.
+//!
+//! Runs as root and as unprivileged users with and without /etc/subuid ranges.
+
+#[macro_use]
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// A store with a busybox environment `t` (no /nix) and `withnix` (busybox, then a layer with
+/// `/nix/store/aaa-layers/f`), and the host's fake /nix (`/nix/store/bbb-host/f`) beside it.
+fn setup() -> Result<(Store, PathBuf), String> {
+    let s = Store::with_busybox_env()?;
+    let root = s.path("t-rootfs");
+    let layer = s.path("nixlayer");
+    fs::create_dir_all(layer.join("nix/store/aaa-layers")).unwrap();
+    fs::write(layer.join("nix/store/aaa-layers/f"), "layers\n").unwrap();
+    s.create("withnix", &[&format!("dir:{}", root.display()), &format!("dir:{}", layer.display())]);
+    let host = s.path("host-nix");
+    fs::create_dir_all(host.join("store/bbb-host")).unwrap();
+    fs::write(host.join("store/bbb-host/f"), "host\n").unwrap();
+    Ok((s, host))
+}
+
+fn real_root() -> bool {
+    me().regime == Regime::Root
+}
+
+/// `plyroot ARGS` as real root on a host whose /nix is `fake`: in a private mount namespace, a
+/// new root (a tmpfs) with every top-level entry of the host's bound or copied into it and `fake`
+/// bound at /nix. Nothing changes outside that namespace.
+fn with_host_nix(s: &Store, fake: &Path, args: &[&str]) -> Out {
+    assert!(real_root());
+    let q = |p: &Path| shell_quote(&p.to_string_lossy());
+    let new = s.path("host-root");
+    fs::create_dir_all(&new).unwrap();
+    let script = format!(
+        "set -e; mount --make-rprivate /; R={r}; mount -t tmpfs tmpfs $R; \
+         for e in /*; do n=${{e#/}}; \
+           if [ -L \"$e\" ]; then cp -P \"$e\" \"$R/$n\"; \
+           elif [ -d \"$e\" ]; then mkdir \"$R/$n\"; mount --rbind \"$e\" \"$R/$n\"; fi; done; \
+         mkdir $R/nix; mount --bind {fake} $R/nix; mkdir $R/.old; cd $R; pivot_root . .old; umount -l /.old; \
+         cd {cwd}; exec {bin} \"$@\"",
+        r = q(&new),
+        fake = q(fake),
+        cwd = q(s.tmp.path()),
+        bin = q(&bin()),
+    );
+    let mut c = Command::new(tool("unshare").unwrap_or_else(|e| panic!("{e}")));
+    c.args(["-m", "sh", "-c", &script, "sh"]).args(args);
+    c.env("PLYROOT_HOME", &s.home).env_remove("PLYROOT_STORE").current_dir(s.tmp.path());
+    run_with(&mut c, None, TIMEOUT)
+}
+
+fn run_args<'a>(env: &'a str, opts: &[&'a str], script: &'a str) -> Vec<&'a str> {
+    let mut a = vec!["run"];
+    a.extend_from_slice(opts);
+    a.extend_from_slice(&[env, "--", "sh", "-c", script]);
+    a
+}
+
+#[test]
+fn the_layers_nix_by_default_else_the_hosts() {
+    let (s, host) = need!(setup());
+    // The layers' /nix, with no host /nix (every user), and the upper keeps what is written there.
+    let out = s.sh("withnix", "cat /nix/store/aaa-layers/f; echo mine > /nix/store/ccc-mine").ok();
+    assert_eq!(out.stdout, "layers\n", "{out}");
+    assert_eq!(s.run("withnix", &[], &["cat", "/nix/store/ccc-mine"]).ok().stdout, "mine\n");
+    if !real_root() {
+        return;
+    }
+    // A host /nix does not hide the layers' /nix, nor is it written to.
+    let out = with_host_nix(&s, &host, &run_args("withnix", &[], "cat /nix/store/aaa-layers/f /nix/store/ccc-mine; test ! -e /nix/store/bbb-host && echo no-host")).ok();
+    assert_eq!(out.stdout, "layers\nmine\nno-host\n", "{out}");
+    // Layers without /nix: the host's, shared read-write as before.
+    let out = with_host_nix(&s, &host, &run_args("t", &[], "cat /nix/store/bbb-host/f; echo w > /nix/store/from-inside")).ok();
+    assert_eq!(out.stdout, "host\n", "{out}");
+    assert_eq!(fs::read_to_string(host.join("store/from-inside")).unwrap(), "w\n");
+    // A layer that deletes /nix (a whiteout) has none: the host's again.
+    let tar = s.path("delnix.tar");
+    fs::write(&tar, RawTar::new().file(".wh.nix", b"").finish()).unwrap();
+    s.create("nonix", &[&format!("dir:{}", s.path("t-rootfs").display()), &format!("dir:{}", s.path("nixlayer").display()), &format!("tar:{}", tar.display())]);
+    let out = with_host_nix(&s, &host, &run_args("nonix", &[], "cat /nix/store/bbb-host/f")).ok();
+    assert_eq!(out.stdout, "host\n", "{out}");
+}
+
+#[test]
+fn run_nix_chooses_host_or_layers() {
+    let (s, host) = need!(setup());
+    let out = s.run("withnix", &["--nix", "layers"], &["cat", "/nix/store/aaa-layers/f"]).ok();
+    assert_eq!(out.stdout, "layers\n", "{out}");
+    let out = s.run("withnix", &["--nix", "both"], &["true"]).failed();
+    assert!(out.stderr.contains("host") && out.stderr.contains("layers"), "the error names the choices: {out}");
+    if !real_root() {
+        return;
+    }
+    let out = with_host_nix(&s, &host, &run_args("withnix", &["--nix", "host"], "cat /nix/store/bbb-host/f; test ! -e /nix/store/aaa-layers && echo hidden")).ok();
+    assert_eq!(out.stdout, "host\nhidden\n", "{out}");
+    // The layers' only: an environment without /nix has none, though the host has one.
+    let out = with_host_nix(&s, &host, &run_args("t", &["--nix", "layers", "--cwd", "/"], "test ! -e /nix && echo none")).ok();
+    assert_eq!(out.stdout, "none\n", "{out}");
+}
+
+#[test]
+fn the_manifest_chooses_and_run_nix_overrides_it() {
+    let (s, host) = need!(setup());
+    let m = s.path("plyroot.toml");
+    let from = format!("from = [\"dir:{}\", \"dir:{}\"]\n", s.path("t-rootfs").display(), s.path("nixlayer").display());
+    fs::write(&m, format!("[env.bad]\n{from}nix = \"both\"\n")).unwrap();
+    let out = s.plyroot(&["apply", "-f", &m.to_string_lossy()]).failed();
+    assert!(out.stderr.contains(":3:7:") && out.stderr.contains("accepted: host, layers"), "{out}");
+    fs::write(&m, format!("[env.m]\n{from}nix = \"host\"\n\n[env.l]\n{from}nix = \"layers\"\n")).unwrap();
+    s.plyroot(&["apply", "-f", &m.to_string_lossy()]).ok();
+    // No host /nix: nothing to bind, the layers' shows.
+    assert_eq!(s.run("l", &[], &["cat", "/nix/store/aaa-layers/f"]).ok().stdout, "layers\n");
+    if !real_root() {
+        return;
+    }
+    let out = with_host_nix(&s, &host, &run_args("m", &[], "cat /nix/store/bbb-host/f")).ok();
+    assert_eq!(out.stdout, "host\n", "{out}");
+    let out = with_host_nix(&s, &host, &run_args("m", &["--nix", "layers"], "cat /nix/store/aaa-layers/f")).ok();
+    assert_eq!(out.stdout, "layers\n", "{out}");
+    let out = with_host_nix(&s, &host, &run_args("l", &[], "cat /nix/store/aaa-layers/f; test ! -e /nix/store/bbb-host && echo no-host")).ok();
+    assert_eq!(out.stdout, "layers\nno-host\n", "{out}");
+}
