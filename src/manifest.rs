@@ -12,7 +12,7 @@
 //! init = "/sbin/init"      # the init `boot` starts
 //! exports = ["gcc"]        # programs to export as launchers
 //! base = "host"            # the host's root under the layers
-//! nix = "layers"           # which /nix: "host" or "layers" [default: the layers' if they have one]
+//! nix = "layers"           # which /nix: "host", "layers" or "overlay" [default: the layers' if they have one]
 //! ```
 
 use std::collections::BTreeMap;
@@ -324,7 +324,7 @@ from = ["tar:-"]
             ("[env.dev]\nfrom = [\"tar:a\"\n", 2, 16, ""),
             ("[envs.dev]\n", 1, 2, "unknown field `envs`"),
             ("[env.dev]\nfrom = [\"tar:a\"]\nbase = \"nix\"\n", 3, 8, "accepted: host"),
-            ("[env.dev]\nfrom = [\"tar:a\"]\nnix = \"mine\"\n", 3, 7, "not a choice of /nix; accepted: host, layers"),
+            ("[env.dev]\nfrom = [\"tar:a\"]\nnix = \"mine\"\n", 3, 7, "not a choice of /nix; accepted: host, layers, overlay"),
             ("[env.dev]\nfrom = [\"tar:a\"]\nenv = { \"\" = \"x\" }\n", 3, 9, "not an environment variable name"),
             ("[env.dev]\nfrom = [\"tar:a\"]\nenv = { \"A=B\" = \"x\" }\n", 3, 9, "without '='"),
             ("[env.dev]\nfrom = [\"tar:a\"]\n[env.dev.env]\nOK = \"1\"\n\"X=Y\" = \"2\"\n", 5, 1, "\"X=Y\""),

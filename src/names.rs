@@ -103,16 +103,20 @@ pub(crate) enum NixStore {
     Host,
     /// The layers' `/nix` (and the upper's), never the host's.
     Layers,
+    /// The host's `/nix/store` as a read-only lower under the layers' and the environment's
+    /// upper, with the environment's own copy of the host's Nix database.
+    Overlay,
 }
 
 impl NixStore {
-    pub(crate) const ALL: [NixStore; 2] = [NixStore::Host, NixStore::Layers];
+    pub(crate) const ALL: [NixStore; 3] = [NixStore::Host, NixStore::Layers, NixStore::Overlay];
 
     /// The name users write.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             NixStore::Host => "host",
             NixStore::Layers => "layers",
+            NixStore::Overlay => "overlay",
         }
     }
 
@@ -121,6 +125,7 @@ impl NixStore {
         match self {
             NixStore::Host => "the host's /nix, shared read-write (hides the layers' /nix)",
             NixStore::Layers => "the layers' /nix, never the host's",
+            NixStore::Overlay => "the host's /nix/store read-only under the environment's own writes, with its own copy of the host's Nix database",
         }
     }
 }
@@ -190,6 +195,6 @@ mod tests {
             assert!(!n.about().is_empty());
         }
         let e = "both".parse::<NixStore>().unwrap_err().to_string();
-        assert_eq!(e, "'both' is not a choice of /nix; accepted: host, layers");
+        assert_eq!(e, "'both' is not a choice of /nix; accepted: host, layers, overlay");
     }
 }

@@ -1,10 +1,10 @@
 //! Tier 3: which `/nix` an environment sees. The default is the layers' `/nix` when they have one,
 //! else the host's; `nix = "host" | "layers"` in a manifest and `run --nix` choose.
 //!
-//! The host side needs a host `/nix`. A test must not create one on the machine, so as real root
-//! it makes a private root for one plyroot command: a tmpfs with the host's top-level entries
-//! bound into it and a scratch directory at `/nix`, pivoted into in a private mount namespace
-//! (`with_host_nix`). Unprivileged users check the layers' side, the flag and the key.
+//! The host side needs a host `/nix`. A test must not create one on the machine, so it makes a
+//! private root for one plyroot command: a tmpfs with the host's top-level entries bound into it
+//! and a scratch directory at `/nix`, pivoted into in a private mount namespace (`with_host_nix`;
+//! for a user, inside a user namespace of their own).
 //!
 //! Runs as root and as unprivileged users with and without /etc/subuid ranges.
 
@@ -32,15 +32,12 @@ fn setup() -> Result<(Store, PathBuf), String> {
     Ok((s, host))
 }
 
-fn real_root() -> bool {
-    me().regime == Regime::Root
-}
-
-/// `plyroot ARGS` as real root on a host whose /nix is `fake`: in a private mount namespace, a
-/// new root (a tmpfs) with every top-level entry of the host's bound or copied into it and `fake`
-/// bound at /nix. Nothing changes outside that namespace.
+/// `plyroot ARGS` on a host whose /nix is `fake`: in a private mount namespace, a new root (a
+/// tmpfs) with every top-level entry of the host's bound or copied into it and `fake` bound at
+/// /nix. Nothing changes outside that namespace. Real root needs only the mount namespace; a user
+/// makes it in a user namespace of their own (`unshare -Urm`), where plyroot then runs as that
+/// namespace's root, unprivileged on the host: the kernel's checks for users apply.
 fn with_host_nix(s: &Store, fake: &Path, args: &[&str]) -> Out {
-    assert!(real_root());
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let new = s.path("host-root");
     fs::create_dir_all(&new).unwrap();
@@ -57,9 +54,17 @@ fn with_host_nix(s: &Store, fake: &Path, args: &[&str]) -> Out {
         bin = q(&bin()),
     );
     let mut c = Command::new(tool("unshare").unwrap_or_else(|e| panic!("{e}")));
-    c.args(["-m", "sh", "-c", &script, "sh"]).args(args);
+    let ns = if me().regime == Regime::Root { "-m" } else { "-Urm" };
+    c.args([ns, "sh", "-c", &script, "sh"]).args(args);
     c.env("PLYROOT_HOME", &s.home).env_remove("PLYROOT_STORE").current_dir(s.tmp.path());
     run_with(&mut c, None, TIMEOUT)
+}
+
+/// Whether this user can have a host /nix made for plyroot (`with_host_nix`): not with
+/// subordinate ids, where plyroot as root of a user namespace would map root's ranges from
+/// /etc/subuid, which newuidmap refuses there. Those users check the layers' side.
+fn host_side() -> bool {
+    me().regime != Regime::SubIds
 }
 
 fn run_args<'a>(env: &'a str, opts: &[&'a str], script: &'a str) -> Vec<&'a str> {
@@ -76,7 +81,7 @@ fn the_layers_nix_by_default_else_the_hosts() {
     let out = s.sh("withnix", "cat /nix/store/aaa-layers/f; echo mine > /nix/store/ccc-mine").ok();
     assert_eq!(out.stdout, "layers\n", "{out}");
     assert_eq!(s.run("withnix", &[], &["cat", "/nix/store/ccc-mine"]).ok().stdout, "mine\n");
-    if !real_root() {
+    if !host_side() {
         return;
     }
     // A host /nix does not hide the layers' /nix, nor is it written to.
@@ -101,7 +106,7 @@ fn run_nix_chooses_host_or_layers() {
     assert_eq!(out.stdout, "layers\n", "{out}");
     let out = s.run("withnix", &["--nix", "both"], &["true"]).failed();
     assert!(out.stderr.contains("host") && out.stderr.contains("layers"), "the error names the choices: {out}");
-    if !real_root() {
+    if !host_side() {
         return;
     }
     let out = with_host_nix(&s, &host, &run_args("withnix", &["--nix", "host"], "cat /nix/store/bbb-host/f; test ! -e /nix/store/aaa-layers && echo hidden")).ok();
@@ -123,7 +128,7 @@ fn the_manifest_chooses_and_run_nix_overrides_it() {
     s.plyroot(&["apply", "-f", &m.to_string_lossy()]).ok();
     // No host /nix: nothing to bind, the layers' shows.
     assert_eq!(s.run("l", &[], &["cat", "/nix/store/aaa-layers/f"]).ok().stdout, "layers\n");
-    if !real_root() {
+    if !host_side() {
         return;
     }
     let out = with_host_nix(&s, &host, &run_args("m", &[], "cat /nix/store/bbb-host/f")).ok();
@@ -132,4 +137,51 @@ fn the_manifest_chooses_and_run_nix_overrides_it() {
     assert_eq!(out.stdout, "layers\n", "{out}");
     let out = with_host_nix(&s, &host, &run_args("l", &[], "cat /nix/store/aaa-layers/f; test ! -e /nix/store/bbb-host && echo no-host")).ok();
     assert_eq!(out.stdout, "layers\nno-host\n", "{out}");
+}
+
+/// Every path under `dir` with its kind and content, to compare a host store before and after.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for p in tree(dir) {
+        let full = dir.join(&p);
+        let content = if full.is_file() { fs::read(&full).unwrap() } else { Vec::new() };
+        out.push((p, content));
+    }
+    out
+}
+
+#[test]
+fn overlay_puts_the_hosts_store_under_the_environments_writes() {
+    let (s, host) = need!(setup());
+    fs::create_dir_all(host.join("var/nix/db")).unwrap();
+    fs::write(host.join("var/nix/db/db.sqlite"), "host-db\n").unwrap();
+    fs::create_dir_all(host.join("var/nix/daemon-socket")).unwrap();
+    // Every user: the choice is known (no host /nix here: the layers' shows).
+    assert_eq!(s.run("withnix", &["--nix", "overlay"], &["cat", "/nix/store/aaa-layers/f"]).ok().stdout, "layers\n");
+    if !host_side() {
+        return;
+    }
+    let before = snapshot(&host);
+    let script = "cat /nix/store/bbb-host/f /nix/store/aaa-layers/f /nix/var/nix/db/db.sqlite; \
+        test ! -e /nix/var/nix/daemon-socket && echo no-daemon; \
+        echo built > /nix/store/ddd-built && echo env-db >> /nix/var/nix/db/db.sqlite && rm -r /nix/store/bbb-host";
+    let out = with_host_nix(&s, &host, &run_args("withnix", &["--nix", "overlay"], script)).ok();
+    assert_eq!(out.stdout, "host\nlayers\nhost-db\nno-daemon\n", "{out}");
+    assert_eq!(snapshot(&host), before, "the host's /nix changed");
+    // The host's store gains a path; the environment sees it, and keeps its own database.
+    fs::create_dir_all(host.join("store/eee-later")).unwrap();
+    fs::write(host.join("store/eee-later/f"), "later\n").unwrap();
+    fs::write(host.join("var/nix/db/db.sqlite"), "host-db-2\n").unwrap();
+    let out = with_host_nix(&s, &host, &run_args("withnix", &["--nix", "overlay"], "cat /nix/store/ddd-built /nix/store/eee-later/f /nix/var/nix/db/db.sqlite; test ! -e /nix/store/bbb-host && echo deleted")).ok();
+    assert_eq!(out.stdout, "built\nlater\nhost-db\nenv-db\ndeleted\n", "{out}");
+    // A manifest chooses it too; --ephemeral writes go nowhere.
+    let m = s.path("plyroot.toml");
+    fs::write(&m, format!("[env.o]\nfrom = [\"dir:{}\"]\nnix = \"overlay\"\n", s.path("t-rootfs").display())).unwrap();
+    s.plyroot(&["apply", "-f", &m.to_string_lossy()]).ok();
+    let before = snapshot(&host);
+    let out = with_host_nix(&s, &host, &run_args("o", &["--ephemeral"], "cat /nix/store/bbb-host/f && echo x > /nix/store/fff-gone && echo ok")).ok();
+    assert_eq!(out.stdout, "host\nok\n", "{out}");
+    let out = with_host_nix(&s, &host, &run_args("o", &[], "test ! -e /nix/store/fff-gone && cat /nix/var/nix/db/db.sqlite")).ok();
+    assert_eq!(out.stdout, "host-db-2\n", "{out}");
+    assert_eq!(snapshot(&host), before, "the host's /nix changed");
 }

@@ -44,7 +44,7 @@ pub(crate) fn shared(root: &RootSpec, base: &Base) -> Result<Option<Shared>> {
                 for d in [&u, &w] {
                     fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
                 }
-                let h = mount::overlay(lowers, Some((&u, &w))).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
+                let h = mount::overlay(lowers, Some((&u, &w))).with_context(|| union_error(name))?;
                 host_dirs.push((name.clone(), h));
             }
             Ok(Some(Shared { root: m, host_dirs }))
@@ -90,9 +90,15 @@ pub(crate) fn attach_shared(s: &Shared, r: &RootSpec) -> Result<OwnedFd> {
         let at = Path::new("/").join(name);
         let target = mount::resolve_in(root.as_fd(), &at, Kind::Dir, true)?;
         let m = m.try_clone().context("cannot duplicate a mount's fd")?;
-        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
+        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| union_error(name))?;
     }
     Ok(root)
+}
+
+/// What failed when the host's directory /`name` could not be put under the layers.
+fn union_error(name: &str) -> String {
+    let why = if name.starts_with("nix/") { "nix = \"overlay\"" } else { "base = \"host\"" };
+    format!("cannot union the host's /{name} under the layers ({why})")
 }
 
 /// A detached copy of the overlay mounted at `path` (only that mount, not what is on it).
@@ -177,9 +183,9 @@ fn own_host_dirs(r: &RootSpec, root: &OwnedFd) -> Result<()> {
                 fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
             }
         }
-        let m = mount::overlay(lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path())))?;
+        let m = mount::overlay(lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path()))).with_context(|| union_error(name))?;
         let target = mount::resolve_in(root.as_fd(), &at, Kind::Dir, !matches!(r.upper, Upper::None))?;
-        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
+        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| union_error(name))?;
     }
     Ok(())
 }

@@ -96,34 +96,90 @@ fn host_dirs(store: &Store, lowers: &[PathBuf]) -> Result<Vec<(String, Vec<PathB
     let mut names: Vec<String> = fs::read_dir("/").context("cannot list the host's /")?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     let mut out = Vec::new();
-    'names: for name in names {
+    for name in names {
         let host = PathBuf::from("/").join(&name);
         if SKIP.contains(&name.as_str()) || !fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) || store.root.starts_with(&host) {
             continue;
         }
-        let mut dirs = Vec::new();
-        for l in lowers {
-            match fs::symlink_metadata(l.join(&name)) {
-                Err(_) => continue,
-                // A non-directory in a layer (a whiteout too) hides the host's: nothing to union.
-                Ok(m) if !m.is_dir() => {
-                    if dirs.is_empty() {
-                        continue 'names;
-                    }
-                    break;
+        if let Some(dirs) = under_layers(lowers, &name, host) {
+            out.push((name, dirs));
+        }
+    }
+    Ok(out)
+}
+
+/// The layers' directories `rel` (top first) with the host's directory `host` below them, as
+/// overlayfs would merge them; None where a layer hides the host's (a non-directory, a whiteout,
+/// an opaque directory).
+fn under_layers(lowers: &[PathBuf], rel: &str, host: PathBuf) -> Option<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    for l in lowers {
+        match fs::symlink_metadata(l.join(rel)) {
+            Err(_) => continue,
+            // A non-directory in a layer (a whiteout too) hides the host's: nothing to union.
+            Ok(m) if !m.is_dir() => {
+                if dirs.is_empty() {
+                    return None;
                 }
-                Ok(_) => {
-                    dirs.push(l.join(&name));
-                    if crate::store::upper::is_opaque(&l.join(&name)) {
-                        continue 'names;
-                    }
+                break;
+            }
+            Ok(_) => {
+                dirs.push(l.join(rel));
+                if crate::store::upper::is_opaque(&l.join(rel)) {
+                    return None;
                 }
             }
         }
-        dirs.push(host);
-        out.push((name, dirs));
     }
-    Ok(out)
+    dirs.push(host);
+    Some(dirs)
+}
+
+/// Where `nix = "overlay"` puts the host's store, inside and on the host.
+const NIX_STORE: &str = "nix/store";
+/// The Nix database an overlay environment gets its own copy of.
+const NIX_DB: &str = "nix/var/nix/db";
+
+/// Gives the upper `upper` its own copy of the host's Nix database, once (`nix = "overlay"`): a
+/// copy of the host's `/nix/var/nix/db` made beside it and renamed into place, so an interrupted
+/// copy leaves none. The copy is the user's, so Nix inside can write it; the host's is only read.
+fn own_nix_db(upper: &Path) -> Result<()> {
+    let (host, own) = (Path::new("/").join(NIX_DB), upper.join(NIX_DB));
+    if fs::symlink_metadata(&own).is_ok() || !host.is_dir() {
+        return Ok(());
+    }
+    let parent = own.parent().context("the database's place has a parent")?;
+    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let tmp = parent.join(".db.plyroot-copy");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove the unfinished copy {}", tmp.display()))?;
+    }
+    copy_tree(&host, &tmp).with_context(|| format!("cannot copy the host's Nix database {} for this environment", host.display()))?;
+    fs::rename(&tmp, &own).with_context(|| format!("cannot move {} to {}", tmp.display(), own.display()))
+}
+
+/// Copies the directories and regular files of `src` to the new directory `dst` (modes kept;
+/// owned by the caller). Symlinks are copied as links; other kinds are left out.
+fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    for e in fs::read_dir(src).with_context(|| format!("cannot list {}", src.display()))? {
+        let e = e?;
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        let m = fs::symlink_metadata(&from)?;
+        if m.is_dir() {
+            copy_tree(&from, &to)?;
+        } else if m.is_file() {
+            fs::copy(&from, &to).with_context(|| format!("cannot copy {}", from.display()))?;
+        } else if m.file_type().is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+            continue;
+        } else {
+            continue;
+        }
+        fs::set_permissions(&to, fs::Permissions::from_mode(m.permissions().mode() | 0o200))?;
+    }
+    Ok(())
 }
 
 /// Whether this process's root is an environment's root (an overlay plyroot mounted).
@@ -303,6 +359,8 @@ struct Common {
     binds: Vec<String>,
     /// `base = "host"` applies.
     wants_host: bool,
+    /// `nix = "overlay"` applies: the host's /nix/store under the layers' (see `under_layers`).
+    nix_overlay: bool,
     skel: Skel,
     /// Where the program starts without --cwd.
     start: Option<Start>,
@@ -354,6 +412,9 @@ fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Sk
     if let Some(Start::Bind(p)) = &c.start {
         bind_points.push((p.clone(), true));
     }
+    if c.nix_overlay {
+        bind_points.push((Path::new("/").join(NIX_STORE), true));
+    }
     // base = "host": the host's top-level symlinks (merged /usr) where the layers have nothing.
     let host_links: Vec<(String, PathBuf)> = if wants_host {
         fs::read_dir("/").into_iter().flatten().flatten().filter_map(|e| Some((e.file_name().into_string().ok()?, fs::read_link(e.path()).ok()?))).collect()
@@ -396,8 +457,15 @@ fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<C
     let settings = &generation.settings;
     let wants_host = !composed && !inside_env && settings.base.as_deref() == Some("host");
     let mut facts = HostFacts::gather();
+    let mut nix = nix_store(req, settings, &lowers);
+    // Inside an environment, the /nix there is shown as it is (a launcher's composed view has no
+    // upper of its own to write a store into).
+    if nix == NixStore::Overlay && (composed || inside_env) {
+        nix = NixStore::Host;
+    }
+    let nix_overlay = nix == NixStore::Overlay && Path::new("/").join(NIX_STORE).is_dir();
     // Only the host's /nix is bound from the host: the layers' is part of the root.
-    facts.nix = facts.nix && nix_store(req, settings, &lowers) == NixStore::Host;
+    facts.nix = facts.nix && nix == NixStore::Host;
     let mut c = Common {
         no_host: no_host(req, settings),
         binds: settings.binds.iter().chain(&req.binds).cloned().collect(),
@@ -408,6 +476,7 @@ fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<C
         lowers,
         facts,
         wants_host,
+        nix_overlay,
         skel: Skel::Tmpfs(skel::Spec::default()),
         generation,
         start: None,
@@ -513,7 +582,13 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
             env.name
         );
     }
-    let host_dirs = if c.wants_host { host_dirs(store, &c.lowers)? } else { Vec::new() };
+    let mut host_dirs = if c.wants_host { host_dirs(store, &c.lowers)? } else { Vec::new() };
+    if c.nix_overlay {
+        match under_layers(&c.lowers, NIX_STORE, Path::new("/").join(NIX_STORE)) {
+            Some(dirs) => host_dirs.push((NIX_STORE.to_owned(), dirs)),
+            None => crate::diag::warn!("the layers of '{}' hide /nix/store (a whiteout or an opaque directory): the host's store is not under it (nix = \"overlay\")", env.name),
+        }
+    }
     let (upper, join, recording) = if persistent || req.boot.is_some() {
         // From here until the program runs, no other launch of this environment decides.
         held.push(match env_lock.take() {
@@ -521,6 +596,10 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
             None => env.lock()?,
         });
         let (upper, join, recording) = recording(env, &c, req, persistent, &host_dirs, census)?;
+        if let (true, Upper::Shared { upper, .. }, None) = (c.nix_overlay, &upper, &join) {
+            // Before the overlay is mounted: the upper is not written under a live mount.
+            own_nix_db(upper)?;
+        }
         (upper, join, Some(recording))
     } else {
         (if req.read_only { Upper::None } else { Upper::Ephemeral }, None, None)
