@@ -13,7 +13,8 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 use common::*;
 
@@ -38,6 +39,11 @@ fn setup() -> Result<(Store, PathBuf), String> {
 /// makes it in a user namespace of their own (`unshare -Urm`), where plyroot then runs as that
 /// namespace's root, unprivileged on the host: the kernel's checks for users apply.
 fn with_host_nix(s: &Store, fake: &Path, args: &[&str]) -> Out {
+    run_with(&mut host_nix_cmd(s, fake, args), None, TIMEOUT)
+}
+
+/// The command `with_host_nix` runs.
+fn host_nix_cmd(s: &Store, fake: &Path, args: &[&str]) -> Command {
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let new = s.path("host-root");
     fs::create_dir_all(&new).unwrap();
@@ -57,7 +63,7 @@ fn with_host_nix(s: &Store, fake: &Path, args: &[&str]) -> Out {
     let ns = if me().regime == Regime::Root { "-m" } else { "-Urm" };
     c.args([ns, "sh", "-c", &script, "sh"]).args(args);
     c.env("PLYROOT_HOME", &s.home).env_remove("PLYROOT_STORE").current_dir(s.tmp.path());
-    run_with(&mut c, None, TIMEOUT)
+    c
 }
 
 /// Whether this user can have a host /nix made for plyroot (`with_host_nix`): not with
@@ -184,4 +190,30 @@ fn overlay_puts_the_hosts_store_under_the_environments_writes() {
     let out = with_host_nix(&s, &host, &run_args("o", &[], "test ! -e /nix/store/fff-gone && cat /nix/var/nix/db/db.sqlite")).ok();
     assert_eq!(out.stdout, "host-db-2\n", "{out}");
     assert_eq!(snapshot(&host), before, "the host's /nix changed");
+}
+
+#[test]
+fn a_run_does_not_join_a_live_one_that_shows_another_nix() {
+    let (s, host) = need!(setup());
+    // As root only: a user's `with_host_nix` runs are in sibling user namespaces, which cannot see
+    // each other's runs as a user's runs on one host do.
+    if me().regime != Regime::Root {
+        return;
+    }
+    // A live run of `withnix` with the layers' /nix (the default), then one that wants the host's
+    // store under it: it cannot have it in that mount, and says so rather than run without.
+    let go = s.path("go");
+    let script = format!("echo ready; while [ ! -e {} ]; do sleep 0.05; done", go.display());
+    let mut live = host_nix_cmd(&s, &host, &run_args("withnix", &[], &script)).stdin(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(live.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let out = with_host_nix(&s, &host, &run_args("withnix", &["--nix", "overlay"], "cat /nix/store/bbb-host/f"));
+    fs::write(&go, "").unwrap();
+    assert!(live.wait().unwrap().success());
+    out.plyroot_error(&["/nix/store", "--nix"]);
+    // Alone again, it runs as asked.
+    end_keepers(&s.home);
+    let out = with_host_nix(&s, &host, &run_args("withnix", &["--nix", "overlay"], "cat /nix/store/bbb-host/f")).ok();
+    assert_eq!(out.stdout, "host\n", "{out}");
 }

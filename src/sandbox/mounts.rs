@@ -109,6 +109,12 @@ fn clone_overlay(path: &Path) -> Result<OwnedFd> {
     if st.f_type as i64 != 0x794c_7630 {
         bail!("{} in the live run is not its overlay (something is mounted over it)", path.display());
     }
+    // A directory of the root's own overlay, not one of its own: the live run was started
+    // without it (another `--nix`), and its view cannot change now.
+    let mnt_id = |p: &Path| rustix::fs::statx(rustix::fs::CWD, p, rustix::fs::AtFlags::SYMLINK_NOFOLLOW, rustix::fs::StatxFlags::MNT_ID).map(|s| s.stx_mnt_id).map_err(|e| crate::sys::err("statx", p, e));
+    if path != Path::new("/") && mnt_id(path)? == mnt_id(Path::new("/"))? {
+        bail!("the live run of this environment has no overlay of its own at {}: it was started with another choice of /nix (--nix) or host directories; end it first, or run as it does", path.display());
+    }
     Ok(m)
 }
 
