@@ -667,3 +667,41 @@ fn plan_input<'a>(
         launcher_dirs: req.launcher_dirs.clone(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_store_is_asked_for_else_set_else_the_layers_when_they_have_one() {
+        let t = tempfile::tempdir().unwrap();
+        let (top, bottom) = (t.path().join("top"), t.path().join("bottom"));
+        fs::create_dir_all(top.join("etc")).unwrap();
+        fs::create_dir_all(bottom.join("nix/store")).unwrap();
+        let (with, without) = (vec![top.clone(), bottom.clone()], vec![top.clone()]);
+        let set = |n: Option<&str>| crate::store::env::Settings { nix: n.map(str::to_owned), ..Default::default() };
+        let ask = |n: Option<NixStore>| Request { nix: n, ..Request::default() };
+        assert_eq!(nix_store(&ask(None), &set(None), &with), NixStore::Layers);
+        assert_eq!(nix_store(&ask(None), &set(None), &without), NixStore::Host);
+        assert_eq!(nix_store(&ask(None), &set(Some("host")), &with), NixStore::Host);
+        assert_eq!(nix_store(&ask(None), &set(Some("overlay")), &without), NixStore::Overlay);
+        assert_eq!(nix_store(&ask(Some(NixStore::Layers)), &set(Some("host")), &without), NixStore::Layers);
+        // A layer's /nix that is no directory still is the layers' (a symlink into their tree).
+        std::os::unix::fs::symlink("opt/nix", top.join("nix")).unwrap();
+        assert_eq!(nix_store(&ask(None), &set(None), &without), NixStore::Layers);
+    }
+
+    #[test]
+    fn the_hosts_dir_goes_under_the_layers_unless_they_hide_it() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        fs::create_dir_all(a.join("nix/store")).unwrap();
+        fs::create_dir_all(b.join("nix")).unwrap();
+        fs::write(b.join("nix/store"), "").unwrap();
+        let host = PathBuf::from("/nix/store");
+        assert_eq!(under_layers(std::slice::from_ref(&a), "nix/store", host.clone()), Some(vec![a.join("nix/store"), host.clone()]));
+        // A file below a directory ends the union there; a file on top hides the host's.
+        assert_eq!(under_layers(&[a.clone(), b.clone()], "nix/store", host.clone()), Some(vec![a.join("nix/store"), host.clone()]));
+        assert_eq!(under_layers(&[b, a], "nix/store", host), None);
+    }
+}
