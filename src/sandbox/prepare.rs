@@ -170,7 +170,15 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
         if m.is_dir() {
             copy_tree(&from, &to)?;
         } else if m.is_file() {
-            fs::copy(&from, &to).with_context(|| format!("cannot copy {}", from.display()))?;
+            match fs::copy(&from, &to) {
+                // Nix's `reserved` (disk space kept for the garbage collector) may be root's alone;
+                // Nix makes its own.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    crate::diag::warn!("{} is not readable, so this environment's Nix database has none", from.display());
+                    continue;
+                }
+                r => drop(r.with_context(|| format!("cannot copy {}", from.display()))?),
+            }
         } else if m.file_type().is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
             continue;
