@@ -189,6 +189,9 @@ fn overlay_puts_the_hosts_store_under_the_environments_writes() {
     assert_eq!(out.stdout, "host\nok\n", "{out}");
     let out = with_host_nix(&s, &host, &run_args("o", &[], "test ! -e /nix/store/fff-gone && cat /nix/var/nix/db/db.sqlite")).ok();
     assert_eq!(out.stdout, "host-db-2\n", "{out}");
+    // --no-host nix keeps the host's store out of it too.
+    let out = with_host_nix(&s, &host, &run_args("o", &["--no-host", "nix", "--ephemeral"], "test ! -e /nix/store/bbb-host && echo none")).ok();
+    assert_eq!(out.stdout, "none\n", "{out}");
     assert_eq!(snapshot(&host), before, "the host's /nix changed");
 }
 

@@ -471,11 +471,14 @@ fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<C
     if nix == NixStore::Overlay && (composed || inside_env) {
         nix = NixStore::Host;
     }
-    let nix_overlay = nix == NixStore::Overlay && Path::new("/").join(NIX_STORE).is_dir();
+    let no_host = no_host(req, settings);
+    // `--no-host nix` keeps the host's store out of an overlay too.
+    let nix_shared = !no_host.iter().any(|h| matches!(h, HostShare::Nix | HostShare::All));
+    let nix_overlay = nix == NixStore::Overlay && nix_shared && Path::new("/").join(NIX_STORE).is_dir();
     // Only the host's /nix is bound from the host: the layers' is part of the root.
     facts.nix = facts.nix && nix == NixStore::Host;
     let mut c = Common {
-        no_host: no_host(req, settings),
+        no_host,
         binds: settings.binds.iter().chain(&req.binds).cloned().collect(),
         user,
         inside,
