@@ -196,7 +196,7 @@ fn overlay_puts_the_hosts_store_under_the_environments_writes() {
 }
 
 #[test]
-fn a_run_does_not_join_a_live_one_that_shows_another_nix() {
+fn a_run_that_joins_a_live_one_gets_the_nix_it_asks_for_or_is_refused() {
     let (s, host) = need!(setup());
     // As root only: a user's `with_host_nix` runs are in sibling user namespaces, which cannot see
     // each other's runs as a user's runs on one host do.
@@ -219,4 +219,16 @@ fn a_run_does_not_join_a_live_one_that_shows_another_nix() {
     end_keepers(&s.home);
     let out = with_host_nix(&s, &host, &run_args("withnix", &["--nix", "overlay"], "cat /nix/store/bbb-host/f")).ok();
     assert_eq!(out.stdout, "host\n", "{out}");
+    // The other way round, a run that joins the overlay's live mount sees what it asked for.
+    let _ = fs::remove_file(&go);
+    let mut live = host_nix_cmd(&s, &host, &run_args("withnix", &["--nix", "overlay"], &script)).stdin(Stdio::null()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(live.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let layers = with_host_nix(&s, &host, &run_args("withnix", &[], "cat /nix/store/aaa-layers/f; test ! -e /nix/store/bbb-host && echo no-host"));
+    let hosts = with_host_nix(&s, &host, &run_args("withnix", &["--nix", "host"], "cat /nix/store/bbb-host/f"));
+    fs::write(&go, "").unwrap();
+    assert!(live.wait().unwrap().success());
+    assert_eq!(layers.ok().stdout, "layers\nno-host\n");
+    assert_eq!(hosts.ok().stdout, "host\n");
 }
