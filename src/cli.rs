@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 
-use crate::names::HostShare;
+use crate::names::{HostShare, NixStore};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -125,7 +125,7 @@ pub(crate) enum Command {
         names: Vec<String>,
     },
     /// Build a manifest's environments into new generations
-    #[command(after_help = "The manifest (plyroot.toml):\n  [env.dev]\n  from = [\"tar:debian.tar.zst\", \"dir:./extra\"]   # bottom first\n  root = false          # run as uid 0 inside by default\n  persist = true        # keep the upper between runs\n  binds = [\"./src:/src\"]\n  env = { EDITOR = \"vi\" }\n  no_host = [\"x11\"]\n  init = \"/sbin/init\"\n  exports = [\"gcc\"]\n\nA lock file (plyroot.lock) beside the manifest pins each source to its layer ids, so apply\nlater or elsewhere resolves the same layers; --update re-resolves them.\n\nExamples:\n  plyroot apply\n  plyroot apply -f envs/plyroot.toml dev\n  plyroot apply --update")]
+    #[command(after_help = "The manifest (plyroot.toml):\n  [env.dev]\n  from = [\"tar:debian.tar.zst\", \"dir:./extra\"]   # bottom first\n  root = false          # run as uid 0 inside by default\n  persist = true        # keep the upper between runs\n  binds = [\"./src:/src\"]\n  env = { EDITOR = \"vi\" }\n  no_host = [\"x11\"]\n  init = \"/sbin/init\"\n  exports = [\"gcc\"]\n  nix = \"layers\"       # which /nix: host, layers or overlay [default: the layers' if they have one]\n\nA lock file (plyroot.lock) beside the manifest pins each source to its layer ids, so apply\nlater or elsewhere resolves the same layers; --update re-resolves them.\n\nExamples:\n  plyroot apply\n  plyroot apply -f envs/plyroot.toml dev\n  plyroot apply --update")]
     Apply {
         /// The manifest [default: ./plyroot.toml]
         #[arg(short = 'f', long = "file", value_name = "FILE", default_value = "plyroot.toml")]
@@ -340,6 +340,12 @@ fn host_share() -> impl TypedValueParser<Value = HostShare> {
     clap::builder::PossibleValuesParser::new(values).map(|n| n.parse::<HostShare>().expect("a listed host share"))
 }
 
+/// `--nix` values: the domain's [`NixStore`] names, with their help.
+fn nix_store() -> impl TypedValueParser<Value = NixStore> {
+    let values = NixStore::ALL.map(|n| clap::builder::PossibleValue::new(n.as_str()).help(n.about()));
+    clap::builder::PossibleValuesParser::new(values).map(|n| n.parse::<NixStore>().expect("a listed /nix choice"))
+}
+
 impl RunOpts {
     /// The launch request these options make (`login`: a login shell; `compose`: a launcher).
     pub(crate) fn request(&self, command: Vec<std::ffi::OsString>, login: bool, compose: bool) -> crate::sandbox::prepare::Request {
@@ -353,6 +359,7 @@ impl RunOpts {
             env: self.env.clone(),
             cwd: self.cwd.clone(),
             keep_upper: self.keep_upper,
+            nix: self.nix,
             command,
             login,
             compose,
@@ -392,6 +399,9 @@ pub(crate) struct RunOpts {
     /// Use the upper although it was written on other layers than the current generation's
     #[arg(long)]
     pub keep_upper: bool,
+    /// Which /nix to see [default: the environment's `nix` setting, else the layers' /nix when they have one, else the host's]
+    #[arg(long, value_name = "WHICH", value_parser = nix_store())]
+    pub nix: Option<NixStore>,
     /// Only in the booted environment: fail when it is not booted (boot's readiness checks)
     #[arg(long, hide = true)]
     pub booted: bool,

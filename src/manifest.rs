@@ -12,6 +12,7 @@
 //! init = "/sbin/init"      # the init `boot` starts
 //! exports = ["gcc"]        # programs to export as launchers
 //! base = "host"            # the host's root under the layers
+//! nix = "layers"           # which /nix: "host", "layers" or "overlay" [default: the layers' if they have one]
 //! ```
 
 use std::collections::BTreeMap;
@@ -79,6 +80,8 @@ struct RawEnv {
     exports: Vec<Spanned<String>>,
     #[serde(default)]
     base: Option<Spanned<String>>,
+    #[serde(default)]
+    nix: Option<Spanned<String>>,
 }
 
 const KINDS: &str = "dir:, tar:, oci:, docker-archive:, layer:, env:";
@@ -166,6 +169,11 @@ fn env_decl(name: String, decl: RawEnv, dir: &Path, err: Locator<'_>) -> Result<
             return Err(err(b.span(), format!("base '{}' is not known; accepted: host", b.get_ref())));
         }
     }
+    if let Some(n) = &decl.nix {
+        if let Err(e) = n.get_ref().parse::<crate::names::NixStore>() {
+            return Err(err(n.span(), e.to_string()));
+        }
+    }
     let vars = vars_of(decl.env, err)?;
     for x in &decl.exports {
         if x.get_ref().is_empty() || x.get_ref().contains('\0') {
@@ -181,6 +189,7 @@ fn env_decl(name: String, decl: RawEnv, dir: &Path, err: Locator<'_>) -> Result<
         init: decl.init.map(Spanned::into_inner),
         exports: decl.exports.into_iter().map(Spanned::into_inner).collect(),
         base: decl.base.map(Spanned::into_inner),
+        nix: decl.nix.map(Spanned::into_inner),
     };
     Ok((EnvDecl { name, raw_sources, sources, settings }, refs))
 }
@@ -277,6 +286,7 @@ env = { EDITOR = "vi" }
 no_host = ["x11", "home"]
 init = "/sbin/init"
 exports = ["gcc"]
+nix = "layers"
 
 [env.min]
 from = ["tar:-"]
@@ -289,6 +299,7 @@ from = ["tar:-"]
         assert_eq!(d.settings.binds, ["/proj/src:/src", "/data:/data:ro"]);
         assert!(d.settings.root && !d.settings.persist);
         assert_eq!(d.settings.env["EDITOR"], "vi");
+        assert_eq!(d.settings.nix.as_deref(), Some("layers"));
         assert_eq!(m.envs[1].settings, Settings::default());
         assert_eq!(m.envs[1].sources, ["tar:-"]);
     }
@@ -313,6 +324,7 @@ from = ["tar:-"]
             ("[env.dev]\nfrom = [\"tar:a\"\n", 2, 16, ""),
             ("[envs.dev]\n", 1, 2, "unknown field `envs`"),
             ("[env.dev]\nfrom = [\"tar:a\"]\nbase = \"nix\"\n", 3, 8, "accepted: host"),
+            ("[env.dev]\nfrom = [\"tar:a\"]\nnix = \"mine\"\n", 3, 7, "not a choice of /nix; accepted: host, layers, overlay"),
             ("[env.dev]\nfrom = [\"tar:a\"]\nenv = { \"\" = \"x\" }\n", 3, 9, "not an environment variable name"),
             ("[env.dev]\nfrom = [\"tar:a\"]\nenv = { \"A=B\" = \"x\" }\n", 3, 9, "without '='"),
             ("[env.dev]\nfrom = [\"tar:a\"]\n[env.dev.env]\nOK = \"1\"\n\"X=Y\" = \"2\"\n", 5, 1, "\"X=Y\""),

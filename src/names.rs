@@ -1,5 +1,6 @@
 //! Names a user writes that the rest of plyroot relies on, checked in one place: environment
-//! names (they become directory and launcher names) and host shares (`no_host`, `--no-host`).
+//! names (they become directory and launcher names), host shares (`no_host`, `--no-host`) and
+//! the choice of `/nix` (`nix`, `--nix`).
 //! Plain domain types: the manifest, the store and the sandbox use them, and `cli` maps its
 //! arguments to them.
 
@@ -95,6 +96,53 @@ impl HostShare {
     }
 }
 
+/// Which `/nix` an environment sees (`nix = …` in a manifest, `run --nix`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum NixStore {
+    /// The host's `/nix`, bound read-write over whatever the layers have there.
+    Host,
+    /// The layers' `/nix` (and the upper's), never the host's.
+    Layers,
+    /// The host's `/nix/store` as a read-only lower under the layers' and the environment's
+    /// upper, with the environment's own copy of the host's Nix database.
+    Overlay,
+}
+
+impl NixStore {
+    pub(crate) const ALL: [NixStore; 3] = [NixStore::Host, NixStore::Layers, NixStore::Overlay];
+
+    /// The name users write.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            NixStore::Host => "host",
+            NixStore::Layers => "layers",
+            NixStore::Overlay => "overlay",
+        }
+    }
+
+    /// What the choice means, for `--help`.
+    pub(crate) fn about(self) -> &'static str {
+        match self {
+            NixStore::Host => "the host's /nix, shared read-write (hides the layers' /nix)",
+            NixStore::Layers => "the layers' /nix, never the host's",
+            NixStore::Overlay => "the host's /nix/store read-only under the environment's own writes, with its own copy of the host's Nix database",
+        }
+    }
+}
+
+/// A name that is no `/nix` choice; says which are.
+#[derive(Debug, thiserror::Error)]
+#[error("'{0}' is not a choice of /nix; accepted: {accepted}", accepted = NixStore::ALL.map(NixStore::as_str).join(", "))]
+pub(crate) struct NotANixStore(pub String);
+
+impl FromStr for NixStore {
+    type Err = NotANixStore;
+
+    fn from_str(s: &str) -> Result<NixStore, NotANixStore> {
+        NixStore::ALL.into_iter().find(|n| n.as_str() == s).ok_or_else(|| NotANixStore(s.to_owned()))
+    }
+}
+
 /// A name that is no host share; says which are.
 #[derive(Debug, thiserror::Error)]
 #[error("'{0}' is not a host share; accepted: {accepted}", accepted = HostShare::ALL.map(HostShare::as_str).join(", "))]
@@ -138,5 +186,15 @@ mod tests {
         let e = "x12".parse::<HostShare>().unwrap_err().to_string();
         assert!(e.starts_with("'x12' is not a host share; accepted: all, proc, dev,"), "{e}");
         assert!("Home".parse::<HostShare>().is_err(), "case matters");
+    }
+
+    #[test]
+    fn nix_choices_round_trip_by_name() {
+        for n in NixStore::ALL {
+            assert_eq!(n.as_str().parse::<NixStore>().unwrap(), n);
+            assert!(!n.about().is_empty());
+        }
+        let e = "both".parse::<NixStore>().unwrap_err().to_string();
+        assert_eq!(e, "'both' is not a choice of /nix; accepted: host, layers, overlay");
     }
 }

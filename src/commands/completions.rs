@@ -16,7 +16,7 @@ pub(crate) const FIRST_IS_ENV: &[&str] =
 pub(crate) const ALL_ARE_ENVS: &[&str] = &["rm", "conflicts"];
 /// Options that take a value (the value is not an operand).
 const WITH_VALUE: &[&str] =
-    &["--store", "--bind", "--no-host", "--env", "-e", "--cwd", "--to", "-o", "--output", "--oci", "--timeout", "--ready", "-m", "--message", "--from", "--keep", "--older-than", "-f", "--file", "--platform", "--base"];
+    &["--store", "--bind", "--no-host", "--env", "-e", "--cwd", "--to", "-o", "--output", "--oci", "--timeout", "--ready", "-m", "--message", "--from", "--keep", "--older-than", "-f", "--file", "--platform", "--base", "--nix"];
 
 /// `script` (clap's, for `shell`) with environment names completed.
 pub(crate) fn with_env_names(shell: &str, script: &str) -> Result<String> {

@@ -105,6 +105,7 @@ pub(crate) struct RootSpec {
     pub mount_point: PathBuf,
     /// `base = "host"`: each host directory `/NAME` under the layers' `NAME` directories (top
     /// first), as an overlay of its own; with an upper, its upper is `NAME` in the root's.
+    /// `nix = "overlay"` adds `nix/store` the same way.
     pub host_dirs: Vec<(String, Vec<PathBuf>)>,
     /// With a shared upper: the live run to take the mount from; none: mount it.
     pub join: Option<Join>,
@@ -134,6 +135,8 @@ pub(crate) struct HostFacts {
     pub runtime_dir: Option<PathBuf>,
     pub x11_socket: bool,
     pub xauthority: Option<PathBuf>,
+    /// The host has /nix, and the launch shows it (see `prepare::nix_store`): bound over the
+    /// layers' /nix, if any.
     pub nix: bool,
     pub gpu: Vec<PathBuf>,
     pub resolv: bool,

@@ -44,7 +44,7 @@ pub(crate) fn shared(root: &RootSpec, base: &Base) -> Result<Option<Shared>> {
                 for d in [&u, &w] {
                     fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
                 }
-                let h = mount::overlay(lowers, Some((&u, &w))).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
+                let h = mount::overlay(lowers, Some((&u, &w))).with_context(|| union_error(name))?;
                 host_dirs.push((name.clone(), h));
             }
             Ok(Some(Shared { root: m, host_dirs }))
@@ -90,9 +90,15 @@ pub(crate) fn attach_shared(s: &Shared, r: &RootSpec) -> Result<OwnedFd> {
         let at = Path::new("/").join(name);
         let target = mount::resolve_in(root.as_fd(), &at, Kind::Dir, true)?;
         let m = m.try_clone().context("cannot duplicate a mount's fd")?;
-        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
+        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| union_error(name))?;
     }
     Ok(root)
+}
+
+/// What failed when the host's directory /`name` could not be put under the layers.
+fn union_error(name: &str) -> String {
+    let why = if name.starts_with("nix/") { "nix = \"overlay\"" } else { "base = \"host\"" };
+    format!("cannot union the host's /{name} under the layers ({why})")
 }
 
 /// A detached copy of the overlay mounted at `path` (only that mount, not what is on it).
@@ -102,6 +108,12 @@ fn clone_overlay(path: &Path) -> Result<OwnedFd> {
     // OVERLAYFS_SUPER_MAGIC: anything else is a mount a program put over the root.
     if st.f_type as i64 != 0x794c_7630 {
         bail!("{} in the live run is not its overlay (something is mounted over it)", path.display());
+    }
+    // A directory of the root's own overlay, not one of its own: the live run was started
+    // without it (another `--nix`), and its view cannot change now.
+    let mnt_id = |p: &Path| rustix::fs::statx(rustix::fs::CWD, p, rustix::fs::AtFlags::SYMLINK_NOFOLLOW, rustix::fs::StatxFlags::MNT_ID).map(|s| s.stx_mnt_id).map_err(|e| crate::sys::err("statx", p, e));
+    if path != Path::new("/") && mnt_id(path)? == mnt_id(Path::new("/"))? {
+        bail!("the live run of this environment has no overlay of its own at {}: it was started with another choice of /nix (--nix) or host directories; end it first, or run as it does", path.display());
     }
     Ok(m)
 }
@@ -177,9 +189,9 @@ fn own_host_dirs(r: &RootSpec, root: &OwnedFd) -> Result<()> {
                 fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
             }
         }
-        let m = mount::overlay(lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path())))?;
+        let m = mount::overlay(lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path()))).with_context(|| union_error(name))?;
         let target = mount::resolve_in(root.as_fd(), &at, Kind::Dir, !matches!(r.upper, Upper::None))?;
-        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| format!("cannot union the host's /{name} under the layers (base = \"host\")"))?;
+        mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| union_error(name))?;
     }
     Ok(())
 }

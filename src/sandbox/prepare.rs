@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use super::identity::{self, choose, host_subids, HostUser, Inside};
 use super::launch::{Held, Recording};
 use super::{plan, skel, HostFacts, Join, Plan, PlanInput, RootSpec, RunOptions, Skel, Start, Upper};
-use crate::names::HostShare;
+use crate::names::{HostShare, NixStore};
 use crate::store::env::{Env, Generation};
 use crate::store::runs::{Census, LiveRun, RunRecord};
 use crate::store::{now_secs, Store};
@@ -33,6 +33,8 @@ pub(crate) struct Request {
     pub env: Vec<String>,
     pub cwd: Option<PathBuf>,
     pub keep_upper: bool,
+    /// Which /nix to see (`--nix`); None: the environment's setting, else [`nix_store`]'s default.
+    pub nix: Option<NixStore>,
     /// Empty: the login shell.
     pub command: Vec<OsString>,
     /// Start the shell as a login shell (`enter`).
@@ -94,34 +96,98 @@ fn host_dirs(store: &Store, lowers: &[PathBuf]) -> Result<Vec<(String, Vec<PathB
     let mut names: Vec<String> = fs::read_dir("/").context("cannot list the host's /")?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     let mut out = Vec::new();
-    'names: for name in names {
+    for name in names {
         let host = PathBuf::from("/").join(&name);
         if SKIP.contains(&name.as_str()) || !fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) || store.root.starts_with(&host) {
             continue;
         }
-        let mut dirs = Vec::new();
-        for l in lowers {
-            match fs::symlink_metadata(l.join(&name)) {
-                Err(_) => continue,
-                // A non-directory in a layer (a whiteout too) hides the host's: nothing to union.
-                Ok(m) if !m.is_dir() => {
-                    if dirs.is_empty() {
-                        continue 'names;
-                    }
-                    break;
+        if let Some(dirs) = under_layers(lowers, &name, host) {
+            out.push((name, dirs));
+        }
+    }
+    Ok(out)
+}
+
+/// The layers' directories `rel` (top first) with the host's directory `host` below them, as
+/// overlayfs would merge them; None where a layer hides the host's (a non-directory, a whiteout,
+/// an opaque directory).
+fn under_layers(lowers: &[PathBuf], rel: &str, host: PathBuf) -> Option<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    for l in lowers {
+        match fs::symlink_metadata(l.join(rel)) {
+            Err(_) => continue,
+            // A non-directory in a layer (a whiteout too) hides the host's: nothing to union.
+            Ok(m) if !m.is_dir() => {
+                if dirs.is_empty() {
+                    return None;
                 }
-                Ok(_) => {
-                    dirs.push(l.join(&name));
-                    if crate::store::upper::is_opaque(&l.join(&name)) {
-                        continue 'names;
-                    }
+                break;
+            }
+            Ok(_) => {
+                dirs.push(l.join(rel));
+                if crate::store::upper::is_opaque(&l.join(rel)) {
+                    return None;
                 }
             }
         }
-        dirs.push(host);
-        out.push((name, dirs));
     }
-    Ok(out)
+    dirs.push(host);
+    Some(dirs)
+}
+
+/// Where `nix = "overlay"` puts the host's store, inside and on the host.
+const NIX_STORE: &str = "nix/store";
+/// The Nix database an overlay environment gets its own copy of.
+const NIX_DB: &str = "nix/var/nix/db";
+
+/// Gives the upper `upper` its own copy of the host's Nix database, once (`nix = "overlay"`): a
+/// copy of the host's `/nix/var/nix/db` made beside it and renamed into place, so an interrupted
+/// copy leaves none. The copy is the user's, so Nix inside can write it; the host's is only read.
+fn own_nix_db(upper: &Path) -> Result<()> {
+    let (host, own) = (Path::new("/").join(NIX_DB), upper.join(NIX_DB));
+    if fs::symlink_metadata(&own).is_ok() || !host.is_dir() {
+        return Ok(());
+    }
+    let parent = own.parent().context("the database's place has a parent")?;
+    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let tmp = parent.join(".db.plyroot-copy");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove the unfinished copy {}", tmp.display()))?;
+    }
+    copy_tree(&host, &tmp).with_context(|| format!("cannot copy the host's Nix database {} for this environment", host.display()))?;
+    fs::rename(&tmp, &own).with_context(|| format!("cannot move {} to {}", tmp.display(), own.display()))
+}
+
+/// Copies the directories and regular files of `src` to the new directory `dst` (modes kept;
+/// owned by the caller). Symlinks are copied as links; other kinds are left out.
+fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    for e in fs::read_dir(src).with_context(|| format!("cannot list {}", src.display()))? {
+        let e = e?;
+        let (from, to) = (e.path(), dst.join(e.file_name()));
+        let m = fs::symlink_metadata(&from)?;
+        if m.is_dir() {
+            copy_tree(&from, &to)?;
+        } else if m.is_file() {
+            match fs::copy(&from, &to) {
+                // Nix's `reserved` (disk space kept for the garbage collector) may be root's alone;
+                // Nix makes its own.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    crate::diag::warn!("{} is not readable, so this environment's Nix database has none", from.display());
+                    continue;
+                }
+                r => drop(r.with_context(|| format!("cannot copy {}", from.display()))?),
+            }
+        } else if m.file_type().is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+            continue;
+        } else {
+            continue;
+        }
+        fs::set_permissions(&to, fs::Permissions::from_mode(m.permissions().mode() | 0o200))?;
+    }
+    Ok(())
 }
 
 /// Whether this process's root is an environment's root (an overlay plyroot mounted).
@@ -301,6 +367,8 @@ struct Common {
     binds: Vec<String>,
     /// `base = "host"` applies.
     wants_host: bool,
+    /// `nix = "overlay"` applies: the host's /nix/store under the layers' (see `under_layers`).
+    nix_overlay: bool,
     skel: Skel,
     /// Where the program starts without --cwd.
     start: Option<Start>,
@@ -352,6 +420,9 @@ fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Sk
     if let Some(Start::Bind(p)) = &c.start {
         bind_points.push((p.clone(), true));
     }
+    if c.nix_overlay {
+        bind_points.push((Path::new("/").join(NIX_STORE), true));
+    }
     // base = "host": the host's top-level symlinks (merged /usr) where the layers have nothing.
     let host_links: Vec<(String, PathBuf)> = if wants_host {
         fs::read_dir("/").into_iter().flatten().flatten().filter_map(|e| Some((e.file_name().into_string().ok()?, fs::read_link(e.path()).ok()?))).collect()
@@ -369,6 +440,21 @@ fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Sk
     }
 }
 
+/// Which /nix the launch shows: the request's choice, else the environment's, else the layers'
+/// when they have one (the top-most entry named `nix` that is no whiteout: one stat a layer),
+/// else the host's.
+fn nix_store(req: &Request, settings: &crate::store::env::Settings, lowers: &[PathBuf]) -> NixStore {
+    if let Some(n) = req.nix.or_else(|| settings.nix.as_deref().and_then(|n| n.parse().ok())) {
+        return n;
+    }
+    let top = lowers.iter().find_map(|l| fs::symlink_metadata(l.join("nix")).ok());
+    let whiteout = |m: &fs::Metadata| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()) && std::os::unix::fs::MetadataExt::rdev(m) == 0;
+    match top {
+        Some(m) if !whiteout(&m) => NixStore::Layers,
+        _ => NixStore::Host,
+    }
+}
+
 fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<Common> {
     let generation = env.current()?;
     let user = HostUser::current();
@@ -378,16 +464,30 @@ fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<C
     let lowers = lowers(store, env, &generation, parent)?;
     let settings = &generation.settings;
     let wants_host = !composed && !inside_env && settings.base.as_deref() == Some("host");
+    let mut facts = HostFacts::gather();
+    let mut nix = nix_store(req, settings, &lowers);
+    // Inside an environment, the /nix there is shown as it is (a launcher's composed view has no
+    // upper of its own to write a store into).
+    if nix == NixStore::Overlay && (composed || inside_env) {
+        nix = NixStore::Host;
+    }
+    let no_host = no_host(req, settings);
+    // `--no-host nix` keeps the host's store out of an overlay too.
+    let nix_shared = !no_host.iter().any(|h| matches!(h, HostShare::Nix | HostShare::All));
+    let nix_overlay = nix == NixStore::Overlay && nix_shared && Path::new("/").join(NIX_STORE).is_dir();
+    // Only the host's /nix is bound from the host: the layers' is part of the root.
+    facts.nix = facts.nix && nix == NixStore::Host;
     let mut c = Common {
-        no_host: no_host(req, settings),
+        no_host,
         binds: settings.binds.iter().chain(&req.binds).cloned().collect(),
         user,
         inside,
         inside_env,
         composed,
         lowers,
-        facts: HostFacts::gather(),
+        facts,
         wants_host,
+        nix_overlay,
         skel: Skel::Tmpfs(skel::Spec::default()),
         generation,
         start: None,
@@ -493,7 +593,13 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
             env.name
         );
     }
-    let host_dirs = if c.wants_host { host_dirs(store, &c.lowers)? } else { Vec::new() };
+    let mut host_dirs = if c.wants_host { host_dirs(store, &c.lowers)? } else { Vec::new() };
+    if c.nix_overlay {
+        match under_layers(&c.lowers, NIX_STORE, Path::new("/").join(NIX_STORE)) {
+            Some(dirs) => host_dirs.push((NIX_STORE.to_owned(), dirs)),
+            None => crate::diag::warn!("the layers of '{}' hide /nix/store (a whiteout or an opaque directory): the host's store is not under it (nix = \"overlay\")", env.name),
+        }
+    }
     let (upper, join, recording) = if persistent || req.boot.is_some() {
         // From here until the program runs, no other launch of this environment decides.
         held.push(match env_lock.take() {
@@ -501,6 +607,10 @@ pub(crate) fn prepare(store: &Store, env: &Env, req: &Request) -> Result<Prepare
             None => env.lock()?,
         });
         let (upper, join, recording) = recording(env, &c, req, persistent, &host_dirs, census)?;
+        if let (true, Upper::Shared { upper, .. }, None) = (c.nix_overlay, &upper, &join) {
+            // Before the overlay is mounted: the upper is not written under a live mount.
+            own_nix_db(upper)?;
+        }
         (upper, join, Some(recording))
     } else {
         (if req.read_only { Upper::None } else { Upper::Ephemeral }, None, None)
@@ -567,4 +677,42 @@ fn plan_input<'a>(
         start: c.start.clone(),
         launcher_dirs: req.launcher_dirs.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nix_store_is_asked_for_else_set_else_the_layers_when_they_have_one() {
+        let t = tempfile::tempdir().unwrap();
+        let (top, bottom) = (t.path().join("top"), t.path().join("bottom"));
+        fs::create_dir_all(top.join("etc")).unwrap();
+        fs::create_dir_all(bottom.join("nix/store")).unwrap();
+        let (with, without) = (vec![top.clone(), bottom.clone()], vec![top.clone()]);
+        let set = |n: Option<&str>| crate::store::env::Settings { nix: n.map(str::to_owned), ..Default::default() };
+        let ask = |n: Option<NixStore>| Request { nix: n, ..Request::default() };
+        assert_eq!(nix_store(&ask(None), &set(None), &with), NixStore::Layers);
+        assert_eq!(nix_store(&ask(None), &set(None), &without), NixStore::Host);
+        assert_eq!(nix_store(&ask(None), &set(Some("host")), &with), NixStore::Host);
+        assert_eq!(nix_store(&ask(None), &set(Some("overlay")), &without), NixStore::Overlay);
+        assert_eq!(nix_store(&ask(Some(NixStore::Layers)), &set(Some("host")), &without), NixStore::Layers);
+        // A layer's /nix that is no directory still is the layers' (a symlink into their tree).
+        std::os::unix::fs::symlink("opt/nix", top.join("nix")).unwrap();
+        assert_eq!(nix_store(&ask(None), &set(None), &without), NixStore::Layers);
+    }
+
+    #[test]
+    fn the_hosts_dir_goes_under_the_layers_unless_they_hide_it() {
+        let t = tempfile::tempdir().unwrap();
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        fs::create_dir_all(a.join("nix/store")).unwrap();
+        fs::create_dir_all(b.join("nix")).unwrap();
+        fs::write(b.join("nix/store"), "").unwrap();
+        let host = PathBuf::from("/nix/store");
+        assert_eq!(under_layers(std::slice::from_ref(&a), "nix/store", host.clone()), Some(vec![a.join("nix/store"), host.clone()]));
+        // A file below a directory ends the union there; a file on top hides the host's.
+        assert_eq!(under_layers(&[a.clone(), b.clone()], "nix/store", host.clone()), Some(vec![a.join("nix/store"), host.clone()]));
+        assert_eq!(under_layers(&[b, a], "nix/store", host), None);
+    }
 }

@@ -65,6 +65,10 @@ pub(crate) struct Settings {
     /// `host`: the host's root is the bottom layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
+    /// Which `/nix` runs see (a `NixStore` name); none: the layers' when they have one, else
+    /// the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix: Option<String>,
 }
 
 fn yes() -> bool {
@@ -73,7 +77,7 @@ fn yes() -> bool {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { root: false, persist: true, binds: Vec::new(), env: BTreeMap::new(), no_host: Vec::new(), init: None, exports: Vec::new(), base: None }
+        Settings { root: false, persist: true, binds: Vec::new(), env: BTreeMap::new(), no_host: Vec::new(), init: None, exports: Vec::new(), base: None, nix: None }
     }
 }
 
