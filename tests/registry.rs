@@ -863,18 +863,53 @@ fn credential_helpers_log_in_for_push_and_pull() {
 /// so the client's write fails. An empty `status` closes without an answer. Returns its port and
 /// the request lines it saw.
 fn refusing_registry(status: &'static str, read: usize) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    serve(move |head, _, r| {
+        let first = head.lines().next().unwrap_or("");
+        let header = |name: &str| head.lines().find_map(|h| h.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_owned()));
+        let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if first.starts_with("PUT ") && first.contains("/blobs/uploads/") {
+            if read > 0 {
+                if header("expect").is_some() {
+                    let _ = r.get_mut().write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+                }
+                let mut body = vec![0u8; read.min(len)];
+                let _ = r.read_exact(&mut body);
+            }
+            let text = format!("{{\"errors\":[{{\"code\":\"DENIED\",\"message\":\"refused by the test registry ({status})\"}}]}}");
+            if !status.is_empty() {
+                let _ = r.get_mut().write_all(format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len()).as_bytes());
+            }
+            let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
+            return false;
+        }
+        let mut body = vec![0u8; len];
+        let _ = r.read_exact(&mut body);
+        let answer = if first.starts_with("POST ") && first.contains("/blobs/uploads/") {
+            "HTTP/1.1 202 Accepted\r\nLocation: /v2/x/refused/blobs/uploads/u1\r\nContent-Length: 0\r\n\r\n"
+        } else {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+        };
+        r.get_mut().write_all(answer.as_bytes()).is_ok()
+    })
+}
+
+/// A server on loopback that reads each request's head, records it (headers included), and hands
+/// it with its own port and the connection to `handle`, which answers as it likes; `false` ends
+/// the connection. The one loop under the test servers below.
+fn serve(handle: impl Fn(&str, u16, &mut std::io::BufReader<TcpStream>) -> bool + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
+    let handle = std::sync::Arc::new(handle);
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(stream) = conn else { continue };
-            let log = log.clone();
+            let (log, handle) = (log.clone(), handle.clone());
             std::thread::spawn(move || {
                 let mut r = std::io::BufReader::new(stream);
                 loop {
-                    let mut head = Vec::new();
+                    let mut head = String::new();
                     loop {
                         let mut line = String::new();
                         if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
@@ -883,38 +918,10 @@ fn refusing_registry(status: &'static str, read: usize) -> (u16, std::sync::Arc<
                         if line == "\r\n" {
                             break;
                         }
-                        head.push(line.trim_end().to_owned());
+                        head.push_str(&line);
                     }
-                    let first = head[0].clone();
-                    log.lock().unwrap().push(first.clone());
-                    let header = |name: &str| head.iter().find_map(|h| h.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_owned()));
-                    let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-                    let s = r.get_mut();
-                    if first.starts_with("PUT ") && first.contains("/blobs/uploads/") {
-                        if read > 0 {
-                            if header("expect").is_some() {
-                                let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
-                            }
-                            let mut body = vec![0u8; read.min(len)];
-                            let _ = r.read_exact(&mut body);
-                        }
-                        let text = format!("{{\"errors\":[{{\"code\":\"DENIED\",\"message\":\"refused by the test registry ({status})\"}}]}}");
-                        if !status.is_empty() {
-                            let _ = r.get_mut().write_all(format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len()).as_bytes());
-                        }
-                        let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
-                        return;
-                    }
-                    let mut body = vec![0u8; len];
-                    let _ = r.read_exact(&mut body);
-                    let answer = if first.starts_with("HEAD ") {
-                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
-                    } else if first.starts_with("POST ") && first.contains("/blobs/uploads/") {
-                        "HTTP/1.1 202 Accepted\r\nLocation: /v2/x/refused/blobs/uploads/u1\r\nContent-Length: 0\r\n\r\n".to_owned()
-                    } else {
-                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
-                    };
-                    if r.get_mut().write_all(answer.as_bytes()).is_err() {
+                    log.lock().unwrap().push(head.clone());
+                    if !handle(&head, port, &mut r) {
                         return;
                     }
                 }
@@ -974,48 +981,22 @@ fn scripted_server(answer: impl Fn(&str, u16) -> String + Send + Sync + 'static)
 
 /// [`scripted_server`] whose answers are bytes (binary blobs, raw bytes in headers).
 fn scripted_server_bytes(answer: impl Fn(&str, u16) -> Vec<u8> + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = seen.clone();
-    let answer = std::sync::Arc::new(answer);
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(stream) = conn else { continue };
-            let (log, answer) = (log.clone(), answer.clone());
-            std::thread::spawn(move || {
-                let mut r = std::io::BufReader::new(stream);
-                loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push_str(&line);
-                    }
-                    let len: usize = head.lines().find_map(|h| h.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.trim().parse().ok())).unwrap_or(0);
-                    let mut body = vec![0u8; len];
-                    let _ = r.read_exact(&mut body);
-                    log.lock().unwrap().push(head.clone());
-                    let reply = answer(&head, port);
-                    if r.get_mut().write_all(&reply).is_err() {
-                        return;
-                    }
-                    // An answer that says `Connection: close` ends its connection (a body cut short).
-                    let end = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(reply.len());
-                    if String::from_utf8_lossy(&reply[..end]).to_ascii_lowercase().contains("\r\nconnection: close") {
-                        let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
-                        return;
-                    }
-                }
-            });
+    serve(move |head, port, r| {
+        let len: usize = head.lines().find_map(|h| h.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.trim().parse().ok())).unwrap_or(0);
+        let mut body = vec![0u8; len];
+        let _ = r.read_exact(&mut body);
+        let reply = answer(head, port);
+        if r.get_mut().write_all(&reply).is_err() {
+            return false;
         }
-    });
-    (port, seen)
+        // An answer that says `Connection: close` ends its connection (a body cut short).
+        let end = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(reply.len());
+        if String::from_utf8_lossy(&reply[..end]).to_ascii_lowercase().contains("\r\nconnection: close") {
+            let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
+            return false;
+        }
+        true
+    })
 }
 
 const STORED_AUTH: &str = "dXNlcjpzdG9yZWQtcGFzc3dvcmQ="; // base64("user:stored-password")
@@ -1385,39 +1366,13 @@ fn a_layer_that_expands_past_its_bound_stops_and_leaves_nothing() {
 /// A server on loopback that hands each request (its head, and its own port) to `answer`, which
 /// writes to the connection as it likes, for as long as it likes; `false` closes the connection.
 fn streaming_server(answer: impl Fn(&str, u16, &mut TcpStream) -> bool + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = seen.clone();
-    let answer = std::sync::Arc::new(answer);
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(stream) = conn else { continue };
-            let (log, answer) = (log.clone(), answer.clone());
-            std::thread::spawn(move || {
-                let mut r = std::io::BufReader::new(stream);
-                loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push_str(&line);
-                    }
-                    log.lock().unwrap().push(head.clone());
-                    if !answer(&head, port, r.get_mut()) {
-                        let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
-                        return;
-                    }
-                }
-            });
+    serve(move |head, port, r| {
+        if !answer(head, port, r.get_mut()) {
+            let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
+            return false;
         }
-    });
-    (port, seen)
+        true
+    })
 }
 
 /// `plyroot import --insecure IMAGE` with the deadlines `vars` set; it must end within a minute
