@@ -80,9 +80,21 @@ pub(crate) struct SubIds {
 }
 
 pub(crate) fn host_subids(user: &HostUser) -> Option<SubIds> {
-    let uid = subid_range(&std::fs::read_to_string("/etc/subuid").ok()?, &user.name, user.uid)?;
-    let gid = subid_range(&std::fs::read_to_string("/etc/subgid").ok()?, &user.name, user.uid)?;
-    (find_in_path("newuidmap").is_some() && find_in_path("newgidmap").is_some()).then_some(SubIds { uid, gid })
+    let (subuid, subgid, helpers) = subid_sources();
+    let uid = subid_range(subuid.as_deref()?, &user.name, user.uid)?;
+    let gid = subid_range(subgid.as_deref()?, &user.name, user.uid)?;
+    helpers.then_some(SubIds { uid, gid })
+}
+
+/// `/etc/subuid`, `/etc/subgid` and whether `newuidmap` and `newgidmap` are on the PATH, read
+/// once per process: a launch asks for the user's ranges several times (the store's owners, the
+/// identity, the keeper's), and each answer would read both files and search the PATH again.
+fn subid_sources() -> &'static (Option<String>, Option<String>, bool) {
+    static SOURCES: std::sync::OnceLock<(Option<String>, Option<String>, bool)> = std::sync::OnceLock::new();
+    SOURCES.get_or_init(|| {
+        let read = |p: &str| std::fs::read_to_string(p).ok();
+        (read("/etc/subuid"), read("/etc/subgid"), find_in_path("newuidmap").is_some() && find_in_path("newgidmap").is_some())
+    })
 }
 
 pub(crate) fn find_in_path(prog: &str) -> Option<PathBuf> {
