@@ -7,7 +7,9 @@
 //! An unprivileged unpacker cannot write those owners itself: it writes every file as the user
 //! and records the image's owners in the layer's metadata (`meta::Overrides`, where the layer's
 //! id takes them from, so the id never depends on this). [`give_layer`] then hands each file to
-//! its owner from inside the image view, in a forked child, before the layer is published.
+//! its owner, in a forked child, before the layer is published. Every chown here is done from
+//! the namespace that maps every id the user has ([`userns::all_ids`]), image ids translated by
+//! [`all_ids_of`]; the image view itself is for reading.
 //!
 //! A store written before this had every file of an imported layer owned by the user, and a
 //! commit's files owned as `--root` wrote them (the user's own id standing for root). [`migrate`]
@@ -111,14 +113,15 @@ fn give_image(root: &Path, ov: &Overrides, user: &HostUser, subids: SubIds) -> R
     let ids = Ids { uid: &uid_of, gid: &gid_of };
     let kept = crate::sys::process::in_child(|| {
         userns::enter_one_level(&all)?;
-        give(
-            root,
-            &|path, st| {
-                let (u, g) = ov.owner(path, (0, 0));
-                (uid_of(u).unwrap_or(st.st_uid), gid_of(g).unwrap_or(st.st_gid))
-            },
-            Some((ov, &ids)),
-        )
+        let kept = std::cell::Cell::new(0u64);
+        let want = |path: &[u8], st: &Stat| {
+            let (u, g) = ov.owner(path, (0, 0));
+            let (u, g) = (uid_of(u), gid_of(g));
+            kept.set(kept.get() + u64::from(u.is_none() || g.is_none()));
+            (u.unwrap_or(st.st_uid), g.unwrap_or(st.st_gid))
+        };
+        give(root, &want, Some((ov, &ids)))?;
+        Ok(kept.get())
     })?;
     if kept > 0 {
         crate::diag::debug!("{kept} file(s) in {} have owners no host id of yours can hold: they stay yours", root.display());
@@ -137,13 +140,19 @@ struct Ids<'a> {
 /// for real root or without subordinate ids.
 pub(crate) fn give_tree(root: &Path, want: &(dyn Fn(&[u8]) -> (u32, u32) + Sync)) -> Result<()> {
     let Some(Regime { user, subids: Some(subids) }) = regime() else { return Ok(()) };
-    let view = userns::image_view(&user, Some(subids));
+    let all = userns::all_ids(&user, Some(subids));
     crate::sys::process::in_child(|| {
-        userns::enter_one_level(&view)?;
-        give(root, &|path, _| want(path), None)
+        userns::enter_one_level(&all)?;
+        give(
+            root,
+            &|path, st| {
+                let (u, g) = want(path);
+                (all_ids_of(u, user.uid, subids.uid.1).unwrap_or(st.st_uid), all_ids_of(g, user.gid, subids.gid.1).unwrap_or(st.st_gid))
+            },
+            None,
+        )
     })
-    .with_context(|| format!("cannot give the files of {} their owners", root.display()))?;
-    Ok(())
+    .with_context(|| format!("cannot give the files of {} their owners", root.display()))
 }
 
 /// Whether the store at `store` still has to be brought to these rules.
@@ -246,18 +255,16 @@ fn migrate_layer(r: &Regime, dir: &Path, mut state: String) -> Result<()> {
 
 /// Gives every entry of the tree `root` (and `root` itself) the owner `want` says, from its path
 /// relative to `root` and its lstat, keeping setuid and setgid bits (chown clears them), and the
-/// ACLs `acls` records. Runs in the image view. Returns how many entries kept their owner because
-/// the view cannot map `want`.
-fn give(root: &Path, want: Want<'_>, acls: Option<(&Overrides, &Ids<'_>)>) -> Result<u64> {
-    let mut unmapped = 0;
+/// ACLs `acls` records. Runs in the namespace that maps every id (`want` gives its ids).
+fn give(root: &Path, want: Want<'_>, acls: Option<(&Overrides, &Ids<'_>)>) -> Result<()> {
     walk(root, &mut |at, name, path, st| {
-        unmapped += settle(at, name, st, want(path, st)).context("cannot change its owner")?;
+        settle(at, name, st, want(path, st)).context("cannot change its owner")?;
         if let Some((ov, ids)) = acls {
             set_acls(at, name, st, path, ov, ids).context("cannot set its ACLs")?;
         }
         Ok(())
     })?;
-    Ok(unmapped)
+    Ok(())
 }
 
 /// The ACLs on disk in the tree `root`, as (path, xattr name, value), read as the user on the host:
@@ -311,26 +318,22 @@ fn walk(root: &Path, visit: Visit<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Makes `name` in `at` (lstat `st`) owned by `owner`: 0 when done or nothing to do, 1 when the
-/// view cannot map `owner` (the entry keeps its owner).
-fn settle(at: BorrowedFd<'_>, name: &OsStr, st: &Stat, owner: (u32, u32)) -> io::Result<u64> {
+/// Makes `name` in `at` (lstat `st`) owned by `owner` (ids of the namespace that maps every id,
+/// so every owner asked for is mapped there).
+fn settle(at: BorrowedFd<'_>, name: &OsStr, st: &Stat, owner: (u32, u32)) -> io::Result<()> {
     if (st.st_uid, st.st_gid) == owner {
-        return Ok(0);
+        return Ok(());
     }
-    match rustix::fs::chownat(at, name, Some(rustix::fs::Uid::from_raw(owner.0)), Some(rustix::fs::Gid::from_raw(owner.1)), AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(()) => {}
-        Err(Errno::INVAL) => return Ok(1),
-        Err(e) => return Err(e.into()),
-    }
+    rustix::fs::chownat(at, name, Some(rustix::fs::Uid::from_raw(owner.0)), Some(rustix::fs::Gid::from_raw(owner.1)), AtFlags::SYMLINK_NOFOLLOW)?;
     let mode = st.st_mode & 0o7777;
     if mode & 0o6000 != 0 && !matches!(kind(st), FileType::Directory | FileType::Symlink) {
         rustix::fs::chmodat(at, name, Mode::from_raw_mode(mode), AtFlags::empty())?;
     }
-    Ok(0)
+    Ok(())
 }
 
-/// Sets the ACLs `ov` records for `path` (`name` in `at`, lstat `st`) from inside the image view,
-/// where the kernel stores their ids as the host ids the image's ids are; the mode stays exact.
+/// Sets the ACLs `ov` records for `path` (`name` in `at`, lstat `st`), their ids translated by
+/// `ids` so that the kernel stores the host ids the image's ids are; the mode stays exact.
 fn set_acls(at: BorrowedFd<'_>, name: &OsStr, st: &Stat, path: &[u8], ov: &Overrides, ids: &Ids<'_>) -> io::Result<()> {
     let Some(o) = ov.get(path) else { return Ok(()) };
     if kind(st) == FileType::Symlink {
