@@ -4,6 +4,7 @@
 //! signal N, 127 not found, 126 not executable); 125 for plyroot's own errors, printed once as a
 //! one-line cause chain, each cause once, escaped ([`text::chain`], [`text::escape`]).
 
+mod build;
 mod cli;
 mod commands;
 mod diag;
@@ -135,7 +136,7 @@ fn stdout_closed() -> bool {
 /// `docker://` source is finally fetched.
 fn set_registry_options(command: &Command) -> Result<()> {
     let opts = match command {
-        Command::Import { registry, .. } | Command::Pull { registry, .. } | Command::Create { registry, .. } | Command::Apply { registry, .. } => registry.clone(),
+        Command::Import { registry, .. } | Command::Pull { registry, .. } | Command::Create { registry, .. } | Command::Apply { registry, .. } | Command::Build { registry, .. } => registry.clone(),
         Command::Push { insecure, .. } => cli::RegistryOpts { insecure: *insecure, platform: None },
         _ => return Ok(()),
     };
@@ -178,7 +179,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts.request(Vec::new(), true, false), opts.booted),
         Command::List { json, names } => commands::envs::list(&open()?, json, names),
         Command::Rm { ref names } => commands::envs::rm(&open()?, names),
-        Command::Apply { ref file, update, ref envs, .. } => commands::envs::apply(&open()?, file, update, envs),
+        Command::Apply { ref file, update, no_cache, ref envs, .. } => commands::envs::apply(&open()?, file, &commands::envs::How { update, no_cache, ..Default::default() }, envs),
+        Command::Build { ref shell, .. } if shell.is_some() => build::step::shell(open()?, shell.as_deref().unwrap_or_default()),
+        Command::Build { ref file, no_cache, check, ref envs, .. } => commands::envs::build(&open()?, file, &commands::envs::How { no_cache, check, ..Default::default() }, envs),
+        Command::Step { ref dir, ref name, network, parent, ref command } => build::step::child(open()?, dir, name, network, parent, command.clone()),
         Command::Generations { ref name, json } => commands::envs::generations(&open()?, name, json),
         Command::Switch { ref name, generation } => commands::envs::switch(&open()?, name, generation),
         Command::Rollback { ref name } => commands::envs::rollback(&open()?, name),

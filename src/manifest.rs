@@ -13,13 +13,22 @@
 //! exports = ["gcc"]        # programs to export as launchers
 //! base = "host"            # the host's root under the layers
 //! nix = "layers"           # which /nix: "host", "layers" or "overlay" [default: the layers' if they have one]
+//! packages = ["make"]      # build steps (see below), run in order on top of `from`
+//! run = ["useradd -m builder", { run = "make -C /src install", inputs = ["./src:/src"] }]
 //! ```
+//!
+//! Build steps: `packages` is the first step (the root's package manager installs them), then each
+//! entry of `run`: a string is a `/bin/sh -c` command, a table has one of `run` (a command) or
+//! `packages`, and may add `inputs` (host paths bound read-only for that step only), `network`
+//! (default false for commands; package steps always have it) and `env`. A top-level
+//! `cache = "docker://…"` names a registry that shares step layers.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::names::HostShare;
@@ -37,11 +46,53 @@ pub(crate) struct EnvDecl {
     /// Sources bottom first, with relative paths made absolute against the manifest's directory.
     pub sources: Vec<String>,
     pub settings: Settings,
+    /// Build steps, in order, on top of the sources' layers.
+    pub steps: Vec<Step>,
+}
+
+/// One build step as declared (see the module header). What of it goes into the step's key is
+/// chosen by `build::key`: never a host path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Step {
+    pub what: StepKind,
+    pub inputs: Vec<Input>,
+    pub network: bool,
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum StepKind {
+    /// Installed with the root's own package manager.
+    Packages(Vec<String>),
+    /// A `/bin/sh -c` command, as root.
+    Run(String),
+}
+
+/// A host path bound read-only into one step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Input {
+    /// Absolute, resolved against the manifest's directory.
+    pub src: PathBuf,
+    /// Where the step sees it.
+    pub dst: PathBuf,
+}
+
+impl Step {
+    /// One line for progress and errors: the command, or the package manager's install.
+    pub(crate) fn title(&self) -> String {
+        match &self.what {
+            StepKind::Run(c) => c.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; "),
+            StepKind::Packages(p) => format!("install {}", p.join(" ")),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Manifest {
     pub envs: Vec<EnvDecl>,
+    /// `cache = "docker://…"`: where step layers are shared.
+    pub cache: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -58,6 +109,50 @@ pub(crate) struct ManifestError {
 struct RawManifest {
     #[serde(default)]
     env: BTreeMap<Spanned<String>, Spanned<RawEnv>>,
+    #[serde(default)]
+    cache: Option<Spanned<String>>,
+}
+
+/// A `run` entry: a command, or a table.
+enum RawStep {
+    Command(String),
+    Table(RawStepTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStepTable {
+    #[serde(default)]
+    run: Option<Spanned<String>>,
+    #[serde(default)]
+    packages: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    inputs: Vec<Spanned<String>>,
+    #[serde(default)]
+    network: Option<Spanned<bool>>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, Spanned<String>>,
+}
+
+// By hand rather than `#[serde(untagged)]`: an untagged enum reports "did not match any variant"
+// for a misspelt key in a table; this passes the table's own error (and its place) through.
+impl<'de> Deserialize<'de> for RawStep {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawStep;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a command (a string) or a table with `run` or `packages`")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<RawStep, E> {
+                Ok(RawStep::Command(s.to_owned()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<RawStep, A::Error> {
+                RawStepTable::deserialize(serde::de::value::MapAccessDeserializer::new(m)).map(RawStep::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -82,6 +177,10 @@ struct RawEnv {
     base: Option<Spanned<String>>,
     #[serde(default)]
     nix: Option<Spanned<String>>,
+    #[serde(default)]
+    packages: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    run: Vec<Spanned<RawStep>>,
 }
 
 const KINDS: &str = "dir:, tar:, oci:, docker-archive:, layer:, env:";
@@ -112,6 +211,12 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
     let raw: RawManifest = toml::from_str(text).map_err(|e| locate(text, file, e.span(), e.message().trim().to_owned()))?;
     let dir = file.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let err = |span: Range<usize>, msg: String| locate(text, file, Some(span), msg);
+    let cache = match raw.cache {
+        Some(c) if !c.get_ref().starts_with("docker://") || c.get_ref().len() <= "docker://".len() => {
+            return Err(err(c.span(), format!("cache '{}' is not a registry reference: write docker://HOST/REPOSITORY", c.get_ref())));
+        }
+        c => c.map(Spanned::into_inner),
+    };
     let mut envs = Vec::new();
     // Per environment, the `env:` sources it names and where: checked for cycles at the end.
     let mut env_refs: EnvRefs = Vec::new();
@@ -132,7 +237,7 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Manifest, ManifestError> 
             ),
         ));
     }
-    Ok(Manifest { envs })
+    Ok(Manifest { envs, cache })
 }
 
 /// Makes an error located at a span of the manifest's text.
@@ -175,6 +280,13 @@ fn env_decl(name: String, decl: RawEnv, dir: &Path, err: Locator<'_>) -> Result<
         }
     }
     let vars = vars_of(decl.env, err)?;
+    let mut steps = Vec::new();
+    if let Some(p) = decl.packages {
+        steps.push(packages_step(p, BTreeMap::new(), err)?);
+    }
+    for s in decl.run {
+        steps.push(step_of(s, dir, err)?);
+    }
     for x in &decl.exports {
         if x.get_ref().is_empty() || x.get_ref().contains('\0') {
             return Err(err(x.span(), "an export must name a program".into()));
@@ -191,7 +303,57 @@ fn env_decl(name: String, decl: RawEnv, dir: &Path, err: Locator<'_>) -> Result<
         base: decl.base.map(Spanned::into_inner),
         nix: decl.nix.map(Spanned::into_inner),
     };
-    Ok((EnvDecl { name, raw_sources, sources, settings }, refs))
+    Ok((EnvDecl { name, raw_sources, sources, settings, steps }, refs))
+}
+
+/// A `packages` list, checked: each name goes to the package manager as one argument.
+fn packages_step(list: Spanned<Vec<Spanned<String>>>, env: BTreeMap<String, String>, err: Locator<'_>) -> Result<Step, ManifestError> {
+    if list.get_ref().is_empty() {
+        return Err(err(list.span(), "`packages` is empty: name at least one package, or leave the key out".into()));
+    }
+    let mut names = Vec::new();
+    for p in list.into_inner() {
+        let n = p.get_ref();
+        if n.is_empty() || n.starts_with('-') || n.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(err(p.span(), format!("{n:?} is not a package name: one name (with a version where the package manager takes one, e.g. make=4.3-4.1), not starting with '-', without spaces")));
+        }
+        names.push(p.into_inner());
+    }
+    // Installing packages needs the package manager's mirrors.
+    Ok(Step { what: StepKind::Packages(names), inputs: Vec::new(), network: true, env })
+}
+
+/// One `run` entry, checked, with its inputs resolved against `dir`.
+fn step_of(s: Spanned<RawStep>, dir: &Path, err: Locator<'_>) -> Result<Step, ManifestError> {
+    let span = s.span();
+    let t = match s.into_inner() {
+        RawStep::Command(c) => RawStepTable { run: Some(Spanned::new(span.clone(), c)), packages: None, inputs: Vec::new(), network: None, env: BTreeMap::new() },
+        RawStep::Table(t) => t,
+    };
+    let env = vars_of(t.env, err)?;
+    let mut step = match (t.run, t.packages) {
+        (Some(_), Some(_)) | (None, None) => return Err(err(span, "a step has one of `run` (a command) or `packages` (a list)".into())),
+        (None, Some(p)) => {
+            if let Some(n) = t.network.as_ref().filter(|n| !*n.get_ref()) {
+                return Err(err(n.span(), "a `packages` step always has the network (it downloads the packages): leave `network` out".into()));
+            }
+            packages_step(p, env, err)?
+        }
+        (Some(c), None) => {
+            if c.get_ref().trim().is_empty() || c.get_ref().contains('\0') {
+                return Err(err(c.span(), "a `run` step needs a command (without NUL bytes)".into()));
+            }
+            Step { what: StepKind::Run(c.into_inner()), inputs: Vec::new(), network: t.network.is_some_and(|n| n.into_inner()), env }
+        }
+    };
+    for i in t.inputs {
+        let (src, dst, _) = crate::sandbox::parse_bind(i.get_ref(), Some(dir)).map_err(|e| err(i.span(), e.to_string()))?;
+        if dst == Path::new("/") {
+            return Err(err(i.span(), format!("input '{}' would cover the whole root: give it a directory of its own, e.g. {}:/src", i.get_ref(), src.display())));
+        }
+        step.inputs.push(Input { src, dst });
+    }
+    Ok(step)
 }
 
 /// An environment's sources, checked: as resolved against `dir`, as written, and the `env:` ones.
@@ -305,6 +467,34 @@ from = ["tar:-"]
     }
 
     #[test]
+    fn steps_parse_in_order_with_inputs_resolved() {
+        let m = p(r#"
+cache = "docker://127.0.0.1:5000/team/cache"
+[env.dev]
+from = ["tar:base.tar"]
+packages = ["build-essential", "make=4.3-4.1"]
+run = [
+  "useradd -m builder",
+  { run = "make -C /src", inputs = ["./src:/src", "/abs:/abs"] },
+  { packages = ["ripgrep"], env = { A = "b" } },
+  { run = "curl x", network = true },
+]
+"#)
+        .unwrap();
+        assert_eq!(m.cache.as_deref(), Some("docker://127.0.0.1:5000/team/cache"));
+        let s = &m.envs[0].steps;
+        assert_eq!(s.len(), 5);
+        assert_eq!(s[0].what, StepKind::Packages(vec!["build-essential".into(), "make=4.3-4.1".into()]));
+        assert!(s[0].network);
+        assert_eq!(s[1], Step { what: StepKind::Run("useradd -m builder".into()), inputs: vec![], network: false, env: BTreeMap::new() });
+        assert_eq!(s[2].inputs, [Input { src: "/proj/src".into(), dst: "/src".into() }, Input { src: "/abs".into(), dst: "/abs".into() }]);
+        assert_eq!((&s[3].what, s[3].network, s[3].env["A"].as_str()), (&StepKind::Packages(vec!["ripgrep".into()]), true, "b"));
+        assert!(s[4].network);
+        assert_eq!(s[2].title(), "make -C /src");
+        assert_eq!(s[3].title(), "install ripgrep");
+    }
+
+    #[test]
     fn env_sources_without_a_cycle_parse() {
         let m = p("[env.base]\nfrom = [\"tar:x\"]\n[env.a]\nfrom = [\"env:base\", \"env:outside\"]\n[env.b]\nfrom = [\"env:a\", \"env:base\"]\n").unwrap();
         assert_eq!(m.envs.len(), 3);
@@ -332,6 +522,19 @@ from = ["tar:-"]
             ("[env.a]\nfrom = [\"env:b\"]\n[env.b]\nfrom = [\"tar:x\", \"env:a\"]\n", 4, 18, "cycle: a → b → a"),
             ("[env.a]\nfrom = [\"tar:x\", \"env:a\"]\n", 2, 18, "cycle: a → a"),
             ("[env.a]\nfrom = [\"env:b\"]\n[env.b]\nfrom = [\"env:c\"]\n[env.c]\nfrom = [\"env:a\"]\n", 6, 9, "a → b → c → a"),
+            ("[env.a]\nfrom = [\"tar:x\"]\npackages = []\n", 3, 12, "`packages` is empty"),
+            ("[env.a]\nfrom = [\"tar:x\"]\npackages = [\"-y\"]\n", 3, 13, "not a package name"),
+            ("[env.a]\nfrom = [\"tar:x\"]\npackages = [\"a b\"]\n", 3, 13, "not a package name"),
+            ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ run = \"x\", colour = 1 }]\n", 3, 21, "unknown field `colour`"),
+            ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ run = \"x\", packages = [\"y\"] }]\n", 3, 8, "one of `run`"),
+            ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ network = true }]\n", 3, 8, "one of `run`"),
+            ("[env.a]\nfrom = [\"tar:x\"]\nrun = [\"  \"]\n", 3, 8, "needs a command"),
+            ("[env.a]\nfrom = [\"tar:x\"]\nrun = [1]\n", 3, 8, "a command (a string) or a table"),
+            ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ run = \"x\", inputs = [\"src\"] }]\n", 3, 31, "SRC:DST"),
+            ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ run = \"x\", inputs = [\"./s:/\"] }]\n", 3, 31, "whole root"),
+            ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ packages = [\"x\"], network = false }]\n", 3, 38, "always has the network"),
+            ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ run = \"x\", env = { \"=\" = \"1\" } }]\n", 3, 29, "not an environment variable name"),
+            ("cache = \"http://x\"\n[env.a]\nfrom = [\"tar:x\"]\n", 1, 9, "docker://HOST/REPOSITORY"),
         ];
         for (text, line, col, needle) in cases {
             let e = p(text).unwrap_err();

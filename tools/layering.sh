@@ -3,7 +3,7 @@
 # layering below, lowest first. A module may use any module below it, never one above it.
 #
 #   text < diag < progress < sys < userns < names < oci < store < registry < source < export
-#        < sandbox < launcher < manifest < commands < cli < main
+#        < sandbox < launcher < manifest < build < commands < cli < main
 #
 # - text: text for people; diag, progress: stderr; sys: syscalls (the only unsafe code);
 #   userns: the host user's ids and one-level user namespaces (under both the store, which
@@ -12,6 +12,7 @@
 # - store: on-disk state; registry, source, export: moving layers in and out of it.
 # - sandbox: launch policy and executors; launcher: composing launchers.
 # - manifest: `plyroot.toml` parsed and checked against the sources and binds it names.
+# - build: a manifest's steps, built into layers through the sandbox.
 # - commands: glue; cli: clap types; main: dispatch.
 #
 # Files that are test code (tests.rs, testutil.rs, and `#[cfg(test)] mod tests` at the end of a
@@ -22,7 +23,7 @@
 set -euo pipefail
 
 src="${1:-$(dirname "${BASH_SOURCE[0]}")/../src}"
-order=(text diag progress sys userns names oci store registry source export sandbox launcher manifest commands cli main)
+order=(text diag progress sys userns names oci store registry source export sandbox launcher manifest build commands cli main)
 
 # "FILE -> MODULE": upward imports another change is removing.
 KNOWN=(

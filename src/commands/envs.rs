@@ -117,11 +117,27 @@ pub(crate) fn rm(store: &Store, names: &[String]) -> Result<i32> {
     Ok(0)
 }
 
-/// `plyroot.lock`: each source, as written in the manifest, pinned to its layer ids.
+/// `plyroot.lock`: each source, as written in the manifest, pinned to its layer ids, and each
+/// environment's build steps, in order, pinned to the layer their key built.
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct LockFile {
     version: u32,
     sources: BTreeMap<String, Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    steps: BTreeMap<String, Vec<StepPin>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StepPin {
+    key: String,
+    layer: String,
+}
+
+impl LockFile {
+    /// Every step key the lock pins, with its layer.
+    fn step_pins(&self) -> BTreeMap<String, String> {
+        self.steps.values().flatten().map(|p| (p.key.clone(), p.layer.clone())).collect()
+    }
 }
 
 fn read_lock(path: &Path) -> Result<LockFile> {
@@ -130,6 +146,7 @@ fn read_lock(path: &Path) -> Result<LockFile> {
         Ok(d) => {
             let lock: LockFile = serde_json::from_slice(&d).with_context(|| format!("{} is not a plyroot lock file: {fix}", path.display()))?;
             crate::store::layer::check_ids(lock.sources.values().flatten(), path, fix)?;
+            crate::store::layer::check_ids(lock.steps.values().flatten().flat_map(|p| [&p.key, &p.layer]), path, fix)?;
             Ok(lock)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LockFile { version: 1, ..Default::default() }),
@@ -173,7 +190,19 @@ enum Change<'m> {
     Update { decl: &'m EnvDecl, layers: Vec<String>, env: Env, cur: Box<Generation>, _lock: std::fs::File },
 }
 
-pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -> Result<i32> {
+/// How `apply` and `build` go about it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct How {
+    /// Re-resolve sources; rerun the steps that use the network.
+    pub update: bool,
+    /// Run every step.
+    pub no_cache: bool,
+    /// `build --check`.
+    pub check: bool,
+}
+
+/// Reads and parses the manifest at `file`; returns it with its absolute path.
+fn load(file: &Path, only: &[String]) -> Result<(std::path::PathBuf, crate::manifest::Manifest)> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the manifest {} (create one, or pass -f FILE; see `plyroot apply --help`)", file.display()))?;
     let abs = if file.is_absolute() {
         file.to_owned()
@@ -186,17 +215,88 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
             bail!("{} declares no environment '{o}' (it declares: {})", file.display(), manifest.envs.iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", "));
         }
     }
+    Ok((abs, manifest))
+}
+
+/// Resolves the sources and builds the steps of the environments to apply (all, or `only`), and
+/// writes the lock file. Returns each environment's declared layers.
+fn resolve_and_build<'m>(store: &Store, abs: &Path, manifest: &'m crate::manifest::Manifest, how: &How, only: &[String]) -> Result<Plans<'m>> {
     let lock_path = abs.with_file_name("plyroot.lock");
     let old_lock = read_lock(&lock_path)?;
-    // Resolve and check everything before changing anything: an error leaves every environment
-    // and the lock file as they were (imports only add layers, which gc collects if unused).
+    // Resolve, build and check everything before changing anything: an error leaves every
+    // environment and the lock file as they were (imports and steps only add layers, which gc
+    // collects if unused).
     let wanted = manifest.envs.iter().filter(|e| only.is_empty() || only.contains(&e.name));
-    let (new_lock, plans) = resolve_all(store, wanted, &old_lock, update, &lock_path)?;
+    let (mut new_lock, mut plans) = resolve_all(store, wanted, &old_lock, how.update, &lock_path)?;
+    let opts = crate::build::Options { no_cache: how.no_cache, update: how.update, pins: old_lock.step_pins() };
+    for (decl, layers) in &mut plans {
+        if decl.steps.is_empty() {
+            new_lock.steps.remove(&decl.name);
+            continue;
+        }
+        let built = crate::build::build(store, decl, layers, &opts)?;
+        layers.extend(built.layers);
+        let commits = store.env(&decl.name).and_then(|e| e.current()).map(|g| g.commits).unwrap_or_default();
+        check_limit(&decl.name, layers, &commits)?;
+        new_lock.steps.insert(decl.name.clone(), built.keys.into_iter().map(|(key, layer)| StepPin { key, layer }).collect());
+    }
     if new_lock != old_lock {
         check_writable(&lock_path)?;
         // The lock file first: an apply that cannot write it changes nothing, and one interrupted
         // after it converges when run again (the pins are those of layers already in the store).
         write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
+    }
+    Ok(plans)
+}
+
+/// `plyroot build`: the steps of the manifest's environments, built (or checked), no generation.
+pub(crate) fn build(store: &Store, file: &Path, how: &How, only: &[String]) -> Result<i32> {
+    let (abs, manifest) = load(file, only)?;
+    let plans = resolve_and_build(store, &abs, &manifest, how, only)?;
+    if !how.check {
+        let ran: usize = plans.iter().map(|(d, _)| d.steps.len()).sum();
+        crate::diag::info!("built {ran} step(s) of {} environment(s); `plyroot apply` makes their generations", plans.len());
+        return Ok(0);
+    }
+    let mut differ = 0;
+    for (decl, layers) in &plans {
+        let first_step = layers.len() - decl.steps.len();
+        for (i, step) in decl.steps.iter().enumerate() {
+            let (below, built) = (&layers[..first_step + i], &layers[first_step + i]);
+            let place = format!("[{}/{}] {}", i + 1, decl.name.len().max(decl.steps.len()), decl.name);
+            let files = check_step(store, &decl.name, below, step, built, &place)?;
+            if files.is_empty() {
+                crate::diag::info!("{place}: {}: reproducible", crate::text::field(&step.title()));
+            } else {
+                differ += 1;
+                let mut s = String::new();
+                for f in &files {
+                    s.push_str(&format!("{}: /{f}\n", decl.name));
+                }
+                out(&s)?;
+                crate::diag::warn!("{place}: {}: {} file(s) differ from layer {} (listed above)", crate::text::field(&step.title()), files.len(), short_id(built));
+            }
+        }
+    }
+    Ok(if differ > 0 { 1 } else { 0 })
+}
+
+/// Reruns `step` on `below` with SOURCE_DATE_EPOCH set and names the files whose content,
+/// metadata or presence differ from the layer `built`.
+fn check_step(store: &Store, name: &str, below: &[String], step: &crate::manifest::Step, built: &str, place: &str) -> Result<Vec<String>> {
+    let epoch = store.layer_info(built).map(|i| i.created).unwrap_or(0);
+    let env = crate::build::step::run_only(store, name, below, step, place, &[("SOURCE_DATE_EPOCH".into(), epoch.to_string())])?;
+    let (a, b) = (env.upper(), store.layer_root(built));
+    let files = crate::sandbox::in_image_view(move || crate::build::check::differences(&b, &a))?;
+    store.remove_build_env(name)?;
+    Ok(files)
+}
+
+pub(crate) fn apply(store: &Store, file: &Path, how: &How, only: &[String]) -> Result<i32> {
+    let (abs, manifest) = load(file, only)?;
+    let plans = resolve_and_build(store, &abs, &manifest, how, only)?;
+    if how.update {
+        show_package_changes(store, &plans);
     }
     let changes = decide(store, plans)?;
     let changed = changes.len();
@@ -212,10 +312,13 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
                 if stale {
                     warn_stale(&decl.name, n);
                 }
+                drop(_lock);
+                apply_exports(store, decl, &cur.settings.exports);
             }
             Change::Create { decl, layers } => {
                 store.create_env(&decl.name, layers, decl.raw_sources.clone(), decl.settings.clone(), "apply")?;
                 crate::diag::info!("{}: created, generation 1 is current", decl.name);
+                apply_exports(store, decl, &[]);
             }
         }
     }
@@ -225,11 +328,60 @@ pub(crate) fn apply(store: &Store, file: &Path, update: bool, only: &[String]) -
     Ok(0)
 }
 
+/// Installs the launchers `decl` exports that are missing, and removes those the generation
+/// before exported (`before`) and `decl` no longer does; launchers exported by hand stay. A
+/// launcher that cannot be made is a warning: the generation is made already.
+fn apply_exports(store: &Store, decl: &EnvDecl, before: &[String]) {
+    let name = &decl.name;
+    let want = &decl.settings.exports;
+    let result = (|| -> Result<()> {
+        let receipts = crate::launcher::receipts(store, Some(name))?;
+        for r in receipts.iter().filter(|r| before.contains(&r.program) && !want.contains(&r.program)) {
+            crate::launcher::remove(store, r)?;
+            crate::diag::info!("{name}: removed launcher {} (no longer in `exports`)", r.link.display());
+        }
+        let missing: Vec<String> = want.iter().filter(|p| !receipts.iter().any(|r| &r.program == *p)).cloned().collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        super::launchers::check_free(store, name, &missing, None)?;
+        super::launchers::check_present(store, &store.env(name)?, &missing)?;
+        for r in crate::launcher::export(store, name, &missing, None, false)? {
+            crate::diag::info!("{name}: exported {} as {}", r.program, r.link.display());
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        crate::diag::warn!("{name}: the launchers in `exports` were not all installed: {}", crate::text::chain(&e));
+    }
+}
+
+/// `apply --update`: what the packages of each environment that changed became, from the root's
+/// package database (dpkg or apk), current generation against new layers.
+fn show_package_changes(store: &Store, plans: &Plans<'_>) {
+    for (decl, layers) in plans {
+        let Ok(cur) = store.env(&decl.name).and_then(|e| e.current()) else { continue };
+        let declared_before: Vec<String> = cur.layers.iter().filter(|l| !cur.commits.contains(l)).cloned().collect();
+        if declared_before == *layers {
+            continue;
+        }
+        let (old, new) = (crate::build::step::lowers(store, &declared_before), crate::build::step::lowers(store, layers));
+        let (Some(a), Some(b)) = (crate::build::packages::installed(&old), crate::build::packages::installed(&new)) else { continue };
+        let changes = crate::build::packages::changes(&a, &b);
+        if changes.is_empty() {
+            crate::diag::info!("{}: no package changed", decl.name);
+        } else {
+            crate::diag::info!("{}: packages changed:\n  {}", decl.name, changes.join("\n  "));
+        }
+    }
+}
+
 /// Resolves the sources of the environments to apply (each source once) to layer ids, checking
 /// each stack against the limit. Returns the new lock (with the pins of environments not applied
 /// this time as they were) and each environment's declared layers.
 fn resolve_all<'m>(store: &Store, wanted: impl Iterator<Item = &'m EnvDecl>, old_lock: &LockFile, update: bool, lock_path: &Path) -> Result<(LockFile, Plans<'m>)> {
-    let mut new_lock = LockFile { version: 1, sources: BTreeMap::new() };
+    // Step pins of environments not applied this time stay as they were.
+    let mut new_lock = LockFile { version: 1, sources: BTreeMap::new(), steps: old_lock.steps.clone() };
     let mut plans = Vec::new();
     for decl in wanted {
         let mut layers = Vec::new();

@@ -39,7 +39,7 @@ pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&
 /// Refuses a program the environment does not have (a name: on its `PATH`; a path: there), so
 /// that no launcher is installed that can only fail. Looked up in the current generation's
 /// layers and the upper, as the root merges them; with `base = "host"`, the host's too.
-fn check_present(store: &Store, env: &crate::store::env::Env, programs: &[String]) -> Result<()> {
+pub(crate) fn check_present(store: &Store, env: &crate::store::env::Env, programs: &[String]) -> Result<()> {
     let generation = env.current()?;
     let mut stack = vec![env.upper()];
     stack.extend(generation.layers.iter().rev().map(|l| store.layer_root(l)));
@@ -64,7 +64,7 @@ fn check_present(store: &Store, env: &crate::store::env::Env, programs: &[String
 
 /// What `launcher::export` refuses for one program, checked for every program before the first
 /// launcher is installed, so that a refusal installs none.
-fn check_free(store: &Store, env: &str, programs: &[String], to: Option<&Path>) -> Result<()> {
+pub(crate) fn check_free(store: &Store, env: &str, programs: &[String], to: Option<&Path>) -> Result<()> {
     let dir = match to {
         Some(t) => t.to_owned(),
         None => match std::env::var_os("HOME").filter(|h| !h.is_empty()) {

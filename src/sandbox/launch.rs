@@ -111,6 +111,10 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str, recording: Op
         }
         Ok(shared)
     })?;
+    if plan.isolate_net {
+        // In the run's own user namespace, which owns the new network namespace.
+        crate::sys::ns::unshare_net_loopback_only()?;
+    }
     let me = rustix::process::getpid().as_raw_nonzero().get();
     if let Some(r) = recording {
         r.write(me, &base, namespaces::mnt_ns()?)?;

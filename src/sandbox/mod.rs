@@ -211,6 +211,8 @@ pub(crate) struct RunOptions {
     /// A launcher: its program is looked up in the environment's own PATH only, never in the
     /// directories of launchers (a launcher never starts another for its own program).
     pub compose: bool,
+    /// A network namespace of the run's own, with only loopback (a build step without network).
+    pub isolate_net: bool,
 }
 
 /// The program to start once the root is in place.
@@ -249,6 +251,8 @@ pub(crate) struct Plan {
     pub ops: Vec<Op>,
     pub exec: Exec,
     pub pid: bool,
+    /// A network namespace of its own with only loopback up (see `RunOptions::isolate_net`).
+    pub isolate_net: bool,
 }
 
 pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -403,7 +407,7 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         (None, Some(Start::Home) | None) => (vec![home, PathBuf::from("/")], false),
     };
     let lookup = i.opts.compose.then_some(own_path);
-    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required, lookup }, pid: i.opts.pid })
+    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required, lookup }, pid: i.opts.pid, isolate_net: i.opts.isolate_net })
 }
 
 /// The per-run mounts: the host shares that are on, then the binds asked for.

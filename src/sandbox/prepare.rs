@@ -47,6 +47,12 @@ pub(crate) struct Request {
     pub home_start: bool,
     /// Directories that hold launchers, for PATH inside (see `launcher::path_dirs`).
     pub launcher_dirs: Vec<PathBuf>,
+    /// A build step: nothing of the host's but /proc and /dev (and the resolver files when it has
+    /// the network), nothing of the caller's (variables, home, user entries), the layers' /nix
+    /// only, starting at `/`: what it writes depends on its declared inputs alone.
+    pub pure: bool,
+    /// A network namespace with only loopback.
+    pub isolate_net: bool,
 }
 
 /// A decided launch.
@@ -406,12 +412,18 @@ fn no_host(req: &Request, settings: &crate::store::env::Settings) -> Vec<HostSha
     for n in &settings.no_host {
         no_host.extend(n.parse::<HostShare>().ok());
     }
+    if req.pure {
+        no_host.extend([HostShare::Sys, HostShare::Tmp, HostShare::Home, HostShare::RuntimeDir, HostShare::X11, HostShare::Nix, HostShare::Gpu, HostShare::Localtime]);
+        if req.isolate_net {
+            no_host.extend([HostShare::Resolv, HostShare::Hosts]);
+        }
+    }
     no_host
 }
 
 /// The skeleton for this launch: cached in the store per generation and spec, or, where the store
 /// is read-only (inside an environment), written to the run's tmpfs.
-fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Skel> {
+fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool, pure: bool) -> Result<Skel> {
     let mut bind_points = Vec::new();
     for spec in &c.binds {
         let (src, dst, _) = super::parse_bind(spec, c.facts.cwd.as_deref())?;
@@ -429,7 +441,7 @@ fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Sk
     } else {
         Vec::new()
     };
-    let spec = skel::spec(&env.name, &c.lowers, &c.user, &c.inside, &c.facts, &bind_points, &host_links);
+    let spec = if pure { skel::pure_spec(&c.lowers, &c.user, &c.inside, &bind_points) } else { skel::spec(&env.name, &c.lowers, &c.user, &c.inside, &c.facts, &bind_points, &host_links) };
     match skel::ensure(store, env, c.generation.number, &spec, &c.lowers) {
         Ok(dir) => Ok(Skel::Dir(dir)),
         Err(e) if c.inside_env => {
@@ -444,6 +456,9 @@ fn skeleton(store: &Store, env: &Env, c: &Common, wants_host: bool) -> Result<Sk
 /// when they have one (the top-most entry named `nix` that is no whiteout: one stat a layer),
 /// else the host's.
 fn nix_store(req: &Request, settings: &crate::store::env::Settings, lowers: &[PathBuf]) -> NixStore {
+    if req.pure {
+        return NixStore::Layers;
+    }
     if let Some(n) = req.nix.or_else(|| settings.nix.as_deref().and_then(|n| n.parse().ok())) {
         return n;
     }
@@ -493,15 +508,16 @@ fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<C
         start: None,
     };
     c.start = start_for(store, env, &c, req, false)?;
-    c.skel = skeleton(store, env, &c, wants_host)?;
+    c.skel = skeleton(store, env, &c, wants_host, req.pure)?;
     Ok(c)
 }
 
 /// Where the run starts without --cwd (see `sandbox::start`); `booted`: in the booted
 /// environment's namespaces, with the shares and binds it was booted with.
 fn start_for(store: &Store, env: &Env, c: &Common, req: &Request, booted: bool) -> Result<Option<Start>> {
-    if req.boot.is_some() {
-        // init starts at the root of its system; nothing of the caller's is bound for it.
+    if req.boot.is_some() || req.pure {
+        // init starts at the root of its system, a build step at the root of its; nothing of the
+        // caller's is bound for either.
         return Ok(Some(Start::At(PathBuf::from("/"))));
     }
     let mut no_host = c.no_host.clone();
@@ -651,7 +667,7 @@ fn plan_input<'a>(
         .env
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
-        .chain((!stack.is_empty()).then(|| std::env::join_paths(&stack).ok().and_then(|s| s.into_string().ok()).map(|s| format!("PLYROOT_STACK={s}"))).flatten())
+        .chain((!stack.is_empty() && !req.pure).then(|| std::env::join_paths(&stack).ok().and_then(|s| s.into_string().ok()).map(|s| format!("PLYROOT_STACK={s}"))).flatten())
         .chain(req.env.iter().cloned())
         .collect();
     let opts = RunOptions {
@@ -663,6 +679,7 @@ fn plan_input<'a>(
         command: req.command.clone(),
         login: req.login,
         compose: req.compose,
+        isolate_net: req.isolate_net,
     };
     Ok(PlanInput {
         env_name: &env.name,
@@ -673,9 +690,10 @@ fn plan_input<'a>(
         inside: &c.inside,
         user: &c.user,
         shell,
-        host_env: std::env::vars_os().collect(),
+        // A build step inherits nothing: what it does must not depend on who runs it.
+        host_env: if req.pure { Vec::new() } else { std::env::vars_os().collect() },
         start: c.start.clone(),
-        launcher_dirs: req.launcher_dirs.clone(),
+        launcher_dirs: if req.pure { Vec::new() } else { req.launcher_dirs.clone() },
     })
 }
 

@@ -122,12 +122,10 @@ pub(crate) fn spec(env_name: &str, lowers: &[PathBuf], user: &HostUser, inside: 
             files.push((f.into(), Vec::new()));
         }
     }
-    // With one id mapped, apt cannot drop to its `_apt` sandbox user (no other id exists): tell it
-    // to stay root, the way apt's own docs advise for containers without id ranges.
-    if matches!(inside.mapping, Mapping::Single { .. }) && lowers.iter().any(|l| l.join("etc/apt/apt.conf.d").is_dir()) {
-        dirs.push("etc/apt/apt.conf.d".into());
-        files.push(("etc/apt/apt.conf.d/00plyroot-single-id".into(), b"// Written by plyroot: only one id is mapped, so apt cannot switch to _apt.\nAPT::Sandbox::User \"root\";\n".to_vec()));
-    }
+    let mut apt = Spec::default();
+    apt_single_id(&mut apt, lowers, inside);
+    dirs.extend(apt.dirs);
+    files.extend(apt.files);
     // Being yourself with every id of the image mapped, `sudo` works as it does on your own
     // machine: without a password, as in distrobox and toolbox (`#uid`: whatever your name).
     if matches!(inside.mapping, Mapping::Ranges { .. }) {
@@ -147,6 +145,43 @@ pub(crate) fn spec(env_name: &str, lowers: &[PathBuf], user: &HostUser, inside: 
     }
     let links = links.iter().filter(|(n, _)| top_entry(lowers, n).is_none()).map(|(n, t)| (PathBuf::from(n), t.clone())).collect();
     Spec { dirs, files, links, owned, owner: (user.uid, user.gid) }
+}
+
+/// The skeleton of a build step: mount points only (the API filesystems, the binds of its
+/// inputs, the resolver files), and apt's single-id setting where it needs it. Nothing names the
+/// user, so nothing of theirs can reach the layer the step makes (a `useradd` copies up
+/// `/etc/passwd` from here).
+/// `user` owns the skeleton's root only (to move it into place).
+pub(crate) fn pure_spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, binds: &[(PathBuf, bool)]) -> Spec {
+    let mut spec = Spec { dirs: ["proc", "dev", "sys", "tmp", "run", "etc"].iter().map(PathBuf::from).collect(), owner: (user.uid, user.gid), ..Spec::default() };
+    for (dst, is_dir) in binds {
+        let rel = dst.strip_prefix("/").unwrap_or(dst).to_owned();
+        if rel.as_os_str().is_empty() || exists_in_layers(lowers, &dst.to_string_lossy()) {
+            continue;
+        }
+        if *is_dir {
+            spec.dirs.push(rel);
+        } else {
+            spec.dirs.extend(rel.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_owned));
+            spec.files.push((rel, Vec::new()));
+        }
+    }
+    for f in ["etc/resolv.conf", "etc/hosts"] {
+        if !top_entry(lowers, f).is_some_and(|m| m.file_type().is_file()) {
+            spec.files.push((f.into(), Vec::new()));
+        }
+    }
+    apt_single_id(&mut spec, lowers, inside);
+    spec
+}
+
+/// With one id mapped, apt cannot drop to its `_apt` sandbox user (no other id exists): tell it
+/// to stay root, the way apt's own docs advise for containers without id ranges.
+fn apt_single_id(spec: &mut Spec, lowers: &[PathBuf], inside: &Inside) {
+    if matches!(inside.mapping, Mapping::Single { .. }) && lowers.iter().any(|l| l.join("etc/apt/apt.conf.d").is_dir()) {
+        spec.dirs.push("etc/apt/apt.conf.d".into());
+        spec.files.push(("etc/apt/apt.conf.d/00plyroot-single-id".into(), b"// Written by plyroot: only one id is mapped, so apt cannot switch to _apt.\nAPT::Sandbox::User \"root\";\n".to_vec()));
+    }
 }
 
 /// What makes a shell's prompt name the environment: `/etc/debian_chroot`, which Debian's and

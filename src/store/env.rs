@@ -160,16 +160,7 @@ impl Store {
             bail!("environment '{name}' already exists: use another name, or remove it first with `plyroot rm {name}`");
         }
         let st = self.staging()?;
-        let dir = st.path.join("env");
-        private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        super::upper_dir(&dir.join("upper")).with_context(|| format!("cannot create {}", dir.join("upper").display()))?;
-        for sub in ["generations", "work", "runs", "mnt", "skel"] {
-            fs::DirBuilder::new().mode(0o755).create(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
-        }
-        write_atomic(&dir.join("upper.json"), &serde_json::to_vec(&layers)?)?;
-        let g = Generation { number: 1, created: now_secs(), layers, sources, settings, reason: reason.to_owned(), commits: Vec::new() };
-        write_atomic(&dir.join("generations/1.json"), &serde_json::to_vec_pretty(&g)?)?;
-        std::os::unix::fs::symlink("generations/1.json", dir.join("current")).context("cannot write the current generation link")?;
+        let dir = self.env_dir_in(&st, layers, sources, settings, reason)?;
         match private_dir(&self.envs_dir()) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -186,6 +177,22 @@ impl Store {
         })?;
         drop(st);
         Ok(Env { name: name.to_owned(), dir: dest })
+    }
+
+    /// Writes an environment's directory, with generation 1 current, into the staging directory
+    /// `st`, for the caller to rename into place.
+    pub(crate) fn env_dir_in(&self, st: &super::Staging, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str) -> Result<PathBuf> {
+        let dir = st.path.join("env");
+        private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        super::upper_dir(&dir.join("upper")).with_context(|| format!("cannot create {}", dir.join("upper").display()))?;
+        for sub in ["generations", "work", "runs", "mnt", "skel"] {
+            fs::DirBuilder::new().mode(0o755).create(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+        }
+        write_atomic(&dir.join("upper.json"), &serde_json::to_vec(&layers)?)?;
+        let g = Generation { number: 1, created: now_secs(), layers, sources, settings, reason: reason.to_owned(), commits: Vec::new() };
+        write_atomic(&dir.join("generations/1.json"), &serde_json::to_vec_pretty(&g)?)?;
+        std::os::unix::fs::symlink("generations/1.json", dir.join("current")).context("cannot write the current generation link")?;
+        Ok(dir)
     }
 
     /// Removes an environment: it disappears at once (renamed into tmp/), then is deleted.

@@ -138,6 +138,11 @@ impl Store {
             self.prune_file_index();
         }
         self.clean_leftovers()?;
+        let (builds, records) = self.collect_builds()?;
+        if builds > 0 {
+            crate::diag::info!("deleted what {builds} failed or interrupted build step(s) left");
+        }
+        crate::diag::debug!("removed {records} record(s) of build steps whose layer is gone");
         Ok(())
     }
 }

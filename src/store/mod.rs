@@ -37,6 +37,9 @@
 //! │                                    installed with it (launcher.rs)
 //! ├── bin/plyroot                      the copy of plyroot that launchers run (written via
 //! │                                    bin/.plyroot.tmp-PID)
+//! ├── steps/<key hex>                  the layer a build step with this key made (steps.rs)
+//! ├── builds/<env>/, builds/<env>.lock the environment a step of <env> runs in, kept after a
+//! │                                    failure until the next build; the build's lock (steps.rs)
 //! ├── tmp/<pid>-<n>/                   staging, flock'd (the directory itself) for as long as
 //! │                                    it is used; one whose lock can be taken is a leftover
 //! └── notes/<key>                      one-time notices already shown (empty marker files)
@@ -59,6 +62,7 @@ pub(crate) mod lock;
 pub(crate) mod meta;
 pub(crate) mod owners;
 pub(crate) mod runs;
+pub(crate) mod steps;
 pub(crate) mod tree;
 pub(crate) mod upper;
 

@@ -227,3 +227,29 @@ pub(crate) fn ns_id(fd: &impl AsRawFd) -> Option<u64> {
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_ID, &mut id as *mut u64) };
     (rc == 0).then_some(id)
 }
+
+/// A new network namespace with nothing but the loopback interface, brought up: a build step
+/// without the network reaches only itself (not the host's loopback, whose servers stay outside).
+pub(crate) fn unshare_net_loopback_only() -> Result<()> {
+    // SAFETY: CLONE_NEWNET does not touch the fd table (see `unshare`).
+    unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNET) }.map_err(|e| err("unshare the network namespace", "/", e))?;
+    // A fresh namespace's `lo` is down; SIOCSIFFLAGS on any socket of the namespace raises it.
+    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(err("open a socket to bring up lo", "lo", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd, owned by nothing else.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: `ifreq` is plain data, zeroed; the name fits with its NUL.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo") {
+        *d = *s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: SIOCSIFFLAGS reads one `ifreq`, which lives for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(err("bring up the loopback interface", "lo", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! Build steps on disk: which layer each step key built, and the throwaway environment a step runs
+//! in.
+//!
+//! ```text
+//! steps/<key hex>        {"layer": "sha256:…"}: the layer the step with this key made (written
+//!                        after the layer is published, so it never names a missing one; gc
+//!                        removes records whose layer it collected)
+//! builds/<env>.lock      flock: held by the build of <env> for as long as it runs
+//! builds/<env>/          the environment a step of <env> runs in (an ordinary environment
+//!                        directory: generation 1 = the layers below the step, its upper = what
+//!                        the step writes). Removed when its layer is published; kept after a
+//!                        failure (with step.json and log) until the next build of <env> or gc
+//! ```
+
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::env::{Env, Settings};
+use super::{private_dir, remove_tree_mapped, write_atomic, Store};
+
+#[derive(Serialize, Deserialize)]
+struct Record {
+    layer: String,
+}
+
+/// What a failed step was, for `build --shell` to open a shell in the state it left.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct FailedStep {
+    /// `[3/7]`-style position and the step's one-line title.
+    pub title: String,
+    pub network: bool,
+}
+
+impl Store {
+    fn steps_dir(&self) -> PathBuf {
+        self.root.join("steps")
+    }
+
+    fn builds_dir(&self) -> PathBuf {
+        self.root.join("builds")
+    }
+
+    /// The layer step `key` built, when the store still has it.
+    pub(crate) fn step_layer(&self, key: &str) -> Option<String> {
+        let d = fs::read(self.steps_dir().join(key.trim_start_matches("sha256:"))).ok()?;
+        let r: Record = serde_json::from_slice(&d).ok()?;
+        (super::layer::is_layer_id(&r.layer) && self.layer_dir(&r.layer).join("layer.json").is_file()).then_some(r.layer)
+    }
+
+    /// Records that step `key` built `layer` (already published).
+    pub(crate) fn record_step(&self, key: &str, layer: &str) -> Result<()> {
+        let dir = self.steps_dir();
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        write_atomic(&dir.join(key.trim_start_matches("sha256:")), &serde_json::to_vec(&Record { layer: layer.to_owned() })?)
+    }
+
+    /// Takes the lock of the build of environment `name`: one build of it at a time.
+    pub(crate) fn lock_build(&self, name: &str) -> Result<fs::File> {
+        let dir = self.builds_dir();
+        match private_dir(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+            _ => {}
+        }
+        let waiting = || crate::diag::info!("waiting for another build of '{name}'");
+        Ok(super::lock::open_locked(&dir.join(format!("{name}.lock")), super::lock::Kind::Exclusive, false, waiting)?)
+    }
+
+    /// The environment a step of `name` runs in, made fresh on `layers` with `settings` (what an
+    /// earlier build left there is removed first). Call with [`Store::lock_build`] held.
+    pub(crate) fn fresh_build_env(&self, name: &str, layers: Vec<String>, settings: Settings, step: &FailedStep) -> Result<Env> {
+        self.remove_build_env(name)?;
+        let st = self.staging()?;
+        let dir = self.env_dir_in(&st, layers, Vec::new(), settings, "build step")?;
+        write_atomic(&dir.join("step.json"), &serde_json::to_vec(step)?)?;
+        let dest = self.builds_dir().join(name);
+        fs::rename(&dir, &dest).with_context(|| format!("cannot create {}", dest.display()))?;
+        drop(st);
+        Ok(Env { name: name.to_owned(), dir: dest })
+    }
+
+    /// The state the last failed step of `name` left, if it is still kept.
+    pub(crate) fn failed_build(&self, name: &str) -> Option<(Env, FailedStep)> {
+        let dir = self.builds_dir().join(name);
+        let step: FailedStep = serde_json::from_slice(&fs::read(dir.join("step.json")).ok()?).ok()?;
+        dir.join("current").exists().then(|| (Env { name: name.to_owned(), dir }, step))
+    }
+
+    /// Removes what a build of `name` left (its files may be owned by subordinate ids).
+    pub(crate) fn remove_build_env(&self, name: &str) -> Result<()> {
+        let dir = self.builds_dir().join(name);
+        if fs::symlink_metadata(&dir).is_err() {
+            return Ok(());
+        }
+        let st = self.staging()?;
+        let grave = st.path.join("build");
+        fs::rename(&dir, &grave).with_context(|| format!("cannot remove {}", dir.display()))?;
+        remove_tree_mapped(&grave).with_context(|| format!("cannot delete {}", grave.display()))?;
+        Ok(())
+    }
+
+    /// gc: removes what builds that are not running left, and the records of steps whose layer is
+    /// gone. Returns how many of each.
+    pub(crate) fn collect_builds(&self) -> Result<(usize, usize)> {
+        let mut builds = 0;
+        if let Ok(rd) = fs::read_dir(self.builds_dir()) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".lock") || crate::names::check_name(&name).is_err() {
+                    continue;
+                }
+                let Ok(lock) = fs::File::open(self.builds_dir().join(format!("{name}.lock"))) else { continue };
+                if super::lock::try_exclusive(&lock) {
+                    self.remove_build_env(&name)?;
+                    builds += 1;
+                }
+            }
+        }
+        let mut records = 0;
+        if let Ok(rd) = fs::read_dir(self.steps_dir()) {
+            for e in rd.flatten() {
+                let key = e.file_name().to_string_lossy().into_owned();
+                if key.len() == 64 && self.step_layer(&key).is_none() {
+                    let _ = fs::remove_file(e.path());
+                    records += 1;
+                }
+            }
+        }
+        Ok((builds, records))
+    }
+}
