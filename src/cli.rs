@@ -403,6 +403,7 @@ impl RunOpts {
             launcher_dirs: Vec::new(),
             pure: false,
             isolate_net: false,
+            tied_to: None,
         }
     }
 }

@@ -50,8 +50,10 @@ pub(crate) fn script(m: Manager, names: &[String]) -> String {
     let p: Vec<String> = names.iter().map(|n| quote(n)).collect();
     let p = p.join(" ");
     match m {
-        // The lists go too: the next `packages` step fetches them again, as a fresh root would.
-        Manager::Apt => format!("set -e\nexport DEBIAN_FRONTEND=noninteractive\napt-get update\napt-get install -y {p}\napt-get clean\nrm -rf /var/lib/apt/lists/*\n"),
+        // What is listed and what it depends on, not what it recommends: a declared environment
+        // gets what it declares (recommended packages can be listed). The lists go too: the
+        // next `packages` step fetches them again, as a fresh root would.
+        Manager::Apt => format!("set -e\nexport DEBIAN_FRONTEND=noninteractive\napt-get update\napt-get install -y --no-install-recommends {p}\napt-get clean\nrm -rf /var/lib/apt/lists/*\n"),
         Manager::Dnf => format!("set -e\ndnf install -y {p}\ndnf clean all\n"),
         Manager::Yum => format!("set -e\nyum install -y {p}\nyum clean all\n"),
         Manager::Apk => format!("set -e\napk add --no-cache {p}\n"),
@@ -139,7 +141,7 @@ mod tests {
         fs::write(l.join("usr/bin/apt-get"), "").unwrap();
         assert_eq!(detect(std::slice::from_ref(&l)), Some(Manager::Apt));
         let s = script(Manager::Apt, &["make".into(), "it's".into()]);
-        assert!(s.contains("apt-get install -y 'make' 'it'\\''s'\n"), "{s}");
+        assert!(s.contains("apt-get install -y --no-install-recommends 'make' 'it'\\''s'\n"), "{s}");
         assert!(s.contains("rm -rf /var/lib/apt/lists/*"));
         assert!(script(Manager::Apk, &["make".into()]).contains("apk add --no-cache 'make'"));
     }

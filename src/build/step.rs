@@ -140,6 +140,7 @@ fn spawn(store: &Store, env: &Env, network: bool, argv: &[OsString]) -> Result<(
 /// step outliving its build would write into an upper nobody publishes.
 pub(crate) fn child(store: Store, dir: &Path, name: &str, network: bool, parent: Option<i32>, command: Vec<OsString>) -> Result<i32> {
     if let Some(p) = parent {
+        // Until the launch ties itself again after entering its namespaces (see `Plan::tied_to`).
         rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)).context("cannot tie the step to its build")?;
         // The build may have died before the line above: then our parent is another process.
         if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(p) {
@@ -147,7 +148,7 @@ pub(crate) fn child(store: Store, dir: &Path, name: &str, network: bool, parent:
         }
     }
     let env = Env { name: name.to_owned(), dir: dir.to_owned() };
-    let req = Request { root: true, pid: true, pure: true, isolate_net: !network, command, ..Request::default() };
+    let req = Request { root: true, pid: true, pure: true, isolate_net: !network, tied_to: parent, command, ..Request::default() };
     let prepared = prepare(&store, &env, &req)?;
     drop(store);
     let Prepared::Launch { plan, inside, recording, held } = prepared else { bail!("a build step cannot join a booted environment") };

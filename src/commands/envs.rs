@@ -371,7 +371,10 @@ fn show_package_changes(store: &Store, plans: &Plans<'_>) {
         if changes.is_empty() {
             crate::diag::info!("{}: no package changed", decl.name);
         } else {
-            crate::diag::info!("{}: packages changed:\n  {}", decl.name, changes.join("\n  "));
+            crate::diag::info!("{}: packages changed:", decl.name);
+            for c in &changes {
+                crate::diag::info!("  {c}");
+            }
         }
     }
 }

@@ -111,6 +111,14 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str, recording: Op
         }
         Ok(shared)
     })?;
+    if let Some(parent) = plan.tied_to {
+        // Entering the namespaces changed our credentials, which clears the parent-death signal:
+        // set it (again), then make sure the parent did not die before it was set.
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)).context("cannot tie the run to its parent")?;
+        if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(parent) {
+            process::exit_child(128 + 9);
+        }
+    }
     if plan.isolate_net {
         // In the run's own user namespace, which owns the new network namespace.
         crate::sys::ns::unshare_net_loopback_only()?;

@@ -213,6 +213,8 @@ pub(crate) struct RunOptions {
     pub compose: bool,
     /// A network namespace of the run's own, with only loopback (a build step without network).
     pub isolate_net: bool,
+    /// End with this process (a build step with its build): see `Plan::tied_to`.
+    pub tied_to: Option<i32>,
 }
 
 /// The program to start once the root is in place.
@@ -253,6 +255,9 @@ pub(crate) struct Plan {
     pub pid: bool,
     /// A network namespace of its own with only loopback up (see `RunOptions::isolate_net`).
     pub isolate_net: bool,
+    /// The parent this launch must not outlive (a build step's build, killed or not): its death
+    /// kills the supervisor, and with it PID 1 and the whole pid namespace.
+    pub tied_to: Option<i32>,
 }
 
 pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -407,7 +412,7 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         (None, Some(Start::Home) | None) => (vec![home, PathBuf::from("/")], false),
     };
     let lookup = i.opts.compose.then_some(own_path);
-    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required, lookup }, pid: i.opts.pid, isolate_net: i.opts.isolate_net })
+    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required, lookup }, pid: i.opts.pid, isolate_net: i.opts.isolate_net, tied_to: i.opts.tied_to })
 }
 
 /// The per-run mounts: the host shares that are on, then the binds asked for.

@@ -53,6 +53,8 @@ pub(crate) struct Request {
     pub pure: bool,
     /// A network namespace with only loopback.
     pub isolate_net: bool,
+    /// The pid of the process the launch must not outlive (see `Plan::tied_to`).
+    pub tied_to: Option<i32>,
 }
 
 /// A decided launch.
@@ -680,6 +682,7 @@ fn plan_input<'a>(
         login: req.login,
         compose: req.compose,
         isolate_net: req.isolate_net,
+        tied_to: req.tied_to,
     };
     Ok(PlanInput {
         env_name: &env.name,
