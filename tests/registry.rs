@@ -1567,6 +1567,30 @@ fn an_upload_the_registry_stops_reading_or_trickles_ends_at_its_deadline() {
     }
 }
 
+#[test]
+fn a_connect_that_never_completes_ends_at_the_connect_deadline() {
+    use std::os::fd::AsRawFd;
+    // A listener whose accept queue is full: Linux drops further SYNs, and a connect hangs.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: a valid listening socket; listen(2) again only changes its backlog.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let addr = l.local_addr().unwrap();
+    let mut queued = Vec::new();
+    let hangs = (0..8).any(|_| match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+        Ok(c) => {
+            queued.push(c);
+            false
+        }
+        Err(e) => e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock,
+    });
+    assert!(hangs, "a full accept queue made no connect hang");
+    let (out, took) = import_with_deadlines(&format!("docker://{addr}/x/img:t"), &[("PLYROOT_CONNECT_TIMEOUT", "2")]);
+    let out = out.plyroot_error(&[&format!("no connection to {addr} within 2 s (PLYROOT_CONNECT_TIMEOUT)")]);
+    assert!(!out.stderr.contains("os error"), "what happened, not an errno: {out}");
+    assert!(took < Duration::from_secs(30), "{took:?} {out}");
+    drop((queued, l));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Nothing a server chose reaches a request unchecked
 // ---------------------------------------------------------------------------------------------
