@@ -897,7 +897,11 @@ fn refusing_registry(status: &'static str, read: usize) -> (u16, std::sync::Arc<
 /// it with its own port and the connection to `handle`, which answers as it likes; `false` ends
 /// the connection. The one loop under the test servers below.
 fn serve(handle: impl Fn(&str, u16, &mut std::io::BufReader<TcpStream>) -> bool + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    serve_on(TcpListener::bind("127.0.0.1:0").unwrap(), handle)
+}
+
+/// [`serve`] on a listener the caller made (with socket options of its own).
+fn serve_on(l: TcpListener, handle: impl Fn(&str, u16, &mut std::io::BufReader<TcpStream>) -> bool + Send + Sync + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let port = l.local_addr().unwrap().port();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let log = seen.clone();
@@ -1477,6 +1481,114 @@ fn endless_trailers_extensions_interim_responses_and_trickles_end_at_their_deadl
     let (out, _) = import_with_deadlines(&format!("docker://127.0.0.1:{port}/x/none:t"), &[("PLYROOT_IDLE_TIMEOUT", "soon")]);
     let out = out.plyroot_error(&["404"]);
     assert!(out.stderr.contains("PLYROOT_IDLE_TIMEOUT=soon"), "{out}");
+}
+
+/// A registry that takes pushes, but reads the body of a blob upload larger than 1 MiB as `read`
+/// says (`None`: nothing past the first 16 KiB; `Some(n)`: `n` bytes every 100 ms), through a
+/// receive buffer of a few KiB, so that the client's writes block. Returns its port and how
+/// many bytes of the large body it read.
+fn slow_reading_registry(read: Option<usize>) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::os::fd::AsRawFd;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let small: libc::c_int = 4096;
+    // SAFETY: a valid socket, and a c_int the size it is said to be.
+    let rc = unsafe { libc::setsockopt(l.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&small as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+    assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = got.clone();
+    let (port, _) = serve_on(l, move |head, _, r| {
+        let first = head.lines().next().unwrap_or("");
+        let header = |name: &str| head.lines().find_map(|h| h.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_owned()));
+        let len: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if first.starts_with("PUT ") && len > 1 << 20 {
+            if header("expect").is_some() {
+                let _ = r.get_mut().write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            let mut buf = vec![0u8; 16 << 10];
+            if r.read_exact(&mut buf).is_err() {
+                return false;
+            }
+            counter.fetch_add(buf.len(), std::sync::atomic::Ordering::SeqCst);
+            let Some(step) = read else {
+                std::thread::sleep(Duration::from_secs(3600));
+                return false;
+            };
+            let mut buf = vec![0u8; step];
+            while r.read_exact(&mut buf).is_ok() {
+                counter.fetch_add(step, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            return false;
+        }
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            return false;
+        }
+        let answer = if first.starts_with("POST ") && first.contains("/blobs/uploads/") {
+            "HTTP/1.1 202 Accepted\r\nLocation: /v2/x/slow/blobs/uploads/u1\r\nContent-Length: 0\r\n\r\n"
+        } else if first.starts_with("PUT ") {
+            "HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+        } else {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+        };
+        r.get_mut().write_all(answer.as_bytes()).is_ok()
+    });
+    (port, got)
+}
+
+#[test]
+fn an_upload_the_registry_stops_reading_or_trickles_ends_at_its_deadline() {
+    if me().regime != Regime::Root {
+        need!(userns());
+    }
+    let s = Store::new();
+    // A layer far larger than the socket buffers on both sides.
+    need!(two_layer_env(&s, 8 << 20));
+    for (read, vars, needle) in [
+        (None, [("PLYROOT_IDLE_TIMEOUT", "2"), ("PLYROOT_RATE_WINDOW", "600")], "read no more of the upload for 2 s (PLYROOT_IDLE_TIMEOUT)"),
+        // 64 bytes every 100 ms: moving, but below 1 KiB/s.
+        (Some(64), [("PLYROOT_IDLE_TIMEOUT", "600"), ("PLYROOT_RATE_WINDOW", "2")], "less than 1 KiB/s (PLYROOT_RATE_WINDOW)"),
+    ] {
+        let (port, got) = slow_reading_registry(read);
+        let mut c = s.cmd(&["push", "--insecure", "t", &format!("docker://127.0.0.1:{port}/x/slow:v1")]);
+        c.envs(vars);
+        let start = Instant::now();
+        let out = run_with(&mut c, None, Duration::from_secs(120));
+        let took = start.elapsed();
+        let out = out.plyroot_error(&[&format!("the registry at 127.0.0.1:{port} "), needle, "uploading the blob"]);
+        assert!(out.stdout.is_empty(), "no digest for a push that did not happen: {out}");
+        assert!(!out.stderr.contains("os error"), "what happened, not an errno: {out}");
+        assert!(took < Duration::from_secs(30), "{read:?}: it ended at the deadline, not long after: {took:?} {out}");
+        let got = got.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(((16 << 10)..(8 << 20)).contains(&got), "{read:?}: the body started and was not all read ({got} bytes): {out}");
+        if read.is_some() {
+            assert!(got > 16 << 10, "the server went on reading ({got} bytes): {out}");
+        }
+    }
+}
+
+#[test]
+fn a_connect_that_never_completes_ends_at_the_connect_deadline() {
+    use std::os::fd::AsRawFd;
+    // A listener whose accept queue is full: Linux drops further SYNs, and a connect hangs.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: a valid listening socket; listen(2) again only changes its backlog.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    let addr = l.local_addr().unwrap();
+    let mut queued = Vec::new();
+    let hangs = (0..8).any(|_| match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+        Ok(c) => {
+            queued.push(c);
+            false
+        }
+        Err(e) => e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock,
+    });
+    assert!(hangs, "a full accept queue made no connect hang");
+    let (out, took) = import_with_deadlines(&format!("docker://{addr}/x/img:t"), &[("PLYROOT_CONNECT_TIMEOUT", "2")]);
+    let out = out.plyroot_error(&[&format!("no connection to {addr} within 2 s (PLYROOT_CONNECT_TIMEOUT)")]);
+    assert!(!out.stderr.contains("os error"), "what happened, not an errno: {out}");
+    assert!(took < Duration::from_secs(30), "{took:?} {out}");
+    drop((queued, l));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,9 +14,12 @@
 //!   or received, and no byte of a body, however much else comes: a read of the body that
 //!   only brings chunked trailers or chunk extensions makes none), enforced on each
 //!   connection by [`Watched`]; for a response head (endless `100 Continue`s included); and a
-//!   body must bring at least 1 KiB/s averaged over each minute. A registry that goes silent,
-//!   trickles or babbles fails the command with what happened ("no progress from HOST for
-//!   120 s") instead of holding it, while a slow but moving download of any size completes.
+//!   body, received or sent, must move at least 1 KiB/s averaged over each minute. Sending is
+//!   bounded by plyroot's own TCP transport ([`super::socket`]): ureq's per-write timeout bounds
+//!   each `write(2)` only. A registry that goes silent, trickles, babbles or stops reading an
+//!   upload fails the command with what happened ("no progress from HOST for 120 s", "the
+//!   registry at HOST read no more of the upload for 120 s") instead of holding it, while a slow
+//!   but moving transfer of any size completes.
 //! - No thread, ever: plyroot creates user namespaces later in the same process, which a second
 //!   thread would make fail. ureq's own resolver starts one when a resolve or overall deadline is
 //!   set; plyroot sets neither and plugs a resolver that resolves on the calling thread anyway
@@ -42,9 +45,10 @@ use ureq::http::{self as h, Uri};
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 use ureq::unversioned::resolver::{ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::time::Duration as TimeDuration;
-use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, DefaultConnector, NextTimeout, Transport};
+use ureq::unversioned::transport::{Buffers, ConnectionDetails, ConnectProxyConnector, Connector, NextTimeout, RustlsConnector, Transport};
 
 use super::proxy::{Proxies, Setting};
+use super::socket::{Stalled, Tcp};
 
 /// How long plyroot waits, in each phase of a request. Every one of them can be set, in whole
 /// seconds, by an environment variable (tests wait seconds, not minutes).
@@ -59,9 +63,10 @@ pub(crate) struct Deadlines {
     /// The whole response head, interim `1xx` responses included, must arrive within this
     /// (`PLYROOT_HEAD_TIMEOUT`, 300), counted from the end of the request.
     pub head: Duration,
-    /// A body must bring at least 1 KiB for each second of every window of this length spent
-    /// waiting for it (`PLYROOT_RATE_WINDOW`, 60): a server that trickles (a byte a second
-    /// passes every per-read deadline) cannot hold a transfer open.
+    /// A body must move at least 1 KiB for each second of every window of this length spent
+    /// waiting for the server, to read it or to take it (`PLYROOT_RATE_WINDOW`, 60): a server
+    /// that trickles (a byte a second passes every per-read or per-write deadline) cannot hold a
+    /// transfer open.
     pub rate_window: Duration,
 }
 
@@ -364,7 +369,10 @@ impl Read for Response {
         self.progress.set(None);
         let n = result.map_err(|e| self.cut_short(e))?;
         self.received += n as u64;
-        self.rate.check(start.elapsed(), n).map_err(|slow| io::Error::new(io::ErrorKind::TimedOut, format!("{} {slow}", self.url.authority())))?;
+        self.rate.check(start.elapsed(), n, n == 0).map_err(|(bytes, secs)| {
+            let var = "PLYROOT_RATE_WINDOW";
+            io::Error::new(io::ErrorKind::TimedOut, format!("{} sent {bytes} bytes in {secs} s, less than 1 KiB/s ({var}): giving up", self.url.authority()))
+        })?;
         Ok(n)
     }
 }
@@ -392,32 +400,39 @@ impl Response {
     }
 }
 
-/// The minimum transfer rate of a body: at least 1 KiB for each second of each window
-/// ([`Deadlines::rate_window`]) spent waiting for the server. Only the time inside reads counts,
-/// so a slow consumer (a disk, a long fsync) is never blamed on the server.
-struct Rate {
+/// The minimum transfer rate of a body, received or sent: at least 1 KiB for each second of
+/// each window ([`Deadlines::rate_window`]) spent waiting for the server. Only the time inside
+/// reads (or blocked writes) counts, so a slow consumer (a disk, a long fsync) or producer is
+/// never blamed on the server.
+pub(super) struct Rate {
     window: Duration,
     waited: Duration,
     bytes: u64,
 }
 
 impl Rate {
-    fn new(window: Duration) -> Rate {
+    pub(super) fn new(window: Duration) -> Rate {
         Rate { window, waited: Duration::ZERO, bytes: 0 }
     }
 
-    /// Counts a read of `n` bytes that took `spent`; the error says how slow the window was.
-    fn check(&mut self, spent: Duration, n: usize) -> Result<(), String> {
+    /// Counts `n` bytes moved in `spent`; `ended` when this was the end of the transfer (a read
+    /// of 0), which no window blames. The error is the slow window's bytes and seconds.
+    pub(super) fn check(&mut self, spent: Duration, n: usize, ended: bool) -> Result<(), (u64, u64)> {
         self.waited += spent;
         self.bytes += n as u64;
         if self.waited < self.window {
             return Ok(());
         }
-        if self.bytes < 1024 * self.window.as_secs() && n > 0 {
-            return Err(format!("sent {} bytes in {} s, less than 1 KiB/s: giving up", self.bytes, self.waited.as_secs()));
+        if self.bytes < 1024 * self.window.as_secs() && !ended {
+            return Err((self.bytes, self.waited.as_secs()));
         }
         *self = Rate::new(self.window);
         Ok(())
+    }
+
+    /// The waiting left in the current window, after which [`Rate::check`] judges it.
+    pub(super) fn left(&self) -> Duration {
+        self.window.saturating_sub(self.waited)
     }
 }
 
@@ -448,13 +463,17 @@ impl Http {
             .max_response_header_size(MAX_HEADER_BYTES)
             .timeout_connect(Some(d.connect))
             .timeout_per_read(Some(d.idle))
-            .timeout_per_write(Some(d.idle))
+            // No per-write timeout: ureq's would bound each write(2), not a send; the socket
+            // transport bounds sends by `idle` and the minimum rate instead.
             // Not a resolve or global deadline: those would make ureq resolve on a thread.
             .timeout_recv_response(Some(d.head))
             .tls_config(tls_config(registry))
             .build();
         let progress = Progress::default();
-        let agent = ureq::Agent::with_parts(config, Watcher { inner: DefaultConnector::default(), progress: progress.clone() }, InlineResolver);
+        // ureq's default chain (CONNECT proxies, TCP, rustls) with plyroot's TCP transport; no
+        // SOCKS (refused in `proxy_for`).
+        let chain = ().chain(ConnectProxyConnector::default()).chain(Tcp { idle: d.idle, rate_window: d.rate_window }).chain(RustlsConnector::default());
+        let agent = ureq::Agent::with_parts(config, Watcher { inner: chain, progress: progress.clone() }, InlineResolver);
         Http { agent, proxies: Proxies::from_env(), registry: registry.to_owned(), insecure, deadlines: d, progress }
     }
 
@@ -583,6 +602,15 @@ impl Http {
             ureq::Error::HostNotFound => HttpError::Resolve { host, source: io::Error::new(io::ErrorKind::NotFound, "the name has no address") },
             ureq::Error::Io(io) if is_connect_error(&io) => HttpError::Connect { host, source: io },
             ureq::Error::Timeout(t) => HttpError::Timeout { method, url: url.to_string(), what: timeout_text(t, &host, self.deadlines) },
+            ureq::Error::Other(o) if o.downcast_ref::<Stalled>().is_some() => {
+                let what = match o.downcast_ref::<Stalled>().expect("checked above") {
+                    Stalled::Idle(secs) => format!("the registry at {host} read no more of the {} for {secs} s (PLYROOT_IDLE_TIMEOUT)", sent_what(&method)),
+                    Stalled::Slow { bytes, secs } => {
+                        format!("the registry at {host} read {bytes} bytes of the {} in {secs} s, less than 1 KiB/s (PLYROOT_RATE_WINDOW): giving up", sent_what(&method))
+                    }
+                };
+                HttpError::Timeout { method, url: url.to_string(), what }
+            }
             ureq::Error::Http(_) => HttpError::Header { method, url: url.to_string(), name: "(a request header)".into() },
             ureq::Error::BadUri(_) => HttpError::Url { url: url.to_string(), reason: "ureq refused it" },
             // The response head breaks HTTP (two different Content-Length values, say).
@@ -633,11 +661,19 @@ fn tls_failure(e: &ureq::Error) -> Option<&rustls::Error> {
     }
 }
 
+/// What a request with `method` sends, for messages.
+fn sent_what(method: &str) -> &'static str {
+    if matches!(method, "PUT" | "PATCH" | "POST") {
+        "upload"
+    } else {
+        "request"
+    }
+}
+
 fn timeout_text(t: ureq::Timeout, host: &str, d: Deadlines) -> String {
     match t {
-        ureq::Timeout::Connect => format!("no connection to {host} within {} s", d.connect.as_secs()),
+        ureq::Timeout::Connect => format!("no connection to {host} within {} s (PLYROOT_CONNECT_TIMEOUT)", d.connect.as_secs()),
         ureq::Timeout::PerRead | ureq::Timeout::RecvBody => format!("no progress from {host} for {} s", d.idle.as_secs()),
-        ureq::Timeout::PerWrite => format!("no progress sending to {host} for {} s (it takes nothing)", d.idle.as_secs()),
         ureq::Timeout::RecvResponse => format!("no complete response from {host} within {} s", d.head.as_secs()),
         other => format!("timed out ({other})"),
     }
@@ -660,16 +696,16 @@ impl Progress {
 
 /// ureq's connector, whose connections are [`Watched`].
 #[derive(Debug)]
-struct Watcher {
-    inner: DefaultConnector,
+struct Watcher<C> {
+    inner: C,
     progress: Progress,
 }
 
-impl Connector<()> for Watcher {
+impl<C: Connector<()>> Connector<()> for Watcher<C> {
     type Out = Watched;
 
     fn connect(&self, details: &ConnectionDetails, chained: Option<()>) -> Result<Option<Watched>, ureq::Error> {
-        Ok(self.inner.connect(details, chained)?.map(|inner| Watched { inner, progress: self.progress.clone() }))
+        Ok(self.inner.connect(details, chained)?.map(|inner| Watched { inner: Box::new(inner), progress: self.progress.clone() }))
     }
 }
 
@@ -862,19 +898,24 @@ pub(crate) mod tests {
         let mut r = Rate::new(Duration::from_secs(60));
         // One byte a second: fine until a window has passed, then an error.
         for _ in 1..60 {
-            r.check(sec, 1).unwrap();
+            r.check(sec, 1, false).unwrap();
         }
-        let e = r.check(sec, 1).unwrap_err();
-        assert!(e.contains("60 bytes in 60 s"), "{e}");
+        assert_eq!(r.check(sec, 1, false).unwrap_err(), (60, 60));
         // 2 KiB a second over several windows: fine.
         let mut r = Rate::new(Duration::from_secs(60));
         for _ in 1..=300 {
-            r.check(sec, 2048).unwrap();
+            r.check(sec, 2048, false).unwrap();
         }
         // The end of the body (a read of 0) after a slow last window is no error.
         let mut r = Rate::new(Duration::from_secs(60));
-        r.check(10 * sec, 100).unwrap();
-        r.check(60 * sec, 0).unwrap();
+        r.check(10 * sec, 100, false).unwrap();
+        r.check(60 * sec, 0, true).unwrap();
+        // A send that waited a whole window with nothing taken is slow, not ended.
+        let mut r = Rate::new(Duration::from_secs(60));
+        assert_eq!(r.left(), 60 * sec);
+        r.check(20 * sec, 100, false).unwrap();
+        assert_eq!(r.left(), 40 * sec);
+        assert_eq!(r.check(40 * sec, 0, false).unwrap_err(), (100, 60));
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - `reference.rs`: [`Reference`] (`debian` → `docker.io/library/debian:latest`) and [`Platform`].
 //! - `http.rs`: HTTP over ureq (rustls/ring): one connection pool per operation, redirects,
 //!   per-registry CAs, deadlines; no threads.
+//! - `socket.rs`: the TCP transport under ureq, which holds a send to the same deadlines as a
+//!   receive.
 //! - `proxy.rs`: which proxy a request goes through (`HTTPS_PROXY`, `NO_PROXY`, …).
 //! - `auth.rs`: credential files (podman's `auth.json`, docker's `config.json`), challenges, base64.
 //! - `client.rs`: [`Client`], the distribution API for one repository, with token auth.
@@ -23,6 +25,7 @@ pub(crate) mod client;
 pub(crate) mod http;
 pub(crate) mod proxy;
 pub(crate) mod reference;
+mod socket;
 
 use std::sync::OnceLock;
 
