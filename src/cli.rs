@@ -136,6 +136,12 @@ pub(crate) enum Command {
         /// Run every build step, whatever is cached
         #[arg(long)]
         no_cache: bool,
+        /// Look for step layers in this registry repository before running a step [default: the manifest's `cache`]
+        #[arg(long, value_name = "docker://REPOSITORY")]
+        cache_from: Option<String>,
+        /// Push the steps' layers to this registry repository [with no value: the manifest's `cache`]
+        #[arg(long, value_name = "docker://REPOSITORY", num_args = 0..=1, default_missing_value = "")]
+        cache_to: Option<String>,
         /// Only these environments [default: all in the manifest]
         envs: Vec<String>,
         #[command(flatten)]
@@ -156,6 +162,12 @@ pub(crate) enum Command {
         /// Open a shell in the state the environment's last failed step left
         #[arg(long, value_name = "ENV")]
         shell: Option<String>,
+        /// Look for step layers in this registry repository before running a step [default: the manifest's `cache`]
+        #[arg(long, value_name = "docker://REPOSITORY")]
+        cache_from: Option<String>,
+        /// Push the steps' layers to this registry repository [with no value: the manifest's `cache`]
+        #[arg(long, value_name = "docker://REPOSITORY", num_args = 0..=1, default_missing_value = "")]
+        cache_to: Option<String>,
         /// Only these environments [default: all in the manifest]
         envs: Vec<String>,
         #[command(flatten)]

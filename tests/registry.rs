@@ -1680,3 +1680,63 @@ fn an_upload_location_with_controls_or_spaces_is_refused() {
         assert!(!seen.iter().any(|h| h.starts_with("PUT ") || h.to_ascii_lowercase().contains("x-injected")), "nothing was uploaded: {seen:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The step cache (issue 13): build steps' layers shared through a registry
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn steps_pushed_to_a_cache_are_used_by_a_fresh_store_without_running() {
+    need!(userns());
+    let reg = need!(Registry::start());
+    let cache = reg.image("team/cache");
+    let a = Store::new();
+    let proj = a.path("proj");
+    busybox_rootfs(&proj.join("base")).unwrap();
+    fs::create_dir_all(proj.join("src")).unwrap();
+    fs::write(proj.join("src/in"), "input\n").unwrap();
+    // A random step: a store that ran it would get another layer id.
+    fs::write(
+        proj.join("plyroot.toml"),
+        format!("cache = \"{cache}\"\n[env.dev]\nfrom = [\"dir:base\"]\nrun = [\"head -c 32 /dev/urandom > /rand\", {{ run = \"cp /src/in /in\", inputs = [\"./src:/src\"] }}]\n"),
+    )
+    .unwrap();
+    let apply = |s: &Store, args: &[&str]| {
+        let mut c = s.cmd(&[&["apply", "--insecure"], args].concat());
+        c.current_dir(&proj);
+        run_with(&mut c, None, TIMEOUT)
+    };
+    let out = apply(&a, &["--cache-to"]).ok();
+    assert!(out.stderr.contains("step cache") && out.stderr.contains("2 step(s) pushed"), "{out}");
+    let lock: serde_json::Value = serde_json::from_str(&fs::read_to_string(proj.join("plyroot.lock")).unwrap()).unwrap();
+    let pins: Vec<String> = lock["steps"]["dev"].as_array().unwrap().iter().map(|p| p["layer"].as_str().unwrap().to_owned()).collect();
+    let key = lock["steps"]["dev"][0]["key"].as_str().unwrap().trim_start_matches("sha256:").to_owned();
+    assert_eq!(reg.manifest("team/cache", &format!("step-{key}"))["layers"].as_array().unwrap().len(), 1);
+    // Pushing again sends nothing.
+    let out = apply(&a, &["--cache-to"]).ok();
+    assert!(out.stderr.contains("0 step(s) pushed") && out.stderr.contains("2 there already"), "{out}");
+
+    // A fresh store, and no lock file: the manifest's cache gives the same layers, nothing runs.
+    fs::remove_file(proj.join("plyroot.lock")).unwrap();
+    let b = Store::new();
+    let out = apply(&b, &[]).ok();
+    assert_eq!(out.stderr.matches("(cached)").count(), 2, "{out}");
+    let lock: serde_json::Value = serde_json::from_str(&fs::read_to_string(proj.join("plyroot.lock")).unwrap()).unwrap();
+    let got: Vec<String> = lock["steps"]["dev"].as_array().unwrap().iter().map(|p| p["layer"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(got, pins, "the fresh store ran a step instead of taking it from the cache");
+    let out = b.run("dev", &[], &["sh", "-c", "wc -c < /rand; cat /in"]).ok();
+    assert_eq!(out.stdout, "32\ninput\n");
+    b.plyroot(&["verify"]).ok();
+
+    // A changed input is a new key: not in the cache, so that step runs, and the one below is
+    // still taken from it.
+    fs::write(proj.join("src/in"), "changed\n").unwrap();
+    let c = Store::new();
+    let out = apply(&c, &["--cache-from", &cache]).ok();
+    assert_eq!(out.stderr.matches("(cached)").count(), 1, "{out}");
+    assert_eq!(c.run("dev", &[], &["cat", "/in"]).ok().stdout, "changed\n");
+    // A cache that is not there: a warning, and the steps run here.
+    let d = Store::new();
+    let out = apply(&d, &["--cache-from", "docker://127.0.0.1:1/none"]).ok();
+    assert!(out.stderr.contains("could not be read") && !out.stderr.contains("(cached)"), "{out}");
+}

@@ -12,6 +12,7 @@
 //! the caller's), without the network unless it asks; its upper becomes the layer, as `commit`
 //! makes one.
 
+pub(crate) mod cache;
 pub(crate) mod check;
 pub(crate) mod inputs;
 pub(crate) mod packages;
@@ -35,6 +36,8 @@ pub(crate) struct Options {
     pub update: bool,
     /// The lock file's pins: step key → layer id.
     pub pins: BTreeMap<String, String>,
+    /// `docker://REPOSITORY`: where to look for a step's layer before running it.
+    pub cache_from: Option<String>,
 }
 
 /// What building an environment's steps gave.
@@ -86,8 +89,14 @@ pub(crate) fn build(store: &Store, decl: &EnvDecl, below: &[String], opts: &Opti
         let digests = s.inputs.iter().map(|inp| inputs::digest(&inp.src).map_err(|e| e.context(format!("step {}/{n} of '{}' (`{}`)", i + 1, decl.name, s.title())))).collect::<Result<Vec<_>>>()?;
         let k = key(&stack, s, &digests);
         let rerun = opts.no_cache || (opts.update && s.network);
-        let cached = if rerun { None } else { store.step_layer(&k).or_else(|| pinned(store, opts, &k)) };
         let place = format!("[{}/{n}] {}", i + 1, decl.name);
+        let mut cached = if rerun { None } else { store.step_layer(&k).or_else(|| pinned(store, opts, &k)) };
+        if let (None, false, Some(cache)) = (&cached, rerun, &opts.cache_from) {
+            cached = from_cache(store, cache, &k, opts.pins.get(&k), &place);
+            if let Some(layer) = &cached {
+                store.record_step(&k, layer)?;
+            }
+        }
         let layer = match cached {
             Some(layer) => {
                 crate::diag::info!("{place}: {} (cached)", crate::text::field(&s.title()));
@@ -109,6 +118,22 @@ pub(crate) fn build(store: &Store, decl: &EnvDecl, below: &[String], opts: &Opti
         built.keys.push((k, layer));
     }
     Ok(built)
+}
+
+/// The layer the step cache holds for `key`, unless it differs from the lock file's pin; a
+/// cache that cannot be reached is a warning (the step runs here instead).
+fn from_cache(store: &Store, cache: &str, key: &str, pin: Option<&String>, place: &str) -> Option<String> {
+    match cache::fetch(store, cache, key) {
+        Ok(Some(layer)) if pin.is_some_and(|p| *p != layer) => {
+            crate::diag::warn!("{place}: the step cache {cache} gives layer {} where the lock file pins {}: not used, the step runs here", crate::store::layer::short_id(&layer), crate::store::layer::short_id(pin.map(String::as_str).unwrap_or_default()));
+            None
+        }
+        Ok(found) => found,
+        Err(e) => {
+            crate::diag::warn!("{place}: the step cache {cache} could not be read ({}); the step runs here", crate::text::chain(&e));
+            None
+        }
+    }
 }
 
 /// The layer the lock file pins for `key`, when the store has it.

@@ -199,6 +199,10 @@ pub(crate) struct How {
     pub no_cache: bool,
     /// `build --check`.
     pub check: bool,
+    /// `--cache-from`: where to look for step layers (else the manifest's `cache`).
+    pub cache_from: Option<String>,
+    /// `--cache-to`: where to push step layers (empty: the manifest's `cache`).
+    pub cache_to: Option<String>,
 }
 
 /// Reads and parses the manifest at `file`; returns it with its absolute path.
@@ -228,7 +232,8 @@ fn resolve_and_build<'m>(store: &Store, abs: &Path, manifest: &'m crate::manifes
     // collects if unused).
     let wanted = manifest.envs.iter().filter(|e| only.is_empty() || only.contains(&e.name));
     let (mut new_lock, mut plans) = resolve_all(store, wanted, &old_lock, how.update, &lock_path)?;
-    let opts = crate::build::Options { no_cache: how.no_cache, update: how.update, pins: old_lock.step_pins() };
+    let cache_from = how.cache_from.clone().or_else(|| manifest.cache.clone());
+    let opts = crate::build::Options { no_cache: how.no_cache, update: how.update, pins: old_lock.step_pins(), cache_from };
     for (decl, layers) in &mut plans {
         if decl.steps.is_empty() {
             new_lock.steps.remove(&decl.name);
@@ -246,7 +251,43 @@ fn resolve_and_build<'m>(store: &Store, abs: &Path, manifest: &'m crate::manifes
         // after it converges when run again (the pins are those of layers already in the store).
         write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
     }
+    if let Some(to) = &how.cache_to {
+        let to = if to.is_empty() {
+            manifest.cache.clone().context("--cache-to without a repository pushes to the manifest's `cache`, which it does not set: give one (--cache-to docker://HOST/REPOSITORY)")?
+        } else {
+            to.clone()
+        };
+        let steps: Vec<&StepPin> = plans.iter().filter_map(|(d, _)| new_lock.steps.get(&d.name)).flatten().collect();
+        push_steps(store, &to, &steps)?;
+    }
     Ok(plans)
+}
+
+/// `--cache-to`: each step's layer as a one-layer image tagged by its key (see `build::cache`),
+/// unless the cache has that tag already.
+#[cfg(feature = "registry")]
+fn push_steps(store: &Store, cache: &str, steps: &[&StepPin]) -> Result<()> {
+    let repo = crate::build::cache::repository(cache)?;
+    let base = crate::registry::Reference::parse(&repo)?;
+    let mut client = crate::registry::Client::new(&base, true)?;
+    let (mut pushed, mut sent) = (0, 0);
+    for s in steps {
+        let tag = crate::build::cache::tag(&s.key);
+        if client.has_manifest(&tag)? {
+            continue;
+        }
+        let r = crate::registry::Reference { tag: Some(tag), digest: None, ..base.clone() };
+        let (_, _, bytes, _) = super::push::push_image(store, &mut client, &r, "build step", std::slice::from_ref(&s.layer), &BTreeMap::new())?;
+        pushed += 1;
+        sent += bytes;
+    }
+    crate::diag::info!("step cache {cache}: {pushed} step(s) pushed ({}), {} there already", crate::text::human(sent), steps.len() - pushed);
+    Ok(())
+}
+
+#[cfg(not(feature = "registry"))]
+fn push_steps(_: &Store, _: &str, _: &[&StepPin]) -> Result<()> {
+    bail!("this plyroot was built without registry support (cargo feature `registry`): no step cache")
 }
 
 /// `plyroot build`: the steps of the manifest's environments, built (or checked), no generation.

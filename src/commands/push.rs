@@ -52,29 +52,35 @@ pub(crate) fn push(store: &Store, name: &str, target: &str) -> Result<i32> {
     }
     let ids = generation.layers.clone();
     check_layers(store, name, &ids)?;
-    let unique: Vec<String> = ids.iter().collect::<BTreeSet<_>>().into_iter().cloned().collect();
     let mut client = Client::new(&r, true)?;
-
-    let mut blobs = blobs_in_registry(store, &mut client, &unique)?;
-    let todo: Vec<String> = unique.iter().filter(|id| !blobs.contains_key(*id)).cloned().collect();
-    let staging = store.staging()?;
-    let made = compress(store, name, &todo, &staging.path)?;
-    let (uploaded, sent) = upload_layers(store, &mut client, &made, &mut blobs)?;
-    drop(staging);
-
-    let layers: Vec<(String, u64)> = ids.iter().map(|id| blobs[id].clone()).collect();
-    let manifest_digest = put_image(&mut client, &r, name, &generation.settings.env, &ids, &layers)?;
+    let (manifest_digest, uploaded, sent, unique) = push_image(store, &mut client, &r, name, &ids, &generation.settings.env)?;
     crate::diag::info!(
         "pushed '{name}' generation {} to {r}: {} layer(s), {uploaded} uploaded ({}), {} already there",
         generation.number,
         ids.len(),
         human(sent),
-        unique.len() - uploaded
+        unique - uploaded
     );
     drop(client);
     crate::diag::debug!("pushed; {} thread(s) in this process", crate::registry::threads());
     out(&format!("{manifest_digest}\n"))?;
     Ok(0)
+}
+
+/// Pushes the layers `ids` (bottom first, every one in the store) of `name` as an image under `r`
+/// with `client` (of `r`'s repository). Returns the manifest's digest, how many blobs were
+/// uploaded, their bytes, and how many distinct layers the image has.
+pub(crate) fn push_image(store: &Store, client: &mut Client, r: &Reference, name: &str, ids: &[String], env: &BTreeMap<String, String>) -> Result<(String, usize, u64, usize)> {
+    let unique: Vec<String> = ids.iter().collect::<BTreeSet<_>>().into_iter().cloned().collect();
+    let mut blobs = blobs_in_registry(store, client, &unique)?;
+    let todo: Vec<String> = unique.iter().filter(|id| !blobs.contains_key(*id)).cloned().collect();
+    let staging = store.staging()?;
+    let made = compress(store, name, &todo, &staging.path)?;
+    let (uploaded, sent) = upload_layers(store, client, &made, &mut blobs)?;
+    drop(staging);
+    let layers: Vec<(String, u64)> = ids.iter().map(|id| blobs[id].clone()).collect();
+    let digest = put_image(client, r, name, env, ids, &layers)?;
+    Ok((digest, uploaded, sent, unique.len()))
 }
 
 /// There is something to push, and every layer is in the store.

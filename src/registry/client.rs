@@ -241,6 +241,17 @@ impl Client {
         Ok(buf)
     }
 
+    /// Whether the repository has a manifest under `reference` (a tag or digest).
+    pub(crate) fn has_manifest(&mut self, reference: &str) -> Result<bool, RegistryError> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let resp = self.request("HEAD", &url, &[("Accept", MANIFEST_ACCEPT.join(", "))], &[])?;
+        match resp.status {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => self.ok(resp, &format!("checking for the manifest {}", self.show(reference)), &[]).map(|_| false),
+        }
+    }
+
     /// Whether the repository has the blob.
     pub(crate) fn has_blob(&mut self, digest: &str) -> Result<bool, RegistryError> {
         let url = self.url(&format!("blobs/{digest}"));
