@@ -168,6 +168,11 @@ pub(crate) fn shell(store: Store, name: &str) -> Result<i32> {
     let Some((env, step)) = store.failed_build(name) else {
         bail!("no failed build step of '{name}' is kept (a build that failed keeps its last step's state until the next build or gc)");
     };
+    // The step's overlay was volatile: the kernel mounts its upper again only with a fresh
+    // workdir (the old one carries the `incompat/volatile` mark). The step is over; so is its use.
+    let work = env.dir.join("work");
+    crate::store::remove_tree_mapped(&work)?;
+    fs::create_dir(&work).with_context(|| format!("cannot create {}", work.display()))?;
     crate::diag::info!("a shell where {} failed; what you change here is thrown away by the next build", step.title);
     child(store, &env.dir.clone(), name, step.network, None, vec!["/bin/sh".into()])
 }

@@ -62,14 +62,14 @@ fn probe(store: &Store, pid_ns: bool) -> Vec<(String, bool, String)> {
         let _ = mount::make_private_recursive();
         let wh = rustix::fs::mknodat(rustix::fs::CWD, p.join("l2/wh"), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0);
         say("whiteout mknod", wh.map_err(|e| format!("mknod char 0:0: {e}")));
-        let ov = mount::overlay(&[p.join("l2"), p.join("l1")], Some((&p.join("up"), &p.join("wk"))))
+        let ov = mount::overlay(&[p.join("l2"), p.join("l1")], Some((&p.join("up"), &p.join("wk"))), false)
             .and_then(|m| mount::attach_at(m.as_fd(), &p.join("mnt")))
             .map_err(|e| e.to_string());
         say("overlayfs (userxattr, lowerdir+)", ov);
         // Distinct directories: overlayfs refuses the same lower twice (ELOOP).
         let many: Vec<_> = (0..200).map(|i| p.join(format!("many/{i}"))).collect();
         let made = many.iter().try_for_each(fs::create_dir_all).map_err(|e| e.to_string());
-        say("overlay with 200 lowers", made.and_then(|_| mount::overlay(&many, None).map(drop).map_err(|e| e.to_string())));
+        say("overlay with 200 lowers", made.and_then(|_| mount::overlay(&many, None, false).map(drop).map_err(|e| e.to_string())));
         Ok(out)
     });
     drop(st);

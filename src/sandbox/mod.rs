@@ -114,6 +114,9 @@ pub(crate) struct RootSpec {
     pub linger: Option<std::time::Duration>,
     /// The nested identities (uid and gid maps) the keeper makes and holds for later runs.
     pub keeper_ids: Vec<(Vec<crate::sys::ns::IdRange>, Vec<crate::sys::ns::IdRange>)>,
+    /// The shared upper is a build step's, published with its own syncfs or thrown away: its
+    /// overlay is `volatile` (no sync at every fsync inside, nor at unmount).
+    pub volatile: bool,
 }
 
 /// One per-run step of building the root, after the overlay is in place.
@@ -555,6 +558,7 @@ mod tests {
                 join: None,
                 linger: None,
                 keeper_ids: Vec::new(),
+                volatile: false,
             },
             store: Some("/home/alice/.local/share/plyroot".into()),
             facts: f,

@@ -37,14 +37,14 @@ pub(crate) fn shared(root: &RootSpec, base: &Base) -> Result<Option<Shared>> {
             let Skel::Dir(skel) = &root.skel else { bail!("the shared mount needs its skeleton in the store") };
             let lowers: Vec<PathBuf> = std::iter::once(skel.clone()).chain(root.lowers.iter().cloned()).collect();
             fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
-            let m = mount::overlay(&lowers, Some((upper, work))).context("cannot mount the environment's root (overlayfs); `plyroot doctor` checks what this kernel allows")?;
+            let m = mount::overlay(&lowers, Some((upper, work)), root.volatile).context("cannot mount the environment's root (overlayfs); `plyroot doctor` checks what this kernel allows")?;
             let mut host_dirs = Vec::new();
             for (name, lowers) in &root.host_dirs {
                 let (u, w) = (upper.join(name), work.join(format!("host-{name}")));
                 for d in [&u, &w] {
                     fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
                 }
-                let h = mount::overlay(lowers, Some((&u, &w))).with_context(|| union_error(name))?;
+                let h = mount::overlay(lowers, Some((&u, &w)), root.volatile).with_context(|| union_error(name))?;
                 host_dirs.push((name.clone(), h));
             }
             Ok(Some(Shared { root: m, host_dirs }))
@@ -153,7 +153,7 @@ pub(crate) fn build(plan: &Plan, shared: Option<Shared>) -> Result<OwnedFd> {
                 }
             }
             let work = matches!(upper, Upper::Ephemeral).then(|| (mp.join("upper"), mp.join("work")));
-            let m = mount::overlay(&lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path()))).context("cannot mount the environment's root (overlayfs); `plyroot doctor` checks what this kernel allows")?;
+            let m = mount::overlay(&lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path())), false).context("cannot mount the environment's root (overlayfs); `plyroot doctor` checks what this kernel allows")?;
             mount::attach_at(m.as_fd(), &root_path)?;
             let root = open_dir(&root_path)?;
             own_host_dirs(r, &root)?;
@@ -189,7 +189,7 @@ fn own_host_dirs(r: &RootSpec, root: &OwnedFd) -> Result<()> {
                 fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
             }
         }
-        let m = mount::overlay(lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path()))).with_context(|| union_error(name))?;
+        let m = mount::overlay(lowers, work.as_ref().map(|(u, w)| (u.as_path(), w.as_path())), false).with_context(|| union_error(name))?;
         let target = mount::resolve_in(root.as_fd(), &at, Kind::Dir, !matches!(r.upper, Upper::None))?;
         mount::attach(m.as_fd(), target.as_fd(), &at).with_context(|| union_error(name))?;
     }

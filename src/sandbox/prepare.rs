@@ -686,7 +686,7 @@ fn plan_input<'a>(
     };
     Ok(PlanInput {
         env_name: &env.name,
-        root: RootSpec { lowers: c.lowers.clone(), skel: c.skel.clone(), upper, mount_point: env.mount_point(), host_dirs, join, linger: None, keeper_ids: Vec::new() },
+        root: RootSpec { lowers: c.lowers.clone(), skel: c.skel.clone(), upper, mount_point: env.mount_point(), host_dirs, join, linger: None, keeper_ids: Vec::new(), volatile: req.pure },
         store: Some(store.root.clone()),
         facts: &c.facts,
         opts,

@@ -160,7 +160,7 @@ impl Store {
             bail!("environment '{name}' already exists: use another name, or remove it first with `plyroot rm {name}`");
         }
         let st = self.staging()?;
-        let dir = self.env_dir_in(&st, layers, sources, settings, reason)?;
+        let dir = self.env_dir_in(&st, layers, sources, settings, reason, true)?;
         match private_dir(&self.envs_dir()) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -180,17 +180,19 @@ impl Store {
     }
 
     /// Writes an environment's directory, with generation 1 current, into the staging directory
-    /// `st`, for the caller to rename into place.
-    pub(crate) fn env_dir_in(&self, st: &super::Staging, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str) -> Result<PathBuf> {
+    /// `st`, for the caller to rename into place. `durable`: its records are synced (not for a
+    /// build step's throwaway environment, which a crash only leaves for the next build to remove).
+    pub(crate) fn env_dir_in(&self, st: &super::Staging, layers: Vec<String>, sources: Vec<String>, settings: Settings, reason: &str, durable: bool) -> Result<PathBuf> {
+        let write = |p: &Path, d: &[u8]| if durable { write_atomic(p, d) } else { fs::write(p, d).with_context(|| format!("cannot write {}", p.display())) };
         let dir = st.path.join("env");
         private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         super::upper_dir(&dir.join("upper")).with_context(|| format!("cannot create {}", dir.join("upper").display()))?;
         for sub in ["generations", "work", "runs", "mnt", "skel"] {
             fs::DirBuilder::new().mode(0o755).create(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
         }
-        write_atomic(&dir.join("upper.json"), &serde_json::to_vec(&layers)?)?;
+        write(&dir.join("upper.json"), &serde_json::to_vec(&layers)?)?;
         let g = Generation { number: 1, created: now_secs(), layers, sources, settings, reason: reason.to_owned(), commits: Vec::new() };
-        write_atomic(&dir.join("generations/1.json"), &serde_json::to_vec_pretty(&g)?)?;
+        write(&dir.join("generations/1.json"), &serde_json::to_vec_pretty(&g)?)?;
         std::os::unix::fs::symlink("generations/1.json", dir.join("current")).context("cannot write the current generation link")?;
         Ok(dir)
     }

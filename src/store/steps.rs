@@ -73,8 +73,8 @@ impl Store {
     pub(crate) fn fresh_build_env(&self, name: &str, layers: Vec<String>, settings: Settings, step: &FailedStep) -> Result<Env> {
         self.remove_build_env(name)?;
         let st = self.staging()?;
-        let dir = self.env_dir_in(&st, layers, Vec::new(), settings, "build step")?;
-        write_atomic(&dir.join("step.json"), &serde_json::to_vec(step)?)?;
+        let dir = self.env_dir_in(&st, layers, Vec::new(), settings, "build step", false)?;
+        fs::write(dir.join("step.json"), serde_json::to_vec(step)?).with_context(|| format!("cannot write {}", dir.join("step.json").display()))?;
         let dest = self.builds_dir().join(name);
         fs::rename(&dir, &dest).with_context(|| format!("cannot create {}", dest.display()))?;
         drop(st);

@@ -41,8 +41,10 @@ fn fs_err(op: &'static str, path: &Path, fs: BorrowedFd<'_>, e: rustix::io::Errn
 
 /// A detached overlay mount: `lowers` top first, `upper` = (upperdir, workdir) or none for a
 /// read-only root. Uses `lowerdir+` (one call per layer), so the page-sized option string limit
-/// of mount(2) does not apply; the kernel allows up to 500 lowers.
-pub(crate) fn overlay(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Result<OwnedFd> {
+/// of mount(2) does not apply; the kernel allows up to 500 lowers. `volatile`: no sync reaches
+/// the upper's filesystem, not even at unmount (for an upper that is thrown away, or synced by
+/// whoever keeps it).
+pub(crate) fn overlay(lowers: &[PathBuf], upper: Option<(&Path, &Path)>, volatile: bool) -> Result<OwnedFd> {
     let what = Path::new("overlay");
     let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| err("fsopen", what, e))?;
     let f = fs.as_fd();
@@ -56,6 +58,9 @@ pub(crate) fn overlay(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Resu
     if let Some((up, work)) = upper {
         fsconfig_set_string(f, "upperdir", up.as_os_str()).map_err(|e| fs_err("set overlay upper", up, f, e))?;
         fsconfig_set_string(f, "workdir", work.as_os_str()).map_err(|e| fs_err("set overlay workdir", work, f, e))?;
+        if volatile {
+            fsconfig_set_flag(f, "volatile").map_err(|e| fs_err("configure overlay volatile", what, f, e))?;
+        }
     }
     fsconfig_create(f).map_err(|e| fs_err("create overlay", what, f, e))?;
     let attrs = if upper.is_none() { MountAttrFlags::MOUNT_ATTR_RDONLY } else { MountAttrFlags::empty() };
