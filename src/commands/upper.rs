@@ -14,7 +14,7 @@ use crate::store::upper::{self, UpperEntry};
 use crate::store::journal::Journal;
 use crate::store::meta::{key, unkey};
 use crate::store::tree::shown;
-use crate::store::{canonical, now_secs, private_dir, upper_dir, write_atomic, Store};
+use crate::store::{canonical, nixdb, now_secs, private_dir, upper_dir, write_atomic, Store};
 use crate::text::human;
 
 fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
@@ -212,9 +212,12 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
         crate::diag::info!("the upper of '{name}' is already on generation {}'s layers", cur.number);
         return Ok(0);
     }
+    // A merge that an earlier rebase left before its journal named it: never used.
+    let staging = nixdb::staging(&env);
+    nixdb::remove_staging(&staging)?;
     let (old, new, up) = (lowers_of(store, &base), lowers_of(store, &cur.layers), env.upper());
     // Read only, where the user can read every file their runs wrote.
-    let conflicts = in_image_view(move || {
+    let (conflicts, merge_db) = in_image_view(move || {
         let entries: Vec<UpperEntry> = upper::walk(&up, &[&old, &new]).with_context(|| format!("cannot read {}", up.display()))?;
         let mut real = Vec::new();
         // The conflicts come in the entries' order: one pass finds each.
@@ -229,21 +232,48 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
                 real.push(key(&path).into_owned());
             }
         }
-        Ok(real)
+        let merge_db = nixdb::needs_merge(&up, &old, &new).with_context(|| format!("cannot compare the Nix database in {} with the layers'", up.display()))?;
+        Ok((real, merge_db))
     })?;
-    let conflicts: Vec<Vec<u8>> = conflicts.iter().map(|c| unkey(c).into_owned()).collect();
-    if !conflicts.is_empty() && !ours && !theirs {
+    let mut conflicts: Vec<Vec<u8>> = conflicts.iter().map(|c| unkey(c).into_owned()).collect();
+    // Both sides changed the Nix database: its files are merged, not a conflict (unless merging
+    // fails, below).
+    let db_files: Vec<Vec<u8>> = if merge_db { conflicts.iter().filter(|c| nixdb::is_db_file(c)).cloned().collect() } else { Vec::new() };
+    conflicts.retain(|c| !db_files.contains(c));
+    let refuse = |conflicts: &[Vec<u8>], why: String| -> Result<i32> {
         let mut s = String::new();
-        for c in &conflicts {
+        for c in conflicts {
             s.push_str(&format!("C /{}\n", shown(c)));
         }
         out(&s)?;
         bail!(
-            "{} path(s) changed both in the upper of '{name}' and in its layers (listed above); nothing was changed: decide with `plyroot rebase {name} --ours` (keep yours) or `--theirs` (take the layers'), or edit them and rebase again",
+            "{} path(s) changed both in the upper of '{name}' and in its layers (listed above){why}; nothing was changed: decide with `plyroot rebase {name} --ours` (keep yours) or `--theirs` (take the layers'), or edit them and rebase again",
             conflicts.len()
-        );
+        )
+    };
+    if !conflicts.is_empty() && !ours && !theirs {
+        return refuse(&conflicts, String::new());
     }
-    if theirs && !conflicts.is_empty() {
+    let mut merged = None;
+    if merge_db {
+        let (old, new) = (lowers_of(store, &base), lowers_of(store, &cur.layers));
+        match merge_nix_db(store, &env, &old, &new) {
+            Ok(m) => merged = Some(m),
+            Err(e) => {
+                nixdb::remove_staging(&staging)?;
+                let db = format!("/{}/db.sqlite", nixdb::DB_DIR);
+                conflicts.extend(db_files.iter().cloned());
+                if !conflicts.iter().any(|c| shown(c) == db[1..]) {
+                    conflicts.push(db[1..].as_bytes().to_vec());
+                }
+                if !ours && !theirs {
+                    return refuse(&conflicts, format!(": the Nix databases of both could not be merged ({e:#})"));
+                }
+                crate::diag::warn!("{name}: the Nix databases of the upper and of the layers could not be merged ({e:#}): {db} is resolved as the other conflicts are");
+            }
+        }
+    }
+    let remove: Vec<String> = if theirs && !conflicts.is_empty() {
         // Taking theirs drops the upper's version so the new layers' shows through: the user's
         // explicit choice, journaled so that an interruption finishes it rather than leave the
         // upper half rebased (a directory's conflicting children go with it).
@@ -254,11 +284,26 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
             }
         }
         // The journal holds names as store keys: bytes that are not UTF-8 survive the record.
-        let remove: Vec<String> = below.iter().map(|c| key(c).into_owned()).collect();
-        let j = Journal::Rebase { onto: cur.layers.clone(), remove: remove.clone() };
-        env.journaled(&j, "rebase", || env.finish_rebase(&cur.layers, &remove))?;
+        below.iter().map(|c| key(c).into_owned()).collect()
+    } else {
+        Vec::new()
+    };
+    if !remove.is_empty() || merged.is_some() {
+        let nixdb = merged.is_some();
+        let j = Journal::Rebase { onto: cur.layers.clone(), remove: remove.clone(), nixdb };
+        env.journaled(&j, "rebase", || env.finish_rebase(&cur.layers, &remove, nixdb))?;
     } else {
         env.set_upper_base(&cur.layers)?;
+    }
+    if let Some(m) = &merged {
+        crate::diag::info!(
+            "{name}: merged the Nix databases of the upper and of the layers: {} store path(s) valid{}",
+            m.valid.len(),
+            if m.dropped.is_empty() { String::new() } else { format!(", {} left out (not in the rebased view, or needing one that is not)", m.dropped.len()) }
+        );
+        for p in &m.dropped {
+            crate::diag::debug!("{p}: not valid after the rebase");
+        }
     }
     crate::diag::info!(
         "{name}: upper rebased onto generation {}{}",
@@ -270,4 +315,74 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
         }
     );
     Ok(0)
+}
+
+/// Where the merge's staging is bound inside the runs of `nix-store` that merge.
+const MERGE_INSIDE: &str = "/run/plyroot-nixdb";
+
+/// Merges the Nix databases of the upper (as its runs saw it, over the `old` lowers) and of the
+/// `new` lowers into `nixdb/` beside the upper (see `store::nixdb`), with the environment's own
+/// `nix-store` in runs of its new layers: each side dumped, the registrations merged here, the
+/// result loaded into a fresh database and dumped again to check it. Writes nothing of the
+/// environment's but the staging; the caller's journaled step moves the result into the upper.
+fn merge_nix_db(store: &Store, env: &Env, old: &[PathBuf], new: &[PathBuf]) -> Result<nixdb::Merged> {
+    // Outside the store, which is read-only inside every run.
+    let work = std::env::temp_dir().join(format!("plyroot-nixdb-{}-{}", std::process::id(), now_secs()));
+    let result = merge_in(store, env, &work, old, new);
+    if let Err(e) = nixdb::remove_staging(&work) {
+        crate::diag::warn!("cannot remove {} ({e:#}); remove it by hand (`plyroot unshare -- rm -r` it)", work.display());
+    }
+    result
+}
+
+fn merge_in(store: &Store, env: &Env, work: &std::path::Path, old: &[PathBuf], new: &[PathBuf]) -> Result<nixdb::Merged> {
+    let (w, up, o, n) = (work.to_owned(), env.upper(), old.to_vec(), new.to_vec());
+    private_dir(work).with_context(|| format!("cannot create {}", work.display()))?;
+    in_image_view(move || nixdb::stage(&w, &up, &o, &n))?;
+    let ours = nixdb::parse_dump(&nix_store(store, env, work, "ours", &["--dump-db"], None)?).context("reading the upper's Nix database")?;
+    let theirs = nixdb::parse_dump(&nix_store(store, env, work, "theirs", &["--dump-db"], None)?).context("reading the layers' Nix database")?;
+    let (up, n) = (env.upper(), new.to_vec());
+    let merged = in_image_view(move || Ok(nixdb::merge(ours, theirs, |p| nixdb::shows(&up, &n, p))))?;
+    let dump = work.join("merged.dump");
+    fs::write(&dump, nixdb::format_dump(&merged.valid)).with_context(|| format!("cannot write {}", dump.display()))?;
+    let db = work.join("merged/db");
+    fs::create_dir_all(&db).with_context(|| format!("cannot create {}", db.display()))?;
+    nix_store(store, env, work, "merged", &["--load-db"], Some(&dump))?;
+    let back = nixdb::parse_dump(&nix_store(store, env, work, "merged", &["--dump-db"], None)?).context("reading the merged Nix database back")?;
+    let got: std::collections::BTreeSet<&str> = back.iter().map(|r| r.path.as_str()).collect();
+    if got.len() != merged.valid.len() || merged.valid.iter().any(|r| !got.contains(r.path.as_str())) {
+        bail!("the merged Nix database holds {} store path(s), not the {} loaded into it", got.len(), merged.valid.len());
+    }
+    if !db.join("db.sqlite").is_file() || fs::metadata(db.join("db.sqlite-wal")).is_ok_and(|m| m.len() > 0) {
+        bail!("nix-store --load-db left no complete database in {}", db.display());
+    }
+    nixdb::keep(work, &nixdb::staging(env))?;
+    Ok(merged)
+}
+
+/// Runs the environment's `nix-store ARGS` on the database under `WORK/STATE` (its state
+/// directory), in a run of its current layers (`--ephemeral`: it writes nowhere but the work,
+/// bound in; `--root`: the owner of the layers' store), with `input` as stdin; returns its
+/// stdout.
+fn nix_store(store: &Store, env: &Env, work: &std::path::Path, state: &str, args: &[&str], input: Option<&std::path::Path>) -> Result<String> {
+    let exe = std::env::current_exe().context("cannot find the plyroot binary to run nix-store with")?;
+    let mut c = std::process::Command::new(exe);
+    c.arg("--store").arg(&store.root);
+    c.args(["run", "-q", "--ephemeral", "--root", "--nix", "layers", "--no-host", "home,tmp,runtime-dir,x11,gpu", "--cwd", "/"]);
+    c.arg("--bind").arg(format!("{}:{MERGE_INSIDE}", work.display()));
+    c.args(["-e", &format!("NIX_STATE_DIR={MERGE_INSIDE}/{state}"), "-e", "NIX_REMOTE=local"]);
+    c.args(["-e", "PATH=/nix/var/nix/profiles/default/bin:/root/.nix-profile/bin:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin"]);
+    c.arg(&env.name).arg("--");
+    // No build users, and no space reserved for the collector: the state directory is a scratch copy.
+    c.args(["nix-store", "--option", "build-users-group", "", "--option", "gc-reserved-space", "0"]).args(args);
+    c.stdin(match input {
+        Some(p) => std::process::Stdio::from(fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
+        None => std::process::Stdio::null(),
+    });
+    let what = format!("nix-store {} in '{}'", args.join(" "), env.name);
+    let o = c.output().with_context(|| format!("cannot run {what}"))?;
+    if !o.status.success() {
+        bail!("{what} failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim());
+    }
+    String::from_utf8(o.stdout).with_context(|| format!("{what} wrote something that is not text"))
 }

@@ -57,6 +57,7 @@ pub(crate) mod layer;
 pub(crate) mod limits;
 pub(crate) mod lock;
 pub(crate) mod meta;
+pub(crate) mod nixdb;
 pub(crate) mod owners;
 pub(crate) mod runs;
 pub(crate) mod tree;

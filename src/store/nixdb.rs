@@ -1,0 +1,366 @@
+//! A Nix store's database in an upper, for `rebase`. When both the upper and the new layers changed
+//! `/nix/var/nix/db/db.sqlite`, neither side's file is right: each registers store paths the
+//! other lacks. Rebase merges the two sides' registrations instead (what `nix-store --dump-db`
+//! writes: path, hash, size, deriver, references) into a new database that the environment's own
+//! `nix-store --load-db` writes; this module decides when, stages the two sides' files, merges the
+//! registrations (a pure function), and puts the merged database into the upper.
+//!
+//! ```text
+//! <tmp>/plyroot-nixdb-<pid>-<n>/  the merge's work, outside the store (bound into the runs of
+//! │                                nix-store, where the store is read-only); removed after
+//! ├── ours/db/                     a copy of the database the upper's runs saw (upper over the old layers)
+//! ├── theirs/db/                   a copy of the new layers' database
+//! └── merged/db/                   what `nix-store --load-db` wrote
+//! envs/<name>/nixdb/               the merged db.sqlite and schema, copied durably from the work
+//!                                  beside the upper, renamed into it by the rebase's journaled step
+//! ```
+//!
+//! The merge writes nothing in the environment but `nixdb/` until the rebase's journal names it;
+//! an interruption before that leaves the upper as it was, and the next rebase removes the
+//! staging. From the journal on, the change is finished (`place` is idempotent: it renames each
+//! staged file once).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::upper::{is_whiteout, lookup};
+
+/// The directory of a Nix store's database, relative to the root.
+pub(crate) const DB_DIR: &str = "nix/var/nix/db";
+
+/// The files of the database and its SQLite and Nix companions: a rebase that merges the database
+/// decides them all (the locks and the reserved space hold nothing of either side's).
+const DB_FILES: &[&str] = &["db.sqlite", "db.sqlite-wal", "db.sqlite-shm", "db.sqlite-journal", "big-lock", "reserved", "schema"];
+
+/// SQLite's files beside the database that belong to one database file only: never kept next to
+/// another side's database (a write-ahead log replayed onto the wrong file corrupts it).
+const SIDE_FILES: &[&str] = &["db.sqlite-wal", "db.sqlite-shm", "db.sqlite-journal"];
+
+/// What the side copies hold: the database with its write-ahead log (committed transactions
+/// not yet in the file) and the schema version.
+const COPIED: &[&str] = &["db.sqlite", "db.sqlite-wal", "schema"];
+
+/// Whether `path` (relative, bytes) is one of the database's files.
+pub(crate) fn is_db_file(path: &[u8]) -> bool {
+    path.strip_prefix(DB_DIR.as_bytes()).and_then(|r| r.strip_prefix(b"/")).is_some_and(|n| DB_FILES.iter().any(|f| f.as_bytes() == n))
+}
+
+fn rel(name: &str) -> String {
+    format!("{DB_DIR}/{name}")
+}
+
+/// Whether a rebase of `upper` from the `old` lowers onto the `new` ones must merge the database:
+/// the upper holds its own (a file, not a deletion), and the layers' database differs between
+/// the two stacks.
+pub(crate) fn needs_merge(upper: &Path, old: &[PathBuf], new: &[PathBuf]) -> io::Result<bool> {
+    let ours = ["db.sqlite", "db.sqlite-wal"].iter().any(|n| fs::symlink_metadata(upper.join(rel(n))).is_ok_and(|m| m.is_file()));
+    if !ours {
+        return Ok(false);
+    }
+    for n in ["db.sqlite", "db.sqlite-wal"] {
+        match (lookup(old, rel(n)), lookup(new, rel(n))) {
+            (None, None) => {}
+            (Some(a), Some(b)) if a.0 == b.0 => {}
+            (Some(a), Some(b)) if super::upper::same_content(&a, &b)? => {}
+            _ => return Ok(true),
+        }
+    }
+    Ok(false)
+}
+
+/// Copies each side's database into the merge's `work` (`ours/db`, `theirs/db`): ours as the
+/// upper's runs saw it (the upper over the old lowers), theirs as the new lowers hold it.
+pub(crate) fn stage(work: &Path, upper: &Path, old: &[PathBuf], new: &[PathBuf]) -> Result<()> {
+    let mut ours_stack = vec![upper.to_owned()];
+    ours_stack.extend(old.iter().cloned());
+    for (side, stack) in [("ours", &ours_stack[..]), ("theirs", new)] {
+        let dir = work.join(side).join("db");
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for n in COPIED {
+            if let Some((p, m)) = lookup(stack, rel(n)) {
+                if m.is_file() {
+                    fs::copy(&p, dir.join(n)).with_context(|| format!("cannot copy {} to {}", p.display(), dir.display()))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One valid store path as `nix-store --dump-db` writes it and `--load-db` reads it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Registration {
+    pub path: String,
+    /// The NAR hash, base16 (as the dump has it).
+    pub hash: String,
+    pub nar_size: u64,
+    /// Empty when none.
+    pub deriver: String,
+    pub refs: Vec<String>,
+}
+
+/// Parses a `nix-store --dump-db` text: per path, lines path, hash, size, deriver, the number of
+/// references, then the references.
+pub(crate) fn parse_dump(text: &str) -> Result<Vec<Registration>> {
+    let mut lines = text.lines();
+    let mut out = Vec::new();
+    let mut n = 0;
+    while let Some(path) = lines.next() {
+        n += 1;
+        let mut next = |what: &str| lines.next().with_context(|| format!("the database dump ends inside entry {n} ({path}): no {what}"));
+        let hash = next("hash")?.to_owned();
+        let nar_size = next("size")?.parse().with_context(|| format!("entry {n} ({path}): the size is not a number"))?;
+        let deriver = next("deriver")?.to_owned();
+        let count: usize = next("reference count")?.parse().with_context(|| format!("entry {n} ({path}): the reference count is not a number"))?;
+        let mut refs = Vec::with_capacity(count.min(4096));
+        for _ in 0..count {
+            refs.push(next("reference")?.to_owned());
+        }
+        if !path.starts_with('/') || hash.is_empty() {
+            bail!("entry {n} of the database dump is not a store path registration: {path:?}");
+        }
+        out.push(Registration { path: path.to_owned(), hash, nar_size, deriver, refs });
+    }
+    Ok(out)
+}
+
+/// The `--load-db` text of `regs`.
+pub(crate) fn format_dump(regs: &[Registration]) -> String {
+    let mut s = String::new();
+    for r in regs {
+        s.push_str(&format!("{}\n{}\n{}\n{}\n{}\n", r.path, r.hash, r.nar_size, r.deriver, r.refs.len()));
+        for x in &r.refs {
+            s.push_str(x);
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// Where a store path's files are in the rebased view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shows {
+    /// Nowhere (never there, deleted, or a whiteout hides it).
+    Nowhere,
+    /// The upper's copy.
+    Upper,
+    /// The new layers' copy.
+    Lowers,
+}
+
+/// The merge of two sides' registrations.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Merged {
+    /// Sorted by path, each path once.
+    pub valid: Vec<Registration>,
+    /// Paths registered on a side but left out: their files are not in the rebased view, or
+    /// a path they reference is not valid (Nix keeps every reference of a valid path valid).
+    pub dropped: Vec<String>,
+}
+
+/// Merges the registrations of both sides: every path valid on either side whose files the
+/// rebased view shows (`shows`) stays valid; a path on both sides is kept once, as registered by
+/// the side whose files show. Then paths are dropped until every reference of a valid path is
+/// valid. Pure.
+pub(crate) fn merge(ours: Vec<Registration>, theirs: Vec<Registration>, shows: impl Fn(&str) -> Shows) -> Merged {
+    let mut by_path: BTreeMap<String, Registration> = BTreeMap::new();
+    let mut dropped: BTreeSet<String> = BTreeSet::new();
+    // Theirs first: ours replaces a registration of both sides only where the upper's copy shows.
+    for (is_ours, r) in theirs.into_iter().map(|r| (false, r)).chain(ours.into_iter().map(|r| (true, r))) {
+        match shows(&r.path) {
+            Shows::Nowhere => {
+                dropped.insert(r.path);
+            }
+            Shows::Upper if is_ours => {
+                by_path.insert(r.path.clone(), r);
+            }
+            Shows::Upper | Shows::Lowers => {
+                by_path.entry(r.path.clone()).or_insert(r);
+            }
+        }
+    }
+    loop {
+        let gone: Vec<String> = by_path.values().filter(|r| r.refs.iter().any(|x| !by_path.contains_key(x))).map(|r| r.path.clone()).collect();
+        if gone.is_empty() {
+            break;
+        }
+        for p in gone {
+            by_path.remove(&p);
+            dropped.insert(p);
+        }
+    }
+    dropped.retain(|p| !by_path.contains_key(p));
+    Merged { valid: by_path.into_values().collect(), dropped: dropped.into_iter().collect() }
+}
+
+/// [`Shows`] for the store path `path` (absolute) in the view of `upper` over `new`.
+pub(crate) fn shows(upper: &Path, new: &[PathBuf], path: &str) -> Shows {
+    let mut stack = vec![upper.to_owned()];
+    stack.extend(new.iter().cloned());
+    match lookup(&stack, path.trim_start_matches('/')) {
+        None => Shows::Nowhere,
+        Some((p, _)) if p.starts_with(upper) => Shows::Upper,
+        Some(_) => Shows::Lowers,
+    }
+}
+
+/// Copies the merged database from the merge's `work` (`merged/db`) to `staging` beside the
+/// upper, durably: the files the journaled step renames into the upper.
+pub(crate) fn keep(work: &Path, staging: &Path) -> Result<()> {
+    super::private_dir(staging).with_context(|| format!("cannot create {}", staging.display()))?;
+    for n in ["schema", "db.sqlite"] {
+        let from = work.join("merged").join("db").join(n);
+        if !from.exists() {
+            continue;
+        }
+        let to = staging.join(n);
+        fs::copy(&from, &to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+        fs::File::open(&to).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", to.display()))?;
+    }
+    super::sync_dir(staging)
+}
+
+/// Puts the merged database staged in `staging` into `upper`, over the lowers `new`: with the
+/// owner and mode the upper's database had, the upper's write-ahead log and shared memory go
+/// first (they belong to the upper's old file), then the schema and the database are renamed
+/// into place, then whiteouts hide any such files of the lowers. Idempotent: a staged file
+/// already renamed is not staged any more. Call where the upper's files can be changed (as
+/// their owner).
+pub(crate) fn place(staging: &Path, upper: &Path, new: &[PathBuf]) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let db = upper.join(DB_DIR);
+    let staged = staging.join("db.sqlite");
+    if staged.exists() {
+        let like = fs::metadata(db.join("db.sqlite")).ok().or_else(|| lookup(new, rel("db.sqlite")).map(|l| l.1));
+        if let Some(m) = like {
+            for n in ["schema", "db.sqlite"] {
+                let p = staging.join(n);
+                if p.exists() {
+                    std::os::unix::fs::lchown(&p, Some(m.uid()), Some(m.gid())).with_context(|| format!("cannot give {} the owner of the upper's database", p.display()))?;
+                    fs::set_permissions(&p, fs::Permissions::from_mode(m.mode() & 0o7777)).with_context(|| format!("cannot set the mode of {}", p.display()))?;
+                }
+            }
+        }
+        for n in SIDE_FILES {
+            let p = db.join(n);
+            match fs::symlink_metadata(&p) {
+                Ok(m) if !is_whiteout(&m) => fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?,
+                _ => {}
+            }
+        }
+        for n in ["schema", "db.sqlite"] {
+            let from = staging.join(n);
+            if from.exists() {
+                fs::rename(&from, db.join(n)).with_context(|| format!("cannot move the merged {} to {}", from.display(), db.display()))?;
+            }
+        }
+    }
+    for n in SIDE_FILES {
+        let p = db.join(n);
+        if lookup(new, rel(n)).is_some() && fs::symlink_metadata(&p).is_err() {
+            // A whiteout (char 0:0): the lowers' file must not meet the merged database.
+            rustix::fs::mknodat(rustix::fs::CWD, &p, rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), rustix::fs::makedev(0, 0))
+                .with_context(|| format!("cannot hide the layers' {} under {}", n, db.display()))?;
+        }
+    }
+    super::sync_dir(&db)
+}
+
+/// The merge's staging directory of an environment (see the module header).
+pub(crate) fn staging(env: &super::env::Env) -> PathBuf {
+    env.dir.join("nixdb")
+}
+
+/// The journaled step of a rebase that merged the database: [`place`] as the owner of the
+/// upper's files (the image view's root; real root directly), then the staging goes.
+pub(crate) fn finish(env: &super::env::Env, new: Vec<PathBuf>) -> Result<()> {
+    let (staging, upper) = (staging(env), env.upper());
+    let s = staging.clone();
+    if rustix::process::geteuid().is_root() {
+        place(&s, &upper, &new)?;
+    } else {
+        let user = crate::userns::HostUser::current();
+        let view = crate::userns::image_view(&user, crate::userns::host_subids(&user));
+        crate::sys::process::in_child(move || {
+            crate::userns::enter_one_level(&view)?;
+            place(&s, &upper, &new)
+        })?;
+    }
+    remove_staging(&staging)
+}
+
+/// Removes a merge's staging or work (files `nix-store` wrote there as root inside included).
+pub(crate) fn remove_staging(staging: &Path) -> Result<()> {
+    if fs::symlink_metadata(staging).is_err() {
+        return Ok(());
+    }
+    super::remove_tree_mapped(staging)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(path: &str, refs: &[&str]) -> Registration {
+        Registration { path: format!("/nix/store/{path}"), hash: format!("h-{path}"), nar_size: 8, deriver: String::new(), refs: refs.iter().map(|r| format!("/nix/store/{r}")).collect() }
+    }
+
+    #[test]
+    fn dumps_round_trip_and_damaged_ones_are_errors() {
+        let text = "/nix/store/a-x\n0123\n288\n\n0\n/nix/store/b-y\nabcd\n300\n/nix/store/c.drv\n2\n/nix/store/a-x\n/nix/store/b-y\n";
+        let regs = parse_dump(text).unwrap();
+        assert_eq!(regs.len(), 2);
+        assert_eq!(regs[1].deriver, "/nix/store/c.drv");
+        assert_eq!(regs[1].refs, ["/nix/store/a-x", "/nix/store/b-y"]);
+        assert_eq!(format_dump(&regs), text);
+        assert!(parse_dump("").unwrap().is_empty());
+        for bad in ["/nix/store/a\n0123\n288\n\n2\n/nix/store/a\n", "/nix/store/a\n0123\nbig\n\n0\n", "garbage\n\n1\n\n0\n"] {
+            assert!(parse_dump(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn merge_keeps_both_sides_once_and_drops_what_is_not_there() {
+        use Shows::*;
+        // x: the old layers' (on both sides), y: ours, z: theirs, w: theirs but hidden by the
+        // upper (collected there), v: ours, referencing w, so it goes with it.
+        let ours = vec![reg("x", &[]), reg("y", &["x", "y"]), reg("v", &["w"])];
+        let theirs = vec![reg("x", &[]), reg("z", &["x"]), reg("w", &[])];
+        let shows = |p: &str| match p.trim_start_matches("/nix/store/") {
+            "y" | "v" => Upper,
+            "w" => Nowhere,
+            _ => Lowers,
+        };
+        let m = merge(ours, theirs, shows);
+        let paths: Vec<&str> = m.valid.iter().map(|r| r.path.trim_start_matches("/nix/store/")).collect();
+        assert_eq!(paths, ["x", "y", "z"]);
+        assert_eq!(m.dropped, ["/nix/store/v", "/nix/store/w"]);
+    }
+
+    #[test]
+    fn a_path_on_both_sides_is_registered_by_the_side_whose_files_show() {
+        let mut mine = reg("p", &[]);
+        mine.hash = "ours".into();
+        let mut layers = reg("p", &[]);
+        layers.hash = "theirs".into();
+        let m = merge(vec![mine.clone()], vec![layers.clone()], |_| Shows::Upper);
+        assert_eq!(m.valid, [mine.clone()]);
+        let m = merge(vec![mine], vec![layers.clone()], |_| Shows::Lowers);
+        assert_eq!(m.valid, [layers]);
+    }
+
+    #[test]
+    fn db_files_are_the_databases_and_its_companions_only() {
+        assert!(is_db_file(b"nix/var/nix/db/db.sqlite"));
+        assert!(is_db_file(b"nix/var/nix/db/db.sqlite-wal"));
+        assert!(is_db_file(b"nix/var/nix/db/big-lock"));
+        assert!(!is_db_file(b"nix/var/nix/db"));
+        assert!(!is_db_file(b"nix/var/nix/gc.lock"));
+        assert!(!is_db_file(b"nix/var/nix/db/other"));
+        assert!(!is_db_file(b"nix/var/nix/profiles/default"));
+    }
+}
