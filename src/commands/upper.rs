@@ -327,7 +327,9 @@ const MERGE_INSIDE: &str = "/run/plyroot-nixdb";
 /// environment's but the staging; the caller's journaled step moves the result into the upper.
 fn merge_nix_db(store: &Store, env: &Env, old: &[PathBuf], new: &[PathBuf]) -> Result<nixdb::Merged> {
     // Outside the store, which is read-only inside every run.
-    let work = std::env::temp_dir().join(format!("plyroot-nixdb-{}-{}", std::process::id(), now_secs()));
+    let tmp = std::env::temp_dir();
+    clean_merge_leftovers(&tmp);
+    let work = tmp.join(format!("{MERGE_WORK}{}-{}", std::process::id(), now_secs()));
     let result = merge_in(store, env, &work, old, new);
     if let Err(e) = nixdb::remove_staging(&work) {
         crate::diag::warn!("cannot remove {} ({e:#}); remove it by hand (`plyroot unshare -- rm -r` it)", work.display());
@@ -335,24 +337,48 @@ fn merge_nix_db(store: &Store, env: &Env, old: &[PathBuf], new: &[PathBuf]) -> R
     result
 }
 
+/// The name of a merge's work directory in the temp directory: `PREFIX<pid>-<secs>`.
+const MERGE_WORK: &str = "plyroot-nixdb-";
+
+/// Removes the work of merges whose plyroot is gone (killed mid-merge): this user's directories
+/// `plyroot-nixdb-<pid>-…` in `tmp` whose pid runs no more. Best effort.
+fn clean_merge_leftovers(tmp: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = fs::read_dir(tmp) else { return };
+    let me = rustix::process::geteuid().as_raw();
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(MERGE_WORK)).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let mine = e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if mine && pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = nixdb::remove_staging(&e.path());
+        }
+    }
+}
+
 fn merge_in(store: &Store, env: &Env, work: &std::path::Path, old: &[PathBuf], new: &[PathBuf]) -> Result<nixdb::Merged> {
     let (w, up, o, n) = (work.to_owned(), env.upper(), old.to_vec(), new.to_vec());
     private_dir(work).with_context(|| format!("cannot create {}", work.display()))?;
     in_image_view(move || nixdb::stage(&w, &up, &o, &n))?;
-    let ours = nixdb::parse_dump(&nix_store(store, env, work, "ours", &["--dump-db"], None)?).context("reading the upper's Nix database")?;
-    let theirs = nixdb::parse_dump(&nix_store(store, env, work, "theirs", &["--dump-db"], None)?).context("reading the layers' Nix database")?;
+    let ours = nixdb::parse_dump(&nix_store(store, env, work, Some("ours"), &["--dump-db"], None)?).context("reading the upper's Nix database")?;
+    let theirs = nixdb::parse_dump(&nix_store(store, env, work, Some("theirs"), &["--dump-db"], None)?).context("reading the layers' Nix database")?;
     let (up, n) = (env.upper(), new.to_vec());
     let merged = in_image_view(move || Ok(nixdb::merge(ours, theirs, |p| nixdb::shows(&up, &n, p))))?;
     let dump = work.join("merged.dump");
     fs::write(&dump, nixdb::format_dump(&merged.valid)).with_context(|| format!("cannot write {}", dump.display()))?;
-    let db = work.join("merged/db");
-    fs::create_dir_all(&db).with_context(|| format!("cannot create {}", db.display()))?;
-    nix_store(store, env, work, "merged", &["--load-db"], Some(&dump))?;
-    let back = nixdb::parse_dump(&nix_store(store, env, work, "merged", &["--dump-db"], None)?).context("reading the merged Nix database back")?;
+    // Loaded into a store rooted in the work (`local?root=`), whose store directory holds copies of
+    // the merged derivations: registering one reads it.
+    let (root, up, n) = (work.join("merged"), env.upper(), new.to_vec());
+    let drvs: Vec<String> = merged.valid.iter().map(|r| r.path.clone()).filter(|p| p.ends_with(".drv")).collect();
+    in_image_view(move || nixdb::copy_derivations(&root, &up, &n, &drvs))?;
+    let url = format!("local?root={MERGE_INSIDE}/merged");
+    nix_store(store, env, work, None, &["--store", &url, "--load-db"], Some(&dump))?;
+    let back = nixdb::parse_dump(&nix_store(store, env, work, None, &["--store", &url, "--dump-db"], None)?).context("reading the merged Nix database back")?;
     let got: std::collections::BTreeSet<&str> = back.iter().map(|r| r.path.as_str()).collect();
     if got.len() != merged.valid.len() || merged.valid.iter().any(|r| !got.contains(r.path.as_str())) {
         bail!("the merged Nix database holds {} store path(s), not the {} loaded into it", got.len(), merged.valid.len());
     }
+    let db = work.join("merged").join(nixdb::DB_DIR);
     if !db.join("db.sqlite").is_file() || fs::metadata(db.join("db.sqlite-wal")).is_ok_and(|m| m.len() > 0) {
         bail!("nix-store --load-db left no complete database in {}", db.display());
     }
@@ -360,17 +386,20 @@ fn merge_in(store: &Store, env: &Env, work: &std::path::Path, old: &[PathBuf], n
     Ok(merged)
 }
 
-/// Runs the environment's `nix-store ARGS` on the database under `WORK/STATE` (its state
-/// directory), in a run of its current layers (`--ephemeral`: it writes nowhere but the work,
+/// Runs the environment's `nix-store ARGS`, on the database under `WORK/STATE` (its state
+/// directory) if given, in a run of its current layers (`--ephemeral`: it writes nowhere but the work,
 /// bound in; `--root`: the owner of the layers' store), with `input` as stdin; returns its
 /// stdout.
-fn nix_store(store: &Store, env: &Env, work: &std::path::Path, state: &str, args: &[&str], input: Option<&std::path::Path>) -> Result<String> {
+fn nix_store(store: &Store, env: &Env, work: &std::path::Path, state: Option<&str>, args: &[&str], input: Option<&std::path::Path>) -> Result<String> {
     let exe = std::env::current_exe().context("cannot find the plyroot binary to run nix-store with")?;
     let mut c = std::process::Command::new(exe);
     c.arg("--store").arg(&store.root);
     c.args(["run", "-q", "--ephemeral", "--root", "--nix", "layers", "--no-host", "home,tmp,runtime-dir,x11,gpu", "--cwd", "/"]);
     c.arg("--bind").arg(format!("{}:{MERGE_INSIDE}", work.display()));
-    c.args(["-e", &format!("NIX_STATE_DIR={MERGE_INSIDE}/{state}"), "-e", "NIX_REMOTE=local"]);
+    if let Some(state) = state {
+        c.args(["-e", &format!("NIX_STATE_DIR={MERGE_INSIDE}/{state}")]);
+    }
+    c.args(["-e", "NIX_REMOTE=local"]);
     c.args(["-e", "PATH=/nix/var/nix/profiles/default/bin:/root/.nix-profile/bin:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin"]);
     c.arg(&env.name).arg("--");
     // No build users, and no space reserved for the collector: the state directory is a scratch copy.

@@ -10,7 +10,9 @@
 //! │                                nix-store, where the store is read-only); removed after
 //! ├── ours/db/                     a copy of the database the upper's runs saw (upper over the old layers)
 //! ├── theirs/db/                   a copy of the new layers' database
-//! └── merged/db/                   what `nix-store --load-db` wrote
+//! ├── merged/                      the root of the store the merge loads (`local?root=`):
+//! │   ├── nix/store/*.drv          copies of the merged derivations (registering one reads it)
+//! │   └── nix/var/nix/db/          what `nix-store --load-db` wrote
 //! envs/<name>/nixdb/               the merged db.sqlite and schema, copied durably from the work
 //!                                  beside the upper, renamed into it by the rebase's journaled step
 //! ```
@@ -208,12 +210,30 @@ pub(crate) fn shows(upper: &Path, new: &[PathBuf], path: &str) -> Shows {
     }
 }
 
-/// Copies the merged database from the merge's `work` (`merged/db`) to `staging` beside the
+/// Copies the derivations `drvs` (store paths) from the view of `upper` over `new` into the
+/// store directory of the store rooted at `root`.
+pub(crate) fn copy_derivations(root: &Path, upper: &Path, new: &[PathBuf], drvs: &[String]) -> Result<()> {
+    let dir = root.join("nix/store");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut stack = vec![upper.to_owned()];
+    stack.extend(new.iter().cloned());
+    for d in drvs {
+        let Some(name) = d.strip_prefix("/nix/store/").filter(|n| !n.contains('/')) else { continue };
+        if let Some((p, m)) = lookup(&stack, d.trim_start_matches('/')) {
+            if m.is_file() {
+                fs::copy(&p, dir.join(name)).with_context(|| format!("cannot copy {} to {}", p.display(), dir.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies the merged database from the merge's `work` (`merged/nix/var/nix/db`) to `staging` beside the
 /// upper, durably: the files the journaled step renames into the upper.
 pub(crate) fn keep(work: &Path, staging: &Path) -> Result<()> {
     super::private_dir(staging).with_context(|| format!("cannot create {}", staging.display()))?;
     for n in ["schema", "db.sqlite"] {
-        let from = work.join("merged").join("db").join(n);
+        let from = work.join("merged").join(DB_DIR).join(n);
         if !from.exists() {
             continue;
         }
