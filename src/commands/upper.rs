@@ -217,7 +217,7 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     nixdb::remove_staging(&staging)?;
     let (old, new, up) = (lowers_of(store, &base), lowers_of(store, &cur.layers), env.upper());
     // Read only, where the user can read every file their runs wrote.
-    let (conflicts, merge_db) = in_image_view(move || {
+    let (conflicts, merge_db, profiles) = in_image_view(move || {
         let entries: Vec<UpperEntry> = upper::walk(&up, &[&old, &new]).with_context(|| format!("cannot read {}", up.display()))?;
         let mut real = Vec::new();
         // The conflicts come in the entries' order: one pass finds each.
@@ -233,13 +233,16 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
             }
         }
         let merge_db = nixdb::needs_merge(&up, &old, &new).with_context(|| format!("cannot compare the Nix database in {} with the layers'", up.display()))?;
-        Ok((real, merge_db))
+        let bytes: Vec<Vec<u8>> = real.iter().map(|c| unkey(c).into_owned()).collect();
+        let profiles = nixdb::settle_profiles(&up, &new, &bytes).with_context(|| format!("cannot read the Nix profiles in {}", up.display()))?;
+        Ok((real, merge_db, profiles))
     })?;
     let mut conflicts: Vec<Vec<u8>> = conflicts.iter().map(|c| unkey(c).into_owned()).collect();
     // Both sides changed the Nix database: its files are merged, not a conflict (unless merging
     // fails, below).
     let db_files: Vec<Vec<u8>> = if merge_db { conflicts.iter().filter(|c| nixdb::is_db_file(c)).cloned().collect() } else { Vec::new() };
-    conflicts.retain(|c| !db_files.contains(c));
+    // Nix profiles' links both sides changed: settled (see `nixdb::Profiles`), not conflicts.
+    conflicts.retain(|c| !db_files.contains(c) && !profiles.theirs.contains(c) && !profiles.ours.contains(c));
     let refuse = |conflicts: &[Vec<u8>], why: String| -> Result<i32> {
         let mut s = String::new();
         for c in conflicts {
@@ -273,7 +276,7 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
             }
         }
     }
-    let remove: Vec<String> = if theirs && !conflicts.is_empty() {
+    let mut remove: Vec<String> = if theirs && !conflicts.is_empty() {
         // Taking theirs drops the upper's version so the new layers' shows through: the user's
         // explicit choice, journaled so that an interruption finishes it rather than leave the
         // upper half rebased (a directory's conflicting children go with it).
@@ -288,12 +291,25 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     } else {
         Vec::new()
     };
-    if !remove.is_empty() || merged.is_some() {
+    remove.extend(profiles.theirs.iter().map(|c| key(c).into_owned()));
+    let links: Vec<(String, String)> = profiles.links.iter().map(|(p, t)| (key(p).into_owned(), key(t).into_owned())).collect();
+    if !remove.is_empty() || merged.is_some() || !links.is_empty() {
         let nixdb = merged.is_some();
-        let j = Journal::Rebase { onto: cur.layers.clone(), remove: remove.clone(), nixdb };
-        env.journaled(&j, "rebase", || env.finish_rebase(&cur.layers, &remove, nixdb))?;
+        let j = Journal::Rebase { onto: cur.layers.clone(), remove: remove.clone(), nixdb, links: links.clone() };
+        env.journaled(&j, "rebase", || env.finish_rebase(&cur.layers, &remove, nixdb, &links))?;
     } else {
         env.set_upper_base(&cur.layers)?;
+    }
+    for c in &profiles.ours {
+        crate::diag::info!("{name}: /{}: your current generation, the newer", shown(c));
+    }
+    for c in profiles.theirs.iter().filter(|c| !c.ends_with(b"-link")) {
+        crate::diag::info!("{name}: /{}: the layers' current generation, the newer", shown(c));
+    }
+    for (p, t) in &profiles.links {
+        if p.ends_with(b"-link") {
+            crate::diag::info!("{name}: /{}: your generation (-> {}), renumbered: the layers made one of the same number", shown(p), shown(t));
+        }
     }
     if let Some(m) = &merged {
         crate::diag::info!(

@@ -50,14 +50,17 @@ pub(crate) enum Journal {
     /// `commit` past its commit point: `commit/` is layer `layer`; `generation` is written and made
     /// current if generation `from` still is. Finished.
     CommitPublish { layer: String, from: u32, generation: Generation },
-    /// `rebase --theirs`: `remove` (paths relative to the upper) are dropped; with `nixdb`, the
-    /// merged Nix database staged in `nixdb/` replaces the upper's (see `nixdb`); then the upper's
-    /// base becomes `onto`. Finished.
+    /// `rebase --theirs`, or one that settles Nix's files: `remove` (paths relative to the upper)
+    /// are dropped; `links` are written; with `nixdb`, the merged Nix database staged in `nixdb/`
+    /// replaces the upper's (see `nixdb`); then the upper's base becomes `onto`. Finished.
     Rebase {
         onto: Vec<String>,
         remove: Vec<String>,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         nixdb: bool,
+        /// Nix profiles' symlinks (path, target; store keys) written after the removals.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        links: Vec<(String, String)>,
     },
     /// A new generation (`apply`): written, then made current if generation `from` still is.
     /// Finished.
@@ -233,8 +236,8 @@ impl Env {
                 self.finish_publish(layer, *from, generation.clone())?;
                 Ok(Recovered::Finished)
             }
-            Journal::Rebase { onto, remove: paths, nixdb } => {
-                self.finish_rebase(onto, paths, *nixdb)?;
+            Journal::Rebase { onto, remove: paths, nixdb, links } => {
+                self.finish_rebase(onto, paths, *nixdb, links)?;
                 Ok(Recovered::Finished)
             }
             Journal::NewGeneration { from, generation } => {
@@ -349,10 +352,11 @@ impl Env {
         Ok(g)
     }
 
-    /// Drops the paths `rebase --theirs` chose to take from the layers, puts a merged Nix database
-    /// in place (`nixdb`), then records the upper's new base. Each removal is whole or not done;
+    /// Drops the paths `rebase --theirs` chose to take from the layers (and the Nix profiles'
+    /// links the layers' win), writes the profiles' `links`, puts a merged Nix database in place
+    /// (`nixdb`), then records the upper's new base. Each removal is whole or not done;
     /// a second pass skips what is gone, and a staged database already moved.
-    pub(crate) fn finish_rebase(&self, onto: &[String], paths: &[String], nixdb: bool) -> Result<()> {
+    pub(crate) fn finish_rebase(&self, onto: &[String], paths: &[String], nixdb: bool, links: &[(String, String)]) -> Result<()> {
         let up = self.upper();
         for p in paths {
             // A path is recorded as a store key (see `meta::key`): bytes that are not UTF-8 too.
@@ -363,6 +367,15 @@ impl Env {
             }
             remove_tree_mapped(&up.join(rel)).with_context(|| format!("cannot take the layers' version of /{}", super::tree::shown(&bytes)))?;
         }
+        let mut settled = Vec::with_capacity(links.len());
+        for (p, t) in links {
+            let bytes = super::meta::unkey(p).into_owned();
+            if Path::new(std::ffi::OsStr::from_bytes(&bytes)).components().any(|c| !matches!(c, Component::Normal(_))) {
+                bail!("{} names {p:?}, which is not a path inside the upper: not writing it", self.journal_path().display());
+            }
+            settled.push((bytes, super::meta::unkey(t).into_owned()));
+        }
+        super::nixdb::write_links_as_owner(up.clone(), settled).context("cannot write the Nix profiles' links into the upper")?;
         if nixdb {
             let root = self.store_root();
             let new = onto.iter().rev().map(|l| root.join("layers").join(l.trim_start_matches("sha256:")).join("root")).collect();

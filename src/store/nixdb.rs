@@ -25,6 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -290,6 +291,184 @@ pub(crate) fn place(staging: &Path, upper: &Path, new: &[PathBuf]) -> Result<()>
     super::sync_dir(&db)
 }
 
+/// Where Nix keeps profiles: `NAME` (the current generation: a symlink to `NAME-N-link`) and
+/// its generations `NAME-N-link` (each a symlink to a store path).
+pub(crate) const PROFILES: &str = "nix/var/nix/profiles";
+
+/// How a rebase settles conflicts between profiles' links. Generations are kept from both
+/// sides: where both made generation N of one profile, the layers' keeps the name and the
+/// upper's moves to the next number free on both sides. A profile's current-generation link
+/// takes the newer side's (the later `nix-env` or `nix profile` switch, by the link's mtime in
+/// whole seconds; a tie keeps the upper's), re-pointed when the generation it names moved.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Profiles {
+    /// Conflicting paths (relative) that take the layers' version: the upper's is removed.
+    pub theirs: Vec<Vec<u8>>,
+    /// Conflicting paths that keep the upper's version.
+    pub ours: Vec<Vec<u8>>,
+    /// Symlinks (relative path, target) to write into the upper after the removals.
+    pub links: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// `NAME-N-link` → (`NAME`, N).
+fn generation_of(name: &[u8]) -> Option<(&[u8], u64)> {
+    let stem = name.strip_suffix(b"-link")?;
+    let dash = stem.iter().rposition(|&b| b == b'-')?;
+    let n = std::str::from_utf8(&stem[dash + 1..]).ok()?.parse().ok()?;
+    (dash > 0).then(|| (&stem[..dash], n))
+}
+
+fn split_dir(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&path[..0], path),
+    }
+}
+
+/// Settles the `conflicts` (relative paths) that are profiles' symlinks on both sides, in the
+/// view of `upper` over the `new` lowers (see [`Profiles`]); the others are not its business.
+pub(crate) fn settle_profiles(upper: &Path, new: &[PathBuf], conflicts: &[Vec<u8>]) -> io::Result<Profiles> {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = Profiles::default();
+    let link_at = |root: &Path, rel: &[u8]| -> Option<(Vec<u8>, fs::Metadata)> {
+        let p = root.join(OsStr::from_bytes(rel));
+        let m = fs::symlink_metadata(&p).ok().filter(|m| m.file_type().is_symlink())?;
+        Some((fs::read_link(&p).ok()?.into_os_string().into_vec(), m))
+    };
+    let theirs_link = |rel: &[u8]| -> Option<(Vec<u8>, fs::Metadata)> {
+        let (p, m) = lookup(new, rel)?;
+        m.file_type().is_symlink().then_some(())?;
+        Some((fs::read_link(&p).ok()?.into_os_string().into_vec(), m))
+    };
+    let ours_of = |c: &Vec<u8>| c.starts_with(PROFILES.as_bytes()).then(|| link_at(upper, c)).flatten();
+    // Generations both sides made under one name: the upper's moves to a free number.
+    let mut moved: BTreeMap<(Vec<u8>, Vec<u8>, u64), u64> = BTreeMap::new();
+    let mut taken: BTreeMap<(Vec<u8>, Vec<u8>), u64> = BTreeMap::new();
+    for c in conflicts {
+        let (dir, name) = split_dir(c);
+        let (Some((pname, n)), Some((target, _)), Some(_)) = (generation_of(name), ours_of(c), theirs_link(c)) else { continue };
+        let key = (dir.to_vec(), pname.to_vec());
+        let next = match taken.get(&key) {
+            Some(k) => k + 1,
+            None => highest_generation(upper, new, dir, pname) + 1,
+        };
+        taken.insert(key, next);
+        moved.insert((dir.to_vec(), pname.to_vec(), n), next);
+        let mut to = dir.to_vec();
+        to.extend_from_slice(format!("/{}-{next}-link", String::from_utf8_lossy(pname)).as_bytes());
+        out.links.push((to, target));
+        out.theirs.push(c.clone());
+    }
+    // Current-generation links: the newer side's, following a generation that moved. Those the
+    // conflicts name, and the upper's in directories where a generation moved: the same target
+    // on both sides is no conflict, but names two generations once one moved.
+    let repoint = |dir: &[u8], pname: &[u8], target: &[u8]| -> Option<Vec<u8>> {
+        let (tname, n) = generation_of(target).filter(|(t, _)| *t == pname)?;
+        let m = moved.get(&(dir.to_vec(), tname.to_vec(), n))?;
+        Some(format!("{}-{m}-link", String::from_utf8_lossy(pname)).into_bytes())
+    };
+    let mut candidates: Vec<Vec<u8>> = conflicts.iter().filter(|c| c.starts_with(PROFILES.as_bytes())).cloned().collect();
+    let dirs: BTreeSet<&Vec<u8>> = moved.keys().map(|k| &k.0).collect();
+    for dir in dirs {
+        let Ok(rd) = fs::read_dir(upper.join(OsStr::from_bytes(dir))) else { continue };
+        for e in rd.flatten() {
+            let mut rel = dir.clone();
+            rel.push(b'/');
+            rel.extend_from_slice(&e.file_name().into_vec());
+            if !candidates.contains(&rel) {
+                candidates.push(rel);
+            }
+        }
+    }
+    for c in &candidates {
+        let (dir, name) = split_dir(c);
+        if generation_of(name).is_some() {
+            continue;
+        }
+        let is_pointer = |t: &[u8]| generation_of(t).is_some_and(|(p, _)| p == name);
+        let Some((ours, om)) = ours_of(c).filter(|(t, _)| is_pointer(t)) else { continue };
+        let moved_to = repoint(dir, name, &ours);
+        let theirs = theirs_link(c).filter(|(t, _)| is_pointer(t));
+        let conflict = conflicts.contains(c);
+        match theirs {
+            // In whole seconds, as layers keep them; a tie keeps the upper's, which the user sees now.
+            Some((_, tm)) if conflict || moved_to.is_some() => {
+                use std::os::unix::fs::MetadataExt;
+                if om.mtime() >= tm.mtime() {
+                    if let Some(t) = moved_to {
+                        out.links.push((c.clone(), t));
+                    }
+                    out.ours.push(c.clone());
+                } else {
+                    out.theirs.push(c.clone());
+                }
+            }
+            _ => {
+                if let Some(t) = moved_to {
+                    out.links.push((c.clone(), t));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The highest generation number of profile `pname` in `dir` (relative) on either side.
+fn highest_generation(upper: &Path, new: &[PathBuf], dir: &[u8], pname: &[u8]) -> u64 {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let mut high = 0;
+    for root in std::iter::once(upper).chain(new.iter().map(|p| p.as_path())) {
+        let Ok(rd) = fs::read_dir(root.join(OsStr::from_bytes(dir))) else { continue };
+        for e in rd.flatten() {
+            if let Some((p, n)) = generation_of(e.file_name().as_bytes()) {
+                if p == pname {
+                    high = high.max(n);
+                }
+            }
+        }
+    }
+    high
+}
+
+/// Writes the symlinks of [`Profiles::links`] (relative to `upper`) in place of whatever is
+/// there: to a temp name beside, then renamed over. Idempotent.
+pub(crate) fn write_links(upper: &Path, links: &[(Vec<u8>, Vec<u8>)]) -> Result<()> {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    for (rel, target) in links {
+        let p = upper.join(OsStr::from_bytes(rel));
+        let (dir, name) = split_dir(rel);
+        let tmp = upper.join(OsStr::from_bytes(dir)).join(format!(".{}.plyroot-link", String::from_utf8_lossy(name)));
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(OsStr::from_bytes(target), &tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        fs::rename(&tmp, &p).with_context(|| format!("cannot put the profile link {} in place", p.display()))?;
+    }
+    Ok(())
+}
+
+/// [`write_links`] as the owner of the upper's files (the image view's root; real root directly).
+pub(crate) fn write_links_as_owner(upper: PathBuf, links: Vec<(Vec<u8>, Vec<u8>)>) -> Result<()> {
+    if links.is_empty() {
+        return Ok(());
+    }
+    as_owner(move || write_links(&upper, &links))
+}
+
+/// Runs `f` as the owner of an upper's files: the image view's root (real root directly).
+fn as_owner(f: impl FnOnce() -> Result<()>) -> Result<()> {
+    if rustix::process::geteuid().is_root() {
+        return f();
+    }
+    let user = crate::userns::HostUser::current();
+    let view = crate::userns::image_view(&user, crate::userns::host_subids(&user));
+    crate::sys::process::in_child(move || {
+        crate::userns::enter_one_level(&view)?;
+        f()
+    })
+}
+
 /// The merge's staging directory of an environment (see the module header).
 pub(crate) fn staging(env: &super::env::Env) -> PathBuf {
     env.dir.join("nixdb")
@@ -300,16 +479,7 @@ pub(crate) fn staging(env: &super::env::Env) -> PathBuf {
 pub(crate) fn finish(env: &super::env::Env, new: Vec<PathBuf>) -> Result<()> {
     let (staging, upper) = (staging(env), env.upper());
     let s = staging.clone();
-    if rustix::process::geteuid().is_root() {
-        place(&s, &upper, &new)?;
-    } else {
-        let user = crate::userns::HostUser::current();
-        let view = crate::userns::image_view(&user, crate::userns::host_subids(&user));
-        crate::sys::process::in_child(move || {
-            crate::userns::enter_one_level(&view)?;
-            place(&s, &upper, &new)
-        })?;
-    }
+    as_owner(move || place(&s, &upper, &new))?;
     remove_staging(&staging)
 }
 
@@ -371,6 +541,54 @@ mod tests {
         assert_eq!(m.valid, [mine.clone()]);
         let m = merge(vec![mine], vec![layers.clone()], |_| Shows::Lowers);
         assert_eq!(m.valid, [layers]);
+    }
+
+    /// A profile `p` in the lowers at generation 2 (Z, switched at second 100) and in the upper
+    /// at its own generation 2 (W, switched at `ours_at`).
+    fn profiles(ours_at: i64) -> (tempfile::TempDir, Profiles) {
+        let t = tempfile::tempdir().unwrap();
+        let (upper, lower) = (t.path().join("upper"), t.path().join("lower"));
+        let link = |root: &Path, name: &str, target: &str, at: i64| {
+            let dir = root.join(PROFILES);
+            fs::create_dir_all(&dir).unwrap();
+            std::os::unix::fs::symlink(target, dir.join(name)).unwrap();
+            let ts = rustix::fs::Timespec { tv_sec: at, tv_nsec: 0 };
+            rustix::fs::utimensat(rustix::fs::CWD, dir.join(name), &rustix::fs::Timestamps { last_access: ts, last_modification: ts }, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).unwrap();
+        };
+        link(&lower, "p-1-link", "/nix/store/x", 50);
+        link(&lower, "p-2-link", "/nix/store/z", 100);
+        link(&lower, "p", "p-2-link", 100);
+        link(&upper, "p-2-link", "/nix/store/w", ours_at);
+        link(&upper, "p", "p-2-link", ours_at);
+        // The same target on both sides: `p` is no conflict by itself.
+        let conflicts = vec![format!("{PROFILES}/p-2-link").into_bytes()];
+        let out = settle_profiles(&upper, &[lower], &conflicts).unwrap();
+        (t, out)
+    }
+
+    #[test]
+    fn profiles_keep_both_sides_generations_and_the_newer_switch() {
+        let at = |n: &str| format!("{PROFILES}/{n}").into_bytes();
+        // The upper switched later: its generation moves to 3, and `p` follows it.
+        let (_t, out) = profiles(200);
+        assert_eq!(out.theirs, [at("p-2-link")]);
+        assert_eq!(out.ours, [at("p")]);
+        assert_eq!(out.links, [(at("p-3-link"), b"/nix/store/w".to_vec()), (at("p"), b"p-3-link".to_vec())]);
+        // The layers switched later: their `p` (generation 2, Z) shows; the upper's generation
+        // is still kept, as 3.
+        let (_t, out) = profiles(60);
+        assert_eq!(out.theirs, [at("p-2-link"), at("p")]);
+        assert!(out.ours.is_empty());
+        assert_eq!(out.links, [(at("p-3-link"), b"/nix/store/w".to_vec())]);
+    }
+
+    #[test]
+    fn generation_links_are_named_name_n_link() {
+        assert_eq!(generation_of(b"profile-12-link"), Some((&b"profile"[..], 12)));
+        assert_eq!(generation_of(b"my-env-3-link"), Some((&b"my-env"[..], 3)));
+        assert_eq!(generation_of(b"profile"), None);
+        assert_eq!(generation_of(b"-3-link"), None);
+        assert_eq!(generation_of(b"profile-x-link"), None);
     }
 
     #[test]

@@ -187,7 +187,7 @@ fn a_rebase_journal_never_removes_outside_the_upper() {
     put(&env.upper(), "f", "mine");
     let victim = env.dir.join("victim");
     fs::write(&victim, "x").unwrap();
-    let j = super::journal::Journal::Rebase { onto: vec![], remove: vec!["../victim".into()], nixdb: false };
+    let j = super::journal::Journal::Rebase { onto: vec![], remove: vec!["../victim".into()], nixdb: false, links: vec![] };
     env.begin(&j).unwrap();
     let e = format!("{:#}", env.recover().unwrap_err());
     assert!(e.contains("not a path inside the upper"), "{e}");
