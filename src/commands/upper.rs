@@ -264,15 +264,15 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
             Ok(m) => merged = Some(m),
             Err(e) => {
                 nixdb::remove_staging(&staging)?;
-                let db = format!("/{}/db.sqlite", nixdb::DB_DIR);
+                let db = format!("{}/db.sqlite", nixdb::DB_DIR);
                 conflicts.extend(db_files.iter().cloned());
-                if !conflicts.iter().any(|c| shown(c) == db[1..]) {
-                    conflicts.push(db[1..].as_bytes().to_vec());
+                if !conflicts.iter().any(|c| c.as_slice() == db.as_bytes()) {
+                    conflicts.push(db.clone().into_bytes());
                 }
                 if !ours && !theirs {
                     return refuse(&conflicts, format!(": the Nix databases of both could not be merged ({e:#})"));
                 }
-                crate::diag::warn!("{name}: the Nix databases of the upper and of the layers could not be merged ({e:#}): {db} is resolved as the other conflicts are");
+                crate::diag::warn!("{name}: the Nix databases of the upper and of the layers could not be merged ({e:#}): /{db} is resolved as the other conflicts are");
             }
         }
     }
