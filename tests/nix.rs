@@ -15,6 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
@@ -44,6 +45,11 @@ fn with_host_nix(s: &Store, fake: &Path, args: &[&str]) -> Out {
 
 /// The command `with_host_nix` runs.
 fn host_nix_cmd(s: &Store, fake: &Path, args: &[&str]) -> Command {
+    host_nix_exec(s, fake, &bin(), args)
+}
+
+/// `PROG ARGS` on a host whose /nix is `fake` (see `with_host_nix`).
+fn host_nix_exec(s: &Store, fake: &Path, prog: &Path, args: &[&str]) -> Command {
     let q = |p: &Path| shell_quote(&p.to_string_lossy());
     let new = s.path("host-root");
     fs::create_dir_all(&new).unwrap();
@@ -57,7 +63,7 @@ fn host_nix_cmd(s: &Store, fake: &Path, args: &[&str]) -> Command {
         r = q(&new),
         fake = q(fake),
         cwd = q(s.tmp.path()),
-        bin = q(&bin()),
+        bin = q(prog),
     );
     let mut c = Command::new(tool("unshare").unwrap_or_else(|e| panic!("{e}")));
     let ns = if me().regime == Regime::Root { "-m" } else { "-Urm" };
@@ -231,4 +237,236 @@ fn a_run_that_joins_a_live_one_gets_the_nix_it_asks_for_or_is_refused() {
     assert!(live.wait().unwrap().success());
     assert_eq!(layers.ok().stdout, "layers\nno-host\n");
     assert_eq!(hosts.ok().stdout, "host\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real Nix: Debian's nix-bin inside a Debian root (.ci/run caches it), offline, without nixpkgs.
+// ---------------------------------------------------------------------------------------------
+
+/// An offline Nix: no build users, no sandbox, no substituters.
+const NIX_CONF: &str = "build-users-group =\nsandbox = false\nsubstituters =\n";
+
+/// Writes the offline nix.conf, then adds the root's busybox as the store path `busybox` (a
+/// directory holding it); prints that path.
+fn busybox_store_path_script() -> String {
+    format!("mkdir -p /etc/nix && printf '{NIX_CONF}' > /etc/nix/nix.conf && d=$(mktemp -d /var/tmp/bb.XXXXXX) && mkdir $d/busybox && cp /bin/busybox $d/busybox/ && nix-store --add $d/busybox && rm -r $d")
+}
+
+/// `nix-store --add` of a directory `NAME` holding `f` (made in /var/tmp inside, not in the host's
+/// /tmp that runs share); prints the store path.
+fn add_script(name: &str) -> String {
+    format!("d=$(mktemp -d /var/tmp/add.XXXXXX) && mkdir $d/{name} && echo {name} > $d/{name}/f && nix-store --add $d/{name} && rm -r $d")
+}
+
+/// Builds a derivation whose builder is the store's busybox `bb`: a directory `NAME` with `f`
+/// and `sh`, a link to busybox (so it references `bb`); prints the output path.
+fn build_script(name: &str, bb: &str) -> String {
+    format!(
+        r#"nix-build --no-out-link -E 'derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "${{builtins.storePath {bb}}}/busybox"; args = [ "sh" "-c" "mkdir $out && echo {name} > $out/f && ln -s {bb}/busybox $out/sh" ]; }}'"#
+    )
+}
+
+/// Issue 14's scenario, up to the rebase: `img` is Debian with nix-bin, whose committed layer
+/// holds the store path X (busybox) and the profile `p` at generation 1 (X); `dev` (a manifest:
+/// `env:img` and `extra`, the layers' /nix) adds Y (`nix-store --add`) and builds W (a
+/// derivation of X, referencing it) in its upper, and sets `p` to W (its generation 2); then
+/// `img` gains Z, sets `p` to Z (its own generation 2) and commits, and `apply --update` puts dev
+/// on those layers: its upper is stale, and both sides changed the store's database and `p`.
+struct NixScene {
+    s: Store,
+    manifest: PathBuf,
+    x: String,
+    y: String,
+    w: String,
+    z: String,
+}
+
+fn nix_scene(extra: &[&str]) -> Result<NixScene, String> {
+    userns()?;
+    let tarball = debian_nix_rootfs()?;
+    let s = Store::new();
+    s.create("img", &[&format!("tar:{}", tarball.display())]);
+    let x = nix_in(&s, "img", &busybox_store_path_script());
+    set_profile(&s, "img", &x);
+    s.plyroot(&["commit", "img", "-m", "X"]).ok();
+    let manifest = s.path("plyroot.toml");
+    let from: Vec<String> = ["env:img"].iter().chain(extra).map(|f| format!("{f:?}")).collect();
+    fs::write(&manifest, format!("[env.dev]\nfrom = [{}]\nnix = \"layers\"\n", from.join(", "))).unwrap();
+    s.plyroot(&["apply", "-f", &manifest.to_string_lossy()]).ok();
+    let y = nix_in(&s, "dev", &add_script("y"));
+    let w = nix_in(&s, "dev", &build_script("w", &x));
+    set_profile(&s, "dev", &w);
+    let z = nix_in(&s, "img", &add_script("z"));
+    // The layers' switch is the newer one, in the whole seconds layers keep.
+    std::thread::sleep(Duration::from_millis(1100));
+    set_profile(&s, "img", &z);
+    s.plyroot(&["commit", "img", "-m", "Z"]).ok();
+    s.plyroot(&["apply", "-f", &manifest.to_string_lossy(), "--update"]).ok();
+    s.run("dev", &[], &["true"]).plyroot_error(&["rebase"]);
+    Ok(NixScene { s, manifest, x, y, w, z })
+}
+
+/// The profile the scenario switches.
+const PROFILE: &str = "/nix/var/nix/profiles/p";
+
+/// `nix-env --set` of the profile [`PROFILE`] in `env`: a new generation holding `path`.
+fn set_profile(s: &Store, env: &str, path: &str) {
+    s.run(env, &["--root", "--nix", "layers"], &["nix-env", "-p", PROFILE, "--set", path]).ok();
+}
+
+/// Runs `script` as root inside `env` with the layers' /nix; returns the last line it printed
+/// (a store path).
+fn nix_in(s: &Store, env: &str, script: &str) -> String {
+    let out = s.run(env, &["--root", "--nix", "layers"], &["sh", "-c", &format!("set -e; {script}")]).ok();
+    let last = out.stdout.lines().last().unwrap_or_default().to_owned();
+    assert!(last.starts_with("/nix/store/"), "no store path printed: {out}");
+    last
+}
+
+/// Whether every path is valid in `env` (`nix-store --verify-path`, which also checks contents).
+fn verify_paths(s: &Store, env: &str, paths: &[&str]) -> Out {
+    let mut cmd = vec!["nix-store", "--verify-path"];
+    cmd.extend_from_slice(paths);
+    s.run(env, &["--root"], &cmd)
+}
+
+#[test]
+fn nix_stores_rebase_as_databases_and_collect_garbage_only_in_the_upper() {
+    let n = need!(nix_scene(&[]));
+    let (s, x, y, w, z) = (&n.s, n.x.as_str(), n.y.as_str(), n.w.as_str(), n.z.as_str());
+    // Before the rebase: Z is on disk in the new layers, the upper's database does not know it.
+    let out = s.plyroot(&["rebase", "dev"]).ok();
+    assert!(!out.stdout.contains("C "), "a conflict was reported: {out}");
+    assert!(out.stderr.contains("merged the Nix databases") && out.stderr.contains("5 store path(s) valid"), "{out}");
+    // Every path either side registered is valid, with its references and deriver.
+    verify_paths(s, "dev", &[x, y, w, z]).ok();
+    let refs = s.run("dev", &["--root"], &["nix-store", "-q", "--references", w]).ok();
+    assert_eq!(refs.lines(), [x.to_owned()], "{refs}");
+    let drv = s.run("dev", &["--root"], &["nix-store", "-q", "--deriver", w]).ok().line();
+    assert!(drv.ends_with("-w.drv"), "{drv}");
+    verify_paths(s, "dev", &[&drv]).ok();
+    // The profile keeps both sides' generations: the layers' generation 2 (Z) keeps its number,
+    // the upper's (W) is renumbered to 3; the current one is the newer switch, the layers'.
+    let links = s.run("dev", &[], &["sh", "-c", "cd /nix/var/nix/profiles && for l in p p-1-link p-2-link p-3-link; do echo $l $(readlink $l); done"]).ok();
+    assert_eq!(links.stdout, format!("p p-2-link\np-1-link {x}\np-2-link {z}\np-3-link {w}\n"), "{links}");
+    assert!(out.stderr.contains("p-3-link"), "the renumbering is not reported: {out}");
+    let gens = s.run("dev", &["--root"], &["nix-env", "-p", PROFILE, "--list-generations"]).ok();
+    assert_eq!(gens.lines().len(), 3, "{gens}");
+    assert!(gens.lines()[1].contains("(current)"), "{gens}");
+    // Nix keeps working on the merged database, and the next rebase has nothing to merge.
+    let v = nix_in(s, "dev", &add_script("v"));
+    verify_paths(s, "dev", &[&v, z]).ok();
+    s.plyroot(&["rebase", "dev"]).ok();
+    // Garbage collection inside, once only the current generation roots anything (Z): every
+    // other path goes; the layers' X only as a whiteout in the upper, shown by diff as a whole
+    // store path; the layers are unchanged.
+    s.run("dev", &["--root"], &["nix-env", "-p", PROFILE, "--delete-generations", "old"]).ok();
+    s.run("dev", &["--root"], &["nix-collect-garbage"]).ok();
+    let gone = s.run("dev", &[], &["sh", "-c", &format!("for p in {x} {y} {w} {v} {drv}; do test -e $p && echo $p; done; true")]).ok();
+    assert_eq!(gone.stdout, "", "collected paths still there: {gone}");
+    verify_paths(s, "dev", &[z]).ok();
+    let diff = s.plyroot(&["diff", "dev"]).ok();
+    let store_lines: Vec<String> = diff.lines().into_iter().filter(|l| l.contains(" /nix/store/")).collect();
+    assert_eq!(store_lines, [format!("D {x}")], "{diff}");
+    s.plyroot(&["verify"]).ok();
+}
+
+/// The paths in `dir` whose names start with the merge's work prefix.
+fn merge_work(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("plyroot-nixdb-")).collect()).unwrap_or_default()
+}
+
+/// What an interrupted or failed merge must leave as it was: the upper's diff, its database's
+/// bytes, the layers it is written on, and no journal or staging.
+fn upper_state(s: &Store) -> (String, Vec<u8>, Vec<u8>) {
+    let env = s.home.join("envs/dev");
+    assert!(!env.join("journal.json").exists() && !env.join("nixdb").exists(), "a journal or a staged database was left");
+    let diff = s.plyroot(&["diff", "dev", "--json"]).ok().stdout;
+    (diff, fs::read(env.join("upper/nix/var/nix/db/db.sqlite")).unwrap(), fs::read(env.join("upper.json")).unwrap())
+}
+
+#[test]
+fn an_interrupted_or_failed_nix_db_merge_leaves_the_upper_as_it_was() {
+    // A nix-store that the merge finds first on its PATH (the default profile's), which stalls,
+    // then fails, when it loads the merged database: the rebase is killed there, or fails.
+    let wrap = tempdir();
+    let bin_dir = wrap.path().join("nix/var/nix/profiles/default/bin");
+    fs::create_dir_all(&bin_dir).unwrap();
+    let nix_store = bin_dir.join("nix-store");
+    fs::write(&nix_store, "#!/bin/sh\ncase \" $* \" in *\" --load-db \"*) sleep 3; exit 1;; esac\nexec /usr/bin/nix-store \"$@\"\n").unwrap();
+    fs::set_permissions(&nix_store, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let n = need!(nix_scene(&[&format!("dir:{}", wrap.path().display())]));
+    let s = &n.s;
+    let before = upper_state(s);
+    let tmp = s.path("tmp");
+    fs::create_dir_all(&tmp).unwrap();
+    // kill -9 once the merged registrations are written for nix-store to load (it stalls there).
+    let mut child = s.cmd(&["rebase", "dev"]).env("TMPDIR", &tmp).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let loading = loop {
+        if let Some(p) = merge_work(&tmp).into_iter().map(|w| w.join("merged.dump")).find(|p| p.exists()) {
+            break p;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the rebase ended before it loaded the merged database");
+        assert!(std::time::Instant::now() < deadline, "the merge never loaded its database");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(child.try_wait().unwrap().is_none(), "the rebase ended before it was killed");
+    child.kill().unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9), "the kill did not land mid-merge");
+    assert!(loading.exists(), "the kill was not mid-merge");
+    assert_eq!(upper_state(s), before, "a killed merge changed the upper");
+    // The stalled nix-store fails: the rebase lists the database as a conflict and changes
+    // nothing; the killed merge's work is cleaned up.
+    std::thread::sleep(Duration::from_secs(3));
+    let out = run_with(s.cmd(&["rebase", "dev"]).env("TMPDIR", &tmp), None, TIMEOUT).plyroot_error(&["could not be merged", "--ours"]);
+    assert!(out.stdout.contains("C /nix/var/nix/db/db.sqlite"), "{out}");
+    assert_eq!(upper_state(s), before, "a failed merge changed the upper");
+    assert_eq!(merge_work(&tmp), Vec::<PathBuf>::new(), "the merges' work was left in {}", tmp.display());
+    // Without that nix-store (a new generation without its layer), the merge goes through.
+    fs::write(&n.manifest, "[env.dev]\nfrom = [\"env:img\"]\nnix = \"layers\"\n").unwrap();
+    s.plyroot(&["apply", "-f", &n.manifest.to_string_lossy()]).ok();
+    s.plyroot(&["rebase", "dev"]).ok();
+    verify_paths(s, "dev", &[&n.x, &n.y, &n.w, &n.z]).ok();
+}
+
+#[test]
+fn an_overlay_environment_builds_with_real_nix_and_the_host_store_stays_byte_identical() {
+    need!(userns());
+    let tarball = need!(debian_nix_rootfs());
+    let host_nix_store = need!(tool("nix-store"));
+    if !host_side() {
+        return;
+    }
+    let s = Store::new();
+    // The host's store, made with the host's nix-store as root (of a user namespace, for a user)
+    // on the host /nix `with_host_nix` fakes: busybox under the name busybox.
+    let host = s.path("host-nix");
+    fs::create_dir_all(&host).unwrap();
+    let conf = s.path("nix-conf");
+    fs::create_dir_all(&conf).unwrap();
+    fs::write(conf.join("nix.conf"), NIX_CONF).unwrap();
+    let bb = s.path("bb/busybox");
+    fs::create_dir_all(&bb).unwrap();
+    fs::copy(need!(busybox()), bb.join("busybox")).unwrap();
+    let mut add = host_nix_exec(&s, &host, &host_nix_store, &["--add", &bb.to_string_lossy()]);
+    add.env("NIX_CONF_DIR", &conf).env_remove("PLYROOT_HOME");
+    let x = run_with(&mut add, None, TIMEOUT).ok().line();
+    assert!(x.starts_with("/nix/store/") && x.ends_with("-busybox"), "{x}");
+    assert!(host.join("var/nix/db/db.sqlite").is_file());
+    s.create("o", &[&format!("tar:{}", tarball.display())]);
+    let before = snapshot(&host);
+    // Inside: the host's path is valid (the environment's copy of the host's database), and a
+    // derivation of it builds into the environment's upper.
+    let script = format!("set -e; mkdir -p /etc/nix && printf '{NIX_CONF}' > /etc/nix/nix.conf; nix-store --verify-path {x}; {}", build_script("built", &x));
+    let out = with_host_nix(&s, &host, &run_args("o", &["--nix", "overlay", "--root"], &script)).ok();
+    let built = out.stdout.lines().last().unwrap_or_default().to_owned();
+    assert!(built.starts_with("/nix/store/") && built.ends_with("-built"), "{out}");
+    assert_eq!(snapshot(&host), before, "the host's store or database changed");
+    assert!(!host.join(built.trim_start_matches("/nix/")).exists());
+    // The built path persists in the environment, valid, referencing the host's busybox.
+    let out = with_host_nix(&s, &host, &run_args("o", &["--nix", "overlay", "--root"], &format!("nix-store --verify-path {built} && nix-store -q --references {built}"))).ok();
+    assert_eq!(out.stdout, format!("{x}\n"), "{out}");
+    assert_eq!(snapshot(&host), before, "the host's store or database changed");
 }

@@ -14,7 +14,7 @@ use crate::store::upper::{self, UpperEntry};
 use crate::store::journal::Journal;
 use crate::store::meta::{key, unkey};
 use crate::store::tree::shown;
-use crate::store::{canonical, now_secs, private_dir, upper_dir, write_atomic, Store};
+use crate::store::{canonical, nixdb, now_secs, private_dir, upper_dir, write_atomic, Store};
 use crate::text::human;
 
 fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
@@ -212,9 +212,12 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
         crate::diag::info!("the upper of '{name}' is already on generation {}'s layers", cur.number);
         return Ok(0);
     }
+    // A merge that an earlier rebase left before its journal named it: never used.
+    let staging = nixdb::staging(&env);
+    nixdb::remove_staging(&staging)?;
     let (old, new, up) = (lowers_of(store, &base), lowers_of(store, &cur.layers), env.upper());
     // Read only, where the user can read every file their runs wrote.
-    let conflicts = in_image_view(move || {
+    let (conflicts, merge_db, profiles) = in_image_view(move || {
         let entries: Vec<UpperEntry> = upper::walk(&up, &[&old, &new]).with_context(|| format!("cannot read {}", up.display()))?;
         let mut real = Vec::new();
         // The conflicts come in the entries' order: one pass finds each.
@@ -229,21 +232,51 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
                 real.push(key(&path).into_owned());
             }
         }
-        Ok(real)
+        let merge_db = nixdb::needs_merge(&up, &old, &new).with_context(|| format!("cannot compare the Nix database in {} with the layers'", up.display()))?;
+        let bytes: Vec<Vec<u8>> = real.iter().map(|c| unkey(c).into_owned()).collect();
+        let profiles = nixdb::settle_profiles(&up, &new, &bytes).with_context(|| format!("cannot read the Nix profiles in {}", up.display()))?;
+        Ok((real, merge_db, profiles))
     })?;
-    let conflicts: Vec<Vec<u8>> = conflicts.iter().map(|c| unkey(c).into_owned()).collect();
-    if !conflicts.is_empty() && !ours && !theirs {
+    let mut conflicts: Vec<Vec<u8>> = conflicts.iter().map(|c| unkey(c).into_owned()).collect();
+    // Both sides changed the Nix database: its files are merged, not a conflict (unless merging
+    // fails, below).
+    let db_files: Vec<Vec<u8>> = if merge_db { conflicts.iter().filter(|c| nixdb::is_db_file(c)).cloned().collect() } else { Vec::new() };
+    // Nix profiles' links both sides changed: settled (see `nixdb::Profiles`), not conflicts.
+    conflicts.retain(|c| !db_files.contains(c) && !profiles.theirs.contains(c) && !profiles.ours.contains(c));
+    let refuse = |conflicts: &[Vec<u8>], why: String| -> Result<i32> {
         let mut s = String::new();
-        for c in &conflicts {
+        for c in conflicts {
             s.push_str(&format!("C /{}\n", shown(c)));
         }
         out(&s)?;
         bail!(
-            "{} path(s) changed both in the upper of '{name}' and in its layers (listed above); nothing was changed: decide with `plyroot rebase {name} --ours` (keep yours) or `--theirs` (take the layers'), or edit them and rebase again",
+            "{} path(s) changed both in the upper of '{name}' and in its layers (listed above){why}; nothing was changed: decide with `plyroot rebase {name} --ours` (keep yours) or `--theirs` (take the layers'), or edit them and rebase again",
             conflicts.len()
-        );
+        )
+    };
+    if !conflicts.is_empty() && !ours && !theirs {
+        return refuse(&conflicts, String::new());
     }
-    if theirs && !conflicts.is_empty() {
+    let mut merged = None;
+    if merge_db {
+        let (old, new) = (lowers_of(store, &base), lowers_of(store, &cur.layers));
+        match merge_nix_db(store, &env, &old, &new) {
+            Ok(m) => merged = Some(m),
+            Err(e) => {
+                nixdb::remove_staging(&staging)?;
+                let db = format!("{}/db.sqlite", nixdb::DB_DIR);
+                conflicts.extend(db_files.iter().cloned());
+                if !conflicts.iter().any(|c| c.as_slice() == db.as_bytes()) {
+                    conflicts.push(db.clone().into_bytes());
+                }
+                if !ours && !theirs {
+                    return refuse(&conflicts, format!(": the Nix databases of both could not be merged ({e:#})"));
+                }
+                crate::diag::warn!("{name}: the Nix databases of the upper and of the layers could not be merged ({e:#}): /{db} is resolved as the other conflicts are");
+            }
+        }
+    }
+    let mut remove: Vec<String> = if theirs && !conflicts.is_empty() {
         // Taking theirs drops the upper's version so the new layers' shows through: the user's
         // explicit choice, journaled so that an interruption finishes it rather than leave the
         // upper half rebased (a directory's conflicting children go with it).
@@ -254,11 +287,39 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
             }
         }
         // The journal holds names as store keys: bytes that are not UTF-8 survive the record.
-        let remove: Vec<String> = below.iter().map(|c| key(c).into_owned()).collect();
-        let j = Journal::Rebase { onto: cur.layers.clone(), remove: remove.clone() };
-        env.journaled(&j, "rebase", || env.finish_rebase(&cur.layers, &remove))?;
+        below.iter().map(|c| key(c).into_owned()).collect()
+    } else {
+        Vec::new()
+    };
+    remove.extend(profiles.theirs.iter().map(|c| key(c).into_owned()));
+    let links: Vec<(String, String)> = profiles.links.iter().map(|(p, t)| (key(p).into_owned(), key(t).into_owned())).collect();
+    if !remove.is_empty() || merged.is_some() || !links.is_empty() {
+        let nixdb = merged.is_some();
+        let j = Journal::Rebase { onto: cur.layers.clone(), remove: remove.clone(), nixdb, links: links.clone() };
+        env.journaled(&j, "rebase", || env.finish_rebase(&cur.layers, &remove, nixdb, &links))?;
     } else {
         env.set_upper_base(&cur.layers)?;
+    }
+    for c in &profiles.ours {
+        crate::diag::info!("{name}: /{}: your current generation, the newer", shown(c));
+    }
+    for c in profiles.theirs.iter().filter(|c| !c.ends_with(b"-link")) {
+        crate::diag::info!("{name}: /{}: the layers' current generation, the newer", shown(c));
+    }
+    for (p, t) in &profiles.links {
+        if p.ends_with(b"-link") {
+            crate::diag::info!("{name}: /{}: your generation (-> {}), renumbered: the layers made one of the same number", shown(p), shown(t));
+        }
+    }
+    if let Some(m) = &merged {
+        crate::diag::info!(
+            "{name}: merged the Nix databases of the upper and of the layers: {} store path(s) valid{}",
+            m.valid.len(),
+            if m.dropped.is_empty() { String::new() } else { format!(", {} left out (not in the rebased view, or needing one that is not)", m.dropped.len()) }
+        );
+        for p in &m.dropped {
+            crate::diag::debug!("{p}: not valid after the rebase");
+        }
     }
     crate::diag::info!(
         "{name}: upper rebased onto generation {}{}",
@@ -270,4 +331,103 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
         }
     );
     Ok(0)
+}
+
+/// Where the merge's staging is bound inside the runs of `nix-store` that merge.
+const MERGE_INSIDE: &str = "/run/plyroot-nixdb";
+
+/// Merges the Nix databases of the upper (as its runs saw it, over the `old` lowers) and of the
+/// `new` lowers into `nixdb/` beside the upper (see `store::nixdb`), with the environment's own
+/// `nix-store` in runs of its new layers: each side dumped, the registrations merged here, the
+/// result loaded into a fresh database and dumped again to check it. Writes nothing of the
+/// environment's but the staging; the caller's journaled step moves the result into the upper.
+fn merge_nix_db(store: &Store, env: &Env, old: &[PathBuf], new: &[PathBuf]) -> Result<nixdb::Merged> {
+    // Outside the store, which is read-only inside every run.
+    let tmp = std::env::temp_dir();
+    clean_merge_leftovers(&tmp);
+    let work = tmp.join(format!("{MERGE_WORK}{}-{}", std::process::id(), now_secs()));
+    let result = merge_in(store, env, &work, old, new);
+    if let Err(e) = nixdb::remove_staging(&work) {
+        crate::diag::warn!("cannot remove {} ({e:#}); remove it by hand (`plyroot unshare -- rm -r` it)", work.display());
+    }
+    result
+}
+
+/// The name of a merge's work directory in the temp directory: `PREFIX<pid>-<secs>`.
+const MERGE_WORK: &str = "plyroot-nixdb-";
+
+/// Removes the work of merges whose plyroot is gone (killed mid-merge): this user's directories
+/// `plyroot-nixdb-<pid>-…` in `tmp` whose pid runs no more. Best effort.
+fn clean_merge_leftovers(tmp: &std::path::Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = fs::read_dir(tmp) else { return };
+    let me = rustix::process::geteuid().as_raw();
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(MERGE_WORK)).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let mine = e.metadata().is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if mine && pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = nixdb::remove_staging(&e.path());
+        }
+    }
+}
+
+fn merge_in(store: &Store, env: &Env, work: &std::path::Path, old: &[PathBuf], new: &[PathBuf]) -> Result<nixdb::Merged> {
+    let (w, up, o, n) = (work.to_owned(), env.upper(), old.to_vec(), new.to_vec());
+    private_dir(work).with_context(|| format!("cannot create {}", work.display()))?;
+    in_image_view(move || nixdb::stage(&w, &up, &o, &n))?;
+    let ours = nixdb::parse_dump(&nix_store(store, env, work, Some("ours"), &["--dump-db"], None)?).context("reading the upper's Nix database")?;
+    let theirs = nixdb::parse_dump(&nix_store(store, env, work, Some("theirs"), &["--dump-db"], None)?).context("reading the layers' Nix database")?;
+    let (up, n) = (env.upper(), new.to_vec());
+    let merged = in_image_view(move || Ok(nixdb::merge(ours, theirs, |p| nixdb::shows(&up, &n, p))))?;
+    let dump = work.join("merged.dump");
+    fs::write(&dump, nixdb::format_dump(&merged.valid)).with_context(|| format!("cannot write {}", dump.display()))?;
+    // Loaded into a store rooted in the work (`local?root=`), whose store directory holds copies of
+    // the merged derivations: registering one reads it.
+    let (root, up, n) = (work.join("merged"), env.upper(), new.to_vec());
+    let drvs: Vec<String> = merged.valid.iter().map(|r| r.path.clone()).filter(|p| p.ends_with(".drv")).collect();
+    in_image_view(move || nixdb::copy_derivations(&root, &up, &n, &drvs))?;
+    let url = format!("local?root={MERGE_INSIDE}/merged");
+    nix_store(store, env, work, None, &["--store", &url, "--load-db"], Some(&dump))?;
+    let back = nixdb::parse_dump(&nix_store(store, env, work, None, &["--store", &url, "--dump-db"], None)?).context("reading the merged Nix database back")?;
+    let got: std::collections::BTreeSet<&str> = back.iter().map(|r| r.path.as_str()).collect();
+    if got.len() != merged.valid.len() || merged.valid.iter().any(|r| !got.contains(r.path.as_str())) {
+        bail!("the merged Nix database holds {} store path(s), not the {} loaded into it", got.len(), merged.valid.len());
+    }
+    let db = work.join("merged").join(nixdb::DB_DIR);
+    if !db.join("db.sqlite").is_file() || fs::metadata(db.join("db.sqlite-wal")).is_ok_and(|m| m.len() > 0) {
+        bail!("nix-store --load-db left no complete database in {}", db.display());
+    }
+    nixdb::keep(work, &nixdb::staging(env))?;
+    Ok(merged)
+}
+
+/// Runs the environment's `nix-store ARGS`, on the database under `WORK/STATE` (its state
+/// directory) if given, in a run of its current layers (`--ephemeral`: it writes nowhere but the work,
+/// bound in; `--root`: the owner of the layers' store), with `input` as stdin; returns its
+/// stdout.
+fn nix_store(store: &Store, env: &Env, work: &std::path::Path, state: Option<&str>, args: &[&str], input: Option<&std::path::Path>) -> Result<String> {
+    let exe = std::env::current_exe().context("cannot find the plyroot binary to run nix-store with")?;
+    let mut c = std::process::Command::new(exe);
+    c.arg("--store").arg(&store.root);
+    c.args(["run", "-q", "--ephemeral", "--root", "--nix", "layers", "--no-host", "home,tmp,runtime-dir,x11,gpu", "--cwd", "/"]);
+    c.arg("--bind").arg(format!("{}:{MERGE_INSIDE}", work.display()));
+    if let Some(state) = state {
+        c.args(["-e", &format!("NIX_STATE_DIR={MERGE_INSIDE}/{state}")]);
+    }
+    c.args(["-e", "NIX_REMOTE=local"]);
+    c.args(["-e", "PATH=/nix/var/nix/profiles/default/bin:/root/.nix-profile/bin:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin"]);
+    c.arg(&env.name).arg("--");
+    // No build users, and no space reserved for the collector: the state directory is a scratch copy.
+    c.args(["nix-store", "--option", "build-users-group", "", "--option", "gc-reserved-space", "0"]).args(args);
+    c.stdin(match input {
+        Some(p) => std::process::Stdio::from(fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?),
+        None => std::process::Stdio::null(),
+    });
+    let what = format!("nix-store {} in '{}'", args.join(" "), env.name);
+    let o = c.output().with_context(|| format!("cannot run {what}"))?;
+    if !o.status.success() {
+        bail!("{what} failed ({}): {}", o.status, String::from_utf8_lossy(&o.stderr).trim());
+    }
+    String::from_utf8(o.stdout).with_context(|| format!("{what} wrote something that is not text"))
 }

@@ -10,7 +10,7 @@
 //! | reset | upper → `saved/…` (or into a staging dir: `--force`); an empty upper; upper.json | upper still holding files: back (nothing moved); else forward |
 //! | commit, staging | upper → `commit/root`; an empty upper; digest; `commit/layer.json` | back: `commit/root` → upper |
 //! | commit, publish | `commit/` → `layers/<id>`; `generations/<n>.json`; `current`; upper.json | forward |
-//! | rebase --theirs | remove the conflicting paths the user chose to drop; upper.json | forward |
+//! | rebase --theirs, or merging a Nix database | remove the conflicting paths the user chose to drop; the merged Nix database (staged in `nixdb/` before the journal) renamed into the upper; upper.json | forward |
 //! | new generation (apply) | `generations/<n>.json`; `current` | forward |
 //! | squash | (its layer is published before the journal) `generations/<n>.json`; `current`; upper.json if it was on the old layers | forward |
 //!
@@ -50,9 +50,18 @@ pub(crate) enum Journal {
     /// `commit` past its commit point: `commit/` is layer `layer`; `generation` is written and made
     /// current if generation `from` still is. Finished.
     CommitPublish { layer: String, from: u32, generation: Generation },
-    /// `rebase --theirs`: `remove` (paths relative to the upper) are dropped, then the upper's base
-    /// becomes `onto`. Finished.
-    Rebase { onto: Vec<String>, remove: Vec<String> },
+    /// `rebase --theirs`, or one that settles Nix's files: `remove` (paths relative to the upper)
+    /// are dropped; `links` are written; with `nixdb`, the merged Nix database staged in `nixdb/`
+    /// replaces the upper's (see `nixdb`); then the upper's base becomes `onto`. Finished.
+    Rebase {
+        onto: Vec<String>,
+        remove: Vec<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        nixdb: bool,
+        /// Nix profiles' symlinks (path, target; store keys) written after the removals.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        links: Vec<(String, String)>,
+    },
     /// A new generation (`apply`): written, then made current if generation `from` still is.
     /// Finished.
     NewGeneration { from: u32, generation: Generation },
@@ -227,8 +236,8 @@ impl Env {
                 self.finish_publish(layer, *from, generation.clone())?;
                 Ok(Recovered::Finished)
             }
-            Journal::Rebase { onto, remove: paths } => {
-                self.finish_rebase(onto, paths)?;
+            Journal::Rebase { onto, remove: paths, nixdb, links } => {
+                self.finish_rebase(onto, paths, *nixdb, links)?;
                 Ok(Recovered::Finished)
             }
             Journal::NewGeneration { from, generation } => {
@@ -343,9 +352,11 @@ impl Env {
         Ok(g)
     }
 
-    /// Drops the paths `rebase --theirs` chose to take from the layers, then records the upper's
-    /// new base. Each removal is whole or not done; a second pass skips what is gone.
-    pub(crate) fn finish_rebase(&self, onto: &[String], paths: &[String]) -> Result<()> {
+    /// Drops the paths `rebase --theirs` chose to take from the layers (and the Nix profiles'
+    /// links the layers' win), writes the profiles' `links`, puts a merged Nix database in place
+    /// (`nixdb`), then records the upper's new base. Each removal is whole or not done;
+    /// a second pass skips what is gone, and a staged database already moved.
+    pub(crate) fn finish_rebase(&self, onto: &[String], paths: &[String], nixdb: bool, links: &[(String, String)]) -> Result<()> {
         let up = self.upper();
         for p in paths {
             // A path is recorded as a store key (see `meta::key`): bytes that are not UTF-8 too.
@@ -355,6 +366,20 @@ impl Env {
                 bail!("{} names {p:?}, which is not a path inside the upper: not removing it", self.journal_path().display());
             }
             remove_tree_mapped(&up.join(rel)).with_context(|| format!("cannot take the layers' version of /{}", super::tree::shown(&bytes)))?;
+        }
+        let mut settled = Vec::with_capacity(links.len());
+        for (p, t) in links {
+            let bytes = super::meta::unkey(p).into_owned();
+            if Path::new(std::ffi::OsStr::from_bytes(&bytes)).components().any(|c| !matches!(c, Component::Normal(_))) {
+                bail!("{} names {p:?}, which is not a path inside the upper: not writing it", self.journal_path().display());
+            }
+            settled.push((bytes, super::meta::unkey(t).into_owned()));
+        }
+        super::nixdb::write_links_as_owner(up.clone(), settled).context("cannot write the Nix profiles' links into the upper")?;
+        if nixdb {
+            let root = self.store_root();
+            let new = onto.iter().rev().map(|l| root.join("layers").join(l.trim_start_matches("sha256:")).join("root")).collect();
+            super::nixdb::finish(self, new).context("cannot put the merged Nix database into the upper")?;
         }
         self.set_upper_base(onto)
     }

@@ -16,6 +16,7 @@
 //! │   │                                by a launch until its root is mounted and recorded
 //! │   ├── journal.json                 the change of the upper or of `current` in progress (journal.rs)
 //! │   ├── commit/                      a commit's upper (root/) and layer.json while it becomes a layer
+//! │   ├── nixdb/                       a rebase's merged Nix database until it is renamed into the upper (nixdb.rs)
 //! │   ├── saved/<label>-<secs>[-<k>]/  uppers that `reset` (or a recovery) set aside
 //! │   ├── skel/<n>-<hash>/             generated top lower of generation n, one per skeleton (its
 //! │   │                                content's hash): passwd/group entries, mount points
@@ -60,6 +61,7 @@ pub(crate) mod layer;
 pub(crate) mod limits;
 pub(crate) mod lock;
 pub(crate) mod meta;
+pub(crate) mod nixdb;
 pub(crate) mod owners;
 pub(crate) mod runs;
 pub(crate) mod steps;

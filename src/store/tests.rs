@@ -187,11 +187,52 @@ fn a_rebase_journal_never_removes_outside_the_upper() {
     put(&env.upper(), "f", "mine");
     let victim = env.dir.join("victim");
     fs::write(&victim, "x").unwrap();
-    let j = super::journal::Journal::Rebase { onto: vec![], remove: vec!["../victim".into()] };
+    let j = super::journal::Journal::Rebase { onto: vec![], remove: vec!["../victim".into()], nixdb: false, links: vec![] };
     env.begin(&j).unwrap();
     let e = format!("{:#}", env.recover().unwrap_err());
     assert!(e.contains("not a path inside the upper"), "{e}");
     assert!(victim.exists());
+}
+
+#[test]
+fn an_interrupted_nix_db_rebase_is_finished_from_wherever_it_stopped() {
+    let t = tempfile::tempdir().unwrap();
+    let (_store, env) = env_with_layer(t.path());
+    let onto = env.current().unwrap().layers;
+    let db = env.upper().join(super::nixdb::DB_DIR);
+    let profiles = env.upper().join(super::nixdb::PROFILES);
+    let links = vec![(format!("{}/p", super::nixdb::PROFILES), "p-3-link".to_string())];
+    let j = super::journal::Journal::Rebase { onto: onto.clone(), remove: vec![], nixdb: true, links };
+    // Stopped: before any step; with the upper's write-ahead log and schema gone; with the
+    // database renamed too; with the staging removed (only the journal left).
+    for stopped in 0..4 {
+        let _ = fs::remove_dir_all(env.upper().join("nix"));
+        put(&db, "db.sqlite", "ours");
+        put(&db, "db.sqlite-wal", "ours-wal");
+        fs::create_dir_all(&profiles).unwrap();
+        std::os::unix::fs::symlink("p-2-link", profiles.join("p")).unwrap();
+        let staging = super::nixdb::staging(&env);
+        put(&staging, "db.sqlite", "merged");
+        put(&staging, "schema", "10");
+        if stopped >= 1 {
+            fs::remove_file(db.join("db.sqlite-wal")).unwrap();
+            fs::rename(staging.join("schema"), db.join("schema")).unwrap();
+        }
+        if stopped >= 2 {
+            fs::rename(staging.join("db.sqlite"), db.join("db.sqlite")).unwrap();
+        }
+        if stopped >= 3 {
+            fs::remove_dir_all(&staging).unwrap();
+        }
+        env.begin(&j).unwrap();
+        env.recover().unwrap();
+        assert_eq!(fs::read_to_string(db.join("db.sqlite")).unwrap(), "merged", "stopped at {stopped}");
+        assert_eq!(fs::read_to_string(db.join("schema")).unwrap(), "10", "stopped at {stopped}");
+        assert!(!db.join("db.sqlite-wal").exists(), "the upper's log outlived its database (stopped at {stopped})");
+        assert_eq!(fs::read_link(profiles.join("p")).unwrap(), Path::new("p-3-link"));
+        assert!(!staging.exists() && env.journal().unwrap().is_none(), "stopped at {stopped}");
+        assert_eq!(env.upper_base().unwrap(), onto);
+    }
 }
 
 #[test]

@@ -207,7 +207,7 @@ pub(crate) fn same_on_both_sides(upper: &Path, old: &[PathBuf], new: &[PathBuf],
 }
 
 /// Whether two files (path, lstat) have the same kind, permission bits, owner and content.
-fn same_content((a, am): &(PathBuf, fs::Metadata), (b, bm): &(PathBuf, fs::Metadata)) -> io::Result<bool> {
+pub(crate) fn same_content((a, am): &(PathBuf, fs::Metadata), (b, bm): &(PathBuf, fs::Metadata)) -> io::Result<bool> {
     let (at, bt) = (am.file_type(), bm.file_type());
     if am.mode() & 0o7777 != bm.mode() & 0o7777 || (am.uid(), am.gid()) != (bm.uid(), bm.gid()) {
         return Ok(false);

@@ -562,6 +562,17 @@ pub fn debian_rootfs() -> Result<PathBuf, String> {
     }
 }
 
+/// Where .ci/run leaves a Debian root with Debian's nix-bin and busybox-static (mmdebstrap
+/// --include=…), cached between runs; PLYROOT_TEST_DEBIAN_NIX_ROOTFS names another.
+pub fn debian_nix_rootfs() -> Result<PathBuf, String> {
+    let p = std::env::var_os("PLYROOT_TEST_DEBIAN_NIX_ROOTFS").map(PathBuf::from).unwrap_or_else(|| "/var/tmp/plyroot-debian-nix.tar.zst".into());
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("no Debian rootfs with nix-bin at {} (.ci/run makes it with mmdebstrap)", p.display()))
+    }
+}
+
 pub fn assert_layer_id(id: &str) {
     let hex = id.strip_prefix("sha256:").unwrap_or_else(|| panic!("not a sha256: id: {id:?}"));
     assert!(
