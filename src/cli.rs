@@ -127,7 +127,7 @@ pub(crate) enum Command {
     /// Build a manifest's environments into new generations
     #[command(after_help = "The manifest (plyroot.toml):\n  [env.dev]\n  from = [\"tar:debian.tar.zst\", \"dir:./extra\"]   # bottom first\n  root = false          # run as uid 0 inside by default\n  persist = true        # keep the upper between runs\n  binds = [\"./src:/src\"]\n  env = { EDITOR = \"vi\" }\n  no_host = [\"x11\"]\n  init = \"/sbin/init\"\n  exports = [\"gcc\"]\n  nix = \"layers\"       # which /nix: host, layers or overlay [default: the layers' if they have one]\n  packages = [\"make\"]   # build steps, on top of `from`: the root's package manager installs these,\n  run = [               # then each command runs as root, without the network unless it asks\n    \"useradd -m builder\",\n    { run = \"make -C /src install\", inputs = [\"./src:/src\"], env = { CC = \"gcc\" } },\n    { run = \"curl -fsSLO https://example.org/x\", network = true },\n  ]\n\nEach step makes one layer, cached by its key (the layers below, the step, its env, network flag\nand the content of its inputs): only a changed step and those above it run again.\n\nA lock file (plyroot.lock) beside the manifest pins each source to its layer ids and each step's\nkey to its layer, so apply later or elsewhere resolves the same layers; --update re-resolves the\nsources and reruns the steps that use the network (new package versions), saying what changed.\n\nExamples:\n  plyroot apply\n  plyroot apply -f envs/plyroot.toml dev\n  plyroot apply --update")]
     Apply {
-        /// The manifest [default: ./plyroot.toml]
+        /// The manifest
         #[arg(short = 'f', long = "file", value_name = "FILE", default_value = "plyroot.toml")]
         file: PathBuf,
         /// Re-resolve sources instead of using the lock file's pins, and rerun the steps that use the network
@@ -150,7 +150,7 @@ pub(crate) enum Command {
     /// Build a manifest's steps into layers, without making generations
     #[command(after_help = "Runs what `apply` would run for the environments' build steps (see `plyroot apply --help`) and\nupdates the lock file, but makes no generation.\n\nA step that fails keeps the state it left until the next build: --shell opens a shell in it, as\nthe step ran (root, its inputs, its network).\n\n--check reruns each step with SOURCE_DATE_EPOCH set and compares what it writes with the layer\nbuilt before, naming the files that differ (not their mtimes); the exit status is 1 if any do.\n\nExamples:\n  plyroot build\n  plyroot build dev --no-cache\n  plyroot build --check dev\n  plyroot build --shell dev")]
     Build {
-        /// The manifest [default: ./plyroot.toml]
+        /// The manifest
         #[arg(short = 'f', long = "file", value_name = "FILE", default_value = "plyroot.toml")]
         file: PathBuf,
         /// Run every step, whatever is cached
