@@ -500,6 +500,17 @@ fn faults_in_apply() {
     });
 }
 
+/// apply with a build step: the step runs in a child (not traced), its layer is published, its
+/// record and the lock file written, the generation made. Interrupted anywhere, `dev` is as it
+/// was or as applied, and gc leaves no build leftover.
+#[test]
+fn faults_in_apply_with_a_step() {
+    fault_injection(Op { args: &["apply"], in_proj: true, partial: false, deletes: false }, |f| {
+        dev(f);
+        fs::write(f.proj.join("plyroot.toml"), "[env.dev]\nfrom = [\"dir:base\"]\nrun = [\"echo built > /opt/built; touch -d @1700000000 /opt/built /opt\"]\n").unwrap();
+    });
+}
+
 #[test]
 fn faults_in_squash() {
     fault_injection(Op { args: &["squash", "dev", "--from", "2"], in_proj: false, partial: false, deletes: false }, |f| {

@@ -222,7 +222,7 @@ impl Store {
                 }
             }
         }
-        let mut dirs = vec![self.root.clone(), self.root.join("blobs"), self.root.join("blobs/gzip"), self.root.join("notes")];
+        let mut dirs = vec![self.root.clone(), self.root.join("blobs"), self.root.join("blobs/gzip"), self.root.join("notes"), self.root.join("steps")];
         for parent in [self.envs_dir(), self.root.join("launchers")] {
             if let Ok(rd) = fs::read_dir(&parent) {
                 for e in rd.flatten() {
