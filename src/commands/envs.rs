@@ -251,6 +251,10 @@ fn resolve_and_build<'m>(store: &Store, abs: &Path, manifest: &'m crate::manifes
         // after it converges when run again (the pins are those of layers already in the store).
         write_atomic(&lock_path, format!("{}\n", serde_json::to_string_pretty(&new_lock)?).as_bytes())?;
     }
+    if !new_lock.steps.is_empty() {
+        // Built steps stay while this lock file pins them (gc), applied or not.
+        store.remember_lock_file(&lock_path)?;
+    }
     if let Some(to) = &how.cache_to {
         let to = if to.is_empty() {
             manifest.cache.clone().context("--cache-to without a repository pushes to the manifest's `cache`, which it does not set: give one (--cache-to docker://HOST/REPOSITORY)")?

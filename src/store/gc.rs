@@ -106,6 +106,8 @@ impl Store {
             // commit record an older plyroot left).
             roots.extend(env.pending_layers()?);
         }
+        // What the lock files of manifests built here pin (a `build` not applied yet).
+        roots.extend(self.lock_file_layers());
         let dead = self.layers()?.into_iter().filter(|l| !roots.contains(&l.id)).collect();
         let remains = self.layer_remains().into_iter().filter(|id| !roots.contains(id)).collect();
         Ok(Collection { pruned, dead, in_use, remains, _locks: locks })

@@ -41,6 +41,7 @@
 //! ├── steps/<key hex>                  the layer a build step with this key made (steps.rs)
 //! ├── builds/<env>/, builds/<env>.lock the environment a step of <env> runs in, kept after a
 //! │                                    failure until the next build; the build's lock (steps.rs)
+//! ├── lockfiles.json                   the manifests' lock files whose pins gc keeps (steps.rs)
 //! ├── tmp/<pid>-<n>/                   staging, flock'd (the directory itself) for as long as
 //! │                                    it is used; one whose lock can be taken is a leftover
 //! └── notes/<key>                      one-time notices already shown (empty marker files)

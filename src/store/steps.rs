@@ -6,6 +6,8 @@
 //!                        after the layer is published, so it never names a missing one; gc
 //!                        removes records whose layer it collected)
 //! builds/<env>.lock      flock: held by the build of <env> for as long as it runs
+//! lockfiles.json         the lock files (plyroot.lock) apply and build wrote: the layers they
+//!                        pin are gc roots while the file exists (a `build` without `apply`)
 //! builds/<env>/          the environment a step of <env> runs in (an ordinary environment
 //!                        directory: generation 1 = the layers below the step, its upper = what
 //!                        the step writes). Removed when its layer is published; kept after a
@@ -55,6 +57,39 @@ impl Store {
         let dir = self.steps_dir();
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         write_atomic(&dir.join(key.trim_start_matches("sha256:")), &serde_json::to_vec(&Record { layer: layer.to_owned() })?)
+    }
+
+    /// Remembers the lock file at `path` (absolute): gc keeps what it pins.
+    pub(crate) fn remember_lock_file(&self, path: &std::path::Path) -> Result<()> {
+        let mut known = self.lock_files();
+        if known.iter().any(|p| p == path) {
+            return Ok(());
+        }
+        known.push(path.to_owned());
+        write_atomic(&self.root.join("lockfiles.json"), &serde_json::to_vec_pretty(&known)?)
+    }
+
+    /// The lock files apply and build wrote, that still exist.
+    pub(crate) fn lock_files(&self) -> Vec<PathBuf> {
+        let all: Vec<PathBuf> = fs::read(self.root.join("lockfiles.json")).ok().and_then(|d| serde_json::from_slice(&d).ok()).unwrap_or_default();
+        all.into_iter().filter(|p| p.is_file()).collect()
+    }
+
+    /// Every layer the remembered lock files pin (sources and steps): gc roots. A lock file that
+    /// cannot be read pins nothing.
+    pub(crate) fn lock_file_layers(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in self.lock_files() {
+            let Ok(v) = fs::read(&p).map_err(drop).and_then(|d| serde_json::from_slice::<serde_json::Value>(&d).map_err(drop)) else { continue };
+            let ids = |x: &serde_json::Value| x.as_str().filter(|s| super::layer::is_layer_id(s)).map(str::to_owned);
+            if let Some(sources) = v["sources"].as_object() {
+                out.extend(sources.values().filter_map(|l| l.as_array()).flatten().filter_map(ids));
+            }
+            if let Some(steps) = v["steps"].as_object() {
+                out.extend(steps.values().filter_map(|l| l.as_array()).flatten().filter_map(|p| ids(&p["layer"])));
+            }
+        }
+        out
     }
 
     /// Takes the lock of the build of environment `name`: one build of it at a time.
