@@ -304,3 +304,42 @@ fn packages_and_an_offline_compile_of_an_input_on_debian() {
     assert!(out.stderr.contains("deb: packages changed:\nplyroot:   +tree "), "{out}");
     p.plyroot(&["verify"]).ok();
 }
+
+#[test]
+fn a_step_cannot_change_its_inputs_the_hosts_kernel_or_its_ipc() {
+    let p = need!(proj());
+    fs::write(p.dir.join("src/f"), "host\n").unwrap();
+    // Each attempt's outcome goes to /r: the step itself succeeds.
+    p.manifest(concat!(
+        "[env.dev]\nfrom = [\"dir:base\"]\nrun = [{ run = \"",
+        "(mount -o remount,rw,bind /src && echo remounted; echo pwned > /src/f && echo wrote; umount /src && echo unmounted; ",
+        "cat /proc/sys/kernel/core_pattern > /proc/sys/kernel/core_pattern && echo sysctl; echo h > /proc/sysrq-trigger && echo sysrq; ",
+        "mknod /blk b 8 0 && echo mknod; mount -o remount,rw /proc/sys && echo procsys; hostname stepbox && hostname; ",
+        "readlink /proc/self/ns/ipc) > /r 2>/dev/null; true\", inputs = [\"./src:/src\"] }]\n"
+    ));
+    p.plyroot(&["apply"]).ok();
+    let out = p.s.run("dev", &[], &["cat", "/r"]).ok();
+    let host_ipc = fs::read_link("/proc/self/ns/ipc").unwrap().to_string_lossy().into_owned();
+    let lines = out.lines();
+    assert_eq!(lines.len(), 2, "a step changed what it must not (its input, a sysctl, a device, /proc/sys): {out}");
+    assert_eq!(lines[0], "stepbox", "{out}");
+    assert!(lines[1].starts_with("ipc:[") && lines[1] != host_ipc, "the step shares the host's IPC namespace: {out}");
+    assert_eq!(fs::read_to_string(p.dir.join("src/f")).unwrap(), "host\n");
+}
+
+#[test]
+fn an_input_holding_a_socket_is_refused_and_a_kept_failure_goes_with_the_next_build() {
+    let p = need!(proj());
+    let _l = std::os::unix::net::UnixListener::bind(p.dir.join("src/agent.sock")).unwrap();
+    p.manifest("[env.dev]\nfrom = [\"dir:base\"]\nrun = [{ run = \"ls /src\", inputs = [\"./src:/src\"] }]\n");
+    p.plyroot(&["apply"]).code(125).plyroot_error(&["the socket", "agent.sock", "leave it out of the input"]);
+    fs::remove_file(p.dir.join("src/agent.sock")).unwrap();
+    // A failure's state stays until the next build, even one that runs nothing.
+    p.manifest("[env.dev]\nfrom = [\"dir:base\"]\nrun = [\"echo one > /one\", \"echo x > /partial; exit 1\"]\n");
+    p.plyroot(&["apply"]).code(125);
+    assert!(p.s.home.join("builds/dev").exists());
+    p.manifest("[env.dev]\nfrom = [\"dir:base\"]\nrun = [\"echo one > /one\"]\n");
+    let out = p.plyroot(&["apply"]).ok();
+    assert!(out.stderr.contains("(cached)"), "{out}");
+    p.plyroot(&["build", "--shell", "dev"]).failed().plyroot_error(&["no failed build step of 'dev'"]);
+}

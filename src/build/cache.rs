@@ -12,6 +12,7 @@
 use anyhow::Result;
 
 /// The tag of the step with `key` in a cache repository.
+#[cfg_attr(not(feature = "registry"), allow(dead_code))]
 pub(crate) fn tag(key: &str) -> String {
     format!("step-{}", key.trim_start_matches("sha256:"))
 }
@@ -48,6 +49,19 @@ pub(crate) fn fetch(store: &crate::store::Store, cache: &str, key: &str) -> Resu
         [one] => Ok(Some(one.id.clone())),
         _ => anyhow::bail!("the step cache's image {reference} has {} layers, not one: it was not written by plyroot; push to another repository, or build with --no-cache", layers.len()),
     }
+}
+
+/// Whether the cache's tag `tag` is the one-layer image of `layer` (its config's only diff_id).
+#[cfg(feature = "registry")]
+pub(crate) fn holds(client: &mut crate::registry::Client, tag: &str, layer: &str) -> Result<bool> {
+    if !client.has_manifest(tag)? {
+        return Ok(false);
+    }
+    let (manifest, _) = client.manifest(tag)?;
+    let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap_or_default();
+    let (Some(config), Some(1)) = (m["config"]["digest"].as_str(), m["layers"].as_array().map(Vec::len)) else { return Ok(false) };
+    let config: serde_json::Value = serde_json::from_slice(&client.blob_bytes(config)?).unwrap_or_default();
+    Ok(config["rootfs"]["diff_ids"].as_array().is_some_and(|d| d.len() == 1 && d[0] == layer))
 }
 
 #[cfg(not(feature = "registry"))]

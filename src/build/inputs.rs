@@ -1,8 +1,10 @@
 //! The content digest of a step's input: what a step can read of a host path bound into it.
 //!
-//! The digest covers names, kinds, whether a file is executable, file contents and link targets,
-//! in name order. Not owners, other mode bits or times: a fresh checkout of the same tree on
-//! another machine (another user, another umask, other mtimes) gives the same key.
+//! The digest covers names, kinds, permission bits, file contents and link targets, in name
+//! order: everything a step can copy into its layer but owners and times (a fresh checkout of
+//! the same tree by another user, with other mtimes, gives the same key; one with another umask
+//! does not, as its files differ to `cp -a`). A socket or fifo is refused: through it a step
+//! could talk to whatever host process holds the other end, network or not.
 
 use std::fs;
 use std::io::Read;
@@ -26,6 +28,7 @@ pub(crate) fn digest(src: &Path) -> Result<String> {
     } else {
         bail!("the input {} is neither a file nor a directory", src.display());
     }
+    h.update((m.permissions().mode() & 0o7777).to_le_bytes());
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
 
@@ -44,8 +47,17 @@ fn tree(dir: &Path, rel: &[u8], h: &mut Sha256) -> Result<()> {
         h.update((name.len() as u64).to_le_bytes());
         h.update(&name);
         let t = m.file_type();
+        if t.is_fifo() || t.is_socket() {
+            bail!(
+                "the input {} holds {} {}: a step could talk through it to a process on the host, network or not; leave it out of the input (bind a directory without it)",
+                dir.display(),
+                if t.is_fifo() { "the fifo" } else { "the socket" },
+                path.display()
+            );
+        }
         if t.is_dir() {
             h.update(b"d");
+            h.update((m.permissions().mode() & 0o7777).to_le_bytes());
             tree(&path, &name, h)?;
         } else if t.is_file() {
             h.update(b"f");
@@ -56,8 +68,9 @@ fn tree(dir: &Path, rel: &[u8], h: &mut Sha256) -> Result<()> {
             h.update((target.as_os_str().len() as u64).to_le_bytes());
             h.update(target.as_os_str().as_bytes());
         } else {
-            // A socket, fifo or device in a source tree: its presence is all a step can see.
-            h.update(if t.is_fifo() { b"p" } else if t.is_socket() { b"s" } else { b"c" });
+            // A device node in a source tree: its kind and number are what a step sees of it.
+            h.update(if t.is_block_device() { b"b" } else { b"c" });
+            h.update(std::os::unix::fs::MetadataExt::rdev(&m).to_le_bytes());
         }
     }
     h.update(b"\0end");
@@ -65,7 +78,7 @@ fn tree(dir: &Path, rel: &[u8], h: &mut Sha256) -> Result<()> {
 }
 
 fn file(path: &Path, m: &fs::Metadata, h: &mut Sha256) -> Result<()> {
-    h.update([u8::from(m.permissions().mode() & 0o111 != 0)]);
+    h.update((m.permissions().mode() & 0o7777).to_le_bytes());
     let mut f = fs::File::open(path).with_context(|| format!("cannot read the input file {}", path.display()))?;
     let mut content = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -85,7 +98,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_digest_follows_content_and_names_not_times_or_modes() {
+    fn the_digest_follows_content_modes_and_names_not_times() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("src");
         fs::create_dir_all(d.join("sub")).unwrap();
@@ -93,14 +106,17 @@ mod tests {
         fs::write(d.join("sub/b"), "b").unwrap();
         std::os::unix::fs::symlink("a.c", d.join("link")).unwrap();
         let first = digest(&d).unwrap();
-        // Times and read/write bits are not content.
-        fs::set_permissions(d.join("a.c"), fs::Permissions::from_mode(0o600)).unwrap();
+        // Times are not content.
         fs::write(d.join("sub/b"), "b").unwrap();
+        fs::File::open(d.join("sub/b")).unwrap().set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
         assert_eq!(digest(&d).unwrap(), first);
-        // Content, the executable bit, names and link targets are.
+        // Modes (a step's `cp -a` keeps them), content, names and link targets are.
+        fs::set_permissions(d.join("a.c"), fs::Permissions::from_mode(0o600)).unwrap();
+        let private = digest(&d).unwrap();
+        assert_ne!(private, first);
         fs::set_permissions(d.join("a.c"), fs::Permissions::from_mode(0o755)).unwrap();
         let exec = digest(&d).unwrap();
-        assert_ne!(exec, first);
+        assert_ne!(exec, private);
         fs::write(d.join("sub/b"), "c").unwrap();
         let content = digest(&d).unwrap();
         assert_ne!(content, exec);
@@ -110,6 +126,11 @@ mod tests {
         fs::remove_file(d.join("link")).unwrap();
         std::os::unix::fs::symlink("sub", d.join("link")).unwrap();
         assert_ne!(digest(&d).unwrap(), renamed);
+        // A socket would be a channel to the host: refused, naming it.
+        let _l = std::os::unix::net::UnixListener::bind(d.join("sub/agent.sock")).unwrap();
+        let e = digest(&d).unwrap_err().to_string();
+        assert!(e.contains("the socket") && e.contains("agent.sock"), "{e}");
+        fs::remove_file(d.join("sub/agent.sock")).unwrap();
         // A file input; a missing one is an error naming it.
         assert!(digest(&d.join("a.c")).unwrap().starts_with("sha256:"));
         assert!(digest(&d.join("nope")).unwrap_err().to_string().contains("nope"));

@@ -83,6 +83,8 @@ pub(crate) fn build(store: &Store, decl: &EnvDecl, below: &[String], opts: &Opti
         return Ok(built);
     }
     let _lock = store.lock_build(&decl.name)?;
+    // The state a failed step left is kept until this build, whether a step runs or not.
+    store.remove_build_env(&decl.name)?;
     let n = decl.steps.len();
     let mut stack: Vec<String> = below.to_vec();
     for (i, s) in decl.steps.iter().enumerate() {

@@ -21,8 +21,18 @@ use crate::store::meta::Overrides;
 use crate::store::steps::FailedStep;
 use crate::store::{canonical, now_secs, write_atomic, Store};
 
-/// How many of a failed step's last output lines are shown.
+/// How many of a failed step's last output lines are shown, and how much of each line's start and
+/// end.
 const TAIL: usize = 25;
+const LINE: usize = 300;
+
+/// A line of output as shown in a failure: its start and end when it is long.
+fn shortened(line: &[u8]) -> String {
+    if line.len() <= 2 * LINE {
+        return String::from_utf8_lossy(line).into_owned();
+    }
+    format!("{} […{} bytes…] {}", String::from_utf8_lossy(&line[..LINE]), line.len() - 2 * LINE, String::from_utf8_lossy(&line[line.len() - LINE..]))
+}
 
 /// The command line (`/bin/sh -c …`) of `step` on the layers `below`.
 pub(crate) fn argv(store: &Store, below: &[String], step: &Step) -> Result<Vec<OsString>> {
@@ -121,14 +131,18 @@ fn spawn(store: &Store, env: &Env, network: bool, argv: &[OsString]) -> Result<(
         partial.extend_from_slice(chunk);
         while let Some(i) = partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = partial.drain(..=i).collect();
-            tail.push_back(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+            tail.push_back(shortened(&line[..line.len() - 1]));
             if tail.len() > TAIL {
                 tail.pop_front();
             }
         }
+        // A line without end is kept to its shown length only (the log has it whole).
+        if partial.len() > 2 * LINE {
+            partial.drain(LINE..partial.len() - LINE);
+        }
     }
     if !partial.is_empty() {
-        tail.push_back(String::from_utf8_lossy(&partial).into_owned());
+        tail.push_back(shortened(&partial));
     }
     let status = child.wait().context("cannot wait for the step")?;
     let code = status.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0));

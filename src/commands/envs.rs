@@ -224,15 +224,34 @@ fn load(file: &Path, only: &[String]) -> Result<(std::path::PathBuf, crate::mani
 
 /// Resolves the sources and builds the steps of the environments to apply (all, or `only`), and
 /// writes the lock file. Returns each environment's declared layers.
-fn resolve_and_build<'m>(store: &Store, abs: &Path, manifest: &'m crate::manifest::Manifest, how: &How, only: &[String]) -> Result<Plans<'m>> {
+fn resolve_and_build<'m>(store: &Store, abs: &Path, manifest: &'m crate::manifest::Manifest, how: &How, only: &[String]) -> Result<(Plans<'m>, usize)> {
     let lock_path = abs.with_file_name("plyroot.lock");
     let old_lock = read_lock(&lock_path)?;
     // Resolve, build and check everything before changing anything: an error leaves every
     // environment and the lock file as they were (imports and steps only add layers, which gc
     // collects if unused).
     let wanted = manifest.envs.iter().filter(|e| only.is_empty() || only.contains(&e.name));
-    let (mut new_lock, mut plans) = resolve_all(store, wanted, &old_lock, how.update, &lock_path)?;
     let cache_from = how.cache_from.clone().or_else(|| manifest.cache.clone());
+    // The caches named, checked before any work: a bad one is an error now, not after the steps.
+    let cache_to = match &how.cache_to {
+        Some(to) if to.is_empty() => Some(manifest.cache.clone().context("--cache-to without a repository pushes to the manifest's `cache`, which it does not set: give one (--cache-to docker://HOST/REPOSITORY); nothing was built")?),
+        to => to.clone(),
+    };
+    for c in cache_from.iter().chain(&cache_to) {
+        crate::build::cache::repository(c).context("nothing was built")?;
+    }
+    let (mut new_lock, mut plans) = resolve_all(store, wanted, &old_lock, how.update, &lock_path)?;
+    // Each stack with its steps' layers must fit under the limit: known before any step runs.
+    for (decl, layers) in &plans {
+        let commits = store.env(&decl.name).and_then(|e| e.current()).map(|g| g.commits).unwrap_or_default();
+        let n = layers.len() + decl.steps.len() + commits.iter().filter(|c| !layers.contains(c)).count();
+        crate::store::limits::check(
+            &decl.name,
+            n,
+            &format!("nothing was built: {} layer(s) from its sources and {} step(s); merge steps (one `run` can hold several commands) or squash the sources into one layer", layers.len(), decl.steps.len()),
+        )?;
+    }
+    let mut ran = 0;
     let opts = crate::build::Options { no_cache: how.no_cache, update: how.update, pins: old_lock.step_pins(), cache_from };
     for (decl, layers) in &mut plans {
         if decl.steps.is_empty() {
@@ -240,6 +259,7 @@ fn resolve_and_build<'m>(store: &Store, abs: &Path, manifest: &'m crate::manifes
             continue;
         }
         let built = crate::build::build(store, decl, layers, &opts)?;
+        ran += built.ran;
         layers.extend(built.layers);
         let commits = store.env(&decl.name).and_then(|e| e.current()).map(|g| g.commits).unwrap_or_default();
         check_limit(&decl.name, layers, &commits)?;
@@ -255,16 +275,11 @@ fn resolve_and_build<'m>(store: &Store, abs: &Path, manifest: &'m crate::manifes
         // Built steps stay while this lock file pins them (gc), applied or not.
         store.remember_lock_file(&lock_path)?;
     }
-    if let Some(to) = &how.cache_to {
-        let to = if to.is_empty() {
-            manifest.cache.clone().context("--cache-to without a repository pushes to the manifest's `cache`, which it does not set: give one (--cache-to docker://HOST/REPOSITORY)")?
-        } else {
-            to.clone()
-        };
+    if let Some(to) = &cache_to {
         let steps: Vec<&StepPin> = plans.iter().filter_map(|(d, _)| new_lock.steps.get(&d.name)).flatten().collect();
-        push_steps(store, &to, &steps)?;
+        push_steps(store, to, &steps)?;
     }
-    Ok(plans)
+    Ok((plans, ran))
 }
 
 /// `--cache-to`: each step's layer as a one-layer image tagged by its key (see `build::cache`),
@@ -277,7 +292,8 @@ fn push_steps(store: &Store, cache: &str, steps: &[&StepPin]) -> Result<()> {
     let (mut pushed, mut sent) = (0, 0);
     for s in steps {
         let tag = crate::build::cache::tag(&s.key);
-        if client.has_manifest(&tag)? {
+        // A tag that names another image (not plyroot's, or a stale one) is pushed over.
+        if crate::build::cache::holds(&mut client, &tag, &s.layer)? {
             continue;
         }
         let r = crate::registry::Reference { tag: Some(tag), digest: None, ..base.clone() };
@@ -297,10 +313,10 @@ fn push_steps(_: &Store, _: &str, _: &[&StepPin]) -> Result<()> {
 /// `plyroot build`: the steps of the manifest's environments, built (or checked), no generation.
 pub(crate) fn build(store: &Store, file: &Path, how: &How, only: &[String]) -> Result<i32> {
     let (abs, manifest) = load(file, only)?;
-    let plans = resolve_and_build(store, &abs, &manifest, how, only)?;
+    let (plans, ran) = resolve_and_build(store, &abs, &manifest, how, only)?;
     if !how.check {
-        let ran: usize = plans.iter().map(|(d, _)| d.steps.len()).sum();
-        crate::diag::info!("built {ran} step(s) of {} environment(s); `plyroot apply` makes their generations", plans.len());
+        let steps: usize = plans.iter().map(|(d, _)| d.steps.len()).sum();
+        crate::diag::info!("{steps} step(s) of {} environment(s) built ({ran} run, {} cached); `plyroot apply` makes their generations", plans.len(), steps - ran);
         return Ok(0);
     }
     let mut differ = 0;
@@ -308,7 +324,7 @@ pub(crate) fn build(store: &Store, file: &Path, how: &How, only: &[String]) -> R
         let first_step = layers.len() - decl.steps.len();
         for (i, step) in decl.steps.iter().enumerate() {
             let (below, built) = (&layers[..first_step + i], &layers[first_step + i]);
-            let place = format!("[{}/{}] {}", i + 1, decl.name.len().max(decl.steps.len()), decl.name);
+            let place = format!("[{}/{}] {}", i + 1, decl.steps.len(), decl.name);
             let files = check_step(store, &decl.name, below, step, built, &place)?;
             if files.is_empty() {
                 crate::diag::info!("{place}: {}: reproducible", crate::text::field(&step.title()));
@@ -329,6 +345,8 @@ pub(crate) fn build(store: &Store, file: &Path, how: &How, only: &[String]) -> R
 /// Reruns `step` on `below` with SOURCE_DATE_EPOCH set and names the files whose content,
 /// metadata or presence differ from the layer `built`.
 fn check_step(store: &Store, name: &str, below: &[String], step: &crate::manifest::Step, built: &str, place: &str) -> Result<Vec<String>> {
+    // One build of an environment at a time: an apply's steps use the same throwaway place.
+    let _lock = store.lock_build(name)?;
     let epoch = store.layer_info(built).map(|i| i.created).unwrap_or(0);
     let env = crate::build::step::run_only(store, name, below, step, place, &[("SOURCE_DATE_EPOCH".into(), epoch.to_string())])?;
     let (a, b) = (env.upper(), store.layer_root(built));
@@ -339,7 +357,7 @@ fn check_step(store: &Store, name: &str, below: &[String], step: &crate::manifes
 
 pub(crate) fn apply(store: &Store, file: &Path, how: &How, only: &[String]) -> Result<i32> {
     let (abs, manifest) = load(file, only)?;
-    let plans = resolve_and_build(store, &abs, &manifest, how, only)?;
+    let (plans, _) = resolve_and_build(store, &abs, &manifest, how, only)?;
     if how.update {
         show_package_changes(store, &plans);
     }

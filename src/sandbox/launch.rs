@@ -142,6 +142,10 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str, recording: Op
             drop(ready_rd.take());
             let root = mounts::build(plan, shared.take())?;
             mounts::pivot(&root)?;
+            if plan.sealed {
+                mounts::proc_read_only()?;
+                namespaces::seal()?;
+            }
             enter_cwd(plan)?;
             drop((ready_wr.take(), held.take()));
             pid1(plan, env_name)
@@ -155,6 +159,10 @@ pub(crate) fn launch(plan: &Plan, inside: &Inside, env_name: &str, recording: Op
     }
     let root = mounts::build(plan, shared)?;
     mounts::pivot(&root)?;
+    if plan.sealed {
+        mounts::proc_read_only()?;
+        namespaces::seal()?;
+    }
     enter_cwd(plan)?;
     drop(held);
     let e = exec(plan);

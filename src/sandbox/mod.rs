@@ -218,6 +218,8 @@ pub(crate) struct RunOptions {
     pub isolate_net: bool,
     /// End with this process (a build step with its build): see `Plan::tied_to`.
     pub tied_to: Option<i32>,
+    /// A build step: see `Plan::sealed`.
+    pub sealed: bool,
 }
 
 /// The program to start once the root is in place.
@@ -261,6 +263,10 @@ pub(crate) struct Plan {
     /// The parent this launch must not outlive (a build step's build, killed or not): its death
     /// kills the supervisor, and with it PID 1 and the whole pid namespace.
     pub tied_to: Option<i32>,
+    /// A build step: once its root is built, the program runs in a user namespace of its own
+    /// where every mount flag is locked and the host's kernel settings are out of reach (see
+    /// `namespaces::seal`).
+    pub sealed: bool,
 }
 
 pub(crate) const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -415,7 +421,7 @@ pub(crate) fn plan(i: PlanInput<'_>) -> Result<Plan> {
         (None, Some(Start::Home) | None) => (vec![home, PathBuf::from("/")], false),
     };
     let lookup = i.opts.compose.then_some(own_path);
-    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required, lookup }, pid: i.opts.pid, isolate_net: i.opts.isolate_net, tied_to: i.opts.tied_to })
+    Ok(Plan { root: i.root, store: i.store, ops, exec: Exec { argv, env, cwd, cwd_required, lookup }, pid: i.opts.pid, isolate_net: i.opts.isolate_net, tied_to: i.opts.tied_to, sealed: i.opts.sealed })
 }
 
 /// The per-run mounts: the host shares that are on, then the binds asked for.

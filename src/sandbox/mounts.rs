@@ -341,6 +341,21 @@ fn proc_fresh(root: &OwnedFd) -> Result<()> {
     Ok(())
 }
 
+/// The parts of a fresh /proc through which root's uid reaches the host's kernel whatever its
+/// capabilities (the kernel checks only file permissions there): the sysctls and the SysRq
+/// trigger. Bound read-only over themselves before a build step is sealed, which locks them.
+const PROC_READ_ONLY: &[&str] = &["/proc/sys", "/proc/sysrq-trigger"];
+
+/// Makes [`PROC_READ_ONLY`] read-only, after the pivot (where /proc is the run's own).
+pub(crate) fn proc_read_only() -> Result<()> {
+    for p in PROC_READ_ONLY.iter().map(Path::new).filter(|p| p.exists()) {
+        let m = mount::clone_tree(p, true)?;
+        mount::set_readonly(m.as_fd(), p)?;
+        mount::attach_at(m.as_fd(), p).with_context(|| format!("cannot make {} read-only", p.display()))?;
+    }
+    Ok(())
+}
+
 /// Makes the built root this process's (and its mount namespace's) root.
 pub(crate) fn pivot(root: &OwnedFd) -> Result<()> {
     Ok(mount::pivot_into(root.as_fd(), Path::new("/"))?)

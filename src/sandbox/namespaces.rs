@@ -159,6 +159,35 @@ fn identity(nested: Option<Nested>, id: (u32, u32), join: Option<&Join>, mapper:
     Ok(())
 }
 
+/// Seals a built root for a build step: a user namespace nested in the current one, mapping every
+/// id to itself, with mount, UTS and IPC namespaces of its own. The copy of the mounts a less
+/// privileged namespace gets has their flags locked (the kernel's `MNT_LOCK_*`): root there can
+/// neither remount an input's read-only bind writable nor unmount what covers it, and, as real
+/// root, has no capability over the host's kernel settings (`/proc/sys`, devices, the hostname).
+/// A helper still in the current namespace writes the maps (multi-range maps need its caps).
+pub(crate) fn seal() -> Result<()> {
+    let identity = |file: &str| -> Result<Vec<IdRange>> {
+        let text = fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?;
+        let mut out = Vec::new();
+        for l in text.lines() {
+            let f: Vec<u32> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            if let [inside, _, count] = f[..] {
+                out.push(IdRange { inside, outside: inside, count });
+            }
+        }
+        Ok(out)
+    };
+    let (uids, gids) = (identity("/proc/self/uid_map")?, identity("/proc/self/gid_map")?);
+    // A process that changed its ids (`--root`'s become_id) is not dumpable, and its /proc files
+    // then belong to root of the outermost namespace: the helper could not open our maps.
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::Dumpable).context("cannot let the helper write the sealed namespace's maps")?;
+    let mut m = Mapper::start(None, Some((uids, gids)))?;
+    unshare(rustix::thread::UnshareFlags::NEWUSER | flags(false, false, true))?;
+    m.step("sealing the build step's mounts in a user namespace of its own")?;
+    m.finish()?;
+    Ok(())
+}
+
 /// The inode and id of our user namespace.
 fn own_user_ns() -> Result<(u64, u64)> {
     let fd = ns::open_ns(rustix::process::getpid().as_raw_nonzero().get(), "user")?;

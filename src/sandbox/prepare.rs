@@ -683,6 +683,7 @@ fn plan_input<'a>(
         compose: req.compose,
         isolate_net: req.isolate_net,
         tied_to: req.tied_to,
+        sealed: req.pure,
     };
     Ok(PlanInput {
         env_name: &env.name,
