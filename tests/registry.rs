@@ -1715,6 +1715,12 @@ fn steps_pushed_to_a_cache_are_used_by_a_fresh_store_without_running() {
     // Pushing again sends nothing.
     let out = apply(&a, &["--cache-to"]).ok();
     assert!(out.stderr.contains("0 step(s) pushed") && out.stderr.contains("2 there already"), "{out}");
+    // A tag that names another image (here the whole environment) is pushed over.
+    a.plyroot(&["push", "--insecure", "dev", &format!("{cache}:step-{key}")]).ok();
+    assert_eq!(reg.manifest("team/cache", &format!("step-{key}"))["layers"].as_array().unwrap().len(), 3);
+    let out = apply(&a, &["--cache-to"]).ok();
+    assert!(out.stderr.contains("1 step(s) pushed") && out.stderr.contains("1 there already"), "{out}");
+    assert_eq!(reg.manifest("team/cache", &format!("step-{key}"))["layers"].as_array().unwrap().len(), 1);
 
     // A fresh store, and no lock file: the manifest's cache gives the same layers, nothing runs.
     fs::remove_file(proj.join("plyroot.lock")).unwrap();
