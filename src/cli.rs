@@ -136,12 +136,8 @@ pub(crate) enum Command {
         /// Run every build step, whatever is cached
         #[arg(long)]
         no_cache: bool,
-        /// Look for step layers in this registry repository before running a step [default: the manifest's `cache`]
-        #[arg(long, value_name = "docker://REPOSITORY")]
-        cache_from: Option<String>,
-        /// Push the steps' layers to this registry repository [with no value: the manifest's `cache`]
-        #[arg(long, value_name = "docker://REPOSITORY", num_args = 0..=1, default_missing_value = "")]
-        cache_to: Option<String>,
+        #[command(flatten)]
+        cache: CacheOpts,
         /// Only these environments [default: all in the manifest]
         envs: Vec<String>,
         #[command(flatten)]
@@ -162,12 +158,8 @@ pub(crate) enum Command {
         /// Open a shell in the state the environment's last failed step left
         #[arg(long, value_name = "ENV")]
         shell: Option<String>,
-        /// Look for step layers in this registry repository before running a step [default: the manifest's `cache`]
-        #[arg(long, value_name = "docker://REPOSITORY")]
-        cache_from: Option<String>,
-        /// Push the steps' layers to this registry repository [with no value: the manifest's `cache`]
-        #[arg(long, value_name = "docker://REPOSITORY", num_args = 0..=1, default_missing_value = "")]
-        cache_to: Option<String>,
+        #[command(flatten)]
+        cache: CacheOpts,
         /// Only these environments [default: all in the manifest]
         envs: Vec<String>,
         #[command(flatten)]
@@ -368,6 +360,17 @@ pub(crate) struct RegistryOpts {
     /// The platform to take from multi-platform images [default: this machine's; also PLYROOT_PLATFORM]
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     pub platform: Option<String>,
+}
+
+/// Where `apply` and `build` share step layers (see `build::cache`).
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct CacheOpts {
+    /// Look for step layers in this registry repository before running a step [default: the manifest's `cache`]
+    #[arg(long, value_name = "docker://REPOSITORY")]
+    pub cache_from: Option<String>,
+    /// Push the steps' layers to this registry repository [with no value: the manifest's `cache`]
+    #[arg(long, value_name = "docker://REPOSITORY", num_args = 0..=1, default_missing_value = "")]
+    pub cache_to: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -179,12 +179,12 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Enter { ref opts, ref name } => commands::run::run(open()?, name, opts.request(Vec::new(), true, false), opts.booted),
         Command::List { json, names } => commands::envs::list(&open()?, json, names),
         Command::Rm { ref names } => commands::envs::rm(&open()?, names),
-        Command::Apply { ref file, update, no_cache, ref cache_from, ref cache_to, ref envs, .. } => {
-            commands::envs::apply(&open()?, file, &commands::envs::How { update, no_cache, cache_from: cache_from.clone(), cache_to: cache_to.clone(), ..Default::default() }, envs)
+        Command::Apply { ref file, update, no_cache, ref cache, ref envs, .. } => {
+            commands::envs::apply(&open()?, file, &commands::envs::How { update, no_cache, cache_from: cache.cache_from.clone(), cache_to: cache.cache_to.clone(), ..Default::default() }, envs)
         }
         Command::Build { ref shell, .. } if shell.is_some() => build::step::shell(open()?, shell.as_deref().unwrap_or_default()),
-        Command::Build { ref file, no_cache, check, ref cache_from, ref cache_to, ref envs, .. } => {
-            commands::envs::build(&open()?, file, &commands::envs::How { no_cache, check, cache_from: cache_from.clone(), cache_to: cache_to.clone(), ..Default::default() }, envs)
+        Command::Build { ref file, no_cache, check, ref cache, ref envs, .. } => {
+            commands::envs::build(&open()?, file, &commands::envs::How { no_cache, check, cache_from: cache.cache_from.clone(), cache_to: cache.cache_to.clone(), ..Default::default() }, envs)
         }
         Command::Step { ref dir, ref name, network, parent, ref command } => build::step::child(open()?, dir, name, network, parent, command.clone()),
         Command::Generations { ref name, json } => commands::envs::generations(&open()?, name, json),
