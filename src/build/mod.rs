@@ -88,7 +88,7 @@ pub(crate) fn build(store: &Store, decl: &EnvDecl, below: &[String], opts: &Opti
     let n = decl.steps.len();
     let mut stack: Vec<String> = below.to_vec();
     for (i, s) in decl.steps.iter().enumerate() {
-        let digests = s.inputs.iter().map(|inp| inputs::digest(&inp.src).map_err(|e| e.context(format!("step {}/{n} of '{}' (`{}`)", i + 1, decl.name, s.title())))).collect::<Result<Vec<_>>>()?;
+        let digests = s.inputs.iter().map(|inp| input_digest(store, &inp.src).map_err(|e| e.context(format!("step {}/{n} of '{}' (`{}`)", i + 1, decl.name, s.title())))).collect::<Result<Vec<_>>>()?;
         let k = key(&stack, s, &digests);
         let rerun = opts.no_cache || (opts.update && s.network);
         let place = format!("[{}/{n}] {}", i + 1, decl.name);
@@ -136,6 +136,21 @@ fn from_cache(store: &Store, cache: &str, key: &str, pin: Option<&String>, place
             None
         }
     }
+}
+
+/// The digest of the input at `src`, reading only what changed since the last one (the store
+/// keeps each input's file digests in `blobs/inputs/`; losing them costs only a full read).
+fn input_digest(store: &Store, src: &std::path::Path) -> Result<String> {
+    let path = inputs::known_path(&store.root.join("blobs"), src);
+    let mut known = inputs::Known::load(&path);
+    let d = inputs::digest_with(src, &mut known)?;
+    if let Some(new) = known.updated() {
+        let written = path.parent().map(std::fs::create_dir_all).transpose().map_err(anyhow::Error::from).and_then(|_| crate::store::write_atomic(&path, &new));
+        if let Err(e) = written {
+            crate::diag::debug!("the digests of {} were not kept: {e:#}", src.display());
+        }
+    }
+    Ok(d)
 }
 
 /// The layer the lock file pins for `key`, when the store has it.

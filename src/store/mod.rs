@@ -32,6 +32,8 @@
 //! │       upper.new/, upper.new.json   recovery turns them back into the states above
 //! ├── blobs/<hex>                      registry blob (or diff_id) → the layer it unpacks to (blobs.rs)
 //! ├── blobs/gzip/<layer hex>           the gzip blob `push` made of a layer: "digest size"
+//! ├── blobs/inputs/<hex>               a build step input's file digests, by name, with the
+//! │                                    (device, inode, size, mtime, ctime) each was read at
 //! ├── blobs/files/<hex>                a local file (by device, inode, size, mtime, ctime) → the
 //! │                                    layers it was imported as, so it is not read again
 //! ├── launchers/<env>/<program>.json   receipts of exported launchers: the link and the files
@@ -223,7 +225,7 @@ impl Store {
                 }
             }
         }
-        let mut dirs = vec![self.root.clone(), self.root.join("blobs"), self.root.join("blobs/gzip"), self.root.join("notes"), self.root.join("steps")];
+        let mut dirs = vec![self.root.clone(), self.root.join("blobs"), self.root.join("blobs/gzip"), self.root.join("notes"), self.root.join("steps"), self.root.join("blobs/inputs")];
         for parent in [self.envs_dir(), self.root.join("launchers")] {
             if let Ok(rd) = fs::read_dir(&parent) {
                 for e in rd.flatten() {
