@@ -72,7 +72,7 @@ pub(crate) fn run(store: &Store, name: &str, below: &[String], step: &Step, plac
 
 /// Runs `step` and leaves what it wrote in the upper of the returned build environment.
 pub(crate) fn run_only(store: &Store, name: &str, below: &[String], step: &Step, place: &str, extra_env: &[(String, String)]) -> Result<Env> {
-    let argv = argv(store, below, step)?;
+    let argv = argv(store, below, step).with_context(|| format!("{place}: `{}`", crate::text::field(&step.title())))?;
     let failed = FailedStep { title: format!("{place}: {}", step.title()), network: step.network };
     let env = store.fresh_build_env(name, below.to_vec(), settings(step, extra_env), &failed)?;
     let (code, tail, streamed) = spawn(store, &env, step.network, &argv)?;
