@@ -351,6 +351,11 @@ fn step_of(s: Spanned<RawStep>, dir: &Path, err: Locator<'_>) -> Result<Step, Ma
         if dst == Path::new("/") {
             return Err(err(i.span(), format!("input '{}' would cover the whole root: give it a directory of its own, e.g. {}:/src", i.get_ref(), src.display())));
         }
+        // The kernel's views a step gets from plyroot: an input there would cover them (and the
+        // read-only parts of /proc).
+        if let Some(api) = ["/proc", "/dev", "/sys"].iter().find(|a| dst.starts_with(a)) {
+            return Err(err(i.span(), format!("input '{}' would go under {api}, which plyroot provides: give it a directory of its own, e.g. {}:/src", i.get_ref(), src.display())));
+        }
         step.inputs.push(Input { src, dst });
     }
     Ok(step)
@@ -532,6 +537,7 @@ run = [
             ("[env.a]\nfrom = [\"tar:x\"]\nrun = [1]\n", 3, 8, "a command (a string) or a table"),
             ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ run = \"x\", inputs = [\"src\"] }]\n", 3, 31, "SRC:DST"),
             ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ run = \"x\", inputs = [\"./s:/\"] }]\n", 3, 31, "whole root"),
+            ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ run = \"x\", inputs = [\"./s:/proc/sys\"] }]\n", 3, 31, "under /proc"),
             ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ packages = [\"x\"], network = false }]\n", 3, 38, "always has the network"),
             ("[env.a]\nfrom = [\"tar:x\"]\nrun = [{ run = \"x\", env = { \"=\" = \"1\" } }]\n", 3, 29, "not an environment variable name"),
             ("cache = \"http://x\"\n[env.a]\nfrom = [\"tar:x\"]\n", 1, 9, "docker://HOST/REPOSITORY"),

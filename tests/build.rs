@@ -343,3 +343,24 @@ fn an_input_holding_a_socket_is_refused_and_a_kept_failure_goes_with_the_next_bu
     assert!(out.stderr.contains("(cached)"), "{out}");
     p.plyroot(&["build", "--shell", "dev"]).failed().plyroot_error(&["no failed build step of 'dev'"]);
 }
+
+#[test]
+fn a_step_on_a_terminal_cannot_reach_it_nor_the_callers_environment_through_pid_1() {
+    let p = need!(proj());
+    let script = need!(tool("script"));
+    p.manifest(concat!(
+        "[env.dev]\nfrom = [\"dir:base\"]\nrun = [\"",
+        "(echo to-the-terminal > /dev/tty && echo tty; ls /dev/pts | grep -vc ptmx; tr '\\\\0' '\\\\n' < /proc/1/environ | grep -c SECRET_OF_THE_CALLER) > /r 2>/dev/null; true",
+        "\"]\n"
+    ));
+    // apply on a fresh pty of the host, as from an interactive shell, with a variable to keep.
+    let mut c = std::process::Command::new(script);
+    let cmd = format!("{} apply", shell_quote(&bin().to_string_lossy()));
+    c.args(["-qec", &cmd, "/dev/null"]).env("PLYROOT_HOME", &p.s.home).env("SECRET_OF_THE_CALLER", "hunter2").current_dir(&p.dir);
+    let out = run_with(&mut c, Some(b""), TIMEOUT);
+    assert_eq!(out.code, 0, "{out}");
+    // (The progress line shows the command; only a line of its own is the step's write.)
+    assert!(!out.stdout.lines().any(|l| l.trim() == "to-the-terminal"), "the step wrote to the caller's terminal: {out}");
+    let r = p.s.run("dev", &[], &["cat", "/r"]).ok();
+    assert_eq!(r.lines(), ["0", "0"], "the step had the caller's terminal or environment: {r}");
+}

@@ -106,6 +106,9 @@ fn spawn(store: &Store, env: &Env, network: bool, argv: &[OsString]) -> Result<(
     if network {
         cmd.arg("--network");
     }
+    // Nothing of the caller's environment: the step's PID 1 is a fork of this child, and a step
+    // can read its /proc/1/environ. PATH finds newuidmap and newgidmap.
+    cmd.env_clear().envs(std::env::var_os("PATH").map(|p| ("PATH", p)));
     cmd.arg("--").args(argv).stdin(Stdio::null()).stdout(Stdio::from(wr)).stderr(Stdio::from(wr2));
     let mut child = cmd.spawn().with_context(|| format!("cannot start {} for the step", exe.display()))?;
     drop(cmd);
@@ -153,6 +156,13 @@ fn spawn(store: &Store, env: &Env, network: bool, argv: &[OsString]) -> Result<(
 /// a build step. Ends with the step when the build that started it dies (kill -9 included): a
 /// step outliving its build would write into an upper nobody publishes.
 pub(crate) fn child(store: Store, dir: &Path, name: &str, network: bool, parent: Option<i32>, command: Vec<OsString>) -> Result<i32> {
+    if parent.is_some() {
+        // A session of its own: no controlling terminal, so the step can neither write to the
+        // caller's nor type into it (TIOCSTI) through /dev/tty.
+        rustix::process::setsid().context("cannot start the build step in a session of its own")?;
+    }
+    // The caller's session keyring (a login's links the user's keys) stays outside.
+    crate::sys::process::new_session_keyring()?;
     if let Some(p) = parent {
         // Until the launch ties itself again after entering its namespaces (see `Plan::tied_to`).
         rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)).context("cannot tie the step to its build")?;

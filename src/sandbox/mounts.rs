@@ -38,6 +38,11 @@ pub(crate) fn shared(root: &RootSpec, base: &Base) -> Result<Option<Shared>> {
             let lowers: Vec<PathBuf> = std::iter::once(skel.clone()).chain(root.lowers.iter().cloned()).collect();
             fs::create_dir_all(work).with_context(|| format!("cannot create {}", work.display()))?;
             let m = mount::overlay(&lowers, Some((upper, work)), root.volatile).context("cannot mount the environment's root (overlayfs); `plyroot doctor` checks what this kernel allows")?;
+            if root.volatile {
+                // A build step's root: a device node in a layer (an untrusted tarball's) opens
+                // nothing, even for real root.
+                mount::set_nodev(m.as_fd(), upper)?;
+            }
             let mut host_dirs = Vec::new();
             for (name, lowers) in &root.host_dirs {
                 let (u, w) = (upper.join(name), work.join(format!("host-{name}")));
@@ -126,7 +131,7 @@ pub(crate) fn build(plan: &Plan, shared: Option<Shared>) -> Result<OwnedFd> {
     // Every host path is copied before the root is attached at its mount point: a recursive copy
     // of a share that holds the store (the home, /tmp) must not carry the root itself along, or
     // each nested launch would copy every mount of the one it started in.
-    let sources = clone_sources(&plan.ops)?;
+    let sources = clone_sources(&plan.ops, plan.sealed)?;
     let root = match (&r.upper, shared) {
         (Upper::Shared { .. }, Some(s)) => attach_shared(&s, r)?,
         (Upper::Shared { .. }, None) => bail!("the shared mount of this environment is missing"),
@@ -206,7 +211,9 @@ enum Source {
 /// /dev's host nodes (name, copy), GPU nodes (path, copy, kind), the caller's terminal (N, copy).
 type DevNodes = (Vec<(&'static str, OwnedFd)>, Vec<(PathBuf, OwnedFd, Kind)>, Option<(u32, OwnedFd)>);
 
-fn clone_sources(ops: &[Op]) -> Result<Vec<Source>> {
+/// `nodev`: binds refuse device nodes (a build step's inputs: real root could write to a device
+/// node in one, since the seal does not reach mounts of the initial user namespace).
+fn clone_sources(ops: &[Op], nodev: bool) -> Result<Vec<Source>> {
     ops.iter()
         .map(|op| {
             Ok(match op {
@@ -214,6 +221,9 @@ fn clone_sources(ops: &[Op]) -> Result<Vec<Source>> {
                     let tree = mount::clone_tree(src, *recursive).with_context(|| format!("cannot bind {} at {}", src.display(), dst.display()))?;
                     if *ro {
                         mount::set_readonly(tree.as_fd(), src)?;
+                    }
+                    if nodev {
+                        mount::set_nodev(tree.as_fd(), src)?;
                     }
                     Source::Tree(tree)
                 }

@@ -185,6 +185,10 @@ pub(crate) fn seal() -> Result<()> {
     unshare(rustix::thread::UnshareFlags::NEWUSER | flags(false, false, true))?;
     m.step("sealing the build step's mounts in a user namespace of its own")?;
     m.finish()?;
+    // Not dumpable again: the step is root in this namespace, and could otherwise ptrace us (its
+    // PID 1) and stop the build forever. Our memory map belongs to the initial namespace, where
+    // it has no capability.
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable).context("cannot keep the build step from tracing its PID 1")?;
     Ok(())
 }
 

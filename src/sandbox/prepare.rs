@@ -482,6 +482,10 @@ fn common(store: &Store, env: &Env, req: &Request, inside_env: bool) -> Result<C
     let settings = &generation.settings;
     let wants_host = !composed && !inside_env && settings.base.as_deref() == Some("host");
     let mut facts = HostFacts::gather();
+    if req.pure {
+        // A build step has no terminal of the caller's: it could write to it, or type into it.
+        facts.pty = None;
+    }
     let mut nix = nix_store(req, settings, &lowers);
     // Inside an environment, the /nix there is shown as it is (a launcher's composed view has no
     // upper of its own to write a store into).

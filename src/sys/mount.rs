@@ -96,6 +96,16 @@ pub(crate) fn clone_detached(mnt: BorrowedFd<'_>, shown: &Path) -> Result<OwnedF
 
 /// Makes a detached mount (and everything below it) read-only before it is attached.
 pub(crate) fn set_readonly(mnt: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    set_attrs(mnt, libc::MOUNT_ATTR_RDONLY, path)
+}
+
+/// Makes a detached mount (and everything below it) refuse to open device nodes.
+pub(crate) fn set_nodev(mnt: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    set_attrs(mnt, libc::MOUNT_ATTR_NODEV, path)
+}
+
+/// Sets the `MOUNT_ATTR_*` flags `set` on a detached mount and everything below it.
+fn set_attrs(mnt: BorrowedFd<'_>, set: u64, path: &Path) -> Result<()> {
     #[repr(C)]
     struct MountAttr {
         attr_set: u64,
@@ -103,7 +113,7 @@ pub(crate) fn set_readonly(mnt: BorrowedFd<'_>, path: &Path) -> Result<()> {
         propagation: u64,
         userns_fd: u64,
     }
-    let attr = MountAttr { attr_set: libc::MOUNT_ATTR_RDONLY, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    let attr = MountAttr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
     // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes from a valid, initialized struct
     // laid out as the kernel's `struct mount_attr`; the path is a NUL-terminated empty string.
     let rc = unsafe {
@@ -117,7 +127,7 @@ pub(crate) fn set_readonly(mnt: BorrowedFd<'_>, path: &Path) -> Result<()> {
         )
     };
     if rc != 0 {
-        return Err(err("make read-only", path, std::io::Error::last_os_error()));
+        return Err(err(if set == libc::MOUNT_ATTR_NODEV { "refuse device nodes on" } else { "make read-only" }, path, std::io::Error::last_os_error()));
     }
     Ok(())
 }

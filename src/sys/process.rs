@@ -311,3 +311,17 @@ pub(crate) fn pidfd_wait(pidfd: &impl std::os::fd::AsFd, within: std::time::Dura
     let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
     poll(&mut fds, Some(&t)).is_ok_and(|n| n > 0)
 }
+
+/// Gives this process a new, empty, anonymous session keyring, in place of the one it inherited
+/// (a login's, which links the user's keyring): children started after it cannot reach the keys
+/// of the caller's session.
+pub(crate) fn new_session_keyring() -> Result<()> {
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: KEYCTL_JOIN_SESSION_KEYRING with a null name reads no memory of ours; it only
+    // replaces this thread group's session keyring.
+    let rc = unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, std::ptr::null::<libc::c_char>()) };
+    if rc < 0 {
+        return Err(err("join a new session keyring", "keyctl", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
