@@ -364,3 +364,17 @@ fn a_step_on_a_terminal_cannot_reach_it_nor_the_callers_environment_through_pid_
     let r = p.s.run("dev", &[], &["cat", "/r"]).ok();
     assert_eq!(r.lines(), ["0", "0"], "the step had the caller's terminal or environment: {r}");
 }
+
+#[test]
+fn a_step_reads_an_input_only_you_can_read() {
+    let p = need!(proj());
+    fs::create_dir_all(p.dir.join("src/dir")).unwrap();
+    fs::write(p.dir.join("src/dir/private"), "mine\n").unwrap();
+    fs::set_permissions(p.dir.join("src/dir/private"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    fs::set_permissions(p.dir.join("src/dir"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    // Root in a step holds its capabilities over your id too (mapped as yourself): a checkout
+    // made with umask 077 builds as any other.
+    p.manifest("[env.dev]\nfrom = [\"dir:base\"]\nrun = [{ run = \"cat /src/dir/private > /copy\", inputs = [\"./src:/src\"] }]\n");
+    p.plyroot(&["apply"]).ok();
+    assert_eq!(p.s.run("dev", &[], &["cat", "/copy"]).ok().stdout, "mine\n");
+}
