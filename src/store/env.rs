@@ -123,12 +123,7 @@ impl Store {
     /// Removes what a deletion by hand left of environment `name` (see [`Store::remains`]).
     pub(crate) fn remove_remains(&self, name: &str) -> Result<()> {
         let Some(dir) = self.remains(name) else { bail!("no remains of an environment named '{name}'") };
-        let st = self.staging()?;
-        let grave = st.path.join("env");
-        fs::rename(&dir, &grave).with_context(|| format!("cannot remove {}", dir.display()))?;
-        super::remove_tree_mapped(&grave).with_context(|| format!("the remains of '{name}' were moved away, but deleting them in {} failed", grave.display()))?;
-        drop(st);
-        Ok(())
+        self.discard(&dir, &format!("the remains of '{name}' ({})", dir.display()))
     }
 
     pub(crate) fn envs(&self) -> Result<Vec<Env>> {
@@ -204,12 +199,7 @@ impl Store {
             bail!("'{name}' is booted: `plyroot stop {name}` first");
         }
         env.ensure_unused("remove")?;
-        let st = self.staging()?;
-        let grave = st.path.join("env");
-        fs::rename(&env.dir, &grave).with_context(|| format!("cannot remove environment '{name}'"))?;
-        super::remove_tree_mapped(&grave).with_context(|| format!("environment '{name}' was removed, but deleting its files in {} failed", grave.display()))?;
-        drop(st);
-        Ok(())
+        self.discard(&env.dir, &format!("environment '{name}'"))
     }
 }
 

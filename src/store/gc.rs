@@ -125,15 +125,10 @@ impl Store {
             }
         }
         for l in &c.dead {
-            // Disappears at once (rename), then is deleted.
-            let st = self.staging()?;
-            fs::rename(self.layer_dir(&l.id), st.path.join("layer")).with_context(|| format!("cannot delete layer {}", l.id))?;
-            remove_tree_mapped(&st.path.join("layer"))?;
+            self.discard(&self.layer_dir(&l.id), &format!("layer {}", l.id))?;
         }
         for id in &c.remains {
-            let st = self.staging()?;
-            fs::rename(self.layer_dir(id), st.path.join("layer")).with_context(|| format!("cannot delete what is left of layer {id}"))?;
-            remove_tree_mapped(&st.path.join("layer"))?;
+            self.discard(&self.layer_dir(id), &format!("what is left of layer {id}"))?;
             crate::diag::info!("deleted what was left of layer {id}");
         }
         if !c.dead.is_empty() {

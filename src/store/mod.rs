@@ -250,6 +250,19 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Deletes `path` (a tree in the store, whose files may be owned by subordinate ids) so that it
+    /// disappears at once: renamed into a staging directory, then deleted there. An interrupted
+    /// deletion is a leftover the next cleaning removes, never a half-deleted object in place.
+    /// `what` names it in errors.
+    pub(crate) fn discard(&self, path: &Path, what: &str) -> Result<()> {
+        let st = self.staging()?;
+        let grave = st.path.join("discarded");
+        fs::rename(path, &grave).with_context(|| format!("cannot delete {what}"))?;
+        remove_tree_mapped(&grave).with_context(|| format!("{what} was moved away, but deleting it in {} failed", grave.display()))
+    }
+}
+
 /// Creates one directory that only its owner may enter (`mkdir` with mode 0700, whatever the
 /// umask).
 pub(crate) fn private_dir(path: &Path) -> io::Result<()> {

@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::env::{Env, Settings};
-use super::{private_dir, remove_tree_mapped, write_atomic, Store};
+use super::{private_dir, write_atomic, Store};
 
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -129,11 +129,7 @@ impl Store {
         if fs::symlink_metadata(&dir).is_err() {
             return Ok(());
         }
-        let st = self.staging()?;
-        let grave = st.path.join("build");
-        fs::rename(&dir, &grave).with_context(|| format!("cannot remove {}", dir.display()))?;
-        remove_tree_mapped(&grave).with_context(|| format!("cannot delete {}", grave.display()))?;
-        Ok(())
+        self.discard(&dir, &format!("what a build of '{name}' left ({})", dir.display()))
     }
 
     /// gc: removes what builds that are not running left, and the records of steps whose layer is
