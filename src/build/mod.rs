@@ -156,7 +156,7 @@ fn input_digest(store: &Store, src: &std::path::Path) -> Result<String> {
 /// The layer the lock file pins for `key`, when the store has it.
 fn pinned(store: &Store, opts: &Options, key: &str) -> Option<String> {
     let layer = opts.pins.get(key)?;
-    store.layer_dir(layer).join("layer.json").is_file().then(|| layer.clone())
+    store.has_layer(layer).then(|| layer.clone())
 }
 
 #[cfg(test)]

@@ -82,11 +82,6 @@ impl Store {
         self.root.join("blobs")
     }
 
-    #[cfg(feature = "registry")]
-    fn has_layer(&self, id: &str) -> bool {
-        hex_of(id).is_some() && self.layer_dir(id).join("layer.json").is_file()
-    }
-
     /// The layer in the store that a blob or diff_id with `digest` unpacks to: an index entry, or
     /// the digest itself when it is a layer id (a layer's canonical tar is its own diff_id).
     #[cfg(feature = "registry")]
@@ -116,8 +111,7 @@ impl Store {
     pub(crate) fn layers_for_file(&self, kind: &str, stamp: &FileStamp) -> Option<Vec<String>> {
         let text = fs::read_to_string(self.blobs_dir().join("files").join(stamp.name(kind))).ok()?;
         let ids: Vec<String> = text.lines().map(str::to_owned).collect();
-        let present = |id: &String| hex_of(id).is_some() && self.layer_dir(id).join("layer.json").is_file();
-        (!ids.is_empty() && ids.iter().all(present)).then_some(ids)
+        (!ids.is_empty() && ids.iter().all(|id| self.has_layer(id))).then_some(ids)
     }
 
     /// Records that a file of `kind` with this stamp unpacks to `ids` (published layers).
@@ -135,7 +129,7 @@ impl Store {
         let Ok(rd) = fs::read_dir(self.blobs_dir().join("files")) else { return };
         for e in rd.flatten() {
             let Ok(text) = fs::read_to_string(e.path()) else { continue };
-            if text.lines().any(|id| hex_of(id).is_none_or(|_| !self.layer_dir(id).join("layer.json").is_file())) {
+            if text.lines().any(|id| !self.has_layer(id)) {
                 let _ = fs::remove_file(e.path());
             }
         }

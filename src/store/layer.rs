@@ -62,6 +62,11 @@ impl Store {
     }
 
     /// The tree of layer `id`, as used for an overlay lower.
+    /// Whether `id` is a layer id and the store has that layer, published whole.
+    pub(crate) fn has_layer(&self, id: &str) -> bool {
+        is_layer_id(id) && self.layer_dir(id).join("layer.json").is_file()
+    }
+
     pub(crate) fn layer_root(&self, id: &str) -> PathBuf {
         self.layer_dir(id).join("root")
     }

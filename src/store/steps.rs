@@ -49,7 +49,7 @@ impl Store {
     pub(crate) fn step_layer(&self, key: &str) -> Option<String> {
         let d = fs::read(self.steps_dir().join(key.trim_start_matches("sha256:"))).ok()?;
         let r: Record = serde_json::from_slice(&d).ok()?;
-        (super::layer::is_layer_id(&r.layer) && self.layer_dir(&r.layer).join("layer.json").is_file()).then_some(r.layer)
+        self.has_layer(&r.layer).then_some(r.layer)
     }
 
     /// Records that step `key` built `layer` (already published).
