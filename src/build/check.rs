@@ -7,13 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use sha2::{Digest, Sha256};
 
 /// What is compared of one entry.
 #[derive(PartialEq, Eq)]
@@ -50,16 +48,7 @@ fn walk(dir: &Path, rel: Vec<u8>, out: &mut BTreeMap<String, Entry>) -> Result<(
         }
         name.extend_from_slice(e.file_name().as_bytes());
         let data = if m.is_file() {
-            let mut h = Sha256::new();
-            let mut f = fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))? {
-                    0 => break,
-                    n => h.update(&buf[..n]),
-                }
-            }
-            h.finalize().to_vec()
+            super::inputs::file_digest(&path)?.to_vec()
         } else if m.file_type().is_symlink() {
             fs::read_link(&path).with_context(|| format!("cannot read {}", path.display()))?.as_os_str().as_bytes().to_vec()
         } else {

@@ -6,39 +6,40 @@
 //! does not, as its files differ to `cp -a`). A socket or fifo is refused: through it a step
 //! could talk to whatever host process holds the other end, network or not.
 //!
-//! Every apply digests every input, so file contents are not read again while a file's device,
-//! inode, size, mtime and ctime are those recorded beside its content digest (`known`, as git's
-//! index does), except for files changed in the last seconds, whose times may not yet tell a
-//! second change from the first.
+//! Every apply digests every input, so file contents are not read again while a file's stamp
+//! (`store::blobs::FileStamp`: device, inode, size, mtime, ctime) is the one recorded beside its
+//! content digest (`Known`, as git's index does), except for files changed too shortly before the
+//! digest began (`FileStamp::settled`), whose times may not yet tell a second change from the
+//! first.
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-/// A file's identity and times: while they stay, so does its content.
-type Stamp = (u64, u64, u64, i64, i64);
+use crate::store::blobs::FileStamp;
 
 /// Content digests of an input's files, by name, with the stamp each was read at.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Known {
-    files: HashMap<String, (Stamp, String)>,
+    files: HashMap<String, (FileStamp, String)>,
     #[serde(skip)]
-    seen: HashMap<String, (Stamp, String)>,
+    seen: HashMap<String, (FileStamp, String)>,
+    /// When the digest began: only files settled by then are recorded (none without it).
     #[serde(skip)]
-    now: i64,
+    began: Option<SystemTime>,
 }
 
 impl Known {
     /// What `path` (a file) recorded, or nothing when it cannot be read.
     pub(crate) fn load(path: &Path) -> Known {
         let mut k: Known = fs::read(path).ok().and_then(|d| serde_json::from_slice(&d).ok()).unwrap_or_default();
-        k.now = crate::store::now_secs() as i64;
+        k.began = Some(SystemTime::now());
         k
     }
 
@@ -124,35 +125,28 @@ fn tree(dir: &Path, rel: &[u8], h: &mut Sha256, known: &mut Known) -> Result<()>
 
 fn file(path: &Path, rel: &[u8], m: &fs::Metadata, h: &mut Sha256, known: &mut Known) -> Result<()> {
     h.update((m.permissions().mode() & 0o7777).to_le_bytes());
-    let stamp: Stamp = (m.dev(), m.ino(), m.size(), m.mtime() * 1_000_000_000 + m.mtime_nsec(), m.ctime() * 1_000_000_000 + m.ctime_nsec());
+    let stamp = FileStamp::of_metadata(m);
     let name = crate::text::escape_bytes(rel);
     if let Some((s, d)) = known.files.get(&name).filter(|(s, _)| *s == stamp) {
         if let Ok(bytes) = hex::decode(d) {
             h.update(&bytes);
-            known.seen.insert(name, (*s, d.clone()));
+            known.seen.insert(name, (s.clone(), d.clone()));
             return Ok(());
         }
     }
-    let content = read_digest(path)?;
+    let content = file_digest(path)?;
     h.update(content);
-    // A file changed in the last seconds may change again within its mtime's granularity.
-    if m.mtime().max(m.ctime()) < known.now - 2 {
+    if known.began.is_some_and(|t| stamp.settled(t)) {
         known.seen.insert(name, (stamp, hex::encode(content)));
     }
     Ok(())
 }
 
-fn read_digest(path: &Path) -> Result<[u8; 32]> {
-    let mut f = fs::File::open(path).with_context(|| format!("cannot read the input file {}", path.display()))?;
+/// The sha256 of a file's content.
+pub(crate) fn file_digest(path: &Path) -> Result<[u8; 32]> {
+    let mut f = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut content = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf).with_context(|| format!("cannot read the input file {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        content.update(&buf[..n]);
-    }
+    std::io::copy(&mut f, &mut content).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(content.finalize().into())
 }
 
@@ -196,17 +190,17 @@ mod tests {
         fs::remove_file(d.join("sub/agent.sock")).unwrap();
         // Digests kept across runs: a file whose stamp is unchanged is not read again (a record
         // made to lie shows it is used), and one that changed is.
-        let mut known = Known { now: i64::MAX, ..Known::default() };
+        let mut known = Known { began: Some(SystemTime::now() + std::time::Duration::from_secs(3600)), ..Known::default() };
         let real = digest_with(&d, &mut known).unwrap();
         assert_eq!(real, digest(&d).unwrap());
-        let mut again = Known { files: known.seen.clone(), now: i64::MAX, ..Known::default() };
+        let mut again = Known { files: known.seen.clone(), began: Some(SystemTime::now() + std::time::Duration::from_secs(3600)), ..Known::default() };
         assert_eq!(digest_with(&d, &mut again).unwrap(), real);
         assert!(again.updated().is_none());
-        let mut lying = Known { files: known.seen.clone(), now: i64::MAX, ..Known::default() };
+        let mut lying = Known { files: known.seen.clone(), began: Some(SystemTime::now() + std::time::Duration::from_secs(3600)), ..Known::default() };
         lying.files.get_mut("a.c").unwrap().1 = hex::encode([0u8; 32]);
         assert_ne!(digest_with(&d, &mut lying).unwrap(), real, "the kept digest was not used");
         fs::write(d.join("a.c"), "int main(){return 1;}").unwrap();
-        let mut changed = Known { files: known.seen.clone(), now: i64::MAX, ..Known::default() };
+        let mut changed = Known { files: known.seen.clone(), began: Some(SystemTime::now() + std::time::Duration::from_secs(3600)), ..Known::default() };
         assert_eq!(digest_with(&d, &mut changed).unwrap(), digest(&d).unwrap());
         assert_ne!(digest(&d).unwrap(), real);
         assert!(changed.updated().is_some());

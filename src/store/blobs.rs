@@ -41,7 +41,7 @@ fn hex_of(digest: &str) -> Option<&str> {
 pub(crate) const SETTLED: Duration = Duration::from_secs(3);
 
 /// What identifies a local file's content without reading it (see the module header).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct FileStamp {
     dev: u64,
     ino: u64,
@@ -59,6 +59,11 @@ impl FileStamp {
             mtime: (st.st_mtime, st.st_mtime_nsec as i64),
             ctime: (st.st_ctime, st.st_ctime_nsec as i64),
         }
+    }
+
+    pub(crate) fn of_metadata(m: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp { dev: m.dev(), ino: m.ino(), size: m.size() as i64, mtime: (m.mtime(), m.mtime_nsec()), ctime: (m.ctime(), m.ctime_nsec()) }
     }
 
     /// Whether the file last changed at least [`SETTLED`] before `now`.
