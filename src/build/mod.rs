@@ -43,9 +43,8 @@ pub(crate) struct Options {
 /// What building an environment's steps gave.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Built {
-    /// The steps' layers, bottom first (to stack on the sources' layers).
-    pub layers: Vec<String>,
-    /// Each step's key and layer, for the lock file.
+    /// Each step's key and layer, bottom first: the layers stack on the sources' layers, and the
+    /// lock file pins both.
     pub keys: Vec<(String, String)>,
     /// How many steps ran (the rest were cached).
     pub ran: usize,
@@ -116,7 +115,6 @@ pub(crate) fn build(store: &Store, decl: &EnvDecl, below: &[String], opts: &Opti
             }
         };
         stack.push(layer.clone());
-        built.layers.push(layer.clone());
         built.keys.push((k, layer));
     }
     Ok(built)

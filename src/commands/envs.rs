@@ -241,8 +241,9 @@ fn resolve_and_build<'m>(store: &Store, abs: &Path, manifest: &'m crate::manifes
         crate::build::cache::repository(c).context("nothing was built")?;
     }
     let (mut new_lock, mut plans) = resolve_all(store, wanted, &old_lock, how.update, &lock_path)?;
-    // Each stack with its steps' layers must fit under the limit: known before any step runs.
-    for (decl, layers) in &plans {
+    // Each stack with its steps' layers must fit under the limit: known before any step runs
+    // (resolve_all checked the stacks of sources alone; a step's layer never adds more than one).
+    for (decl, layers) in plans.iter().filter(|(d, _)| !d.steps.is_empty()) {
         let commits = store.env(&decl.name).and_then(|e| e.current()).map(|g| g.commits).unwrap_or_default();
         let n = layers.len() + decl.steps.len() + commits.iter().filter(|c| !layers.contains(c)).count();
         crate::store::limits::check(
@@ -260,9 +261,7 @@ fn resolve_and_build<'m>(store: &Store, abs: &Path, manifest: &'m crate::manifes
         }
         let built = crate::build::build(store, decl, layers, &opts)?;
         ran += built.ran;
-        layers.extend(built.layers);
-        let commits = store.env(&decl.name).and_then(|e| e.current()).map(|g| g.commits).unwrap_or_default();
-        check_limit(&decl.name, layers, &commits)?;
+        layers.extend(built.keys.iter().map(|(_, layer)| layer.clone()));
         new_lock.steps.insert(decl.name.clone(), built.keys.into_iter().map(|(key, layer)| StepPin { key, layer }).collect());
     }
     if new_lock != old_lock {
