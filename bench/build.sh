@@ -53,14 +53,8 @@ build_plyroot
 make_work
 share_tools
 
-bb=$(command -v busybox)
 root="$work/root"
-mkdir -p "$root"/{bin,etc,dev,proc,sys,tmp,usr/bin,root,home,run,var}
-cp "$bb" "$root/bin/busybox"
-for a in $("$bb" --list); do [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"; done
-printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
-printf 'root:x:0:\n' >"$root/etc/group"
-chmod 1777 "$root/tmp"
+busybox_root "$root"
 chmod -R a+rX "$root"
 
 results=()

@@ -35,6 +35,18 @@ make_work() {
     trap cleanup EXIT
 }
 
+# busybox_root DIR: a minimal root in DIR: busybox-static and its applets, root in passwd/group.
+busybox_root() {
+    local root=$1 bb
+    bb=$(command -v busybox) || { echo "$(basename "$0"): needs busybox (apt-get install busybox-static)" >&2; exit 1; }
+    mkdir -p "$root"/{bin,etc,dev,proc,sys,tmp,usr/bin,root,home,run,var}
+    cp "$bb" "$root/bin/busybox"
+    for a in $("$bb" --list); do [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"; done
+    printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+    printf 'root:x:0:\n' >"$root/etc/group"
+    chmod 1777 "$root/tmp"
+}
+
 # Every bench reports its figure per user: plyroot's modes differ (real root: no user namespace;
 # subordinate ids: newuidmap/newgidmap and a nested identity; one id: a single self-mapping).
 # Run as root, a bench measures as root and again as each of BENCH_USERS that exists (default the

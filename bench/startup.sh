@@ -45,15 +45,8 @@ share_tools
 
 root=${1:-}
 if [ -z "$root" ]; then
-    bb=$(command -v busybox || true)
-    [ -n "$bb" ] || { echo "bench/startup.sh: no ROOT given and no busybox (apt-get install busybox-static)" >&2; exit 1; }
     root="$work/root"
-    mkdir -p "$root"/{bin,etc,dev,proc,sys,tmp,usr/bin,root,home,run,var}
-    cp "$bb" "$root/bin/busybox"
-    for a in $("$bb" --list); do [ "$a" = busybox ] || ln -sf busybox "$root/bin/$a"; done
-    printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
-    printf 'root:x:0:\n' >"$root/etc/group"
-    chmod 1777 "$root/tmp"
+    busybox_root "$root"
 elif [ -f "$root" ]; then
     echo "==> unpacking $root" >&2
     mkdir -p "$work/root"
