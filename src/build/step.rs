@@ -208,7 +208,7 @@ pub(crate) fn publish(store: &Store, env: &Env, source: String) -> Result<String
     let st = store.staging()?;
     let root = st.path.join("root");
     fs::rename(env.upper(), &root).with_context(|| format!("cannot move {} into {}", env.upper().display(), st.path.display()))?;
-    let info = digest_into(&st.path, source)?;
+    let info = digest_into(&st.path, source, |_| Ok(()))?;
     let dest = store.layer_dir(&info.id);
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
@@ -219,16 +219,19 @@ pub(crate) fn publish(store: &Store, env: &Env, source: String) -> Result<String
 }
 
 /// Digests the tree `dir/root` where owners read as they do inside, and writes `dir/layer.json`,
-/// made durable with the files: what a published layer holds.
-pub(crate) fn digest_into(dir: &Path, source: String) -> Result<LayerInfo> {
+/// made durable with the files: what a published layer holds (a step's, a commit's). `before`
+/// runs there first, on the tree (a commit leaves plyroot's own files out).
+pub(crate) fn digest_into(dir: &Path, source: String, before: impl FnOnce(&Path) -> Result<()>) -> Result<LayerInfo> {
     let root = dir.join("root");
     let (id, size, entries) = in_image_view(move || {
+        before(&root)?;
         let s = canonical::digest(&root, &Overrides::default())?;
         Ok((s.id, s.size, s.entries))
     })?;
     let info = LayerInfo { id, size, entries, source, created: now_secs() };
     write_atomic(&dir.join("layer.json"), &serde_json::to_vec_pretty(&info)?)?;
     crate::store::owners::mark_new(dir)?;
+    // The layer's files are durable before any record names them.
     let d = fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
     rustix::fs::syncfs(&d).with_context(|| format!("cannot sync the file system of {}", dir.display()))?;
     Ok(info)

@@ -9,12 +9,11 @@ use super::{out, out_json};
 use crate::sandbox::in_image_view;
 use crate::store::env::Env;
 use crate::store::layer::LayerInfo;
-use crate::store::meta::Overrides;
 use crate::store::upper::{self, UpperEntry};
 use crate::store::journal::Journal;
 use crate::store::meta::{key, unkey};
 use crate::store::tree::shown;
-use crate::store::{canonical, nixdb, now_secs, private_dir, upper_dir, write_atomic, Store};
+use crate::store::{nixdb, now_secs, private_dir, upper_dir, Store};
 use crate::text::human;
 
 fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
@@ -120,9 +119,10 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
         private_dir(&staged).with_context(|| format!("cannot create {}", staged.display()))?;
         fs::rename(env.upper(), staged.join("root")).context("cannot move the upper aside")?;
         upper_dir(&env.upper()).context("cannot create a clean upper")?;
-        // 2. Digest it where owners read as they do inside (subordinate ids as themselves).
-        let root = staged.join("root");
-        let (id, size, entries) = in_image_view(move || {
+        // 2. Digest it where owners read as they do inside (subordinate ids as themselves), and
+        // make it durable.
+        let source = format!("commit of {name} generation {}: {}", cur.number, message.unwrap_or(""));
+        let LayerInfo { id, size, entries, .. } = crate::build::step::digest_into(&staged, source, |root| {
             // plyroot's own sudo rule for the user is the skeleton's, made for this machine: a
             // copy a run wrote into the upper (a chmod of /etc/sudoers.d/*) never goes into a
             // layer, which an export or a push would give to anyone.
@@ -130,15 +130,8 @@ pub(crate) fn commit(store: &Store, name: &str, message: Option<&str>) -> Result
             if fs::symlink_metadata(&rule).is_ok_and(|m| m.is_file()) {
                 fs::remove_file(&rule).with_context(|| format!("cannot leave {} out of the commit", rule.display()))?;
             }
-            let s = canonical::digest(&root, &Overrides::default())?;
-            Ok((s.id, s.size, s.entries))
+            Ok(())
         })?;
-        let info = LayerInfo { id: id.clone(), size, entries, source: format!("commit of {name} generation {}: {}", cur.number, message.unwrap_or("")), created: now_secs() };
-        write_atomic(&staged.join("layer.json"), &serde_json::to_vec_pretty(&info)?)?;
-        crate::store::owners::mark_new(&staged)?;
-        // The layer's files are durable before any record names them.
-        let d = fs::File::open(&staged).with_context(|| format!("cannot open {}", staged.display()))?;
-        rustix::fs::syncfs(&d).with_context(|| format!("cannot sync the file system of {}", staged.display()))?;
         // 3. The commit point: from here on the commit is finished, never undone.
         let mut sources = cur.sources.clone();
         sources.push(format!("layer:{id}"));
