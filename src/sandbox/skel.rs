@@ -90,70 +90,44 @@ impl Spec {
 /// and the like, for `base = "host"`).
 /// `env_name`: the environment, for the prompt ([`prompt_files`]).
 pub(crate) fn spec(env_name: &str, lowers: &[PathBuf], user: &HostUser, inside: &Inside, facts: &HostFacts, binds: &[(PathBuf, bool)], links: &[(String, PathBuf)]) -> Spec {
-    let mut dirs: Vec<PathBuf> = ["proc", "dev", "sys", "tmp", "run"].iter().map(PathBuf::from).collect();
     let mut owned = vec![user.home.strip_prefix("/").unwrap_or(&user.home).to_owned()];
     if let Some(rd) = &facts.runtime_dir {
         owned.push(rd.strip_prefix("/").unwrap_or(rd).to_owned());
     }
-    dirs.extend(owned.iter().cloned());
+    let mut spec = Spec { dirs: ["proc", "dev", "sys", "tmp", "run"].iter().map(PathBuf::from).collect(), owner: (user.uid, user.gid), ..Spec::default() };
+    spec.dirs.extend(owned.iter().cloned());
+    spec.owned = owned;
     if facts.nix {
-        dirs.push("nix".into());
+        spec.dirs.push("nix".into());
     }
-    let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
-    for (dst, is_dir) in binds {
-        let rel = dst.strip_prefix("/").unwrap_or(dst).to_owned();
-        if rel.as_os_str().is_empty() || exists_in_layers(lowers, &dst.to_string_lossy()) {
-            continue;
-        }
-        if *is_dir {
-            dirs.push(rel);
-        } else {
-            if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
-                dirs.push(parent.to_owned());
-            }
-            files.push((rel, Vec::new()));
-        }
-    }
-    // File mount points: needed where the layers have no regular file there (absent, or a
-    // symlink such as Debian's /etc/localtime, which must not be followed out of the root).
-    dirs.push("etc".into());
-    for f in ["etc/resolv.conf", "etc/hosts", "etc/localtime"] {
-        if !top_entry(lowers, f).is_some_and(|m| m.file_type().is_file()) {
-            files.push((f.into(), Vec::new()));
-        }
-    }
-    let mut apt = Spec::default();
-    apt_single_id(&mut apt, lowers, inside);
-    dirs.extend(apt.dirs);
-    files.extend(apt.files);
+    mount_points(&mut spec, lowers, binds, &["etc/resolv.conf", "etc/hosts", "etc/localtime"]);
+    apt_single_id(&mut spec, lowers, inside);
     // Being yourself with every id of the image mapped, `sudo` works as it does on your own
     // machine: without a password, as in distrobox and toolbox (`#uid`: whatever your name).
     if matches!(inside.mapping, Mapping::Ranges { .. }) {
-        dirs.push("etc/sudoers.d".into());
-        files.push((SUDOERS.into(), format!("# Written by plyroot: you are yourself inside, and root when you ask.\n#{} ALL=(ALL:ALL) NOPASSWD: ALL\n", user.uid).into_bytes()));
+        spec.dirs.push("etc/sudoers.d".into());
+        spec.files.push((SUDOERS.into(), format!("# Written by plyroot: you are yourself inside, and root when you ask.\n#{} ALL=(ALL:ALL) NOPASSWD: ALL\n", user.uid).into_bytes()));
     }
-    files.extend(prompt_files(env_name));
-    dirs.push("etc/profile.d".into());
+    spec.files.extend(prompt_files(env_name));
+    spec.dirs.push("etc/profile.d".into());
     let passwd = base_passwd(lowers);
     let group = lowers.iter().map(|l| l.join("etc/group")).find(|p| p.is_file()).and_then(|p| fs::read_to_string(p).ok()).unwrap_or_default();
     let (p2, g2) = passwd_with(&passwd, &group, user, user_inside(inside, user), &shell(lowers, &passwd, user.uid));
     if p2 != passwd {
-        files.push(("etc/passwd".into(), p2.into_bytes()));
+        spec.files.push(("etc/passwd".into(), p2.into_bytes()));
     }
     if g2 != group {
-        files.push(("etc/group".into(), g2.into_bytes()));
+        spec.files.push(("etc/group".into(), g2.into_bytes()));
     }
-    let links = links.iter().filter(|(n, _)| top_entry(lowers, n).is_none()).map(|(n, t)| (PathBuf::from(n), t.clone())).collect();
-    Spec { dirs, files, links, owned, owner: (user.uid, user.gid) }
+    spec.links = links.iter().filter(|(n, _)| top_entry(lowers, n).is_none()).map(|(n, t)| (PathBuf::from(n), t.clone())).collect();
+    spec
 }
 
-/// The skeleton of a build step: mount points only (the API filesystems, the binds of its
-/// inputs, the resolver files), and apt's single-id setting where it needs it. Nothing names the
-/// user, so nothing of theirs can reach the layer the step makes (a `useradd` copies up
-/// `/etc/passwd` from here).
-/// `user` owns the skeleton's root only (to move it into place).
-pub(crate) fn pure_spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, binds: &[(PathBuf, bool)]) -> Spec {
-    let mut spec = Spec { dirs: ["proc", "dev", "sys", "tmp", "run", "etc"].iter().map(PathBuf::from).collect(), owner: (user.uid, user.gid), ..Spec::default() };
+/// The mount points the layers (top first) lack: of the binds (destination, is a directory), so
+/// binding creates nothing in the upper, and `/etc`'s file mount points `files` (needed where the
+/// layers have no regular file there: absent, or a symlink such as Debian's /etc/localtime,
+/// which must not be followed out of the root).
+fn mount_points(spec: &mut Spec, lowers: &[PathBuf], binds: &[(PathBuf, bool)], files: &[&str]) {
     for (dst, is_dir) in binds {
         let rel = dst.strip_prefix("/").unwrap_or(dst).to_owned();
         if rel.as_os_str().is_empty() || exists_in_layers(lowers, &dst.to_string_lossy()) {
@@ -166,11 +140,21 @@ pub(crate) fn pure_spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, bi
             spec.files.push((rel, Vec::new()));
         }
     }
-    for f in ["etc/resolv.conf", "etc/hosts"] {
+    spec.dirs.push("etc".into());
+    for f in files {
         if !top_entry(lowers, f).is_some_and(|m| m.file_type().is_file()) {
             spec.files.push((f.into(), Vec::new()));
         }
     }
+}
+
+/// The skeleton of a build step: mount points only (the API filesystems, the binds of its
+/// inputs, the resolver files), and apt's single-id setting where it needs it. Nothing names the
+/// user, so nothing of theirs can reach the layer the step makes (a `useradd` copies up
+/// `/etc/passwd` from here). `user` owns the skeleton's root only (to move it into place).
+pub(crate) fn pure_spec(lowers: &[PathBuf], user: &HostUser, inside: &Inside, binds: &[(PathBuf, bool)]) -> Spec {
+    let mut spec = Spec { dirs: ["proc", "dev", "sys", "tmp", "run"].iter().map(PathBuf::from).collect(), owner: (user.uid, user.gid), ..Spec::default() };
+    mount_points(&mut spec, lowers, binds, &["etc/resolv.conf", "etc/hosts"]);
     apt_single_id(&mut spec, lowers, inside);
     spec
 }
