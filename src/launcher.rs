@@ -197,7 +197,7 @@ fn install_desktop(store: &Store, env: &str, program: &str, launcher: &Path) -> 
     let e = store.env(env)?;
     let g = e.current()?;
     let mut stack = vec![e.upper()];
-    stack.extend(g.layers.iter().rev().map(|l| store.layer_root(l)));
+    stack.extend(store.layer_roots(&g.layers));
     let home = PathBuf::from(std::env::var_os("HOME").context("$HOME is not set")?);
     let apps = home.join(".local/share/applications");
     let base = Path::new(program).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

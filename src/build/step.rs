@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs;
 use std::io::{IsTerminal, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
@@ -38,14 +38,9 @@ fn shortened(line: &[u8]) -> String {
 pub(crate) fn argv(store: &Store, below: &[String], step: &Step) -> Result<Vec<OsString>> {
     let script = match &step.what {
         StepKind::Run(c) => c.clone(),
-        StepKind::Packages(names) => super::packages::command(&lowers(store, below), names)?,
+        StepKind::Packages(names) => super::packages::command(&store.layer_roots(below), names)?,
     };
     Ok(vec!["/bin/sh".into(), "-c".into(), script.into()])
-}
-
-/// The layer roots of `layers` (bottom first), top first.
-pub(crate) fn lowers(store: &Store, layers: &[String]) -> Vec<PathBuf> {
-    layers.iter().rev().map(|l| store.layer_root(l)).collect()
 }
 
 /// The settings of the environment a step runs in.

@@ -19,7 +19,7 @@ fn is_systemd(store: &Store, env: &Env, init: &str) -> bool {
     }
     let Ok(g) = env.current() else { return false };
     let mut stack = vec![env.upper()];
-    stack.extend(g.layers.iter().rev().map(|l| store.layer_root(l)));
+    stack.extend(store.layer_roots(&g.layers));
     let mut rel = init.trim_start_matches('/').to_owned();
     for _ in 0..8 {
         // Follow the link through the stack, as the root would (merged /usr included).
@@ -132,7 +132,7 @@ pub(crate) fn boot(store: Store, name: &str, timeout: u64, ready: Option<&str>) 
     }
     let generation = env.current()?;
     let init = generation.settings.init.clone().unwrap_or_else(|| "/sbin/init".to_owned());
-    let roots: Vec<PathBuf> = std::iter::once(env.upper()).chain(generation.layers.iter().rev().map(|l| store.layer_root(l))).collect();
+    let roots: Vec<PathBuf> = std::iter::once(env.upper()).chain(store.layer_roots(&generation.layers)).collect();
     // As an entry of the merged tree (a link to an init in another layer counts), merged /usr too.
     let rel = init.trim_start_matches('/');
     let usr = ["bin/", "sbin/", "lib/"].iter().any(|p| rel.starts_with(p)).then(|| format!("usr/{rel}"));

@@ -427,7 +427,7 @@ fn show_package_changes(store: &Store, plans: &Plans<'_>) {
         if declared_before == *layers {
             continue;
         }
-        let (old, new) = (crate::build::step::lowers(store, &declared_before), crate::build::step::lowers(store, layers));
+        let (old, new) = (store.layer_roots(&declared_before), store.layer_roots(layers));
         let (Some(a), Some(b)) = (crate::build::packages::installed(&old), crate::build::packages::installed(&new)) else { continue };
         let changes = crate::build::packages::changes(&a, &b);
         if changes.is_empty() {

@@ -42,7 +42,7 @@ pub(crate) fn export(store: &Store, env: &str, programs: &[String], to: Option<&
 pub(crate) fn check_present(store: &Store, env: &crate::store::env::Env, programs: &[String]) -> Result<()> {
     let generation = env.current()?;
     let mut stack = vec![env.upper()];
-    stack.extend(generation.layers.iter().rev().map(|l| store.layer_root(l)));
+    stack.extend(store.layer_roots(&generation.layers));
     let host = generation.settings.base.as_deref() == Some("host");
     let present = |p: &Path| crate::store::upper::file_inside(&stack, p) || (host && p.is_file());
     for program in programs {

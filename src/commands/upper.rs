@@ -16,10 +16,6 @@ use crate::store::tree::shown;
 use crate::store::{nixdb, now_secs, private_dir, upper_dir, Store};
 use crate::text::human;
 
-fn lowers_of(store: &Store, layers: &[String]) -> Vec<PathBuf> {
-    layers.iter().rev().map(|l| store.layer_root(l)).collect()
-}
-
 /// Opens an environment for a change of its upper: locked, recovered, and with no live run.
 fn open_for_change(store: &Store, name: &str, what: &str) -> Result<(Env, fs::File)> {
     let env = store.env(name)?;
@@ -36,7 +32,7 @@ pub(crate) fn diff(store: &Store, name: &str, paths: &[PathBuf], json: bool) -> 
         env.recover()?;
     }
     let base = env.upper_base()?;
-    let lowers = lowers_of(store, &base);
+    let lowers = store.layer_roots(&base);
     let upper = env.upper();
     let filters: Vec<Vec<u8>> = paths.iter().map(|p| trim_slashes(p.as_os_str().as_bytes()).to_vec()).collect();
     // Runs may have written files only their ids can read: walk where we are root over them.
@@ -208,7 +204,7 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     // A merge that an earlier rebase left before its journal named it: never used.
     let staging = nixdb::staging(&env);
     nixdb::remove_staging(&staging)?;
-    let (old, new, up) = (lowers_of(store, &base), lowers_of(store, &cur.layers), env.upper());
+    let (old, new, up) = (store.layer_roots(&base), store.layer_roots(&cur.layers), env.upper());
     // Read only, where the user can read every file their runs wrote.
     let (conflicts, merge_db, profiles) = in_image_view(move || {
         let entries: Vec<UpperEntry> = upper::walk(&up, &[&old, &new]).with_context(|| format!("cannot read {}", up.display()))?;
@@ -252,7 +248,7 @@ pub(crate) fn rebase(store: &Store, name: &str, ours: bool, theirs: bool) -> Res
     }
     let mut merged = None;
     if merge_db {
-        let (old, new) = (lowers_of(store, &base), lowers_of(store, &cur.layers));
+        let (old, new) = (store.layer_roots(&base), store.layer_roots(&cur.layers));
         match merge_nix_db(store, &env, &old, &new) {
             Ok(m) => merged = Some(m),
             Err(e) => {

@@ -386,7 +386,7 @@ struct Common {
 /// launcher started from. A layer both share (a common base) appears once, at its lowest place,
 /// so each side still sees its own layers over it; overlayfs refuses a repeated lower anyway.
 fn lowers(store: &Store, env: &Env, generation: &Generation, parent: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
-    let layer_roots: Vec<PathBuf> = generation.layers.iter().rev().map(|l| store.layer_root(l)).collect();
+    let layer_roots: Vec<PathBuf> = store.layer_roots(&generation.layers);
     if let Some((id, _)) = generation.layers.iter().rev().zip(&layer_roots).find(|(_, p)| !p.is_dir()) {
         bail!("environment '{}' uses layer {id}, which is missing from the store; run `plyroot verify` or re-create the environment", env.name);
     }
@@ -534,7 +534,7 @@ fn start_for(store: &Store, env: &Env, c: &Common, req: &Request, booted: bool) 
     let opts = RunOptions { pid: req.pid || booted, binds, no_host, cwd: req.cwd.clone(), ..RunOptions::default() };
     // The environment's own root: its layers and upper, not a root a launcher composes over
     // (the caller's directory there is what it binds).
-    let own: Vec<PathBuf> = c.generation.layers.iter().rev().map(|l| store.layer_root(l)).collect();
+    let own: Vec<PathBuf> = store.layer_roots(&c.generation.layers);
     let upper = (!c.inside_env).then(|| env.upper());
     let taken = |p: &Path| {
         skel::exists_in_layers(&own, &p.to_string_lossy()) || upper.as_ref().is_some_and(|u| fs::symlink_metadata(u.join(p.strip_prefix("/").unwrap_or(p))).is_ok())

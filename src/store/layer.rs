@@ -62,6 +62,11 @@ impl Store {
     }
 
     /// The tree of layer `id`, as used for an overlay lower.
+    /// The trees of `layers` (bottom first), top first: the order overlayfs takes lowers in.
+    pub(crate) fn layer_roots(&self, layers: &[String]) -> Vec<PathBuf> {
+        layers.iter().rev().map(|l| self.layer_root(l)).collect()
+    }
+
     /// Whether `id` is a layer id and the store has that layer, published whole.
     pub(crate) fn has_layer(&self, id: &str) -> bool {
         is_layer_id(id) && self.layer_dir(id).join("layer.json").is_file()
