@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{out, out_json};
 use crate::manifest::EnvDecl;
 use crate::progress::Progress;
 use crate::source::Source;
 use crate::store::env::{Env, Generation};
+use crate::store::steps::{LockFile, StepPin};
 use crate::store::layer::short_id;
 use crate::store::{now_secs, write_atomic, Store};
 use crate::text::{field, human};
@@ -115,29 +116,6 @@ pub(crate) fn rm(store: &Store, names: &[String]) -> Result<i32> {
         crate::diag::info!("removed environment '{n}'");
     }
     Ok(0)
-}
-
-/// `plyroot.lock`: each source, as written in the manifest, pinned to its layer ids, and each
-/// environment's build steps, in order, pinned to the layer their key built.
-#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct LockFile {
-    version: u32,
-    sources: BTreeMap<String, Vec<String>>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    steps: BTreeMap<String, Vec<StepPin>>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct StepPin {
-    key: String,
-    layer: String,
-}
-
-impl LockFile {
-    /// Every step key the lock pins, with its layer.
-    fn step_pins(&self) -> BTreeMap<String, String> {
-        self.steps.values().flatten().map(|p| (p.key.clone(), p.layer.clone())).collect()
-    }
 }
 
 fn read_lock(path: &Path) -> Result<LockFile> {

@@ -13,7 +13,10 @@
 //!                        the step writes). Removed when its layer is published; kept after a
 //!                        failure (with step.json and log) until the next build of <env> or gc
 //! ```
+//!
+//! The lock file's format ([`LockFile`]) is here too: `apply` writes it, gc reads what it pins.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
 
@@ -22,6 +25,34 @@ use serde::{Deserialize, Serialize};
 
 use super::env::{Env, Settings};
 use super::{private_dir, write_atomic, Store};
+
+/// `plyroot.lock`: each source, as written in the manifest, pinned to its layer ids, and each
+/// environment's build steps, in order, pinned to the layer their key built.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LockFile {
+    pub version: u32,
+    pub sources: BTreeMap<String, Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub steps: BTreeMap<String, Vec<StepPin>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StepPin {
+    pub key: String,
+    pub layer: String,
+}
+
+impl LockFile {
+    /// Every layer it pins, sources' and steps'.
+    pub(crate) fn layers(&self) -> impl Iterator<Item = &String> {
+        self.sources.values().flatten().chain(self.steps.values().flatten().map(|p| &p.layer))
+    }
+
+    /// Every step key the lock pins, with its layer.
+    pub(crate) fn step_pins(&self) -> BTreeMap<String, String> {
+        self.steps.values().flatten().map(|p| (p.key.clone(), p.layer.clone())).collect()
+    }
+}
 
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -80,14 +111,8 @@ impl Store {
     pub(crate) fn lock_file_layers(&self) -> Vec<String> {
         let mut out = Vec::new();
         for p in self.lock_files() {
-            let Ok(v) = fs::read(&p).map_err(drop).and_then(|d| serde_json::from_slice::<serde_json::Value>(&d).map_err(drop)) else { continue };
-            let ids = |x: &serde_json::Value| x.as_str().filter(|s| super::layer::is_layer_id(s)).map(str::to_owned);
-            if let Some(sources) = v["sources"].as_object() {
-                out.extend(sources.values().filter_map(|l| l.as_array()).flatten().filter_map(ids));
-            }
-            if let Some(steps) = v["steps"].as_object() {
-                out.extend(steps.values().filter_map(|l| l.as_array()).flatten().filter_map(|p| ids(&p["layer"])));
-            }
+            let Some(lock) = fs::read(&p).ok().and_then(|d| serde_json::from_slice::<LockFile>(&d).ok()) else { continue };
+            out.extend(lock.layers().filter(|id| super::layer::is_layer_id(id)).cloned());
         }
         out
     }
