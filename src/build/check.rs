@@ -13,6 +13,19 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+/// Reruns `step` of environment `name` on `below` with SOURCE_DATE_EPOCH set and names the files
+/// whose content, metadata or presence differ from the layer `built` (see [`differences`]).
+pub(crate) fn rerun(store: &crate::store::Store, name: &str, below: &[String], step: &crate::manifest::Step, built: &str, place: &str) -> Result<Vec<String>> {
+    // One build of an environment at a time: an apply's steps use the same throwaway place.
+    let _lock = store.lock_build(name)?;
+    let epoch = store.layer_info(built).map(|i| i.created).unwrap_or(0);
+    let env = super::step::run_only(store, name, below, step, place, &[("SOURCE_DATE_EPOCH".into(), epoch.to_string())])?;
+    let (a, b) = (env.upper(), store.layer_root(built));
+    let files = crate::sandbox::in_image_view(move || differences(&b, &a))?;
+    store.remove_build_env(name)?;
+    Ok(files)
+}
+
 /// What is compared of one entry.
 #[derive(PartialEq, Eq)]
 struct Entry {

@@ -302,7 +302,7 @@ pub(crate) fn build(store: &Store, file: &Path, how: &How, only: &[String]) -> R
         for (i, step) in decl.steps.iter().enumerate() {
             let (below, built) = (&layers[..first_step + i], &layers[first_step + i]);
             let place = format!("[{}/{}] {}", i + 1, decl.steps.len(), decl.name);
-            let files = check_step(store, &decl.name, below, step, built, &place)?;
+            let files = crate::build::check::rerun(store, &decl.name, below, step, built, &place)?;
             if files.is_empty() {
                 crate::diag::info!("{place}: {}: reproducible", crate::text::field(&step.title()));
             } else {
@@ -317,19 +317,6 @@ pub(crate) fn build(store: &Store, file: &Path, how: &How, only: &[String]) -> R
         }
     }
     Ok(if differ > 0 { 1 } else { 0 })
-}
-
-/// Reruns `step` on `below` with SOURCE_DATE_EPOCH set and names the files whose content,
-/// metadata or presence differ from the layer `built`.
-fn check_step(store: &Store, name: &str, below: &[String], step: &crate::manifest::Step, built: &str, place: &str) -> Result<Vec<String>> {
-    // One build of an environment at a time: an apply's steps use the same throwaway place.
-    let _lock = store.lock_build(name)?;
-    let epoch = store.layer_info(built).map(|i| i.created).unwrap_or(0);
-    let env = crate::build::step::run_only(store, name, below, step, place, &[("SOURCE_DATE_EPOCH".into(), epoch.to_string())])?;
-    let (a, b) = (env.upper(), store.layer_root(built));
-    let files = crate::sandbox::in_image_view(move || crate::build::check::differences(&b, &a))?;
-    store.remove_build_env(name)?;
-    Ok(files)
 }
 
 pub(crate) fn apply(store: &Store, file: &Path, how: &How, only: &[String]) -> Result<i32> {
